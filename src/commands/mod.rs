@@ -1,0 +1,70 @@
+//! One module per subcommand; this file holds what they share: opening the
+//! store and the key wrapper with clear, actionable start-up errors.
+
+pub mod audit;
+pub mod keys;
+pub mod migrate;
+pub mod reveal;
+pub mod run;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+use crate::cli::{Cli, Command};
+use crate::crypto::KeyWrapper;
+use crate::store::Store;
+
+pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Migrate => migrate::migrate(&cli).await,
+        Command::Run(args) => run::run(&cli, args).await,
+        Command::Reveal(args) => reveal::reveal(&cli, args).await,
+        Command::Keys(cmd) => keys::keys(&cli, cmd).await,
+        Command::Audit(args) => audit::audit(&cli, args).await,
+    }
+}
+
+/// Opens the database. The embedded SQLite default migrates itself, so the
+/// first command on a fresh machine just works; Postgres is migrated by
+/// `pii-vault migrate` (run by an owner role), so workers need no DDL rights.
+pub async fn open_store(cli: &Cli) -> anyhow::Result<Arc<dyn Store>> {
+    let url = cli.database_url();
+    let store = crate::store::connect(url).await.with_context(|| {
+        format!("cannot open the database {} (check --database-url / DATABASE_URL)", redact_url(url))
+    })?;
+    store.ping().await.with_context(|| format!("the database {} does not answer", redact_url(url)))?;
+    if url.starts_with("sqlite:") {
+        store.migrate().await.context("cannot apply the SQLite migrations")?;
+    }
+    Ok(store)
+}
+
+pub async fn open_wrapper(cli: &Cli) -> anyhow::Result<Arc<dyn KeyWrapper>> {
+    let wrapper = crate::kms::from_config(cli.kms_key_id.as_deref(), &cli.key_dir).await?;
+    wrapper.check().await.with_context(|| format!("the key-encryption key {} cannot be used", wrapper.kek_id()))?;
+    Ok(wrapper)
+}
+
+/// A database URL without its password, for error messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(super::redact_url("postgres://app:s3cret@db:5432/x"), "postgres://app:***@db:5432/x");
+        assert_eq!(super::redact_url("sqlite:pii-vault.db"), "sqlite:pii-vault.db");
+    }
+}

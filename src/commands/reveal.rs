@@ -1,0 +1,112 @@
+//! `pii-vault reveal`: the originals, after the audit row is committed.
+
+use serde::Serialize;
+
+use crate::cli::{Cli, OutputFormat, RevealArgs};
+use crate::pipeline::protect::VaultPlaintext;
+use crate::store::{AuditEntry, LoginRow, Selector};
+use crate::vault::VaultReader;
+
+#[derive(Serialize)]
+struct Revealed<'a> {
+    message_id: &'a str,
+    user_id: &'a str,
+    ip: Option<&'a str>,
+    device_id: Option<&'a str>,
+    device_type: &'a str,
+    locale: Option<&'a str>,
+    app_version: &'a str,
+    create_date: chrono::NaiveDate,
+    masked_ip: &'a str,
+    masked_device_id: &'a str,
+}
+
+pub fn actor(explicit: Option<&str>) -> String {
+    explicit
+        .map(str::to_string)
+        .or_else(|| std::env::var("USER").ok())
+        .or_else(|| std::env::var("USERNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
+    let selector = match (&args.user_id, &args.masked_ip, &args.masked_device_id) {
+        (Some(u), _, _) => Selector::UserId(u.clone()),
+        (_, Some(t), _) => Selector::MaskedIp(t.clone()),
+        (_, _, Some(t)) => Selector::MaskedDeviceId(t.clone()),
+        _ => unreachable!("clap requires one selector"),
+    };
+    let store = super::open_store(cli).await?;
+    let wrapper = super::open_wrapper(cli).await?;
+    let audit = AuditEntry {
+        actor: actor(args.actor.as_deref()),
+        action: "reveal".into(),
+        target: selector.to_string(),
+        reason: args.reason.clone(),
+    };
+    // The audit row commits together with the read; nothing is decrypted
+    // before that commit succeeded.
+    let rows = store.reveal(&selector, &audit).await?;
+    let mut reader = VaultReader::new(store.clone(), wrapper);
+    let mut opened = Vec::with_capacity(rows.len());
+    let mut unrecoverable = 0;
+    for (login, vault) in &rows {
+        let plain = match vault {
+            Some(v) => reader.open(v).await?,
+            None => None,
+        };
+        if plain.is_none() {
+            unrecoverable += 1;
+        }
+        opened.push((login, plain));
+    }
+    fn view<'a>((l, p): &'a (&'a LoginRow, Option<VaultPlaintext>)) -> Revealed<'a> {
+        Revealed {
+        message_id: &l.message_id,
+        user_id: &l.user_id,
+        ip: p.as_ref().map(|p| p.ip.as_str()),
+        device_id: p.as_ref().map(|p| p.device_id.as_str()),
+        device_type: &l.device_type,
+        locale: l.locale.as_deref(),
+        app_version: &l.app_version,
+        create_date: l.create_date,
+        masked_ip: &l.masked_ip,
+        masked_device_id: &l.masked_device_id,
+        }
+    }
+    match args.format {
+        OutputFormat::Json => {
+            for o in &opened {
+                println!("{}", serde_json::to_string(&view(o))?);
+            }
+        }
+        OutputFormat::Table => {
+            let rows: Vec<Vec<String>> = opened
+                .iter()
+                .map(|o| {
+                    let r = view(o);
+                    vec![
+                        r.user_id.into(),
+                        r.create_date.to_string(),
+                        r.ip.unwrap_or("(erased)").into(),
+                        r.device_id.unwrap_or("(erased)").into(),
+                        r.device_type.into(),
+                        r.locale.unwrap_or("").into(),
+                        r.app_version.into(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                crate::output::table(&["user_id", "date", "ip", "device_id", "device_type", "locale", "app_version"], &rows)
+            );
+        }
+    }
+    eprintln!("pii-vault: revealed {} login(s) for {selector}; recorded in the audit trail", opened.len() - unrecoverable);
+    if rows.is_empty() {
+        eprintln!("pii-vault: no logins match {selector}");
+    } else if unrecoverable > 0 {
+        eprintln!("pii-vault: {unrecoverable} login(s) have no recoverable originals (erased by `forget` or key destruction)");
+    }
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! `pii-vault run`: wire a source, the store and the keys into the pipeline,
+//! handle signals, show progress, print the summary.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{Cli, LogFormat, RunArgs};
+use crate::pipeline::{keys::load_token_key, Pipeline, RunOptions, Stats};
+use crate::source::file::FileSource;
+use crate::source::MessageSource;
+use crate::store::BatchOutcome;
+
+pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
+    let store = super::open_store(cli).await?;
+    let wrapper = super::open_wrapper(cli).await?;
+    let (token_key, _) = load_token_key(&*store, &*wrapper).await?;
+    let stats = Arc::new(Stats::default());
+    let cancel = CancellationToken::new();
+    spawn_signal_handler(cancel.clone());
+
+    let mut progress = None;
+    let source: Arc<dyn MessageSource> = match (&args.from_file, &args.queue_url) {
+        (Some(path), _) => {
+            let file = Arc::new(FileSource::open(path, token_key.clone()).await?);
+            if !args.no_progress && cli.log_format == LogFormat::Text {
+                progress = crate::progress::for_file(file.clone(), cancel.clone());
+            }
+            file
+        }
+        (None, Some(url)) => Arc::new(
+            crate::source::sqs::SqsSource::connect(url, args.until_empty)
+                .await
+                .with_context(|| format!("cannot use the queue {url}"))?,
+        ),
+        (None, None) => unreachable!("clap requires an input"),
+    };
+
+    if let Some(addr) = args.metrics_addr {
+        crate::metrics::serve(addr, stats.clone(), store.clone(), wrapper.clone(), cancel.clone()).await?;
+    }
+
+    let opts = RunOptions {
+        concurrency: args.concurrency as usize,
+        batch_size: args.batch_size as usize,
+        ..RunOptions::default()
+    };
+    let started = Instant::now();
+    let pipeline = Pipeline { source, store, wrapper, token_key, stats: stats.clone(), opts };
+    let result = pipeline.run(cancel.clone()).await;
+    cancel.cancel();
+    if let Some(p) = progress {
+        let _ = p.await;
+    }
+    let outcome = result?;
+    eprintln!("{}", summary(&outcome, started.elapsed()));
+    Ok(())
+}
+
+/// The one-line summary `run` ends with.
+pub fn summary(o: &BatchOutcome, took: Duration) -> String {
+    let n = o.stored + o.duplicates + o.rejected;
+    let secs = took.as_secs_f64();
+    format!(
+        "pii-vault: {} stored, {} duplicates, {} rejected (quarantined) — {} messages in {:.1}s ({:.0}/s)",
+        o.stored,
+        o.duplicates,
+        o.rejected,
+        n,
+        secs,
+        if secs > 0.0 { n as f64 / secs } else { 0.0 }
+    )
+}
+
+/// First SIGINT/SIGTERM: stop receiving, finish the batch in hand, exit 0.
+/// Second: exit at once (uncommitted messages return to the queue).
+fn spawn_signal_handler(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let mut count = 0;
+        loop {
+            wait_for_signal().await;
+            count += 1;
+            if count == 1 {
+                tracing::info!("shutting down: finishing the batch in hand (signal again to exit at once)");
+                cancel.cancel();
+            } else {
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,138 @@
+//! AWS KMS through aws-sdk-kms: the only module that touches that SDK.
+//!
+//! `GenerateDataKey` makes data and token keys, `Decrypt` unwraps them,
+//! `ReEncrypt` moves them to another KMS key without the plaintext leaving
+//! KMS. Every call carries the encryption context `purpose=pii-vault:vault`
+//! or `purpose=pii-vault:token`, which KMS binds into the ciphertext and key
+//! policies can match on (see `keys/`).
+
+use async_trait::async_trait;
+use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::{DataKeySpec, KeyState};
+use aws_sdk_kms::Client;
+use zeroize::Zeroize;
+
+use crate::crypto::envelope::{KeyMaterial, KeyPurpose, KeyWrapper, WrapError, WrappedKey};
+
+pub struct AwsKms {
+    client: Client,
+    /// The ARN of the KMS key new keys are wrapped under.
+    key_arn: String,
+}
+
+impl AwsKms {
+    /// Resolves `key_id` (id, ARN or `alias/…`) to its ARN and checks that it
+    /// is enabled, so a wrong id or a missing permission is one clear error.
+    pub async fn connect(key_id: &str) -> Result<Self, WrapError> {
+        let conf = aws_config::load_from_env().await;
+        let client = Client::new(&conf);
+        let kms = AwsKms { client, key_arn: key_id.to_string() };
+        let arn = kms.describe(key_id).await?;
+        Ok(AwsKms { key_arn: arn, ..kms })
+    }
+
+    async fn describe(&self, key_id: &str) -> Result<String, WrapError> {
+        let resp = self.client.describe_key().key_id(key_id).send().await.map_err(|e| classify("DescribeKey", e))?;
+        let meta = resp
+            .key_metadata
+            .ok_or_else(|| WrapError::Permanent(format!("KMS key {key_id}: DescribeKey returned no metadata")))?;
+        if meta.key_state != Some(KeyState::Enabled) {
+            return Err(WrapError::Permanent(format!(
+                "KMS key {key_id} is {:?}, not Enabled",
+                meta.key_state.map(|s| s.as_str().to_string()).unwrap_or_default()
+            )));
+        }
+        Ok(meta.arn.unwrap_or_else(|| key_id.to_string()))
+    }
+}
+
+fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R>(op: &str, e: SdkError<E, R>) -> WrapError {
+    match &e {
+        SdkError::TimeoutError(_) => WrapError::Transient(format!("KMS {op}: timed out")),
+        SdkError::DispatchFailure(_) => {
+            WrapError::Transient(format!("KMS {op}: cannot connect (check AWS_ENDPOINT_URL / network)"))
+        }
+        SdkError::ResponseError(_) => WrapError::Transient(format!("KMS {op}: unreadable response")),
+        SdkError::ServiceError(s) => {
+            let code = s.err().code().unwrap_or("error");
+            let msg = format!("KMS {op}: {code} ({})", s.err().message().unwrap_or("no message"));
+            match code {
+                "ThrottlingException" | "KMSInternalException" | "DependencyTimeoutException"
+                | "KeyUnavailableException" | "ServiceUnavailable" | "InternalFailure" => WrapError::Transient(msg),
+                "InvalidCiphertextException" => WrapError::Unwrap,
+                _ => WrapError::Permanent(msg),
+            }
+        }
+        _ => WrapError::Permanent(format!("KMS {op}: invalid request")),
+    }
+}
+
+fn take_key(blob: Option<Blob>) -> Result<KeyMaterial, WrapError> {
+    let mut bytes = blob.ok_or_else(|| WrapError::Permanent("KMS returned no plaintext key".into()))?.into_inner();
+    let key = KeyMaterial::from_slice(&bytes);
+    bytes.zeroize();
+    key
+}
+
+#[async_trait]
+impl KeyWrapper for AwsKms {
+    fn kek_id(&self) -> &str {
+        &self.key_arn
+    }
+
+    async fn generate(&self, purpose: KeyPurpose) -> Result<(KeyMaterial, WrappedKey), WrapError> {
+        let resp = self
+            .client
+            .generate_data_key()
+            .key_id(&self.key_arn)
+            .key_spec(DataKeySpec::Aes256)
+            .encryption_context("purpose", purpose.context())
+            .send()
+            .await
+            .map_err(|e| classify("GenerateDataKey", e))?;
+        let blob = resp
+            .ciphertext_blob
+            .ok_or_else(|| WrapError::Permanent("KMS returned no wrapped key".into()))?
+            .into_inner();
+        let kek_id = resp.key_id.unwrap_or_else(|| self.key_arn.clone());
+        let key = take_key(resp.plaintext)?;
+        Ok((key, WrappedKey { kek_id, blob }))
+    }
+
+    async fn unwrap(&self, purpose: KeyPurpose, wrapped: &WrappedKey) -> Result<KeyMaterial, WrapError> {
+        let resp = self
+            .client
+            .decrypt()
+            .key_id(&wrapped.kek_id)
+            .ciphertext_blob(Blob::new(wrapped.blob.clone()))
+            .encryption_context("purpose", purpose.context())
+            .send()
+            .await
+            .map_err(|e| classify("Decrypt", e))?;
+        take_key(resp.plaintext)
+    }
+
+    async fn rewrap(&self, purpose: KeyPurpose, wrapped: &WrappedKey) -> Result<WrappedKey, WrapError> {
+        let resp = self
+            .client
+            .re_encrypt()
+            .ciphertext_blob(Blob::new(wrapped.blob.clone()))
+            .source_key_id(&wrapped.kek_id)
+            .source_encryption_context("purpose", purpose.context())
+            .destination_key_id(&self.key_arn)
+            .destination_encryption_context("purpose", purpose.context())
+            .send()
+            .await
+            .map_err(|e| classify("ReEncrypt", e))?;
+        let blob = resp
+            .ciphertext_blob
+            .ok_or_else(|| WrapError::Permanent("KMS returned no re-encrypted key".into()))?
+            .into_inner();
+        Ok(WrappedKey { kek_id: resp.key_id.unwrap_or_else(|| self.key_arn.clone()), blob })
+    }
+
+    async fn check(&self) -> Result<(), WrapError> {
+        self.describe(&self.key_arn).await.map(|_| ())
+    }
+}

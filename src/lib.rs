@@ -1,0 +1,36 @@
+//! pii-vault: mask the PII in login events, keep the originals recoverable.
+//!
+//! ```text
+//!   SQS / JSON Lines                     ┌──────────── user_logins (analysts)
+//!        │                               │  masked_ip, masked_device_id:
+//!  source::MessageSource                 │  HMAC-SHA256 tokens (crypto::token)
+//!        │  Message {id, body, sent_at}  │
+//!        ▼                               │
+//!  domain::LoginEvent::parse ──► pipeline::protect ──► store::Store::write_batch
+//!        │ (or Rejection)                │  one transaction per batch,
+//!        │                               │  ON CONFLICT (message_id) DO NOTHING
+//!        ▼                               └──────────── vault: AES-256-GCM of the
+//!   quarantine (body sealed,                            originals (crypto::aead), AAD =
+//!   value-free reason)                                  message id, user id, key id
+//!                                                        under a data key wrapped by
+//!   ack to the source only after commit                 kms::{aws, local} (crypto::envelope)
+//! ```
+//!
+//! `reveal` reads the vault back through [`vault::VaultReader`] after writing
+//! its audit row in the same transaction as the read.
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod commands;
+pub mod crypto;
+pub mod domain;
+pub mod kms;
+pub mod metrics;
+pub mod output;
+pub mod pipeline;
+pub mod progress;
+pub mod source;
+pub mod store;
+pub mod telemetry;
+pub mod vault;

@@ -1,0 +1,215 @@
+//! receive → parse → protect → write → ack.
+//!
+//! ```text
+//!  receivers (×N)          writer (×1)                         ackers
+//!  source.receive ─► chan ─► batch ≤ batch_size or flush_after
+//!                            protect: parse, tokenise, seal
+//!                            store.write_batch (one transaction) ─► source.ack
+//! ```
+//!
+//! A message is acknowledged only after the transaction holding its rows
+//! (or its quarantine row) has committed, so a crash anywhere loses nothing:
+//! the source delivers it again, and the store's `message_id` uniqueness
+//! turns the redelivery into a counted duplicate. Transient faults are
+//! retried with backoff; on shutdown the receivers stop, the writer commits
+//! and acknowledges what it already holds, and the rest is left to the
+//! source (SQS makes it visible again after the visibility timeout).
+
+pub mod keys;
+pub mod protect;
+pub mod retry;
+pub mod stats;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::crypto::{KeyWrapper, TokenKey};
+use crate::domain::{Ack, Message};
+use crate::source::MessageSource;
+use crate::store::{Batch, BatchOutcome, Store};
+use keys::{DataKeyLease, DekPolicy};
+use protect::{protect, Protected};
+use retry::{retry, Backoff};
+pub use stats::Stats;
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Receive loops running at once.
+    pub concurrency: usize,
+    /// Most messages in one database transaction.
+    pub batch_size: usize,
+    /// Longest a received message waits for its batch to fill.
+    pub flush_after: Duration,
+    pub dek_policy: DekPolicy,
+    pub backoff: Backoff,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            concurrency: 4,
+            batch_size: 500,
+            flush_after: Duration::from_millis(200),
+            dek_policy: DekPolicy::default(),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// Everything the pipeline needs, shared by its tasks.
+pub struct Pipeline {
+    pub source: Arc<dyn MessageSource>,
+    pub store: Arc<dyn Store>,
+    pub wrapper: Arc<dyn KeyWrapper>,
+    pub token_key: Arc<TokenKey>,
+    pub stats: Arc<Stats>,
+    pub opts: RunOptions,
+}
+
+impl Pipeline {
+    /// Runs until the source is exhausted or `cancel` fires; returns the
+    /// totals of this run.
+    pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<BatchOutcome> {
+        let receivers = self.opts.concurrency.clamp(1, self.source.max_receivers());
+        let (tx, rx) = mpsc::channel::<Message>(self.opts.batch_size * 2);
+        let mut tasks = JoinSet::new();
+        for _ in 0..receivers {
+            tasks.spawn(receive_loop(self.source.clone(), tx.clone(), self.stats.clone(), self.opts.backoff, cancel.clone()));
+        }
+        drop(tx);
+        let writer = tokio::spawn(self.write_loop(rx, cancel.clone()));
+        let mut first_err = None;
+        while let Some(r) = tasks.join_next().await {
+            if let Err(e) = r.map_err(anyhow::Error::from).and_then(|x| x) {
+                // A receiver that cannot go on stops the others too.
+                cancel.cancel();
+                first_err.get_or_insert(e);
+            }
+        }
+        let outcome = writer.await??;
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(outcome),
+        }
+    }
+
+    async fn write_loop(self, mut rx: mpsc::Receiver<Message>, cancel: CancellationToken) -> anyhow::Result<BatchOutcome> {
+        let mut total = BatchOutcome::default();
+        let mut dek: Option<DataKeyLease> = None;
+        let mut ackers: JoinSet<()> = JoinSet::new();
+        let mut open = true;
+        while open {
+            let Some(first) = rx.recv().await else { break };
+            let mut msgs = Vec::with_capacity(self.opts.batch_size);
+            msgs.push(first);
+            let deadline = tokio::time::Instant::now() + self.opts.flush_after;
+            while msgs.len() < self.opts.batch_size {
+                tokio::select! {
+                    m = rx.recv() => match m {
+                        Some(m) => msgs.push(m),
+                        None => { open = false; break }
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            let outcome = self.write_batch(&msgs, &mut dek, &cancel).await?;
+            total += outcome;
+            let acks: Vec<Ack> = msgs.into_iter().map(|m| m.ack.clone()).collect();
+            while ackers.len() >= self.opts.concurrency.max(2) {
+                ackers.join_next().await;
+            }
+            let (source, stats) = (self.source.clone(), self.stats.clone());
+            ackers.spawn(async move {
+                let n = acks.len() as u64;
+                match source.ack(acks).await {
+                    Ok(()) => stats.acked.add(n),
+                    Err(e) => {
+                        stats.ack_failures.add(n);
+                        tracing::warn!(error = %e, messages = n, "acknowledgement failed; those messages will be redelivered and counted as duplicates");
+                    }
+                }
+            });
+        }
+        while ackers.join_next().await.is_some() {}
+        Ok(total)
+    }
+
+    async fn write_batch(
+        &self,
+        msgs: &[Message],
+        dek: &mut Option<DataKeyLease>,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<BatchOutcome> {
+        let started = std::time::Instant::now();
+        let mut attempt = 0;
+        let key_id = loop {
+            match keys::data_key_for(dek, msgs.len() as u64, &self.opts.dek_policy, &*self.store, &*self.wrapper).await {
+                Ok(k) => break k.id.clone(),
+                Err(e) if retry::anyhow_is_transient(&e) => {
+                    attempt += 1;
+                    self.stats.retries.with_label("kms").inc();
+                    tracing::warn!(error = %e, attempt, "cannot get a data key, retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.opts.backoff.delay(attempt)) => {}
+                        _ = cancel.cancelled() => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let lease = dek.as_mut().expect("data key present");
+        let mut batch = Batch::default();
+        let mut reasons = Vec::new();
+        for m in msgs {
+            match protect(m, &self.token_key, &key_id, &lease.sealer)? {
+                Protected::Login(l, v) => batch.logins.push((l, v)),
+                Protected::Rejected(q, why) => {
+                    tracing::info!(message_id = %m.id, reason = %why, "rejected message quarantined");
+                    reasons.push(why.code());
+                    batch.quarantined.push(q);
+                }
+            }
+        }
+        lease.record_use(msgs.len() as u64);
+        batch.key_usage.push((key_id, msgs.len() as i64));
+        let stats = &self.stats;
+        let outcome = retry(self.opts.backoff, cancel, |e: &crate::store::StoreError, n| {
+            stats.retries.with_label("database").inc();
+            tracing::warn!(error = %e, attempt = n, "batch write failed, retrying");
+        }, || self.store.write_batch(&batch))
+        .await?;
+        stats.record_batch(&outcome, msgs.len(), &reasons, started.elapsed());
+        tracing::debug!(stored = outcome.stored, duplicates = outcome.duplicates, rejected = outcome.rejected, "batch committed");
+        Ok(outcome)
+    }
+}
+
+async fn receive_loop(
+    source: Arc<dyn MessageSource>,
+    tx: mpsc::Sender<Message>,
+    stats: Arc<Stats>,
+    backoff: Backoff,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let max = source.preferred_batch();
+    loop {
+        let got = tokio::select! {
+            r = retry(backoff, &cancel, |e: &crate::source::SourceError, n| {
+                stats.retries.with_label("source").inc();
+                tracing::warn!(error = %e, attempt = n, "receive failed, retrying");
+            }, || source.receive(max)) => r?,
+            _ = cancel.cancelled() => return Ok(()),
+        };
+        let Some(msgs) = got else { return Ok(()) };
+        stats.received.add(msgs.len() as u64);
+        for m in msgs {
+            if tx.send(m).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+}

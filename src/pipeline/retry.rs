@@ -1,0 +1,132 @@
+//! Capped exponential backoff with full jitter, for transient faults of the
+//! database, SQS and KMS.
+
+use std::future::Future;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+
+/// Errors that know whether trying again can help.
+pub trait Transient {
+    fn is_transient(&self) -> bool;
+}
+
+impl Transient for crate::store::StoreError {
+    fn is_transient(&self) -> bool {
+        crate::store::StoreError::is_transient(self)
+    }
+}
+impl Transient for crate::source::SourceError {
+    fn is_transient(&self) -> bool {
+        crate::source::SourceError::is_transient(self)
+    }
+}
+impl Transient for crate::crypto::WrapError {
+    fn is_transient(&self) -> bool {
+        crate::crypto::WrapError::is_transient(self)
+    }
+}
+
+/// Whether an error chain holds a transient store, source or key-wrapper error.
+pub fn anyhow_is_transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<crate::store::StoreError>().is_some_and(|x| x.is_transient())
+            || c.downcast_ref::<crate::source::SourceError>().is_some_and(|x| x.is_transient())
+            || c.downcast_ref::<crate::crypto::WrapError>().is_some_and(|x| x.is_transient())
+    })
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(10) }
+    }
+}
+
+impl Backoff {
+    /// Delay before retry number `attempt` (1-based): uniform in
+    /// `[0, min(cap, base * 2^attempt)]`, so many workers hitting the same
+    /// outage do not retry in lockstep.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = self.base.saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX));
+        let ceiling = exp.min(self.cap);
+        let ms = rand::thread_rng().gen_range(0..=ceiling.as_millis().max(1) as u64);
+        Duration::from_millis(ms)
+    }
+}
+
+/// Runs `op` until it succeeds, fails permanently, or `cancel` fires while
+/// waiting (then the last error is returned). `on_retry` sees each transient
+/// error (for logs and metrics).
+pub async fn retry<T, E, F, Fut>(
+    backoff: Backoff,
+    cancel: &CancellationToken,
+    mut on_retry: impl FnMut(&E, u32),
+    mut op: F,
+) -> Result<T, E>
+where
+    E: Transient,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut attempt = 0;
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_transient() => {
+                attempt += 1;
+                on_retry(&e, attempt);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.delay(attempt)) => {}
+                    _ = cancel.cancelled() => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    #[test]
+    fn delays_are_capped_and_jittered() {
+        let b = Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(2) };
+        for attempt in 1..40 {
+            assert!(b.delay(attempt) <= Duration::from_secs(2));
+        }
+        let distinct: std::collections::HashSet<_> = (0..50).map(|_| b.delay(10)).collect();
+        assert!(distinct.len() > 1, "no jitter");
+    }
+
+    #[tokio::test]
+    async fn retries_transient_then_succeeds_and_stops_on_permanent() {
+        let b = Backoff { base: Duration::from_millis(1), cap: Duration::from_millis(2) };
+        let cancel = CancellationToken::new();
+        let mut calls = 0;
+        let r: Result<u32, StoreError> = retry(b, &cancel, |_, _| {}, || {
+            calls += 1;
+            let n = calls;
+            async move { if n < 3 { Err(StoreError::Transient("down".into())) } else { Ok(n) } }
+        })
+        .await;
+        assert_eq!(r.unwrap(), 3);
+
+        let mut calls = 0;
+        let r: Result<u32, StoreError> = retry(b, &cancel, |_, _| {}, || {
+            calls += 1;
+            async { Err(StoreError::Permanent("bad".into())) }
+        })
+        .await;
+        assert!(r.is_err());
+        assert_eq!(calls, 1);
+    }
+}

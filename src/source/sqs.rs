@@ -1,0 +1,184 @@
+//! AWS SQS through aws-sdk-sqs: the only module that touches that SDK.
+//!
+//! Long polling, up to 10 messages a receive, `SentTimestamp` for
+//! `create_date`, `DeleteMessageBatch` (after commit) with its per-entry
+//! failures retried once and then left to redelivery. The visibility
+//! timeout asked for on each receive is far longer than a batch takes, so a
+//! message is not handed to a second worker while the first still holds it.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName};
+use aws_sdk_sqs::Client;
+use chrono::{DateTime, Utc};
+use futures::stream::{self, StreamExt};
+use zeroize::Zeroizing;
+
+use super::{MessageSource, SourceError};
+use crate::domain::{Ack, Message};
+
+/// Seconds a received message stays invisible to other consumers.
+pub const VISIBILITY_TIMEOUT_SECS: i32 = 120;
+/// Long-poll wait while running as a daemon.
+const WAIT_SECS: i32 = 20;
+/// Long-poll wait under `--until-empty`: an empty answer after this long
+/// means the queue is drained.
+const DRAIN_WAIT_SECS: i32 = 1;
+
+pub struct SqsSource {
+    client: Client,
+    queue_url: String,
+    until_empty: bool,
+}
+
+impl SqsSource {
+    /// Connects with the standard AWS configuration chain and checks that
+    /// the queue exists and is readable, so a typo is one clear error.
+    pub async fn connect(queue_url: &str, until_empty: bool) -> anyhow::Result<Self> {
+        let conf = aws_config::load_from_env().await;
+        let client = Client::new(&conf);
+        client
+            .get_queue_attributes()
+            .queue_url(queue_url)
+            .attribute_names(QueueAttributeName::VisibilityTimeout)
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", describe(&e)))?;
+        Ok(SqsSource { client, queue_url: queue_url.to_string(), until_empty })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// A short, value-free description of an SDK error.
+fn describe<E: ProvideErrorMetadata + std::fmt::Debug, R>(e: &SdkError<E, R>) -> String {
+    match e {
+        SdkError::ServiceError(s) => {
+            let err = s.err();
+            format!("SQS: {} ({})", err.code().unwrap_or("error"), err.message().unwrap_or("no message"))
+        }
+        SdkError::TimeoutError(_) => "SQS: request timed out".into(),
+        SdkError::DispatchFailure(_) => "SQS: cannot connect (check AWS_ENDPOINT_URL / network)".into(),
+        SdkError::ResponseError(_) => "SQS: unreadable response".into(),
+        SdkError::ConstructionFailure(_) => "SQS: invalid request".into(),
+        _ => "SQS: unknown error".into(),
+    }
+}
+
+fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R>(e: SdkError<E, R>) -> SourceError {
+    let text = describe(&e);
+    let transient = match &e {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
+        SdkError::ServiceError(s) => matches!(
+            s.err().code(),
+            Some("ThrottlingException" | "RequestThrottled" | "ServiceUnavailable" | "InternalError"
+                | "InternalFailure" | "KmsThrottled" | "OverLimit")
+        ),
+        _ => false,
+    };
+    if transient {
+        SourceError::Transient(text)
+    } else {
+        SourceError::Permanent(text)
+    }
+}
+
+#[async_trait]
+impl MessageSource for SqsSource {
+    async fn receive(&self, max: usize) -> Result<Option<Vec<Message>>, SourceError> {
+        let resp = self
+            .client
+            .receive_message()
+            .queue_url(&self.queue_url)
+            .max_number_of_messages(max.clamp(1, 10) as i32)
+            .wait_time_seconds(if self.until_empty { DRAIN_WAIT_SECS } else { WAIT_SECS })
+            .visibility_timeout(VISIBILITY_TIMEOUT_SECS)
+            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+            .send()
+            .await
+            .map_err(classify)?;
+        let msgs = resp.messages.unwrap_or_default();
+        if msgs.is_empty() && self.until_empty {
+            return Ok(None);
+        }
+        let now = Utc::now();
+        let out = msgs
+            .into_iter()
+            .filter_map(|m| {
+                let receipt_handle = m.receipt_handle?;
+                let id = m.message_id?;
+                let sent_at = m
+                    .attributes
+                    .as_ref()
+                    .and_then(|a| a.get(&MessageSystemAttributeName::SentTimestamp))
+                    .and_then(|ms| ms.parse::<i64>().ok())
+                    .and_then(DateTime::from_timestamp_millis)
+                    .unwrap_or(now);
+                let body = Zeroizing::new(m.body.unwrap_or_default().into_bytes());
+                Some(Message { id, body, sent_at, ack: Ack::Sqs { receipt_handle } })
+            })
+            .collect();
+        Ok(Some(out))
+    }
+
+    async fn ack(&self, acks: Vec<Ack>) -> Result<(), SourceError> {
+        let handles: Vec<String> = acks
+            .into_iter()
+            .filter_map(|a| match a {
+                Ack::Sqs { receipt_handle } => Some(receipt_handle),
+                Ack::None => None,
+            })
+            .collect();
+        let chunks: Vec<Vec<String>> = handles.chunks(10).map(<[String]>::to_vec).collect();
+        let results: Vec<Result<(), SourceError>> =
+            stream::iter(chunks).map(|c| async move { self.delete_chunk(&c).await }).buffer_unordered(8).collect().await;
+        results.into_iter().collect()
+    }
+
+    fn preferred_batch(&self) -> usize {
+        10
+    }
+}
+
+impl SqsSource {
+    async fn delete_chunk(&self, handles: &[String]) -> Result<(), SourceError> {
+        let mut pending: Vec<&String> = handles.iter().collect();
+        for attempt in 0..2 {
+            let entries = pending
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(h.as_str())
+                        .build()
+                        .expect("id and receipt handle are set")
+                })
+                .collect::<Vec<_>>();
+            let resp = match self.client.delete_message_batch().queue_url(&self.queue_url).set_entries(Some(entries)).send().await {
+                Ok(r) => r,
+                Err(e) if attempt == 0 => {
+                    tracing::debug!(error = %describe(&e), "DeleteMessageBatch failed, retrying once");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Err(e) => return Err(classify(e)),
+            };
+            if resp.failed.is_empty() {
+                return Ok(());
+            }
+            let failed: Vec<usize> = resp.failed.iter().filter_map(|f| f.id.parse().ok()).collect();
+            let codes: Vec<&str> = resp.failed.iter().map(|f| f.code.as_str()).collect();
+            tracing::debug!(failed = failed.len(), ?codes, "some deletions failed");
+            pending = failed.into_iter().filter_map(|i| pending.get(i).copied()).collect();
+            if pending.is_empty() {
+                return Ok(());
+            }
+        }
+        Err(SourceError::Transient(format!("SQS: {} deletions failed twice", pending.len())))
+    }
+}

@@ -1,0 +1,265 @@
+//! Where masked rows, vault ciphertexts, keys, quarantine and audit live.
+//!
+//! [`Store`] is the boundary; [`sqlite`] is the embedded default and
+//! [`postgres`] the production store. Both run the same conformance suite
+//! (`tests/store_conformance.rs`). Nothing here sees plaintext PII: rows
+//! arrive already tokenised and sealed.
+
+// pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDate, Utc};
+
+use crate::crypto::{KeyPurpose, WrappedKey};
+
+/// One `user_logins` row.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LoginRow {
+    pub message_id: String,
+    pub user_id: String,
+    pub device_type: String,
+    pub masked_ip: String,
+    pub masked_device_id: String,
+    pub locale: Option<String>,
+    pub app_version: String,
+    pub create_date: NaiveDate,
+}
+
+/// One vault row: the sealed originals of a login, bound (by the AEAD's
+/// associated data) to `message_id`, `user_id` and `key_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaultRow {
+    pub message_id: String,
+    pub user_id: String,
+    pub key_id: String,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+}
+
+/// A rejected message: a value-free reason and the sealed body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantineRow {
+    pub message_id: String,
+    pub reason_code: String,
+    pub reason: String,
+    /// The user id when the body had a usable one (for `forget`).
+    pub user_id: Option<String>,
+    pub key_id: String,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    pub received_at: DateTime<Utc>,
+}
+
+/// Everything one transaction writes.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub logins: Vec<(LoginRow, VaultRow)>,
+    pub quarantined: Vec<QuarantineRow>,
+    /// Encryptions done per data key, added to `vault_keys.usage_count`.
+    pub key_usage: Vec<(String, i64)>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub stored: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+}
+
+impl std::ops::AddAssign for BatchOutcome {
+    fn add_assign(&mut self, o: Self) {
+        self.stored += o.stored;
+        self.duplicates += o.duplicates;
+        self.rejected += o.rejected;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    /// In use for new encryptions / tokens.
+    Active,
+    /// Still needed to read, no longer used to write.
+    Retired,
+    /// Wrapped key erased; whatever it sealed is unrecoverable.
+    Destroyed,
+}
+
+impl KeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+            KeyState::Retired => "retired",
+            KeyState::Destroyed => "destroyed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(KeyState::Active),
+            "retired" => Some(KeyState::Retired),
+            "destroyed" => Some(KeyState::Destroyed),
+            _ => None,
+        }
+    }
+}
+
+/// A key as stored in `vault_keys`.
+#[derive(Debug, Clone)]
+pub struct StoredKey {
+    pub id: String,
+    pub purpose: KeyPurpose,
+    /// Token-key version (1, 2, …); 0 for data keys.
+    pub version: i64,
+    pub wrapped: WrappedKey,
+    pub state: KeyState,
+    pub created_at: DateTime<Utc>,
+    pub usage_count: i64,
+}
+
+/// Which logins a reveal asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    UserId(String),
+    MaskedIp(String),
+    MaskedDeviceId(String),
+}
+
+impl std::fmt::Display for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Selector::UserId(v) => write!(f, "user_id={v}"),
+            Selector::MaskedIp(v) => write!(f, "masked_ip={v}"),
+            Selector::MaskedDeviceId(v) => write!(f, "masked_device_id={v}"),
+        }
+    }
+}
+
+/// An audit entry about to be written.
+#[derive(Debug, Clone)]
+pub struct AuditEntry {
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub reason: String,
+}
+
+/// An audit entry as stored.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub reason: String,
+    pub row_count: i64,
+}
+
+/// Errors from a store. Messages carry the kind of failure, never row values:
+/// database error texts can quote input, so only the SQLSTATE and the
+/// constraint name are kept from them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unreachable or connection lost: {0}")]
+    Transient(String),
+    #[error("database error: {0}")]
+    Permanent(String),
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Transient(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        match e {
+            E::Io(err) => StoreError::Transient(format!("I/O: {}", err.kind())),
+            E::PoolTimedOut => StoreError::Transient("timed out waiting for a connection".into()),
+            E::PoolClosed => StoreError::Transient("connection pool closed".into()),
+            E::Tls(_) => StoreError::Transient("TLS failure".into()),
+            E::Protocol(_) => StoreError::Transient("protocol error (connection reset?)".into()),
+            E::WorkerCrashed => StoreError::Transient("database worker crashed".into()),
+            E::Database(db) => {
+                let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+                // SQLSTATE class 08 (connection), 53 (resources), 57 (operator
+                // intervention: shutdown, restart), 40 (serialization) are worth a
+                // retry; SQLite BUSY/LOCKED (5, 6) too.
+                let transient = ["08", "53", "57", "40"].iter().any(|c| code.starts_with(c))
+                    || code == "5"
+                    || code == "6"
+                    || code == "517";
+                let what = match db.constraint() {
+                    Some(c) => format!("SQLSTATE {code} on constraint {c}"),
+                    None => format!("SQLSTATE {code} ({:?})", db.kind()),
+                };
+                if transient {
+                    StoreError::Transient(what)
+                } else {
+                    StoreError::Permanent(what)
+                }
+            }
+            E::Migrate(m) => StoreError::Permanent(format!("migration failed: {m}")),
+            E::RowNotFound => StoreError::Permanent("row not found".into()),
+            E::ColumnDecode { index, .. } => StoreError::Permanent(format!("cannot decode column {index}")),
+            E::Decode(_) => StoreError::Permanent("cannot decode a value".into()),
+            E::ColumnNotFound(c) => StoreError::Permanent(format!("column {c} not found")),
+            E::Configuration(_) => StoreError::Permanent("invalid database URL or options".into()),
+            other => StoreError::Permanent(format!("{:?}", std::mem::discriminant(&other))),
+        }
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Applies pending migrations.
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Cheap liveness query, for start-up checks and `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Writes a batch in one transaction: new logins with their vault rows,
+    /// new quarantine rows, key usage. Rows whose `message_id` is already
+    /// stored are skipped and counted as duplicates.
+    async fn write_batch(&self, batch: &Batch) -> Result<BatchOutcome, StoreError>;
+
+    /// Stores a new key. Returns `false` when a token key of that version
+    /// already exists (another worker won the race).
+    async fn insert_key(&self, key: &StoredKey) -> Result<bool, StoreError>;
+
+    async fn get_key(&self, id: &str) -> Result<Option<StoredKey>, StoreError>;
+
+    /// The newest active token key, if any.
+    async fn current_token_key(&self) -> Result<Option<StoredKey>, StoreError>;
+
+    async fn list_keys(&self) -> Result<Vec<StoredKey>, StoreError>;
+
+    /// In one transaction: finds the logins matching `selector` with their
+    /// vault rows, writes the audit entry with the count, and commits. Only
+    /// then does the caller decrypt anything: if the audit row cannot be
+    /// written, nothing is returned.
+    async fn reveal(
+        &self,
+        selector: &Selector,
+        audit: &AuditEntry,
+    ) -> Result<Vec<(LoginRow, Option<VaultRow>)>, StoreError>;
+
+    async fn audit_trail(&self, limit: i64) -> Result<Vec<AuditRecord>, StoreError>;
+
+}
+
+/// Opens the store a URL names: `postgres://…` or `sqlite:…`.
+pub async fn connect(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        anyhow::bail!("postgres pending")
+    } else if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
+    } else {
+        anyhow::bail!("unsupported database URL scheme: use postgres://… or sqlite:PATH")
+    }
+}

@@ -1,0 +1,60 @@
+//! Shared helpers for integration tests.
+//!
+//! Services come from the environment that `scripts/test.sh` sets up:
+//! - `PII_VAULT_TEST_PG`: admin URL of a throwaway Postgres cluster
+//!   (`postgres://postgres@127.0.0.1:PORT/postgres`); tests create their own
+//!   databases in it.
+//! - `AWS_ENDPOINT_URL` (+ `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/
+//!   `AWS_REGION`): LocalStack with SQS and KMS.
+//! - `PII_VAULT_REQUIRE_SERVICES=1`: a test that needs a missing service
+//!   fails instead of skipping (set by the README's test command).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The built binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pii-vault"))
+}
+
+/// Whether a missing service must fail the test.
+pub fn services_required() -> bool {
+    std::env::var("PII_VAULT_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+/// The value of `var`, or `None` (the test then skips) — unless services are
+/// required, in which case a missing variable is a test failure.
+pub fn service_env(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ if services_required() => panic!("{var} is not set but PII_VAULT_REQUIRE_SERVICES=1"),
+        _ => {
+            eprintln!("skipping: {var} not set (run scripts/test.sh to start the services)");
+            None
+        }
+    }
+}
+
+/// Raw PII values of `samples/logins.jsonl`-style input: every `ip` and
+/// `device_id` string found in the JSON lines of `input`.
+pub fn raw_pii(input: &str) -> Vec<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for line in input.lines() {
+        if let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(line) {
+            for k in ["ip", "device_id"] {
+                if let Some(serde_json::Value::String(s)) = m.get(k) {
+                    let s = s.trim_end_matches('\0').to_string();
+                    if s.len() >= 5 {
+                        out.insert(s);
+                    }
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// The `raw` values that occur in `haystack` (as text).
+pub fn leaked<'a>(haystack: &[u8], raw: &'a [String]) -> Vec<&'a str> {
+    raw.iter().filter(|r| haystack.windows(r.len()).any(|w| w == r.as_bytes())).map(String::as_str).collect()
+}
