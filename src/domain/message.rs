@@ -19,6 +19,8 @@ pub struct Message {
     pub body: Zeroizing<Vec<u8>>,
     pub sent_at: DateTime<Utc>,
     pub ack: Ack,
+    /// Line number in the input file, to point a user at a rejected line.
+    pub line: Option<u64>,
 }
 
 impl std::fmt::Debug for Message {

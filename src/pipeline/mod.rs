@@ -168,7 +168,7 @@ impl Pipeline {
             match protect(m, &self.token_key, &key_id, &lease.sealer)? {
                 Protected::Login(l, v) => batch.logins.push((l, v)),
                 Protected::Rejected(q, why) => {
-                    tracing::info!(message_id = %m.id, reason = %why, "rejected message quarantined");
+                    tracing::info!(message_id = %m.id, line = m.line, reason = %why, "rejected message quarantined");
                     reasons.push(why.code());
                     batch.quarantined.push(q);
                 }

@@ -112,7 +112,13 @@ impl MessageSource for FileSource {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            out.push(Message { id: self.ids.line_id(r.line_no, &line), body: line, sent_at: now, ack: Ack::None });
+            out.push(Message {
+                id: self.ids.line_id(r.line_no, &line),
+                body: line,
+                sent_at: now,
+                ack: Ack::None,
+                line: Some(r.line_no),
+            });
         }
         if out.is_empty() && r.done {
             return Ok(None);

@@ -119,7 +119,7 @@ impl MessageSource for SqsSource {
                     .and_then(DateTime::from_timestamp_millis)
                     .unwrap_or(now);
                 let body = Zeroizing::new(m.body.unwrap_or_default().into_bytes());
-                Some(Message { id, body, sent_at, ack: Ack::Sqs { receipt_handle } })
+                Some(Message { id, body, sent_at, ack: Ack::Sqs { receipt_handle }, line: None })
             })
             .collect();
         Ok(Some(out))
