@@ -47,6 +47,12 @@ impl Cli {
     pub fn database_url(&self) -> &str {
         self.database_url.as_deref().unwrap_or(DEFAULT_DATABASE_URL)
     }
+
+    /// Whether long jobs may draw a progress bar: text logs on a terminal.
+    pub fn progress(&self) -> bool {
+        use std::io::IsTerminal;
+        self.log_format == LogFormat::Text && std::io::stderr().is_terminal()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -66,6 +72,11 @@ pub enum Command {
     Run(RunArgs),
     /// Show the original IP and device id of logins, recording who asked and why.
     Reveal(RevealArgs),
+    /// Erase a user's recoverable originals (vault rows and quarantined bodies).
+    Forget(ForgetArgs),
+    /// Rotate keys; safe while workers run.
+    #[command(subcommand)]
+    Rotate(RotateCommand),
     /// Inspect keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -137,6 +148,38 @@ pub enum OutputFormat {
     Table,
     /// One JSON object per line.
     Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// The user whose originals are erased.
+    #[arg(long)]
+    pub user_id: String,
+
+    /// Why (erasure request, ticket): kept in the audit trail.
+    #[arg(long, value_parser = non_blank)]
+    pub reason: String,
+
+    /// Who is asking, for the audit trail [default: $USER].
+    #[arg(long, env = "PII_VAULT_ACTOR")]
+    pub actor: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RotateCommand {
+    /// Re-wrap every stored key under another AWS KMS key (ReEncrypt; plaintext
+    /// keys never leave KMS). Keys of a local key file move into KMS. Resumable.
+    Kek {
+        /// The new KMS key (id, ARN or alias/NAME).
+        #[arg(long)]
+        to: String,
+    },
+    /// Re-encrypt the vault and quarantine under a fresh data key, then destroy
+    /// the old data keys (crypto-shredding). Resumable.
+    DataKeys,
+    /// Make a new token-key version current and re-tokenise user_logins from
+    /// the vault; running workers switch by themselves.
+    TokenKey,
 }
 
 #[derive(Debug, Subcommand)]

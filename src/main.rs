@@ -1,11 +1,21 @@
 use clap::Parser;
 use pii_vault::cli::Cli;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     pii_vault::telemetry::init(cli.log_format);
-    match pii_vault::commands::dispatch(cli).await {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pii-vault: error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(pii_vault::commands::dispatch(cli));
+    // Everything that matters was awaited; don't wait for a blocked stdin
+    // read (a stopped `run --from-file -`) to finish.
+    runtime.shutdown_background();
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pii-vault: error: {e:#}");

@@ -9,8 +9,9 @@ use anyhow::Context as _;
 
 use crate::crypto::aead;
 use crate::crypto::{Aad, KeyMaterial, KeyPurpose, KeyWrapper};
-use crate::pipeline::protect::{VaultPlaintext, AAD_VAULT};
-use crate::store::{KeyState, Store, VaultRow};
+use crate::pipeline::protect::{VaultPlaintext, AAD_QUARANTINE, AAD_VAULT};
+use crate::store::{KeyState, QuarantineRow, Store, VaultRow};
+use zeroize::Zeroizing;
 
 pub struct VaultReader {
     store: Arc<dyn Store>,
@@ -55,5 +56,19 @@ impl VaultReader {
         let v: VaultPlaintext =
             serde_json::from_slice(&plain).map_err(|_| anyhow::anyhow!("vault row of message {} is not a vault record", row.message_id))?;
         Ok(Some(v))
+    }
+
+    /// The raw body of a quarantined message; `None` when its key was destroyed.
+    pub async fn open_quarantined(&mut self, row: &QuarantineRow) -> anyhow::Result<Option<Zeroizing<Vec<u8>>>> {
+        let Some(key) = self.data_key(&row.key_id).await? else { return Ok(None) };
+        let aad = Aad {
+            kind: AAD_QUARANTINE,
+            message_id: &row.message_id,
+            user_id: row.user_id.as_deref().unwrap_or(""),
+            key_id: &row.key_id,
+        };
+        let plain = aead::open(key, &aad, &row.nonce, &row.ciphertext)
+            .with_context(|| format!("quarantined message {}", row.message_id))?;
+        Ok(Some(plain))
     }
 }

@@ -17,7 +17,7 @@ CREATE INDEX IF NOT EXISTS user_logins_masked_device_id ON user_logins (masked_d
 -- Wrapped keys only: data keys (purpose 'vault') and token keys ('token').
 CREATE TABLE vault_keys (
     id           TEXT PRIMARY KEY,
-    purpose      TEXT NOT NULL CHECK (purpose IN ('vault', 'token')),
+    purpose      TEXT NOT NULL CHECK (purpose IN ('vault', 'token', 'line-ids')),
     version      INTEGER NOT NULL DEFAULT 0,
     kek_id       TEXT NOT NULL,
     wrapped      BLOB,

@@ -2,9 +2,11 @@
 //! store and the key wrapper with clear, actionable start-up errors.
 
 pub mod audit;
+pub mod forget;
 pub mod keys;
 pub mod migrate;
 pub mod reveal;
+pub mod rotate;
 pub mod run;
 
 use std::sync::Arc;
@@ -13,13 +15,15 @@ use anyhow::Context as _;
 
 use crate::cli::{Cli, Command};
 use crate::crypto::KeyWrapper;
-use crate::store::Store;
+use crate::store::{AdminStore, Store};
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Migrate => migrate::migrate(&cli).await,
         Command::Run(args) => run::run(&cli, args).await,
         Command::Reveal(args) => reveal::reveal(&cli, args).await,
+        Command::Forget(args) => forget::forget(&cli, args).await,
+        Command::Rotate(cmd) => rotate::rotate(&cli, cmd).await,
         Command::Keys(cmd) => keys::keys(&cli, cmd).await,
         Command::Audit(args) => audit::audit(&cli, args).await,
     }
@@ -29,8 +33,14 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 /// first command on a fresh machine just works; Postgres is migrated by
 /// `pii-vault migrate` (run by an owner role), so workers need no DDL rights.
 pub async fn open_store(cli: &Cli) -> anyhow::Result<Arc<dyn Store>> {
+    let store = open_admin_store(cli).await?;
+    Ok(store)
+}
+
+/// Like [`open_store`], with the privileged operations (rotation, forget).
+pub async fn open_admin_store(cli: &Cli) -> anyhow::Result<Arc<dyn AdminStore>> {
     let url = cli.database_url();
-    let store = crate::store::connect(url).await.with_context(|| {
+    let store = crate::store::connect_admin(url).await.with_context(|| {
         format!("cannot open the database {} (check --database-url / DATABASE_URL)", redact_url(url))
     })?;
     store.ping().await.with_context(|| format!("the database {} does not answer", redact_url(url)))?;

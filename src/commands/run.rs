@@ -16,7 +16,7 @@ use crate::store::BatchOutcome;
 pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     let store = super::open_store(cli).await?;
     let wrapper = super::open_wrapper(cli).await?;
-    let (token_key, _) = load_token_key(&*store, &*wrapper).await?;
+    let (token_key, token_key_id) = load_token_key(&*store, &*wrapper).await?;
     let stats = Arc::new(Stats::default());
     let cancel = CancellationToken::new();
     spawn_signal_handler(cancel.clone());
@@ -24,7 +24,8 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     let mut progress = None;
     let source: Arc<dyn MessageSource> = match (&args.from_file, &args.queue_url) {
         (Some(path), _) => {
-            let file = Arc::new(FileSource::open(path, token_key.clone()).await?);
+            let ids = crate::pipeline::keys::load_line_id_key(&*store, &*wrapper).await?;
+            let file = Arc::new(FileSource::open(path, ids).await?);
             if !args.no_progress && cli.log_format == LogFormat::Text {
                 progress = crate::progress::for_file(file.clone(), cancel.clone());
             }
@@ -48,7 +49,7 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         ..RunOptions::default()
     };
     let started = Instant::now();
-    let pipeline = Pipeline { source, store, wrapper, token_key, stats: stats.clone(), opts };
+    let pipeline = Pipeline { source, store, wrapper, token_key, token_key_id, stats: stats.clone(), opts };
     let result = pipeline.run(cancel.clone()).await;
     cancel.cancel();
     if let Some(p) = progress {

@@ -23,6 +23,10 @@ pub enum KeyPurpose {
     Vault,
     /// The HMAC key behind `masked_ip` / `masked_device_id`.
     Token,
+    /// The HMAC key behind the message ids of file lines. Separate from the
+    /// token key so that a token rotation does not change line ids (which
+    /// would make a re-run of an old file store everything again).
+    LineIds,
 }
 
 impl KeyPurpose {
@@ -30,6 +34,7 @@ impl KeyPurpose {
         match self {
             KeyPurpose::Vault => "vault",
             KeyPurpose::Token => "token",
+            KeyPurpose::LineIds => "line-ids",
         }
     }
 
@@ -38,6 +43,7 @@ impl KeyPurpose {
         match self {
             KeyPurpose::Vault => "pii-vault:vault",
             KeyPurpose::Token => "pii-vault:token",
+            KeyPurpose::LineIds => "pii-vault:line-ids",
         }
     }
 
@@ -45,6 +51,7 @@ impl KeyPurpose {
         match s {
             "vault" => Some(KeyPurpose::Vault),
             "token" => Some(KeyPurpose::Token),
+            "line-ids" => Some(KeyPurpose::LineIds),
             _ => None,
         }
     }
@@ -127,7 +134,7 @@ impl WrapError {
 #[async_trait]
 pub trait KeyWrapper: Send + Sync {
     /// Identifier of the KEK that new keys are wrapped under.
-    fn kek_id(&self) -> &str;
+    fn kek_id(&self) -> String;
 
     /// A fresh random key, returned both in plaintext (for use now) and
     /// wrapped (for storage).
@@ -135,6 +142,14 @@ pub trait KeyWrapper: Send + Sync {
 
     /// Recovers the plaintext of a stored key.
     async fn unwrap(&self, purpose: KeyPurpose, wrapped: &WrappedKey) -> Result<KeyMaterial, WrapError>;
+
+    /// Wraps existing key material under this wrapper's KEK. Only for moving
+    /// keys from the local key file into KMS; KMS-to-KMS uses [`Self::rewrap`].
+    async fn wrap(&self, purpose: KeyPurpose, key: &KeyMaterial) -> Result<WrappedKey, WrapError>;
+
+    /// Switches the KEK that new keys are wrapped under (after `rotate kek`,
+    /// running workers follow the KEK of the current token key).
+    async fn follow(&self, kek_id: &str) -> Result<(), WrapError>;
 
     /// Re-wraps a stored key under this wrapper's KEK. With KMS this is
     /// `ReEncrypt`, so the plaintext never leaves KMS.

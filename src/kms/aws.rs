@@ -18,7 +18,7 @@ use crate::crypto::envelope::{KeyMaterial, KeyPurpose, KeyWrapper, WrapError, Wr
 pub struct AwsKms {
     client: Client,
     /// The ARN of the KMS key new keys are wrapped under.
-    key_arn: String,
+    key_arn: std::sync::RwLock<String>,
 }
 
 impl AwsKms {
@@ -27,9 +27,14 @@ impl AwsKms {
     pub async fn connect(key_id: &str) -> Result<Self, WrapError> {
         let conf = aws_config::load_from_env().await;
         let client = Client::new(&conf);
-        let kms = AwsKms { client, key_arn: key_id.to_string() };
+        let kms = AwsKms { client, key_arn: std::sync::RwLock::new(key_id.to_string()) };
         let arn = kms.describe(key_id).await?;
-        Ok(AwsKms { key_arn: arn, ..kms })
+        *kms.key_arn.write().expect("kek lock") = arn;
+        Ok(kms)
+    }
+
+    fn arn(&self) -> String {
+        self.key_arn.read().expect("kek lock").clone()
     }
 
     async fn describe(&self, key_id: &str) -> Result<String, WrapError> {
@@ -77,15 +82,42 @@ fn take_key(blob: Option<Blob>) -> Result<KeyMaterial, WrapError> {
 
 #[async_trait]
 impl KeyWrapper for AwsKms {
-    fn kek_id(&self) -> &str {
-        &self.key_arn
+    fn kek_id(&self) -> String {
+        self.arn()
+    }
+
+    async fn wrap(&self, purpose: KeyPurpose, key: &KeyMaterial) -> Result<WrappedKey, WrapError> {
+        let arn = self.arn();
+        let resp = self
+            .client
+            .encrypt()
+            .key_id(&arn)
+            .plaintext(Blob::new(key.expose_for_wrapping().to_vec()))
+            .encryption_context("purpose", purpose.context())
+            .send()
+            .await
+            .map_err(|e| classify("Encrypt", e))?;
+        let blob = resp
+            .ciphertext_blob
+            .ok_or_else(|| WrapError::Permanent("KMS returned no wrapped key".into()))?
+            .into_inner();
+        Ok(WrappedKey { kek_id: resp.key_id.unwrap_or(arn), blob })
+    }
+
+    async fn follow(&self, kek_id: &str) -> Result<(), WrapError> {
+        if kek_id != self.arn() {
+            let arn = self.describe(kek_id).await?;
+            tracing::info!(kek = %arn, "new keys are now wrapped under another KMS key");
+            *self.key_arn.write().expect("kek lock") = arn;
+        }
+        Ok(())
     }
 
     async fn generate(&self, purpose: KeyPurpose) -> Result<(KeyMaterial, WrappedKey), WrapError> {
         let resp = self
             .client
             .generate_data_key()
-            .key_id(&self.key_arn)
+            .key_id(self.arn())
             .key_spec(DataKeySpec::Aes256)
             .encryption_context("purpose", purpose.context())
             .send()
@@ -95,7 +127,7 @@ impl KeyWrapper for AwsKms {
             .ciphertext_blob
             .ok_or_else(|| WrapError::Permanent("KMS returned no wrapped key".into()))?
             .into_inner();
-        let kek_id = resp.key_id.unwrap_or_else(|| self.key_arn.clone());
+        let kek_id = resp.key_id.unwrap_or_else(|| self.arn());
         let key = take_key(resp.plaintext)?;
         Ok((key, WrappedKey { kek_id, blob }))
     }
@@ -120,7 +152,7 @@ impl KeyWrapper for AwsKms {
             .ciphertext_blob(Blob::new(wrapped.blob.clone()))
             .source_key_id(&wrapped.kek_id)
             .source_encryption_context("purpose", purpose.context())
-            .destination_key_id(&self.key_arn)
+            .destination_key_id(self.arn())
             .destination_encryption_context("purpose", purpose.context())
             .send()
             .await
@@ -129,10 +161,10 @@ impl KeyWrapper for AwsKms {
             .ciphertext_blob
             .ok_or_else(|| WrapError::Permanent("KMS returned no re-encrypted key".into()))?
             .into_inner();
-        Ok(WrappedKey { kek_id: resp.key_id.unwrap_or_else(|| self.key_arn.clone()), blob })
+        Ok(WrappedKey { kek_id: resp.key_id.unwrap_or_else(|| self.arn()), blob })
     }
 
     async fn check(&self) -> Result<(), WrapError> {
-        self.describe(&self.key_arn).await.map(|_| ())
+        self.describe(&self.arn()).await.map(|_| ())
     }
 }

@@ -110,8 +110,20 @@ fn check_permissions(_: &Path) -> anyhow::Result<()> {
 
 #[async_trait]
 impl KeyWrapper for LocalKek {
-    fn kek_id(&self) -> &str {
-        &self.kek_id
+    fn kek_id(&self) -> String {
+        self.kek_id.clone()
+    }
+
+    async fn wrap(&self, purpose: KeyPurpose, key: &KeyMaterial) -> Result<WrappedKey, WrapError> {
+        LocalKek::wrap(self, purpose, key)
+    }
+
+    async fn follow(&self, kek_id: &str) -> Result<(), WrapError> {
+        if kek_id == self.kek_id {
+            Ok(())
+        } else {
+            Err(WrapError::WrongKek { expected: self.kek_id.clone(), found: kek_id.to_string() })
+        }
     }
 
     async fn generate(&self, purpose: KeyPurpose) -> Result<(KeyMaterial, WrappedKey), WrapError> {

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use chrono::Utc;
 
 use crate::crypto::aead::Sealer;
@@ -74,8 +75,50 @@ pub async fn load_token_key(store: &dyn Store, wrapper: &dyn KeyWrapper) -> anyh
     anyhow::bail!("could not load or create the token key")
 }
 
+/// The key behind file line ids, created on first use. Never rotated: it
+/// only makes line ids unguessable, and changing it would break the
+/// idempotency of re-running a file. Concurrent first uses settle on the
+/// oldest key.
+pub async fn load_line_id_key(store: &dyn Store, wrapper: &dyn KeyWrapper) -> anyhow::Result<Arc<TokenKey>> {
+    let find = || async {
+        let mut keys: Vec<StoredKey> = store
+            .list_keys()
+            .await?
+            .into_iter()
+            .filter(|k| k.purpose == KeyPurpose::LineIds && k.state != KeyState::Destroyed)
+            .collect();
+        keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        anyhow::Ok(keys.into_iter().next())
+    };
+    if find().await?.is_none() {
+        let (_, wrapped) = wrapper.generate(KeyPurpose::LineIds).await?;
+        let key = StoredKey {
+            id: format!("ids-{}", uuid::Uuid::new_v4()),
+            purpose: KeyPurpose::LineIds,
+            version: 0,
+            wrapped,
+            state: KeyState::Active,
+            created_at: Utc::now(),
+            usage_count: 0,
+        };
+        store.insert_key(&key).await?;
+    }
+    let k = find().await?.context("line-id key vanished")?;
+    let material = wrapper.unwrap(KeyPurpose::LineIds, &k.wrapped).await?;
+    Ok(Arc::new(TokenKey::new(0, &material)))
+}
+
 /// Generates and stores a fresh data key for this process.
+///
+/// New keys go under the KEK that wraps the current token key: after
+/// `rotate kek` re-wrapped the token key, running workers follow by
+/// themselves, and the old KMS key can be disabled without restarting them.
 pub async fn new_data_key(store: &dyn Store, wrapper: &dyn KeyWrapper) -> anyhow::Result<DataKeyLease> {
+    if let Some(token) = store.current_token_key().await? {
+        if token.wrapped.kek_id != wrapper.kek_id() && !token.wrapped.kek_id.starts_with("local:") {
+            wrapper.follow(&token.wrapped.kek_id).await?;
+        }
+    }
     let (material, wrapped) = wrapper.generate(KeyPurpose::Vault).await?;
     let key = StoredKey {
         id: format!("dek-{}", uuid::Uuid::new_v4()),

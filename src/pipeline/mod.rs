@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::crypto::{KeyWrapper, TokenKey};
 use crate::domain::{Ack, Message};
 use crate::source::MessageSource;
-use crate::store::{Batch, BatchOutcome, Store};
+use crate::store::{Batch, BatchOutcome, Store, StoreError};
 use keys::{DataKeyLease, DekPolicy};
 use protect::{protect, Protected};
 use retry::{retry, Backoff};
@@ -66,6 +66,8 @@ pub struct Pipeline {
     pub store: Arc<dyn Store>,
     pub wrapper: Arc<dyn KeyWrapper>,
     pub token_key: Arc<TokenKey>,
+    /// Row id of `token_key` in `vault_keys`, checked at every commit.
+    pub token_key_id: String,
     pub stats: Arc<Stats>,
     pub opts: RunOptions,
 }
@@ -99,7 +101,7 @@ impl Pipeline {
 
     async fn write_loop(self, mut rx: mpsc::Receiver<Message>, cancel: CancellationToken) -> anyhow::Result<BatchOutcome> {
         let mut total = BatchOutcome::default();
-        let mut dek: Option<DataKeyLease> = None;
+        let mut keys = WorkerKeys { token: self.token_key.clone(), token_id: self.token_key_id.clone(), dek: None };
         let mut ackers: JoinSet<()> = JoinSet::new();
         let mut open = true;
         while open {
@@ -116,7 +118,7 @@ impl Pipeline {
                     _ = tokio::time::sleep_until(deadline) => break,
                 }
             }
-            let outcome = self.write_batch(&msgs, &mut dek, &cancel).await?;
+            let outcome = self.write_batch(&msgs, &mut keys, &cancel).await?;
             total += outcome;
             let acks: Vec<Ack> = msgs.into_iter().map(|m| m.ack.clone()).collect();
             while ackers.len() >= self.opts.concurrency.max(2) {
@@ -138,17 +140,67 @@ impl Pipeline {
         Ok(total)
     }
 
-    async fn write_batch(
-        &self,
-        msgs: &[Message],
-        dek: &mut Option<DataKeyLease>,
-        cancel: &CancellationToken,
-    ) -> anyhow::Result<BatchOutcome> {
-        let started = std::time::Instant::now();
+    /// Protects and commits one batch. If a rotation retired the data key
+    /// or the token key meanwhile, the commit is refused; the batch is then
+    /// protected again with fresh keys, so no row is ever committed under a
+    /// retired key.
+    async fn write_batch(&self, msgs: &[Message], keys: &mut WorkerKeys, cancel: &CancellationToken) -> anyhow::Result<BatchOutcome> {
+        for _ in 0..5 {
+            let started = std::time::Instant::now();
+            let key_id = self.data_key(keys, msgs.len() as u64, cancel).await?;
+            let lease = keys.dek.as_mut().expect("data key present");
+            let mut batch = Batch { token_key_id: keys.token_id.clone(), ..Batch::default() };
+            let mut reasons = Vec::new();
+            for m in msgs {
+                match protect(m, &keys.token, &key_id, &lease.sealer)? {
+                    Protected::Login(l, v) => batch.logins.push((l, v)),
+                    Protected::Rejected(q, why) => {
+                        tracing::info!(message_id = %m.id, line = m.line, reason = %why, "rejected message quarantined");
+                        reasons.push(why.code());
+                        batch.quarantined.push(q);
+                    }
+                }
+            }
+            lease.record_use(msgs.len() as u64);
+            batch.key_usage.push((key_id.clone(), msgs.len() as i64));
+            let stats = &self.stats;
+            let written = retry(self.opts.backoff, cancel, |e: &StoreError, n| {
+                stats.retries.with_label("database").inc();
+                tracing::warn!(error = %e, attempt = n, "batch write failed, retrying");
+            }, || self.store.write_batch(&batch))
+            .await;
+            match written {
+                Ok(outcome) => {
+                    stats.record_batch(&outcome, msgs.len(), &reasons, started.elapsed());
+                    tracing::debug!(stored = outcome.stored, duplicates = outcome.duplicates, rejected = outcome.rejected, "batch committed");
+                    return Ok(outcome);
+                }
+                Err(StoreError::KeyRetired(id)) if id == key_id => {
+                    tracing::info!(key_id = %id, "data key retired by a rotation; taking a fresh one");
+                    keys.dek = None;
+                }
+                Err(StoreError::KeyRetired(id)) => {
+                    let (token, token_id) = keys::load_token_key(&*self.store, &*self.wrapper).await?;
+                    tracing::info!(old = %id, new = %token_id, version = token.version(), "token key rotated; switching to the new version");
+                    keys.token = token;
+                    keys.token_id = token_id;
+                }
+                Err(e) => {
+                    stats.errors.with_label("database").inc();
+                    return Err(e.into());
+                }
+            }
+        }
+        anyhow::bail!("keys kept changing under this batch; is a rotation looping?")
+    }
+
+    /// The current data key id, generating a fresh key when needed; KMS
+    /// hiccups are retried with backoff.
+    async fn data_key(&self, keys: &mut WorkerKeys, need: u64, cancel: &CancellationToken) -> anyhow::Result<String> {
         let mut attempt = 0;
-        let key_id = loop {
-            match keys::data_key_for(dek, msgs.len() as u64, &self.opts.dek_policy, &*self.store, &*self.wrapper).await {
-                Ok(k) => break k.id.clone(),
+        loop {
+            match keys::data_key_for(&mut keys.dek, need, &self.opts.dek_policy, &*self.store, &*self.wrapper).await {
+                Ok(k) => return Ok(k.id.clone()),
                 Err(e) if retry::anyhow_is_transient(&e) => {
                     attempt += 1;
                     self.stats.retries.with_label("kms").inc();
@@ -158,34 +210,20 @@ impl Pipeline {
                         _ = cancel.cancelled() => return Err(e),
                     }
                 }
-                Err(e) => return Err(e),
-            }
-        };
-        let lease = dek.as_mut().expect("data key present");
-        let mut batch = Batch::default();
-        let mut reasons = Vec::new();
-        for m in msgs {
-            match protect(m, &self.token_key, &key_id, &lease.sealer)? {
-                Protected::Login(l, v) => batch.logins.push((l, v)),
-                Protected::Rejected(q, why) => {
-                    tracing::info!(message_id = %m.id, line = m.line, reason = %why, "rejected message quarantined");
-                    reasons.push(why.code());
-                    batch.quarantined.push(q);
+                Err(e) => {
+                    self.stats.errors.with_label("kms").inc();
+                    return Err(e);
                 }
             }
         }
-        lease.record_use(msgs.len() as u64);
-        batch.key_usage.push((key_id, msgs.len() as i64));
-        let stats = &self.stats;
-        let outcome = retry(self.opts.backoff, cancel, |e: &crate::store::StoreError, n| {
-            stats.retries.with_label("database").inc();
-            tracing::warn!(error = %e, attempt = n, "batch write failed, retrying");
-        }, || self.store.write_batch(&batch))
-        .await?;
-        stats.record_batch(&outcome, msgs.len(), &reasons, started.elapsed());
-        tracing::debug!(stored = outcome.stored, duplicates = outcome.duplicates, rejected = outcome.rejected, "batch committed");
-        Ok(outcome)
     }
+}
+
+/// The keys one writer holds; replaced when a rotation retires them.
+struct WorkerKeys {
+    token: Arc<TokenKey>,
+    token_id: String,
+    dek: Option<DataKeyLease>,
 }
 
 async fn receive_loop(

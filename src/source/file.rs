@@ -19,6 +19,9 @@ use crate::crypto::TokenKey;
 use crate::domain::event::MAX_BODY_BYTES;
 use crate::domain::{Ack, Message};
 
+/// How long to wait for more lines before handing over a partial batch.
+const STREAM_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 pub struct FileSource {
     inner: Mutex<Reader>,
     ids: Arc<TokenKey>,
@@ -28,6 +31,11 @@ pub struct FileSource {
 
 struct Reader {
     input: Box<dyn AsyncBufRead + Send + Unpin>,
+    /// The line being read, kept here (not in a local) so that a read
+    /// cancelled by a timeout loses nothing.
+    partial: Zeroizing<Vec<u8>>,
+    /// Whether anything of the current line was seen (an empty line still counts).
+    started: bool,
     line_no: u64,
     bytes_read: u64,
     done: bool,
@@ -49,7 +57,18 @@ impl FileSource {
     }
 
     pub fn from_reader(input: Box<dyn AsyncBufRead + Send + Unpin>, len: Option<u64>, ids: Arc<TokenKey>) -> Self {
-        FileSource { inner: Mutex::new(Reader { input, line_no: 0, bytes_read: 0, done: false }), ids, len }
+        FileSource {
+            inner: Mutex::new(Reader {
+                input,
+                partial: Zeroizing::new(Vec::new()),
+                started: false,
+                line_no: 0,
+                bytes_read: 0,
+                done: false,
+            }),
+            ids,
+            len,
+        }
     }
 
     /// Bytes consumed so far, for progress reporting.
@@ -61,26 +80,26 @@ impl FileSource {
 impl Reader {
     /// Reads one line, keeping at most `MAX_BODY_BYTES + 1` bytes of it, so a
     /// gigabyte without a newline costs no memory and is still rejected as
-    /// too large.
+    /// too large. Cancel-safe: progress is kept in `self`.
     async fn next_line(&mut self) -> std::io::Result<Option<Zeroizing<Vec<u8>>>> {
-        let mut line = Zeroizing::new(Vec::new());
-        let mut saw_any = false;
         loop {
             let buf = self.input.fill_buf().await?;
             if buf.is_empty() {
-                return Ok(saw_any.then_some(line));
+                let started = std::mem::take(&mut self.started);
+                return Ok(started.then(|| std::mem::take(&mut self.partial)));
             }
-            saw_any = true;
+            self.started = true;
             let (chunk, consumed, end) = match memchr(buf) {
                 Some(i) => (&buf[..i], i + 1, true),
                 None => (buf, buf.len(), false),
             };
-            let room = (MAX_BODY_BYTES + 1).saturating_sub(line.len());
-            line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            let room = (MAX_BODY_BYTES + 1).saturating_sub(self.partial.len());
+            self.partial.extend_from_slice(&chunk[..chunk.len().min(room)]);
             self.input.consume(consumed);
             self.bytes_read += consumed as u64;
             if end {
-                return Ok(Some(line));
+                self.started = false;
+                return Ok(Some(std::mem::take(&mut self.partial)));
             }
         }
     }
@@ -100,7 +119,18 @@ impl MessageSource for FileSource {
         let mut out = Vec::with_capacity(max);
         let now = Utc::now();
         while out.len() < max {
-            let line = r.next_line().await.map_err(|e| SourceError::Permanent(format!("reading input: {e}")))?;
+            // Wait as long as it takes for the first line; after that, hand
+            // over what has arrived, so a slow stream (`tail -f | pii-vault run
+            // --from-file -`) is written as it comes instead of 500 lines late.
+            let line = if out.is_empty() {
+                r.next_line().await
+            } else {
+                match tokio::time::timeout(STREAM_PAUSE, r.next_line()).await {
+                    Ok(line) => line,
+                    Err(_) => break,
+                }
+            };
+            let line = line.map_err(|e| SourceError::Permanent(format!("reading input: {e}")))?;
             let Some(mut line) = line else {
                 r.done = true;
                 break;

@@ -5,7 +5,9 @@
 //! (`tests/store_conformance.rs`). Nothing here sees plaintext PII: rows
 //! arrive already tokenised and sealed.
 
-// pub mod postgres;
+pub mod postgres;
+pub mod admin;
+mod pg_admin;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -59,7 +61,13 @@ pub struct Batch {
     pub logins: Vec<(LoginRow, VaultRow)>,
     pub quarantined: Vec<QuarantineRow>,
     /// Encryptions done per data key, added to `vault_keys.usage_count`.
+    /// Also a fence: if one of these keys is no longer active (a rotation
+    /// retired it), the batch fails with [`StoreError::KeyRetired`].
     pub key_usage: Vec<(String, i64)>,
+    /// The token key the batch's tokens were made with; the batch fails
+    /// with [`StoreError::KeyRetired`] if it is no longer active. Empty: no
+    /// check.
+    pub token_key_id: String,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +175,10 @@ pub enum StoreError {
     Transient(String),
     #[error("database error: {0}")]
     Permanent(String),
+    /// The batch was protected with a key that a rotation has retired
+    /// meanwhile; protect it again with the current keys.
+    #[error("key {0} was retired by a rotation")]
+    KeyRetired(String),
 }
 
 impl StoreError {
@@ -185,6 +197,20 @@ impl From<sqlx::Error> for StoreError {
             E::Tls(_) => StoreError::Transient("TLS failure".into()),
             E::Protocol(_) => StoreError::Transient("protocol error (connection reset?)".into()),
             E::WorkerCrashed => StoreError::Transient("database worker crashed".into()),
+            E::Database(db) if db.code().as_deref() == Some("42501") => {
+                // Postgres names only the object here ("permission denied for
+                // table vault"), never a value.
+                let msg = db.message();
+                let what = if msg.starts_with("permission denied for ") && msg.len() <= 200 {
+                    msg
+                } else {
+                    "permission denied"
+                };
+                StoreError::Permanent(format!(
+                    "{what} (SQLSTATE 42501): the database user lacks a privilege this command needs; \
+                     it needs the pii_vault_* role meant for this command (see migrations/postgres/0002_roles.sql)"
+                ))
+            }
             E::Database(db) => {
                 let code = db.code().map(|c| c.to_string()).unwrap_or_default();
                 // SQLSTATE class 08 (connection), 53 (resources), 57 (operator
@@ -253,10 +279,25 @@ pub trait Store: Send + Sync {
 
 }
 
+/// A store with the privileged operations too (rotation, `forget`).
+pub trait AdminStore: Store + admin::Maintenance {}
+impl<T: Store + admin::Maintenance> AdminStore for T {}
+
+/// Opens the store a URL names, with its privileged operations.
+pub async fn connect_admin(url: &str) -> anyhow::Result<Arc<dyn AdminStore>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(postgres::PgStore::connect(url).await?))
+    } else if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
+    } else {
+        anyhow::bail!("unsupported database URL scheme: use postgres://… or sqlite:PATH")
+    }
+}
+
 /// Opens the store a URL names: `postgres://…` or `sqlite:…`.
 pub async fn connect(url: &str) -> anyhow::Result<Arc<dyn Store>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        anyhow::bail!("postgres pending")
+        Ok(Arc::new(postgres::PgStore::connect(url).await?))
     } else if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
     } else {

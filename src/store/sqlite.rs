@@ -97,6 +97,28 @@ impl Store for SqliteStore {
 
     async fn write_batch(&self, batch: &Batch) -> Result<BatchOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // Fences first: the UPDATE makes this a write transaction at once, so
+        // a rotation that retires these keys is ordered before or after us.
+        for (key_id, n) in &batch.key_usage {
+            let hit = sqlx::query("UPDATE vault_keys SET usage_count = usage_count + $1 WHERE id = $2 AND state = 'active'")
+                .bind(n)
+                .bind(key_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if hit == 0 {
+                return Err(StoreError::KeyRetired(key_id.clone()));
+            }
+        }
+        if !batch.token_key_id.is_empty() {
+            let state: Option<String> = sqlx::query_scalar("SELECT state FROM vault_keys WHERE id = $1")
+                .bind(&batch.token_key_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if state.as_deref() != Some("active") {
+                return Err(StoreError::KeyRetired(batch.token_key_id.clone()));
+            }
+        }
         let mut out = BatchOutcome::default();
         for chunk in batch.logins.chunks(CHUNK) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
@@ -160,13 +182,6 @@ impl Store for SqliteStore {
             let done = q.build().execute(&mut *tx).await?.rows_affected();
             out.rejected += done;
             out.duplicates += chunk.len() as u64 - done;
-        }
-        for (key_id, n) in &batch.key_usage {
-            sqlx::query("UPDATE vault_keys SET usage_count = usage_count + $1 WHERE id = $2")
-                .bind(n)
-                .bind(key_id)
-                .execute(&mut *tx)
-                .await?;
         }
         tx.commit().await?;
         Ok(out)
@@ -251,17 +266,7 @@ impl Store for SqliteStore {
             };
             out.push((login, vault));
         }
-        sqlx::query(
-            "INSERT INTO audit_log (at, actor, action, target, reason, row_count) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(Utc::now().to_rfc3339())
-        .bind(&audit.actor)
-        .bind(&audit.action)
-        .bind(&audit.target)
-        .bind(&audit.reason)
-        .bind(out.len() as i64)
-        .execute(&mut *tx)
-        .await?;
+        insert_audit(&mut tx, audit, out.len() as i64).await?;
         tx.commit().await?;
         Ok(out)
     }
@@ -287,4 +292,237 @@ impl Store for SqliteStore {
             })
             .collect()
     }
+}
+
+fn push_in_list<'a>(q: &mut QueryBuilder<'a, Sqlite>, ids: &'a [String]) {
+    q.push("(");
+    let mut sep = q.separated(", ");
+    for id in ids {
+        sep.push_bind(id);
+    }
+    q.push(")");
+}
+
+#[async_trait]
+impl admin::Maintenance for SqliteStore {
+    async fn update_wrapped(&self, key_id: &str, wrapped: &WrappedKey) -> Result<(), StoreError> {
+        sqlx::query("UPDATE vault_keys SET wrapped = $1, kek_id = $2 WHERE id = $3 AND state <> 'destroyed'")
+            .bind(&wrapped.blob)
+            .bind(&wrapped.kek_id)
+            .bind(key_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_key_state(&self, key_id: &str, state: KeyState) -> Result<(), StoreError> {
+        sqlx::query("UPDATE vault_keys SET state = $1 WHERE id = $2 AND state <> 'destroyed'")
+            .bind(state.as_str())
+            .bind(key_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn transition_keys(
+        &self,
+        purpose: KeyPurpose,
+        from: KeyState,
+        to: KeyState,
+        except: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "UPDATE vault_keys SET state = $1, wrapped = CASE WHEN $1 = 'destroyed' THEN NULL ELSE wrapped END \
+             WHERE purpose = $2 AND state = $3 AND id <> $4 RETURNING id",
+        )
+        .bind(to.as_str())
+        .bind(purpose.as_str())
+        .bind(from.as_str())
+        .bind(except)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn vault_rows_under(&self, key_ids: &[String], limit: i64) -> Result<Vec<VaultRow>, StoreError> {
+        if key_ids.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut q = QueryBuilder::new("SELECT message_id, user_id, key_id, nonce, ciphertext FROM vault WHERE key_id IN ");
+        push_in_list(&mut q, key_ids);
+        q.push(" LIMIT ").push_bind(limit);
+        let rows = q.build().fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(VaultRow {
+                    message_id: r.try_get("message_id")?,
+                    user_id: r.try_get("user_id")?,
+                    key_id: r.try_get("key_id")?,
+                    nonce: r.try_get("nonce")?,
+                    ciphertext: r.try_get("ciphertext")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn quarantine_rows_under(&self, key_ids: &[String], limit: i64) -> Result<Vec<QuarantineRow>, StoreError> {
+        if key_ids.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut q = QueryBuilder::new(
+            "SELECT message_id, reason_code, reason, user_id, key_id, nonce, ciphertext, received_at \
+             FROM quarantine WHERE key_id IN ",
+        );
+        push_in_list(&mut q, key_ids);
+        q.push(" LIMIT ").push_bind(limit);
+        let rows = q.build().fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(QuarantineRow {
+                    message_id: r.try_get("message_id")?,
+                    reason_code: r.try_get("reason_code")?,
+                    reason: r.try_get("reason")?,
+                    user_id: r.try_get("user_id")?,
+                    key_id: r.try_get("key_id")?,
+                    nonce: r.try_get("nonce")?,
+                    ciphertext: r.try_get("ciphertext")?,
+                    received_at: parse_time(&r.try_get::<String, _>("received_at")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn reseal(
+        &self,
+        vault: &[(VaultRow, String)],
+        quarantine: &[(QuarantineRow, String)],
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut changed = 0;
+        for (v, old) in vault {
+            changed += sqlx::query(
+                "UPDATE vault SET key_id = $1, nonce = $2, ciphertext = $3 WHERE message_id = $4 AND key_id = $5",
+            )
+            .bind(&v.key_id)
+            .bind(&v.nonce)
+            .bind(&v.ciphertext)
+            .bind(&v.message_id)
+            .bind(old)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        for (r, old) in quarantine {
+            changed += sqlx::query(
+                "UPDATE quarantine SET key_id = $1, nonce = $2, ciphertext = $3 WHERE message_id = $4 AND key_id = $5",
+            )
+            .bind(&r.key_id)
+            .bind(&r.nonce)
+            .bind(&r.ciphertext)
+            .bind(&r.message_id)
+            .bind(old)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    async fn destroy_unreferenced_data_keys(&self) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "UPDATE vault_keys SET state = 'destroyed', wrapped = NULL \
+             WHERE purpose = 'vault' AND state = 'retired' \
+             AND NOT EXISTS (SELECT 1 FROM vault v WHERE v.key_id = vault_keys.id) \
+             AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.key_id = vault_keys.id) RETURNING id",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn logins_to_retokenise(
+        &self,
+        version: i64,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, LoginRow, VaultRow)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT l.id, l.message_id, l.user_id, l.device_type, l.masked_ip, l.masked_device_id, l.locale, \
+             l.app_version, l.create_date, v.key_id, v.nonce, v.ciphertext \
+             FROM user_logins l JOIN vault v ON v.message_id = l.message_id \
+             WHERE l.id > $1 AND (l.masked_ip NOT LIKE $2 ESCAPE '\\' OR l.masked_device_id NOT LIKE $2 ESCAPE '\\') \
+             ORDER BY l.id LIMIT $3",
+        )
+        .bind(after)
+        .bind(admin::token_like(version))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let login = login_from_row(r)?;
+                let vault = VaultRow {
+                    message_id: login.message_id.clone(),
+                    user_id: login.user_id.clone(),
+                    key_id: r.try_get("key_id")?,
+                    nonce: r.try_get("nonce")?,
+                    ciphertext: r.try_get("ciphertext")?,
+                };
+                Ok((r.try_get("id")?, login, vault))
+            })
+            .collect()
+    }
+
+    async fn update_tokens(&self, rows: &[(String, String, String)]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for (id, ip, dev) in rows {
+            sqlx::query("UPDATE user_logins SET masked_ip = $1, masked_device_id = $2 WHERE message_id = $3")
+                .bind(ip)
+                .bind(dev)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn count_stale_tokens(&self, version: i64) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM user_logins l JOIN vault v ON v.message_id = l.message_id \
+             WHERE l.masked_ip NOT LIKE $1 ESCAPE '\\' OR l.masked_device_id NOT LIKE $1 ESCAPE '\\'",
+        )
+        .bind(admin::token_like(version))
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn forget(&self, user_id: &str, audit: &AuditEntry) -> Result<admin::Forgotten, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let vault_rows = sqlx::query("DELETE FROM vault WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?.rows_affected();
+        let quarantined = sqlx::query("DELETE FROM quarantine WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let logins_kept: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        insert_audit(&mut tx, audit, (vault_rows + quarantined) as i64).await?;
+        tx.commit().await?;
+        Ok(admin::Forgotten { vault_rows, quarantined, logins_kept: logins_kept as u64 })
+    }
+}
+
+async fn insert_audit(tx: &mut sqlx::Transaction<'_, Sqlite>, audit: &AuditEntry, rows: i64) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO audit_log (at, actor, action, target, reason, row_count) VALUES ($1, $2, $3, $4, $5, $6)")
+        .bind(Utc::now().to_rfc3339())
+        .bind(&audit.actor)
+        .bind(&audit.action)
+        .bind(&audit.target)
+        .bind(&audit.reason)
+        .bind(rows)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }

@@ -1,0 +1,263 @@
+//! [`Maintenance`] on Postgres: the rotation and erasure queries.
+
+use async_trait::async_trait;
+use chrono::Utc;
+use sqlx::postgres::PgRow;
+use sqlx::Row;
+
+use super::admin::{self, Forgotten, Maintenance};
+use super::postgres::PgStore;
+use super::{AuditEntry, KeyState, LoginRow, QuarantineRow, StoreError, VaultRow};
+use crate::crypto::{KeyPurpose, WrappedKey};
+
+fn vault_from_row(r: &PgRow) -> Result<VaultRow, StoreError> {
+    Ok(VaultRow {
+        message_id: r.try_get("message_id")?,
+        user_id: r.try_get("user_id")?,
+        key_id: r.try_get("key_id")?,
+        nonce: r.try_get("nonce")?,
+        ciphertext: r.try_get("ciphertext")?,
+    })
+}
+
+#[async_trait]
+impl Maintenance for PgStore {
+    async fn update_wrapped(&self, key_id: &str, wrapped: &WrappedKey) -> Result<(), StoreError> {
+        sqlx::query("UPDATE vault_keys SET wrapped = $1, kek_id = $2 WHERE id = $3 AND state <> 'destroyed'")
+            .bind(&wrapped.blob)
+            .bind(&wrapped.kek_id)
+            .bind(key_id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    async fn set_key_state(&self, key_id: &str, state: KeyState) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE vault_keys SET state = $1, wrapped = CASE WHEN $1 = 'destroyed' THEN NULL ELSE wrapped END \
+             WHERE id = $2 AND state <> 'destroyed'",
+        )
+        .bind(state.as_str())
+        .bind(key_id)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn transition_keys(
+        &self,
+        purpose: KeyPurpose,
+        from: KeyState,
+        to: KeyState,
+        except: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "UPDATE vault_keys SET state = $1, wrapped = CASE WHEN $1 = 'destroyed' THEN NULL ELSE wrapped END \
+             WHERE purpose = $2 AND state = $3 AND id <> $4 RETURNING id",
+        )
+        .bind(to.as_str())
+        .bind(purpose.as_str())
+        .bind(from.as_str())
+        .bind(except)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    async fn vault_rows_under(&self, key_ids: &[String], limit: i64) -> Result<Vec<VaultRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT message_id, user_id, key_id, nonce, ciphertext FROM vault WHERE key_id = ANY($1) LIMIT $2",
+        )
+        .bind(key_ids)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(vault_from_row).collect()
+    }
+
+    async fn quarantine_rows_under(&self, key_ids: &[String], limit: i64) -> Result<Vec<QuarantineRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT message_id, reason_code, reason, user_id, key_id, nonce, ciphertext, received_at \
+             FROM quarantine WHERE key_id = ANY($1) LIMIT $2",
+        )
+        .bind(key_ids)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(QuarantineRow {
+                    message_id: r.try_get("message_id")?,
+                    reason_code: r.try_get("reason_code")?,
+                    reason: r.try_get("reason")?,
+                    user_id: r.try_get("user_id")?,
+                    key_id: r.try_get("key_id")?,
+                    nonce: r.try_get("nonce")?,
+                    ciphertext: r.try_get("ciphertext")?,
+                    received_at: r.try_get("received_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn reseal(
+        &self,
+        vault: &[(VaultRow, String)],
+        quarantine: &[(QuarantineRow, String)],
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let mut changed = 0;
+        if !vault.is_empty() {
+            let ids: Vec<&str> = vault.iter().map(|(v, _)| v.message_id.as_str()).collect();
+            let old: Vec<&str> = vault.iter().map(|(_, o)| o.as_str()).collect();
+            let keys: Vec<&str> = vault.iter().map(|(v, _)| v.key_id.as_str()).collect();
+            let nonces: Vec<&[u8]> = vault.iter().map(|(v, _)| v.nonce.as_slice()).collect();
+            let cts: Vec<&[u8]> = vault.iter().map(|(v, _)| v.ciphertext.as_slice()).collect();
+            changed += sqlx::query(
+                "UPDATE vault SET key_id = u.key_id, nonce = u.nonce, ciphertext = u.ciphertext \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::bytea[]) \
+                   AS u(message_id, old_key, key_id, nonce, ciphertext) \
+                 WHERE vault.message_id = u.message_id AND vault.key_id = u.old_key",
+            )
+            .bind(&ids)
+            .bind(&old)
+            .bind(&keys)
+            .bind(&nonces)
+            .bind(&cts)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        if !quarantine.is_empty() {
+            let ids: Vec<&str> = quarantine.iter().map(|(q, _)| q.message_id.as_str()).collect();
+            let old: Vec<&str> = quarantine.iter().map(|(_, o)| o.as_str()).collect();
+            let keys: Vec<&str> = quarantine.iter().map(|(q, _)| q.key_id.as_str()).collect();
+            let nonces: Vec<&[u8]> = quarantine.iter().map(|(q, _)| q.nonce.as_slice()).collect();
+            let cts: Vec<&[u8]> = quarantine.iter().map(|(q, _)| q.ciphertext.as_slice()).collect();
+            changed += sqlx::query(
+                "UPDATE quarantine SET key_id = u.key_id, nonce = u.nonce, ciphertext = u.ciphertext \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::bytea[]) \
+                   AS u(message_id, old_key, key_id, nonce, ciphertext) \
+                 WHERE quarantine.message_id = u.message_id AND quarantine.key_id = u.old_key",
+            )
+            .bind(&ids)
+            .bind(&old)
+            .bind(&keys)
+            .bind(&nonces)
+            .bind(&cts)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    async fn destroy_unreferenced_data_keys(&self) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "UPDATE vault_keys k SET state = 'destroyed', wrapped = NULL \
+             WHERE k.purpose = 'vault' AND k.state = 'retired' \
+             AND NOT EXISTS (SELECT 1 FROM vault v WHERE v.key_id = k.id) \
+             AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.key_id = k.id) RETURNING k.id",
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    async fn logins_to_retokenise(
+        &self,
+        version: i64,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, LoginRow, VaultRow)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT l.id, l.message_id, l.user_id, l.device_type, l.masked_ip, l.masked_device_id, l.locale, \
+             l.app_version, l.create_date, v.key_id, v.nonce, v.ciphertext \
+             FROM user_logins l JOIN vault v ON v.message_id = l.message_id \
+             WHERE l.id > $1 AND (l.masked_ip NOT LIKE $2 OR l.masked_device_id NOT LIKE $2) \
+             ORDER BY l.id LIMIT $3",
+        )
+        .bind(after)
+        .bind(admin::token_like(version))
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let login = LoginRow {
+                    message_id: r.try_get("message_id")?,
+                    user_id: r.try_get("user_id")?,
+                    device_type: r.try_get("device_type")?,
+                    masked_ip: r.try_get("masked_ip")?,
+                    masked_device_id: r.try_get("masked_device_id")?,
+                    locale: r.try_get("locale")?,
+                    app_version: r.try_get("app_version")?,
+                    create_date: r.try_get("create_date")?,
+                };
+                let vault = VaultRow {
+                    message_id: login.message_id.clone(),
+                    user_id: login.user_id.clone(),
+                    key_id: r.try_get("key_id")?,
+                    nonce: r.try_get("nonce")?,
+                    ciphertext: r.try_get("ciphertext")?,
+                };
+                Ok((r.try_get("id")?, login, vault))
+            })
+            .collect()
+    }
+
+    async fn update_tokens(&self, rows: &[(String, String, String)]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        let ips: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+        let devs: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
+        sqlx::query(
+            "UPDATE user_logins SET masked_ip = u.ip, masked_device_id = u.dev \
+             FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(message_id, ip, dev) \
+             WHERE user_logins.message_id = u.message_id",
+        )
+        .bind(&ids)
+        .bind(&ips)
+        .bind(&devs)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn count_stale_tokens(&self, version: i64) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM user_logins l JOIN vault v ON v.message_id = l.message_id \
+             WHERE l.masked_ip NOT LIKE $1 OR l.masked_device_id NOT LIKE $1",
+        )
+        .bind(admin::token_like(version))
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    async fn forget(&self, user_id: &str, audit: &AuditEntry) -> Result<Forgotten, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let vault_rows =
+            sqlx::query("DELETE FROM vault WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?.rows_affected();
+        let quarantined = sqlx::query("DELETE FROM quarantine WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let logins_kept: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO audit_log (at, actor, action, target, reason, row_count) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(Utc::now())
+            .bind(&audit.actor)
+            .bind(&audit.action)
+            .bind(&audit.target)
+            .bind(&audit.reason)
+            .bind((vault_rows + quarantined) as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Forgotten { vault_rows, quarantined, logins_kept: logins_kept as u64 })
+    }
+}

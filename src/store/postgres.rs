@@ -1,0 +1,421 @@
+//! The production store: Postgres, shared by many worker replicas.
+//!
+//! Batch writes send one statement per table with the rows as parallel
+//! arrays (`UNNEST($1::text[], …)`), so a batch costs a handful of round
+//! trips whatever its size and no statement nears the 65,535-parameter
+//! limit. Exactly-once effect under at-least-once delivery rests on the
+//! unique `message_id` and `ON CONFLICT DO NOTHING`: a redelivered message
+//! that another replica already committed is counted as a duplicate.
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::Row;
+
+use super::*;
+use crate::crypto::{KeyPurpose, WrappedKey};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Rows per statement. Arrays have no parameter limit; this only bounds the
+/// size of one statement (and the time a single insert holds its locks)
+/// when a caller hands over a very large batch.
+const CHUNK: usize = 1000;
+
+/// Enough for a worker's concurrent batches plus a reveal, while many
+/// replicas together stay under the server's `max_connections`.
+const MAX_CONNECTIONS: u32 = 8;
+
+/// A wrong host or a dropped SYN should fail start-up quickly (and be
+/// retried by the caller), not hang for the OS TCP timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a query waits for a free (or freshly opened) connection before
+/// reporting a transient error that the pipeline retries with backoff.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let opts = PgConnectOptions::from_str(url)?.application_name("pii-vault");
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(opts);
+        let pool = tokio::time::timeout(CONNECT_TIMEOUT, pool)
+            .await
+            .map_err(|_| StoreError::Transient("timed out connecting to the database".into()))??;
+        Ok(PgStore { pool })
+    }
+
+    /// For tests and maintenance that need SQL outside the [`Store`] trait.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn key_from_row(r: &PgRow) -> Result<StoredKey, StoreError> {
+    let purpose: String = r.try_get("purpose")?;
+    let state: String = r.try_get("state")?;
+    Ok(StoredKey {
+        id: r.try_get("id")?,
+        purpose: KeyPurpose::parse(&purpose)
+            .ok_or_else(|| StoreError::Permanent(format!("unknown key purpose {purpose}")))?,
+        version: r.try_get("version")?,
+        wrapped: WrappedKey {
+            kek_id: r.try_get("kek_id")?,
+            blob: r
+                .try_get::<Option<Vec<u8>>, _>("wrapped")?
+                .unwrap_or_default(),
+        },
+        state: KeyState::parse(&state)
+            .ok_or_else(|| StoreError::Permanent(format!("unknown key state {state}")))?,
+        created_at: r.try_get("created_at")?,
+        usage_count: r.try_get("usage_count")?,
+    })
+}
+
+fn login_from_row(r: &PgRow) -> Result<LoginRow, StoreError> {
+    Ok(LoginRow {
+        message_id: r.try_get("message_id")?,
+        user_id: r.try_get("user_id")?,
+        device_type: r.try_get("device_type")?,
+        masked_ip: r.try_get("masked_ip")?,
+        masked_device_id: r.try_get("masked_device_id")?,
+        locale: r.try_get("locale")?,
+        app_version: r.try_get("app_version")?,
+        create_date: r.try_get("create_date")?,
+    })
+}
+
+const KEY_COLUMNS: &str = "id, purpose, version, kek_id, wrapped, state, created_at, usage_count";
+
+/// The logins of a batch that can be inserted by one statement: the first
+/// of each `message_id` (a later copy in the same batch is a redelivery and
+/// a duplicate), in `message_id` order. Postgres may pair a skipped row's
+/// vault row with the kept login if both are in one statement, so repeats
+/// are dropped here; the fixed order makes concurrent replicas that insert
+/// overlapping batches take their unique-index locks in the same order,
+/// which keeps them from deadlocking.
+fn first_of_each(logins: &[(LoginRow, VaultRow)]) -> Vec<&(LoginRow, VaultRow)> {
+    let mut seen = HashSet::new();
+    let mut out: Vec<_> = logins
+        .iter()
+        .filter(|(l, _)| seen.insert(l.message_id.as_str()))
+        .collect();
+    out.sort_by(|a, b| a.0.message_id.cmp(&b.0.message_id));
+    out
+}
+
+/// Fences the batch against key rotation, first thing in its transaction.
+///
+/// The usage update only touches data keys that are still active and locks
+/// them until commit, so a rotation that retires one of them either waits
+/// for this batch (and then re-seals its rows) or has already retired it (and
+/// the batch fails with [`StoreError::KeyRetired`], to be protected again).
+/// The token key is read `FOR SHARE` for the same reason: a token rotation
+/// retires the key before it re-tokenises, so it cannot miss rows committed
+/// under the old key. (`FOR KEY SHARE` would not do: a state change is not a
+/// key update and would not wait.)
+async fn fence_keys(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    batch: &Batch,
+) -> Result<(), StoreError> {
+    if !batch.key_usage.is_empty() {
+        let key_id: Vec<&str> = batch.key_usage.iter().map(|(k, _)| k.as_str()).collect();
+        let count: Vec<i64> = batch.key_usage.iter().map(|(_, n)| *n).collect();
+        // Summed first: an UPDATE … FROM applies only one of several source
+        // rows that match the same key.
+        let hit: HashSet<String> = sqlx::query_scalar(
+            "UPDATE vault_keys k SET usage_count = k.usage_count + u.n \
+             FROM (SELECT id, sum(n)::bigint AS n FROM UNNEST($1::text[], $2::bigint[]) AS t (id, n) \
+                   GROUP BY id) u \
+             WHERE k.id = u.id AND k.state = 'active' RETURNING k.id",
+        )
+        .bind(&key_id)
+        .bind(&count)
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .collect();
+        if let Some(missed) = key_id.iter().find(|k| !hit.contains(**k)) {
+            return Err(StoreError::KeyRetired((*missed).to_string()));
+        }
+    }
+    if !batch.token_key_id.is_empty() {
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM vault_keys WHERE id = $1 FOR SHARE")
+                .bind(&batch.token_key_id)
+                .fetch_optional(&mut **tx)
+                .await?;
+        if state.as_deref() != Some("active") {
+            return Err(StoreError::KeyRetired(batch.token_key_id.clone()));
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await.map_err(sqlx::Error::from)?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn write_batch(&self, batch: &Batch) -> Result<BatchOutcome, StoreError> {
+        let mut out = BatchOutcome::default();
+        let logins = first_of_each(&batch.logins);
+        out.duplicates += (batch.logins.len() - logins.len()) as u64;
+
+        let mut tx = self.pool.begin().await?;
+        fence_keys(&mut tx, batch).await?;
+        for chunk in logins.chunks(CHUNK) {
+            let mut message_id = Vec::with_capacity(chunk.len());
+            let mut user_id = Vec::with_capacity(chunk.len());
+            let mut device_type = Vec::with_capacity(chunk.len());
+            let mut masked_ip = Vec::with_capacity(chunk.len());
+            let mut masked_device_id = Vec::with_capacity(chunk.len());
+            let mut locale = Vec::with_capacity(chunk.len());
+            let mut app_version = Vec::with_capacity(chunk.len());
+            let mut create_date: Vec<NaiveDate> = Vec::with_capacity(chunk.len());
+            for (l, _) in chunk {
+                message_id.push(l.message_id.as_str());
+                user_id.push(l.user_id.as_str());
+                device_type.push(l.device_type.as_str());
+                masked_ip.push(l.masked_ip.as_str());
+                masked_device_id.push(l.masked_device_id.as_str());
+                locale.push(l.locale.as_deref());
+                app_version.push(l.app_version.as_str());
+                create_date.push(l.create_date);
+            }
+            let inserted: HashSet<String> = sqlx::query_scalar(
+                "INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, \
+                 locale, app_version, create_date) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                 $6::text[], $7::text[], $8::date[]) \
+                 ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
+            )
+            .bind(&message_id)
+            .bind(&user_id)
+            .bind(&device_type)
+            .bind(&masked_ip)
+            .bind(&masked_device_id)
+            .bind(&locale)
+            .bind(&app_version)
+            .bind(&create_date)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+            out.stored += inserted.len() as u64;
+            out.duplicates += (chunk.len() - inserted.len()) as u64;
+
+            // Only the logins this statement inserted get vault rows: a
+            // duplicate's vault row is already there, sealed under its own
+            // nonce, and must not be replaced by the redelivery's. No ON
+            // CONFLICT: these message ids were new to `user_logins` a moment
+            // ago in this transaction, and a conflict target would need
+            // SELECT on `vault`, which the worker role must not have (see
+            // migrations/postgres/0002_roles.sql).
+            let new: Vec<&VaultRow> = chunk
+                .iter()
+                .filter(|(l, _)| inserted.contains(&l.message_id))
+                .map(|(_, v)| v)
+                .collect();
+            if new.is_empty() {
+                continue;
+            }
+            let message_id: Vec<&str> = new.iter().map(|v| v.message_id.as_str()).collect();
+            let user_id: Vec<&str> = new.iter().map(|v| v.user_id.as_str()).collect();
+            let key_id: Vec<&str> = new.iter().map(|v| v.key_id.as_str()).collect();
+            let nonce: Vec<&[u8]> = new.iter().map(|v| v.nonce.as_slice()).collect();
+            let ciphertext: Vec<&[u8]> = new.iter().map(|v| v.ciphertext.as_slice()).collect();
+            sqlx::query(
+                "INSERT INTO vault (message_id, user_id, key_id, nonce, ciphertext) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::bytea[])",
+            )
+            .bind(&message_id)
+            .bind(&user_id)
+            .bind(&key_id)
+            .bind(&nonce)
+            .bind(&ciphertext)
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        for chunk in batch.quarantined.chunks(CHUNK) {
+            let message_id: Vec<&str> = chunk.iter().map(|r| r.message_id.as_str()).collect();
+            let reason_code: Vec<&str> = chunk.iter().map(|r| r.reason_code.as_str()).collect();
+            let reason: Vec<&str> = chunk.iter().map(|r| r.reason.as_str()).collect();
+            let user_id: Vec<Option<&str>> = chunk.iter().map(|r| r.user_id.as_deref()).collect();
+            let key_id: Vec<&str> = chunk.iter().map(|r| r.key_id.as_str()).collect();
+            let nonce: Vec<&[u8]> = chunk.iter().map(|r| r.nonce.as_slice()).collect();
+            let ciphertext: Vec<&[u8]> = chunk.iter().map(|r| r.ciphertext.as_slice()).collect();
+            let received_at: Vec<DateTime<Utc>> = chunk.iter().map(|r| r.received_at).collect();
+            // DO NOTHING also skips a repeat within this very statement, so
+            // rows affected is the number of newly quarantined messages. No
+            // conflict target (the primary key on message_id is the only
+            // unique index): a target would need SELECT on `quarantine`,
+            // which the worker role must not have.
+            let done = sqlx::query(
+                "INSERT INTO quarantine (message_id, reason_code, reason, user_id, key_id, nonce, \
+                 ciphertext, received_at) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                 $6::bytea[], $7::bytea[], $8::timestamptz[]) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&message_id)
+            .bind(&reason_code)
+            .bind(&reason)
+            .bind(&user_id)
+            .bind(&key_id)
+            .bind(&nonce)
+            .bind(&ciphertext)
+            .bind(&received_at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            out.rejected += done;
+            out.duplicates += chunk.len() as u64 - done;
+        }
+
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn insert_key(&self, key: &StoredKey) -> Result<bool, StoreError> {
+        // No conflict target: a clash on the id or on the token-version index
+        // both mean the key is not ours to insert.
+        let r = sqlx::query(
+            "INSERT INTO vault_keys (id, purpose, version, kek_id, wrapped, state, created_at, usage_count) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+        )
+        .bind(&key.id)
+        .bind(key.purpose.as_str())
+        .bind(key.version)
+        .bind(&key.wrapped.kek_id)
+        .bind(&key.wrapped.blob)
+        .bind(key.state.as_str())
+        .bind(key.created_at)
+        .bind(key.usage_count)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn get_key(&self, id: &str) -> Result<Option<StoredKey>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM vault_keys WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn current_token_key(&self) -> Result<Option<StoredKey>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM vault_keys WHERE purpose = 'token' AND state = 'active' \
+             ORDER BY version DESC LIMIT 1"
+        ))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn list_keys(&self) -> Result<Vec<StoredKey>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM vault_keys ORDER BY created_at, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn reveal(
+        &self,
+        selector: &Selector,
+        audit: &AuditEntry,
+    ) -> Result<Vec<(LoginRow, Option<VaultRow>)>, StoreError> {
+        let (column, value) = match selector {
+            Selector::UserId(v) => ("user_id", v),
+            Selector::MaskedIp(v) => ("masked_ip", v),
+            Selector::MaskedDeviceId(v) => ("masked_device_id", v),
+        };
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT l.message_id, l.user_id, l.device_type, l.masked_ip, l.masked_device_id, l.locale, \
+             l.app_version, l.create_date, v.key_id, v.nonce, v.ciphertext \
+             FROM user_logins l LEFT JOIN vault v ON v.message_id = l.message_id \
+             WHERE l.{column} = $1 ORDER BY l.create_date, l.id"
+        ))
+        .bind(value)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let login = login_from_row(r)?;
+            let key_id: Option<String> = r.try_get("key_id")?;
+            let vault = match key_id {
+                Some(key_id) => Some(VaultRow {
+                    message_id: login.message_id.clone(),
+                    user_id: login.user_id.clone(),
+                    key_id,
+                    nonce: r.try_get("nonce")?,
+                    ciphertext: r.try_get("ciphertext")?,
+                }),
+                None => None,
+            };
+            out.push((login, vault));
+        }
+        sqlx::query(
+            "INSERT INTO audit_log (at, actor, action, target, reason, row_count) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(Utc::now())
+        .bind(&audit.actor)
+        .bind(&audit.action)
+        .bind(&audit.target)
+        .bind(&audit.reason)
+        .bind(out.len() as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn audit_trail(&self, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, at, actor, action, target, reason, row_count FROM audit_log ORDER BY id DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditRecord {
+                    id: r.try_get("id")?,
+                    at: r.try_get("at")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    target: r.try_get("target")?,
+                    reason: r.try_get("reason")?,
+                    row_count: r.try_get("row_count")?,
+                })
+            })
+            .collect()
+    }
+}

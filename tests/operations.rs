@@ -1,0 +1,180 @@
+//! What an on-call engineer relies on, on the embedded default: metrics that
+//! agree with the summary, health endpoints, clean shutdown on SIGTERM, JSON
+//! logs, and no PII in any of it.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, out.split_once("\r\n\r\n")?.1.to_string()))
+}
+
+fn metric(body: &str, name: &str) -> u64 {
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
+}
+
+fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn events(n: usize, malformed: u32) -> String {
+    let out = Command::new("python3")
+        .args(["scripts/gen-events.py", "-n", &n.to_string(), "--seed", "11", "--malformed-pct", &malformed.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn spawn_stdin_worker(dir: &std::path::Path, extra: &[&str]) -> Child {
+    Command::new(common::bin())
+        .args(["run", "--from-file", "-"])
+        .args(extra)
+        .current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("PII_VAULT_KMS_KEY_ID")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn summary_numbers(stderr: &str) -> (u64, u64, u64) {
+    let line = stderr.lines().find(|l| l.contains(" stored, ")).unwrap_or_else(|| panic!("no summary:\n{stderr}"));
+    let n: Vec<u64> = line.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).take(3).map(|s| s.parse().unwrap()).collect();
+    (n[0], n[1], n[2])
+}
+
+#[test]
+fn metrics_agree_with_the_summary_and_sigterm_drains_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut worker = spawn_stdin_worker(dir.path(), &["--metrics-addr", &addr, "--log-format", "json"]);
+    let input = events(400, 5);
+    let mut stdin = worker.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    stdin.flush().unwrap();
+
+    wait_for(|| http_get(port, "/metrics").is_some_and(|(_, b)| b.contains("pii_vault_messages_acked_total 400")), "400 acked");
+    let (status, body) = http_get(port, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let stored = metric(&body, "pii_vault_logins_stored_total");
+    let rejected = metric(&body, "pii_vault_rejected_total");
+    assert_eq!(stored + rejected, 400);
+    assert!(rejected > 0);
+    let by_reason: u64 = body
+        .lines()
+        .filter(|l| l.starts_with("pii_vault_rejected_by_reason_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(by_reason, rejected);
+    assert_eq!(metric(&body, "pii_vault_in_flight"), 0);
+    assert!(body.contains("pii_vault_batch_seconds_bucket{le=\"+Inf\"}"));
+    assert!(body.lines().filter(|l| l.starts_with("pii_vault_") || l.starts_with("# ")).count() == body.lines().count(), "unprefixed metric");
+    assert_eq!(http_get(port, "/healthz").unwrap().0, 200);
+    assert_eq!(http_get(port, "/readyz").unwrap(), (200, "ready\n".to_string()));
+    assert_eq!(http_get(port, "/nope").unwrap().0, 404);
+
+    // SIGTERM while stdin is still open: the worker stops and exits 0 promptly.
+    let started = Instant::now();
+    let status = Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = worker.wait_with_output().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(15), "shutdown took {:?}", started.elapsed());
+    drop(stdin);
+    assert!(out.status.success(), "exit {:?}", out.status);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(summary_numbers(&err), (stored, 0, rejected), "summary and metrics disagree");
+
+    // JSON logs: every log line parses as JSON (the summary line is plain text on purpose).
+    for line in err.lines().filter(|l| !l.contains(" stored, ")) {
+        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+    }
+    assert!(err.contains("shutting down"));
+    // No PII in the logs or in the metrics.
+    let raw = common::raw_pii(&input);
+    assert!(common::leaked(&[err.as_bytes(), body.as_bytes()].concat(), &raw).is_empty());
+}
+
+#[test]
+fn a_taken_metrics_port_and_a_bad_database_url_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(common::bin())
+        .args(["run", "--from-file", "-", "--metrics-addr", &addr])
+        .current_dir(dir.path())
+        .env_remove("DATABASE_URL")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot listen on --metrics-addr"), "{err}");
+
+    let out = Command::new(common::bin())
+        .args(["--database-url", "postgres://app:hunter2@127.0.0.1:1/db", "run", "--from-file", "-"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap();
+    assert!(last.starts_with("pii-vault: error: cannot open the database"), "{err}");
+    assert!(!err.contains("hunter2"), "password leaked: {err}");
+
+    let out = Command::new(common::bin())
+        .args(["--database-url", "mysql://x", "migrate"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported database URL scheme"));
+}
+
+#[test]
+fn piped_runs_show_no_progress_bar_and_help_explains() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), events(50, 0)).unwrap();
+    let out = Command::new(common::bin())
+        .args(["run", "--from-file", "in.jsonl"])
+        .current_dir(dir.path())
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains('\r') && !err.contains("\u{1b}["), "terminal control codes in piped output");
+
+    let help = Command::new(common::bin()).args(["run", "--help"]).output().unwrap();
+    let h = String::from_utf8_lossy(&help.stdout);
+    for needle in ["--queue-url", "PII_VAULT_QUEUE_URL", "--from-file", "--until-empty", "--concurrency", "--metrics-addr"] {
+        assert!(h.contains(needle), "run --help lacks {needle}");
+    }
+}

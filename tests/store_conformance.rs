@@ -1,0 +1,826 @@
+//! One behaviour, two stores: every check here is written once against
+//! `dyn Store` and run on SQLite and on Postgres (`sqlite::…` and
+//! `postgres::…` tests), so the embedded default and the production store
+//! cannot drift apart. Postgres tests skip when `PII_VAULT_TEST_PG` is unset
+//! (and fail under `PII_VAULT_REQUIRE_SERVICES=1`).
+//!
+//! The store never decrypts, so nonces and ciphertexts are random bytes: what
+//! matters is that each comes back attached to the right row.
+
+mod common;
+#[path = "common/pg.rs"]
+mod pg;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use pii_vault::crypto::{KeyPurpose, WrappedKey};
+use pii_vault::store::postgres::PgStore;
+use pii_vault::store::sqlite::SqliteStore;
+use pii_vault::store::{
+    AuditEntry, Batch, BatchOutcome, KeyState, LoginRow, QuarantineRow, Selector, Store,
+    StoreError, StoredKey, VaultRow,
+};
+use rand::RngCore;
+use sqlx::{PgPool, SqlitePool};
+
+/// A store under test plus a raw connection to its database, for the few
+/// checks that need SQL outside the trait (row counts, tampering attempts).
+struct Harness {
+    store: Arc<dyn Store>,
+    url: String,
+    raw: Raw,
+    cleanup: Cleanup,
+}
+
+enum Raw {
+    Sqlite(SqlitePool),
+    Pg(PgPool),
+}
+
+enum Cleanup {
+    Sqlite(#[allow(dead_code)] tempfile::TempDir),
+    Pg(pg::FreshDb),
+}
+
+impl Harness {
+    async fn sqlite() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("store.db").display());
+        let store = SqliteStore::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        let raw = Raw::Sqlite(store.pool().clone());
+        Harness {
+            store: Arc::new(store),
+            url,
+            raw,
+            cleanup: Cleanup::Sqlite(dir),
+        }
+    }
+
+    /// `None` (skip) without a test cluster.
+    async fn postgres() -> Option<Harness> {
+        let admin = common::service_env("PII_VAULT_TEST_PG")?;
+        let db = pg::FreshDb::create(&admin).await;
+        let store = PgStore::connect(&db.url).await.unwrap();
+        store.migrate().await.unwrap();
+        let raw = Raw::Pg(store.pool().clone());
+        Some(Harness {
+            store: Arc::new(store),
+            url: db.url.clone(),
+            raw,
+            cleanup: Cleanup::Pg(db),
+        })
+    }
+
+    async fn finish(self) {
+        match &self.raw {
+            Raw::Sqlite(p) => p.close().await,
+            Raw::Pg(p) => p.close().await,
+        }
+        if let Cleanup::Pg(db) = self.cleanup {
+            db.drop_database().await;
+        }
+    }
+
+    async fn exec(&self, sql: &str) -> Result<u64, sqlx::Error> {
+        Ok(match &self.raw {
+            Raw::Sqlite(p) => sqlx::query(sql).execute(p).await?.rows_affected(),
+            Raw::Pg(p) => sqlx::query(sql).execute(p).await?.rows_affected(),
+        })
+    }
+
+    async fn count(&self, table: &str) -> i64 {
+        let sql = format!("SELECT count(*) FROM {table}");
+        match &self.raw {
+            Raw::Sqlite(p) => sqlx::query_scalar(&sql).fetch_one(p).await.unwrap(),
+            Raw::Pg(p) => sqlx::query_scalar(&sql).fetch_one(p).await.unwrap(),
+        }
+    }
+}
+
+/// Instantiates each named `async fn(&Harness)` once per store.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let h = super::Harness::sqlite().await;
+                    super::$name(&h).await;
+                    h.finish().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(h) = super::Harness::postgres().await else { return };
+                    super::$name(&h).await;
+                    h.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    ping_answers,
+    migrate_twice_is_a_no_op,
+    write_batch_stores_and_counts_redeliveries_as_duplicates,
+    quarantine_counts_and_dedups,
+    key_usage_accumulates,
+    retired_keys_fence_the_batch,
+    failed_batch_writes_nothing_and_names_no_value,
+    keys_round_trip_and_the_current_token_key_is_the_newest_active,
+    token_version_race_has_one_winner,
+    reveal_finds_rows_by_each_selector_and_audits_each_call,
+    reveal_returns_logins_without_a_vault_row,
+    audit_log_is_append_only,
+);
+
+// ---------------------------------------------------------------- builders
+
+const KEK: &str = "local:test";
+
+fn random_bytes(n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    rand::thread_rng().fill_bytes(&mut b);
+    b
+}
+
+fn at(secs: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_700_000_000 + secs, 0).unwrap()
+}
+
+fn day(d: u32) -> NaiveDate {
+    NaiveDate::from_ymd_opt(2024, 3, d).unwrap()
+}
+
+fn key(id: &str, purpose: KeyPurpose, version: i64, state: KeyState, created: i64) -> StoredKey {
+    StoredKey {
+        id: id.into(),
+        purpose,
+        version,
+        wrapped: WrappedKey {
+            kek_id: KEK.into(),
+            blob: random_bytes(60),
+        },
+        state,
+        created_at: at(created),
+        usage_count: 0,
+    }
+}
+
+fn data_key(id: &str) -> StoredKey {
+    key(id, KeyPurpose::Vault, 0, KeyState::Active, 0)
+}
+
+/// A login and its vault row, sealed (notionally) under `key_id`.
+fn login(
+    message_id: &str,
+    user_id: &str,
+    ip: &str,
+    device: &str,
+    d: u32,
+    key_id: &str,
+) -> (LoginRow, VaultRow) {
+    (
+        LoginRow {
+            message_id: message_id.into(),
+            user_id: user_id.into(),
+            device_type: "android".into(),
+            masked_ip: ip.into(),
+            masked_device_id: device.into(),
+            locale: if d % 2 == 0 { Some("RU".into()) } else { None },
+            app_version: "2.3.0".into(),
+            create_date: day(d),
+        },
+        VaultRow {
+            message_id: message_id.into(),
+            user_id: user_id.into(),
+            key_id: key_id.into(),
+            nonce: random_bytes(12),
+            ciphertext: random_bytes(48),
+        },
+    )
+}
+
+fn quarantined(message_id: &str, user_id: Option<&str>, key_id: &str) -> QuarantineRow {
+    QuarantineRow {
+        message_id: message_id.into(),
+        reason_code: "invalid_ip".into(),
+        reason: "ip: not an IP address".into(),
+        user_id: user_id.map(Into::into),
+        key_id: key_id.into(),
+        nonce: random_bytes(12),
+        ciphertext: random_bytes(80),
+        received_at: at(5),
+    }
+}
+
+fn outcome(stored: u64, duplicates: u64, rejected: u64) -> BatchOutcome {
+    BatchOutcome {
+        stored,
+        duplicates,
+        rejected,
+    }
+}
+
+fn audit(reason: &str, target: &Selector) -> AuditEntry {
+    AuditEntry {
+        actor: "analyst@test".into(),
+        action: "reveal".into(),
+        target: target.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn assert_same_key(got: &StoredKey, want: &StoredKey) {
+    assert_eq!(got.id, want.id);
+    assert_eq!(got.purpose, want.purpose);
+    assert_eq!(got.version, want.version);
+    assert_eq!(got.wrapped, want.wrapped);
+    assert_eq!(got.state, want.state);
+    assert_eq!(got.created_at, want.created_at);
+    assert_eq!(got.usage_count, want.usage_count);
+}
+
+async fn reveal_user(h: &Harness, user: &str) -> Vec<(LoginRow, Option<VaultRow>)> {
+    let sel = Selector::UserId(user.into());
+    h.store.reveal(&sel, &audit("test", &sel)).await.unwrap()
+}
+
+// ------------------------------------------------------------------ checks
+
+async fn ping_answers(h: &Harness) {
+    h.store.ping().await.unwrap();
+}
+
+async fn migrate_twice_is_a_no_op(h: &Harness) {
+    h.store.insert_key(&data_key("k1")).await.unwrap();
+    h.store.migrate().await.unwrap();
+    // A second process (another replica starting) migrates the same database.
+    let other = pii_vault::store::connect(&h.url).await.unwrap();
+    other.migrate().await.unwrap();
+    other.ping().await.unwrap();
+    let keys = other.list_keys().await.unwrap();
+    assert_eq!(keys.len(), 1, "migrating again must keep the data");
+}
+
+async fn write_batch_stores_and_counts_redeliveries_as_duplicates(h: &Harness) {
+    h.store.insert_key(&data_key("k1")).await.unwrap();
+    let first = Batch {
+        logins: vec![
+            login("m-1", "alice", "t1_ipA", "t1_devA", 3, "k1"),
+            login("m-2", "alice", "t1_ipB", "t1_devA", 4, "k1"),
+            login("m-3", "bob", "t1_ipC", "t1_devB", 5, "k1"),
+        ],
+        ..Batch::default()
+    };
+    assert_eq!(h.store.write_batch(&first).await.unwrap(), outcome(3, 0, 0));
+
+    // The redelivery carries fresh nonces and ciphertexts (each protection
+    // seals anew); the originals must stay.
+    let again = Batch {
+        logins: first
+            .logins
+            .iter()
+            .map(|(l, v)| login(&l.message_id, &l.user_id, "x", "y", 9, &v.key_id))
+            .collect(),
+        ..Batch::default()
+    };
+    assert_eq!(h.store.write_batch(&again).await.unwrap(), outcome(0, 3, 0));
+
+    // Old and new mixed, and a message delivered twice within one batch.
+    let m4 = login("m-4", "bob", "t1_ipC", "t1_devB", 6, "k1");
+    let mixed = Batch {
+        logins: vec![
+            first.logins[0].clone(),
+            m4.clone(),
+            first.logins[2].clone(),
+            m4.clone(),
+        ],
+        ..Batch::default()
+    };
+    assert_eq!(h.store.write_batch(&mixed).await.unwrap(), outcome(1, 3, 0));
+
+    assert_eq!(h.count("user_logins").await, 4);
+    assert_eq!(h.count("vault").await, 4);
+    let alice = reveal_user(h, "alice").await;
+    let want: Vec<_> = first.logins[..2]
+        .iter()
+        .map(|(l, v)| (l.clone(), Some(v.clone())))
+        .collect();
+    assert_eq!(alice, want);
+    let bob = reveal_user(h, "bob").await;
+    assert_eq!(
+        bob,
+        vec![
+            (first.logins[2].0.clone(), Some(first.logins[2].1.clone())),
+            (m4.0, Some(m4.1))
+        ]
+    );
+}
+
+async fn quarantine_counts_and_dedups(h: &Harness) {
+    h.store.insert_key(&data_key("k1")).await.unwrap();
+    let batch = Batch {
+        logins: vec![login("m-1", "alice", "t1_ipA", "t1_devA", 3, "k1")],
+        quarantined: vec![
+            quarantined("q-1", Some("alice"), "k1"),
+            quarantined("q-2", None, "k1"),
+        ],
+        ..Batch::default()
+    };
+    assert_eq!(h.store.write_batch(&batch).await.unwrap(), outcome(1, 0, 2));
+    assert_eq!(h.store.write_batch(&batch).await.unwrap(), outcome(0, 3, 0));
+
+    let repeat_inside = Batch {
+        quarantined: vec![
+            quarantined("q-3", None, "k1"),
+            quarantined("q-3", None, "k1"),
+            quarantined("q-1", None, "k1"),
+        ],
+        ..Batch::default()
+    };
+    assert_eq!(
+        h.store.write_batch(&repeat_inside).await.unwrap(),
+        outcome(0, 2, 1)
+    );
+    assert_eq!(h.count("quarantine").await, 3);
+    assert_eq!(
+        h.count("user_logins").await,
+        1,
+        "a rejected message never reaches user_logins"
+    );
+}
+
+async fn key_usage_accumulates(h: &Harness) {
+    h.store.insert_key(&data_key("k1")).await.unwrap();
+    h.store.insert_key(&data_key("k2")).await.unwrap();
+    let usage = |u: Vec<(&str, i64)>| Batch {
+        key_usage: u.into_iter().map(|(k, n)| (k.to_string(), n)).collect(),
+        ..Batch::default()
+    };
+    h.store.write_batch(&usage(vec![("k1", 3)])).await.unwrap();
+    h.store
+        .write_batch(&usage(vec![("k1", 2), ("k2", 7), ("k1", 4)]))
+        .await
+        .unwrap();
+    assert_eq!(h.store.get_key("k1").await.unwrap().unwrap().usage_count, 9);
+    assert_eq!(h.store.get_key("k2").await.unwrap().unwrap().usage_count, 7);
+}
+
+async fn retired_keys_fence_the_batch(h: &Harness) {
+    h.store.insert_key(&data_key("k1")).await.unwrap();
+    h.store
+        .insert_key(&key("k-old", KeyPurpose::Vault, 0, KeyState::Retired, 1))
+        .await
+        .unwrap();
+    h.store
+        .insert_key(&key("tok-1", KeyPurpose::Token, 1, KeyState::Retired, 2))
+        .await
+        .unwrap();
+    h.store
+        .insert_key(&key("tok-2", KeyPurpose::Token, 2, KeyState::Active, 3))
+        .await
+        .unwrap();
+
+    let under = |data: &str, token: &str| Batch {
+        logins: vec![login("m-1", "alice", "t2_ipA", "t2_devA", 3, data)],
+        key_usage: vec![(data.to_string(), 1)],
+        token_key_id: token.to_string(),
+        ..Batch::default()
+    };
+    match h.store.write_batch(&under("k-old", "tok-2")).await {
+        Err(StoreError::KeyRetired(k)) => assert_eq!(k, "k-old"),
+        other => panic!("a retired data key must fence the batch, got {other:?}"),
+    }
+    match h.store.write_batch(&under("k1", "tok-1")).await {
+        Err(StoreError::KeyRetired(k)) => assert_eq!(k, "tok-1"),
+        other => panic!("a retired token key must fence the batch, got {other:?}"),
+    }
+    assert_eq!(h.count("user_logins").await, 0);
+    assert_eq!(
+        h.store.get_key("k1").await.unwrap().unwrap().usage_count,
+        0,
+        "a fenced batch counts no usage"
+    );
+
+    assert_eq!(
+        h.store.write_batch(&under("k1", "tok-2")).await.unwrap(),
+        outcome(1, 0, 0)
+    );
+    assert_eq!(h.store.get_key("k1").await.unwrap().unwrap().usage_count, 1);
+}
+
+async fn failed_batch_writes_nothing_and_names_no_value(h: &Harness) {
+    h.store.insert_key(&data_key("k1")).await.unwrap();
+    // The second vault row names a key that does not exist: the foreign key
+    // fails after the first row and the logins were written.
+    let batch = Batch {
+        logins: vec![
+            login("m-ok", "alice", "t1_ipAAAA", "t1_devAAAA", 3, "k1"),
+            login(
+                "m-bad",
+                "bob-7f3a",
+                "t1_ipBBBB",
+                "t1_devBBBB",
+                4,
+                "missing-key-9c1d",
+            ),
+        ],
+        quarantined: vec![quarantined("q-1", None, "k1")],
+        key_usage: vec![("k1".into(), 1)],
+        ..Batch::default()
+    };
+    let err = h
+        .store
+        .write_batch(&batch)
+        .await
+        .expect_err("a vault row under an unknown key must fail");
+    assert!(
+        !err.is_transient(),
+        "a constraint violation is not worth a retry: {err}"
+    );
+    let text = format!("{err} {err:?}");
+    for value in [
+        "m-bad",
+        "bob-7f3a",
+        "t1_ipBBBB",
+        "t1_devBBBB",
+        "missing-key-9c1d",
+    ] {
+        assert!(
+            !text.contains(value),
+            "error text quotes a row value: {text}"
+        );
+    }
+    assert_eq!(h.count("user_logins").await, 0);
+    assert_eq!(h.count("vault").await, 0);
+    assert_eq!(h.count("quarantine").await, 0);
+    assert_eq!(h.store.get_key("k1").await.unwrap().unwrap().usage_count, 0);
+}
+
+async fn keys_round_trip_and_the_current_token_key_is_the_newest_active(h: &Harness) {
+    assert!(h.store.current_token_key().await.unwrap().is_none());
+    assert!(h.store.list_keys().await.unwrap().is_empty());
+
+    // Inserted out of creation order: list_keys sorts by creation time.
+    let keys = [
+        key("tok-3", KeyPurpose::Token, 3, KeyState::Retired, 40),
+        key("dek-b", KeyPurpose::Vault, 0, KeyState::Active, 30),
+        key("tok-1", KeyPurpose::Token, 1, KeyState::Active, 10),
+        key("tok-2", KeyPurpose::Token, 2, KeyState::Active, 20),
+        key("dek-a", KeyPurpose::Vault, 0, KeyState::Active, 30),
+        key("line", KeyPurpose::LineIds, 0, KeyState::Active, 50),
+        key("dek-x", KeyPurpose::Vault, 0, KeyState::Destroyed, 60),
+    ];
+    for k in &keys {
+        assert!(
+            h.store.insert_key(k).await.unwrap(),
+            "{} should be new",
+            k.id
+        );
+    }
+    assert!(
+        !h.store.insert_key(&keys[1]).await.unwrap(),
+        "the same id twice must not insert"
+    );
+
+    for k in &keys {
+        assert_same_key(&h.store.get_key(&k.id).await.unwrap().unwrap(), k);
+    }
+    assert!(h.store.get_key("nope").await.unwrap().is_none());
+
+    let current = h.store.current_token_key().await.unwrap().unwrap();
+    assert_same_key(&current, &keys[3]);
+
+    let listed: Vec<String> = h
+        .store
+        .list_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(
+        listed,
+        ["tok-1", "tok-2", "dek-a", "dek-b", "tok-3", "line", "dek-x"]
+    );
+}
+
+async fn token_version_race_has_one_winner(h: &Harness) {
+    assert!(h
+        .store
+        .insert_key(&key("tok-a", KeyPurpose::Token, 1, KeyState::Active, 1))
+        .await
+        .unwrap());
+    assert!(!h
+        .store
+        .insert_key(&key("tok-b", KeyPurpose::Token, 1, KeyState::Active, 2))
+        .await
+        .unwrap());
+    assert!(h.store.get_key("tok-b").await.unwrap().is_none());
+
+    // Workers starting together all try to create version 2.
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let store = Arc::clone(&h.store);
+            tokio::spawn(async move {
+                store
+                    .insert_key(&key(
+                        &format!("tok-v2-{i}"),
+                        KeyPurpose::Token,
+                        2,
+                        KeyState::Active,
+                        3,
+                    ))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut winners = 0;
+    for t in tasks {
+        winners += usize::from(t.await.unwrap());
+    }
+    assert_eq!(winners, 1);
+    let v2 = h
+        .store
+        .list_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|k| k.version == 2)
+        .count();
+    assert_eq!(v2, 1);
+    assert_eq!(
+        h.store.current_token_key().await.unwrap().unwrap().version,
+        2
+    );
+
+    // The uniqueness is for token versions only: data keys all carry 0.
+    assert!(h.store.insert_key(&data_key("dek-1")).await.unwrap());
+    assert!(h.store.insert_key(&data_key("dek-2")).await.unwrap());
+}
+
+async fn reveal_finds_rows_by_each_selector_and_audits_each_call(h: &Harness) {
+    h.store.insert_key(&data_key("k1")).await.unwrap();
+    // Message ids sort against the dates, so the order checked is by date.
+    let a_late = login("m-a", "alice", "t1_ipShared", "t1_devA", 9, "k1");
+    let a_early = login("m-b", "alice", "t1_ipA", "t1_devA", 2, "k1");
+    let b = login("m-c", "bob", "t1_ipShared", "t1_devB", 5, "k1");
+    let batch = Batch {
+        logins: vec![a_late.clone(), a_early.clone(), b.clone()],
+        ..Batch::default()
+    };
+    h.store.write_batch(&batch).await.unwrap();
+    let with_vault = |r: &(LoginRow, VaultRow)| (r.0.clone(), Some(r.1.clone()));
+
+    let cases = [
+        (
+            Selector::UserId("alice".into()),
+            vec![with_vault(&a_early), with_vault(&a_late)],
+        ),
+        (
+            Selector::MaskedIp("t1_ipShared".into()),
+            vec![with_vault(&b), with_vault(&a_late)],
+        ),
+        (
+            Selector::MaskedDeviceId("t1_devB".into()),
+            vec![with_vault(&b)],
+        ),
+        (Selector::UserId("nobody".into()), vec![]),
+    ];
+    for (n, (selector, want)) in cases.iter().enumerate() {
+        let before = Utc::now() - chrono::Duration::seconds(60);
+        let entry = AuditEntry {
+            actor: format!("analyst-{n}"),
+            action: "reveal".into(),
+            target: selector.to_string(),
+            reason: format!("ticket #{n}"),
+        };
+        let got = h.store.reveal(selector, &entry).await.unwrap();
+        assert_eq!(&got, want, "reveal {selector}");
+
+        let trail = h.store.audit_trail(100).await.unwrap();
+        assert_eq!(
+            trail.len(),
+            n + 1,
+            "each reveal writes exactly one audit row"
+        );
+        let last = &trail[0];
+        assert_eq!(
+            (
+                last.actor.as_str(),
+                last.action.as_str(),
+                last.target.as_str(),
+                last.reason.as_str()
+            ),
+            (
+                entry.actor.as_str(),
+                "reveal",
+                entry.target.as_str(),
+                entry.reason.as_str()
+            )
+        );
+        assert_eq!(last.row_count, want.len() as i64);
+        assert!(last.at > before && last.at < Utc::now() + chrono::Duration::seconds(60));
+    }
+    let trail = h.store.audit_trail(2).await.unwrap();
+    assert_eq!(trail.len(), 2, "the limit applies");
+    assert!(trail[0].id > trail[1].id, "newest first");
+}
+
+async fn reveal_returns_logins_without_a_vault_row(h: &Harness) {
+    // Rows from before the vault (or whose originals were erased) have no
+    // vault row; they are still shown, with nothing to decrypt.
+    h.exec(
+        "INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, locale, \
+         app_version, create_date) VALUES ('old-1', 'carol', 'ios', 'md5:ab', 'md5:cd', NULL, '1.0', '2020-01-02')",
+    )
+    .await
+    .unwrap();
+    let got = reveal_user(h, "carol").await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0.message_id, "old-1");
+    assert_eq!(
+        got[0].0.create_date,
+        NaiveDate::from_ymd_opt(2020, 1, 2).unwrap()
+    );
+    assert!(got[0].1.is_none());
+}
+
+async fn audit_log_is_append_only(h: &Harness) {
+    reveal_user(h, "alice").await;
+    let before = h.store.audit_trail(10).await.unwrap();
+    assert_eq!(before.len(), 1);
+
+    assert!(
+        h.exec("UPDATE audit_log SET reason = 'nothing to see'")
+            .await
+            .is_err(),
+        "UPDATE must fail"
+    );
+    assert!(
+        h.exec("DELETE FROM audit_log").await.is_err(),
+        "DELETE must fail"
+    );
+
+    let after = h.store.audit_trail(10).await.unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].reason, before[0].reason);
+    assert_eq!(after[0].id, before[0].id);
+}
+
+// ---------------------------------------------------------- Postgres only
+
+#[tokio::test]
+async fn postgres_audit_log_cannot_be_truncated() {
+    let Some(h) = Harness::postgres().await else {
+        return;
+    };
+    reveal_user(&h, "alice").await;
+    assert!(h.exec("TRUNCATE audit_log").await.is_err());
+    assert_eq!(h.count("audit_log").await, 1);
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn postgres_unreachable_server_is_a_transient_error() {
+    // Port 1 on loopback: nothing listens there (refused, or dropped and
+    // then cut off by the connect timeout); needs no test cluster.
+    match PgStore::connect("postgres://postgres@127.0.0.1:1/postgres").await {
+        Err(e) => assert!(e.is_transient(), "{e}"),
+        Ok(_) => panic!("connected to nothing"),
+    }
+}
+
+/// The analysts' pre-existing table, as the legacy DDL made it.
+const LEGACY_DDL: &str = "CREATE TABLE user_logins (
+    user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
+    masked_device_id varchar(256), locale varchar(32), app_version integer, create_date date)";
+
+#[tokio::test]
+async fn postgres_migration_converts_the_legacy_table_in_place() {
+    let Some(admin) = common::service_env("PII_VAULT_TEST_PG") else {
+        return;
+    };
+    let db = pg::FreshDb::create(&admin).await;
+    let raw = PgPool::connect(&db.url).await.unwrap();
+    sqlx::query(LEGACY_DDL).execute(&raw).await.unwrap();
+    let legacy = [
+        (
+            "u-1",
+            "android",
+            "md5:1",
+            "md5:a",
+            Some("RU"),
+            Some(230),
+            "2019-05-01",
+        ),
+        (
+            "u-1",
+            "ios",
+            "md5:2",
+            "md5:a",
+            None,
+            Some(231),
+            "2019-05-02",
+        ),
+        (
+            "u-2",
+            "android",
+            "md5:3",
+            "md5:b",
+            Some("EN"),
+            None,
+            "2019-05-03",
+        ),
+    ];
+    for (user, dev_type, ip, dev, locale, version, date) in legacy {
+        sqlx::query(
+            "INSERT INTO user_logins (user_id, device_type, masked_ip, masked_device_id, locale, app_version, \
+             create_date) VALUES ($1, $2, $3, $4, $5, $6, $7::date)",
+        )
+        .bind(user)
+        .bind(dev_type)
+        .bind(ip)
+        .bind(dev)
+        .bind(locale)
+        .bind(version)
+        .bind(date)
+        .execute(&raw)
+        .await
+        .unwrap();
+    }
+
+    let store = PgStore::connect(&db.url).await.unwrap();
+    store.migrate().await.unwrap();
+    store.migrate().await.unwrap();
+
+    let ty: String = sqlx::query_scalar(
+        "SELECT data_type FROM information_schema.columns WHERE table_name = 'user_logins' AND column_name = 'app_version'",
+    )
+    .fetch_one(&raw)
+    .await
+    .unwrap();
+    assert_eq!(ty, "text");
+
+    type Kept = (
+        i64,
+        String,
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        NaiveDate,
+    );
+    let rows: Vec<Kept> = sqlx::query_as(
+        "SELECT id, message_id, user_id, masked_ip, locale, app_version, create_date FROM user_logins ORDER BY masked_ip",
+    )
+    .fetch_all(&raw)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), legacy.len(), "every legacy row is kept");
+    for (row, want) in rows.iter().zip(&legacy) {
+        assert_eq!(row.2, want.0);
+        assert_eq!(row.3, want.2);
+        assert_eq!(row.4.as_deref(), want.4);
+        assert_eq!(row.5, want.5.map(|v: i32| v.to_string()));
+        assert_eq!(row.6.to_string(), want.6);
+        assert_eq!(row.1, format!("legacy-{}", row.0));
+    }
+    assert_eq!(rows[0].5.as_deref(), Some("230"));
+
+    // The converted table takes new writes, ids continue after the legacy
+    // rows, and the legacy rows can be revealed (with nothing to decrypt).
+    store.insert_key(&data_key("k1")).await.unwrap();
+    let new = login("m-new", "u-1", "t1_ipA", "t1_devA", 3, "k1");
+    let batch = Batch {
+        logins: vec![new.clone()],
+        ..Batch::default()
+    };
+    assert_eq!(store.write_batch(&batch).await.unwrap(), outcome(1, 0, 0));
+    assert_eq!(store.write_batch(&batch).await.unwrap(), outcome(0, 1, 0));
+    let sel = Selector::UserId("u-1".into());
+    let got = store.reveal(&sel, &audit("legacy", &sel)).await.unwrap();
+    assert_eq!(got.len(), 3);
+    assert!(got[..2]
+        .iter()
+        .all(|(l, v)| l.message_id.starts_with("legacy-") && v.is_none()));
+    assert_eq!(got[2], (new.0, Some(new.1)));
+    let max_legacy = rows.iter().map(|r| r.0).max().unwrap();
+    let new_id: i64 = sqlx::query_scalar("SELECT id FROM user_logins WHERE message_id = 'm-new'")
+        .fetch_one(&raw)
+        .await
+        .unwrap();
+    assert!(new_id > max_legacy);
+
+    raw.close().await;
+    store.pool().close().await;
+    db.drop_database().await;
+}
