@@ -20,7 +20,9 @@ fn benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("per_event");
     g.throughput(Throughput::Elements(1));
 
-    g.bench_function("parse", |b| b.iter(|| LoginEvent::parse(black_box(EVENT.as_bytes())).unwrap()));
+    g.bench_function("parse", |b| {
+        b.iter(|| LoginEvent::parse(black_box(EVENT.as_bytes())).unwrap())
+    });
     g.bench_function("tokenise_ip_and_device", |b| {
         b.iter(|| {
             (
@@ -30,8 +32,15 @@ fn benches(c: &mut Criterion) {
         })
     });
     let plain = br#"{"ip":"199.172.111.135","device_id":"593-47-5928"}"#;
-    let aad = Aad { kind: "vault", message_id: "0f9e4c1a-5b7d-4e2a-9c3f-8a1b2c3d4e5f", user_id: "424cdd21-063a-43a7-b91b-7ca1a833afae", key_id: "dek-0" };
-    g.bench_function("seal_originals", |b| b.iter(|| sealer.seal(black_box(&aad), black_box(plain)).unwrap()));
+    let aad = Aad {
+        kind: "vault",
+        message_id: "0f9e4c1a-5b7d-4e2a-9c3f-8a1b2c3d4e5f",
+        user_id: "424cdd21-063a-43a7-b91b-7ca1a833afae",
+        key_id: "dek-0",
+    };
+    g.bench_function("seal_originals", |b| {
+        b.iter(|| sealer.seal(black_box(&aad), black_box(plain)).unwrap())
+    });
 
     let msg = Message {
         id: "0f9e4c1a-5b7d-4e2a-9c3f-8a1b2c3d4e5f".into(),
@@ -40,7 +49,9 @@ fn benches(c: &mut Criterion) {
         ack: Ack::None,
         line: None,
     };
-    g.bench_function("protect_event", |b| b.iter(|| protect(black_box(&msg), &token_key, "dek-0", &sealer).unwrap()));
+    g.bench_function("protect_event", |b| {
+        b.iter(|| protect(black_box(&msg), &token_key, "dek-0", &sealer).unwrap())
+    });
     g.finish();
 }
 

@@ -228,8 +228,29 @@ mod tests {
     fn reveal_needs_a_reason_and_one_selector() {
         assert!(Cli::try_parse_from(["pii-vault", "reveal", "--user-id", "u"]).is_err());
         assert!(Cli::try_parse_from(["pii-vault", "reveal", "--reason", "x"]).is_err());
-        assert!(Cli::try_parse_from(["pii-vault", "reveal", "--user-id", "u", "--reason", "  "]).is_err());
-        assert!(Cli::try_parse_from(["pii-vault", "reveal", "--user-id", "u", "--masked-ip", "t", "--reason", "x"]).is_err());
-        assert!(Cli::try_parse_from(["pii-vault", "reveal", "--user-id", "u", "--reason", "ticket 1"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["pii-vault", "reveal", "--user-id", "u", "--reason", "  "])
+                .is_err()
+        );
+        assert!(Cli::try_parse_from([
+            "pii-vault",
+            "reveal",
+            "--user-id",
+            "u",
+            "--masked-ip",
+            "t",
+            "--reason",
+            "x"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from([
+            "pii-vault",
+            "reveal",
+            "--user-id",
+            "u",
+            "--reason",
+            "ticket 1"
+        ])
+        .is_ok());
     }
 }

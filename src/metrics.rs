@@ -38,14 +38,23 @@ pub async fn serve(
             let Ok((stream, _)) = conn else { continue };
             let (stats, store, wrapper) = (stats.clone(), store.clone(), wrapper.clone());
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(10), handle(stream, &stats, &*store, &*wrapper)).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    handle(stream, &stats, &*store, &*wrapper),
+                )
+                .await;
             });
         }
     });
     Ok(local)
 }
 
-async fn handle(mut s: TcpStream, stats: &Stats, store: &dyn Store, wrapper: &dyn KeyWrapper) -> std::io::Result<()> {
+async fn handle(
+    mut s: TcpStream,
+    stats: &Stats,
+    store: &dyn Store,
+    wrapper: &dyn KeyWrapper,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; 4096];
     let mut n = 0;
     while n < buf.len() {
@@ -62,7 +71,11 @@ async fn handle(mut s: TcpStream, stats: &Stats, store: &dyn Store, wrapper: &dy
     let mut parts = head.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, ctype, body) = match (method, path) {
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", stats.render_prometheus()),
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            stats.render_prometheus(),
+        ),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
         ("GET", "/readyz") => {
             let db = tokio::time::timeout(Duration::from_secs(3), store.ping()).await;
@@ -74,14 +87,26 @@ async fn handle(mut s: TcpStream, stats: &Stats, store: &dyn Store, wrapper: &dy
                     "text/plain",
                     format!(
                         "database: {}\nkms: {}\n",
-                        if matches!(db, Ok(Ok(()))) { "ok" } else { "unreachable" },
-                        if matches!(kms, Ok(Ok(()))) { "ok" } else { "unreachable" }
+                        if matches!(db, Ok(Ok(()))) {
+                            "ok"
+                        } else {
+                            "unreachable"
+                        },
+                        if matches!(kms, Ok(Ok(()))) {
+                            "ok"
+                        } else {
+                            "unreachable"
+                        }
                     ),
                 ),
             }
         }
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_string(),
+        ),
     };
     let resp = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -16,12 +16,16 @@ pub fn for_file(file: Arc<FileSource>, done: CancellationToken) -> Option<JoinHa
         return None;
     }
     let bar = match file.len {
-        Some(len) => ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr()).with_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta})")
+        Some(len) => ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr())
+            .with_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta})",
+                )
                 .expect("valid template"),
-        ),
+            ),
         None => ProgressBar::new_spinner().with_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bytes} read").expect("valid template"),
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bytes} read")
+                .expect("valid template"),
         ),
     };
     Some(tokio::spawn(async move {

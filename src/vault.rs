@@ -21,7 +21,11 @@ pub struct VaultReader {
 
 impl VaultReader {
     pub fn new(store: Arc<dyn Store>, wrapper: Arc<dyn KeyWrapper>) -> Self {
-        VaultReader { store, wrapper, keys: HashMap::new() }
+        VaultReader {
+            store,
+            wrapper,
+            keys: HashMap::new(),
+        }
     }
 
     /// The plaintext key for `key_id`; `None` when it was destroyed.
@@ -49,18 +53,34 @@ impl VaultReader {
 
     /// The originals of one vault row; `None` when its key was destroyed.
     pub async fn open(&mut self, row: &VaultRow) -> anyhow::Result<Option<VaultPlaintext>> {
-        let Some(key) = self.data_key(&row.key_id).await? else { return Ok(None) };
-        let aad = Aad { kind: AAD_VAULT, message_id: &row.message_id, user_id: &row.user_id, key_id: &row.key_id };
+        let Some(key) = self.data_key(&row.key_id).await? else {
+            return Ok(None);
+        };
+        let aad = Aad {
+            kind: AAD_VAULT,
+            message_id: &row.message_id,
+            user_id: &row.user_id,
+            key_id: &row.key_id,
+        };
         let plain = aead::open(key, &aad, &row.nonce, &row.ciphertext)
             .with_context(|| format!("vault row of message {}", row.message_id))?;
-        let v: VaultPlaintext =
-            serde_json::from_slice(&plain).map_err(|_| anyhow::anyhow!("vault row of message {} is not a vault record", row.message_id))?;
+        let v: VaultPlaintext = serde_json::from_slice(&plain).map_err(|_| {
+            anyhow::anyhow!(
+                "vault row of message {} is not a vault record",
+                row.message_id
+            )
+        })?;
         Ok(Some(v))
     }
 
     /// The raw body of a quarantined message; `None` when its key was destroyed.
-    pub async fn open_quarantined(&mut self, row: &QuarantineRow) -> anyhow::Result<Option<Zeroizing<Vec<u8>>>> {
-        let Some(key) = self.data_key(&row.key_id).await? else { return Ok(None) };
+    pub async fn open_quarantined(
+        &mut self,
+        row: &QuarantineRow,
+    ) -> anyhow::Result<Option<Zeroizing<Vec<u8>>>> {
+        let Some(key) = self.data_key(&row.key_id).await? else {
+            return Ok(None);
+        };
         let aad = Aad {
             kind: AAD_QUARANTINE,
             message_id: &row.message_id,

@@ -20,7 +20,9 @@ struct Env {
 
 impl Env {
     fn new() -> Self {
-        Env { dir: tempfile::tempdir().unwrap() }
+        Env {
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -40,7 +42,11 @@ impl Env {
 
     fn ok(&self, args: &[&str]) -> Output {
         let out = self.cmd(args);
-        assert!(out.status.success(), "{args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         out
     }
 
@@ -51,13 +57,20 @@ impl Env {
 
     async fn db(&self) -> SqlitePool {
         let url = format!("sqlite:{}", self.path("pii-vault.db").display());
-        SqlitePoolOptions::new().max_connections(1).connect(&url).await.unwrap()
+        SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .unwrap()
     }
 }
 
 fn summary(out: &Output) -> (u64, u64, u64) {
     let err = String::from_utf8_lossy(&out.stderr);
-    let line = err.lines().find(|l| l.contains(" stored, ")).unwrap_or_else(|| panic!("no summary in:\n{err}"));
+    let line = err
+        .lines()
+        .find(|l| l.contains(" stored, "))
+        .unwrap_or_else(|| panic!("no summary in:\n{err}"));
     let nums: Vec<u64> = line
         .split(|c: char| !c.is_ascii_digit())
         .filter(|s| !s.is_empty())
@@ -73,7 +86,11 @@ fn database_bytes(dir: &Path) -> Vec<u8> {
     let mut all = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
-        if p.file_name().unwrap().to_string_lossy().starts_with("pii-vault.db") {
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("pii-vault.db")
+        {
             all.extend(std::fs::read(p).unwrap());
         }
     }
@@ -95,24 +112,45 @@ async fn sample_file_runs_idempotently_and_stores_no_plaintext_pii() {
     let lines = SAMPLE.lines().filter(|l| !l.trim().is_empty()).count() as u64;
     let valid = valid_lines(SAMPLE).len() as u64;
     assert_eq!(summary(&first), (valid, 0, lines - valid));
-    assert!(lines - valid >= 7, "the sample should carry malformed lines");
+    assert!(
+        lines - valid >= 7,
+        "the sample should carry malformed lines"
+    );
 
     let second = env.ok(&["run", "--from-file", &input]);
-    assert_eq!(summary(&second), (0, lines, 0), "a second run must add nothing");
+    assert_eq!(
+        summary(&second),
+        (0, lines, 0),
+        "a second run must add nothing"
+    );
 
     let raw = common::raw_pii(SAMPLE);
     assert!(raw.len() > 50);
     let leaks = common::leaked(&database_bytes(env.dir.path()), &raw);
-    assert!(leaks.is_empty(), "database holds plaintext PII: {} values", leaks.len());
+    assert!(
+        leaks.is_empty(),
+        "database holds plaintext PII: {} values",
+        leaks.len()
+    );
     for out in [&first, &second] {
         let leaks = common::leaked(&[&out.stdout[..], &out.stderr[..]].concat(), &raw);
-        assert!(leaks.is_empty(), "run output holds plaintext PII: {} values", leaks.len());
+        assert!(
+            leaks.is_empty(),
+            "run output holds plaintext PII: {} values",
+            leaks.len()
+        );
     }
 
     let db = env.db().await;
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins").fetch_one(&db).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins")
+        .fetch_one(&db)
+        .await
+        .unwrap();
     assert_eq!(n as u64, valid);
-    let q: i64 = sqlx::query_scalar("SELECT count(*) FROM quarantine").fetch_one(&db).await.unwrap();
+    let q: i64 = sqlx::query_scalar("SELECT count(*) FROM quarantine")
+        .fetch_one(&db)
+        .await
+        .unwrap();
     assert_eq!(q as u64, lines - valid);
 }
 
@@ -121,25 +159,54 @@ async fn tokens_join_equal_values_and_separate_different_ones() {
     let env = Env::new();
     let input = env.write_input("in.jsonl", SAMPLE);
     env.ok(&["run", "--from-file", &input]);
-    let users: HashSet<String> =
-        valid_lines(SAMPLE).iter().map(|v| v["user_id"].as_str().unwrap().to_string()).collect();
+    let users: HashSet<String> = valid_lines(SAMPLE)
+        .iter()
+        .map(|v| v["user_id"].as_str().unwrap().to_string())
+        .collect();
     let (mut ip_to_tok, mut tok_to_ip) = (HashMap::new(), HashMap::new());
     let (mut dev_to_tok, mut tok_to_dev) = (HashMap::new(), HashMap::new());
     let mut rows = 0;
     for u in &users {
-        let out = env.ok(&["reveal", "--user-id", u, "--reason", "token test", "--format", "json"]);
+        let out = env.ok(&[
+            "reveal",
+            "--user-id",
+            u,
+            "--reason",
+            "token test",
+            "--format",
+            "json",
+        ]);
         for line in String::from_utf8(out.stdout).unwrap().lines() {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            let ip = CanonicalIp::parse(v["ip"].as_str().unwrap()).unwrap().expose().to_string();
+            let ip = CanonicalIp::parse(v["ip"].as_str().unwrap())
+                .unwrap()
+                .expose()
+                .to_string();
             let (dev, mip, mdev) = (
                 v["device_id"].as_str().unwrap().to_string(),
                 v["masked_ip"].as_str().unwrap().to_string(),
                 v["masked_device_id"].as_str().unwrap().to_string(),
             );
-            assert_eq!(ip_to_tok.entry(ip.clone()).or_insert(mip.clone()), &mip, "one IP, two tokens");
-            assert_eq!(tok_to_ip.entry(mip).or_insert(ip.clone()), &ip, "one IP token, two IPs");
-            assert_eq!(dev_to_tok.entry(dev.clone()).or_insert(mdev.clone()), &mdev, "one device, two tokens");
-            assert_eq!(tok_to_dev.entry(mdev).or_insert(dev.clone()), &dev, "one device token, two devices");
+            assert_eq!(
+                ip_to_tok.entry(ip.clone()).or_insert(mip.clone()),
+                &mip,
+                "one IP, two tokens"
+            );
+            assert_eq!(
+                tok_to_ip.entry(mip).or_insert(ip.clone()),
+                &ip,
+                "one IP token, two IPs"
+            );
+            assert_eq!(
+                dev_to_tok.entry(dev.clone()).or_insert(mdev.clone()),
+                &mdev,
+                "one device, two tokens"
+            );
+            assert_eq!(
+                tok_to_dev.entry(mdev).or_insert(dev.clone()),
+                &dev,
+                "one device token, two devices"
+            );
             rows += 1;
         }
     }
@@ -151,7 +218,10 @@ const GOOD: &str = r#"{"user_id": "u-good", "app_version": "2.3.0", "device_type
 #[tokio::test]
 async fn each_kind_of_malformed_line_is_quarantined_with_its_reason() {
     let env = Env::new();
-    let long_user = format!(r#"{{"user_id": "{}", "app_version": "1", "device_type": "ios", "ip": "203.0.113.9", "device_id": "555-11-2222"}}"#, "u".repeat(129));
+    let long_user = format!(
+        r#"{{"user_id": "{}", "app_version": "1", "device_type": "ios", "ip": "203.0.113.9", "device_id": "555-11-2222"}}"#,
+        "u".repeat(129)
+    );
     let cases: Vec<(String, &str)> = vec![
         ("{not json".into(), "not valid JSON"),
         (r#"["203.0.113.9", "555-11-2222"]"#.into(), "JSON array"),
@@ -163,7 +233,10 @@ async fn each_kind_of_malformed_line_is_quarantined_with_its_reason() {
     ];
     let mut text = String::new();
     for (line, _) in &cases {
-        text.push_str(GOOD.replace("u-good", &format!("u-good-{}", text.len())).as_str());
+        text.push_str(
+            GOOD.replace("u-good", &format!("u-good-{}", text.len()))
+                .as_str(),
+        );
         text.push('\n');
         text.push_str(line);
         text.push('\n');
@@ -173,18 +246,34 @@ async fn each_kind_of_malformed_line_is_quarantined_with_its_reason() {
     assert_eq!(summary(&out), (cases.len() as u64, 0, cases.len() as u64));
 
     let db = env.db().await;
-    let reasons: Vec<String> = sqlx::query_scalar("SELECT reason FROM quarantine").fetch_all(&db).await.unwrap();
+    let reasons: Vec<String> = sqlx::query_scalar("SELECT reason FROM quarantine")
+        .fetch_all(&db)
+        .await
+        .unwrap();
     for (_, want) in &cases {
-        assert!(reasons.iter().any(|r| r.contains(want)), "no reason containing {want:?} in {reasons:?}");
+        assert!(
+            reasons.iter().any(|r| r.contains(want)),
+            "no reason containing {want:?} in {reasons:?}"
+        );
     }
     for r in &reasons {
-        assert!(!r.contains("203.0.113") && !r.contains("555-11"), "reason quotes a value: {r}");
+        assert!(
+            !r.contains("203.0.113") && !r.contains("555-11"),
+            "reason quotes a value: {r}"
+        );
     }
     // The log names the line of each rejection so the user can find it.
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("line=2") || err.contains("line: 2") || err.contains("\"line\":2"), "{err}");
+    assert!(
+        err.contains("line=2") || err.contains("line: 2") || err.contains("\"line\":2"),
+        "{err}"
+    );
     // Quarantined bodies are sealed, not stored in clear.
-    let raw = vec!["555-11-2222".to_string(), "203.0.113.9".to_string(), "203.0.113.77".to_string()];
+    let raw = vec![
+        "555-11-2222".to_string(),
+        "203.0.113.9".to_string(),
+        "203.0.113.77".to_string(),
+    ];
     assert!(common::leaked(&database_bytes(env.dir.path()), &raw).is_empty());
 }
 
@@ -199,32 +288,66 @@ async fn no_audit_row_means_nothing_is_revealed() {
         .await
         .unwrap();
     db.close().await;
-    let out = env.cmd(&["reveal", "--user-id", "u-good", "--reason", "incident 7", "--format", "json"]);
+    let out = env.cmd(&[
+        "reveal",
+        "--user-id",
+        "u-good",
+        "--reason",
+        "incident 7",
+        "--format",
+        "json",
+    ]);
     assert!(!out.status.success());
     let all = [&out.stdout[..], &out.stderr[..]].concat();
     assert!(common::leaked(&all, &["203.0.113.77".into(), "771-22-9931".into()]).is_empty());
     assert!(out.stdout.is_empty());
 
     let db = env.db().await;
-    sqlx::query("DROP TRIGGER block_audit").execute(&db).await.unwrap();
+    sqlx::query("DROP TRIGGER block_audit")
+        .execute(&db)
+        .await
+        .unwrap();
     db.close().await;
-    let out = env.ok(&["reveal", "--user-id", "u-good", "--reason", "incident 7", "--format", "json", "--actor", "alice"]);
+    let out = env.ok(&[
+        "reveal",
+        "--user-id",
+        "u-good",
+        "--reason",
+        "incident 7",
+        "--format",
+        "json",
+        "--actor",
+        "alice",
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ip"], "203.0.113.77");
     assert_eq!(v["device_id"], "771-22-9931");
     let audit = env.ok(&["audit", "--format", "json"]);
     let a: serde_json::Value = serde_json::from_slice(&audit.stdout).unwrap();
-    assert_eq!((a["actor"].as_str(), a["reason"].as_str(), a["row_count"].as_i64()), (Some("alice"), Some("incident 7"), Some(1)));
+    assert_eq!(
+        (
+            a["actor"].as_str(),
+            a["reason"].as_str(),
+            a["row_count"].as_i64()
+        ),
+        (Some("alice"), Some("incident 7"), Some(1))
+    );
 }
 
 #[tokio::test]
 async fn ciphertexts_swapped_between_rows_do_not_decrypt() {
     let env = Env::new();
-    let other = GOOD.replace("u-good", "u-other").replace("203.0.113.77", "198.51.100.5").replace("771-22-9931", "123-45-6789");
+    let other = GOOD
+        .replace("u-good", "u-other")
+        .replace("203.0.113.77", "198.51.100.5")
+        .replace("771-22-9931", "123-45-6789");
     let input = env.write_input("in.jsonl", &format!("{GOOD}\n{other}\n"));
     env.ok(&["run", "--from-file", &input]);
     let db = env.db().await;
-    let rows = sqlx::query("SELECT message_id, nonce, ciphertext FROM vault ORDER BY user_id").fetch_all(&db).await.unwrap();
+    let rows = sqlx::query("SELECT message_id, nonce, ciphertext FROM vault ORDER BY user_id")
+        .fetch_all(&db)
+        .await
+        .unwrap();
     assert_eq!(rows.len(), 2);
     for (me, them) in [(0, 1), (1, 0)] {
         sqlx::query("UPDATE vault SET nonce = $1, ciphertext = $2 WHERE message_id = $3")
@@ -237,12 +360,31 @@ async fn ciphertexts_swapped_between_rows_do_not_decrypt() {
     }
     db.close().await;
     for user in ["u-good", "u-other"] {
-        let out = env.cmd(&["reveal", "--user-id", user, "--reason", "swap test", "--format", "json"]);
-        assert!(!out.status.success(), "a swapped ciphertext decrypted for {user}");
+        let out = env.cmd(&[
+            "reveal",
+            "--user-id",
+            user,
+            "--reason",
+            "swap test",
+            "--format",
+            "json",
+        ]);
+        assert!(
+            !out.status.success(),
+            "a swapped ciphertext decrypted for {user}"
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("decryption failed"), "{err}");
         let all = [&out.stdout[..], &out.stderr[..]].concat();
-        assert!(common::leaked(&all, &["203.0.113.77".into(), "198.51.100.5".into(), "123-45-6789".into()]).is_empty());
+        assert!(common::leaked(
+            &all,
+            &[
+                "203.0.113.77".into(),
+                "198.51.100.5".into(),
+                "123-45-6789".into()
+            ]
+        )
+        .is_empty());
     }
 }
 
@@ -255,17 +397,29 @@ async fn every_encryption_has_its_own_nonce_and_keys_are_stored_wrapped() {
     env.ok(&["run", "--from-file", &input]);
     env.ok(&["run", "--from-file", &env.write_input("s.jsonl", SAMPLE)]);
     let db = env.db().await;
-    let nonces: Vec<Vec<u8>> = sqlx::query_scalar("SELECT nonce FROM vault UNION ALL SELECT nonce FROM quarantine")
-        .fetch_all(&db)
-        .await
-        .unwrap();
+    let nonces: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT nonce FROM vault UNION ALL SELECT nonce FROM quarantine")
+            .fetch_all(&db)
+            .await
+            .unwrap();
     let distinct: HashSet<&Vec<u8>> = nonces.iter().collect();
     assert!(nonces.len() > 400);
     assert_eq!(distinct.len(), nonces.len(), "a nonce was reused");
-    let cts: Vec<Vec<u8>> = sqlx::query_scalar("SELECT ciphertext FROM vault WHERE user_id = 'u-good'").fetch_all(&db).await.unwrap();
-    assert_eq!(cts.iter().collect::<HashSet<_>>().len(), 300, "equal plaintexts gave equal ciphertexts");
+    let cts: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT ciphertext FROM vault WHERE user_id = 'u-good'")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    assert_eq!(
+        cts.iter().collect::<HashSet<_>>().len(),
+        300,
+        "equal plaintexts gave equal ciphertexts"
+    );
     // Wrapped keys are 12-byte nonce + 32-byte key + 16-byte tag, never the bare 32 bytes.
-    let wrapped: Vec<Vec<u8>> = sqlx::query_scalar("SELECT wrapped FROM vault_keys").fetch_all(&db).await.unwrap();
+    let wrapped: Vec<Vec<u8>> = sqlx::query_scalar("SELECT wrapped FROM vault_keys")
+        .fetch_all(&db)
+        .await
+        .unwrap();
     assert!(wrapped.iter().all(|w| w.len() == 60));
 }
 
@@ -274,15 +428,49 @@ async fn reveal_by_token_and_helpful_errors() {
     let env = Env::new();
     let input = env.write_input("in.jsonl", &format!("{GOOD}\n"));
     env.ok(&["run", "--from-file", &input]);
-    let out = env.ok(&["reveal", "--user-id", "u-good", "--reason", "r", "--format", "json"]);
+    let out = env.ok(&[
+        "reveal",
+        "--user-id",
+        "u-good",
+        "--reason",
+        "r",
+        "--format",
+        "json",
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let by_ip = env.ok(&["reveal", "--masked-ip", v["masked_ip"].as_str().unwrap(), "--reason", "r", "--format", "json"]);
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&by_ip.stdout).unwrap()["device_id"], "771-22-9931");
-    let by_dev = env.ok(&["reveal", "--masked-device-id", v["masked_device_id"].as_str().unwrap(), "--reason", "r", "--format", "json"]);
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&by_dev.stdout).unwrap()["ip"], "203.0.113.77");
+    let by_ip = env.ok(&[
+        "reveal",
+        "--masked-ip",
+        v["masked_ip"].as_str().unwrap(),
+        "--reason",
+        "r",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&by_ip.stdout).unwrap()["device_id"],
+        "771-22-9931"
+    );
+    let by_dev = env.ok(&[
+        "reveal",
+        "--masked-device-id",
+        v["masked_device_id"].as_str().unwrap(),
+        "--reason",
+        "r",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&by_dev.stdout).unwrap()["ip"],
+        "203.0.113.77"
+    );
     let table = env.ok(&["reveal", "--user-id", "u-good", "--reason", "r"]);
     let t = String::from_utf8_lossy(&table.stdout);
-    assert!(t.contains("203.0.113.77") && t.contains("771-22-9931") && t.lines().next().unwrap().contains("device_id"));
+    assert!(
+        t.contains("203.0.113.77")
+            && t.contains("771-22-9931")
+            && t.lines().next().unwrap().contains("device_id")
+    );
 
     let none = env.ok(&["reveal", "--user-id", "nobody", "--reason", "r"]);
     assert!(String::from_utf8_lossy(&none.stderr).contains("no logins match"));
@@ -306,16 +494,27 @@ async fn stdin_input_and_the_key_file_is_private() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(format!("{GOOD}\n").as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{GOOD}\n").as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     assert_eq!(summary(&out), (1, 0, 0));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not for production"), "no local-key warning: {err}");
+    assert!(
+        err.contains("not for production"),
+        "no local-key warning: {err}"
+    );
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(env.path("keys/local-kek.key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(env.path("keys/local-kek.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -10,7 +10,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
@@ -44,7 +48,15 @@ fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
 
 fn events(n: usize, malformed: u32) -> String {
     let out = Command::new("python3")
-        .args(["scripts/gen-events.py", "-n", &n.to_string(), "--seed", "11", "--malformed-pct", &malformed.to_string()])
+        .args([
+            "scripts/gen-events.py",
+            "-n",
+            &n.to_string(),
+            "--seed",
+            "11",
+            "--malformed-pct",
+            &malformed.to_string(),
+        ])
         .output()
         .unwrap();
     String::from_utf8(out.stdout).unwrap()
@@ -65,8 +77,16 @@ fn spawn_stdin_worker(dir: &std::path::Path, extra: &[&str]) -> Child {
 }
 
 fn summary_numbers(stderr: &str) -> (u64, u64, u64) {
-    let line = stderr.lines().find(|l| l.contains(" stored, ")).unwrap_or_else(|| panic!("no summary:\n{stderr}"));
-    let n: Vec<u64> = line.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).take(3).map(|s| s.parse().unwrap()).collect();
+    let line = stderr
+        .lines()
+        .find(|l| l.contains(" stored, "))
+        .unwrap_or_else(|| panic!("no summary:\n{stderr}"));
+    let n: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .take(3)
+        .map(|s| s.parse().unwrap())
+        .collect();
     (n[0], n[1], n[2])
 }
 
@@ -75,13 +95,22 @@ fn metrics_agree_with_the_summary_and_sigterm_drains_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let mut worker = spawn_stdin_worker(dir.path(), &["--metrics-addr", &addr, "--log-format", "json"]);
+    let mut worker = spawn_stdin_worker(
+        dir.path(),
+        &["--metrics-addr", &addr, "--log-format", "json"],
+    );
     let input = events(400, 5);
     let mut stdin = worker.stdin.take().unwrap();
     stdin.write_all(input.as_bytes()).unwrap();
     stdin.flush().unwrap();
 
-    wait_for(|| http_get(port, "/metrics").is_some_and(|(_, b)| b.contains("pii_vault_messages_acked_total 400")), "400 acked");
+    wait_for(
+        || {
+            http_get(port, "/metrics")
+                .is_some_and(|(_, b)| b.contains("pii_vault_messages_acked_total 400"))
+        },
+        "400 acked",
+    );
     let (status, body) = http_get(port, "/metrics").unwrap();
     assert_eq!(status, 200);
     let stored = metric(&body, "pii_vault_logins_stored_total");
@@ -96,25 +125,46 @@ fn metrics_agree_with_the_summary_and_sigterm_drains_cleanly() {
     assert_eq!(by_reason, rejected);
     assert_eq!(metric(&body, "pii_vault_in_flight"), 0);
     assert!(body.contains("pii_vault_batch_seconds_bucket{le=\"+Inf\"}"));
-    assert!(body.lines().filter(|l| l.starts_with("pii_vault_") || l.starts_with("# ")).count() == body.lines().count(), "unprefixed metric");
+    assert!(
+        body.lines()
+            .filter(|l| l.starts_with("pii_vault_") || l.starts_with("# "))
+            .count()
+            == body.lines().count(),
+        "unprefixed metric"
+    );
     assert_eq!(http_get(port, "/healthz").unwrap().0, 200);
-    assert_eq!(http_get(port, "/readyz").unwrap(), (200, "ready\n".to_string()));
+    assert_eq!(
+        http_get(port, "/readyz").unwrap(),
+        (200, "ready\n".to_string())
+    );
     assert_eq!(http_get(port, "/nope").unwrap().0, 404);
 
     // SIGTERM while stdin is still open: the worker stops and exits 0 promptly.
     let started = Instant::now();
-    let status = Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let out = worker.wait_with_output().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(15), "shutdown took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
     drop(stdin);
     assert!(out.status.success(), "exit {:?}", out.status);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(summary_numbers(&err), (stored, 0, rejected), "summary and metrics disagree");
+    assert_eq!(
+        summary_numbers(&err),
+        (stored, 0, rejected),
+        "summary and metrics disagree"
+    );
 
     // JSON logs: every log line parses as JSON (the summary line is plain text on purpose).
     for line in err.lines().filter(|l| !l.contains(" stored, ")) {
-        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|_| panic!("not JSON: {line}"));
     }
     assert!(err.contains("shutting down"));
     // No PII in the logs or in the metrics.
@@ -139,7 +189,13 @@ fn a_taken_metrics_port_and_a_bad_database_url_are_one_line_errors() {
     assert!(err.contains("cannot listen on --metrics-addr"), "{err}");
 
     let out = Command::new(common::bin())
-        .args(["--database-url", "postgres://app:hunter2@127.0.0.1:1/db", "run", "--from-file", "-"])
+        .args([
+            "--database-url",
+            "postgres://app:hunter2@127.0.0.1:1/db",
+            "run",
+            "--from-file",
+            "-",
+        ])
         .current_dir(dir.path())
         .stdin(Stdio::null())
         .output()
@@ -147,7 +203,10 @@ fn a_taken_metrics_port_and_a_bad_database_url_are_one_line_errors() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     let last = err.lines().last().unwrap();
-    assert!(last.starts_with("pii-vault: error: cannot open the database"), "{err}");
+    assert!(
+        last.starts_with("pii-vault: error: cannot open the database"),
+        "{err}"
+    );
     assert!(!err.contains("hunter2"), "password leaked: {err}");
 
     let out = Command::new(common::bin())
@@ -170,11 +229,24 @@ fn piped_runs_show_no_progress_bar_and_help_explains() {
         .unwrap();
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!err.contains('\r') && !err.contains("\u{1b}["), "terminal control codes in piped output");
+    assert!(
+        !err.contains('\r') && !err.contains("\u{1b}["),
+        "terminal control codes in piped output"
+    );
 
-    let help = Command::new(common::bin()).args(["run", "--help"]).output().unwrap();
+    let help = Command::new(common::bin())
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
     let h = String::from_utf8_lossy(&help.stdout);
-    for needle in ["--queue-url", "PII_VAULT_QUEUE_URL", "--from-file", "--until-empty", "--concurrency", "--metrics-addr"] {
+    for needle in [
+        "--queue-url",
+        "PII_VAULT_QUEUE_URL",
+        "--from-file",
+        "--until-empty",
+        "--concurrency",
+        "--metrics-addr",
+    ] {
         assert!(h.contains(needle), "run --help lacks {needle}");
     }
 }

@@ -376,8 +376,19 @@ async fn worker_writes_batches_and_keys_but_reads_no_vault_quarantine_or_audit()
     // It cannot change a key's state (a compromised worker could otherwise
     // re-activate a key that a rotation retired and defeat the fence); once
     // a rotation retires its data key, its next batch under it is refused.
-    denied(raw, "UPDATE vault_keys SET state = 'retired' WHERE id = 'dek-w'").await;
-    assert_eq!(allowed(db.owner.pool(), "UPDATE vault_keys SET state = 'retired' WHERE id = 'dek-w'").await, 1);
+    denied(
+        raw,
+        "UPDATE vault_keys SET state = 'retired' WHERE id = 'dek-w'",
+    )
+    .await;
+    assert_eq!(
+        allowed(
+            db.owner.pool(),
+            "UPDATE vault_keys SET state = 'retired' WHERE id = 'dek-w'"
+        )
+        .await,
+        1
+    );
     let late = Batch {
         logins: vec![login("carol", "dek-w")],
         key_usage: vec![("dek-w".into(), 1)],

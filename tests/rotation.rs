@@ -20,13 +20,29 @@ fn cmd(dir: &Path, args: &[&str]) -> Output {
         .env_remove("PII_VAULT_KMS_KEY_ID")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
 fn events(seed: u64, n: usize) -> String {
     let out = Command::new("python3")
-        .args(["scripts/gen-events.py", "-n", &n.to_string(), "--seed", &seed.to_string(), "--ips", "40", "--devices", "40", "--users", "30"])
+        .args([
+            "scripts/gen-events.py",
+            "-n",
+            &n.to_string(),
+            "--seed",
+            &seed.to_string(),
+            "--ips",
+            "40",
+            "--devices",
+            "40",
+            "--users",
+            "30",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -42,21 +58,50 @@ fn check_reveals(dir: &Path, input: &str) -> usize {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
         want.entry(v["user_id"].as_str().unwrap().into())
             .or_default()
-            .push((v["ip"].as_str().unwrap().into(), v["device_id"].as_str().unwrap().into()));
+            .push((
+                v["ip"].as_str().unwrap().into(),
+                v["device_id"].as_str().unwrap().into(),
+            ));
     }
-    let (mut ip_tok, mut tok_ip, mut versions) = (HashMap::new(), HashMap::new(), std::collections::HashSet::new());
+    let (mut ip_tok, mut tok_ip, mut versions) = (
+        HashMap::new(),
+        HashMap::new(),
+        std::collections::HashSet::new(),
+    );
     let mut rows = 0;
     for (user, originals) in &want {
-        let out = cmd(dir, &["reveal", "--user-id", user, "--reason", "rotation test", "--format", "json"]);
+        let out = cmd(
+            dir,
+            &[
+                "reveal",
+                "--user-id",
+                user,
+                "--reason",
+                "rotation test",
+                "--format",
+                "json",
+            ],
+        );
         let mut got: Vec<(String, String)> = vec![];
         for line in String::from_utf8(out.stdout).unwrap().lines() {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            let (ip, dev) = (v["ip"].as_str().expect("original ip").to_string(), v["device_id"].as_str().unwrap().to_string());
+            let (ip, dev) = (
+                v["ip"].as_str().expect("original ip").to_string(),
+                v["device_id"].as_str().unwrap().to_string(),
+            );
             let mip = v["masked_ip"].as_str().unwrap().to_string();
             versions.insert(mip.split('_').next().unwrap().to_string());
             let canon = CanonicalIp::parse(&ip).unwrap().expose().to_string();
-            assert_eq!(ip_tok.entry(canon.clone()).or_insert(mip.clone()), &mip, "one IP, two tokens");
-            assert_eq!(tok_ip.entry(mip).or_insert(canon.clone()), &canon, "one token, two IPs");
+            assert_eq!(
+                ip_tok.entry(canon.clone()).or_insert(mip.clone()),
+                &mip,
+                "one IP, two tokens"
+            );
+            assert_eq!(
+                tok_ip.entry(mip).or_insert(canon.clone()),
+                &canon,
+                "one token, two IPs"
+            );
             got.push((ip, dev));
             rows += 1;
         }
@@ -65,7 +110,11 @@ fn check_reveals(dir: &Path, input: &str) -> usize {
         got.sort();
         assert_eq!(got, expected, "originals of {user}");
     }
-    assert_eq!(versions.len(), 1, "tokens of several versions: {versions:?}");
+    assert_eq!(
+        versions.len(),
+        1,
+        "tokens of several versions: {versions:?}"
+    );
     rows
 }
 
@@ -84,11 +133,17 @@ async fn rotations_while_a_worker_consumes_lose_nothing() {
         .spawn()
         .unwrap();
     let mut stdin = worker.stdin.take().unwrap();
-    let rotations: [&[&str]; 3] = [&["rotate", "data-keys"], &["rotate", "token-key"], &["rotate", "data-keys"]];
+    let rotations: [&[&str]; 3] = [
+        &["rotate", "data-keys"],
+        &["rotate", "token-key"],
+        &["rotate", "data-keys"],
+    ];
     for (i, chunk) in chunks.iter().enumerate() {
         // Feed a chunk in pieces so the worker commits while the rotation runs.
         for piece in chunk.lines().collect::<Vec<_>>().chunks(30) {
-            stdin.write_all((piece.join("\n") + "\n").as_bytes()).unwrap();
+            stdin
+                .write_all((piece.join("\n") + "\n").as_bytes())
+                .unwrap();
             stdin.flush().unwrap();
             std::thread::sleep(Duration::from_millis(30));
         }
@@ -103,7 +158,10 @@ async fn rotations_while_a_worker_consumes_lose_nothing() {
     assert!(out.status.success(), "{log}");
     // The worker noticed both rotations by itself (the commit fence), not by luck.
     assert!(log.contains("data key retired by a rotation"), "{log}");
-    assert!(log.contains("token key rotated; switching to the new version"), "{log}");
+    assert!(
+        log.contains("token key rotated; switching to the new version"),
+        "{log}"
+    );
     assert!(log.contains("600 stored"), "{log}");
 
     // A final token rotation and data-key rotation with the worker stopped.
@@ -113,7 +171,10 @@ async fn rotations_while_a_worker_consumes_lose_nothing() {
     assert_eq!(check_reveals(dir.path(), &all), 600);
 
     let db = SqlitePoolOptions::new()
-        .connect(&format!("sqlite:{}", dir.path().join("pii-vault.db").display()))
+        .connect(&format!(
+            "sqlite:{}",
+            dir.path().join("pii-vault.db").display()
+        ))
         .await
         .unwrap();
     let dangling: i64 = sqlx::query_scalar(
@@ -123,18 +184,31 @@ async fn rotations_while_a_worker_consumes_lose_nothing() {
     .await
     .unwrap();
     assert_eq!(dangling, 0, "vault rows refer to destroyed keys");
-    let destroyed_with_blob: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM vault_keys WHERE state = 'destroyed' AND wrapped IS NOT NULL")
+    let destroyed_with_blob: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM vault_keys WHERE state = 'destroyed' AND wrapped IS NOT NULL",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        destroyed_with_blob, 0,
+        "a destroyed key kept its wrapped material"
+    );
+    let destroyed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM vault_keys WHERE state = 'destroyed'")
             .fetch_one(&db)
             .await
             .unwrap();
-    assert_eq!(destroyed_with_blob, 0, "a destroyed key kept its wrapped material");
-    let destroyed: i64 = sqlx::query_scalar("SELECT count(*) FROM vault_keys WHERE state = 'destroyed'").fetch_one(&db).await.unwrap();
-    assert!(destroyed >= 3, "old data and token keys should be destroyed, found {destroyed}");
-    let stale: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE masked_ip NOT LIKE 't3\\_%' ESCAPE '\\'")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    assert!(
+        destroyed >= 3,
+        "old data and token keys should be destroyed, found {destroyed}"
+    );
+    let stale: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM user_logins WHERE masked_ip NOT LIKE 't3\\_%' ESCAPE '\\'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
     assert_eq!(stale, 0);
 
     // Re-running the same input after the rotations stores nothing new.
@@ -154,17 +228,54 @@ async fn forget_erases_originals_but_keeps_masked_rows() {
     let first: serde_json::Value = serde_json::from_str(input.lines().next().unwrap()).unwrap();
     let user = first["user_id"].as_str().unwrap();
 
-    let before = cmd(dir.path(), &["reveal", "--user-id", user, "--reason", "before", "--format", "json"]);
+    let before = cmd(
+        dir.path(),
+        &[
+            "reveal",
+            "--user-id",
+            user,
+            "--reason",
+            "before",
+            "--format",
+            "json",
+        ],
+    );
     let n = String::from_utf8_lossy(&before.stdout).lines().count();
     assert!(n >= 1);
-    let f = cmd(dir.path(), &["forget", "--user-id", user, "--reason", "erasure request 42"]);
+    let f = cmd(
+        dir.path(),
+        &[
+            "forget",
+            "--user-id",
+            user,
+            "--reason",
+            "erasure request 42",
+        ],
+    );
     assert!(String::from_utf8_lossy(&f.stderr).contains(&format!("erased {n} vault row(s)")));
 
-    let after = cmd(dir.path(), &["reveal", "--user-id", user, "--reason", "after", "--format", "json"]);
+    let after = cmd(
+        dir.path(),
+        &[
+            "reveal",
+            "--user-id",
+            user,
+            "--reason",
+            "after",
+            "--format",
+            "json",
+        ],
+    );
     for line in String::from_utf8_lossy(&after.stdout).lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        assert!(v["ip"].is_null() && v["device_id"].is_null(), "forgotten originals came back");
-        assert!(v["masked_ip"].as_str().unwrap().starts_with("t1_"), "masked rows should stay");
+        assert!(
+            v["ip"].is_null() && v["device_id"].is_null(),
+            "forgotten originals came back"
+        );
+        assert!(
+            v["masked_ip"].as_str().unwrap().starts_with("t1_"),
+            "masked rows should stay"
+        );
     }
     assert_eq!(String::from_utf8_lossy(&after.stdout).lines().count(), n);
     assert!(String::from_utf8_lossy(&after.stderr).contains("no recoverable originals"));
@@ -175,7 +286,18 @@ async fn forget_erases_originals_but_keeps_masked_rows() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .find(|v| v["user_id"] != first["user_id"])
         .unwrap();
-    let o = cmd(dir.path(), &["reveal", "--user-id", other["user_id"].as_str().unwrap(), "--reason", "x", "--format", "json"]);
+    let o = cmd(
+        dir.path(),
+        &[
+            "reveal",
+            "--user-id",
+            other["user_id"].as_str().unwrap(),
+            "--reason",
+            "x",
+            "--format",
+            "json",
+        ],
+    );
     assert!(String::from_utf8_lossy(&o.stdout).contains(other["device_id"].as_str().unwrap()));
     let audit = cmd(dir.path(), &["audit", "--format", "json"]);
     assert!(String::from_utf8_lossy(&audit.stdout).contains("\"action\":\"forget\""));

@@ -26,7 +26,13 @@ pub async fn audit(cli: &Cli, args: &AuditArgs) -> anyhow::Result<()> {
                     ]
                 })
                 .collect();
-            print!("{}", crate::output::table(&["id", "at", "actor", "action", "target", "rows", "reason"], &rows));
+            print!(
+                "{}",
+                crate::output::table(
+                    &["id", "at", "actor", "action", "target", "rows", "reason"],
+                    &rows
+                )
+            );
         }
     }
     Ok(())

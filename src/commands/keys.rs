@@ -27,7 +27,11 @@ pub async fn keys(cli: &Cli, cmd: &KeysCommand) -> anyhow::Result<()> {
                     vec![
                         k.id.clone(),
                         k.purpose.as_str().into(),
-                        if k.version > 0 { format!("v{}", k.version) } else { String::new() },
+                        if k.version > 0 {
+                            format!("v{}", k.version)
+                        } else {
+                            String::new()
+                        },
                         k.state.as_str().into(),
                         k.wrapped.kek_id.clone(),
                         k.created_at.format("%Y-%m-%d %H:%M").to_string(),
@@ -38,7 +42,19 @@ pub async fn keys(cli: &Cli, cmd: &KeysCommand) -> anyhow::Result<()> {
                 .collect();
             print!(
                 "{}",
-                crate::output::table(&["id", "purpose", "version", "state", "wrapped by", "created", "age", "uses"], &rows)
+                crate::output::table(
+                    &[
+                        "id",
+                        "purpose",
+                        "version",
+                        "state",
+                        "wrapped by",
+                        "created",
+                        "age",
+                        "uses"
+                    ],
+                    &rows
+                )
             );
         }
     }

@@ -41,18 +41,30 @@ pub async fn open_store(cli: &Cli) -> anyhow::Result<Arc<dyn Store>> {
 pub async fn open_admin_store(cli: &Cli) -> anyhow::Result<Arc<dyn AdminStore>> {
     let url = cli.database_url();
     let store = crate::store::connect_admin(url).await.with_context(|| {
-        format!("cannot open the database {} (check --database-url / DATABASE_URL)", redact_url(url))
+        format!(
+            "cannot open the database {} (check --database-url / DATABASE_URL)",
+            redact_url(url)
+        )
     })?;
-    store.ping().await.with_context(|| format!("the database {} does not answer", redact_url(url)))?;
+    store
+        .ping()
+        .await
+        .with_context(|| format!("the database {} does not answer", redact_url(url)))?;
     if url.starts_with("sqlite:") {
-        store.migrate().await.context("cannot apply the SQLite migrations")?;
+        store
+            .migrate()
+            .await
+            .context("cannot apply the SQLite migrations")?;
     }
     Ok(store)
 }
 
 pub async fn open_wrapper(cli: &Cli) -> anyhow::Result<Arc<dyn KeyWrapper>> {
     let wrapper = crate::kms::from_config(cli.kms_key_id.as_deref(), &cli.key_dir).await?;
-    wrapper.check().await.with_context(|| format!("the key-encryption key {} cannot be used", wrapper.kek_id()))?;
+    wrapper
+        .check()
+        .await
+        .with_context(|| format!("the key-encryption key {} cannot be used", wrapper.kek_id()))?;
     Ok(wrapper)
 }
 
@@ -74,7 +86,13 @@ pub fn redact_url(url: &str) -> String {
 mod tests {
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(super::redact_url("postgres://app:s3cret@db:5432/x"), "postgres://app:***@db:5432/x");
-        assert_eq!(super::redact_url("sqlite:pii-vault.db"), "sqlite:pii-vault.db");
+        assert_eq!(
+            super::redact_url("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(
+            super::redact_url("sqlite:pii-vault.db"),
+            "sqlite:pii-vault.db"
+        );
     }
 }

@@ -62,16 +62,16 @@ pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
     }
     fn view<'a>((l, p): &'a (&'a LoginRow, Option<VaultPlaintext>)) -> Revealed<'a> {
         Revealed {
-        message_id: &l.message_id,
-        user_id: &l.user_id,
-        ip: p.as_ref().map(|p| p.ip.as_str()),
-        device_id: p.as_ref().map(|p| p.device_id.as_str()),
-        device_type: &l.device_type,
-        locale: l.locale.as_deref(),
-        app_version: &l.app_version,
-        create_date: l.create_date,
-        masked_ip: &l.masked_ip,
-        masked_device_id: &l.masked_device_id,
+            message_id: &l.message_id,
+            user_id: &l.user_id,
+            ip: p.as_ref().map(|p| p.ip.as_str()),
+            device_id: p.as_ref().map(|p| p.device_id.as_str()),
+            device_type: &l.device_type,
+            locale: l.locale.as_deref(),
+            app_version: &l.app_version,
+            create_date: l.create_date,
+            masked_ip: &l.masked_ip,
+            masked_device_id: &l.masked_device_id,
         }
     }
     match args.format {
@@ -98,11 +98,25 @@ pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
                 .collect();
             print!(
                 "{}",
-                crate::output::table(&["user_id", "date", "ip", "device_id", "device_type", "locale", "app_version"], &rows)
+                crate::output::table(
+                    &[
+                        "user_id",
+                        "date",
+                        "ip",
+                        "device_id",
+                        "device_type",
+                        "locale",
+                        "app_version"
+                    ],
+                    &rows
+                )
             );
         }
     }
-    eprintln!("pii-vault: revealed {} login(s) for {selector}; recorded in the audit trail", opened.len() - unrecoverable);
+    eprintln!(
+        "pii-vault: revealed {} login(s) for {selector}; recorded in the audit trail",
+        opened.len() - unrecoverable
+    );
     if rows.is_empty() {
         eprintln!("pii-vault: no logins match {selector}");
     } else if unrecoverable > 0 {

@@ -31,8 +31,12 @@ pub async fn rotate(cli: &Cli, cmd: &RotateCommand) -> anyhow::Result<()> {
     let wrapper = super::open_wrapper(cli).await?;
     match cmd {
         RotateCommand::Kek { to } => rotate_kek(store, wrapper, to).await,
-        RotateCommand::DataKeys => rotate_data_keys(store, wrapper, cli.progress()).await.map(|_| ()),
-        RotateCommand::TokenKey => rotate_token_key(store, wrapper, cli.progress()).await.map(|_| ()),
+        RotateCommand::DataKeys => rotate_data_keys(store, wrapper, cli.progress())
+            .await
+            .map(|_| ()),
+        RotateCommand::TokenKey => rotate_token_key(store, wrapper, cli.progress())
+            .await
+            .map(|_| ()),
     }
 }
 
@@ -41,8 +45,10 @@ fn bar(show: bool, what: &'static str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     ProgressBar::new_spinner().with_style(
-        ProgressStyle::with_template(&format!("{{spinner}} [{{elapsed_precise}}] {{pos}} {what} ({{per_sec}})"))
-            .expect("valid template"),
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} [{{elapsed_precise}}] {{pos}} {what} ({{per_sec}})"
+        ))
+        .expect("valid template"),
     )
 }
 
@@ -51,15 +57,23 @@ fn bar(show: bool, what: &'static str) -> ProgressBar {
 /// are unwrapped locally and wrapped with `Encrypt`. Resumable: keys already
 /// under `to` are skipped. Retires the active data keys last, so running
 /// workers take fresh ones under `to` (they follow the token key's KEK).
-pub async fn rotate_kek(store: Arc<dyn AdminStore>, current: Arc<dyn KeyWrapper>, to: &str) -> anyhow::Result<()> {
-    let target = crate::kms::aws::AwsKms::connect(to).await.with_context(|| format!("the target KMS key {to}"))?;
+pub async fn rotate_kek(
+    store: Arc<dyn AdminStore>,
+    current: Arc<dyn KeyWrapper>,
+    to: &str,
+) -> anyhow::Result<()> {
+    let target = crate::kms::aws::AwsKms::connect(to)
+        .await
+        .with_context(|| format!("the target KMS key {to}"))?;
     let target_arn = target.kek_id();
     let mut moved = 0;
     // Twice: keys created by workers while the first pass ran are caught by the second.
     for pass in 0..2 {
         let keys = store.list_keys().await?;
-        let pending: Vec<&StoredKey> =
-            keys.iter().filter(|k| k.state != KeyState::Destroyed && k.wrapped.kek_id != target_arn).collect();
+        let pending: Vec<&StoredKey> = keys
+            .iter()
+            .filter(|k| k.state != KeyState::Destroyed && k.wrapped.kek_id != target_arn)
+            .collect();
         if pending.is_empty() {
             break;
         }
@@ -70,14 +84,19 @@ pub async fn rotate_kek(store: Arc<dyn AdminStore>, current: Arc<dyn KeyWrapper>
                 })?;
                 target.wrap(k.purpose, &material).await?
             } else {
-                target.rewrap(k.purpose, &k.wrapped).await.with_context(|| format!("ReEncrypt of key {}", k.id))?
+                target
+                    .rewrap(k.purpose, &k.wrapped)
+                    .await
+                    .with_context(|| format!("ReEncrypt of key {}", k.id))?
             };
             store.update_wrapped(&k.id, &new).await?;
             moved += 1;
         }
         if pass == 0 {
             // Token key first (above), then make workers take fresh data keys under it.
-            store.transition_keys(KeyPurpose::Vault, KeyState::Active, KeyState::Retired, "").await?;
+            store
+                .transition_keys(KeyPurpose::Vault, KeyState::Active, KeyState::Retired, "")
+                .await?;
         }
     }
     eprintln!(
@@ -107,7 +126,14 @@ pub async fn rotate_data_keys(
         usage_count: 0,
     };
     store.insert_key(&new).await?;
-    store.transition_keys(KeyPurpose::Vault, KeyState::Active, KeyState::Retired, &new.id).await?;
+    store
+        .transition_keys(
+            KeyPurpose::Vault,
+            KeyState::Active,
+            KeyState::Retired,
+            &new.id,
+        )
+        .await?;
     let old: Vec<String> = store
         .list_keys()
         .await?
@@ -127,19 +153,34 @@ pub async fn rotate_data_keys(
         }
         let mut vault_updates = Vec::with_capacity(rows.len());
         for r in rows {
-            let plain = reader.open(&r).await?.with_context(|| format!("row {} is under a destroyed key", r.message_id))?;
+            let plain = reader
+                .open(&r)
+                .await?
+                .with_context(|| format!("row {} is under a destroyed key", r.message_id))?;
             let bytes = zeroize::Zeroizing::new(serde_json::to_vec(&plain)?);
-            let aad = Aad { kind: AAD_VAULT, message_id: &r.message_id, user_id: &r.user_id, key_id: &new.id };
+            let aad = Aad {
+                kind: AAD_VAULT,
+                message_id: &r.message_id,
+                user_id: &r.user_id,
+                key_id: &new.id,
+            };
             let sealed = sealer.seal(&aad, &bytes)?;
             let old_key = r.key_id.clone();
             vault_updates.push((
-                crate::store::VaultRow { key_id: new.id.clone(), nonce: sealed.nonce.to_vec(), ciphertext: sealed.ciphertext, ..r },
+                crate::store::VaultRow {
+                    key_id: new.id.clone(),
+                    nonce: sealed.nonce.to_vec(),
+                    ciphertext: sealed.ciphertext,
+                    ..r
+                },
                 old_key,
             ));
         }
         let mut q_updates = Vec::with_capacity(quarantined.len());
         for q in quarantined {
-            let body = reader.open_quarantined(&q).await?.with_context(|| format!("quarantined {} is under a destroyed key", q.message_id))?;
+            let body = reader.open_quarantined(&q).await?.with_context(|| {
+                format!("quarantined {} is under a destroyed key", q.message_id)
+            })?;
             let aad = Aad {
                 kind: AAD_QUARANTINE,
                 message_id: &q.message_id,
@@ -149,7 +190,12 @@ pub async fn rotate_data_keys(
             let sealed = sealer.seal(&aad, &body)?;
             let old_key = q.key_id.clone();
             q_updates.push((
-                crate::store::QuarantineRow { key_id: new.id.clone(), nonce: sealed.nonce.to_vec(), ciphertext: sealed.ciphertext, ..q },
+                crate::store::QuarantineRow {
+                    key_id: new.id.clone(),
+                    nonce: sealed.nonce.to_vec(),
+                    ciphertext: sealed.ciphertext,
+                    ..q
+                },
                 old_key,
             ));
         }
@@ -192,11 +238,28 @@ pub async fn rotate_token_key(
         created_at: Utc::now(),
         usage_count: 0,
     };
-    anyhow::ensure!(store.insert_key(&new).await?, "token key v{version} already exists: is another rotation running?");
-    store.transition_keys(KeyPurpose::Token, KeyState::Active, KeyState::Retired, &new.id).await?;
+    anyhow::ensure!(
+        store.insert_key(&new).await?,
+        "token key v{version} already exists: is another rotation running?"
+    );
+    store
+        .transition_keys(
+            KeyPurpose::Token,
+            KeyState::Active,
+            KeyState::Retired,
+            &new.id,
+        )
+        .await?;
     let token_key = TokenKey::new(version as u32, &material);
     let total = retokenise(&*store, plain_store, wrapper, &token_key, progress).await?;
-    let destroyed = store.transition_keys(KeyPurpose::Token, KeyState::Retired, KeyState::Destroyed, &new.id).await?;
+    let destroyed = store
+        .transition_keys(
+            KeyPurpose::Token,
+            KeyState::Retired,
+            KeyState::Destroyed,
+            &new.id,
+        )
+        .await?;
     eprintln!(
         "pii-vault: token key v{version} is current; re-tokenised {total} login(s); destroyed {} old token key(s)",
         destroyed.len()
@@ -221,16 +284,22 @@ async fn retokenise(
         let mut after = 0i64;
         loop {
             let rows = store.logins_to_retokenise(version, after, BATCH).await?;
-            let Some((last, _, _)) = rows.last() else { break };
+            let Some((last, _, _)) = rows.last() else {
+                break;
+            };
             after = *last;
             let mut updates = Vec::with_capacity(rows.len());
             for (_, login, vault) in &rows {
-                let Some(plain) = reader.open(vault).await? else { continue };
-                let ip = CanonicalIp::parse(&plain.ip).context("a vault row holds an IP that no longer parses")?;
+                let Some(plain) = reader.open(vault).await? else {
+                    continue;
+                };
+                let ip = CanonicalIp::parse(&plain.ip)
+                    .context("a vault row holds an IP that no longer parses")?;
                 updates.push((
                     login.message_id.clone(),
                     key.token(TokenField::Ip, ip.expose()).to_string(),
-                    key.token(TokenField::DeviceId, &plain.device_id).to_string(),
+                    key.token(TokenField::DeviceId, &plain.device_id)
+                        .to_string(),
                 ));
             }
             store.update_tokens(&updates).await?;
@@ -242,5 +311,7 @@ async fn retokenise(
             return Ok(total);
         }
     }
-    anyhow::bail!("logins with old tokens keep appearing; are workers running an old version of pii-vault?")
+    anyhow::bail!(
+        "logins with old tokens keep appearing; are workers running an old version of pii-vault?"
+    )
 }

@@ -40,7 +40,14 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     };
 
     if let Some(addr) = args.metrics_addr {
-        crate::metrics::serve(addr, stats.clone(), store.clone(), wrapper.clone(), cancel.clone()).await?;
+        crate::metrics::serve(
+            addr,
+            stats.clone(),
+            store.clone(),
+            wrapper.clone(),
+            cancel.clone(),
+        )
+        .await?;
     }
 
     let opts = RunOptions {
@@ -49,7 +56,15 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         ..RunOptions::default()
     };
     let started = Instant::now();
-    let pipeline = Pipeline { source, store, wrapper, token_key, token_key_id, stats: stats.clone(), opts };
+    let pipeline = Pipeline {
+        source,
+        store,
+        wrapper,
+        token_key,
+        token_key_id,
+        stats: stats.clone(),
+        opts,
+    };
     let result = pipeline.run(cancel.clone()).await;
     cancel.cancel();
     if let Some(p) = progress {
@@ -84,7 +99,9 @@ fn spawn_signal_handler(cancel: CancellationToken) {
             wait_for_signal().await;
             count += 1;
             if count == 1 {
-                tracing::info!("shutting down: finishing the batch in hand (signal again to exit at once)");
+                tracing::info!(
+                    "shutting down: finishing the batch in hand (signal again to exit at once)"
+                );
                 cancel.cancel();
             } else {
                 std::process::exit(130);

@@ -100,7 +100,12 @@ impl Sealer {
     }
 }
 
-fn seal_raw(c: &Aes256Gcm, nonce: &[u8; NONCE_LEN], aad: &[u8], msg: &[u8]) -> Result<Vec<u8>, CryptoError> {
+fn seal_raw(
+    c: &Aes256Gcm,
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    msg: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
     c.encrypt(Nonce::from_slice(nonce), Payload { msg, aad })
         .map_err(|_| CryptoError::Seal)
 }
@@ -116,7 +121,13 @@ pub fn open(
         return Err(CryptoError::BadNonce(nonce.len()));
     }
     cipher(key)
-        .decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad: &aad.encode() })
+        .decrypt(
+            Nonce::from_slice(nonce),
+            Payload {
+                msg: ciphertext,
+                aad: &aad.encode(),
+            },
+        )
         .map(Zeroizing::new)
         .map_err(|_| CryptoError::Open)
 }
@@ -130,7 +141,12 @@ mod tests {
     }
 
     fn aad<'a>(message_id: &'a str, user_id: &'a str, key_id: &'a str) -> Aad<'a> {
-        Aad { kind: "vault", message_id, user_id, key_id }
+        Aad {
+            kind: "vault",
+            message_id,
+            user_id,
+            key_id,
+        }
     }
 
     /// Test Case 16 of the GCM specification (McGrew & Viega), AES-256 with
@@ -143,15 +159,25 @@ mod tests {
         .unwrap();
         let nonce: [u8; 12] = h("cafebabefacedbaddecaf888").try_into().unwrap();
         let aad = h("feedfacedeadbeeffeedfacedeadbeefabaddad2");
-        let pt = h("d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a72\
-                    1c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39");
-        let expected = h("522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa\
+        let pt = h(
+            "d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a72\
+                    1c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39",
+        );
+        let expected = h(
+            "522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa\
                           8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a0abcc9f662\
-                          76fc6ece0f4e1768cddf8853bb2d551b");
+                          76fc6ece0f4e1768cddf8853bb2d551b",
+        );
         let ct = seal_raw(&cipher(&key), &nonce, &aad, &pt).unwrap();
         assert_eq!(hex::encode(&ct), hex::encode(&expected));
         let back = cipher(&key)
-            .decrypt(Nonce::from_slice(&nonce), Payload { msg: &ct, aad: &aad })
+            .decrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: &ct,
+                    aad: &aad,
+                },
+            )
             .unwrap();
         assert_eq!(back, pt);
     }
@@ -190,18 +216,34 @@ mod tests {
         }
         let mut nonce = sealed.nonce;
         nonce[0] ^= 1;
-        assert_eq!(open(&key, &a, &nonce, &sealed.ciphertext), Err(CryptoError::Open));
+        assert_eq!(
+            open(&key, &a, &nonce, &sealed.ciphertext),
+            Err(CryptoError::Open)
+        );
     }
 
     #[test]
     fn another_rows_associated_data_fails() {
         let key = KeyMaterial::generate();
         let sealed = seal(&key, &aad("m1", "u1", "k1"), b"10.0.0.1").unwrap();
-        for other in [aad("m2", "u1", "k1"), aad("m1", "u2", "k1"), aad("m1", "u1", "k2")] {
-            assert_eq!(open(&key, &other, &sealed.nonce, &sealed.ciphertext), Err(CryptoError::Open));
+        for other in [
+            aad("m2", "u1", "k1"),
+            aad("m1", "u2", "k1"),
+            aad("m1", "u1", "k2"),
+        ] {
+            assert_eq!(
+                open(&key, &other, &sealed.nonce, &sealed.ciphertext),
+                Err(CryptoError::Open)
+            );
         }
-        let q = Aad { kind: "quarantine", ..aad("m1", "u1", "k1") };
-        assert_eq!(open(&key, &q, &sealed.nonce, &sealed.ciphertext), Err(CryptoError::Open));
+        let q = Aad {
+            kind: "quarantine",
+            ..aad("m1", "u1", "k1")
+        };
+        assert_eq!(
+            open(&key, &q, &sealed.nonce, &sealed.ciphertext),
+            Err(CryptoError::Open)
+        );
     }
 
     #[test]
@@ -209,7 +251,12 @@ mod tests {
         let a = aad("m1", "u1", "k1");
         let sealed = seal(&KeyMaterial::generate(), &a, b"10.0.0.1").unwrap();
         assert_eq!(
-            open(&KeyMaterial::generate(), &a, &sealed.nonce, &sealed.ciphertext),
+            open(
+                &KeyMaterial::generate(),
+                &a,
+                &sealed.nonce,
+                &sealed.ciphertext
+            ),
             Err(CryptoError::Open)
         );
     }
@@ -218,9 +265,15 @@ mod tests {
     fn truncated_inputs_are_errors_not_panics() {
         let key = KeyMaterial::generate();
         let a = aad("m1", "u1", "k1");
-        assert_eq!(open(&key, &a, &[0u8; 5], b"x"), Err(CryptoError::BadNonce(5)));
+        assert_eq!(
+            open(&key, &a, &[0u8; 5], b"x"),
+            Err(CryptoError::BadNonce(5))
+        );
         assert_eq!(open(&key, &a, &[0u8; 12], b""), Err(CryptoError::Open));
-        assert_eq!(open(&key, &a, &[0u8; 12], &[0u8; 15]), Err(CryptoError::Open));
+        assert_eq!(
+            open(&key, &a, &[0u8; 12], &[0u8; 15]),
+            Err(CryptoError::Open)
+        );
     }
 
     #[test]

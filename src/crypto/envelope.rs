@@ -141,7 +141,11 @@ pub trait KeyWrapper: Send + Sync {
     async fn generate(&self, purpose: KeyPurpose) -> Result<(KeyMaterial, WrappedKey), WrapError>;
 
     /// Recovers the plaintext of a stored key.
-    async fn unwrap(&self, purpose: KeyPurpose, wrapped: &WrappedKey) -> Result<KeyMaterial, WrapError>;
+    async fn unwrap(
+        &self,
+        purpose: KeyPurpose,
+        wrapped: &WrappedKey,
+    ) -> Result<KeyMaterial, WrapError>;
 
     /// Wraps existing key material under this wrapper's KEK. Only for moving
     /// keys from the local key file into KMS; KMS-to-KMS uses [`Self::rewrap`].
@@ -153,7 +157,11 @@ pub trait KeyWrapper: Send + Sync {
 
     /// Re-wraps a stored key under this wrapper's KEK. With KMS this is
     /// `ReEncrypt`, so the plaintext never leaves KMS.
-    async fn rewrap(&self, purpose: KeyPurpose, wrapped: &WrappedKey) -> Result<WrappedKey, WrapError>;
+    async fn rewrap(
+        &self,
+        purpose: KeyPurpose,
+        wrapped: &WrappedKey,
+    ) -> Result<WrappedKey, WrapError>;
 
     /// Checks at start-up that the KEK exists and may be used, so that a
     /// misconfiguration is one clear error instead of retries forever.

@@ -138,7 +138,10 @@ mod tests {
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
         assert_eq!(
-            mac(&[0xaa; 131], b"Test Using Larger Than Block-Size Key - Hash Key First"),
+            mac(
+                &[0xaa; 131],
+                b"Test Using Larger Than Block-Size Key - Hash Key First"
+            ),
             "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
         );
     }
@@ -150,7 +153,10 @@ mod tests {
     fn known_answer_token_layout() {
         let bytes: Vec<u8> = (1..=32).collect();
         let key = TokenKey::new(1, &KeyMaterial::from_slice(&bytes).unwrap());
-        assert_eq!(key.token(TokenField::Ip, "192.0.2.1").as_str(), TOKEN_VECTOR);
+        assert_eq!(
+            key.token(TokenField::Ip, "192.0.2.1").as_str(),
+            TOKEN_VECTOR
+        );
         assert_eq!(Token::version_of(TOKEN_VECTOR), Some(1));
     }
     const TOKEN_VECTOR: &str = "t1_B1YfNDXLW2c28IroQuACnO1qKTMKCQfDYSsWBmOIm0E";

@@ -103,8 +103,18 @@ impl Rejection {
 
     /// Every code, for pre-registering metrics.
     pub const CODES: &'static [&'static str] = &[
-        "too_large", "not_utf8", "not_json", "too_deep", "not_object", "malformed",
-        "missing_field", "wrong_type", "empty_field", "too_long", "nul_character", "invalid_ip",
+        "too_large",
+        "not_utf8",
+        "not_json",
+        "too_deep",
+        "not_object",
+        "malformed",
+        "missing_field",
+        "wrong_type",
+        "empty_field",
+        "too_long",
+        "nul_character",
+        "invalid_ip",
     ];
 }
 
@@ -201,7 +211,11 @@ fn required_string(v: Option<Value>, field: Field, max: usize) -> Result<String,
         }
         Some(_) => Err(Rejection::WrongType(
             field,
-            if field == Field::AppVersion { "a string or a number" } else { "a string" },
+            if field == Field::AppVersion {
+                "a string or a number"
+            } else {
+                "a string"
+            },
         )),
     }
 }
@@ -296,25 +310,62 @@ mod tests {
         assert_eq!(reject("{\"user_id\": "), Rejection::NotJson);
         assert_eq!(reject("[1,2]"), Rejection::NotObject("array"));
         assert_eq!(reject("\"x\""), Rejection::NotObject("string"));
-        assert_eq!(reject(&with("ip", "<absent>")), Rejection::Missing(Field::Ip));
-        assert_eq!(reject(&with("device_id", "null")), Rejection::Missing(Field::DeviceId));
+        assert_eq!(
+            reject(&with("ip", "<absent>")),
+            Rejection::Missing(Field::Ip)
+        );
+        assert_eq!(
+            reject(&with("device_id", "null")),
+            Rejection::Missing(Field::DeviceId)
+        );
         assert_eq!(reject(&with("ip", "\"300.1.1.1\"")), Rejection::InvalidIp);
-        assert_eq!(reject(&with("ip", "12345")), Rejection::WrongType(Field::Ip, "a string"));
-        assert_eq!(reject(&with("user_id", &format!("\"{}\"", "u".repeat(129)))), Rejection::TooLong(Field::UserId, 128));
-        assert_eq!(reject(&with("device_id", "\"59\\u000047\"")), Rejection::Nul(Field::DeviceId));
-        assert_eq!(reject(&with("device_type", "\"\"")), Rejection::Empty(Field::DeviceType));
-        assert_eq!(reject(&with("locale", "7")), Rejection::WrongType(Field::Locale, "a string or null"));
-        assert_eq!(reject(&with("app_version", "[1]")), Rejection::WrongType(Field::AppVersion, "a string or a number"));
-        assert_eq!(reject(&format!("{}{}", "[".repeat(1_000), "]".repeat(1_000))), Rejection::TooDeep);
+        assert_eq!(
+            reject(&with("ip", "12345")),
+            Rejection::WrongType(Field::Ip, "a string")
+        );
+        assert_eq!(
+            reject(&with("user_id", &format!("\"{}\"", "u".repeat(129)))),
+            Rejection::TooLong(Field::UserId, 128)
+        );
+        assert_eq!(
+            reject(&with("device_id", "\"59\\u000047\"")),
+            Rejection::Nul(Field::DeviceId)
+        );
+        assert_eq!(
+            reject(&with("device_type", "\"\"")),
+            Rejection::Empty(Field::DeviceType)
+        );
+        assert_eq!(
+            reject(&with("locale", "7")),
+            Rejection::WrongType(Field::Locale, "a string or null")
+        );
+        assert_eq!(
+            reject(&with("app_version", "[1]")),
+            Rejection::WrongType(Field::AppVersion, "a string or a number")
+        );
+        assert_eq!(
+            reject(&format!("{}{}", "[".repeat(1_000), "]".repeat(1_000))),
+            Rejection::TooDeep
+        );
         assert_eq!(reject(&" ".repeat(MAX_BODY_BYTES + 1)), Rejection::TooLarge);
-        assert_eq!(LoginEvent::parse(b"{\"ip\": \"\xff\"}").unwrap_err(), Rejection::NotUtf8);
-        assert_eq!(reject(r#"{"ip":"1.1.1.1","ip":"2.2.2.2"}"#), Rejection::Malformed);
+        assert_eq!(
+            LoginEvent::parse(b"{\"ip\": \"\xff\"}").unwrap_err(),
+            Rejection::NotUtf8
+        );
+        assert_eq!(
+            reject(r#"{"ip":"1.1.1.1","ip":"2.2.2.2"}"#),
+            Rejection::Malformed
+        );
     }
 
     #[test]
     fn reasons_never_contain_values() {
         let secret_ip = "\"199.172.111.135x\"";
-        for body in [with("ip", secret_ip), with("ip", "[\"199.172.111.135\"]"), with("device_id", "593475928")] {
+        for body in [
+            with("ip", secret_ip),
+            with("ip", "[\"199.172.111.135\"]"),
+            with("device_id", "593475928"),
+        ] {
             let msg = reject(&body).to_string();
             assert!(!msg.contains("199.172") && !msg.contains("593"), "{msg}");
         }
@@ -324,6 +375,9 @@ mod tests {
     fn debug_of_an_event_redacts_pii() {
         let e = LoginEvent::parse(GOOD.as_bytes()).unwrap();
         let dbg = format!("{e:?}");
-        assert!(!dbg.contains("199.172.111.135") && !dbg.contains("593-47-5928"), "{dbg}");
+        assert!(
+            !dbg.contains("199.172.111.135") && !dbg.contains("593-47-5928"),
+            "{dbg}"
+        );
     }
 }

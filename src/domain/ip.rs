@@ -46,13 +46,24 @@ mod tests {
         assert_eq!(canon(" 192.0.2.1\n").unwrap(), "192.0.2.1");
         assert_eq!(canon("::ffff:192.0.2.1").unwrap(), "192.0.2.1");
         assert_eq!(canon("2001:DB8::1").unwrap(), "2001:db8::1");
-        assert_eq!(canon("2001:0db8:0000:0000:0000:0000:0000:0001").unwrap(), "2001:db8::1");
+        assert_eq!(
+            canon("2001:0db8:0000:0000:0000:0000:0000:0001").unwrap(),
+            "2001:db8::1"
+        );
         assert_eq!(canon("[2001:db8::1]").unwrap(), "2001:db8::1");
     }
 
     #[test]
     fn non_addresses_are_refused() {
-        for bad in ["", "not-an-ip", "256.1.1.1", "1.2.3", "010.0.0.1", "1.2.3.4:80", "::g"] {
+        for bad in [
+            "",
+            "not-an-ip",
+            "256.1.1.1",
+            "1.2.3",
+            "010.0.0.1",
+            "1.2.3.4:80",
+            "::g",
+        ] {
             assert_eq!(canon(bad), None, "{bad:?} parsed");
         }
     }

@@ -27,7 +27,10 @@ impl std::fmt::Debug for Message {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Message")
             .field("id", &self.id)
-            .field("body", &format_args!("[{} bytes redacted]", self.body.len()))
+            .field(
+                "body",
+                &format_args!("[{} bytes redacted]", self.body.len()),
+            )
             .field("sent_at", &self.sent_at)
             .finish()
     }

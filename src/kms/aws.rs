@@ -27,7 +27,10 @@ impl AwsKms {
     pub async fn connect(key_id: &str) -> Result<Self, WrapError> {
         let conf = aws_config::load_from_env().await;
         let client = Client::new(&conf);
-        let kms = AwsKms { client, key_arn: std::sync::RwLock::new(key_id.to_string()) };
+        let kms = AwsKms {
+            client,
+            key_arn: std::sync::RwLock::new(key_id.to_string()),
+        };
         let arn = kms.describe(key_id).await?;
         *kms.key_arn.write().expect("kek lock") = arn;
         Ok(kms)
@@ -38,33 +41,55 @@ impl AwsKms {
     }
 
     async fn describe(&self, key_id: &str) -> Result<String, WrapError> {
-        let resp = self.client.describe_key().key_id(key_id).send().await.map_err(|e| classify("DescribeKey", e))?;
-        let meta = resp
-            .key_metadata
-            .ok_or_else(|| WrapError::Permanent(format!("KMS key {key_id}: DescribeKey returned no metadata")))?;
+        let resp = self
+            .client
+            .describe_key()
+            .key_id(key_id)
+            .send()
+            .await
+            .map_err(|e| classify("DescribeKey", e))?;
+        let meta = resp.key_metadata.ok_or_else(|| {
+            WrapError::Permanent(format!(
+                "KMS key {key_id}: DescribeKey returned no metadata"
+            ))
+        })?;
         if meta.key_state != Some(KeyState::Enabled) {
             return Err(WrapError::Permanent(format!(
                 "KMS key {key_id} is {:?}, not Enabled",
-                meta.key_state.map(|s| s.as_str().to_string()).unwrap_or_default()
+                meta.key_state
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_default()
             )));
         }
         Ok(meta.arn.unwrap_or_else(|| key_id.to_string()))
     }
 }
 
-fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R>(op: &str, e: SdkError<E, R>) -> WrapError {
+fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R>(
+    op: &str,
+    e: SdkError<E, R>,
+) -> WrapError {
     match &e {
         SdkError::TimeoutError(_) => WrapError::Transient(format!("KMS {op}: timed out")),
-        SdkError::DispatchFailure(_) => {
-            WrapError::Transient(format!("KMS {op}: cannot connect (check AWS_ENDPOINT_URL / network)"))
+        SdkError::DispatchFailure(_) => WrapError::Transient(format!(
+            "KMS {op}: cannot connect (check AWS_ENDPOINT_URL / network)"
+        )),
+        SdkError::ResponseError(_) => {
+            WrapError::Transient(format!("KMS {op}: unreadable response"))
         }
-        SdkError::ResponseError(_) => WrapError::Transient(format!("KMS {op}: unreadable response")),
         SdkError::ServiceError(s) => {
             let code = s.err().code().unwrap_or("error");
-            let msg = format!("KMS {op}: {code} ({})", s.err().message().unwrap_or("no message"));
+            let msg = format!(
+                "KMS {op}: {code} ({})",
+                s.err().message().unwrap_or("no message")
+            );
             match code {
-                "ThrottlingException" | "KMSInternalException" | "DependencyTimeoutException"
-                | "KeyUnavailableException" | "ServiceUnavailable" | "InternalFailure" => WrapError::Transient(msg),
+                "ThrottlingException"
+                | "KMSInternalException"
+                | "DependencyTimeoutException"
+                | "KeyUnavailableException"
+                | "ServiceUnavailable"
+                | "InternalFailure" => WrapError::Transient(msg),
                 "InvalidCiphertextException" => WrapError::Unwrap,
                 _ => WrapError::Permanent(msg),
             }
@@ -74,7 +99,9 @@ fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R>(op: &str, e: SdkError<
 }
 
 fn take_key(blob: Option<Blob>) -> Result<KeyMaterial, WrapError> {
-    let mut bytes = blob.ok_or_else(|| WrapError::Permanent("KMS returned no plaintext key".into()))?.into_inner();
+    let mut bytes = blob
+        .ok_or_else(|| WrapError::Permanent("KMS returned no plaintext key".into()))?
+        .into_inner();
     let key = KeyMaterial::from_slice(&bytes);
     bytes.zeroize();
     key
@@ -101,7 +128,10 @@ impl KeyWrapper for AwsKms {
             .ciphertext_blob
             .ok_or_else(|| WrapError::Permanent("KMS returned no wrapped key".into()))?
             .into_inner();
-        Ok(WrappedKey { kek_id: resp.key_id.unwrap_or(arn), blob })
+        Ok(WrappedKey {
+            kek_id: resp.key_id.unwrap_or(arn),
+            blob,
+        })
     }
 
     async fn follow(&self, kek_id: &str) -> Result<(), WrapError> {
@@ -132,7 +162,11 @@ impl KeyWrapper for AwsKms {
         Ok((key, WrappedKey { kek_id, blob }))
     }
 
-    async fn unwrap(&self, purpose: KeyPurpose, wrapped: &WrappedKey) -> Result<KeyMaterial, WrapError> {
+    async fn unwrap(
+        &self,
+        purpose: KeyPurpose,
+        wrapped: &WrappedKey,
+    ) -> Result<KeyMaterial, WrapError> {
         let resp = self
             .client
             .decrypt()
@@ -145,7 +179,11 @@ impl KeyWrapper for AwsKms {
         take_key(resp.plaintext)
     }
 
-    async fn rewrap(&self, purpose: KeyPurpose, wrapped: &WrappedKey) -> Result<WrappedKey, WrapError> {
+    async fn rewrap(
+        &self,
+        purpose: KeyPurpose,
+        wrapped: &WrappedKey,
+    ) -> Result<WrappedKey, WrapError> {
         let resp = self
             .client
             .re_encrypt()
@@ -161,7 +199,10 @@ impl KeyWrapper for AwsKms {
             .ciphertext_blob
             .ok_or_else(|| WrapError::Permanent("KMS returned no re-encrypted key".into()))?
             .into_inner();
-        Ok(WrappedKey { kek_id: resp.key_id.unwrap_or_else(|| self.arn()), blob })
+        Ok(WrappedKey {
+            kek_id: resp.key_id.unwrap_or_else(|| self.arn()),
+            blob,
+        })
     }
 
     async fn check(&self) -> Result<(), WrapError> {

@@ -33,10 +33,14 @@ impl LocalKek {
                 anyhow::anyhow!("cannot read the local key file {}: {e}", path.display())
             })?);
             let bytes = Zeroizing::new(hex::decode(text.trim()).map_err(|_| {
-                anyhow::anyhow!("the local key file {} is not 64 hex characters", path.display())
+                anyhow::anyhow!(
+                    "the local key file {} is not 64 hex characters",
+                    path.display()
+                )
             })?);
-            KeyMaterial::from_slice(&bytes)
-                .map_err(|_| anyhow::anyhow!("the local key file {} is not a 256-bit key", path.display()))?
+            KeyMaterial::from_slice(&bytes).map_err(|_| {
+                anyhow::anyhow!("the local key file {} is not a 256-bit key", path.display())
+            })?
         } else {
             let kek = KeyMaterial::generate();
             write_new_key_file(dir, &path, &kek)?;
@@ -56,7 +60,12 @@ impl LocalKek {
     }
 
     fn aad<'a>(&'a self, purpose: KeyPurpose) -> Aad<'a> {
-        Aad { kind: "wrap", message_id: purpose.context(), user_id: "", key_id: &self.kek_id }
+        Aad {
+            kind: "wrap",
+            message_id: purpose.context(),
+            user_id: "",
+            key_id: &self.kek_id,
+        }
     }
 
     fn wrap(&self, purpose: KeyPurpose, key: &KeyMaterial) -> Result<WrappedKey, WrapError> {
@@ -64,7 +73,10 @@ impl LocalKek {
             .map_err(|e| WrapError::Permanent(e.to_string()))?;
         let mut blob = sealed.nonce.to_vec();
         blob.extend_from_slice(&sealed.ciphertext);
-        Ok(WrappedKey { kek_id: self.kek_id.clone(), blob })
+        Ok(WrappedKey {
+            kek_id: self.kek_id.clone(),
+            blob,
+        })
     }
 }
 
@@ -122,7 +134,10 @@ impl KeyWrapper for LocalKek {
         if kek_id == self.kek_id {
             Ok(())
         } else {
-            Err(WrapError::WrongKek { expected: self.kek_id.clone(), found: kek_id.to_string() })
+            Err(WrapError::WrongKek {
+                expected: self.kek_id.clone(),
+                found: kek_id.to_string(),
+            })
         }
     }
 
@@ -132,19 +147,31 @@ impl KeyWrapper for LocalKek {
         Ok((key, wrapped))
     }
 
-    async fn unwrap(&self, purpose: KeyPurpose, wrapped: &WrappedKey) -> Result<KeyMaterial, WrapError> {
+    async fn unwrap(
+        &self,
+        purpose: KeyPurpose,
+        wrapped: &WrappedKey,
+    ) -> Result<KeyMaterial, WrapError> {
         if wrapped.kek_id != self.kek_id {
-            return Err(WrapError::WrongKek { expected: self.kek_id.clone(), found: wrapped.kek_id.clone() });
+            return Err(WrapError::WrongKek {
+                expected: self.kek_id.clone(),
+                found: wrapped.kek_id.clone(),
+            });
         }
         if wrapped.blob.len() < NONCE_LEN {
             return Err(WrapError::Unwrap);
         }
         let (nonce, ct) = wrapped.blob.split_at(NONCE_LEN);
-        let plain = aead::open(&self.kek, &self.aad(purpose), nonce, ct).map_err(|_| WrapError::Unwrap)?;
+        let plain =
+            aead::open(&self.kek, &self.aad(purpose), nonce, ct).map_err(|_| WrapError::Unwrap)?;
         KeyMaterial::from_slice(&plain)
     }
 
-    async fn rewrap(&self, purpose: KeyPurpose, wrapped: &WrappedKey) -> Result<WrappedKey, WrapError> {
+    async fn rewrap(
+        &self,
+        purpose: KeyPurpose,
+        wrapped: &WrappedKey,
+    ) -> Result<WrappedKey, WrapError> {
         let key = self.unwrap(purpose, wrapped).await?;
         self.wrap(purpose, &key)
     }
@@ -169,10 +196,16 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         let (key, wrapped) = kek.generate(KeyPurpose::Vault).await.unwrap();
-        assert!(!wrapped.blob.windows(32).any(|w| w == key.expose_for_wrapping()));
+        assert!(!wrapped
+            .blob
+            .windows(32)
+            .any(|w| w == key.expose_for_wrapping()));
         let back = kek.unwrap(KeyPurpose::Vault, &wrapped).await.unwrap();
         assert_eq!(back.expose_for_wrapping(), key.expose_for_wrapping());
-        assert!(matches!(kek.unwrap(KeyPurpose::Token, &wrapped).await, Err(WrapError::Unwrap)));
+        assert!(matches!(
+            kek.unwrap(KeyPurpose::Token, &wrapped).await,
+            Err(WrapError::Unwrap)
+        ));
 
         // Reopening finds the same KEK.
         let again = LocalKek::open_or_create(dir.path()).unwrap();
@@ -191,7 +224,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kek = LocalKek::open_or_create(dir.path()).unwrap();
         std::fs::set_permissions(kek.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = LocalKek::open_or_create(dir.path()).err().unwrap().to_string();
+        let err = LocalKek::open_or_create(dir.path())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("chmod 600"), "{err}");
     }
 }

@@ -17,9 +17,16 @@ use crate::crypto::KeyWrapper;
 
 /// The wrapper the command line asks for: AWS KMS with a key id, otherwise
 /// the local key file (created on first use, with a warning).
-pub async fn from_config(kms_key_id: Option<&str>, key_dir: &Path) -> anyhow::Result<Arc<dyn KeyWrapper>> {
+pub async fn from_config(
+    kms_key_id: Option<&str>,
+    key_dir: &Path,
+) -> anyhow::Result<Arc<dyn KeyWrapper>> {
     match kms_key_id {
-        Some(id) => Ok(Arc::new(aws::AwsKms::connect(id).await.map_err(|e| anyhow::anyhow!("KMS key {id}: {e}"))?)),
+        Some(id) => Ok(Arc::new(
+            aws::AwsKms::connect(id)
+                .await
+                .map_err(|e| anyhow::anyhow!("KMS key {id}: {e}"))?,
+        )),
         None => Ok(Arc::new(local::LocalKek::open_or_create(key_dir)?)),
     }
 }

@@ -25,7 +25,10 @@ pub struct DekPolicy {
 
 impl Default for DekPolicy {
     fn default() -> Self {
-        DekPolicy { max_uses: 1 << 20, max_age: Duration::from_secs(24 * 3600) }
+        DekPolicy {
+            max_uses: 1 << 20,
+            max_age: Duration::from_secs(24 * 3600),
+        }
     }
 }
 
@@ -49,12 +52,22 @@ impl DataKeyLease {
 
 /// Loads the current token key, creating version 1 if the store has none.
 /// Two workers racing to create it both end up with the one that landed.
-pub async fn load_token_key(store: &dyn Store, wrapper: &dyn KeyWrapper) -> anyhow::Result<(Arc<TokenKey>, String)> {
+pub async fn load_token_key(
+    store: &dyn Store,
+    wrapper: &dyn KeyWrapper,
+) -> anyhow::Result<(Arc<TokenKey>, String)> {
     for _ in 0..3 {
         if let Some(k) = store.current_token_key().await? {
-            let material = wrapper.unwrap(KeyPurpose::Token, &k.wrapped).await.map_err(|e| {
-                anyhow::anyhow!("cannot unwrap token key v{} (wrapped by {}): {e}", k.version, k.wrapped.kek_id)
-            })?;
+            let material = wrapper
+                .unwrap(KeyPurpose::Token, &k.wrapped)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot unwrap token key v{} (wrapped by {}): {e}",
+                        k.version,
+                        k.wrapped.kek_id
+                    )
+                })?;
             return Ok((Arc::new(TokenKey::new(k.version as u32, &material)), k.id));
         }
         let (material, wrapped) = wrapper.generate(KeyPurpose::Token).await?;
@@ -79,7 +92,10 @@ pub async fn load_token_key(store: &dyn Store, wrapper: &dyn KeyWrapper) -> anyh
 /// only makes line ids unguessable, and changing it would break the
 /// idempotency of re-running a file. Concurrent first uses settle on the
 /// oldest key.
-pub async fn load_line_id_key(store: &dyn Store, wrapper: &dyn KeyWrapper) -> anyhow::Result<Arc<TokenKey>> {
+pub async fn load_line_id_key(
+    store: &dyn Store,
+    wrapper: &dyn KeyWrapper,
+) -> anyhow::Result<Arc<TokenKey>> {
     let find = || async {
         let mut keys: Vec<StoredKey> = store
             .list_keys()
@@ -113,7 +129,10 @@ pub async fn load_line_id_key(store: &dyn Store, wrapper: &dyn KeyWrapper) -> an
 /// New keys go under the KEK that wraps the current token key: after
 /// `rotate kek` re-wrapped the token key, running workers follow by
 /// themselves, and the old KMS key can be disabled without restarting them.
-pub async fn new_data_key(store: &dyn Store, wrapper: &dyn KeyWrapper) -> anyhow::Result<DataKeyLease> {
+pub async fn new_data_key(
+    store: &dyn Store,
+    wrapper: &dyn KeyWrapper,
+) -> anyhow::Result<DataKeyLease> {
     if let Some(token) = store.current_token_key().await? {
         if token.wrapped.kek_id != wrapper.kek_id() && !token.wrapped.kek_id.starts_with("local:") {
             wrapper.follow(&token.wrapped.kek_id).await?;
@@ -131,7 +150,12 @@ pub async fn new_data_key(store: &dyn Store, wrapper: &dyn KeyWrapper) -> anyhow
     };
     store.insert_key(&key).await?;
     tracing::info!(key_id = %key.id, kek = %key.wrapped.kek_id, "new data key");
-    Ok(DataKeyLease { id: key.id, sealer: Sealer::new(&material), created: Instant::now(), used: 0 })
+    Ok(DataKeyLease {
+        id: key.id,
+        sealer: Sealer::new(&material),
+        created: Instant::now(),
+        used: 0,
+    })
 }
 
 /// The data key to seal the next `need` values with, replaced first if the

@@ -80,7 +80,13 @@ impl Pipeline {
         let (tx, rx) = mpsc::channel::<Message>(self.opts.batch_size * 2);
         let mut tasks = JoinSet::new();
         for _ in 0..receivers {
-            tasks.spawn(receive_loop(self.source.clone(), tx.clone(), self.stats.clone(), self.opts.backoff, cancel.clone()));
+            tasks.spawn(receive_loop(
+                self.source.clone(),
+                tx.clone(),
+                self.stats.clone(),
+                self.opts.backoff,
+                cancel.clone(),
+            ));
         }
         drop(tx);
         let writer = tokio::spawn(self.write_loop(rx, cancel.clone()));
@@ -99,9 +105,17 @@ impl Pipeline {
         }
     }
 
-    async fn write_loop(self, mut rx: mpsc::Receiver<Message>, cancel: CancellationToken) -> anyhow::Result<BatchOutcome> {
+    async fn write_loop(
+        self,
+        mut rx: mpsc::Receiver<Message>,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<BatchOutcome> {
         let mut total = BatchOutcome::default();
-        let mut keys = WorkerKeys { token: self.token_key.clone(), token_id: self.token_key_id.clone(), dek: None };
+        let mut keys = WorkerKeys {
+            token: self.token_key.clone(),
+            token_id: self.token_key_id.clone(),
+            dek: None,
+        };
         let mut ackers: JoinSet<()> = JoinSet::new();
         let mut open = true;
         while open {
@@ -144,12 +158,20 @@ impl Pipeline {
     /// or the token key meanwhile, the commit is refused; the batch is then
     /// protected again with fresh keys, so no row is ever committed under a
     /// retired key.
-    async fn write_batch(&self, msgs: &[Message], keys: &mut WorkerKeys, cancel: &CancellationToken) -> anyhow::Result<BatchOutcome> {
+    async fn write_batch(
+        &self,
+        msgs: &[Message],
+        keys: &mut WorkerKeys,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<BatchOutcome> {
         for _ in 0..5 {
             let started = std::time::Instant::now();
             let key_id = self.data_key(keys, msgs.len() as u64, cancel).await?;
             let lease = keys.dek.as_mut().expect("data key present");
-            let mut batch = Batch { token_key_id: keys.token_id.clone(), ..Batch::default() };
+            let mut batch = Batch {
+                token_key_id: keys.token_id.clone(),
+                ..Batch::default()
+            };
             let mut reasons = Vec::new();
             for m in msgs {
                 match protect(m, &keys.token, &key_id, &lease.sealer)? {
@@ -164,15 +186,25 @@ impl Pipeline {
             lease.record_use(msgs.len() as u64);
             batch.key_usage.push((key_id.clone(), msgs.len() as i64));
             let stats = &self.stats;
-            let written = retry(self.opts.backoff, cancel, |e: &StoreError, n| {
-                stats.retries.with_label("database").inc();
-                tracing::warn!(error = %e, attempt = n, "batch write failed, retrying");
-            }, || self.store.write_batch(&batch))
+            let written = retry(
+                self.opts.backoff,
+                cancel,
+                |e: &StoreError, n| {
+                    stats.retries.with_label("database").inc();
+                    tracing::warn!(error = %e, attempt = n, "batch write failed, retrying");
+                },
+                || self.store.write_batch(&batch),
+            )
             .await;
             match written {
                 Ok(outcome) => {
                     stats.record_batch(&outcome, msgs.len(), &reasons, started.elapsed());
-                    tracing::debug!(stored = outcome.stored, duplicates = outcome.duplicates, rejected = outcome.rejected, "batch committed");
+                    tracing::debug!(
+                        stored = outcome.stored,
+                        duplicates = outcome.duplicates,
+                        rejected = outcome.rejected,
+                        "batch committed"
+                    );
                     return Ok(outcome);
                 }
                 Err(StoreError::KeyRetired(id)) if id == key_id => {
@@ -180,7 +212,8 @@ impl Pipeline {
                     keys.dek = None;
                 }
                 Err(StoreError::KeyRetired(id)) => {
-                    let (token, token_id) = keys::load_token_key(&*self.store, &*self.wrapper).await?;
+                    let (token, token_id) =
+                        keys::load_token_key(&*self.store, &*self.wrapper).await?;
                     tracing::info!(old = %id, new = %token_id, version = token.version(), "token key rotated; switching to the new version");
                     keys.token = token;
                     keys.token_id = token_id;
@@ -196,10 +229,23 @@ impl Pipeline {
 
     /// The current data key id, generating a fresh key when needed; KMS
     /// hiccups are retried with backoff.
-    async fn data_key(&self, keys: &mut WorkerKeys, need: u64, cancel: &CancellationToken) -> anyhow::Result<String> {
+    async fn data_key(
+        &self,
+        keys: &mut WorkerKeys,
+        need: u64,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<String> {
         let mut attempt = 0;
         loop {
-            match keys::data_key_for(&mut keys.dek, need, &self.opts.dek_policy, &*self.store, &*self.wrapper).await {
+            match keys::data_key_for(
+                &mut keys.dek,
+                need,
+                &self.opts.dek_policy,
+                &*self.store,
+                &*self.wrapper,
+            )
+            .await
+            {
                 Ok(k) => return Ok(k.id.clone()),
                 Err(e) if retry::anyhow_is_transient(&e) => {
                     attempt += 1;

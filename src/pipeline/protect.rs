@@ -51,12 +51,19 @@ pub fn protect(
                 })
                 .expect("two strings always serialize"),
             );
-            let aad = Aad { kind: AAD_VAULT, message_id: &msg.id, user_id: &ev.user_id, key_id };
+            let aad = Aad {
+                kind: AAD_VAULT,
+                message_id: &msg.id,
+                user_id: &ev.user_id,
+                key_id,
+            };
             let sealed = sealer.seal(&aad, &plain)?;
             let login = LoginRow {
                 message_id: msg.id.clone(),
                 masked_ip: token_key.token(TokenField::Ip, ev.ip.expose()).to_string(),
-                masked_device_id: token_key.token(TokenField::DeviceId, ev.device_id.expose()).to_string(),
+                masked_device_id: token_key
+                    .token(TokenField::DeviceId, ev.device_id.expose())
+                    .to_string(),
                 user_id: ev.user_id.clone(),
                 device_type: ev.device_type.clone(),
                 locale: ev.locale.clone(),
@@ -107,7 +114,9 @@ fn salvage_user_id(body: &[u8]) -> Option<String> {
         return None;
     }
     match serde_json::from_slice::<OnlyUser>(body).ok()?.user_id? {
-        serde_json::Value::String(s) if !s.contains('\0') && s.chars().count() <= 128 && !s.trim().is_empty() => {
+        serde_json::Value::String(s)
+            if !s.contains('\0') && s.chars().count() <= 128 && !s.trim().is_empty() =>
+        {
             Some(s)
         }
         _ => None,

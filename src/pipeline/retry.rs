@@ -31,9 +31,12 @@ impl Transient for crate::crypto::WrapError {
 /// Whether an error chain holds a transient store, source or key-wrapper error.
 pub fn anyhow_is_transient(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        c.downcast_ref::<crate::store::StoreError>().is_some_and(|x| x.is_transient())
-            || c.downcast_ref::<crate::source::SourceError>().is_some_and(|x| x.is_transient())
-            || c.downcast_ref::<crate::crypto::WrapError>().is_some_and(|x| x.is_transient())
+        c.downcast_ref::<crate::store::StoreError>()
+            .is_some_and(|x| x.is_transient())
+            || c.downcast_ref::<crate::source::SourceError>()
+                .is_some_and(|x| x.is_transient())
+            || c.downcast_ref::<crate::crypto::WrapError>()
+                .is_some_and(|x| x.is_transient())
     })
 }
 
@@ -45,7 +48,10 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(10) }
+        Backoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(10),
+        }
     }
 }
 
@@ -54,7 +60,9 @@ impl Backoff {
     /// `[0, min(cap, base * 2^attempt)]`, so many workers hitting the same
     /// outage do not retry in lockstep.
     pub fn delay(&self, attempt: u32) -> Duration {
-        let exp = self.base.saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX));
+        let exp = self
+            .base
+            .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX));
         let ceiling = exp.min(self.cap);
         let ms = rand::thread_rng().gen_range(0..=ceiling.as_millis().max(1) as u64);
         Duration::from_millis(ms)
@@ -99,7 +107,10 @@ mod tests {
 
     #[test]
     fn delays_are_capped_and_jittered() {
-        let b = Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(2) };
+        let b = Backoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(2),
+        };
         for attempt in 1..40 {
             assert!(b.delay(attempt) <= Duration::from_secs(2));
         }
@@ -109,22 +120,41 @@ mod tests {
 
     #[tokio::test]
     async fn retries_transient_then_succeeds_and_stops_on_permanent() {
-        let b = Backoff { base: Duration::from_millis(1), cap: Duration::from_millis(2) };
+        let b = Backoff {
+            base: Duration::from_millis(1),
+            cap: Duration::from_millis(2),
+        };
         let cancel = CancellationToken::new();
         let mut calls = 0;
-        let r: Result<u32, StoreError> = retry(b, &cancel, |_, _| {}, || {
-            calls += 1;
-            let n = calls;
-            async move { if n < 3 { Err(StoreError::Transient("down".into())) } else { Ok(n) } }
-        })
+        let r: Result<u32, StoreError> = retry(
+            b,
+            &cancel,
+            |_, _| {},
+            || {
+                calls += 1;
+                let n = calls;
+                async move {
+                    if n < 3 {
+                        Err(StoreError::Transient("down".into()))
+                    } else {
+                        Ok(n)
+                    }
+                }
+            },
+        )
         .await;
         assert_eq!(r.unwrap(), 3);
 
         let mut calls = 0;
-        let r: Result<u32, StoreError> = retry(b, &cancel, |_, _| {}, || {
-            calls += 1;
-            async { Err(StoreError::Permanent("bad".into())) }
-        })
+        let r: Result<u32, StoreError> = retry(
+            b,
+            &cancel,
+            |_, _| {},
+            || {
+                calls += 1;
+                async { Err(StoreError::Permanent("bad".into())) }
+            },
+        )
         .await;
         assert!(r.is_err());
         assert_eq!(calls, 1);

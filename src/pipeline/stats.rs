@@ -48,7 +48,13 @@ pub struct LabelHandle<'a>(&'a LabeledCounter, &'static str);
 
 impl LabelHandle<'_> {
     pub fn add(&self, n: u64) {
-        *self.0 .0.lock().expect("stats lock").entry(self.1).or_insert(0) += n;
+        *self
+            .0
+             .0
+            .lock()
+            .expect("stats lock")
+            .entry(self.1)
+            .or_insert(0) += n;
     }
     pub fn inc(&self) {
         self.add(1)
@@ -81,17 +87,26 @@ impl Histogram {
             }
         }
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micro.fetch_add((v * 1e6) as u64, Ordering::Relaxed);
+        self.sum_micro
+            .fetch_add((v * 1e6) as u64, Ordering::Relaxed);
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (b, c) in self.bounds.iter().zip(&self.buckets) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", c.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{b}\"}} {}",
+                c.load(Ordering::Relaxed)
+            );
         }
         let count = self.count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "{name}_count {count}");
     }
 }
@@ -123,7 +138,9 @@ impl Default for Stats {
             retries: LabeledCounter::default(),
             errors: LabeledCounter::default(),
             batch_size: Histogram::new(&[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0]),
-            batch_seconds: Histogram::new(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            batch_seconds: Histogram::new(&[
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
         };
         s.rejected_by_reason.preset(crate::domain::Rejection::CODES);
         s.retries.preset(&["database", "source", "kms"]);
@@ -133,7 +150,13 @@ impl Default for Stats {
 }
 
 impl Stats {
-    pub fn record_batch(&self, o: &BatchOutcome, size: usize, reasons: &[&'static str], took: Duration) {
+    pub fn record_batch(
+        &self,
+        o: &BatchOutcome,
+        size: usize,
+        reasons: &[&'static str],
+        took: Duration,
+    ) {
         self.stored.add(o.stored);
         self.duplicates.add(o.duplicates);
         self.rejected.add(o.rejected);
@@ -148,27 +171,72 @@ impl Stats {
 
     /// Messages received and not yet acknowledged (or given up on).
     pub fn in_flight(&self) -> u64 {
-        self.received.get().saturating_sub(self.acked.get() + self.ack_failures.get())
+        self.received
+            .get()
+            .saturating_sub(self.acked.get() + self.ack_failures.get())
     }
 
     /// Prometheus text exposition format, every name prefixed `pii_vault_`.
     pub fn render_prometheus(&self) -> String {
         let mut out = String::new();
         let counters = [
-            ("pii_vault_messages_received_total", "Messages received from the source.", &self.received),
-            ("pii_vault_logins_stored_total", "Logins newly written to user_logins.", &self.stored),
-            ("pii_vault_duplicates_total", "Redelivered messages that added nothing.", &self.duplicates),
-            ("pii_vault_rejected_total", "Messages rejected and quarantined.", &self.rejected),
-            ("pii_vault_messages_acked_total", "Messages acknowledged to the source after commit.", &self.acked),
-            ("pii_vault_ack_failures_total", "Messages whose acknowledgement failed (will be redelivered).", &self.ack_failures),
+            (
+                "pii_vault_messages_received_total",
+                "Messages received from the source.",
+                &self.received,
+            ),
+            (
+                "pii_vault_logins_stored_total",
+                "Logins newly written to user_logins.",
+                &self.stored,
+            ),
+            (
+                "pii_vault_duplicates_total",
+                "Redelivered messages that added nothing.",
+                &self.duplicates,
+            ),
+            (
+                "pii_vault_rejected_total",
+                "Messages rejected and quarantined.",
+                &self.rejected,
+            ),
+            (
+                "pii_vault_messages_acked_total",
+                "Messages acknowledged to the source after commit.",
+                &self.acked,
+            ),
+            (
+                "pii_vault_ack_failures_total",
+                "Messages whose acknowledgement failed (will be redelivered).",
+                &self.ack_failures,
+            ),
         ];
         for (name, help, c) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.get());
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c.get()
+            );
         }
         let labeled = [
-            ("pii_vault_rejected_by_reason_total", "Rejected messages by reason code.", "reason", &self.rejected_by_reason),
-            ("pii_vault_retries_total", "Retries after transient faults, by dependency.", "dependency", &self.retries),
-            ("pii_vault_errors_total", "Errors by dependency.", "dependency", &self.errors),
+            (
+                "pii_vault_rejected_by_reason_total",
+                "Rejected messages by reason code.",
+                "reason",
+                &self.rejected_by_reason,
+            ),
+            (
+                "pii_vault_retries_total",
+                "Retries after transient faults, by dependency.",
+                "dependency",
+                &self.retries,
+            ),
+            (
+                "pii_vault_errors_total",
+                "Errors by dependency.",
+                "dependency",
+                &self.errors,
+            ),
         ];
         for (name, help, label, c) in labeled {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -181,8 +249,16 @@ impl Stats {
             "# HELP pii_vault_in_flight Messages received and not yet acknowledged.\n# TYPE pii_vault_in_flight gauge\npii_vault_in_flight {}",
             self.in_flight()
         );
-        self.batch_size.render(&mut out, "pii_vault_batch_size", "Messages per committed batch.");
-        self.batch_seconds.render(&mut out, "pii_vault_batch_seconds", "Time to protect and commit one batch.");
+        self.batch_size.render(
+            &mut out,
+            "pii_vault_batch_size",
+            "Messages per committed batch.",
+        );
+        self.batch_seconds.render(
+            &mut out,
+            "pii_vault_batch_seconds",
+            "Time to protect and commit one batch.",
+        );
         out
     }
 }

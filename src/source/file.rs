@@ -56,7 +56,11 @@ impl FileSource {
         Ok(Self::from_reader(input, len, ids))
     }
 
-    pub fn from_reader(input: Box<dyn AsyncBufRead + Send + Unpin>, len: Option<u64>, ids: Arc<TokenKey>) -> Self {
+    pub fn from_reader(
+        input: Box<dyn AsyncBufRead + Send + Unpin>,
+        len: Option<u64>,
+        ids: Arc<TokenKey>,
+    ) -> Self {
         FileSource {
             inner: Mutex::new(Reader {
                 input,
@@ -94,7 +98,8 @@ impl Reader {
                 None => (buf, buf.len(), false),
             };
             let room = (MAX_BODY_BYTES + 1).saturating_sub(self.partial.len());
-            self.partial.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            self.partial
+                .extend_from_slice(&chunk[..chunk.len().min(room)]);
             self.input.consume(consumed);
             self.bytes_read += consumed as u64;
             if end {
@@ -175,7 +180,10 @@ mod tests {
     use crate::crypto::KeyMaterial;
 
     async fn read_all(input: &'static [u8]) -> Vec<Message> {
-        let ids = Arc::new(TokenKey::new(1, &KeyMaterial::from_slice(&[7; 32]).unwrap()));
+        let ids = Arc::new(TokenKey::new(
+            1,
+            &KeyMaterial::from_slice(&[7; 32]).unwrap(),
+        ));
         let src = FileSource::from_reader(Box::new(BufReader::new(input)), None, ids);
         let mut all = vec![];
         while let Some(batch) = src.receive(2).await.unwrap() {

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName};
+use aws_sdk_sqs::types::{
+    DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
+};
 use aws_sdk_sqs::Client;
 use chrono::{DateTime, Utc};
 use futures::stream::{self, StreamExt};
@@ -46,7 +48,11 @@ impl SqsSource {
             .send()
             .await
             .map_err(|e| anyhow::anyhow!("{}", describe(&e)))?;
-        Ok(SqsSource { client, queue_url: queue_url.to_string(), until_empty })
+        Ok(SqsSource {
+            client,
+            queue_url: queue_url.to_string(),
+            until_empty,
+        })
     }
 
     pub fn client(&self) -> &Client {
@@ -59,10 +65,16 @@ fn describe<E: ProvideErrorMetadata + std::fmt::Debug, R>(e: &SdkError<E, R>) ->
     match e {
         SdkError::ServiceError(s) => {
             let err = s.err();
-            format!("SQS: {} ({})", err.code().unwrap_or("error"), err.message().unwrap_or("no message"))
+            format!(
+                "SQS: {} ({})",
+                err.code().unwrap_or("error"),
+                err.message().unwrap_or("no message")
+            )
         }
         SdkError::TimeoutError(_) => "SQS: request timed out".into(),
-        SdkError::DispatchFailure(_) => "SQS: cannot connect (check AWS_ENDPOINT_URL / network)".into(),
+        SdkError::DispatchFailure(_) => {
+            "SQS: cannot connect (check AWS_ENDPOINT_URL / network)".into()
+        }
         SdkError::ResponseError(_) => "SQS: unreadable response".into(),
         SdkError::ConstructionFailure(_) => "SQS: invalid request".into(),
         _ => "SQS: unknown error".into(),
@@ -72,11 +84,20 @@ fn describe<E: ProvideErrorMetadata + std::fmt::Debug, R>(e: &SdkError<E, R>) ->
 fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R>(e: SdkError<E, R>) -> SourceError {
     let text = describe(&e);
     let transient = match &e {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
         SdkError::ServiceError(s) => matches!(
             s.err().code(),
-            Some("ThrottlingException" | "RequestThrottled" | "ServiceUnavailable" | "InternalError"
-                | "InternalFailure" | "KmsThrottled" | "OverLimit")
+            Some(
+                "ThrottlingException"
+                    | "RequestThrottled"
+                    | "ServiceUnavailable"
+                    | "InternalError"
+                    | "InternalFailure"
+                    | "KmsThrottled"
+                    | "OverLimit"
+            )
         ),
         _ => false,
     };
@@ -95,7 +116,11 @@ impl MessageSource for SqsSource {
             .receive_message()
             .queue_url(&self.queue_url)
             .max_number_of_messages(max.clamp(1, 10) as i32)
-            .wait_time_seconds(if self.until_empty { DRAIN_WAIT_SECS } else { WAIT_SECS })
+            .wait_time_seconds(if self.until_empty {
+                DRAIN_WAIT_SECS
+            } else {
+                WAIT_SECS
+            })
             .visibility_timeout(VISIBILITY_TIMEOUT_SECS)
             .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
             .send()
@@ -119,7 +144,13 @@ impl MessageSource for SqsSource {
                     .and_then(DateTime::from_timestamp_millis)
                     .unwrap_or(now);
                 let body = Zeroizing::new(m.body.unwrap_or_default().into_bytes());
-                Some(Message { id, body, sent_at, ack: Ack::Sqs { receipt_handle }, line: None })
+                Some(Message {
+                    id,
+                    body,
+                    sent_at,
+                    ack: Ack::Sqs { receipt_handle },
+                    line: None,
+                })
             })
             .collect();
         Ok(Some(out))
@@ -134,8 +165,11 @@ impl MessageSource for SqsSource {
             })
             .collect();
         let chunks: Vec<Vec<String>> = handles.chunks(10).map(<[String]>::to_vec).collect();
-        let results: Vec<Result<(), SourceError>> =
-            stream::iter(chunks).map(|c| async move { self.delete_chunk(&c).await }).buffer_unordered(8).collect().await;
+        let results: Vec<Result<(), SourceError>> = stream::iter(chunks)
+            .map(|c| async move { self.delete_chunk(&c).await })
+            .buffer_unordered(8)
+            .collect()
+            .await;
         results.into_iter().collect()
     }
 
@@ -159,7 +193,14 @@ impl SqsSource {
                         .expect("id and receipt handle are set")
                 })
                 .collect::<Vec<_>>();
-            let resp = match self.client.delete_message_batch().queue_url(&self.queue_url).set_entries(Some(entries)).send().await {
+            let resp = match self
+                .client
+                .delete_message_batch()
+                .queue_url(&self.queue_url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+            {
                 Ok(r) => r,
                 Err(e) if attempt == 0 => {
                     tracing::debug!(error = %describe(&e), "DeleteMessageBatch failed, retrying once");
@@ -171,14 +212,24 @@ impl SqsSource {
             if resp.failed.is_empty() {
                 return Ok(());
             }
-            let failed: Vec<usize> = resp.failed.iter().filter_map(|f| f.id.parse().ok()).collect();
+            let failed: Vec<usize> = resp
+                .failed
+                .iter()
+                .filter_map(|f| f.id.parse().ok())
+                .collect();
             let codes: Vec<&str> = resp.failed.iter().map(|f| f.code.as_str()).collect();
             tracing::debug!(failed = failed.len(), ?codes, "some deletions failed");
-            pending = failed.into_iter().filter_map(|i| pending.get(i).copied()).collect();
+            pending = failed
+                .into_iter()
+                .filter_map(|i| pending.get(i).copied())
+                .collect();
             if pending.is_empty() {
                 return Ok(());
             }
         }
-        Err(SourceError::Transient(format!("SQS: {} deletions failed twice", pending.len())))
+        Err(SourceError::Transient(format!(
+            "SQS: {} deletions failed twice",
+            pending.len()
+        )))
     }
 }

@@ -37,10 +37,18 @@ pub trait Maintenance: Send + Sync {
     ) -> Result<Vec<String>, StoreError>;
 
     /// Up to `limit` vault rows sealed under any key in `key_ids`.
-    async fn vault_rows_under(&self, key_ids: &[String], limit: i64) -> Result<Vec<VaultRow>, StoreError>;
+    async fn vault_rows_under(
+        &self,
+        key_ids: &[String],
+        limit: i64,
+    ) -> Result<Vec<VaultRow>, StoreError>;
 
     /// Up to `limit` quarantined rows sealed under any key in `key_ids`.
-    async fn quarantine_rows_under(&self, key_ids: &[String], limit: i64) -> Result<Vec<QuarantineRow>, StoreError>;
+    async fn quarantine_rows_under(
+        &self,
+        key_ids: &[String],
+        limit: i64,
+    ) -> Result<Vec<QuarantineRow>, StoreError>;
 
     /// Replaces sealed rows in one transaction. Each update only applies if
     /// the row is still under its old key (the `String`), so a rerun or a

@@ -5,9 +5,9 @@
 //! (`tests/store_conformance.rs`). Nothing here sees plaintext PII: rows
 //! arrive already tokenised and sealed.
 
-pub mod postgres;
 pub mod admin;
 mod pg_admin;
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -232,7 +232,9 @@ impl From<sqlx::Error> for StoreError {
             }
             E::Migrate(m) => StoreError::Permanent(format!("migration failed: {m}")),
             E::RowNotFound => StoreError::Permanent("row not found".into()),
-            E::ColumnDecode { index, .. } => StoreError::Permanent(format!("cannot decode column {index}")),
+            E::ColumnDecode { index, .. } => {
+                StoreError::Permanent(format!("cannot decode column {index}"))
+            }
             E::Decode(_) => StoreError::Permanent("cannot decode a value".into()),
             E::ColumnNotFound(c) => StoreError::Permanent(format!("column {c} not found")),
             E::Configuration(_) => StoreError::Permanent("invalid database URL or options".into()),
@@ -276,7 +278,6 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<(LoginRow, Option<VaultRow>)>, StoreError>;
 
     async fn audit_trail(&self, limit: i64) -> Result<Vec<AuditRecord>, StoreError>;
-
 }
 
 /// A store with the privileged operations too (rotation, `forget`).

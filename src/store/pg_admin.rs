@@ -63,7 +63,11 @@ impl Maintenance for PgStore {
         .await?)
     }
 
-    async fn vault_rows_under(&self, key_ids: &[String], limit: i64) -> Result<Vec<VaultRow>, StoreError> {
+    async fn vault_rows_under(
+        &self,
+        key_ids: &[String],
+        limit: i64,
+    ) -> Result<Vec<VaultRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT message_id, user_id, key_id, nonce, ciphertext FROM vault WHERE key_id = ANY($1) LIMIT $2",
         )
@@ -74,7 +78,11 @@ impl Maintenance for PgStore {
         rows.iter().map(vault_from_row).collect()
     }
 
-    async fn quarantine_rows_under(&self, key_ids: &[String], limit: i64) -> Result<Vec<QuarantineRow>, StoreError> {
+    async fn quarantine_rows_under(
+        &self,
+        key_ids: &[String],
+        limit: i64,
+    ) -> Result<Vec<QuarantineRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT message_id, reason_code, reason, user_id, key_id, nonce, ciphertext, received_at \
              FROM quarantine WHERE key_id = ANY($1) LIMIT $2",
@@ -128,11 +136,17 @@ impl Maintenance for PgStore {
             .rows_affected();
         }
         if !quarantine.is_empty() {
-            let ids: Vec<&str> = quarantine.iter().map(|(q, _)| q.message_id.as_str()).collect();
+            let ids: Vec<&str> = quarantine
+                .iter()
+                .map(|(q, _)| q.message_id.as_str())
+                .collect();
             let old: Vec<&str> = quarantine.iter().map(|(_, o)| o.as_str()).collect();
             let keys: Vec<&str> = quarantine.iter().map(|(q, _)| q.key_id.as_str()).collect();
             let nonces: Vec<&[u8]> = quarantine.iter().map(|(q, _)| q.nonce.as_slice()).collect();
-            let cts: Vec<&[u8]> = quarantine.iter().map(|(q, _)| q.ciphertext.as_slice()).collect();
+            let cts: Vec<&[u8]> = quarantine
+                .iter()
+                .map(|(q, _)| q.ciphertext.as_slice())
+                .collect();
             changed += sqlx::query(
                 "UPDATE quarantine SET key_id = u.key_id, nonce = u.nonce, ciphertext = u.ciphertext \
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::bytea[]) \
@@ -237,17 +251,21 @@ impl Maintenance for PgStore {
 
     async fn forget(&self, user_id: &str, audit: &AuditEntry) -> Result<Forgotten, StoreError> {
         let mut tx = self.pool().begin().await?;
-        let vault_rows =
-            sqlx::query("DELETE FROM vault WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?.rows_affected();
+        let vault_rows = sqlx::query("DELETE FROM vault WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         let quarantined = sqlx::query("DELETE FROM quarantine WHERE user_id = $1")
             .bind(user_id)
             .execute(&mut *tx)
             .await?
             .rows_affected();
-        let logins_kept: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE user_id = $1")
-            .bind(user_id)
-            .fetch_one(&mut *tx)
-            .await?;
+        let logins_kept: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_one(&mut *tx)
+                .await?;
         sqlx::query("INSERT INTO audit_log (at, actor, action, target, reason, row_count) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(Utc::now())
             .bind(&audit.actor)
@@ -258,6 +276,10 @@ impl Maintenance for PgStore {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(Forgotten { vault_rows, quarantined, logins_kept: logins_kept as u64 })
+        Ok(Forgotten {
+            vault_rows,
+            quarantined,
+            logins_kept: logins_kept as u64,
+        })
     }
 }

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
 use super::*;
@@ -34,7 +36,10 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(30));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await?;
         Ok(SqliteStore { pool })
     }
 
@@ -54,9 +59,12 @@ fn key_from_row(r: &SqliteRow) -> Result<StoredKey, StoreError> {
         version: r.try_get("version")?,
         wrapped: WrappedKey {
             kek_id: r.try_get("kek_id")?,
-            blob: r.try_get::<Option<Vec<u8>>, _>("wrapped")?.unwrap_or_default(),
+            blob: r
+                .try_get::<Option<Vec<u8>>, _>("wrapped")?
+                .unwrap_or_default(),
         },
-        state: KeyState::parse(&state).ok_or_else(|| StoreError::Permanent(format!("unknown key state {state}")))?,
+        state: KeyState::parse(&state)
+            .ok_or_else(|| StoreError::Permanent(format!("unknown key state {state}")))?,
         created_at: parse_time(&created_at)?,
         usage_count: r.try_get("usage_count")?,
     })
@@ -111,10 +119,11 @@ impl Store for SqliteStore {
             }
         }
         if !batch.token_key_id.is_empty() {
-            let state: Option<String> = sqlx::query_scalar("SELECT state FROM vault_keys WHERE id = $1")
-                .bind(&batch.token_key_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let state: Option<String> =
+                sqlx::query_scalar("SELECT state FROM vault_keys WHERE id = $1")
+                    .bind(&batch.token_key_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             if state.as_deref() != Some("active") {
                 return Err(StoreError::KeyRetired(batch.token_key_id.clone()));
             }
@@ -152,8 +161,9 @@ impl Store for SqliteStore {
             if new.is_empty() {
                 continue;
             }
-            let mut q: QueryBuilder<Sqlite> =
-                QueryBuilder::new("INSERT INTO vault (message_id, user_id, key_id, nonce, ciphertext) ");
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO vault (message_id, user_id, key_id, nonce, ciphertext) ",
+            );
             q.push_values(new, |mut b, v| {
                 b.push_bind(&v.message_id)
                     .push_bind(&v.user_id)
@@ -206,10 +216,12 @@ impl Store for SqliteStore {
     }
 
     async fn get_key(&self, id: &str) -> Result<Option<StoredKey>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM vault_keys WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM vault_keys WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(key_from_row).transpose()
     }
 
@@ -224,9 +236,11 @@ impl Store for SqliteStore {
     }
 
     async fn list_keys(&self) -> Result<Vec<StoredKey>, StoreError> {
-        let rows = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM vault_keys ORDER BY created_at, id"))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM vault_keys ORDER BY created_at, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(key_from_row).collect()
     }
 
@@ -343,11 +357,17 @@ impl admin::Maintenance for SqliteStore {
         .await?)
     }
 
-    async fn vault_rows_under(&self, key_ids: &[String], limit: i64) -> Result<Vec<VaultRow>, StoreError> {
+    async fn vault_rows_under(
+        &self,
+        key_ids: &[String],
+        limit: i64,
+    ) -> Result<Vec<VaultRow>, StoreError> {
         if key_ids.is_empty() {
             return Ok(vec![]);
         }
-        let mut q = QueryBuilder::new("SELECT message_id, user_id, key_id, nonce, ciphertext FROM vault WHERE key_id IN ");
+        let mut q = QueryBuilder::new(
+            "SELECT message_id, user_id, key_id, nonce, ciphertext FROM vault WHERE key_id IN ",
+        );
         push_in_list(&mut q, key_ids);
         q.push(" LIMIT ").push_bind(limit);
         let rows = q.build().fetch_all(&self.pool).await?;
@@ -364,7 +384,11 @@ impl admin::Maintenance for SqliteStore {
             .collect()
     }
 
-    async fn quarantine_rows_under(&self, key_ids: &[String], limit: i64) -> Result<Vec<QuarantineRow>, StoreError> {
+    async fn quarantine_rows_under(
+        &self,
+        key_ids: &[String],
+        limit: i64,
+    ) -> Result<Vec<QuarantineRow>, StoreError> {
         if key_ids.is_empty() {
             return Ok(vec![]);
         }
@@ -496,25 +520,42 @@ impl admin::Maintenance for SqliteStore {
         .await?)
     }
 
-    async fn forget(&self, user_id: &str, audit: &AuditEntry) -> Result<admin::Forgotten, StoreError> {
+    async fn forget(
+        &self,
+        user_id: &str,
+        audit: &AuditEntry,
+    ) -> Result<admin::Forgotten, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let vault_rows = sqlx::query("DELETE FROM vault WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?.rows_affected();
+        let vault_rows = sqlx::query("DELETE FROM vault WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         let quarantined = sqlx::query("DELETE FROM quarantine WHERE user_id = $1")
             .bind(user_id)
             .execute(&mut *tx)
             .await?
             .rows_affected();
-        let logins_kept: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE user_id = $1")
-            .bind(user_id)
-            .fetch_one(&mut *tx)
-            .await?;
+        let logins_kept: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_one(&mut *tx)
+                .await?;
         insert_audit(&mut tx, audit, (vault_rows + quarantined) as i64).await?;
         tx.commit().await?;
-        Ok(admin::Forgotten { vault_rows, quarantined, logins_kept: logins_kept as u64 })
+        Ok(admin::Forgotten {
+            vault_rows,
+            quarantined,
+            logins_kept: logins_kept as u64,
+        })
     }
 }
 
-async fn insert_audit(tx: &mut sqlx::Transaction<'_, Sqlite>, audit: &AuditEntry, rows: i64) -> Result<(), StoreError> {
+async fn insert_audit(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    audit: &AuditEntry,
+    rows: i64,
+) -> Result<(), StoreError> {
     sqlx::query("INSERT INTO audit_log (at, actor, action, target, reason, row_count) VALUES ($1, $2, $3, $4, $5, $6)")
         .bind(Utc::now().to_rfc3339())
         .bind(&audit.actor)

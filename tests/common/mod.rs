@@ -56,5 +56,8 @@ pub fn raw_pii(input: &str) -> Vec<String> {
 
 /// The `raw` values that occur in `haystack` (as text).
 pub fn leaked<'a>(haystack: &[u8], raw: &'a [String]) -> Vec<&'a str> {
-    raw.iter().filter(|r| haystack.windows(r.len()).any(|w| w == r.as_bytes())).map(String::as_str).collect()
+    raw.iter()
+        .filter(|r| haystack.windows(r.len()).any(|w| w == r.as_bytes()))
+        .map(String::as_str)
+        .collect()
 }
