@@ -102,9 +102,10 @@ GRANT INSERT (message_id, user_id, device_type, masked_ip, masked_device_id, loc
 -- target needs SELECT on its columns).
 GRANT INSERT ON vault, quarantine TO pii_vault_worker;
 -- Keys: reads the wrapped token and line-id keys (its KMS policy lets it
--- unwrap those and no vault key), stores the keys it creates, counts uses
--- and retires its own exhausted data key. UPDATE on a column also allows
--- the batch fence's SELECT … FOR SHARE on the token key row.
+-- unwrap those and no vault key), stores the keys it creates and counts
+-- uses. No UPDATE of `state`: a compromised worker could otherwise put a
+-- retired key back to work and defeat the rotation fence. UPDATE on a
+-- column also allows the batch fence's SELECT … FOR SHARE on the token key.
 GRANT SELECT, INSERT, UPDATE (usage_count) ON vault_keys TO pii_vault_worker;
 
 -- ----------------------------------------------------------------- analyst

@@ -356,8 +356,13 @@ impl Store for PgStore {
         };
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(&format!(
-            "SELECT l.message_id, l.user_id, l.device_type, l.masked_ip, l.masked_device_id, l.locale, \
-             l.app_version, l.create_date, v.key_id, v.nonce, v.ciphertext \
+            // Rows converted from the legacy table may hold NULLs where new
+            // rows never do; they have no vault row and reveal as erased.
+            "SELECT l.message_id, COALESCE(l.user_id, '') AS user_id, \
+             COALESCE(l.device_type, '') AS device_type, COALESCE(l.masked_ip, '') AS masked_ip, \
+             COALESCE(l.masked_device_id, '') AS masked_device_id, l.locale, \
+             COALESCE(l.app_version, '') AS app_version, \
+             COALESCE(l.create_date, DATE '1970-01-01') AS create_date, v.key_id, v.nonce, v.ciphertext \
              FROM user_logins l LEFT JOIN vault v ON v.message_id = l.message_id \
              WHERE l.{column} = $1 ORDER BY l.create_date, l.id"
         ))
