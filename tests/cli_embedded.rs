@@ -65,21 +65,6 @@ impl Env {
     }
 }
 
-fn summary(out: &Output) -> (u64, u64, u64) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    let line = err
-        .lines()
-        .find(|l| l.contains(" stored, "))
-        .unwrap_or_else(|| panic!("no summary in:\n{err}"));
-    let nums: Vec<u64> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .take(3)
-        .map(|s| s.parse().unwrap())
-        .collect();
-    (nums[0], nums[1], nums[2])
-}
-
 /// Every byte of every file the run left next to the database (the SQLite
 /// file and its WAL), so a row of any table is covered.
 fn database_bytes(dir: &Path) -> Vec<u8> {
@@ -111,7 +96,7 @@ async fn sample_file_runs_idempotently_and_stores_no_plaintext_pii() {
     let first = env.ok(&["run", "--from-file", &input]);
     let lines = SAMPLE.lines().filter(|l| !l.trim().is_empty()).count() as u64;
     let valid = valid_lines(SAMPLE).len() as u64;
-    assert_eq!(summary(&first), (valid, 0, lines - valid));
+    assert_eq!(common::summary(&first.stderr), (valid, 0, lines - valid));
     assert!(
         lines - valid >= 7,
         "the sample should carry malformed lines"
@@ -119,7 +104,7 @@ async fn sample_file_runs_idempotently_and_stores_no_plaintext_pii() {
 
     let second = env.ok(&["run", "--from-file", &input]);
     assert_eq!(
-        summary(&second),
+        common::summary(&second.stderr),
         (0, lines, 0),
         "a second run must add nothing"
     );
@@ -243,7 +228,10 @@ async fn each_kind_of_malformed_line_is_quarantined_with_its_reason() {
     }
     let input = env.write_input("bad.jsonl", &text);
     let out = env.ok(&["run", "--from-file", &input]);
-    assert_eq!(summary(&out), (cases.len() as u64, 0, cases.len() as u64));
+    assert_eq!(
+        common::summary(&out.stderr),
+        (cases.len() as u64, 0, cases.len() as u64)
+    );
 
     let db = env.db().await;
     let reasons: Vec<String> = sqlx::query_scalar("SELECT reason FROM quarantine")
@@ -502,7 +490,7 @@ async fn stdin_input_and_the_key_file_is_private() {
         .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
-    assert_eq!(summary(&out), (1, 0, 0));
+    assert_eq!(common::summary(&out.stderr), (1, 0, 0));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("not for production"),

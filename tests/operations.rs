@@ -76,20 +76,6 @@ fn spawn_stdin_worker(dir: &std::path::Path, extra: &[&str]) -> Child {
         .unwrap()
 }
 
-fn summary_numbers(stderr: &str) -> (u64, u64, u64) {
-    let line = stderr
-        .lines()
-        .find(|l| l.contains(" stored, "))
-        .unwrap_or_else(|| panic!("no summary:\n{stderr}"));
-    let n: Vec<u64> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .take(3)
-        .map(|s| s.parse().unwrap())
-        .collect();
-    (n[0], n[1], n[2])
-}
-
 #[test]
 fn metrics_agree_with_the_summary_and_sigterm_drains_cleanly() {
     let dir = tempfile::tempdir().unwrap();
@@ -156,7 +142,7 @@ fn metrics_agree_with_the_summary_and_sigterm_drains_cleanly() {
     assert!(out.status.success(), "exit {:?}", out.status);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
-        summary_numbers(&err),
+        common::summary(err.as_bytes()),
         (stored, 0, rejected),
         "summary and metrics disagree"
     );

@@ -61,3 +61,19 @@ pub fn leaked<'a>(haystack: &[u8], raw: &'a [String]) -> Vec<&'a str> {
         .map(String::as_str)
         .collect()
 }
+
+/// `(stored, duplicates, rejected)` from the summary line `run` ends with.
+pub fn summary(stderr: &[u8]) -> (u64, u64, u64) {
+    let err = String::from_utf8_lossy(stderr);
+    let line = err
+        .lines()
+        .find(|l| l.contains(" stored, "))
+        .unwrap_or_else(|| panic!("no summary in:\n{err}"));
+    let n: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .take(3)
+        .map(|s| s.parse().unwrap())
+        .collect();
+    (n[0], n[1], n[2])
+}
