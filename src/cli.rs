@@ -107,9 +107,23 @@ pub struct RunArgs {
     #[arg(long, env = "PII_VAULT_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..=5000))]
     pub batch_size: u16,
 
+    /// Batches written to the database at once [default: 2 on Postgres, 1 on SQLite].
+    #[arg(long, env = "PII_VAULT_WRITERS", value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub writers: Option<u16>,
+
     /// Serve Prometheus metrics, /healthz and /readyz on this address (e.g. 127.0.0.1:9187).
     #[arg(long, env = "PII_VAULT_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+
+    /// Seconds a received SQS message stays invisible to other consumers
+    /// (asked for on every receive). If this worker dies holding a message,
+    /// SQS hands it out again after this long, so shorter means faster
+    /// recovery; it must stay well above the time a batch takes to commit,
+    /// or messages still being written are delivered twice (harmless, but
+    /// counted as duplicates). Ignored for --from-file.
+    #[arg(long, env = "PII_VAULT_VISIBILITY_TIMEOUT", value_name = "SECS", default_value_t = 120,
+          value_parser = clap::value_parser!(u32).range(1..=43200))]
+    pub visibility_timeout: u32,
 
     /// Never show a progress bar.
     #[arg(long)]

@@ -32,9 +32,13 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
             file
         }
         (None, Some(url)) => Arc::new(
-            crate::source::sqs::SqsSource::connect(url, args.until_empty)
-                .await
-                .with_context(|| format!("cannot use the queue {url}"))?,
+            crate::source::sqs::SqsSource::connect_with(
+                url,
+                args.until_empty,
+                Duration::from_secs(args.visibility_timeout.into()),
+            )
+            .await
+            .with_context(|| format!("cannot use the queue {url}"))?,
         ),
         (None, None) => unreachable!("clap requires an input"),
     };
@@ -53,6 +57,16 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     let opts = RunOptions {
         concurrency: args.concurrency as usize,
         batch_size: args.batch_size as usize,
+        writers: args.writers.map_or_else(
+            || {
+                if cli.database_url().starts_with("sqlite:") {
+                    1
+                } else {
+                    2
+                }
+            },
+            usize::from,
+        ),
         ..RunOptions::default()
     };
     let started = Instant::now();

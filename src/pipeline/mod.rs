@@ -44,6 +44,9 @@ pub struct RunOptions {
     pub batch_size: usize,
     /// Longest a received message waits for its batch to fill.
     pub flush_after: Duration,
+    /// Batches protected and committed at once (each writer has its own
+    /// data key and database connection). 1 for SQLite, which has one writer.
+    pub writers: usize,
     pub dek_policy: DekPolicy,
     pub backoff: Backoff,
 }
@@ -54,6 +57,7 @@ impl Default for RunOptions {
             concurrency: 4,
             batch_size: 500,
             flush_after: Duration::from_millis(200),
+            writers: 1,
             dek_policy: DekPolicy::default(),
             backoff: Backoff::default(),
         }
@@ -76,20 +80,33 @@ impl Pipeline {
     /// Runs until the source is exhausted or `cancel` fires; returns the
     /// totals of this run.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<BatchOutcome> {
-        let receivers = self.opts.concurrency.clamp(1, self.source.max_receivers());
-        let (tx, rx) = mpsc::channel::<Message>(self.opts.batch_size * 2);
+        let this = Arc::new(self);
+        let receivers = this.opts.concurrency.clamp(1, this.source.max_receivers());
+        let writers = this.opts.writers.max(1);
+        let (tx, rx) = mpsc::channel::<Message>(this.opts.batch_size * 2);
+        let (batch_tx, batch_rx) = mpsc::channel::<Vec<Message>>(writers);
         let mut tasks = JoinSet::new();
         for _ in 0..receivers {
             tasks.spawn(receive_loop(
-                self.source.clone(),
+                this.source.clone(),
                 tx.clone(),
-                self.stats.clone(),
-                self.opts.backoff,
+                this.stats.clone(),
+                this.opts.backoff,
                 cancel.clone(),
             ));
         }
         drop(tx);
-        let writer = tokio::spawn(self.write_loop(rx, cancel.clone()));
+        tokio::spawn(batch_loop(
+            rx,
+            batch_tx,
+            this.opts.batch_size,
+            this.opts.flush_after,
+        ));
+        let batch_rx = Arc::new(tokio::sync::Mutex::new(batch_rx));
+        let mut writer_tasks = JoinSet::new();
+        for _ in 0..writers {
+            writer_tasks.spawn(this.clone().write_loop(batch_rx.clone(), cancel.clone()));
+        }
         let mut first_err = None;
         while let Some(r) = tasks.join_next().await {
             if let Err(e) = r.map_err(anyhow::Error::from).and_then(|x| x) {
@@ -98,16 +115,29 @@ impl Pipeline {
                 first_err.get_or_insert(e);
             }
         }
-        let outcome = writer.await??;
+        let mut total = BatchOutcome::default();
+        while let Some(r) = writer_tasks.join_next().await {
+            match r.map_err(anyhow::Error::from).and_then(|x| x) {
+                Ok(o) => total += o,
+                Err(e) => {
+                    cancel.cancel();
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
         match first_err {
             Some(e) => Err(e),
-            None => Ok(outcome),
+            None => Ok(total),
         }
     }
 
+    /// One writer: takes formed batches, protects and commits each, then
+    /// acknowledges it in the background. Several writers (each with its own
+    /// data key) keep a server database busy while the next batch is being
+    /// protected.
     async fn write_loop(
-        self,
-        mut rx: mpsc::Receiver<Message>,
+        self: Arc<Self>,
+        batches: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<Message>>>>,
         cancel: CancellationToken,
     ) -> anyhow::Result<BatchOutcome> {
         let mut total = BatchOutcome::default();
@@ -117,24 +147,12 @@ impl Pipeline {
             dek: None,
         };
         let mut ackers: JoinSet<()> = JoinSet::new();
-        let mut open = true;
-        while open {
-            let Some(first) = rx.recv().await else { break };
-            let mut msgs = Vec::with_capacity(self.opts.batch_size);
-            msgs.push(first);
-            let deadline = tokio::time::Instant::now() + self.opts.flush_after;
-            while msgs.len() < self.opts.batch_size {
-                tokio::select! {
-                    m = rx.recv() => match m {
-                        Some(m) => msgs.push(m),
-                        None => { open = false; break }
-                    },
-                    _ = tokio::time::sleep_until(deadline) => break,
-                }
-            }
+        loop {
+            let next = batches.lock().await.recv().await;
+            let Some(msgs) = next else { break };
             let outcome = self.write_batch(&msgs, &mut keys, &cancel).await?;
             total += outcome;
-            let acks: Vec<Ack> = msgs.into_iter().map(|m| m.ack.clone()).collect();
+            let acks: Vec<Ack> = msgs.into_iter().map(|m| m.ack).collect();
             while ackers.len() >= self.opts.concurrency.max(2) {
                 ackers.join_next().await;
             }
@@ -270,6 +288,35 @@ struct WorkerKeys {
     token: Arc<TokenKey>,
     token_id: String,
     dek: Option<DataKeyLease>,
+}
+
+/// Groups received messages into batches of up to `size`, or whatever
+/// arrived within `flush_after` of a batch's first message.
+async fn batch_loop(
+    mut rx: mpsc::Receiver<Message>,
+    out: mpsc::Sender<Vec<Message>>,
+    size: usize,
+    flush_after: Duration,
+) {
+    let mut open = true;
+    while open {
+        let Some(first) = rx.recv().await else { break };
+        let mut msgs = Vec::with_capacity(size);
+        msgs.push(first);
+        let deadline = tokio::time::Instant::now() + flush_after;
+        while msgs.len() < size {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => msgs.push(m),
+                    None => { open = false; break }
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if out.send(msgs).await.is_err() {
+            break;
+        }
+    }
 }
 
 async fn receive_loop(

@@ -21,8 +21,14 @@ use zeroize::Zeroizing;
 use super::{MessageSource, SourceError};
 use crate::domain::{Ack, Message};
 
-/// Seconds a received message stays invisible to other consumers.
+/// Default seconds a received message stays invisible to other consumers
+/// (`run --visibility-timeout`): far longer than a batch takes to commit, so
+/// a message is not handed to a second worker while the first still holds
+/// it, yet short enough that the messages of a crashed worker come back
+/// within minutes.
 pub const VISIBILITY_TIMEOUT_SECS: i32 = 120;
+/// The most SQS accepts for a visibility timeout (12 hours).
+pub const MAX_VISIBILITY_TIMEOUT_SECS: i32 = 43_200;
 /// Long-poll wait while running as a daemon.
 const WAIT_SECS: i32 = 20;
 /// Long-poll wait under `--until-empty`: an empty answer after this long
@@ -33,12 +39,36 @@ pub struct SqsSource {
     client: Client,
     queue_url: String,
     until_empty: bool,
+    /// Asked for on every receive, in seconds (1..=43200).
+    visibility_timeout: i32,
 }
 
 impl SqsSource {
     /// Connects with the standard AWS configuration chain and checks that
     /// the queue exists and is readable, so a typo is one clear error.
+    /// Received messages stay invisible for [`VISIBILITY_TIMEOUT_SECS`].
     pub async fn connect(queue_url: &str, until_empty: bool) -> anyhow::Result<Self> {
+        Self::connect_with(
+            queue_url,
+            until_empty,
+            Duration::from_secs(VISIBILITY_TIMEOUT_SECS as u64),
+        )
+        .await
+    }
+
+    /// Like [`SqsSource::connect`], with the visibility timeout asked for on
+    /// each receive: how long a message this worker received stays hidden
+    /// from other consumers, and so how soon the messages of a worker that
+    /// died holding them are delivered again. Clamped to what SQS accepts
+    /// (1 s to 12 h).
+    pub async fn connect_with(
+        queue_url: &str,
+        until_empty: bool,
+        visibility_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let visibility_timeout = visibility_timeout
+            .as_secs()
+            .clamp(1, MAX_VISIBILITY_TIMEOUT_SECS as u64) as i32;
         let conf = aws_config::load_from_env().await;
         let client = Client::new(&conf);
         client
@@ -52,6 +82,7 @@ impl SqsSource {
             client,
             queue_url: queue_url.to_string(),
             until_empty,
+            visibility_timeout,
         })
     }
 
@@ -121,7 +152,7 @@ impl MessageSource for SqsSource {
             } else {
                 WAIT_SECS
             })
-            .visibility_timeout(VISIBILITY_TIMEOUT_SECS)
+            .visibility_timeout(self.visibility_timeout)
             .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
             .send()
             .await
