@@ -67,17 +67,22 @@ pub async fn rotate_kek(
         .with_context(|| format!("the target KMS key {to}"))?;
     let target_arn = target.kek_id();
     let mut moved = 0;
-    // Twice: keys created by workers while the first pass ran are caught by the second.
-    for pass in 0..2 {
-        let keys = store.list_keys().await?;
-        let pending: Vec<&StoredKey> = keys
-            .iter()
-            .filter(|k| k.state != KeyState::Destroyed && k.wrapped.kek_id != target_arn)
-            .collect();
-        if pending.is_empty() {
+    // Passes until a listing finds nothing left under another KEK. A worker
+    // that read the token key's KEK just before it was re-wrapped may still
+    // store one data key under the old KEK a moment later: the pause and the
+    // next pass catch it.
+    let mut clean = false;
+    for pass in 0..6 {
+        let mut keys = store.list_keys().await?;
+        keys.retain(|k| k.state != KeyState::Destroyed && k.wrapped.kek_id != target_arn);
+        if keys.is_empty() {
+            clean = true;
             break;
         }
-        for k in pending {
+        // Token keys first: workers choose the KEK of new data keys by the
+        // KEK of the current token key.
+        keys.sort_by_key(|k| k.purpose != KeyPurpose::Token);
+        for k in &keys {
             let new = if k.wrapped.kek_id.starts_with("local:") {
                 let material = current.unwrap(k.purpose, &k.wrapped).await.with_context(|| {
                     format!("key {} is wrapped by the local key file {}; run with that key directory", k.id, k.wrapped.kek_id)
@@ -93,12 +98,14 @@ pub async fn rotate_kek(
             moved += 1;
         }
         if pass == 0 {
-            // Token key first (above), then make workers take fresh data keys under it.
+            // Make running workers take fresh data keys, now under the new KEK.
             store
                 .transition_keys(KeyPurpose::Vault, KeyState::Active, KeyState::Retired, "")
                 .await?;
         }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
+    anyhow::ensure!(clean, "keys under the old KEK keep appearing; are workers still configured with it?");
     eprintln!(
         "pii-vault: re-wrapped {moved} key(s) under {target_arn}; every stored key is now wrapped by it. \
          Point PII_VAULT_KMS_KEY_ID at it; the old KMS key can then be disabled."
