@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# End-to-end benchmark of the worker, against its ceilings, on this machine.
+#
+# Usage: scripts/bench-e2e.sh [N] [CONCURRENCY]
+#     N            events to push through [20000]
+#     CONCURRENCY  receive loops, for the worker and the baseline alike [4]
+#
+# (a) SQS -> Postgres: N events are loaded into a fresh LocalStack queue and
+#     drained by examples/sqs_drain (receive 10 + DeleteMessageBatch, no
+#     processing): the ceiling. The same N events are loaded again and
+#     `pii-vault run --queue-url ... --until-empty` consumes them into
+#     Postgres with a KMS key. Prints messages/s of both, the ratio, and the
+#     worker's peak RSS.
+# (b) file -> Postgres: `pii-vault run --from-file` of the N events into a
+#     fresh database, against a raw `\copy` of equivalent rows (same
+#     user_logins columns, same three secondary indexes and unique
+#     message_id) into a fresh table. Prints rows/s of both and the ratio.
+#
+# Starts and stops its own PostgreSQL (with fsync on) and LocalStack through
+# scripts/services.sh, and builds with `cargo build --release`. Not part of
+# the test command. Until the Postgres store works, (a) runs against SQLite
+# and (b) is skipped, saying so.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO="$PWD"
+
+N="${1:-20000}"
+C="${2:-4}"
+if ! [[ "$N" =~ ^[0-9]+$ && "$N" -gt 0 && "$C" =~ ^[0-9]+$ && "$C" -gt 0 ]]; then
+    sed -n '2,/^$/s/^# \{0,1\}//p' "$0" >&2
+    exit 2
+fi
+# Bound on any single timed step.
+STEP_TIMEOUT="${PII_VAULT_BENCH_STEP_TIMEOUT:-1800}"
+
+echo "== building (release)" >&2
+cargo build --release --bin pii-vault --example sqs_drain >&2
+BIN="$REPO/target/release/pii-vault"
+SQS="$REPO/target/release/examples/sqs_drain"
+
+export PII_VAULT_PG_FSYNC=on # durable commits, as in production
+# shellcheck source=scripts/services.sh
+source scripts/services.sh
+services_start
+work="$(mktemp -d "${TMPDIR:-/tmp}/pii-vault-bench.XXXXXX")"
+trap 'services_stop; rm -rf "$work"' EXIT
+cd "$work" # the worker's working directory (it writes nothing here with KMS)
+export PII_VAULT_LOG=warn
+
+now() { date +%s.%N; }
+# rate COUNT START END -> per second, and the seconds
+rate() { awk -v n="$1" -v a="$2" -v b="$3" 'BEGIN { printf "%.0f/s (%.2fs)", n / (b - a), b - a }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+per_sec() { awk -v n="$1" -v a="$2" -v b="$3" 'BEGIN { printf "%.0f", n / (b - a) }'; }
+
+# A fresh database in the test cluster; prints its URL.
+new_pg_db() {
+    psql "$PII_VAULT_TEST_PG" -qX -v ON_ERROR_STOP=1 -c "CREATE DATABASE $1" >/dev/null
+    echo "${PII_VAULT_TEST_PG%/*}/$1"
+}
+
+# Runs a command with stdout/stderr to $work/$1.out/.err, bounded in time;
+# sets PEAK_RSS_KB.
+run_measured() {
+    local name="$1"
+    shift
+    PEAK_RSS_KB=0
+    if [ -x /usr/bin/time ]; then
+        timeout "$STEP_TIMEOUT" /usr/bin/time -v -o "$work/$name.time" "$@" >"$work/$name.out" 2>"$work/$name.err" || {
+            echo "!! $name failed:" >&2
+            tail -n 30 "$work/$name.err" >&2
+            return 1
+        }
+        PEAK_RSS_KB="$(awk -F': ' '/Maximum resident set size/ { print $2 }' "$work/$name.time")"
+    else
+        "$@" >"$work/$name.out" 2>"$work/$name.err" &
+        local pid=$! hwm i
+        for ((i = 0; i < STEP_TIMEOUT * 10; i++)); do # poll every 0.1 s
+            hwm="$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || true)"
+            if [ -n "$hwm" ] && [ "$hwm" -gt "$PEAK_RSS_KB" ]; then PEAK_RSS_KB="$hwm"; fi
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" || {
+            echo "!! $name failed:" >&2
+            tail -n 30 "$work/$name.err" >&2
+            return 1
+        }
+    fi
+}
+
+echo "== generating $N events" >&2
+python3 "$REPO/scripts/gen-events.py" -n "$N" --seed 7 >"$work/events.jsonl"
+KEY="$("$SQS" create-key)"
+QUEUE="$("$SQS" create-queue)"
+
+# Which store: Postgres when the binary can migrate it, SQLite otherwise.
+STORE=postgres
+SQS_DB="$(new_pg_db bench_sqs)"
+if ! "$BIN" --database-url "$SQS_DB" migrate >/dev/null 2>"$work/migrate.err"; then
+    echo "!! the Postgres store does not work yet ($(tail -n 1 "$work/migrate.err")): using SQLite for (a), skipping (b)" >&2
+    STORE=sqlite
+    SQS_DB="sqlite:$work/bench_sqs.db"
+fi
+
+# ------------------------------------------------------------------ (a)
+echo "== (a) SQS -> $STORE, concurrency $C" >&2
+"$SQS" load --queue-url "$QUEUE" --file "$work/events.jsonl"
+t0="$(now)"
+timeout "$STEP_TIMEOUT" "$SQS" drain --queue-url "$QUEUE" --concurrency "$C" >"$work/drain.out"
+t1="$(now)"
+drained="$(awk '{ print $2 }' "$work/drain.out")"
+[ "$drained" = "$N" ] || echo "!! the baseline drained $drained of $N messages" >&2
+
+"$SQS" load --queue-url "$QUEUE" --file "$work/events.jsonl"
+t2="$(now)"
+run_measured worker "$BIN" --database-url "$SQS_DB" --kms-key-id "$KEY" \
+    run --queue-url "$QUEUE" --until-empty --concurrency "$C" --no-progress
+t3="$(now)"
+worker_rss_kb="$PEAK_RSS_KB"
+worker_summary="$(grep ' stored, ' "$work/worker.err" || true)"
+left="$("$SQS" count --queue-url "$QUEUE")"
+[ "$left" = "0 0" ] || echo "!! messages left in the queue after the worker (visible, in flight): $left" >&2
+
+# ------------------------------------------------------------------ (b)
+if [ "$STORE" = postgres ]; then
+    echo "== (b) file -> Postgres" >&2
+    FILE_DB="$(new_pg_db bench_file)"
+    "$BIN" --database-url "$FILE_DB" migrate >"$work/migrate.out" 2>&1 || {
+        cat "$work/migrate.out" >&2
+        exit 1
+    }
+    t4="$(now)"
+    run_measured file "$BIN" --database-url "$FILE_DB" --kms-key-id "$KEY" \
+        run --from-file "$work/events.jsonl" --no-progress
+    t5="$(now)"
+    file_summary="$(grep ' stored, ' "$work/file.err" || true)"
+
+    # Equivalent rows: the same columns with values of the same shapes (a
+    # 37-character line id, 46-character tokens), made before the clock starts.
+    python3 - "$work/events.jsonl" "$work/rows.csv" <<'EOF'
+import base64, csv, datetime, hashlib, json, sys
+today = datetime.date.today().isoformat()
+def tok(field, v):
+    d = hashlib.sha256(f"{field}\0{v}".encode()).digest()
+    return "t1_" + base64.urlsafe_b64encode(d).decode().rstrip("=")
+with open(sys.argv[1]) as f, open(sys.argv[2], "w", newline="") as out:
+    w = csv.writer(out)
+    for i, line in enumerate(f, 1):
+        e = json.loads(line)
+        w.writerow([
+            "line-" + hashlib.md5(f"{i}:{line}".encode()).hexdigest(), e["user_id"], e["device_type"],
+            tok("ip", e["ip"]), tok("device_id", e["device_id"]),
+            e["locale"] if e["locale"] is not None else "", str(e["app_version"]), today,
+        ])
+EOF
+    RAW_DB="$(new_pg_db bench_raw)"
+    psql "$RAW_DB" -qX -v ON_ERROR_STOP=1 >/dev/null <<'EOF'
+CREATE TABLE user_logins (
+    id               bigserial PRIMARY KEY,
+    message_id       text NOT NULL UNIQUE,
+    user_id          varchar(128),
+    device_type      varchar(32),
+    masked_ip        varchar(256),
+    masked_device_id varchar(256),
+    locale           varchar(32),
+    app_version      text,
+    create_date      date
+);
+CREATE INDEX ON user_logins (user_id);
+CREATE INDEX ON user_logins (masked_ip);
+CREATE INDEX ON user_logins (masked_device_id);
+EOF
+    t6="$(now)"
+    timeout "$STEP_TIMEOUT" psql "$RAW_DB" -qX -v ON_ERROR_STOP=1 -c "\\copy user_logins \
+(message_id, user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date) \
+FROM '$work/rows.csv' WITH (FORMAT csv)" >/dev/null
+    t7="$(now)"
+    copied="$(psql "$RAW_DB" -qXtA -c 'SELECT count(*) FROM user_logins')"
+fi
+
+# ------------------------------------------------------------------ report
+line() { printf '    %-44s %s\n' "$1" "$2"; }
+echo
+echo "pii-vault end-to-end benchmark: $N events, concurrency $C, store $STORE, $(nproc) cores"
+echo "(a) SQS (LocalStack) -> $STORE, KMS key on LocalStack"
+line "drain only (receive + DeleteMessageBatch):" "$(rate "$drained" "$t0" "$t1")"
+line "pii-vault run --queue-url --until-empty:" "$(rate "$N" "$t2" "$t3"), peak RSS $((worker_rss_kb / 1024)) MiB"
+line "worker / drain:" "$(ratio "$(per_sec "$N" "$t2" "$t3")" "$(per_sec "$drained" "$t0" "$t1")")"
+line "worker's summary:" "$worker_summary"
+if [ "$STORE" = postgres ]; then
+    echo "(b) file -> Postgres"
+    line "pii-vault run --from-file:" "$(rate "$N" "$t4" "$t5"), peak RSS $((PEAK_RSS_KB / 1024)) MiB"
+    line "psql \\copy of $copied equivalent rows:" "$(rate "$copied" "$t6" "$t7")"
+    line "pii-vault / copy:" "$(ratio "$(per_sec "$N" "$t4" "$t5")" "$(per_sec "$copied" "$t6" "$t7")")"
+    line "worker's summary:" "$file_summary"
+else
+    echo "(b) skipped: the Postgres store does not work yet"
+fi
