@@ -55,10 +55,8 @@ impl AwsKms {
         })?;
         if meta.key_state != Some(KeyState::Enabled) {
             return Err(WrapError::Permanent(format!(
-                "KMS key {key_id} is {:?}, not Enabled",
-                meta.key_state
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_default()
+                "KMS key {key_id} is {}, not Enabled",
+                meta.key_state.as_ref().map_or("in an unknown state", |s| s.as_str())
             )));
         }
         Ok(meta.arn.unwrap_or_else(|| key_id.to_string()))
