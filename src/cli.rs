@@ -239,6 +239,24 @@ mod tests {
     }
 
     #[test]
+    fn visibility_timeout_defaults_to_120_and_stays_in_the_sqs_range() {
+        let vt = |extra: &[&str]| {
+            let args = ["pii-vault", "run", "--queue-url", "q"];
+            Cli::try_parse_from(args.iter().chain(extra)).map(|c| match c.command {
+                Command::Run(r) => r.visibility_timeout,
+                _ => unreachable!(),
+            })
+        };
+        if std::env::var_os("PII_VAULT_VISIBILITY_TIMEOUT").is_none() {
+            assert_eq!(vt(&[]).unwrap(), 120);
+        }
+        assert_eq!(vt(&["--visibility-timeout", "5"]).unwrap(), 5);
+        assert_eq!(vt(&["--visibility-timeout", "43200"]).unwrap(), 43200);
+        assert!(vt(&["--visibility-timeout", "0"]).is_err());
+        assert!(vt(&["--visibility-timeout", "43201"]).is_err());
+    }
+
+    #[test]
     fn reveal_needs_a_reason_and_one_selector() {
         assert!(Cli::try_parse_from(["pii-vault", "reveal", "--user-id", "u"]).is_err());
         assert!(Cli::try_parse_from(["pii-vault", "reveal", "--reason", "x"]).is_err());

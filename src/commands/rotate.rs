@@ -105,7 +105,10 @@ pub async fn rotate_kek(
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
-    anyhow::ensure!(clean, "keys under the old KEK keep appearing; are workers still configured with it?");
+    anyhow::ensure!(
+        clean,
+        "keys under the old KEK keep appearing; are workers still configured with it?"
+    );
     eprintln!(
         "pii-vault: re-wrapped {moved} key(s) under {target_arn}; every stored key is now wrapped by it. \
          Point PII_VAULT_KMS_KEY_ID at it; the old KMS key can then be disabled."

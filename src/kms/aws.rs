@@ -15,6 +15,14 @@ use zeroize::Zeroize;
 
 use crate::crypto::envelope::{KeyMaterial, KeyPurpose, KeyWrapper, WrapError, WrappedKey};
 
+/// The longest one attempt of a KMS call may take. The SDK sets no such
+/// limit by default, so a connection that goes silent (a network partition,
+/// a NAT or load balancer that forgot it) would hold a call, and the batch
+/// waiting for its data key, forever; with it, the attempt fails as
+/// transient and is retried on a fresh connection. KMS answers in
+/// milliseconds.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct AwsKms {
     client: Client,
     /// The ARN of the KMS key new keys are wrapped under.
@@ -26,7 +34,15 @@ impl AwsKms {
     /// is enabled, so a wrong id or a missing permission is one clear error.
     pub async fn connect(key_id: &str) -> Result<Self, WrapError> {
         let conf = aws_config::load_from_env().await;
-        let client = Client::new(&conf);
+        let client = Client::from_conf(
+            aws_sdk_kms::config::Builder::from(&conf)
+                .timeout_config(
+                    aws_sdk_kms::config::timeout::TimeoutConfig::builder()
+                        .operation_attempt_timeout(REQUEST_TIMEOUT)
+                        .build(),
+                )
+                .build(),
+        );
         let kms = AwsKms {
             client,
             key_arn: std::sync::RwLock::new(key_id.to_string()),
@@ -56,7 +72,9 @@ impl AwsKms {
         if meta.key_state != Some(KeyState::Enabled) {
             return Err(WrapError::Permanent(format!(
                 "KMS key {key_id} is {}, not Enabled",
-                meta.key_state.as_ref().map_or("in an unknown state", |s| s.as_str())
+                meta.key_state
+                    .as_ref()
+                    .map_or("in an unknown state", |s| s.as_str())
             )));
         }
         Ok(meta.arn.unwrap_or_else(|| key_id.to_string()))

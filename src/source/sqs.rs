@@ -1,14 +1,20 @@
 //! AWS SQS through aws-sdk-sqs: the only module that touches that SDK.
 //!
 //! Long polling, up to 10 messages a receive, `SentTimestamp` for
-//! `create_date`, `DeleteMessageBatch` (after commit) with its per-entry
-//! failures retried once and then left to redelivery. The visibility
-//! timeout asked for on each receive is far longer than a batch takes, so a
-//! message is not handed to a second worker while the first still holds it.
+//! `create_date`, `DeleteMessageBatch` (after commit) retried with backoff
+//! while SQS is unreachable (for up to the visibility timeout), its
+//! per-entry failures retried once and then left to redelivery. The
+//! visibility timeout asked for on each receive is far longer than a batch
+//! takes, so a message is not handed to a second worker while the first
+//! still holds it. Every request has a time limit, so a connection that goes
+//! silent costs a retry, not the worker. A drain (`--until-empty`) ends when
+//! no message is visible, in flight or delayed.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use aws_sdk_sqs::config::timeout::TimeoutConfig;
 use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
@@ -20,6 +26,7 @@ use zeroize::Zeroizing;
 
 use super::{MessageSource, SourceError};
 use crate::domain::{Ack, Message};
+use crate::pipeline::retry::Backoff;
 
 /// Default seconds a received message stays invisible to other consumers
 /// (`run --visibility-timeout`): far longer than a batch takes to commit, so
@@ -29,10 +36,30 @@ use crate::domain::{Ack, Message};
 pub const VISIBILITY_TIMEOUT_SECS: i32 = 120;
 /// The most SQS accepts for a visibility timeout (12 hours).
 pub const MAX_VISIBILITY_TIMEOUT_SECS: i32 = 43_200;
+/// The longest a deletion is retried while SQS is unreachable. Until then
+/// (or until the visibility timeout, if shorter: after it the messages are
+/// delivered again anyway) an outage between commit and acknowledgement
+/// costs nothing; giving up at once would leave committed messages in the
+/// queue, to be processed again as duplicates, and a `--until-empty` run
+/// would end with them still there. Bounded, because a shutdown waits for
+/// the acknowledgements in hand.
+const MAX_DELETE_RETRY: Duration = Duration::from_secs(60);
+/// Waits between attempts to delete: capped exponential, full jitter.
+const DELETE_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(200),
+    cap: Duration::from_secs(5),
+};
+/// The longest one attempt of a request may take (a receive: its long-poll
+/// wait plus this). The SDK sets no such limit by default, so a connection
+/// that goes silent (a network partition, a NAT or load balancer that
+/// forgot it) would hold a receive or a deletion forever; with it, the
+/// attempt fails as transient and is retried on a fresh connection.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Long-poll wait while running as a daemon.
 const WAIT_SECS: i32 = 20;
 /// Long-poll wait under `--until-empty`: an empty answer after this long
-/// means the queue is drained.
+/// means the queue is drained, unless messages are still in flight (see
+/// [`SqsSource::pending_elsewhere`]).
 const DRAIN_WAIT_SECS: i32 = 1;
 
 pub struct SqsSource {
@@ -41,6 +68,8 @@ pub struct SqsSource {
     until_empty: bool,
     /// Asked for on every receive, in seconds (1..=43200).
     visibility_timeout: i32,
+    /// Whether a drain has said it waits for messages in flight.
+    told_waiting: AtomicBool,
 }
 
 impl SqsSource {
@@ -70,7 +99,11 @@ impl SqsSource {
             .as_secs()
             .clamp(1, MAX_VISIBILITY_TIMEOUT_SECS as u64) as i32;
         let conf = aws_config::load_from_env().await;
-        let client = Client::new(&conf);
+        let client = Client::from_conf(
+            aws_sdk_sqs::config::Builder::from(&conf)
+                .timeout_config(attempt_timeout(REQUEST_TIMEOUT))
+                .build(),
+        );
         client
             .get_queue_attributes()
             .queue_url(queue_url)
@@ -83,12 +116,21 @@ impl SqsSource {
             queue_url: queue_url.to_string(),
             until_empty,
             visibility_timeout,
+            told_waiting: AtomicBool::new(false),
         })
     }
 
     pub fn client(&self) -> &Client {
         &self.client
     }
+}
+
+/// A timeout configuration that only sets the per-attempt timeout (the
+/// SDK merges it with its defaults, keeping e.g. the connect timeout).
+fn attempt_timeout(limit: Duration) -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .operation_attempt_timeout(limit)
+        .build()
 }
 
 /// A short, value-free description of an SDK error.
@@ -142,24 +184,40 @@ fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R>(e: SdkError<E, R>) -> 
 #[async_trait]
 impl MessageSource for SqsSource {
     async fn receive(&self, max: usize) -> Result<Option<Vec<Message>>, SourceError> {
+        let wait = if self.until_empty {
+            DRAIN_WAIT_SECS
+        } else {
+            WAIT_SECS
+        };
         let resp = self
             .client
             .receive_message()
             .queue_url(&self.queue_url)
             .max_number_of_messages(max.clamp(1, 10) as i32)
-            .wait_time_seconds(if self.until_empty {
-                DRAIN_WAIT_SECS
-            } else {
-                WAIT_SECS
-            })
+            .wait_time_seconds(wait)
             .visibility_timeout(self.visibility_timeout)
             .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+            .customize()
+            .config_override(aws_sdk_sqs::config::Builder::default().timeout_config(
+                attempt_timeout(Duration::from_secs(wait as u64) + REQUEST_TIMEOUT),
+            ))
             .send()
             .await
             .map_err(classify)?;
         let msgs = resp.messages.unwrap_or_default();
         if msgs.is_empty() && self.until_empty {
-            return Ok(None);
+            let pending = self.pending_elsewhere().await?;
+            if pending == 0 {
+                return Ok(None);
+            }
+            if !self.told_waiting.swap(true, Ordering::Relaxed) {
+                tracing::info!(
+                    messages = pending,
+                    "no message visible, but some are in flight or delayed; \
+                     waiting for them to be deleted or to come back after their visibility timeout"
+                );
+            }
+            return Ok(Some(Vec::new()));
         }
         let now = Utc::now();
         let out = msgs
@@ -210,9 +268,42 @@ impl MessageSource for SqsSource {
 }
 
 impl SqsSource {
+    /// Messages of the queue that no receive can see right now: in flight
+    /// (received, by this worker or another, and neither deleted nor back
+    /// yet) or delayed. A drain (`--until-empty`) that found nothing visible
+    /// ends only when this is 0 too. Otherwise it would end while messages
+    /// are still to be processed: those of a worker that died holding them
+    /// (back after their visibility timeout), of a receive whose answer was
+    /// lost on the way (ditto), or of deletions that failed.
+    async fn pending_elsewhere(&self) -> Result<u64, SourceError> {
+        let resp = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.queue_url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(resp
+            .attributes
+            .unwrap_or_default()
+            .values()
+            .filter_map(|v| v.parse::<u64>().ok())
+            .sum())
+    }
+
+    /// Deletes up to 10 messages. A request that fails with a transient
+    /// error (SQS unreachable, throttled, timed out) is retried with backoff
+    /// for up to the visibility timeout or [`MAX_DELETE_RETRY`]; entries that
+    /// SQS itself refuses are retried once.
     async fn delete_chunk(&self, handles: &[String]) -> Result<(), SourceError> {
+        let window = Duration::from_secs(self.visibility_timeout as u64).min(MAX_DELETE_RETRY);
+        let give_up_at = Instant::now() + window;
         let mut pending: Vec<&String> = handles.iter().collect();
-        for attempt in 0..2 {
+        let mut failures = 0u32;
+        let mut entry_retries = 0;
+        loop {
             let entries = pending
                 .iter()
                 .enumerate()
@@ -233,14 +324,29 @@ impl SqsSource {
                 .await
             {
                 Ok(r) => r,
-                Err(e) if attempt == 0 => {
-                    tracing::debug!(error = %describe(&e), "DeleteMessageBatch failed, retrying once");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                Err(e) => {
+                    let err = classify(e);
+                    failures += 1;
+                    let now = Instant::now();
+                    if !err.is_transient() || now >= give_up_at {
+                        return Err(err);
+                    }
+                    if failures == 1 {
+                        tracing::warn!(error = %err, messages = pending.len(), "deleting committed messages failed, retrying");
+                    } else {
+                        tracing::debug!(error = %err, attempt = failures, "DeleteMessageBatch failed again, retrying");
+                    }
+                    tokio::time::sleep(DELETE_BACKOFF.delay(failures).min(give_up_at - now)).await;
                     continue;
                 }
-                Err(e) => return Err(classify(e)),
             };
             if resp.failed.is_empty() {
+                if failures > 0 {
+                    tracing::debug!(
+                        attempts = failures + 1,
+                        "deleted committed messages after retrying"
+                    );
+                }
                 return Ok(());
             }
             let failed: Vec<usize> = resp
@@ -257,10 +363,13 @@ impl SqsSource {
             if pending.is_empty() {
                 return Ok(());
             }
+            entry_retries += 1;
+            if entry_retries >= 2 {
+                return Err(SourceError::Transient(format!(
+                    "SQS: {} deletions failed twice",
+                    pending.len()
+                )));
+            }
         }
-        Err(SourceError::Transient(format!(
-            "SQS: {} deletions failed twice",
-            pending.len()
-        )))
     }
 }

@@ -1,0 +1,683 @@
+//! Faults survived: real worker processes (`pii-vault run`) against the real
+//! services (PostgreSQL, LocalStack SQS and KMS) while the database
+//! restarts, a worker is SIGKILLed, SQS or KMS become unreachable (refused,
+//! or silent like a network partition), SQS goes away between commit and
+//! acknowledgement, and workers are stopped. Each test ends the same way:
+//! every valid event is in `user_logins` exactly once (by count, by distinct
+//! `message_id` and by content), with its vault row; every malformed one is
+//! in `quarantine`; the queue is empty, nothing visible or in flight; and no
+//! raw IP or device id is in the database or in anything a worker printed.
+//!
+//! Tests that stop PostgreSQL use a private cluster of their own
+//! ([`faults_helpers::PrivatePg`]): the shared one serves the tests running
+//! beside them. SQS and KMS are taken away by a TCP proxy
+//! ([`faults_helpers::Proxy`]) that the worker reaches LocalStack through.
+//! Without the services these tests skip (or fail, under
+//! `PII_VAULT_REQUIRE_SERVICES=1`); see DEVELOPERS.md. A failing test shows
+//! what each worker logged; `PII_VAULT_FAULTS_SHOW_LOGS=1` shows it always.
+
+#[path = "common/aws.rs"]
+mod aws_helpers;
+mod common;
+#[path = "common/faults.rs"]
+mod faults_helpers;
+#[path = "common/pg.rs"]
+mod pg;
+
+use std::time::{Duration, Instant};
+
+use aws_sdk_sqs::Client as SqsClient;
+use faults_helpers::{
+    db_counts, free_port, wait_until, DbCounts, Events, PrivatePg, Proxy, ProxyMode, Worker,
+};
+use sqlx::Connection as _;
+
+/// How long a message received by a worker stays invisible to the others
+/// in these tests (`run --visibility-timeout`), instead of the default 120 s.
+const VISIBILITY_SECS: &str = "5";
+
+/// One test's database, queue, KMS key and input.
+struct Setup {
+    dir: tempfile::TempDir,
+    db_url: String,
+    queue_url: String,
+    key_id: String,
+    sqs: SqsClient,
+    events: Events,
+}
+
+impl Setup {
+    /// A migrated database at `db_url`, a fresh queue and KMS key, and `n`
+    /// generated events (not sent yet).
+    async fn new(db_url: &str, n: usize, seed: u64) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        faults_helpers::migrate(db_url, dir.path()).await;
+        let (sqs, kms) = (aws_helpers::sqs().await, aws_helpers::kms().await);
+        let queue_url = aws_helpers::create_queue(&sqs).await;
+        let (key_id, _) = aws_helpers::create_key(&kms).await;
+        Setup {
+            dir,
+            db_url: db_url.to_string(),
+            queue_url,
+            key_id,
+            sqs,
+            events: faults_helpers::gen_events(n, seed),
+        }
+    }
+
+    /// Sends the events `range` to the queue (SendMessageBatch).
+    async fn send(&self, range: std::ops::Range<usize>) {
+        aws_helpers::send_all(&self.sqs, &self.queue_url, &self.events.bodies[range]).await;
+    }
+
+    fn valid(&self) -> i64 {
+        self.events.valid.len() as i64
+    }
+
+    fn malformed(&self) -> i64 {
+        self.events.malformed as i64
+    }
+
+    /// `pii-vault run --queue-url … --no-progress ARGS` as a worker process.
+    fn worker(&self, name: &str, args: &[&str]) -> Worker {
+        self.worker_with_env(name, args, &[])
+    }
+
+    fn worker_with_env(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Worker {
+        let mut cmd = faults_helpers::worker_command(&self.db_url, &self.key_id, self.dir.path());
+        cmd.args(["run", "--queue-url", &self.queue_url, "--no-progress"])
+            .args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Worker::spawn(name, cmd)
+    }
+
+    async fn counts(&self) -> DbCounts {
+        db_counts(&self.db_url).await.expect("the database answers")
+    }
+
+    /// `(visible, in flight)` messages of the queue.
+    async fn queue(&self) -> (u64, u64) {
+        aws_helpers::queue_counts(&self.sqs, &self.queue_url).await
+    }
+
+    /// Whether the run is complete: every event stored or quarantined, and
+    /// nothing left in the queue, visible or in flight.
+    async fn complete(&self) -> bool {
+        let want = self.valid() + self.malformed();
+        match db_counts(&self.db_url).await {
+            Some(c) if c.logins + c.quarantined >= want => self.queue().await == (0, 0),
+            _ => false,
+        }
+    }
+
+    /// The end state every fault test must reach: exactly once, nothing
+    /// left, no plaintext PII anywhere.
+    async fn assert_exactly_once(&self, workers: &[&Worker]) {
+        let c = self.counts().await;
+        let (valid, malformed) = (self.valid(), self.malformed());
+        assert_eq!(
+            c,
+            DbCounts {
+                logins: valid,
+                distinct_logins: valid,
+                vault: valid,
+                quarantined: malformed,
+                distinct_quarantined: malformed,
+            },
+            "want {valid} logins (each once, each with its vault row) and {malformed} quarantined"
+        );
+        assert!(
+            faults_helpers::stored_logins(&self.db_url).await == self.events.valid,
+            "user_logins does not hold exactly the valid events of the input"
+        );
+        assert_eq!(self.queue().await, (0, 0), "the queue must be empty");
+
+        let raw = &self.events.raw;
+        let db = faults_helpers::database_bytes(&self.db_url).await;
+        let leaks = common::leaked(&db, raw);
+        assert!(
+            leaks.is_empty(),
+            "the database holds {} plaintext values",
+            leaks.len()
+        );
+        for w in workers {
+            let leaks = common::leaked(&w.output_bytes(), raw);
+            assert!(
+                leaks.is_empty(),
+                "worker {} printed {} plaintext IPs or device ids",
+                w.name,
+                leaks.len()
+            );
+        }
+    }
+}
+
+/// Notes the time since `t0` and what happens next on stderr (shown by the
+/// test runner when a test fails), so a failure shows where time went.
+fn step(t0: Instant, what: &str) {
+    eprintln!("[{:>6.1}s] {what}", t0.elapsed().as_secs_f64());
+}
+
+/// Whether both the database and the AWS services of the test run are
+/// there (skip otherwise; a failure under `PII_VAULT_REQUIRE_SERVICES=1`).
+fn services() -> Option<(String, String)> {
+    let pg = common::service_env("PII_VAULT_TEST_PG")?;
+    common::service_env("PII_VAULT_TEST_AWS")?;
+    let aws = aws_helpers::endpoint()?;
+    Some((pg, aws))
+}
+
+/// Waits until `user_logins` holds more than `than` rows and returns the counts.
+async fn rows_above(s: &Setup, than: i64, limit: Duration) -> DbCounts {
+    wait_until(
+        limit,
+        &format!("more than {than} stored logins"),
+        || async { db_counts(&s.db_url).await.filter(|c| c.logins > than) },
+    )
+    .await
+}
+
+// ------------------------------------------------------------------ 1. database
+
+/// PostgreSQL is stopped (`pg_ctl stop -m fast`, as in an operator's
+/// restart) while the worker writes, stays away for longer than the
+/// worker's connection-acquire timeout, and comes back: the worker keeps
+/// running, retries with backoff, and then finishes the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_survives_a_postgres_restart() {
+    if services().is_none() {
+        return;
+    }
+    let started = Instant::now();
+    step(started, "private cluster");
+    let pg = PrivatePg::start().await;
+    step(started, "database, queue, key");
+    let db = pg::FreshDb::create(&pg.admin_url).await;
+    let s = Setup::new(&db.url, 1500, 101).await;
+    step(started, "sending");
+    s.send(0..1500).await;
+    step(started, "worker");
+
+    let mut w = s.worker(
+        "w1",
+        &["--until-empty", "--concurrency", "2", "--batch-size", "50"],
+    );
+    let before = rows_above(&s, 0, Duration::from_secs(60)).await;
+    step(started, "stopping the database");
+    pg.stop_fast().await;
+    step(started, "stopped");
+    assert!(
+        before.logins < s.valid(),
+        "the worker finished before the database went away; the test proves nothing"
+    );
+    // Longer than the store's acquire timeout (10 s): some write attempt
+    // must fail and be retried, whatever the worker was doing at the stop.
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(12) {
+        w.assert_running("while the database was down");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    w.assert_running("while the database was down");
+    step(started, "starting the database");
+    pg.start_again().await;
+    step(started, "waiting for the worker");
+
+    let (stored, duplicates, rejected) = w.wait_success(Duration::from_secs(90)).await;
+    let log = w.output();
+    assert!(
+        log.contains("batch write failed, retrying"),
+        "no database retry in the log:\n{log}"
+    );
+    assert_eq!(stored as i64, s.valid(), "summary: {stored} stored");
+    assert!(
+        rejected as i64 <= s.malformed() && stored + duplicates + rejected >= 1500,
+        "every message is counted in the summary (a redelivery as a duplicate): \
+         {stored} stored, {duplicates} duplicates, {rejected} rejected"
+    );
+    step(started, "checking");
+    s.assert_exactly_once(&[&w]).await;
+    step(started, "dropping");
+    db.drop_database().await;
+    drop(pg);
+    step(started, "done");
+}
+
+// ------------------------------------------------------------------ 2. SIGKILL
+
+/// A worker is killed with SIGKILL while it holds messages; they come back
+/// after the visibility timeout, and a second worker drains the queue. What
+/// the first committed but never acknowledged is redelivered and counted as
+/// a duplicate, not stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_worker_loses_nothing_and_doubles_nothing() {
+    let Some((shared_pg, _)) = services() else {
+        return;
+    };
+    let started = Instant::now();
+    let db = pg::FreshDb::create(&shared_pg).await;
+    let s = Setup::new(&db.url, 1200, 202).await;
+    s.send(0..1200).await;
+
+    // A holds its messages for 15 s: longer than B needs for the rest, so
+    // that B's drain has to wait for them.
+    step(started, "worker A");
+    let mut a = s.worker(
+        "A",
+        &[
+            "--visibility-timeout",
+            "15",
+            "--concurrency",
+            "2",
+            "--batch-size",
+            "50",
+        ],
+    );
+    rows_above(&s, 0, Duration::from_secs(60)).await;
+    step(started, "SIGKILL A");
+    a.kill9().await;
+    let after_kill = s.counts().await;
+    assert!(
+        after_kill.logins < s.valid(),
+        "worker A finished before it was killed; the test proves nothing"
+    );
+    let (_, in_flight) = s.queue().await;
+    assert!(
+        in_flight > 0,
+        "worker A held no messages when it was killed"
+    );
+
+    // B drains the queue, A's messages included once they are visible again.
+    step(started, "worker B");
+    let mut b = s.worker(
+        "B",
+        &["--until-empty", "--visibility-timeout", VISIBILITY_SECS],
+    );
+    let (stored, duplicates, rejected) = b.wait_success(Duration::from_secs(90)).await;
+    step(started, "checking");
+    assert!(
+        b.output().contains("some are in flight"),
+        "B never waited for A's messages: {}",
+        b.output()
+    );
+    assert_eq!(
+        stored as i64,
+        s.valid() - after_kill.logins,
+        "B stores exactly what A had not committed"
+    );
+    assert!(duplicates + rejected + stored <= 1200);
+    s.assert_exactly_once(&[&a, &b]).await;
+    db.drop_database().await;
+    step(
+        started,
+        &format!("done (B: {stored} stored, {duplicates} duplicates, {rejected} rejected)"),
+    );
+}
+
+// ------------------------------------------------------------------ 3. SQS and KMS
+
+/// KMS, then SQS, become unreachable for about 5 s each (a proxy between
+/// the worker and LocalStack cuts every connection and refuses new ones):
+/// first KMS, just as the worker needs its data key for its first batch;
+/// then SQS, while the worker is receiving. The worker retries both with
+/// backoff, keeps running, and ends with every event stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_survives_sqs_and_kms_outages() {
+    let Some((shared_pg, endpoint)) = services() else {
+        return;
+    };
+    let started = Instant::now();
+    let upstream = faults_helpers::endpoint_addr(&endpoint);
+    let sqs_proxy = Proxy::start(upstream).await;
+    let kms_proxy = Proxy::start(upstream).await;
+    let db = pg::FreshDb::create(&shared_pg).await;
+    let s = Setup::new(&db.url, 800, 303).await;
+    let half = 400;
+
+    let port = free_port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let (sqs_url, kms_url) = (sqs_proxy.url(), kms_proxy.url());
+    let mut w = s.worker_with_env(
+        "w",
+        &[
+            "--visibility-timeout",
+            "10",
+            "--concurrency",
+            "2",
+            "--batch-size",
+            "50",
+            "--metrics-addr",
+            &metrics_addr,
+        ],
+        &[
+            ("AWS_ENDPOINT_URL", &sqs_url),
+            ("AWS_ENDPOINT_URL_SQS", &sqs_url),
+            ("AWS_ENDPOINT_URL_KMS", &kms_url),
+        ],
+    );
+    // Up: it has unwrapped its token key and connected to the queue.
+    wait_until(Duration::from_secs(60), "the worker's /metrics", || async {
+        faults_helpers::scrape(port).await.map(|_| ())
+    })
+    .await;
+
+    // KMS away before the first message: the first batch cannot get its data key.
+    step(started, "KMS away");
+    kms_proxy.set(ProxyMode::Refuse);
+    let outage = Instant::now();
+    s.send(0..half).await;
+    wait_until(
+        Duration::from_secs(60),
+        "a KMS retry in the log",
+        || async {
+            w.output()
+                .contains("cannot get a data key, retrying")
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(outage.elapsed())).await;
+    w.assert_running("while KMS was unreachable");
+    assert_eq!(s.counts().await.logins, 0, "stored without a data key?");
+    step(started, "KMS back");
+    kms_proxy.set(ProxyMode::Forward);
+    wait_until(
+        Duration::from_secs(60),
+        "the first half written",
+        || async {
+            db_counts(&s.db_url)
+                .await
+                .filter(|c| c.logins + c.quarantined >= half as i64)
+        },
+    )
+    .await;
+
+    // SQS away: the second half waits in the queue until it is back.
+    step(started, "SQS away");
+    sqs_proxy.set(ProxyMode::Refuse);
+    let outage = Instant::now();
+    s.send(half..800).await;
+    wait_until(
+        Duration::from_secs(60),
+        "an SQS retry in the log",
+        || async {
+            w.output()
+                .contains("receive failed, retrying")
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(outage.elapsed())).await;
+    w.assert_running("while SQS was unreachable");
+    let during = s.counts().await;
+    assert!(
+        during.logins + during.quarantined <= half as i64,
+        "received while SQS was unreachable?"
+    );
+    step(started, "SQS back");
+    sqs_proxy.set(ProxyMode::Forward);
+
+    wait_until(Duration::from_secs(90), "the queue drained", || async {
+        s.complete().await.then_some(())
+    })
+    .await;
+    w.signal("TERM");
+    let (stored, duplicates, rejected) = w.wait_success(Duration::from_secs(30)).await;
+    assert_eq!(stored as i64, s.valid());
+    assert_eq!(rejected as i64, s.malformed());
+    s.assert_exactly_once(&[&w]).await;
+    db.drop_database().await;
+    step(started, &format!("done ({duplicates} duplicates)"));
+}
+
+/// The network between the worker and AWS swallows packets for about 5 s
+/// while the worker holds messages: connections open at that moment, and
+/// those opened during it, never get an answer, not even afterwards (as when
+/// a NAT or a load balancer forgets them). The worker's receives and
+/// deletions must time out and be retried on fresh connections rather than
+/// wait forever, and the `--until-empty` run must end with the queue empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_recovers_from_a_network_blackhole() {
+    let Some((shared_pg, endpoint)) = services() else {
+        return;
+    };
+    let started = Instant::now();
+    let proxy = Proxy::start(faults_helpers::endpoint_addr(&endpoint)).await;
+    let db = pg::FreshDb::create(&shared_pg).await;
+    let n = 1000;
+    let s = Setup::new(&db.url, n, 606).await;
+    s.send(0..n).await;
+
+    step(started, "worker");
+    let url = proxy.url();
+    let mut w = s.worker_with_env(
+        "w",
+        &[
+            "--until-empty",
+            "--visibility-timeout",
+            "10",
+            "--concurrency",
+            "2",
+            "--batch-size",
+            "50",
+        ],
+        &[("AWS_ENDPOINT_URL", &url)],
+    );
+    let before = rows_above(&s, 0, Duration::from_secs(60)).await;
+    step(started, "blackhole");
+    proxy.set(ProxyMode::Blackhole);
+    assert!(
+        before.logins < s.valid(),
+        "the worker finished before the blackhole; the test proves nothing"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    w.assert_running("while the network swallowed its requests");
+    step(started, "network back");
+    proxy.set(ProxyMode::Forward);
+
+    let (stored, _, rejected) = w.wait_success(Duration::from_secs(120)).await;
+    step(started, "checking");
+    assert_eq!((stored as i64, rejected as i64), (s.valid(), s.malformed()));
+    assert!(
+        proxy.swallowed() > 0,
+        "no connection went silent; the test proves nothing"
+    );
+    s.assert_exactly_once(&[&w]).await;
+    db.drop_database().await;
+    step(started, "done");
+}
+
+/// SQS becomes unreachable between the commit of a batch and its
+/// acknowledgement (the worker holds every message of a `--until-empty` run,
+/// its inserts held back by a table lock, when SQS goes away and the lock is
+/// released). The deletions must be retried until SQS is back, so that
+/// the run ends with the queue empty rather than with committed messages
+/// waiting out their visibility timeout to be processed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_outlast_an_sqs_outage() {
+    let Some((shared_pg, endpoint)) = services() else {
+        return;
+    };
+    let started = Instant::now();
+    let proxy = Proxy::start(faults_helpers::endpoint_addr(&endpoint)).await;
+    let db = pg::FreshDb::create(&shared_pg).await;
+    let n = 300;
+    let s = Setup::new(&db.url, n, 505).await;
+    s.send(0..n).await;
+
+    // Hold back every insert into user_logins until the lock is released.
+    let mut locker = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut lock = locker.begin().await.unwrap();
+    sqlx::query("LOCK TABLE user_logins IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+
+    step(started, "worker");
+    let url = proxy.url();
+    let mut w = s.worker_with_env(
+        "w",
+        &[
+            "--until-empty",
+            "--visibility-timeout",
+            "30",
+            "--concurrency",
+            "2",
+            "--batch-size",
+            "50",
+        ],
+        &[("AWS_ENDPOINT_URL", &url)],
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "every message received and held",
+        || async { (s.queue().await == (0, n as u64)).then_some(()) },
+    )
+    .await;
+    assert_eq!(s.counts().await.logins, 0, "written through the lock?");
+
+    step(started, "SQS away; commits released");
+    proxy.set(ProxyMode::Refuse);
+    let outage = Instant::now();
+    lock.rollback().await.unwrap();
+    wait_until(Duration::from_secs(30), "the batches committed", || async {
+        db_counts(&s.db_url)
+            .await
+            .filter(|c| c.logins + c.quarantined >= n as i64)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(outage.elapsed())).await;
+    w.assert_running("while its acknowledgements could not be sent");
+    assert_eq!(
+        s.queue().await,
+        (0, n as u64),
+        "deleted while SQS was unreachable?"
+    );
+    step(started, "SQS back");
+    proxy.set(ProxyMode::Forward);
+
+    let (stored, duplicates, rejected) = w.wait_success(Duration::from_secs(60)).await;
+    step(started, "checking");
+    assert_eq!(
+        (stored as i64, duplicates, rejected as i64),
+        (s.valid(), 0, s.malformed())
+    );
+    s.assert_exactly_once(&[&w]).await;
+    db.drop_database().await;
+    step(started, "done");
+}
+
+// ------------------------------------------------------------------ 4. all of it
+
+/// The issue's combined run: two workers consume a known input; one is
+/// SIGKILLed, the database restarts under the other, which is then stopped
+/// with SIGTERM; a third finishes the queue, and its `/metrics` counters
+/// agree with its summary; a final `--until-empty` drain finds nothing left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn combined_kill_restart_and_stop_keep_every_event_exactly_once() {
+    if services().is_none() {
+        return;
+    }
+    let started = Instant::now();
+    let pg = PrivatePg::start().await;
+    let db = pg::FreshDb::create(&pg.admin_url).await;
+    let n = 1600;
+    let s = Setup::new(&db.url, n, 404).await;
+    let parts = [0..500, 500..900, 900..1300, 1300..n];
+    let daemon = [
+        "--visibility-timeout",
+        VISIBILITY_SECS,
+        "--concurrency",
+        "2",
+        "--batch-size",
+        "50",
+    ];
+
+    step(started, "workers A and B");
+    s.send(parts[0].clone()).await;
+    let mut a = s.worker("A", &daemon);
+    let mut b = s.worker("B", &daemon);
+
+    // SIGKILL A once work is under way.
+    rows_above(&s, 0, Duration::from_secs(60)).await;
+    step(started, "SIGKILL A");
+    a.kill9().await;
+    let killed = s.counts().await;
+    s.send(parts[1].clone()).await;
+
+    // Restart the database under B once it writes the new messages.
+    let seen = rows_above(&s, killed.logins, Duration::from_secs(60)).await;
+    step(started, "stopping the database");
+    pg.stop_fast().await;
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(6) {
+        b.assert_running("while the database was down");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    step(started, "starting the database");
+    pg.start_again().await;
+    b.assert_running("after the database came back");
+
+    // SIGTERM B as soon as it writes again: it finishes its batch and exits 0.
+    let restarted = s.counts().await;
+    assert!(restarted.logins >= seen.logins);
+    s.send(parts[2].clone()).await;
+    rows_above(&s, restarted.logins, Duration::from_secs(60)).await;
+    step(started, "SIGTERM B");
+    b.signal("TERM");
+    let b_summary = b.wait_success(Duration::from_secs(60)).await;
+    assert!(
+        b.output().contains("shutting down"),
+        "B did not log its shutdown"
+    );
+
+    // C finishes the queue; its metrics agree with its summary.
+    step(started, "worker C");
+    s.send(parts[3].clone()).await;
+    let port = free_port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let mut c = s.worker(
+        "C",
+        &[&daemon[..], &["--metrics-addr", &metrics_addr]].concat(),
+    );
+    wait_until(
+        Duration::from_secs(120),
+        "the queue drained by C",
+        || async { s.complete().await.then_some(()) },
+    )
+    .await;
+    let body = wait_until(Duration::from_secs(30), "C's /metrics", || {
+        faults_helpers::scrape(port)
+    })
+    .await;
+    let scraped = (
+        faults_helpers::metric(&body, "pii_vault_logins_stored_total"),
+        faults_helpers::metric(&body, "pii_vault_duplicates_total"),
+        faults_helpers::metric(&body, "pii_vault_rejected_total"),
+    );
+    step(started, "SIGTERM C");
+    c.signal("TERM");
+    let c_summary = c.wait_success(Duration::from_secs(30)).await;
+    assert_eq!(
+        c_summary, scraped,
+        "C's summary (stored, duplicates, rejected) and its /metrics disagree"
+    );
+    assert!(c_summary.0 > 0, "C stored nothing: {c_summary:?}");
+    let leaks = common::leaked(body.as_bytes(), &s.events.raw);
+    assert!(leaks.is_empty(), "/metrics holds plaintext PII");
+
+    // A final drain finds nothing left.
+    step(started, "worker D");
+    let mut d = s.worker(
+        "D",
+        &["--until-empty", "--visibility-timeout", VISIBILITY_SECS],
+    );
+    assert_eq!(d.wait_success(Duration::from_secs(60)).await, (0, 0, 0));
+
+    step(started, "checking");
+    s.assert_exactly_once(&[&a, &b, &c, &d]).await;
+    db.drop_database().await;
+    drop(pg);
+    step(started, &format!("done (B {b_summary:?}, C {c_summary:?})"));
+}
