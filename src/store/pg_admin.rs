@@ -6,7 +6,7 @@ use sqlx::postgres::PgRow;
 use sqlx::Row;
 
 use super::admin::{self, Forgotten, Maintenance};
-use super::postgres::PgStore;
+use super::postgres::{login_from_row, PgStore};
 use super::{AuditEntry, KeyState, LoginRow, QuarantineRow, StoreError, VaultRow};
 use crate::crypto::{KeyPurpose, WrappedKey};
 
@@ -197,16 +197,7 @@ impl Maintenance for PgStore {
         .await?;
         rows.iter()
             .map(|r| {
-                let login = LoginRow {
-                    message_id: r.try_get("message_id")?,
-                    user_id: r.try_get("user_id")?,
-                    device_type: r.try_get("device_type")?,
-                    masked_ip: r.try_get("masked_ip")?,
-                    masked_device_id: r.try_get("masked_device_id")?,
-                    locale: r.try_get("locale")?,
-                    app_version: r.try_get("app_version")?,
-                    create_date: r.try_get("create_date")?,
-                };
+                let login = login_from_row(r)?;
                 let vault = VaultRow {
                     message_id: login.message_id.clone(),
                     user_id: login.user_id.clone(),

@@ -82,7 +82,7 @@ fn key_from_row(r: &PgRow) -> Result<StoredKey, StoreError> {
     })
 }
 
-fn login_from_row(r: &PgRow) -> Result<LoginRow, StoreError> {
+pub(super) fn login_from_row(r: &PgRow) -> Result<LoginRow, StoreError> {
     Ok(LoginRow {
         message_id: r.try_get("message_id")?,
         user_id: r.try_get("user_id")?,
