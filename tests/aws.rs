@@ -321,52 +321,6 @@ fn pii_vault(dir: &Path, args: &[&str]) -> Output {
     out
 }
 
-/// `(stored, duplicates, rejected)` from the summary line `run` ends with.
-fn summary(out: &Output) -> (u64, u64, u64) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    let line = err
-        .lines()
-        .find(|l| l.contains(" stored, "))
-        .unwrap_or_else(|| panic!("no summary in:\n{err}"));
-    let nums: Vec<u64> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .take(3)
-        .map(|s| s.parse().unwrap())
-        .collect();
-    (nums[0], nums[1], nums[2])
-}
-
-fn database_bytes(dir: &Path) -> Vec<u8> {
-    let mut all = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.file_name()
-            .unwrap()
-            .to_string_lossy()
-            .starts_with("e2e.db")
-        {
-            all.extend(std::fs::read(p).unwrap());
-        }
-    }
-    all
-}
-
-fn gen_events(n: usize) -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gen-events.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .args(["-n", &n.to_string(), "--malformed-pct", "2"])
-        .output()
-        .expect("python3 scripts/gen-events.py");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[tokio::test]
 async fn worker_drains_a_queue_into_sqlite_with_kms_and_reveals_originals() {
     if aws_helpers::endpoint().is_none() {
@@ -376,7 +330,7 @@ async fn worker_drains_a_queue_into_sqlite_with_kms_and_reveals_originals() {
     let url = aws_helpers::create_queue(&sqs).await;
     let (key_id, _) = aws_helpers::create_key(&kms).await;
 
-    let input = gen_events(300);
+    let input = common::gen_events(&["-n", &300.to_string(), "--malformed-pct", "2"]);
     let bodies: Vec<String> = input.lines().map(str::to_string).collect();
     assert_eq!(bodies.len(), 300);
     let valid: Vec<serde_json::Value> = bodies
@@ -403,12 +357,12 @@ async fn worker_drains_a_queue_into_sqlite_with_kms_and_reveals_originals() {
     let run: Vec<&str> = common_args.iter().chain(&run_args).copied().collect();
 
     let first = pii_vault(dir.path(), &run);
-    let (stored, duplicates, rejected) = summary(&first);
+    let (stored, duplicates, rejected) = common::summary(&first.stderr);
     assert_eq!(
         stored + rejected,
         300,
         "every event is stored or rejected: {:?}",
-        summary(&first)
+        common::summary(&first.stderr)
     );
     assert_eq!(duplicates, 0);
     assert_eq!(stored, valid.len() as u64);
@@ -423,7 +377,11 @@ async fn worker_drains_a_queue_into_sqlite_with_kms_and_reveals_originals() {
     );
 
     let second = pii_vault(dir.path(), &run);
-    assert_eq!(summary(&second), (0, 0, 0), "a second run must add nothing");
+    assert_eq!(
+        common::summary(&second.stderr),
+        (0, 0, 0),
+        "a second run must add nothing"
+    );
 
     // Reveal one user's logins: exactly the originals of that user's valid events.
     let user = valid[0]["user_id"].as_str().unwrap();
@@ -475,7 +433,7 @@ async fn worker_drains_a_queue_into_sqlite_with_kms_and_reveals_originals() {
     // No plaintext PII in the database or in what the runs printed.
     let raw = common::raw_pii(&input);
     assert!(raw.len() > 50);
-    let leaks = common::leaked(&database_bytes(dir.path()), &raw);
+    let leaks = common::leaked(&common::files_bytes(dir.path(), "e2e.db"), &raw);
     assert!(
         leaks.is_empty(),
         "the database holds plaintext PII: {} values",

@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use pii_vault::domain::CanonicalIp;
@@ -65,23 +65,6 @@ impl Env {
     }
 }
 
-/// Every byte of every file the run left next to the database (the SQLite
-/// file and its WAL), so a row of any table is covered.
-fn database_bytes(dir: &Path) -> Vec<u8> {
-    let mut all = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.file_name()
-            .unwrap()
-            .to_string_lossy()
-            .starts_with("pii-vault.db")
-        {
-            all.extend(std::fs::read(p).unwrap());
-        }
-    }
-    all
-}
-
 fn valid_lines(text: &str) -> Vec<serde_json::Value> {
     text.lines()
         .filter(|l| pii_vault::domain::LoginEvent::parse(l.as_bytes()).is_ok())
@@ -111,7 +94,7 @@ async fn sample_file_runs_idempotently_and_stores_no_plaintext_pii() {
 
     let raw = common::raw_pii(SAMPLE);
     assert!(raw.len() > 50);
-    let leaks = common::leaked(&database_bytes(env.dir.path()), &raw);
+    let leaks = common::leaked(&common::files_bytes(env.dir.path(), "pii-vault.db"), &raw);
     assert!(
         leaks.is_empty(),
         "database holds plaintext PII: {} values",
@@ -262,7 +245,7 @@ async fn each_kind_of_malformed_line_is_quarantined_with_its_reason() {
         "203.0.113.9".to_string(),
         "203.0.113.77".to_string(),
     ];
-    assert!(common::leaked(&database_bytes(env.dir.path()), &raw).is_empty());
+    assert!(common::leaked(&common::files_bytes(env.dir.path(), "pii-vault.db"), &raw).is_empty());
 }
 
 #[tokio::test]

@@ -9,6 +9,18 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Events with a fixed seed, `malformed` percent of them broken.
+fn events(n: usize, malformed: u32) -> String {
+    common::gen_events(&[
+        "-n",
+        &n.to_string(),
+        "--seed",
+        "11",
+        "--malformed-pct",
+        &malformed.to_string(),
+    ])
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -44,22 +56,6 @@ fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("timed out waiting for {what}");
-}
-
-fn events(n: usize, malformed: u32) -> String {
-    let out = Command::new("python3")
-        .args([
-            "scripts/gen-events.py",
-            "-n",
-            &n.to_string(),
-            "--seed",
-            "11",
-            "--malformed-pct",
-            &malformed.to_string(),
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()
 }
 
 fn spawn_stdin_worker(dir: &std::path::Path, extra: &[&str]) -> Child {

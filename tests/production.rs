@@ -168,7 +168,7 @@ async fn twenty_thousand_events_two_workers_exactly_once() {
     )
     .await;
 
-    let input = prod::gen_events(&["-n", "20000", "--malformed-pct", "2", "--seed", "5"]);
+    let input = common::gen_events(&["-n", "20000", "--malformed-pct", "2", "--seed", "5"]);
     let bodies: Vec<String> = input.lines().map(str::to_string).collect();
     assert_eq!(bodies.len(), 20_000);
     let (valid, malformed) = originals(&bodies);
@@ -390,7 +390,7 @@ async fn rotations_while_consuming_then_old_kms_key_disabled() {
     .await;
 
     // Small pools, so that every IP, device and user recurs in every wave.
-    let input = prod::gen_events(&[
+    let input = common::gen_events(&[
         "-n",
         "1800",
         "--seed",

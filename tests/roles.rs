@@ -999,12 +999,7 @@ async fn binary_worker_runs_but_cannot_reveal_and_the_revealer_can() {
     let revealer_url = db.login_as(REVEALER).await;
     let dir = tempfile::tempdir().unwrap();
 
-    let gen = Command::new("python3")
-        .args(["scripts/gen-events.py", "-n", "20", "--seed", "3"])
-        .output()
-        .unwrap();
-    assert!(gen.status.success());
-    let events = String::from_utf8(gen.stdout).unwrap();
+    let events = common::gen_events(&["-n", "20", "--seed", "3"]);
     std::fs::write(dir.path().join("events.jsonl"), &events).unwrap();
     let raw = common::raw_pii(&events);
     assert!(!raw.is_empty());

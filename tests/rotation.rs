@@ -28,25 +28,21 @@ fn cmd(dir: &Path, args: &[&str]) -> Output {
     out
 }
 
+/// Events from small pools of IPs, devices and users, so values repeat
+/// across the chunks fed before, during and after each rotation.
 fn events(seed: u64, n: usize) -> String {
-    let out = Command::new("python3")
-        .args([
-            "scripts/gen-events.py",
-            "-n",
-            &n.to_string(),
-            "--seed",
-            &seed.to_string(),
-            "--ips",
-            "40",
-            "--devices",
-            "40",
-            "--users",
-            "30",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap()
+    common::gen_events(&[
+        "-n",
+        &n.to_string(),
+        "--seed",
+        &seed.to_string(),
+        "--ips",
+        "40",
+        "--devices",
+        "40",
+        "--users",
+        "30",
+    ])
 }
 
 /// Reveals every user and checks the originals, and that tokens are one

@@ -297,11 +297,6 @@ pub async fn connect_admin(url: &str) -> anyhow::Result<Arc<dyn AdminStore>> {
 
 /// Opens the store a URL names: `postgres://…` or `sqlite:…`.
 pub async fn connect(url: &str) -> anyhow::Result<Arc<dyn Store>> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(postgres::PgStore::connect(url).await?))
-    } else if url.starts_with("sqlite:") {
-        Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
-    } else {
-        anyhow::bail!("unsupported database URL scheme: use postgres://… or sqlite:PATH")
-    }
+    let store: Arc<dyn Store> = connect_admin(url).await?;
+    Ok(store)
 }

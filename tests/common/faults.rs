@@ -314,19 +314,14 @@ pub struct Events {
 
 /// `python3 scripts/gen-events.py -n N --malformed-pct 2 --seed SEED`.
 pub fn gen_events(n: usize, seed: u64) -> Events {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gen-events.py");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .args(["-n", &n.to_string(), "--malformed-pct", "2"])
-        .args(["--seed", &seed.to_string()])
-        .output()
-        .expect("python3 scripts/gen-events.py");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = crate::common::gen_events(&[
+        "-n",
+        &n.to_string(),
+        "--malformed-pct",
+        "2",
+        "--seed",
+        &seed.to_string(),
+    ]);
     let bodies: Vec<String> = text.lines().map(str::to_string).collect();
     assert_eq!(bodies.len(), n);
     let mut valid: Vec<_> = bodies

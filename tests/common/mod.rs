@@ -77,3 +77,33 @@ pub fn summary(stderr: &[u8]) -> (u64, u64, u64) {
         .collect();
     (n[0], n[1], n[2])
 }
+
+/// `python3 scripts/gen-events.py ARGS…`: generated events as JSON Lines.
+pub fn gen_events(args: &[&str]) -> String {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gen-events.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python3 scripts/gen-events.py");
+    assert!(
+        out.status.success(),
+        "gen-events.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Every byte of every file in `dir` whose name starts with `prefix` (an
+/// SQLite file with its WAL and shared memory), so a row of any table, in
+/// any state of checkpointing, is covered.
+pub fn files_bytes(dir: &std::path::Path, prefix: &str) -> Vec<u8> {
+    let mut all = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap().to_string_lossy().starts_with(prefix) {
+            all.extend(std::fs::read(p).unwrap());
+        }
+    }
+    all
+}

@@ -193,22 +193,6 @@ pub fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// `python3 scripts/gen-events.py ARGS…`: JSON Lines.
-pub fn gen_events(args: &[&str]) -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gen-events.py");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("python3 scripts/gen-events.py");
-    assert!(
-        out.status.success(),
-        "gen-events.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// Sends `bodies` with SendMessageBatch, 10 a call and `parallel` calls in
 /// flight; fails on any failed entry.
 pub async fn send_parallel(sqs: &SqsClient, queue_url: &str, bodies: &[String], parallel: usize) {
