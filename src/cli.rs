@@ -66,8 +66,11 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create or upgrade the database schema (also converts a legacy
-    /// `user_logins.app_version integer` column to text, keeping its rows).
-    Migrate,
+    /// `user_logins.app_version integer` column to text, keeping its rows),
+    /// put the configured key-encryption key on the KMS allow-list and
+    /// create the token and line-id keys if there are none. Run it as the
+    /// schema owner.
+    Migrate(MigrateArgs),
     /// Consume login events: mask, vault, store; quarantine bad ones.
     Run(RunArgs),
     /// Show the original IP and device id of logins, recording who asked and why.
@@ -82,6 +85,14 @@ pub enum Command {
     Keys(KeysCommand),
     /// Show the audit trail of reveals (newest first).
     Audit(AuditArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Only the schema: no allow-list entry, no keys (for a DBA without KMS
+    /// rights; a rotator then runs `pii-vault keys init`).
+    #[arg(long)]
+    pub schema_only: bool,
 }
 
 #[derive(Debug, Args)]
@@ -149,7 +160,8 @@ pub struct RevealArgs {
     #[arg(long, value_parser = non_blank)]
     pub reason: String,
 
-    /// Who is asking, for the audit trail [default: $USER].
+    /// Who is asking, kept in the audit trail as the claimed actor beside
+    /// the database login that the database records itself [default: $USER].
     #[arg(long, env = "PII_VAULT_ACTOR")]
     pub actor: Option<String>,
 
@@ -174,7 +186,22 @@ pub struct ForgetArgs {
     #[arg(long, value_parser = non_blank)]
     pub reason: String,
 
-    /// Who is asking, for the audit trail [default: $USER].
+    /// Who is asking, kept in the audit trail as the claimed actor beside
+    /// the database login [default: $USER].
+    #[arg(long, env = "PII_VAULT_ACTOR")]
+    pub actor: Option<String>,
+}
+
+/// Why a rotation runs and who runs it: its audit record, written (and
+/// committed) before it reads anything.
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// Why (schedule, incident, ticket): kept in the audit trail.
+    #[arg(long, value_parser = non_blank, default_value = "scheduled key rotation")]
+    pub reason: String,
+
+    /// Who is asking, kept in the audit trail as the claimed actor beside
+    /// the database login [default: $USER].
     #[arg(long, env = "PII_VAULT_ACTOR")]
     pub actor: Option<String>,
 }
@@ -184,22 +211,32 @@ pub enum RotateCommand {
     /// Re-wrap every stored key under another AWS KMS key (ReEncrypt; plaintext
     /// keys never leave KMS). Keys of a local key file move into KMS. Resumable.
     Kek {
-        /// The new KMS key (id, ARN or alias/NAME).
+        /// The new KMS key (id, ARN or alias/NAME). It is added to the KMS
+        /// allow-list first.
         #[arg(long)]
         to: String,
+        #[command(flatten)]
+        job: JobArgs,
     },
-    /// Re-encrypt the vault and quarantine under a fresh data key, then destroy
-    /// the old data keys (crypto-shredding). Resumable.
-    DataKeys,
+    /// Re-encrypt the vault and quarantine under fresh data keys (a new one
+    /// every 2^20 rows), then destroy the old data keys. Resumable; a row
+    /// that cannot be opened is reported and skipped (exit status 1).
+    DataKeys(JobArgs),
     /// Make a new token-key version current and re-tokenise user_logins from
     /// the vault; running workers switch by themselves.
-    TokenKey,
+    TokenKey(JobArgs),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Keys with purpose, state, wrapping key, creation time and usage.
     List(FormatArgs),
+    /// Put the configured key-encryption key on the KMS allow-list and create
+    /// the token and line-id keys if missing (owner or rotator; `migrate`
+    /// does this too).
+    Init,
+    /// The KMS allow-list: the key-encryption keys stored keys may be wrapped under.
+    Allowed,
 }
 
 #[derive(Debug, Args)]

@@ -17,6 +17,9 @@ pub struct VaultReader {
     store: Arc<dyn Store>,
     wrapper: Arc<dyn KeyWrapper>,
     keys: HashMap<String, Option<KeyMaterial>>,
+    /// The KMS allow-list, read once: a data key under any other KEK is
+    /// refused rather than unwrapped.
+    allowed: Option<Vec<String>>,
 }
 
 impl VaultReader {
@@ -25,20 +28,26 @@ impl VaultReader {
             store,
             wrapper,
             keys: HashMap::new(),
+            allowed: None,
         }
     }
 
     /// The plaintext key for `key_id`; `None` when it was destroyed.
     pub async fn data_key(&mut self, key_id: &str) -> anyhow::Result<Option<&KeyMaterial>> {
         if !self.keys.contains_key(key_id) {
-            let stored = self
-                .store
-                .get_key(key_id)
-                .await?
-                .with_context(|| format!("data key {key_id} is referenced but not stored"))?;
+            let stored = self.store.get_key(key_id).await?.with_context(|| {
+                format!("data key {key_id} is referenced but not stored (unknown key id)")
+            })?;
             let material = if stored.state == KeyState::Destroyed {
                 None
             } else {
+                if self.allowed.is_none() {
+                    self.allowed = Some(self.store.allowed_keks().await?);
+                }
+                crate::keyring::check_allowed(
+                    self.allowed.as_deref().unwrap_or_default(),
+                    &stored,
+                )?;
                 Some(
                     self.wrapper
                         .unwrap(KeyPurpose::Vault, &stored.wrapped)

@@ -294,15 +294,23 @@ async fn no_audit_row_means_nothing_is_revealed() {
     assert_eq!(v["ip"], "203.0.113.77");
     assert_eq!(v["device_id"], "771-22-9931");
     let audit = env.ok(&["audit", "--format", "json"]);
-    let a: serde_json::Value = serde_json::from_slice(&audit.stdout).unwrap();
+    let newest = String::from_utf8_lossy(&audit.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    let a: serde_json::Value = serde_json::from_str(&newest).unwrap();
     assert_eq!(
         (
-            a["actor"].as_str(),
+            a["action"].as_str(),
+            a["claimed_actor"].as_str(),
             a["reason"].as_str(),
             a["row_count"].as_i64()
         ),
-        (Some("alice"), Some("incident 7"), Some(1))
+        (Some("reveal"), Some("alice"), Some("incident 7"), Some(1))
     );
+    // The actor is the store's own account of who ran it, not the claim.
+    assert_ne!(a["actor"].as_str(), Some("alice"));
 }
 
 #[tokio::test]

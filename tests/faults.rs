@@ -51,10 +51,10 @@ impl Setup {
     /// generated events (not sent yet).
     async fn new(db_url: &str, n: usize, seed: u64) -> Setup {
         let dir = tempfile::tempdir().unwrap();
-        faults_helpers::migrate(db_url, dir.path()).await;
         let (sqs, kms) = (aws_helpers::sqs().await, aws_helpers::kms().await);
         let queue_url = aws_helpers::create_queue(&sqs).await;
         let (key_id, _) = aws_helpers::create_key(&kms).await;
+        faults_helpers::migrate(db_url, dir.path(), &key_id).await;
         Setup {
             dir,
             db_url: db_url.to_string(),

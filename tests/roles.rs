@@ -1,10 +1,12 @@
-//! Least privilege, tested: the database roles of
-//! `migrations/postgres/0002_roles.sql`, each used through a login user
-//! granted it, the way a deployment does (`GRANT pii_vault_worker TO
-//! their_login_user`). Every role is shown doing its whole job through
-//! `PgStore`, and then refused what it must not do, with SQLSTATE 42501
-//! (insufficient privilege) rather than just any error: a statement that
-//! failed for another reason proves nothing about privileges.
+//! Least privilege and the trust boundaries, tested: the database roles of
+//! `migrations/postgres/0002_roles.sql` and `0003_trust_boundaries.sql`,
+//! each used through a login user granted it, the way a deployment does
+//! (`GRANT pii_vault_worker TO their_login_user`). Every role is shown doing
+//! its whole job through `PgStore`, and then refused what it must not do by
+//! Postgres itself, with plain SQL as a person holding that login would
+//! type it: SQLSTATE 42501 (insufficient privilege) or the SQLSTATE of the
+//! database rule that refuses it (PVnnn), never just any error: a statement
+//! that failed for another reason proves nothing.
 //!
 //! Postgres only: skips when `PII_VAULT_TEST_PG` is unset (and fails under
 //! `PII_VAULT_REQUIRE_SERVICES=1`). Login users are cluster-wide, so each
@@ -26,6 +28,9 @@ use pii_vault::store::{
     AuditEntry, Batch, BatchOutcome, KeyState, LoginRow, QuarantineRow, Selector, Store,
     StoreError, StoredKey, VaultRow,
 };
+
+/// The KEK the test keys claim to be wrapped under; the owner allow-lists it.
+const TEST_KEK: &str = "local:test";
 use rand::RngCore;
 use sqlx::{Connection, PgConnection, PgPool};
 
@@ -65,8 +70,9 @@ impl Db {
     /// would; returns its connection URL for this database.
     async fn login_as(&mut self, role: &str) -> String {
         let user = format!(
-            "{}_{}",
+            "{}_{}_{}",
             self.fresh.name,
+            self.users.len(),
             role.trim_start_matches("pii_vault_")
         );
         let password = uuid::Uuid::new_v4().simple().to_string();
@@ -170,6 +176,16 @@ async fn allowed(pool: &PgPool, sql: &str) -> u64 {
         .rows_affected()
 }
 
+/// Runs `sql` and asserts that Postgres refused it with SQLSTATE `code`
+/// (one of pii-vault's own rules, PVnnn, or a standard one).
+async fn refused(pool: &PgPool, sql: &str, code: &str) {
+    match sqlx::query(sql).execute(pool).await {
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some(code) => {}
+        Err(e) => panic!("{sql}: expected SQLSTATE {code}, got: {e}"),
+        Ok(_) => panic!("{sql}: expected SQLSTATE {code}, but it ran"),
+    }
+}
+
 /// Asserts that a store call failed for want of a privilege.
 fn store_denied<T: Debug>(r: Result<T, StoreError>, what: &str) {
     match r {
@@ -192,7 +208,7 @@ fn new_key(id: &str, purpose: KeyPurpose, version: i64) -> StoredKey {
         purpose,
         version,
         wrapped: WrappedKey {
-            kek_id: "local:test".into(),
+            kek_id: TEST_KEK.into(),
             blob: random_bytes(60),
         },
         state: KeyState::Active,
@@ -219,7 +235,7 @@ fn login(user_id: &str, key_id: &str) -> (LoginRow, VaultRow) {
             masked_device_id: token(1),
             locale: Some("RU".into()),
             app_version: "2.3.0".into(),
-            create_date: NaiveDate::from_ymd_opt(2024, 3, 1).unwrap(),
+            create_date: NaiveDate::from_ymd_opt(2024, 3, 1),
         },
         VaultRow {
             message_id,
@@ -246,7 +262,7 @@ fn quarantined(user_id: Option<&str>, key_id: &str) -> QuarantineRow {
 
 fn audit(action: &str, target: &str) -> AuditEntry {
     AuditEntry {
-        actor: "oncall@test".into(),
+        claimed_actor: "oncall@test".into(),
         action: action.into(),
         target: target.into(),
         reason: "INC-4711".into(),
@@ -261,6 +277,7 @@ struct Seeded {
 }
 
 async fn seed(owner: &PgStore) -> Seeded {
+    owner.allow_kek(TEST_KEK).await.unwrap();
     owner
         .insert_key(&new_key("dek-1", KeyPurpose::Vault, 0))
         .await
@@ -293,53 +310,52 @@ async fn seed(owner: &PgStore) -> Seeded {
     Seeded { alice }
 }
 
-// ------------------------------------------------------------------ roles
+// ------------------------------------------------------------------ worker
+
+/// A data key id as workers make them.
+fn dek_id() -> String {
+    format!("dek-{}", uuid::Uuid::new_v4())
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn worker_writes_batches_and_keys_but_reads_no_vault_quarantine_or_audit() {
+async fn worker_appends_and_registers_its_own_data_keys_and_nothing_more() {
     let Some(mut db) = Db::new().await else {
         return;
     };
+    seed(&db.owner).await;
     let worker = db.store_as(WORKER).await;
     let raw = worker.pool();
 
-    // First start on an empty database: the worker creates token key v1,
-    // the line-id key and its own data key, and reads them back.
-    assert!(worker.current_token_key().await.unwrap().is_none());
-    assert!(worker
-        .insert_key(&new_key("tok-1", KeyPurpose::Token, 1))
-        .await
-        .unwrap());
-    // Another replica racing for v1 loses quietly.
-    assert!(!worker
-        .insert_key(&new_key("tok-x", KeyPurpose::Token, 1))
-        .await
-        .unwrap());
-    assert!(worker
-        .insert_key(&new_key("ids-1", KeyPurpose::LineIds, 0))
-        .await
-        .unwrap());
-    let dek = new_key("dek-w", KeyPurpose::Vault, 0);
-    assert!(worker.insert_key(&dek).await.unwrap());
+    // Its job: read the token key, register its own data key (time, author,
+    // state, version set by the database), write batches under it.
     assert_eq!(
         worker.current_token_key().await.unwrap().unwrap().id,
         "tok-1"
     );
-    assert_eq!(
-        worker.get_key("dek-w").await.unwrap().unwrap().wrapped,
-        dek.wrapped
-    );
-    assert_eq!(worker.list_keys().await.unwrap().len(), 3);
+    let dek = dek_id();
+    let wrapped = WrappedKey {
+        kek_id: TEST_KEK.into(),
+        blob: random_bytes(60),
+    };
+    worker.register_data_key(&dek, &wrapped).await.unwrap();
+    let (state, version, by, age): (String, i64, String, f64) = sqlx::query_as(
+        "SELECT state, version, created_by, extract(epoch FROM now() - created_at)::float8 \
+         FROM vault_keys WHERE id = $1",
+    )
+    .bind(&dek)
+    .fetch_one(db.owner.pool())
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), version), ("active", 0));
+    assert!(by.ends_with("_worker"), "created_by {by}");
+    assert!(age.abs() < 60.0, "created_at set by the database: {age}");
 
-    // A full batch: new logins with their vault rows, a redelivery inside
-    // the batch, a quarantined message, key usage, both key fences (the
-    // token key is read FOR SHARE).
-    let a = login("alice", "dek-w");
-    let b = login("bob", "dek-w");
+    let a = login("alice", &dek);
+    let b = login("bob", &dek);
     let batch = Batch {
         logins: vec![a.clone(), b.clone(), a.clone()],
-        quarantined: vec![quarantined(None, "dek-w")],
-        key_usage: vec![("dek-w".into(), 4)],
+        quarantined: vec![quarantined(None, &dek)],
+        key_usage: vec![(dek.clone(), 4)],
         token_key_id: "tok-1".into(),
     };
     assert_eq!(
@@ -350,109 +366,220 @@ async fn worker_writes_batches_and_keys_but_reads_no_vault_quarantine_or_audit()
             rejected: 1
         }
     );
-    // Redelivered (another replica, or after a lost ack): nothing new.
+    // Redelivered: nothing new, and the database counts only what it stored.
+    assert_eq!(worker.write_batch(&batch).await.unwrap().stored, 0);
+    let usage = db.owner.get_key(&dek).await.unwrap().unwrap().usage_count;
     assert_eq!(
-        worker.write_batch(&batch).await.unwrap(),
-        BatchOutcome {
-            stored: 0,
-            duplicates: 4,
-            rejected: 0
-        }
+        usage, 3,
+        "2 vault rows + 1 quarantined, counted by the database"
     );
-    assert_eq!(db.count("user_logins").await, 2);
-    assert_eq!(db.count("vault").await, 2);
-    assert_eq!(db.count("quarantine").await, 1);
-    let usage = db
-        .owner
-        .get_key("dek-w")
-        .await
-        .unwrap()
-        .unwrap()
-        .usage_count;
-    assert_eq!(usage, 8);
-    // It may see which message ids are stored (its ON CONFLICT needs that).
-    allowed(raw, "SELECT message_id FROM user_logins").await;
 
-    // It cannot change a key's state (a compromised worker could otherwise
-    // re-activate a key that a rotation retired and defeat the fence); once
-    // a rotation retires its data key, its next batch under it is refused.
-    denied(
-        raw,
-        "UPDATE vault_keys SET state = 'retired' WHERE id = 'dek-w'",
-    )
-    .await;
+    // Retiring its own exhausted key: yes; anyone else's: no.
+    assert!(!worker.retire_data_key("dek-1").await.unwrap());
     assert_eq!(
-        allowed(
-            db.owner.pool(),
-            "UPDATE vault_keys SET state = 'retired' WHERE id = 'dek-w'"
-        )
-        .await,
-        1
+        db.owner.get_key("dek-1").await.unwrap().unwrap().state,
+        KeyState::Active
     );
+    assert!(worker.retire_data_key(&dek).await.unwrap());
+    // Its next batch under that key is refused by the database.
     let late = Batch {
-        logins: vec![login("carol", "dek-w")],
-        key_usage: vec![("dek-w".into(), 1)],
-        token_key_id: "tok-1".into(),
+        logins: vec![login("carol", &dek)],
         ..Batch::default()
     };
     assert!(matches!(
         worker.write_batch(&late).await,
-        Err(StoreError::KeyRetired(k)) if k == "dek-w"
+        Err(StoreError::KeyRetired(k)) if k == dek
+    ));
+    // An unknown key id is told apart from a retired one.
+    let unknown = Batch {
+        logins: vec![login("carol", "dek-00000000-0000-0000-0000-000000000000")],
+        ..Batch::default()
+    };
+    assert!(matches!(
+        worker.write_batch(&unknown).await,
+        Err(StoreError::UnknownKey(_))
     ));
 
-    // It cannot read what it wrote, nor the tokens (with the token key it
-    // holds, they could be inverted), nor the audit trail.
+    // Plain SQL: no key of its choosing, no state changes, no other KEK.
+    refused(
+        raw,
+        "SELECT pii_vault_register_data_key('dek-00000000-0000-0000-0000-000000000001', 'arn:aws:kms:us-east-1:666:key/evil', '\\x00112233445566778899aabbccddeeff')",
+        "PV002",
+    )
+    .await;
+    refused(
+        raw,
+        "SELECT pii_vault_register_data_key('tok-9', 'local:test', '\\x00112233445566778899aabbccddeeff')",
+        "22023",
+    )
+    .await;
     for sql in [
+        // A token key whose value it knows: every later token invertible.
+        "INSERT INTO vault_keys (id, purpose, version, kek_id, wrapped, state, created_at) \
+         VALUES ('tok-99', 'token', 99, 'local:test', '\\x00', 'active', now())",
+        "INSERT INTO vault_keys (id, purpose, version, kek_id, wrapped, state, created_at) \
+         VALUES ('tok-100', 'token', 100, 'local:test', NULL, 'destroyed', now())",
+        "INSERT INTO vault_keys (id, purpose, kek_id, created_at) VALUES ('ids-9', 'line-ids', 'local:test', now())",
+        "INSERT INTO vault_keys (id, purpose, kek_id, created_at) VALUES ('dek-x', 'vault', 'arn:aws:kms:us-east-1:666:key/evil', now())",
+        "UPDATE vault_keys SET state = 'active'",
+        "UPDATE vault_keys SET state = 'retired' WHERE id = 'dek-1'",
+        "UPDATE vault_keys SET kek_id = 'arn:aws:kms:us-east-1:666:key/evil'",
+        "UPDATE vault_keys SET usage_count = 0",
+        "DELETE FROM vault_keys",
+        "INSERT INTO kms_allowlist (kek_id) VALUES ('arn:aws:kms:us-east-1:666:key/evil')",
+        // Ciphertext and tokens: not even what it wrote.
         "SELECT * FROM vault",
         "SELECT ciphertext FROM vault",
         "SELECT * FROM quarantine",
         "SELECT message_id FROM quarantine",
-        "SELECT * FROM audit_log",
         "SELECT * FROM user_logins",
         "SELECT masked_ip FROM user_logins",
-    ] {
-        denied(raw, sql).await;
-    }
-    // It changes nothing it did not just write, and nothing in the audit trail.
-    for sql in [
+        "SELECT * FROM audit_log",
+        "SELECT * FROM reveal_requests",
+        "SELECT * FROM pii_vault_reveal_fetch(1)",
+        "SELECT pii_vault_reveal_request('user_id', 'alice', 'why', 'me')",
+        "SELECT pii_vault_record('forget', 'x', 'why', 'me', 0)",
+        "SELECT * FROM pii_vault_rotation_vault_rows(1, ARRAY['dek-1'], '', 10)",
         "UPDATE audit_log SET reason = 'nothing to see'",
         "DELETE FROM audit_log",
-        "TRUNCATE audit_log",
         "INSERT INTO audit_log (actor, action, target, reason, row_count) VALUES ('w', 'reveal', 'x', 'y', 0)",
         "DELETE FROM user_logins",
         "UPDATE user_logins SET masked_ip = 'x'",
-        "INSERT INTO user_logins (id, message_id) VALUES (9000000, 'planted')",
         "UPDATE vault SET key_id = key_id",
         "DELETE FROM vault",
-        "DELETE FROM quarantine",
-        "UPDATE vault_keys SET wrapped = NULL",
-        "UPDATE vault_keys SET kek_id = 'local:evil'",
-        "DELETE FROM vault_keys",
         "TRUNCATE vault",
         "CREATE TABLE stash (x text)",
     ] {
         denied(raw, sql).await;
     }
-    // Nor through the store: reveal, the audit trail, the rotator's work.
-    let sel = Selector::UserId("alice".into());
-    store_denied(
-        worker.reveal(&sel, &audit("reveal", "user_id=alice")).await,
-        "reveal",
-    );
-    store_denied(worker.audit_trail(10).await, "audit_trail");
-    store_denied(
-        worker.vault_rows_under(&["dek-w".into()], 10).await,
-        "vault_rows_under",
-    );
-    store_denied(
-        worker.forget("alice", &audit("forget", "alice")).await,
-        "forget",
-    );
+    // It may see which message ids are stored (its ON CONFLICT needs that).
+    allowed(raw, "SELECT message_id FROM user_logins").await;
 
-    assert_eq!(db.count("vault").await, 2);
+    assert_eq!(db.count("vault").await, 5);
     assert_eq!(db.count("audit_log").await, 0);
+    let tokens: i64 = sqlx::query_scalar("SELECT count(*) FROM vault_keys WHERE purpose = 'token'")
+        .fetch_one(db.owner.pool())
+        .await
+        .unwrap();
+    assert_eq!(tokens, 1);
     db.finish(&[&worker]).await;
 }
+
+/// The rotation fences are the database's: a batch sealed under a data key
+/// a rotation retired, or tokenised with a token-key version that is not
+/// active, is refused whoever sends it, the owner included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_refuses_rows_under_retired_or_unknown_keys() {
+    let Some(db) = Db::new().await else { return };
+    seed(&db.owner).await;
+    let pool = db.owner.pool();
+    // Token v2 made current, v1 retired, as `rotate token-key` does.
+    assert!(db
+        .owner
+        .insert_key(&new_key("tok-2", KeyPurpose::Token, 2))
+        .await
+        .unwrap());
+    db.owner
+        .transition_keys(
+            KeyPurpose::Token,
+            KeyState::Active,
+            KeyState::Retired,
+            "tok-2",
+        )
+        .await
+        .unwrap();
+    let mut stale = login("alice", "dek-1");
+    stale.0.masked_ip = token(1);
+    let r = db
+        .owner
+        .write_batch(&Batch {
+            logins: vec![stale],
+            ..Batch::default()
+        })
+        .await;
+    assert!(
+        matches!(&r, Err(StoreError::KeyRetired(k)) if k == "tok-1"),
+        "{r:?}"
+    );
+    let mut fresh = login("alice", "dek-1");
+    fresh.0.masked_ip = token(2);
+    fresh.0.masked_device_id = token(2);
+    assert_eq!(
+        db.owner
+            .write_batch(&Batch {
+                logins: vec![fresh],
+                ..Batch::default()
+            })
+            .await
+            .unwrap()
+            .stored,
+        1
+    );
+    // Plain SQL, as the owner: a token without a version, one of an unknown
+    // version, a vault row under a retired key, a key brought back.
+    refused(
+        pool,
+        "INSERT INTO user_logins (message_id, user_id, masked_ip, masked_device_id) VALUES ('m1', 'u', 'plain', 't2_x')",
+        "PV003",
+    )
+    .await;
+    refused(
+        pool,
+        "INSERT INTO user_logins (message_id, user_id, masked_ip, masked_device_id) VALUES ('m2', 'u', 't7_x', 't7_y')",
+        "PV010",
+    )
+    .await;
+    db.owner
+        .set_key_state("dek-1", KeyState::Retired)
+        .await
+        .unwrap();
+    refused(
+        pool,
+        "INSERT INTO vault (message_id, user_id, key_id, nonce, ciphertext) VALUES ('m3', 'u', 'dek-1', '\\x00', '\\x00')",
+        "PV001",
+    )
+    .await;
+    refused(
+        pool,
+        "UPDATE vault_keys SET state = 'active' WHERE id = 'dek-1'",
+        "PV009",
+    )
+    .await;
+    refused(
+        pool,
+        "UPDATE vault_keys SET version = 7 WHERE id = 'tok-2'",
+        "PV009",
+    )
+    .await;
+    refused(
+        pool,
+        "INSERT INTO vault_keys (id, purpose, version, kek_id, wrapped) VALUES ('tok-0', 'token', 1, 'local:test', '\\x00')",
+        "PV009",
+    )
+    .await;
+    refused(
+        pool,
+        "INSERT INTO vault_keys (id, purpose, kek_id, wrapped) VALUES ('dek-evil', 'vault', 'arn:aws:kms:us-east-1:666:key/evil', '\\x00')",
+        "PV002",
+    )
+    .await;
+    refused(pool, "DELETE FROM kms_allowlist", "PV008").await;
+    // A destroyed key loses its wrapped form, whatever the statement says.
+    allowed(
+        pool,
+        "UPDATE vault_keys SET state = 'destroyed', wrapped = '\\x01' WHERE id = 'tok-1'",
+    )
+    .await;
+    let wrapped: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT wrapped FROM vault_keys WHERE id = 'tok-1'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(wrapped, None);
+    db.finish(&[]).await;
+}
+
+// ----------------------------------------------------------------- analyst
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn analyst_reads_user_logins_and_nothing_else() {
@@ -480,8 +607,14 @@ async fn analyst_reads_user_logins_and_nothing_else() {
     for sql in [
         "SELECT * FROM vault",
         "SELECT * FROM vault_keys",
+        "SELECT wrapped FROM vault_keys",
         "SELECT * FROM quarantine",
         "SELECT * FROM audit_log",
+        "SELECT * FROM kms_allowlist",
+        "SELECT * FROM reveal_requests",
+        "SELECT pii_vault_reveal_request('user_id', 'alice', 'why', 'me')",
+        "SELECT * FROM pii_vault_reveal_fetch(1)",
+        "SELECT pii_vault_register_data_key('dek-00000000-0000-0000-0000-000000000001', 'local:test', '\\x00112233445566778899aabbccddeeff')",
         "INSERT INTO user_logins (message_id) VALUES ('planted')",
         "INSERT INTO vault (message_id, user_id, key_id, nonce, ciphertext) VALUES ('m', 'u', 'dek-1', '\\x00', '\\x00')",
         "INSERT INTO vault_keys (id, purpose, kek_id, created_at) VALUES ('k', 'vault', 'local:x', now())",
@@ -497,10 +630,8 @@ async fn analyst_reads_user_logins_and_nothing_else() {
     }
     let sel = Selector::UserId("alice".into());
     store_denied(
-        analyst
-            .reveal(&sel, &audit("reveal", "user_id=alice"))
-            .await,
-        "reveal",
+        analyst.reveal_request(&sel, "me", "why").await,
+        "reveal_request",
     );
     store_denied(analyst.current_token_key().await, "current_token_key");
     store_denied(analyst.audit_trail(10).await, "audit_trail");
@@ -513,33 +644,83 @@ async fn analyst_reads_user_logins_and_nothing_else() {
             .await,
         "write_batch",
     );
-    store_denied(
-        analyst
-            .insert_key(&new_key("k", KeyPurpose::Vault, 0))
-            .await,
-        "insert_key",
-    );
 
     assert_eq!(db.count("user_logins").await, 3);
     assert_eq!(db.count("audit_log").await, 0);
     db.finish(&[&analyst]).await;
 }
 
+// ---------------------------------------------------------------- revealer
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revealer_reads_the_vault_with_an_audit_row_and_changes_nothing() {
+async fn revealer_gets_ciphertext_only_for_a_committed_audit_row_of_its_own() {
     let Some(mut db) = Db::new().await else {
         return;
     };
     let seeded = seed(&db.owner).await;
     let revealer = db.store_as(REVEALER).await;
+    let other = db.store_as(REVEALER).await;
     let raw = revealer.pool();
-
-    // Reveal: the rows with their sealed originals, audit row committed.
-    let sel = Selector::UserId("alice".into());
-    let got = revealer
-        .reveal(&sel, &audit("reveal", &sel.to_string()))
+    let login_name: String = sqlx::query_scalar("SELECT session_user::text")
+        .fetch_one(raw)
         .await
         .unwrap();
+
+    // No way to the ciphertext but the audited function.
+    for sql in [
+        "SELECT * FROM vault",
+        "SELECT nonce, ciphertext FROM vault",
+        "SELECT * FROM quarantine",
+        "SELECT * FROM reveal_requests",
+        "SELECT * FROM pii_vault_rotation_vault_rows(1, ARRAY['dek-1'], '', 10)",
+        "SELECT pii_vault_record('rotate-data-keys', 'x', 'why', 'me', 0)",
+    ] {
+        denied(raw, sql).await;
+    }
+
+    // Request and fetch in one transaction: refused, and a ROLLBACK then
+    // leaves neither a trail nor anything read.
+    let mut tx = raw.begin().await.unwrap();
+    let (id,): (i64,) = sqlx::query_as(
+        "SELECT request_id FROM pii_vault_reveal_request('user_id', 'alice', 'INC-1', 'me')",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    let same_tx = sqlx::query("SELECT * FROM pii_vault_reveal_fetch($1)")
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await;
+    match same_tx {
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("PV005") => {}
+        other => panic!("fetch in the request's own transaction: {other:?}"),
+    }
+    tx.rollback().await.unwrap();
+    assert_eq!(db.count("audit_log").await, 0);
+    // Fetching a rolled-back request finds nothing to fetch.
+    refused(
+        raw,
+        &format!("SELECT * FROM pii_vault_reveal_fetch({id})"),
+        "PV004",
+    )
+    .await;
+
+    // The way it works: record (commits), then fetch, once.
+    let req = revealer
+        .reveal_request(
+            &Selector::UserId("alice".into()),
+            "someone-else",
+            "INC-4711",
+        )
+        .await
+        .unwrap();
+    assert_eq!(req.row_count, 2);
+    // Another revealer's login cannot fetch it.
+    assert!(matches!(
+        other.reveal_fetch(req.id).await,
+        Err(StoreError::Refused(m)) if m.contains("PV004")
+    ));
+    let got = revealer.reveal_fetch(req.id).await.unwrap();
     assert_eq!(got.len(), 2);
     for (l, v) in &got {
         let (_, want) = seeded
@@ -549,76 +730,133 @@ async fn revealer_reads_the_vault_with_an_audit_row_and_changes_nothing() {
             .unwrap();
         assert_eq!(v.as_ref(), Some(want));
     }
-    // The data keys to open them.
-    assert!(revealer.get_key("dek-1").await.unwrap().is_some());
-    assert_eq!(revealer.list_keys().await.unwrap().len(), 2);
-    // And the trail (`pii-vault audit`).
+    refused(
+        raw,
+        &format!("SELECT * FROM pii_vault_reveal_fetch({})", req.id),
+        "PV006",
+    )
+    .await;
+
+    // The trail names the login and the database's time; the client's claim
+    // is kept apart; forging either is refused or overwritten.
     let trail = revealer.audit_trail(10).await.unwrap();
     assert_eq!(trail.len(), 1);
+    assert_eq!(trail[0].actor, login_name);
+    assert_eq!(trail[0].claimed_actor.as_deref(), Some("someone-else"));
     assert_eq!(
         (trail[0].action.as_str(), trail[0].row_count),
         ("reveal", 2)
     );
-
+    assert!((Utc::now() - trail[0].at).num_seconds().abs() < 60);
     for sql in [
-        "INSERT INTO user_logins (message_id) VALUES ('planted')",
-        "UPDATE user_logins SET masked_ip = 'x'",
-        "UPDATE vault SET nonce = nonce",
-        "DELETE FROM vault",
-        "UPDATE audit_log SET reason = 'nothing to see'",
+        "INSERT INTO audit_log (at, actor, action, target, reason, row_count) VALUES ('2001-01-01', 'ceo', 'reveal', 'x', 'y', 0)",
+        "INSERT INTO audit_log (action, target, reason, row_count) VALUES ('reveal', 'x', 'y', 0)",
+        "UPDATE audit_log SET actor = 'ceo'",
+        "UPDATE audit_log SET at = '2001-01-01'",
         "DELETE FROM audit_log",
         "TRUNCATE audit_log",
-        "INSERT INTO audit_log (id, actor, action, target, reason, row_count) VALUES (9000000, 'a', 'reveal', 'x', 'y', 0)",
+        "UPDATE reveal_requests SET fetched_at = NULL",
+        "INSERT INTO user_logins (message_id) VALUES ('planted')",
+        "UPDATE vault SET nonce = nonce",
         "UPDATE vault_keys SET state = 'retired'",
-        "DELETE FROM vault_keys",
         "INSERT INTO vault_keys (id, purpose, kek_id, created_at) VALUES ('k', 'vault', 'local:x', now())",
-        "SELECT * FROM quarantine",
+        "INSERT INTO kms_allowlist (kek_id) VALUES ('x')",
         "CREATE TABLE stash (x text)",
     ] {
         denied(raw, sql).await;
     }
-    store_denied(
-        revealer
-            .write_batch(&Batch {
-                logins: vec![login("eve", "dek-1")],
-                ..Batch::default()
-            })
-            .await,
-        "write_batch",
-    );
-    store_denied(
-        revealer
-            .insert_key(&new_key("k", KeyPurpose::Vault, 0))
-            .await,
-        "insert_key",
-    );
-    store_denied(
-        revealer.forget("alice", &audit("forget", "alice")).await,
-        "forget",
-    );
-    store_denied(
-        revealer
-            .transition_keys(KeyPurpose::Vault, KeyState::Active, KeyState::Retired, "")
-            .await,
-        "transition_keys",
-    );
+    // Even the owner, who may insert, cannot choose actor or time.
+    allowed(
+        db.owner.pool(),
+        "INSERT INTO audit_log (at, actor, action, target, reason, row_count) VALUES ('2001-01-01', 'ceo', 'note', 'x', 'y', 0)",
+    )
+    .await;
+    let (actor, year): (String, f64) = sqlx::query_as(
+        "SELECT actor, extract(year FROM at)::float8 FROM audit_log WHERE action = 'note'",
+    )
+    .fetch_one(db.owner.pool())
+    .await
+    .unwrap();
+    assert_ne!(actor, "ceo");
+    assert!(year > 2001.0);
 
     assert_eq!(db.count("vault").await, 3);
-    assert_eq!(db.count("audit_log").await, 1);
-    db.finish(&[&revealer]).await;
+    db.finish(&[&revealer, &other]).await;
 }
 
+// ----------------------------------------------------------------- rotator
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rotator_rotates_and_forgets_but_cannot_rewrite_the_audit_trail() {
+async fn rotator_reads_ciphertext_only_under_its_committed_locked_job() {
     let Some(mut db) = Db::new().await else {
         return;
     };
     seed(&db.owner).await;
     let rotator = db.store_as(ROTATOR).await;
+    let second = db.store_as(ROTATOR).await;
     let raw = rotator.pool();
 
-    // rotate data-keys: a fresh key, the old one retired, everything
-    // re-sealed under the new one, the old one destroyed.
+    for sql in [
+        "SELECT nonce FROM vault",
+        "SELECT ciphertext FROM quarantine",
+        "SELECT * FROM pii_vault_reveal_fetch(1)",
+        "INSERT INTO audit_log (action, target, reason, row_count) VALUES ('forget', 'x', 'y', 0)",
+    ] {
+        denied(raw, sql).await;
+    }
+    // Without a record of its own, or with one not committed yet: nothing.
+    refused(
+        raw,
+        "SELECT * FROM pii_vault_rotation_vault_rows(123, ARRAY['dek-1'], '', 10)",
+        "PV004",
+    )
+    .await;
+    // (On a connection of its own: the advisory lock the record takes is the
+    // session's and outlives the rollback until the connection closes.)
+    let mut conn = raw.acquire().await.unwrap();
+    conn.close_on_drop();
+    let mut tx = conn.begin().await.unwrap();
+    let id: i64 =
+        sqlx::query_scalar("SELECT pii_vault_record('rotate-data-keys', 'vault', 'why', 'me', 3)")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    let early =
+        sqlx::query("SELECT * FROM pii_vault_rotation_vault_rows($1, ARRAY['dek-1'], '', 10)")
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await;
+    assert!(
+        matches!(&early, Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("PV005")),
+        "{early:?}"
+    );
+    tx.rollback().await.unwrap();
+    conn.close().await.unwrap();
+
+    // The job as the CLI runs it: audit record first, with the lock.
+    let job = rotator
+        .begin_job(&audit("rotate-data-keys", "vault, quarantine"), 5)
+        .await
+        .unwrap();
+    // A second rotation of the same kind is refused while the first runs,
+    // through the store and through plain SQL.
+    assert!(matches!(
+        second.begin_job(&audit("rotate-data-keys", "vault"), 0).await,
+        Err(StoreError::Busy(m)) if m.contains("rotate-data-keys")
+    ));
+    refused(
+        second.pool(),
+        "SELECT pii_vault_record('rotate-data-keys', 'vault', 'why', 'me', 0)",
+        "PV007",
+    )
+    .await;
+    // Another kind is not blocked by it.
+    let other_kind = second
+        .begin_job(&audit("rotate-token-key", "user_logins"), 0)
+        .await
+        .unwrap();
+    other_kind.finish().await;
+
     assert!(rotator
         .insert_key(&new_key("dek-2", KeyPurpose::Vault, 0))
         .await
@@ -633,9 +871,22 @@ async fn rotator_rotates_and_forgets_but_cannot_rewrite_the_audit_trail() {
         .await
         .unwrap();
     assert_eq!(old, ["dek-1"]);
-    let vault = rotator.vault_rows_under(&old, 100).await.unwrap();
-    let quarantine = rotator.quarantine_rows_under(&old, 100).await.unwrap();
+    assert_eq!(rotator.count_sealed_under(&old).await.unwrap(), 5);
+    let vault = rotator
+        .vault_rows_under(job.record_id, &old, "", 100)
+        .await
+        .unwrap();
+    let quarantine = rotator
+        .quarantine_rows_under(job.record_id, &old, "", 100)
+        .await
+        .unwrap();
     assert_eq!((vault.len(), quarantine.len()), (3, 2));
+    // Keyset pages: after the first message id, the other two.
+    let rest = rotator
+        .vault_rows_under(job.record_id, &old, &vault[0].message_id, 100)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 2);
     let vault: Vec<_> = vault
         .into_iter()
         .map(|v| {
@@ -662,34 +913,57 @@ async fn rotator_rotates_and_forgets_but_cannot_rewrite_the_audit_trail() {
         .collect();
     assert_eq!(rotator.reseal(&vault, &quarantine).await.unwrap(), 5);
     assert_eq!(
+        db.owner
+            .get_key("dek-2")
+            .await
+            .unwrap()
+            .unwrap()
+            .usage_count,
+        5,
+        "the database counts re-sealed rows"
+    );
+    assert_eq!(
         rotator.destroy_unreferenced_data_keys().await.unwrap(),
         ["dek-1"]
     );
     let dek1 = db.owner.get_key("dek-1").await.unwrap().unwrap();
     assert_eq!(dek1.state, KeyState::Destroyed);
     assert!(dek1.wrapped.blob.is_empty());
+    job.finish().await;
+    // The lock went with the job: the next rotation may start.
+    second
+        .begin_job(&audit("rotate-data-keys", "vault"), 0)
+        .await
+        .unwrap()
+        .finish()
+        .await;
 
-    // rotate kek: re-wrapped in place; retiring a data key.
+    // rotate kek: only to an allowed KEK.
     let rewrapped = WrappedKey {
         kek_id: "local:new".into(),
         blob: random_bytes(60),
     };
+    assert!(matches!(
+        rotator.update_wrapped("dek-2", &rewrapped).await,
+        Err(StoreError::KekNotAllowed(_))
+    ));
+    rotator.allow_kek("local:new").await.unwrap();
     rotator.update_wrapped("dek-2", &rewrapped).await.unwrap();
     assert_eq!(
         db.owner.get_key("dek-2").await.unwrap().unwrap().wrapped,
         rewrapped
     );
-    rotator
-        .set_key_state("dek-2", KeyState::Retired)
+
+    // rotate token-key through its job.
+    let job = rotator
+        .begin_job(&audit("rotate-token-key", "user_logins"), 3)
         .await
         .unwrap();
-
-    // rotate token-key: v2 current, v1 retired, logins re-tokenised, v1 destroyed.
     assert!(rotator
         .insert_key(&new_key("tok-2", KeyPurpose::Token, 2))
         .await
         .unwrap());
-    let retired = rotator
+    rotator
         .transition_keys(
             KeyPurpose::Token,
             KeyState::Active,
@@ -698,31 +972,29 @@ async fn rotator_rotates_and_forgets_but_cannot_rewrite_the_audit_trail() {
         )
         .await
         .unwrap();
-    assert_eq!(retired, ["tok-1"]);
-    let stale = rotator.logins_to_retokenise(2, 0, 100).await.unwrap();
+    let stale = rotator
+        .logins_to_retokenise(job.record_id, 2, 0, 100)
+        .await
+        .unwrap();
     assert_eq!(stale.len(), 3);
+    // Tokens of a version that is not active are refused.
+    let bad: Vec<_> = stale
+        .iter()
+        .map(|(_, l, _)| (l.message_id.clone(), token(1), token(1)))
+        .collect();
+    assert!(matches!(
+        rotator.update_tokens(&bad).await,
+        Err(StoreError::KeyRetired(_))
+    ));
     let updates: Vec<_> = stale
         .iter()
         .map(|(_, l, _)| (l.message_id.clone(), token(2), token(2)))
         .collect();
     rotator.update_tokens(&updates).await.unwrap();
     assert_eq!(rotator.count_stale_tokens(2).await.unwrap(), 0);
-    let destroyed = rotator
-        .transition_keys(
-            KeyPurpose::Token,
-            KeyState::Retired,
-            KeyState::Destroyed,
-            "tok-2",
-        )
-        .await
-        .unwrap();
-    assert_eq!(destroyed, ["tok-1"]);
-    assert_eq!(
-        rotator.current_token_key().await.unwrap().unwrap().id,
-        "tok-2"
-    );
+    job.finish().await;
 
-    // forget: alice's vault rows and quarantined body go, with an audit row.
+    // forget: audited in the same transaction.
     let f = rotator
         .forget("alice", &audit("forget", "user_id=alice"))
         .await
@@ -735,54 +1007,58 @@ async fn rotator_rotates_and_forgets_but_cannot_rewrite_the_audit_trail() {
             logins_kept: 2
         }
     );
-    assert_eq!(db.count("vault").await, 1);
-    assert_eq!(db.count("quarantine").await, 1);
-    let trail = db.owner.audit_trail(10).await.unwrap();
+    let actions: Vec<(String, i64)> =
+        sqlx::query_as("SELECT action, row_count FROM audit_log ORDER BY id")
+            .fetch_all(db.owner.pool())
+            .await
+            .unwrap();
+    let actions: Vec<(&str, i64)> = actions.iter().map(|(a, n)| (a.as_str(), *n)).collect();
     assert_eq!(
-        (trail.len(), trail[0].action.as_str(), trail[0].row_count),
-        (1, "forget", 3)
+        actions,
+        [
+            ("rotate-data-keys", 5),
+            ("rotate-token-key", 0),
+            ("rotate-data-keys", 0),
+            ("rotate-token-key", 3),
+            ("forget", 3)
+        ]
     );
 
-    // The audit trail is append-only for the rotator too, and not its to read.
+    // The trail is append-only for the rotator too, and not its to read.
     for sql in [
         "UPDATE audit_log SET reason = 'nothing to see'",
         "DELETE FROM audit_log",
         "TRUNCATE audit_log",
         "SELECT * FROM audit_log",
-        "INSERT INTO audit_log (id, actor, action, target, reason, row_count) VALUES (9000000, 'a', 'forget', 'x', 'y', 0)",
-    ] {
-        denied(raw, sql).await;
-    }
-    store_denied(rotator.audit_trail(10).await, "audit_trail");
-    // It rewrites tokens and seals, not who or what a row is about.
-    for sql in [
         "UPDATE user_logins SET user_id = 'mallory'",
         "DELETE FROM user_logins",
-        "INSERT INTO user_logins (message_id) VALUES ('planted')",
         "UPDATE vault SET user_id = 'mallory'",
-        "UPDATE vault SET message_id = 'x'",
         "INSERT INTO vault (message_id, user_id, key_id, nonce, ciphertext) VALUES ('m', 'u', 'dek-2', '\\x00', '\\x00')",
         "UPDATE quarantine SET reason = 'fine'",
         "UPDATE vault_keys SET usage_count = 0",
-        "UPDATE vault_keys SET purpose = 'token'",
         "DELETE FROM vault_keys",
         "TRUNCATE vault",
         "CREATE TABLE stash (x text)",
     ] {
         denied(raw, sql).await;
     }
-    store_denied(
-        rotator
-            .write_batch(&Batch {
-                logins: vec![login("eve", "dek-2")],
-                ..Batch::default()
-            })
-            .await,
-        "write_batch",
-    );
-
-    assert_eq!(db.count("audit_log").await, 1);
-    db.finish(&[&rotator]).await;
+    denied(
+        raw,
+        "UPDATE vault_keys SET purpose = 'token' WHERE id = 'dek-2'",
+    )
+    .await;
+    // Within its grants, the database's rules still hold: no key comes back.
+    rotator
+        .set_key_state("dek-2", KeyState::Retired)
+        .await
+        .unwrap();
+    refused(
+        raw,
+        "UPDATE vault_keys SET state = 'active' WHERE id = 'dek-2'",
+        "PV009",
+    )
+    .await;
+    db.finish(&[&rotator, &second]).await;
 }
 
 // -------------------------------------------------------------- catalogue
@@ -795,23 +1071,41 @@ const EXPECTED: &[(&str, &str, &[&str])] = &[
     (WORKER, "user_logins", &["SELECT", "INSERT"]),
     (WORKER, "vault", &["INSERT"]),
     (WORKER, "quarantine", &["INSERT"]),
-    (WORKER, "vault_keys", &["SELECT", "INSERT", "UPDATE"]),
+    (WORKER, "vault_keys", &["SELECT"]),
     (WORKER, "audit_log", &[]),
+    (WORKER, "kms_allowlist", &["SELECT"]),
+    (WORKER, "reveal_requests", &[]),
     (ANALYST, "user_logins", &["SELECT"]),
     (ANALYST, "vault", &[]),
     (ANALYST, "quarantine", &[]),
     (ANALYST, "vault_keys", &[]),
     (ANALYST, "audit_log", &[]),
+    (ANALYST, "kms_allowlist", &[]),
+    (ANALYST, "reveal_requests", &[]),
     (REVEALER, "user_logins", &["SELECT"]),
-    (REVEALER, "vault", &["SELECT"]),
+    (REVEALER, "vault", &[]),
     (REVEALER, "quarantine", &[]),
     (REVEALER, "vault_keys", &["SELECT"]),
-    (REVEALER, "audit_log", &["SELECT", "INSERT"]),
+    (REVEALER, "audit_log", &["SELECT"]),
+    (REVEALER, "kms_allowlist", &["SELECT"]),
+    (REVEALER, "reveal_requests", &[]),
     (ROTATOR, "user_logins", &["SELECT", "UPDATE"]),
     (ROTATOR, "vault", &["SELECT", "UPDATE", "DELETE"]),
     (ROTATOR, "quarantine", &["SELECT", "UPDATE", "DELETE"]),
     (ROTATOR, "vault_keys", &["SELECT", "INSERT", "UPDATE"]),
-    (ROTATOR, "audit_log", &["INSERT"]),
+    (ROTATOR, "audit_log", &[]),
+    (ROTATOR, "kms_allowlist", &["SELECT", "INSERT"]),
+    (ROTATOR, "reveal_requests", &[]),
+];
+
+/// Columns holding ciphertext or wrapped keys, and who may read them
+/// directly (everyone else only through the audited functions).
+const SEALED_COLUMNS: &[(&str, &str, &[&str])] = &[
+    ("vault", "nonce", &[]),
+    ("vault", "ciphertext", &[]),
+    ("quarantine", "nonce", &[]),
+    ("quarantine", "ciphertext", &[]),
+    ("vault_keys", "wrapped", &[WORKER, REVEALER, ROTATOR]),
 ];
 
 const PRIVILEGES: [&str; 7] = [
@@ -822,6 +1116,35 @@ const PRIVILEGES: [&str; 7] = [
     "TRUNCATE",
     "REFERENCES",
     "TRIGGER",
+];
+
+/// Functions that hand out more than a role's grants, and who may call them.
+const FUNCTIONS: &[(&str, &[&str])] = &[
+    ("pii_vault_register_data_key(text, text, bytea)", &[WORKER]),
+    ("pii_vault_retire_data_key(text)", &[WORKER]),
+    (
+        "pii_vault_reveal_request(text, text, text, text)",
+        &[REVEALER],
+    ),
+    ("pii_vault_reveal_fetch(bigint)", &[REVEALER]),
+    (
+        "pii_vault_record(text, text, text, text, bigint)",
+        &[ROTATOR],
+    ),
+    (
+        "pii_vault_rotation_vault_rows(bigint, text[], text, int)",
+        &[ROTATOR],
+    ),
+    (
+        "pii_vault_rotation_quarantine_rows(bigint, text[], text, int)",
+        &[ROTATOR],
+    ),
+    (
+        "pii_vault_rotation_logins(bigint, bigint, bigint, int)",
+        &[ROTATOR],
+    ),
+    ("pii_vault_check_record(bigint, text[], interval)", &[]),
+    ("pii_vault_check_lock(text)", &[]),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -861,6 +1184,48 @@ async fn each_role_holds_exactly_its_privileges_and_none_may_alter_the_audit_tra
             );
         }
     }
+    for (table, column, readers) in SEALED_COLUMNS {
+        for role in ROLES {
+            let has: bool = sqlx::query_scalar("SELECT has_column_privilege($1, $2, $3, 'SELECT')")
+                .bind(role)
+                .bind(table)
+                .bind(column)
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            assert_eq!(
+                has,
+                readers.contains(&role),
+                "{role} reads {table}.{column}"
+            );
+        }
+    }
+    for (function, callers) in FUNCTIONS {
+        for role in ROLES.iter().copied().chain(["public"]) {
+            let has: bool = sqlx::query_scalar("SELECT has_function_privilege($1, $2, 'EXECUTE')")
+                .bind(role)
+                .bind(function)
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            assert_eq!(has, callers.contains(&role), "{role} may call {function}");
+        }
+        // SECURITY DEFINER with a fixed search_path that puts pg_temp last.
+        let (definer, config): (bool, Vec<String>) = sqlx::query_as(
+            "SELECT prosecdef, coalesce(proconfig, '{}') FROM pg_proc WHERE oid = $1::regprocedure",
+        )
+        .bind(function)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert!(definer, "{function} is SECURITY DEFINER");
+        assert!(
+            config
+                .iter()
+                .any(|c| c.starts_with("search_path=") && c.ends_with("pg_temp")),
+            "{function}: {config:?}"
+        );
+    }
 
     // Nobody but the owner holds UPDATE, DELETE or TRUNCATE on audit_log,
     // on the table or on any column: not PUBLIC, not any role of the cluster.
@@ -887,6 +1252,8 @@ async fn each_role_holds_exactly_its_privileges_and_none_may_alter_the_audit_tra
         "quarantine",
         "vault_keys",
         "audit_log",
+        "kms_allowlist",
+        "reveal_requests",
         "_sqlx_migrations",
     ] {
         let public: Option<String> = sqlx::query_scalar(
@@ -933,6 +1300,11 @@ async fn a_non_superuser_database_owner_can_migrate_and_grant_the_roles() {
         .await
         .unwrap();
     owner.migrate().await.unwrap();
+    owner.allow_kek(TEST_KEK).await.unwrap();
+    assert!(owner
+        .insert_key(&new_key("tok-1", KeyPurpose::Token, 1))
+        .await
+        .unwrap());
     // The owner makes the login user, as a deployment's DBA script would.
     for sql in [
         format!("CREATE ROLE {worker_name} LOGIN PASSWORD 'worker'"),
@@ -943,18 +1315,19 @@ async fn a_non_superuser_database_owner_can_migrate_and_grant_the_roles() {
     let worker = PgStore::connect(&with_user(&fresh.url, &worker_name, "worker"))
         .await
         .unwrap();
-    assert!(worker
-        .insert_key(&new_key("tok-1", KeyPurpose::Token, 1))
+    let dek = dek_id();
+    worker
+        .register_data_key(
+            &dek,
+            &WrappedKey {
+                kek_id: TEST_KEK.into(),
+                blob: random_bytes(60),
+            },
+        )
         .await
-        .unwrap());
-    assert!(worker
-        .insert_key(&new_key("dek-1", KeyPurpose::Vault, 0))
-        .await
-        .unwrap());
+        .unwrap();
     let batch = Batch {
-        logins: vec![login("alice", "dek-1")],
-        key_usage: vec![("dek-1".into(), 1)],
-        token_key_id: "tok-1".into(),
+        logins: vec![login("alice", &dek)],
         ..Batch::default()
     };
     assert_eq!(worker.write_batch(&batch).await.unwrap().stored, 1);
@@ -987,41 +1360,63 @@ fn pii_vault(dir: &std::path::Path, database_url: &str, args: &[&str]) -> Output
         .unwrap()
 }
 
-/// The binary under the worker's login: `run` stores everything, `reveal`
-/// is refused with a plain permission error and shows no original; the
-/// revealer's login then reveals them, on the record.
+fn ok(out: &Output, what: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{what} failed:\n{stderr}");
+    stderr
+}
+
+/// The binary under each role's own login, as an operator runs it: `run`
+/// as the worker; `reveal` refused to the worker and served to the
+/// revealer, whose login the trail names; `audit` as the revealer;
+/// `rotate` and `forget` as the rotator; a second rotation of a kind
+/// refused while one runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn binary_worker_runs_but_cannot_reveal_and_the_revealer_can() {
+async fn the_binary_does_each_job_under_that_roles_login() {
     let Some(mut db) = Db::new().await else {
         return;
     };
     let worker_url = db.login_as(WORKER).await;
     let revealer_url = db.login_as(REVEALER).await;
+    let rotator_url = db.login_as(ROTATOR).await;
+    let revealer_login = revealer_url
+        .split("://")
+        .nth(1)
+        .and_then(|r| r.split(':').next())
+        .unwrap()
+        .to_string();
     let dir = tempfile::tempdir().unwrap();
+    // The owner's migrate allow-lists the local KEK and creates the keys.
+    ok(
+        &pii_vault(dir.path(), &db.fresh.url, &["migrate"]),
+        "migrate",
+    );
 
     let events = common::gen_events(&["-n", "20", "--seed", "3"]);
     std::fs::write(dir.path().join("events.jsonl"), &events).unwrap();
     let raw = common::raw_pii(&events);
     assert!(!raw.is_empty());
-    let user_id = serde_json::from_str::<serde_json::Value>(events.lines().next().unwrap())
-        .unwrap()["user_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let first: serde_json::Value = serde_json::from_str(events.lines().next().unwrap()).unwrap();
+    let user_id = first["user_id"].as_str().unwrap().to_string();
 
-    let run = pii_vault(
-        dir.path(),
-        &worker_url,
-        &["run", "--from-file", "events.jsonl", "--no-progress"],
+    let stderr = ok(
+        &pii_vault(
+            dir.path(),
+            &worker_url,
+            &["run", "--from-file", "events.jsonl", "--no-progress"],
+        ),
+        "run as the worker",
     );
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "run as the worker failed:\n{stderr}");
-    assert!(
-        stderr.contains("20 stored, 0 duplicates, 0 rejected"),
-        "{stderr}"
-    );
+    assert_eq!(common::summary(stderr.as_bytes()), (20, 0, 0), "{stderr}");
     assert_eq!(db.count("user_logins").await, 20);
     assert_eq!(db.count("vault").await, 20);
+    let workers_key: (String, i64) =
+        sqlx::query_as("SELECT created_by, usage_count FROM vault_keys WHERE purpose = 'vault'")
+            .fetch_one(db.owner.pool())
+            .await
+            .unwrap();
+    assert!(workers_key.0.ends_with("_worker"), "{workers_key:?}");
+    assert_eq!(workers_key.1, 20);
 
     let reveal = [
         "reveal",
@@ -1039,27 +1434,103 @@ async fn binary_worker_runs_but_cannot_reveal_and_the_revealer_can() {
         "reveal as the worker succeeded:\n{stderr}"
     );
     assert!(
-        stderr.contains("permission denied for table") && stderr.contains("42501"),
+        stderr.contains("permission denied for function pii_vault_reveal_request")
+            && stderr.contains("42501"),
         "no clear permission error:\n{stderr}"
     );
-    assert!(
-        refused.stdout.is_empty(),
-        "printed something: {:?}",
-        String::from_utf8_lossy(&refused.stdout)
-    );
+    assert!(refused.stdout.is_empty());
     assert_eq!(common::leaked(&refused.stderr, &raw), Vec::<&str>::new());
-    assert_eq!(db.count("audit_log").await, 0);
+    assert_eq!(db.count("audit_log").await, 1, "only keys-init");
 
     let revealed = pii_vault(dir.path(), &revealer_url, &reveal);
+    ok(&revealed, "reveal as the revealer");
     let stdout = String::from_utf8_lossy(&revealed.stdout);
-    assert!(
-        revealed.status.success(),
-        "reveal as the revealer failed:\n{}",
-        String::from_utf8_lossy(&revealed.stderr)
-    );
-    let first: serde_json::Value = serde_json::from_str(events.lines().next().unwrap()).unwrap();
     assert!(stdout.contains(first["ip"].as_str().unwrap()), "{stdout}");
-    assert_eq!(db.count("audit_log").await, 1);
+    let trail = pii_vault(dir.path(), &revealer_url, &["audit", "--format", "json"]);
+    ok(&trail, "audit as the revealer");
+    let newest: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&trail.stdout)
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(newest["action"], "reveal");
+    assert_eq!(newest["actor"], revealer_login.as_str());
+    assert_eq!(newest["claimed_actor"], "oncall@test");
 
+    // The rotator rotates both kinds of key and forgets a user.
+    let stderr = ok(
+        &pii_vault(dir.path(), &rotator_url, &["rotate", "data-keys"]),
+        "rotate data-keys as the rotator",
+    );
+    assert!(stderr.contains("re-encrypted 20 row(s)"), "{stderr}");
+    let stderr = ok(
+        &pii_vault(dir.path(), &rotator_url, &["rotate", "token-key"]),
+        "rotate token-key as the rotator",
+    );
+    assert!(
+        stderr.contains("token key v2 is current; re-tokenised 20 login(s)"),
+        "{stderr}"
+    );
+    let stderr = ok(
+        &pii_vault(
+            dir.path(),
+            &rotator_url,
+            &[
+                "forget",
+                "--user-id",
+                &user_id,
+                "--reason",
+                "erasure request",
+            ],
+        ),
+        "forget as the rotator",
+    );
+    assert!(stderr.contains("erased"), "{stderr}");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM vault WHERE user_id = $1")
+        .bind(&user_id)
+        .fetch_one(db.owner.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+
+    // A rotation of a kind that is already running is refused, clearly.
+    let holder = PgStore::connect(&rotator_url).await.unwrap();
+    let job = holder
+        .begin_job(&audit("rotate-token-key", "user_logins"), 0)
+        .await
+        .unwrap();
+    let busy = pii_vault(dir.path(), &rotator_url, &["rotate", "token-key"]);
+    let stderr = String::from_utf8_lossy(&busy.stderr);
+    assert!(!busy.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another rotate-token-key is running"),
+        "{stderr}"
+    );
+    job.finish().await;
+    holder.pool().close().await;
+
+    let actions: Vec<(String, String)> =
+        sqlx::query_as("SELECT action, actor FROM audit_log ORDER BY id")
+            .fetch_all(db.owner.pool())
+            .await
+            .unwrap();
+    let names: Vec<&str> = actions.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "keys-init",
+            "reveal",
+            "rotate-data-keys",
+            "rotate-token-key",
+            "forget",
+            "rotate-token-key"
+        ]
+    );
+    assert!(
+        actions[2..].iter().all(|(_, a)| a.ends_with("_rotator")),
+        "{actions:?}"
+    );
     db.finish(&[]).await;
 }

@@ -15,10 +15,11 @@ use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use pii_vault::crypto::{KeyPurpose, WrappedKey};
+use pii_vault::store::admin::Maintenance;
 use pii_vault::store::postgres::PgStore;
 use pii_vault::store::sqlite::SqliteStore;
 use pii_vault::store::{
-    AuditEntry, Batch, BatchOutcome, KeyState, LoginRow, QuarantineRow, Selector, Store,
+    AdminStore, Batch, BatchOutcome, KeyState, LoginRow, QuarantineRow, Selector, Store,
     StoreError, StoredKey, VaultRow,
 };
 use rand::RngCore;
@@ -27,7 +28,7 @@ use sqlx::{PgPool, SqlitePool};
 /// A store under test plus a raw connection to its database, for the few
 /// checks that need SQL outside the trait (row counts, tampering attempts).
 struct Harness {
-    store: Arc<dyn Store>,
+    store: Arc<dyn AdminStore>,
     url: String,
     raw: Raw,
     cleanup: Cleanup,
@@ -49,6 +50,7 @@ impl Harness {
         let url = format!("sqlite:{}", dir.path().join("store.db").display());
         let store = SqliteStore::connect(&url).await.unwrap();
         store.migrate().await.unwrap();
+        store.allow_kek(KEK).await.unwrap();
         let raw = Raw::Sqlite(store.pool().clone());
         Harness {
             store: Arc::new(store),
@@ -64,6 +66,7 @@ impl Harness {
         let db = pg::FreshDb::create(&admin).await;
         let store = PgStore::connect(&db.url).await.unwrap();
         store.migrate().await.unwrap();
+        store.allow_kek(KEK).await.unwrap();
         let raw = Raw::Pg(store.pool().clone());
         Some(Harness {
             store: Arc::new(store),
@@ -138,6 +141,9 @@ conformance!(
     reveal_finds_rows_by_each_selector_and_audits_each_call,
     reveal_returns_logins_without_a_vault_row,
     audit_log_is_append_only,
+    a_reveal_request_is_fetched_once,
+    keys_only_go_under_an_allowed_kek,
+    a_job_of_a_kind_runs_once_at_a_time,
 );
 
 // ---------------------------------------------------------------- builders
@@ -193,9 +199,9 @@ fn login(
             device_type: "android".into(),
             masked_ip: ip.into(),
             masked_device_id: device.into(),
-            locale: if d % 2 == 0 { Some("RU".into()) } else { None },
+            locale: if d.is_multiple_of(2) { Some("RU".into()) } else { None },
             app_version: "2.3.0".into(),
-            create_date: day(d),
+            create_date: Some(day(d)),
         },
         VaultRow {
             message_id: message_id.into(),
@@ -228,28 +234,61 @@ fn outcome(stored: u64, duplicates: u64, rejected: u64) -> BatchOutcome {
     }
 }
 
-fn audit(reason: &str, target: &Selector) -> AuditEntry {
-    AuditEntry {
-        actor: "analyst@test".into(),
-        action: "reveal".into(),
-        target: target.to_string(),
-        reason: reason.into(),
-    }
+/// Both steps of a reveal, as `pii-vault reveal` takes them.
+async fn reveal(
+    store: &dyn Store,
+    sel: &Selector,
+    claimed_actor: &str,
+    reason: &str,
+) -> Vec<(LoginRow, Option<VaultRow>)> {
+    let req = store
+        .reveal_request(sel, claimed_actor, reason)
+        .await
+        .unwrap();
+    let rows = store.reveal_fetch(req.id).await.unwrap();
+    assert_eq!(req.row_count, rows.len() as i64);
+    rows
 }
 
+/// Key fields as stored; the time is the database's own, not the caller's.
 fn assert_same_key(got: &StoredKey, want: &StoredKey) {
     assert_eq!(got.id, want.id);
     assert_eq!(got.purpose, want.purpose);
     assert_eq!(got.version, want.version);
-    assert_eq!(got.wrapped, want.wrapped);
+    if want.state == KeyState::Destroyed {
+        assert!(
+            got.wrapped.blob.is_empty(),
+            "a destroyed key keeps no wrapped form"
+        );
+    } else {
+        assert_eq!(got.wrapped, want.wrapped);
+    }
     assert_eq!(got.state, want.state);
-    assert_eq!(got.created_at, want.created_at);
+    assert!(
+        (Utc::now() - got.created_at).num_seconds().abs() < 60,
+        "{}",
+        got.created_at
+    );
     assert_eq!(got.usage_count, want.usage_count);
 }
 
 async fn reveal_user(h: &Harness, user: &str) -> Vec<(LoginRow, Option<VaultRow>)> {
-    let sel = Selector::UserId(user.into());
-    h.store.reveal(&sel, &audit("test", &sel)).await.unwrap()
+    reveal(
+        &*h.store,
+        &Selector::UserId(user.into()),
+        "analyst@test",
+        "test",
+    )
+    .await
+}
+
+/// The keys most checks write under: data key `k1` and token key v1.
+async fn seed_keys(h: &Harness) {
+    h.store.insert_key(&data_key("k1")).await.unwrap();
+    h.store
+        .insert_key(&key("tok-1", KeyPurpose::Token, 1, KeyState::Active, 0))
+        .await
+        .unwrap();
 }
 
 // ------------------------------------------------------------------ checks
@@ -259,18 +298,18 @@ async fn ping_answers(h: &Harness) {
 }
 
 async fn migrate_twice_is_a_no_op(h: &Harness) {
-    h.store.insert_key(&data_key("k1")).await.unwrap();
+    seed_keys(h).await;
     h.store.migrate().await.unwrap();
     // A second process (another replica starting) migrates the same database.
     let other = pii_vault::store::connect(&h.url).await.unwrap();
     other.migrate().await.unwrap();
     other.ping().await.unwrap();
     let keys = other.list_keys().await.unwrap();
-    assert_eq!(keys.len(), 1, "migrating again must keep the data");
+    assert_eq!(keys.len(), 2, "migrating again must keep the data");
 }
 
 async fn write_batch_stores_and_counts_redeliveries_as_duplicates(h: &Harness) {
-    h.store.insert_key(&data_key("k1")).await.unwrap();
+    seed_keys(h).await;
     let first = Batch {
         logins: vec![
             login("m-1", "alice", "t1_ipA", "t1_devA", 3, "k1"),
@@ -325,7 +364,7 @@ async fn write_batch_stores_and_counts_redeliveries_as_duplicates(h: &Harness) {
 }
 
 async fn quarantine_counts_and_dedups(h: &Harness) {
-    h.store.insert_key(&data_key("k1")).await.unwrap();
+    seed_keys(h).await;
     let batch = Batch {
         logins: vec![login("m-1", "alice", "t1_ipA", "t1_devA", 3, "k1")],
         quarantined: vec![
@@ -358,19 +397,32 @@ async fn quarantine_counts_and_dedups(h: &Harness) {
 }
 
 async fn key_usage_accumulates(h: &Harness) {
-    h.store.insert_key(&data_key("k1")).await.unwrap();
+    seed_keys(h).await;
     h.store.insert_key(&data_key("k2")).await.unwrap();
-    let usage = |u: Vec<(&str, i64)>| Batch {
-        key_usage: u.into_iter().map(|(k, n)| (k.to_string(), n)).collect(),
+    // What the pipeline sends: the rows sealed under each key, and their
+    // count (on Postgres the database counts them itself).
+    let first = Batch {
+        logins: vec![
+            login("m-1", "alice", "t1_ipA", "t1_devA", 3, "k1"),
+            login("m-2", "alice", "t1_ipA", "t1_devA", 3, "k1"),
+        ],
+        quarantined: vec![quarantined("q-1", None, "k1")],
+        key_usage: vec![("k1".into(), 3)],
         ..Batch::default()
     };
-    h.store.write_batch(&usage(vec![("k1", 3)])).await.unwrap();
-    h.store
-        .write_batch(&usage(vec![("k1", 2), ("k2", 7), ("k1", 4)]))
-        .await
-        .unwrap();
-    assert_eq!(h.store.get_key("k1").await.unwrap().unwrap().usage_count, 9);
-    assert_eq!(h.store.get_key("k2").await.unwrap().unwrap().usage_count, 7);
+    h.store.write_batch(&first).await.unwrap();
+    let second = Batch {
+        logins: vec![
+            login("m-3", "bob", "t1_ipB", "t1_devB", 4, "k1"),
+            login("m-4", "bob", "t1_ipB", "t1_devB", 4, "k2"),
+        ],
+        quarantined: vec![quarantined("q-2", None, "k2")],
+        key_usage: vec![("k1".into(), 1), ("k2".into(), 2)],
+        ..Batch::default()
+    };
+    h.store.write_batch(&second).await.unwrap();
+    assert_eq!(h.store.get_key("k1").await.unwrap().unwrap().usage_count, 4);
+    assert_eq!(h.store.get_key("k2").await.unwrap().unwrap().usage_count, 2);
 }
 
 async fn retired_keys_fence_the_batch(h: &Harness) {
@@ -379,6 +431,7 @@ async fn retired_keys_fence_the_batch(h: &Harness) {
         .insert_key(&key("k-old", KeyPurpose::Vault, 0, KeyState::Retired, 1))
         .await
         .unwrap();
+    // Tokens carry their key's version; the batch names the key it used.
     h.store
         .insert_key(&key("tok-1", KeyPurpose::Token, 1, KeyState::Retired, 2))
         .await
@@ -388,17 +441,24 @@ async fn retired_keys_fence_the_batch(h: &Harness) {
         .await
         .unwrap();
 
-    let under = |data: &str, token: &str| Batch {
-        logins: vec![login("m-1", "alice", "t2_ipA", "t2_devA", 3, data)],
+    let under = |data: &str, version: u32| Batch {
+        logins: vec![login(
+            "m-1",
+            "alice",
+            &format!("t{version}_ipA"),
+            &format!("t{version}_devA"),
+            3,
+            data,
+        )],
         key_usage: vec![(data.to_string(), 1)],
-        token_key_id: token.to_string(),
+        token_key_id: format!("tok-{version}"),
         ..Batch::default()
     };
-    match h.store.write_batch(&under("k-old", "tok-2")).await {
+    match h.store.write_batch(&under("k-old", 2)).await {
         Err(StoreError::KeyRetired(k)) => assert_eq!(k, "k-old"),
         other => panic!("a retired data key must fence the batch, got {other:?}"),
     }
-    match h.store.write_batch(&under("k1", "tok-1")).await {
+    match h.store.write_batch(&under("k1", 1)).await {
         Err(StoreError::KeyRetired(k)) => assert_eq!(k, "tok-1"),
         other => panic!("a retired token key must fence the batch, got {other:?}"),
     }
@@ -410,14 +470,14 @@ async fn retired_keys_fence_the_batch(h: &Harness) {
     );
 
     assert_eq!(
-        h.store.write_batch(&under("k1", "tok-2")).await.unwrap(),
+        h.store.write_batch(&under("k1", 2)).await.unwrap(),
         outcome(1, 0, 0)
     );
     assert_eq!(h.store.get_key("k1").await.unwrap().unwrap().usage_count, 1);
 }
 
 async fn failed_batch_writes_nothing_and_names_no_value(h: &Harness) {
-    h.store.insert_key(&data_key("k1")).await.unwrap();
+    seed_keys(h).await;
     // The second vault row names a key that does not exist: the foreign key
     // fails after the first row and the logins were written.
     let batch = Batch {
@@ -468,13 +528,14 @@ async fn keys_round_trip_and_the_current_token_key_is_the_newest_active(h: &Harn
     assert!(h.store.current_token_key().await.unwrap().is_none());
     assert!(h.store.list_keys().await.unwrap().is_empty());
 
-    // Inserted out of creation order: list_keys sorts by creation time.
+    // The database sets creation times, so keys are listed in the order
+    // they were stored (token versions only go up).
     let keys = [
-        key("tok-3", KeyPurpose::Token, 3, KeyState::Retired, 40),
-        key("dek-b", KeyPurpose::Vault, 0, KeyState::Active, 30),
         key("tok-1", KeyPurpose::Token, 1, KeyState::Active, 10),
         key("tok-2", KeyPurpose::Token, 2, KeyState::Active, 20),
         key("dek-a", KeyPurpose::Vault, 0, KeyState::Active, 30),
+        key("dek-b", KeyPurpose::Vault, 0, KeyState::Active, 30),
+        key("tok-3", KeyPurpose::Token, 3, KeyState::Retired, 40),
         key("line", KeyPurpose::LineIds, 0, KeyState::Active, 50),
         key("dek-x", KeyPurpose::Vault, 0, KeyState::Destroyed, 60),
     ];
@@ -486,7 +547,7 @@ async fn keys_round_trip_and_the_current_token_key_is_the_newest_active(h: &Harn
         );
     }
     assert!(
-        !h.store.insert_key(&keys[1]).await.unwrap(),
+        !h.store.insert_key(&keys[3]).await.unwrap(),
         "the same id twice must not insert"
     );
 
@@ -496,9 +557,9 @@ async fn keys_round_trip_and_the_current_token_key_is_the_newest_active(h: &Harn
     assert!(h.store.get_key("nope").await.unwrap().is_none());
 
     let current = h.store.current_token_key().await.unwrap().unwrap();
-    assert_same_key(&current, &keys[3]);
+    assert_same_key(&current, &keys[1]);
 
-    let listed: Vec<String> = h
+    let mut listed: Vec<String> = h
         .store
         .list_keys()
         .await
@@ -506,9 +567,10 @@ async fn keys_round_trip_and_the_current_token_key_is_the_newest_active(h: &Harn
         .into_iter()
         .map(|k| k.id)
         .collect();
+    listed.sort();
     assert_eq!(
         listed,
-        ["tok-1", "tok-2", "dek-a", "dek-b", "tok-3", "line", "dek-x"]
+        ["dek-a", "dek-b", "dek-x", "line", "tok-1", "tok-2", "tok-3"]
     );
 }
 
@@ -568,7 +630,7 @@ async fn token_version_race_has_one_winner(h: &Harness) {
 }
 
 async fn reveal_finds_rows_by_each_selector_and_audits_each_call(h: &Harness) {
-    h.store.insert_key(&data_key("k1")).await.unwrap();
+    seed_keys(h).await;
     // Message ids sort against the dates, so the order checked is by date.
     let a_late = login("m-a", "alice", "t1_ipShared", "t1_devA", 9, "k1");
     let a_early = login("m-b", "alice", "t1_ipA", "t1_devA", 2, "k1");
@@ -597,13 +659,9 @@ async fn reveal_finds_rows_by_each_selector_and_audits_each_call(h: &Harness) {
     ];
     for (n, (selector, want)) in cases.iter().enumerate() {
         let before = Utc::now() - chrono::Duration::seconds(60);
-        let entry = AuditEntry {
-            actor: format!("analyst-{n}"),
-            action: "reveal".into(),
-            target: selector.to_string(),
-            reason: format!("ticket #{n}"),
-        };
-        let got = h.store.reveal(selector, &entry).await.unwrap();
+        let claimed = format!("analyst-{n}");
+        let reason = format!("ticket #{n}");
+        let got = reveal(&*h.store, selector, &claimed, &reason).await;
         assert_eq!(&got, want, "reveal {selector}");
 
         let trail = h.store.audit_trail(100).await.unwrap();
@@ -615,18 +673,20 @@ async fn reveal_finds_rows_by_each_selector_and_audits_each_call(h: &Harness) {
         let last = &trail[0];
         assert_eq!(
             (
-                last.actor.as_str(),
+                last.claimed_actor.as_deref(),
                 last.action.as_str(),
                 last.target.as_str(),
                 last.reason.as_str()
             ),
             (
-                entry.actor.as_str(),
+                Some(claimed.as_str()),
                 "reveal",
-                entry.target.as_str(),
-                entry.reason.as_str()
+                selector.to_string().as_str(),
+                reason.as_str()
             )
         );
+        // Who, by the database's account: never what the client claimed.
+        assert!(!last.actor.is_empty() && last.actor != claimed);
         assert_eq!(last.row_count, want.len() as i64);
         assert!(last.at > before && last.at < Utc::now() + chrono::Duration::seconds(60));
     }
@@ -636,22 +696,103 @@ async fn reveal_finds_rows_by_each_selector_and_audits_each_call(h: &Harness) {
 }
 
 async fn reveal_returns_logins_without_a_vault_row(h: &Harness) {
-    // Rows from before the vault (or whose originals were erased) have no
-    // vault row; they are still shown, with nothing to decrypt.
+    seed_keys(h).await;
+    // Rows whose originals were erased (or that never had any) have no
+    // vault row; they are still shown, with nothing to decrypt, and an
+    // unknown date stays unknown (not 1970-01-01).
     h.exec(
         "INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, locale, \
-         app_version, create_date) VALUES ('old-1', 'carol', 'ios', 'md5:ab', 'md5:cd', NULL, '1.0', '2020-01-02')",
+         app_version, create_date) VALUES ('old-1', 'carol', 'ios', 't1_ab', 't1_cd', NULL, '1.0', '2020-01-02'), \
+         ('old-2', 'carol', 'ios', 't1_ab', 't1_cd', NULL, '1.0', NULL)",
     )
     .await
     .unwrap();
     let got = reveal_user(h, "carol").await;
-    assert_eq!(got.len(), 1);
-    assert_eq!(got[0].0.message_id, "old-1");
+    assert_eq!(got.len(), 2);
+    let by_id = |id: &str| got.iter().find(|(l, _)| l.message_id == id).unwrap();
     assert_eq!(
-        got[0].0.create_date,
-        NaiveDate::from_ymd_opt(2020, 1, 2).unwrap()
+        by_id("old-1").0.create_date,
+        NaiveDate::from_ymd_opt(2020, 1, 2)
     );
-    assert!(got[0].1.is_none());
+    assert_eq!(by_id("old-2").0.create_date, None);
+    assert!(got.iter().all(|(_, v)| v.is_none()));
+}
+
+async fn a_reveal_request_is_fetched_once(h: &Harness) {
+    seed_keys(h).await;
+    let batch = Batch {
+        logins: vec![login("m-1", "alice", "t1_ipA", "t1_devA", 3, "k1")],
+        ..Batch::default()
+    };
+    h.store.write_batch(&batch).await.unwrap();
+    let sel = Selector::UserId("alice".into());
+    let req = h.store.reveal_request(&sel, "me", "INC-1").await.unwrap();
+    assert_eq!(req.row_count, 1);
+    assert_eq!(h.store.reveal_fetch(req.id).await.unwrap().len(), 1);
+    match h.store.reveal_fetch(req.id).await {
+        Err(StoreError::Refused(m)) => assert!(m.contains("already fetched"), "{m}"),
+        other => panic!("a second fetch must be refused, got {other:?}"),
+    }
+    assert!(matches!(
+        h.store.reveal_fetch(req.id + 1000).await,
+        Err(StoreError::Refused(_))
+    ));
+}
+
+async fn keys_only_go_under_an_allowed_kek(h: &Harness) {
+    let mut k = data_key("k-evil");
+    k.wrapped.kek_id = "arn:aws:kms:us-east-1:666:key/evil".into();
+    assert!(matches!(
+        h.store.insert_key(&k).await,
+        Err(StoreError::KekNotAllowed(_))
+    ));
+    assert!(matches!(
+        h.store
+            .register_data_key("dek-00000000-0000-0000-0000-000000000001", &k.wrapped)
+            .await,
+        Err(StoreError::KekNotAllowed(_))
+    ));
+    h.store.allow_kek(&k.wrapped.kek_id).await.unwrap();
+    assert!(h.store.insert_key(&k).await.unwrap());
+    assert!(h
+        .store
+        .allowed_keks()
+        .await
+        .unwrap()
+        .contains(&k.wrapped.kek_id));
+}
+
+async fn a_job_of_a_kind_runs_once_at_a_time(h: &Harness) {
+    let entry = |action: &str| pii_vault::store::AuditEntry {
+        claimed_actor: "rotator@test".into(),
+        action: action.into(),
+        target: "vault".into(),
+        reason: "test".into(),
+    };
+    let job = h
+        .store
+        .begin_job(&entry("rotate-data-keys"), 0)
+        .await
+        .unwrap();
+    assert!(matches!(
+        h.store.begin_job(&entry("rotate-data-keys"), 0).await,
+        Err(StoreError::Busy(_))
+    ));
+    let other = h
+        .store
+        .begin_job(&entry("rotate-token-key"), 0)
+        .await
+        .unwrap();
+    job.finish().await;
+    other.finish().await;
+    h.store
+        .begin_job(&entry("rotate-data-keys"), 0)
+        .await
+        .unwrap()
+        .finish()
+        .await;
+    let trail = h.store.audit_trail(10).await.unwrap();
+    assert_eq!(trail.len(), 3, "a refused job leaves no record");
 }
 
 async fn audit_log_is_append_only(h: &Harness) {
@@ -798,7 +939,12 @@ async fn postgres_migration_converts_the_legacy_table_in_place() {
 
     // The converted table takes new writes, ids continue after the legacy
     // rows, and the legacy rows can be revealed (with nothing to decrypt).
+    store.allow_kek(KEK).await.unwrap();
     store.insert_key(&data_key("k1")).await.unwrap();
+    store
+        .insert_key(&key("tok-1", KeyPurpose::Token, 1, KeyState::Active, 0))
+        .await
+        .unwrap();
     let new = login("m-new", "u-1", "t1_ipA", "t1_devA", 3, "k1");
     let batch = Batch {
         logins: vec![new.clone()],
@@ -806,8 +952,7 @@ async fn postgres_migration_converts_the_legacy_table_in_place() {
     };
     assert_eq!(store.write_batch(&batch).await.unwrap(), outcome(1, 0, 0));
     assert_eq!(store.write_batch(&batch).await.unwrap(), outcome(0, 1, 0));
-    let sel = Selector::UserId("u-1".into());
-    let got = store.reveal(&sel, &audit("legacy", &sel)).await.unwrap();
+    let got = reveal(&store, &Selector::UserId("u-1".into()), "me", "legacy").await;
     assert_eq!(got.len(), 3);
     assert!(got[..2]
         .iter()

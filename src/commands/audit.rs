@@ -1,4 +1,6 @@
-//! `pii-vault audit`: the reveal trail, newest first.
+//! `pii-vault audit`: the trail of reveals, rotations and erasures, newest
+//! first. `actor` is the database login that wrote each entry (set by the
+//! database); `claimed actor` is what the client said (`--actor`, `$USER`).
 
 use crate::cli::{AuditArgs, Cli, OutputFormat};
 
@@ -19,6 +21,7 @@ pub async fn audit(cli: &Cli, args: &AuditArgs) -> anyhow::Result<()> {
                         r.id.to_string(),
                         r.at.format("%Y-%m-%d %H:%M:%SZ").to_string(),
                         r.actor.clone(),
+                        r.claimed_actor.clone().unwrap_or_default(),
                         r.action.clone(),
                         r.target.clone(),
                         r.row_count.to_string(),
@@ -29,7 +32,16 @@ pub async fn audit(cli: &Cli, args: &AuditArgs) -> anyhow::Result<()> {
             print!(
                 "{}",
                 crate::output::table(
-                    &["id", "at", "actor", "action", "target", "rows", "reason"],
+                    &[
+                        "id",
+                        "at",
+                        "actor",
+                        "claimed actor",
+                        "action",
+                        "target",
+                        "rows",
+                        "reason"
+                    ],
                     &rows
                 )
             );

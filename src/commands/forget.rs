@@ -2,26 +2,22 @@
 //!
 //! Deletes the user's vault rows and quarantined bodies, with the audit row
 //! in the same transaction. Their masked rows stay for analytics (tokens
-//! alone reveal nothing). Copies of the deleted ciphertexts in backups stay
-//! readable only while the data keys that sealed them exist: the next
-//! `rotate data-keys` destroys those keys, which makes the backups' copies
-//! unreadable too (crypto-shredding).
+//! alone reveal nothing). What this does not reach (backups, the WAL, the
+//! data key that sealed the rows) and how to reach it is in SECURITY.md.
 
 use crate::cli::{Cli, ForgetArgs};
-use crate::store::AuditEntry;
+use crate::rotation::{self, JobRequest};
 
 pub async fn forget(cli: &Cli, args: &ForgetArgs) -> anyhow::Result<()> {
     let store = super::open_admin_store(cli).await?;
-    let audit = AuditEntry {
-        actor: super::reveal::actor(args.actor.as_deref()),
-        action: "forget".into(),
-        target: format!("user_id={}", args.user_id),
+    let job = JobRequest {
+        claimed_actor: super::claimed_actor(args.actor.as_deref()),
         reason: args.reason.clone(),
     };
-    let f = store.forget(&args.user_id, &audit).await?;
+    let f = rotation::forget(&*store, &args.user_id, &job).await?;
     eprintln!(
         "pii-vault: erased {} vault row(s) and {} quarantined body(ies) of user {}; {} masked login(s) kept for analytics. \
-         Run `pii-vault rotate data-keys` to make copies in backups unreadable too.",
+         Copies in backups stay readable until `pii-vault rotate data-keys` has destroyed the data keys that sealed them (see SECURITY.md).",
         f.vault_rows, f.quarantined, args.user_id, f.logins_kept
     );
     Ok(())

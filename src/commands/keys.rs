@@ -1,11 +1,50 @@
-//! `pii-vault keys list`.
+//! `pii-vault keys list | init | allowed`.
 
 use chrono::Utc;
 
-use crate::cli::{Cli, KeysCommand, OutputFormat};
+use crate::cli::{Cli, FormatArgs, KeysCommand, OutputFormat};
+use crate::crypto::KeyWrapper;
+use crate::store::AdminStore;
 
 pub async fn keys(cli: &Cli, cmd: &KeysCommand) -> anyhow::Result<()> {
-    let KeysCommand::List(args) = cmd;
+    match cmd {
+        KeysCommand::List(args) => list(cli, args).await,
+        KeysCommand::Init => {
+            let store = super::open_admin_store(cli).await?;
+            let wrapper = super::open_wrapper(cli).await?;
+            init(&*store, &*wrapper).await
+        }
+        KeysCommand::Allowed => {
+            let store = super::open_store(cli).await?;
+            for kek in store.allowed_keks().await? {
+                println!("{kek}");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Allow-lists the configured KEK and creates missing keys, saying what it did.
+pub async fn init(store: &dyn AdminStore, wrapper: &dyn KeyWrapper) -> anyhow::Result<()> {
+    let done = crate::keyring::init_keys(store, wrapper, &super::claimed_actor(None)).await?;
+    eprintln!(
+        "pii-vault: key-encryption key {} is on the KMS allow-list; token key: {}; line-id key: {}",
+        wrapper.kek_id(),
+        if done.token_key {
+            "created (v1)"
+        } else {
+            "present"
+        },
+        if done.line_id_key {
+            "created"
+        } else {
+            "present"
+        },
+    );
+    Ok(())
+}
+
+async fn list(cli: &Cli, args: &FormatArgs) -> anyhow::Result<()> {
     let store = super::open_store(cli).await?;
     let keys = store.list_keys().await?;
     match args.format {

@@ -19,7 +19,7 @@ use crate::store::{AdminStore, Store};
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Migrate => migrate::migrate(&cli).await,
+        Command::Migrate(args) => migrate::migrate(&cli, args).await,
         Command::Run(args) => run::run(&cli, args).await,
         Command::Reveal(args) => reveal::reveal(&cli, args).await,
         Command::Forget(args) => forget::forget(&cli, args).await,
@@ -57,6 +57,16 @@ pub async fn open_admin_store(cli: &Cli) -> anyhow::Result<Arc<dyn AdminStore>> 
             .context("cannot apply the SQLite migrations")?;
     }
     Ok(store)
+}
+
+/// Who the client says is asking, for the audit trail's `claimed_actor`:
+/// `--actor`, else `$USER`. The database records its own login beside it.
+pub fn claimed_actor(explicit: Option<&str>) -> String {
+    explicit
+        .map(str::to_string)
+        .or_else(|| std::env::var("USER").ok())
+        .or_else(|| std::env::var("USERNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 pub async fn open_wrapper(cli: &Cli) -> anyhow::Result<Arc<dyn KeyWrapper>> {

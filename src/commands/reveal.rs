@@ -1,10 +1,15 @@
 //! `pii-vault reveal`: the originals, after the audit row is committed.
+//!
+//! Two steps, each its own transaction: record the reveal (its audit row
+//! commits), then fetch the rows of that record. On Postgres the revealer
+//! role has no other way to the ciphertext: the database hands it out only
+//! for a committed record of the same login.
 
 use serde::Serialize;
 
 use crate::cli::{Cli, OutputFormat, RevealArgs};
 use crate::pipeline::protect::VaultPlaintext;
-use crate::store::{AuditEntry, LoginRow, Selector};
+use crate::store::{LoginRow, Selector};
 use crate::vault::VaultReader;
 
 #[derive(Serialize)]
@@ -16,17 +21,9 @@ struct Revealed<'a> {
     device_type: &'a str,
     locale: Option<&'a str>,
     app_version: &'a str,
-    create_date: chrono::NaiveDate,
+    create_date: Option<chrono::NaiveDate>,
     masked_ip: &'a str,
     masked_device_id: &'a str,
-}
-
-pub fn actor(explicit: Option<&str>) -> String {
-    explicit
-        .map(str::to_string)
-        .or_else(|| std::env::var("USER").ok())
-        .or_else(|| std::env::var("USERNAME").ok())
-        .unwrap_or_else(|| "unknown".into())
 }
 
 pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
@@ -38,15 +35,15 @@ pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
     };
     let store = super::open_store(cli).await?;
     let wrapper = super::open_wrapper(cli).await?;
-    let audit = AuditEntry {
-        actor: actor(args.actor.as_deref()),
-        action: "reveal".into(),
-        target: selector.to_string(),
-        reason: args.reason.clone(),
-    };
-    // The audit row commits together with the read; nothing is decrypted
-    // before that commit succeeded.
-    let rows = store.reveal(&selector, &audit).await?;
+    // Nothing is read, let alone decrypted, before the audit row committed.
+    let request = store
+        .reveal_request(
+            &selector,
+            &super::claimed_actor(args.actor.as_deref()),
+            &args.reason,
+        )
+        .await?;
+    let rows = store.reveal_fetch(request.id).await?;
     let mut reader = VaultReader::new(store.clone(), wrapper);
     let mut opened = Vec::with_capacity(rows.len());
     let mut unrecoverable = 0;
@@ -87,7 +84,7 @@ pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
                     let r = view(o);
                     vec![
                         r.user_id.into(),
-                        r.create_date.to_string(),
+                        r.create_date.map(|d| d.to_string()).unwrap_or_default(),
                         r.ip.unwrap_or("(erased)").into(),
                         r.device_id.unwrap_or("(erased)").into(),
                         r.device_type.into(),
@@ -114,8 +111,9 @@ pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
         }
     }
     eprintln!(
-        "pii-vault: revealed {} login(s) for {selector}; recorded in the audit trail",
-        opened.len() - unrecoverable
+        "pii-vault: revealed {} login(s) for {selector}; recorded in the audit trail (record {})",
+        opened.len() - unrecoverable,
+        request.id
     );
     if rows.is_empty() {
         eprintln!("pii-vault: no logins match {selector}");

@@ -14,8 +14,14 @@ use crate::source::MessageSource;
 use crate::store::BatchOutcome;
 
 pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
-    let store = super::open_store(cli).await?;
+    let admin = super::open_admin_store(cli).await?;
     let wrapper = super::open_wrapper(cli).await?;
+    if cli.database_url().starts_with("sqlite:") {
+        // The embedded default has one user, who owns the file: the first
+        // run sets up its keys, so one command is all it takes.
+        crate::keyring::init_keys(&*admin, &*wrapper, &super::claimed_actor(None)).await?;
+    }
+    let store: Arc<dyn crate::store::Store> = admin;
     let (token_key, token_key_id) = load_token_key(&*store, &*wrapper).await?;
     let stats = Arc::new(Stats::default());
     let cancel = CancellationToken::new();

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use chrono::Utc;
 
 use crate::crypto::aead::Sealer;
 use crate::crypto::{KeyPurpose, KeyWrapper, TokenKey};
+use crate::keyring;
 use crate::store::{KeyState, Store, StoredKey};
 
 #[derive(Debug, Clone, Copy)]
@@ -50,108 +50,70 @@ impl DataKeyLease {
     }
 }
 
-/// Loads the current token key, creating version 1 if the store has none.
-/// Two workers racing to create it both end up with the one that landed.
+/// Loads the current token key. Workers never create one: token keys come
+/// from `pii-vault migrate` / `keys init` (owner or rotator) and `rotate
+/// token-key`, so a worker login cannot plant a key whose value it knows.
 pub async fn load_token_key(
     store: &dyn Store,
     wrapper: &dyn KeyWrapper,
 ) -> anyhow::Result<(Arc<TokenKey>, String)> {
-    for _ in 0..3 {
-        if let Some(k) = store.current_token_key().await? {
-            let material = wrapper
-                .unwrap(KeyPurpose::Token, &k.wrapped)
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot unwrap token key v{} (wrapped by {}): {e}",
-                        k.version,
-                        k.wrapped.kek_id
-                    )
-                })?;
-            return Ok((Arc::new(TokenKey::new(k.version as u32, &material)), k.id));
-        }
-        let (material, wrapped) = wrapper.generate(KeyPurpose::Token).await?;
-        let key = StoredKey {
-            id: format!("tok-{}", uuid::Uuid::new_v4()),
-            purpose: KeyPurpose::Token,
-            version: 1,
-            wrapped,
-            state: KeyState::Active,
-            created_at: Utc::now(),
-            usage_count: 0,
-        };
-        if store.insert_key(&key).await? {
-            tracing::info!(key_id = %key.id, "created token key v1");
-            return Ok((Arc::new(TokenKey::new(1, &material)), key.id));
-        }
-    }
-    anyhow::bail!("could not load or create the token key")
+    let k = store.current_token_key().await?.context(
+        "the database holds no token key: run `pii-vault migrate` (or `pii-vault keys init`) \
+         as the schema owner or a rotator first",
+    )?;
+    keyring::ensure_allowed(store, &k).await?;
+    let material = wrapper
+        .unwrap(KeyPurpose::Token, &k.wrapped)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot unwrap token key v{} ({}): {e}", k.version, k.id))?;
+    Ok((Arc::new(TokenKey::new(k.version as u32, &material)), k.id))
 }
 
-/// The key behind file line ids, created on first use. Never rotated: it
-/// only makes line ids unguessable, and changing it would break the
-/// idempotency of re-running a file. Concurrent first uses settle on the
-/// oldest key.
+/// The key behind file line ids. Never rotated: it only makes line ids
+/// unguessable, and changing it would break the idempotency of re-running
+/// a file. If races ever left two, the oldest wins.
 pub async fn load_line_id_key(
     store: &dyn Store,
     wrapper: &dyn KeyWrapper,
 ) -> anyhow::Result<Arc<TokenKey>> {
-    let find = || async {
-        let mut keys: Vec<StoredKey> = store
-            .list_keys()
-            .await?
-            .into_iter()
-            .filter(|k| k.purpose == KeyPurpose::LineIds && k.state != KeyState::Destroyed)
-            .collect();
-        keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-        anyhow::Ok(keys.into_iter().next())
-    };
-    if find().await?.is_none() {
-        let (_, wrapped) = wrapper.generate(KeyPurpose::LineIds).await?;
-        let key = StoredKey {
-            id: format!("ids-{}", uuid::Uuid::new_v4()),
-            purpose: KeyPurpose::LineIds,
-            version: 0,
-            wrapped,
-            state: KeyState::Active,
-            created_at: Utc::now(),
-            usage_count: 0,
-        };
-        store.insert_key(&key).await?;
-    }
-    let k = find().await?.context("line-id key vanished")?;
+    let mut keys: Vec<StoredKey> = store
+        .list_keys()
+        .await?
+        .into_iter()
+        .filter(|k| k.purpose == KeyPurpose::LineIds && k.state != KeyState::Destroyed)
+        .collect();
+    keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    let k = keys.into_iter().next().context(
+        "the database holds no line-id key: run `pii-vault migrate` (or `pii-vault keys init`) \
+         as the schema owner or a rotator first",
+    )?;
+    keyring::ensure_allowed(store, &k).await?;
     let material = wrapper.unwrap(KeyPurpose::LineIds, &k.wrapped).await?;
     Ok(Arc::new(TokenKey::new(0, &material)))
 }
 
-/// Generates and stores a fresh data key for this process.
+/// Generates and registers a fresh data key for this process.
 ///
 /// New keys go under the KEK that wraps the current token key: after
 /// `rotate kek` re-wrapped the token key, running workers follow by
 /// themselves, and the old KMS key can be disabled without restarting them.
+/// They follow only to a KEK on the allow-list, which workers cannot write.
 pub async fn new_data_key(
     store: &dyn Store,
     wrapper: &dyn KeyWrapper,
 ) -> anyhow::Result<DataKeyLease> {
     if let Some(token) = store.current_token_key().await? {
         if token.wrapped.kek_id != wrapper.kek_id() && !token.wrapped.kek_id.starts_with("local:") {
+            keyring::ensure_allowed(store, &token).await?;
             wrapper.follow(&token.wrapped.kek_id).await?;
         }
     }
     let (material, wrapped) = wrapper.generate(KeyPurpose::Vault).await?;
-    let key = StoredKey {
-        id: format!("dek-{}", uuid::Uuid::new_v4()),
-        purpose: KeyPurpose::Vault,
-        version: 0,
-        wrapped,
-        state: KeyState::Active,
-        created_at: Utc::now(),
-        usage_count: 0,
-    };
-    store.insert_key(&key).await?;
-    tracing::info!(key_id = %key.id, kek = %key.wrapped.kek_id, "new data key");
+    let id = format!("dek-{}", uuid::Uuid::new_v4());
+    store.register_data_key(&id, &wrapped).await?;
+    tracing::info!(key_id = %id, kek = %wrapped.kek_id, "new data key");
     Ok(DataKeyLease {
-        id: key.id,
+        id,
         sealer: Sealer::new(&material),
         created: Instant::now(),
         used: 0,
@@ -168,7 +130,15 @@ pub async fn data_key_for<'a>(
     wrapper: &dyn KeyWrapper,
 ) -> anyhow::Result<&'a mut DataKeyLease> {
     if slot.as_ref().is_none_or(|k| k.exhausted(policy, need)) {
-        *slot = Some(new_data_key(store, wrapper).await?);
+        let fresh = new_data_key(store, wrapper).await?;
+        if let Some(old) = slot.replace(fresh) {
+            // Retired so that `keys list` shows it is done and a rotation
+            // need not wait for the next one to notice. Best effort: a
+            // failure here loses nothing, the key just stays active.
+            if let Err(e) = store.retire_data_key(&old.id).await {
+                tracing::warn!(key_id = %old.id, error = %e, "could not retire an exhausted data key");
+            }
+        }
     }
     Ok(slot.as_mut().expect("just filled"))
 }

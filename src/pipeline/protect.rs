@@ -68,7 +68,7 @@ pub fn protect(
                 device_type: ev.device_type.clone(),
                 locale: ev.locale.clone(),
                 app_version: ev.app_version.clone(),
-                create_date: msg.sent_at.date_naive(),
+                create_date: Some(msg.sent_at.date_naive()),
             };
             let vault = VaultRow {
                 message_id: msg.id.clone(),

@@ -6,7 +6,7 @@
 
 use async_trait::async_trait;
 
-use super::{AuditEntry, KeyState, LoginRow, QuarantineRow, StoreError, VaultRow};
+use super::{AuditEntry, KeyState, LoginRow, QuarantineRow, StoreError, StoredKey, VaultRow};
 use crate::crypto::{KeyPurpose, WrappedKey};
 
 /// What `forget` erased.
@@ -17,8 +17,65 @@ pub struct Forgotten {
     pub logins_kept: u64,
 }
 
+/// A rotation under way: its audit record (written and committed before
+/// anything is read) and the lock that keeps a second rotation of the same
+/// kind out. Dropping it releases the lock.
+pub struct Job {
+    pub record_id: i64,
+    _lock: JobLock,
+}
+
+impl Job {
+    pub(crate) fn new(record_id: i64, lock: JobLock) -> Self {
+        Job {
+            record_id,
+            _lock: lock,
+        }
+    }
+
+    /// Ends the job and releases its lock before returning (dropping a job
+    /// releases it too, a moment later).
+    pub async fn finish(self) {
+        match self._lock {
+            JobLock::Pg(conn) => {
+                let _ = conn.close().await;
+            }
+            JobLock::File(file) => drop(file),
+        }
+    }
+}
+
+/// What holds a job's lock: on Postgres the connection that took the
+/// session-level advisory lock (closed, not returned to the pool, when the
+/// job ends, which releases the lock); on SQLite an exclusive lock on a file
+/// beside the database.
+pub(crate) enum JobLock {
+    Pg(sqlx::pool::PoolConnection<sqlx::Postgres>),
+    File(std::fs::File),
+}
+
+/// The kinds of job that take a lock, as the audit trail names them.
+pub const JOB_KINDS: [&str; 3] = ["rotate-kek", "rotate-data-keys", "rotate-token-key"];
+
 #[async_trait]
 pub trait Maintenance: Send + Sync {
+    /// Stores a token or line-id key (or a rotator's data key). Returns
+    /// `false` when a token key of that version already exists. On
+    /// Postgres only the owner and the rotator may; the database sets the
+    /// time and author and refuses a KEK off the allow-list.
+    async fn insert_key(&self, key: &StoredKey) -> Result<bool, StoreError>;
+
+    /// Adds a key-encryption key to the allow-list (idempotent).
+    async fn allow_kek(&self, kek_id: &str) -> Result<(), StoreError>;
+
+    /// Writes and commits an audit entry; returns its id.
+    async fn record(&self, audit: &AuditEntry, row_count: i64) -> Result<i64, StoreError>;
+
+    /// Starts a job of kind `audit.action` (one of [`JOB_KINDS`]): takes its
+    /// lock, or fails with [`StoreError::Busy`] while another job of that
+    /// kind runs, and commits its audit record.
+    async fn begin_job(&self, audit: &AuditEntry, row_count: i64) -> Result<Job, StoreError>;
+
     /// Stores a re-wrapped key (after `rotate kek`).
     async fn update_wrapped(&self, key_id: &str, wrapped: &WrappedKey) -> Result<(), StoreError>;
 
@@ -36,17 +93,25 @@ pub trait Maintenance: Send + Sync {
         except: &str,
     ) -> Result<Vec<String>, StoreError>;
 
-    /// Up to `limit` vault rows sealed under any key in `key_ids`.
+    /// Vault rows and quarantined messages sealed under any key in `key_ids`.
+    async fn count_sealed_under(&self, key_ids: &[String]) -> Result<i64, StoreError>;
+
+    /// Up to `limit` vault rows sealed under any key in `key_ids`, with a
+    /// message id above `after`, in message-id order, for job `job`.
     async fn vault_rows_under(
         &self,
+        job: i64,
         key_ids: &[String],
+        after: &str,
         limit: i64,
     ) -> Result<Vec<VaultRow>, StoreError>;
 
-    /// Up to `limit` quarantined rows sealed under any key in `key_ids`.
+    /// Like [`Maintenance::vault_rows_under`], for quarantined messages.
     async fn quarantine_rows_under(
         &self,
+        job: i64,
         key_ids: &[String],
+        after: &str,
         limit: i64,
     ) -> Result<Vec<QuarantineRow>, StoreError>;
 
@@ -63,11 +128,12 @@ pub trait Maintenance: Send + Sync {
     /// vault or quarantine row refers to any more. Returns their ids.
     async fn destroy_unreferenced_data_keys(&self) -> Result<Vec<String>, StoreError>;
 
-    /// Logins with a vault row, `id` greater than `after`, whose `masked_ip`
-    /// was not made with token-key `version`, in id order, at most `limit`.
-    /// Returns each with its internal id for keyset pagination.
+    /// Logins with a vault row, `id` greater than `after`, whose tokens were
+    /// not made with token-key `version`, in id order, at most `limit`, for
+    /// job `job`. Returns each with its internal id for keyset pagination.
     async fn logins_to_retokenise(
         &self,
+        job: i64,
         version: i64,
         after: i64,
         limit: i64,

@@ -27,7 +27,8 @@ pub struct LoginRow {
     pub masked_device_id: String,
     pub locale: Option<String>,
     pub app_version: String,
-    pub create_date: NaiveDate,
+    /// `None` only on rows converted from the legacy table that had no date.
+    pub create_date: Option<NaiveDate>,
 }
 
 /// One vault row: the sealed originals of a login, bound (by the AEAD's
@@ -135,6 +136,17 @@ pub enum Selector {
     MaskedDeviceId(String),
 }
 
+impl Selector {
+    /// The `user_logins` column it selects on, and the value.
+    pub fn parts(&self) -> (&'static str, &str) {
+        match self {
+            Selector::UserId(v) => ("user_id", v),
+            Selector::MaskedIp(v) => ("masked_ip", v),
+            Selector::MaskedDeviceId(v) => ("masked_device_id", v),
+        }
+    }
+}
+
 impl std::fmt::Display for Selector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -145,10 +157,14 @@ impl std::fmt::Display for Selector {
     }
 }
 
-/// An audit entry about to be written.
+/// An audit entry about to be written. Who and when are not part of it:
+/// the database sets them (the login of the session, its clock), so that a
+/// client cannot name someone else or backdate an entry.
 #[derive(Debug, Clone)]
 pub struct AuditEntry {
-    pub actor: String,
+    /// Who the client says is asking (`--actor`, `$USER`): kept beside the
+    /// database's own `actor`, never instead of it.
+    pub claimed_actor: String,
     pub action: String,
     pub target: String,
     pub reason: String,
@@ -159,12 +175,28 @@ pub struct AuditEntry {
 pub struct AuditRecord {
     pub id: i64,
     pub at: DateTime<Utc>,
+    /// The database login that wrote the entry (on SQLite, the operating
+    /// system user that ran the command).
     pub actor: String,
+    pub claimed_actor: Option<String>,
     pub action: String,
     pub target: String,
     pub reason: String,
     pub row_count: i64,
 }
+
+/// A reveal recorded in the audit trail, not yet fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RevealRequest {
+    /// The id of its audit row.
+    pub id: i64,
+    /// Logins matching the selector when it was recorded.
+    pub row_count: i64,
+}
+
+/// The sealed originals of a login as a reveal returns them: `None` where
+/// the originals were erased (or never existed, for legacy rows).
+pub type RevealedRows = Vec<(LoginRow, Option<VaultRow>)>;
 
 /// Errors from a store. Messages carry the kind of failure, never row values:
 /// database error texts can quote input, so only the SQLSTATE and the
@@ -179,6 +211,22 @@ pub enum StoreError {
     /// meanwhile; protect it again with the current keys.
     #[error("key {0} was retired by a rotation")]
     KeyRetired(String),
+    /// A key id that names no stored key of the right purpose: a bug or a
+    /// tampered batch, never worth a retry with fresh keys.
+    #[error("unknown key id: {0} is not a stored key")]
+    UnknownKey(String),
+    /// A stored key is wrapped under a KMS key that is not on the
+    /// allow-list, or the database refused to store one.
+    #[error("{0}")]
+    KekNotAllowed(String),
+    /// Another job of the same kind holds its lock.
+    #[error("{0}")]
+    Busy(String),
+    /// The database refused the request by its own rules (an audit record
+    /// not committed yet, a request of another login, an expired one, a
+    /// fixed key field): the message says which, never a value.
+    #[error("refused by the database: {0}")]
+    Refused(String),
 }
 
 impl StoreError {
@@ -210,6 +258,36 @@ impl From<sqlx::Error> for StoreError {
                     "{what} (SQLSTATE 42501): the database user lacks a privilege this command needs; \
                      it needs the pii_vault_* role meant for this command (see migrations/postgres/0002_roles.sql)"
                 ))
+            }
+            // Raised by our own functions and triggers (Postgres: SQLSTATE
+            // PVnnn; SQLite: a message that starts with it); their messages
+            // name keys, records and rules, never row values.
+            E::Database(db) if own_rule(db.as_ref()).is_some() => {
+                let (code, msg) = own_rule(db.as_ref()).expect("checked");
+                match code.as_str() {
+                    "PV001" => StoreError::KeyRetired(
+                        msg.strip_prefix("key ")
+                            .and_then(|m| m.split_whitespace().next())
+                            .unwrap_or("")
+                            .to_string(),
+                    ),
+                    "PV002" => StoreError::KekNotAllowed(msg),
+                    "PV010" => StoreError::UnknownKey(
+                        msg.strip_prefix("key ")
+                            .and_then(|m| m.split_whitespace().next())
+                            .unwrap_or("")
+                            .to_string(),
+                    ),
+                    "PV007" => StoreError::Busy(msg),
+                    _ => StoreError::Refused(format!("{msg} (SQLSTATE {code})")),
+                }
+            }
+            // A sealed row naming a key that does not exist (foreign key).
+            E::Database(db)
+                if db.code().as_deref() == Some("23503")
+                    && db.constraint().is_some_and(|c| c.ends_with("key_id_fkey")) =>
+            {
+                StoreError::UnknownKey("the data key of a sealed row".into())
             }
             E::Database(db) => {
                 let code = db.code().map(|c| c.to_string()).unwrap_or_default();
@@ -243,6 +321,23 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// The code and message of an error raised by one of pii-vault's own
+/// database rules, if it is one.
+fn own_rule(db: &dyn sqlx::error::DatabaseError) -> Option<(String, String)> {
+    let msg = db.message();
+    let short = |m: &str| m.chars().take(300).collect::<String>();
+    match db.code() {
+        Some(c) if c.starts_with("PV") => Some((c.to_string(), short(msg))),
+        _ => {
+            let (code, rest) = msg.split_once(' ')?;
+            (code.len() == 5
+                && code.starts_with("PV")
+                && code[2..].bytes().all(|b| b.is_ascii_digit()))
+            .then(|| (code.to_string(), short(rest)))
+        }
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Applies pending migrations.
@@ -256,9 +351,17 @@ pub trait Store: Send + Sync {
     /// stored are skipped and counted as duplicates.
     async fn write_batch(&self, batch: &Batch) -> Result<BatchOutcome, StoreError>;
 
-    /// Stores a new key. Returns `false` when a token key of that version
-    /// already exists (another worker won the race).
-    async fn insert_key(&self, key: &StoredKey) -> Result<bool, StoreError>;
+    /// Registers this process's own fresh data key (purpose `vault`, state
+    /// `active`; the database sets its time and author). The only key a
+    /// worker may add.
+    async fn register_data_key(&self, id: &str, wrapped: &WrappedKey) -> Result<(), StoreError>;
+
+    /// Retires a data key this login registered (active -> retired), when
+    /// it reached its use cap. Returns whether it was retired.
+    async fn retire_data_key(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// The key-encryption keys that stored keys may be wrapped under.
+    async fn allowed_keks(&self) -> Result<Vec<String>, StoreError>;
 
     async fn get_key(&self, id: &str) -> Result<Option<StoredKey>, StoreError>;
 
@@ -267,15 +370,19 @@ pub trait Store: Send + Sync {
 
     async fn list_keys(&self) -> Result<Vec<StoredKey>, StoreError>;
 
-    /// In one transaction: finds the logins matching `selector` with their
-    /// vault rows, writes the audit entry with the count, and commits. Only
-    /// then does the caller decrypt anything: if the audit row cannot be
-    /// written, nothing is returned.
-    async fn reveal(
+    /// Step one of a reveal: writes and commits its audit row (action
+    /// `reveal`, the selector as target, the count of matching logins).
+    async fn reveal_request(
         &self,
         selector: &Selector,
-        audit: &AuditEntry,
-    ) -> Result<Vec<(LoginRow, Option<VaultRow>)>, StoreError>;
+        claimed_actor: &str,
+        reason: &str,
+    ) -> Result<RevealRequest, StoreError>;
+
+    /// Step two: the logins of a committed reveal request with their sealed
+    /// originals. On Postgres the database refuses a request that is not
+    /// this login's, not committed, already fetched or older than an hour.
+    async fn reveal_fetch(&self, request_id: i64) -> Result<RevealedRows, StoreError>;
 
     async fn audit_trail(&self, limit: i64) -> Result<Vec<AuditRecord>, StoreError>;
 }

@@ -1,13 +1,12 @@
 //! [`Maintenance`] on Postgres: the rotation and erasure queries.
 
 use async_trait::async_trait;
-use chrono::Utc;
 use sqlx::postgres::PgRow;
 use sqlx::Row;
 
-use super::admin::{self, Forgotten, Maintenance};
+use super::admin::{self, Forgotten, Job, JobLock, Maintenance, JOB_KINDS};
 use super::postgres::{login_from_row, PgStore};
-use super::{AuditEntry, KeyState, LoginRow, QuarantineRow, StoreError, VaultRow};
+use super::{AuditEntry, KeyState, LoginRow, QuarantineRow, StoreError, StoredKey, VaultRow};
 use crate::crypto::{KeyPurpose, WrappedKey};
 
 fn vault_from_row(r: &PgRow) -> Result<VaultRow, StoreError> {
@@ -20,8 +19,75 @@ fn vault_from_row(r: &PgRow) -> Result<VaultRow, StoreError> {
     })
 }
 
+/// `pii_vault_record(action, target, reason, claimed_actor, row_count)`:
+/// the audit row of a rotator's job, with actor and time from the database.
+const RECORD: &str = "SELECT pii_vault_record($1, $2, $3, $4, $5)";
+
 #[async_trait]
 impl Maintenance for PgStore {
+    async fn insert_key(&self, key: &StoredKey) -> Result<bool, StoreError> {
+        // No conflict target: a clash on the id or on the token-version index
+        // both mean the key is not ours to insert. Time and author are set by
+        // the database (the guard trigger), whatever is sent.
+        let r = sqlx::query(
+            "INSERT INTO vault_keys (id, purpose, version, kek_id, wrapped, state) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(&key.id)
+        .bind(key.purpose.as_str())
+        .bind(key.version)
+        .bind(&key.wrapped.kek_id)
+        .bind(&key.wrapped.blob)
+        .bind(key.state.as_str())
+        .execute(self.pool())
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn allow_kek(&self, kek_id: &str) -> Result<(), StoreError> {
+        // No conflict target: the rotator has no SELECT that a target needs
+        // beyond the primary key, and a duplicate is simply already allowed.
+        sqlx::query("INSERT INTO kms_allowlist (kek_id) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(kek_id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    async fn record(&self, audit: &AuditEntry, row_count: i64) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(RECORD)
+            .bind(&audit.action)
+            .bind(&audit.target)
+            .bind(&audit.reason)
+            .bind(&audit.claimed_actor)
+            .bind(row_count)
+            .fetch_one(self.pool())
+            .await?)
+    }
+
+    async fn begin_job(&self, audit: &AuditEntry, row_count: i64) -> Result<Job, StoreError> {
+        if !JOB_KINDS.contains(&audit.action.as_str()) {
+            return Err(StoreError::Permanent(format!(
+                "{} is not a job kind",
+                audit.action
+            )));
+        }
+        // The advisory lock is the session's: it lives as long as this
+        // connection, which the job keeps and closes at its end instead of
+        // handing it back to the pool still holding the lock.
+        let mut conn = self.pool().acquire().await?;
+        conn.close_on_drop();
+        let id: i64 = sqlx::query_scalar(RECORD)
+            .bind(&audit.action)
+            .bind(&audit.target)
+            .bind(&audit.reason)
+            .bind(&audit.claimed_actor)
+            .bind(row_count)
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(Job::new(id, JobLock::Pg(conn)))
+    }
+
     async fn update_wrapped(&self, key_id: &str, wrapped: &WrappedKey) -> Result<(), StoreError> {
         sqlx::query("UPDATE vault_keys SET wrapped = $1, kek_id = $2 WHERE id = $3 AND state <> 'destroyed'")
             .bind(&wrapped.blob)
@@ -33,14 +99,11 @@ impl Maintenance for PgStore {
     }
 
     async fn set_key_state(&self, key_id: &str, state: KeyState) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE vault_keys SET state = $1, wrapped = CASE WHEN $1 = 'destroyed' THEN NULL ELSE wrapped END \
-             WHERE id = $2 AND state <> 'destroyed'",
-        )
-        .bind(state.as_str())
-        .bind(key_id)
-        .execute(self.pool())
-        .await?;
+        sqlx::query("UPDATE vault_keys SET state = $1 WHERE id = $2 AND state <> 'destroyed'")
+            .bind(state.as_str())
+            .bind(key_id)
+            .execute(self.pool())
+            .await?;
         Ok(())
     }
 
@@ -51,9 +114,9 @@ impl Maintenance for PgStore {
         to: KeyState,
         except: &str,
     ) -> Result<Vec<String>, StoreError> {
+        // The guard trigger erases `wrapped` of a destroyed key.
         Ok(sqlx::query_scalar(
-            "UPDATE vault_keys SET state = $1, wrapped = CASE WHEN $1 = 'destroyed' THEN NULL ELSE wrapped END \
-             WHERE purpose = $2 AND state = $3 AND id <> $4 RETURNING id",
+            "UPDATE vault_keys SET state = $1 WHERE purpose = $2 AND state = $3 AND id <> $4 RETURNING id",
         )
         .bind(to.as_str())
         .bind(purpose.as_str())
@@ -63,34 +126,47 @@ impl Maintenance for PgStore {
         .await?)
     }
 
-    async fn vault_rows_under(
-        &self,
-        key_ids: &[String],
-        limit: i64,
-    ) -> Result<Vec<VaultRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT message_id, user_id, key_id, nonce, ciphertext FROM vault WHERE key_id = ANY($1) LIMIT $2",
+    async fn count_sealed_under(&self, key_ids: &[String]) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM vault WHERE key_id = ANY($1)) \
+                  + (SELECT count(*) FROM quarantine WHERE key_id = ANY($1))",
         )
         .bind(key_ids)
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    async fn vault_rows_under(
+        &self,
+        job: i64,
+        key_ids: &[String],
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<VaultRow>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM pii_vault_rotation_vault_rows($1, $2, $3, $4)")
+            .bind(job)
+            .bind(key_ids)
+            .bind(after)
+            .bind(limit as i32)
+            .fetch_all(self.pool())
+            .await?;
         rows.iter().map(vault_from_row).collect()
     }
 
     async fn quarantine_rows_under(
         &self,
+        job: i64,
         key_ids: &[String],
+        after: &str,
         limit: i64,
     ) -> Result<Vec<QuarantineRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT message_id, reason_code, reason, user_id, key_id, nonce, ciphertext, received_at \
-             FROM quarantine WHERE key_id = ANY($1) LIMIT $2",
-        )
-        .bind(key_ids)
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
+        let rows = sqlx::query("SELECT * FROM pii_vault_rotation_quarantine_rows($1, $2, $3, $4)")
+            .bind(job)
+            .bind(key_ids)
+            .bind(after)
+            .bind(limit as i32)
+            .fetch_all(self.pool())
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(QuarantineRow {
@@ -179,22 +255,18 @@ impl Maintenance for PgStore {
 
     async fn logins_to_retokenise(
         &self,
+        job: i64,
         version: i64,
         after: i64,
         limit: i64,
     ) -> Result<Vec<(i64, LoginRow, VaultRow)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT l.id, l.message_id, l.user_id, l.device_type, l.masked_ip, l.masked_device_id, l.locale, \
-             l.app_version, l.create_date, v.key_id, v.nonce, v.ciphertext \
-             FROM user_logins l JOIN vault v ON v.message_id = l.message_id \
-             WHERE l.id > $1 AND (l.masked_ip NOT LIKE $2 OR l.masked_device_id NOT LIKE $2) \
-             ORDER BY l.id LIMIT $3",
-        )
-        .bind(after)
-        .bind(admin::token_like(version))
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
+        let rows = sqlx::query("SELECT * FROM pii_vault_rotation_logins($1, $2, $3, $4)")
+            .bind(job)
+            .bind(version)
+            .bind(after)
+            .bind(limit as i32)
+            .fetch_all(self.pool())
+            .await?;
         rows.iter()
             .map(|r| {
                 let login = login_from_row(r)?;
@@ -257,12 +329,11 @@ impl Maintenance for PgStore {
                 .bind(user_id)
                 .fetch_one(&mut *tx)
                 .await?;
-        sqlx::query("INSERT INTO audit_log (at, actor, action, target, reason, row_count) VALUES ($1, $2, $3, $4, $5, $6)")
-            .bind(Utc::now())
-            .bind(&audit.actor)
+        sqlx::query(RECORD)
             .bind(&audit.action)
             .bind(&audit.target)
             .bind(&audit.reason)
+            .bind(&audit.claimed_actor)
             .bind((vault_rows + quarantined) as i64)
             .execute(&mut *tx)
             .await?;

@@ -83,14 +83,19 @@ fn key_from_row(r: &PgRow) -> Result<StoredKey, StoreError> {
 }
 
 pub(super) fn login_from_row(r: &PgRow) -> Result<LoginRow, StoreError> {
+    // Rows converted from the legacy table may hold NULLs where new rows
+    // never do: shown as empty text (and no date), not as an error.
+    let text = |c: &str| -> Result<String, StoreError> {
+        Ok(r.try_get::<Option<String>, _>(c)?.unwrap_or_default())
+    };
     Ok(LoginRow {
         message_id: r.try_get("message_id")?,
-        user_id: r.try_get("user_id")?,
-        device_type: r.try_get("device_type")?,
-        masked_ip: r.try_get("masked_ip")?,
-        masked_device_id: r.try_get("masked_device_id")?,
+        user_id: text("user_id")?,
+        device_type: text("device_type")?,
+        masked_ip: text("masked_ip")?,
+        masked_device_id: text("masked_device_id")?,
         locale: r.try_get("locale")?,
-        app_version: r.try_get("app_version")?,
+        app_version: text("app_version")?,
         create_date: r.try_get("create_date")?,
     })
 }
@@ -114,54 +119,6 @@ fn first_of_each(logins: &[(LoginRow, VaultRow)]) -> Vec<&(LoginRow, VaultRow)> 
     out
 }
 
-/// Fences the batch against key rotation, first thing in its transaction.
-///
-/// The usage update only touches data keys that are still active and locks
-/// them until commit, so a rotation that retires one of them either waits
-/// for this batch (and then re-seals its rows) or has already retired it (and
-/// the batch fails with [`StoreError::KeyRetired`], to be protected again).
-/// The token key is read `FOR SHARE` for the same reason: a token rotation
-/// retires the key before it re-tokenises, so it cannot miss rows committed
-/// under the old key. (`FOR KEY SHARE` would not do: a state change is not a
-/// key update and would not wait.)
-async fn fence_keys(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    batch: &Batch,
-) -> Result<(), StoreError> {
-    if !batch.key_usage.is_empty() {
-        let key_id: Vec<&str> = batch.key_usage.iter().map(|(k, _)| k.as_str()).collect();
-        let count: Vec<i64> = batch.key_usage.iter().map(|(_, n)| *n).collect();
-        // Summed first: an UPDATE … FROM applies only one of several source
-        // rows that match the same key.
-        let hit: HashSet<String> = sqlx::query_scalar(
-            "UPDATE vault_keys k SET usage_count = k.usage_count + u.n \
-             FROM (SELECT id, sum(n)::bigint AS n FROM UNNEST($1::text[], $2::bigint[]) AS t (id, n) \
-                   GROUP BY id) u \
-             WHERE k.id = u.id AND k.state = 'active' RETURNING k.id",
-        )
-        .bind(&key_id)
-        .bind(&count)
-        .fetch_all(&mut **tx)
-        .await?
-        .into_iter()
-        .collect();
-        if let Some(missed) = key_id.iter().find(|k| !hit.contains(**k)) {
-            return Err(StoreError::KeyRetired((*missed).to_string()));
-        }
-    }
-    if !batch.token_key_id.is_empty() {
-        let state: Option<String> =
-            sqlx::query_scalar("SELECT state FROM vault_keys WHERE id = $1 FOR SHARE")
-                .bind(&batch.token_key_id)
-                .fetch_optional(&mut **tx)
-                .await?;
-        if state.as_deref() != Some("active") {
-            return Err(StoreError::KeyRetired(batch.token_key_id.clone()));
-        }
-    }
-    Ok(())
-}
-
 #[async_trait]
 impl Store for PgStore {
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -179,8 +136,11 @@ impl Store for PgStore {
         let logins = first_of_each(&batch.logins);
         out.duplicates += (batch.logins.len() - logins.len()) as u64;
 
+        // The rotation fences (active data keys, active token-key version)
+        // and usage counting are the database's: statement triggers of
+        // migrations/postgres/0003_trust_boundaries.sql check every insert
+        // below, so `key_usage` and `token_key_id` need no query here.
         let mut tx = self.pool.begin().await?;
-        fence_keys(&mut tx, batch).await?;
         for chunk in logins.chunks(CHUNK) {
             let mut message_id = Vec::with_capacity(chunk.len());
             let mut user_id = Vec::with_capacity(chunk.len());
@@ -189,7 +149,7 @@ impl Store for PgStore {
             let mut masked_device_id = Vec::with_capacity(chunk.len());
             let mut locale = Vec::with_capacity(chunk.len());
             let mut app_version = Vec::with_capacity(chunk.len());
-            let mut create_date: Vec<NaiveDate> = Vec::with_capacity(chunk.len());
+            let mut create_date: Vec<Option<NaiveDate>> = Vec::with_capacity(chunk.len());
             for (l, _) in chunk {
                 message_id.push(l.message_id.as_str());
                 user_id.push(l.user_id.as_str());
@@ -295,24 +255,29 @@ impl Store for PgStore {
         Ok(out)
     }
 
-    async fn insert_key(&self, key: &StoredKey) -> Result<bool, StoreError> {
-        // No conflict target: a clash on the id or on the token-version index
-        // both mean the key is not ours to insert.
-        let r = sqlx::query(
-            "INSERT INTO vault_keys (id, purpose, version, kek_id, wrapped, state, created_at, usage_count) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+    async fn register_data_key(&self, id: &str, wrapped: &WrappedKey) -> Result<(), StoreError> {
+        sqlx::query("SELECT pii_vault_register_data_key($1, $2, $3)")
+            .bind(id)
+            .bind(&wrapped.kek_id)
+            .bind(&wrapped.blob)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn retire_data_key(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar("SELECT pii_vault_retire_data_key($1)")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn allowed_keks(&self) -> Result<Vec<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT kek_id FROM kms_allowlist ORDER BY kek_id")
+                .fetch_all(&self.pool)
+                .await?,
         )
-        .bind(&key.id)
-        .bind(key.purpose.as_str())
-        .bind(key.version)
-        .bind(&key.wrapped.kek_id)
-        .bind(&key.wrapped.blob)
-        .bind(key.state.as_str())
-        .bind(key.created_at)
-        .bind(key.usage_count)
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected() == 1)
     }
 
     async fn get_key(&self, id: &str) -> Result<Option<StoredKey>, StoreError> {
@@ -344,65 +309,53 @@ impl Store for PgStore {
         rows.iter().map(key_from_row).collect()
     }
 
-    async fn reveal(
+    async fn reveal_request(
         &self,
         selector: &Selector,
-        audit: &AuditEntry,
-    ) -> Result<Vec<(LoginRow, Option<VaultRow>)>, StoreError> {
-        let (column, value) = match selector {
-            Selector::UserId(v) => ("user_id", v),
-            Selector::MaskedIp(v) => ("masked_ip", v),
-            Selector::MaskedDeviceId(v) => ("masked_device_id", v),
-        };
-        let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(&format!(
-            // Rows converted from the legacy table may hold NULLs where new
-            // rows never do; they have no vault row and reveal as erased.
-            "SELECT l.message_id, COALESCE(l.user_id, '') AS user_id, \
-             COALESCE(l.device_type, '') AS device_type, COALESCE(l.masked_ip, '') AS masked_ip, \
-             COALESCE(l.masked_device_id, '') AS masked_device_id, l.locale, \
-             COALESCE(l.app_version, '') AS app_version, \
-             COALESCE(l.create_date, DATE '1970-01-01') AS create_date, v.key_id, v.nonce, v.ciphertext \
-             FROM user_logins l LEFT JOIN vault v ON v.message_id = l.message_id \
-             WHERE l.{column} = $1 ORDER BY l.create_date, l.id"
-        ))
-        .bind(value)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let login = login_from_row(r)?;
-            let key_id: Option<String> = r.try_get("key_id")?;
-            let vault = match key_id {
-                Some(key_id) => Some(VaultRow {
-                    message_id: login.message_id.clone(),
-                    user_id: login.user_id.clone(),
-                    key_id,
-                    nonce: r.try_get("nonce")?,
-                    ciphertext: r.try_get("ciphertext")?,
-                }),
-                None => None,
-            };
-            out.push((login, vault));
-        }
-        sqlx::query(
-            "INSERT INTO audit_log (at, actor, action, target, reason, row_count) VALUES ($1, $2, $3, $4, $5, $6)",
+        claimed_actor: &str,
+        reason: &str,
+    ) -> Result<RevealRequest, StoreError> {
+        let (column, value) = selector.parts();
+        let (id, row_count): (i64, i64) = sqlx::query_as(
+            "SELECT request_id, row_count FROM pii_vault_reveal_request($1, $2, $3, $4)",
         )
-        .bind(Utc::now())
-        .bind(&audit.actor)
-        .bind(&audit.action)
-        .bind(&audit.target)
-        .bind(&audit.reason)
-        .bind(out.len() as i64)
-        .execute(&mut *tx)
+        .bind(column)
+        .bind(value)
+        .bind(reason)
+        .bind(claimed_actor)
+        .fetch_one(&self.pool)
         .await?;
-        tx.commit().await?;
-        Ok(out)
+        Ok(RevealRequest { id, row_count })
+    }
+
+    async fn reveal_fetch(&self, request_id: i64) -> Result<RevealedRows, StoreError> {
+        let rows = sqlx::query("SELECT * FROM pii_vault_reveal_fetch($1)")
+            .bind(request_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let login = login_from_row(r)?;
+                let key_id: Option<String> = r.try_get("key_id")?;
+                let vault = match key_id {
+                    Some(key_id) => Some(VaultRow {
+                        message_id: login.message_id.clone(),
+                        user_id: login.user_id.clone(),
+                        key_id,
+                        nonce: r.try_get("nonce")?,
+                        ciphertext: r.try_get("ciphertext")?,
+                    }),
+                    None => None,
+                };
+                Ok((login, vault))
+            })
+            .collect()
     }
 
     async fn audit_trail(&self, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, at, actor, action, target, reason, row_count FROM audit_log ORDER BY id DESC LIMIT $1",
+            "SELECT id, at, actor, claimed_actor, action, target, reason, row_count FROM audit_log \
+             ORDER BY id DESC LIMIT $1",
         )
         .bind(limit)
         .fetch_all(&self.pool)
@@ -413,6 +366,7 @@ impl Store for PgStore {
                     id: r.try_get("id")?,
                     at: r.try_get("at")?,
                     actor: r.try_get("actor")?,
+                    claimed_actor: r.try_get("claimed_actor")?,
                     action: r.try_get("action")?,
                     target: r.try_get("target")?,
                     reason: r.try_get("reason")?,

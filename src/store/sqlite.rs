@@ -5,6 +5,7 @@
 //! failing. Only one writer at a time, which is what a small single-node
 //! deployment needs.
 
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ const CHUNK: usize = 500;
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    path: PathBuf,
 }
 
 impl SqliteStore {
@@ -35,12 +37,16 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
+            // Deleted rows (forgotten vault rows, erased wrapped keys) are
+            // overwritten with zeros instead of lingering in free pages.
+            .pragma("secure_delete", "ON")
             .busy_timeout(Duration::from_secs(30));
+        let path = opts.get_filename().to_path_buf();
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(opts)
             .await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore { pool, path })
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -89,6 +95,17 @@ fn login_from_row(r: &SqliteRow) -> Result<LoginRow, StoreError> {
     })
 }
 
+/// The time as SQLite writes it (RFC 3339, UTC, milliseconds), taken from
+/// SQLite's clock rather than bound by the client.
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+/// Who runs this process: the only principal an SQLite file knows.
+fn os_user() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("USERNAME"))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 const KEY_COLUMNS: &str = "id, purpose, version, kek_id, wrapped, state, created_at, usage_count";
 
 #[async_trait]
@@ -115,7 +132,7 @@ impl Store for SqliteStore {
                 .await?
                 .rows_affected();
             if hit == 0 {
-                return Err(StoreError::KeyRetired(key_id.clone()));
+                return Err(key_state_error(&mut tx, key_id).await);
             }
         }
         if !batch.token_key_id.is_empty() {
@@ -124,8 +141,10 @@ impl Store for SqliteStore {
                     .bind(&batch.token_key_id)
                     .fetch_optional(&mut *tx)
                     .await?;
-            if state.as_deref() != Some("active") {
-                return Err(StoreError::KeyRetired(batch.token_key_id.clone()));
+            match state.as_deref() {
+                Some("active") => {}
+                Some(_) => return Err(StoreError::KeyRetired(batch.token_key_id.clone())),
+                None => return Err(StoreError::UnknownKey(batch.token_key_id.clone())),
             }
         }
         let mut out = BatchOutcome::default();
@@ -197,22 +216,37 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    async fn insert_key(&self, key: &StoredKey) -> Result<bool, StoreError> {
-        let r = sqlx::query(
-            "INSERT INTO vault_keys (id, purpose, version, kek_id, wrapped, state, created_at, usage_count) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
-        )
-        .bind(&key.id)
-        .bind(key.purpose.as_str())
-        .bind(key.version)
-        .bind(&key.wrapped.kek_id)
-        .bind(&key.wrapped.blob)
-        .bind(key.state.as_str())
-        .bind(key.created_at.to_rfc3339())
-        .bind(key.usage_count)
+    async fn register_data_key(&self, id: &str, wrapped: &WrappedKey) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "INSERT INTO vault_keys (id, purpose, version, kek_id, wrapped, state, created_at, created_by) \
+             VALUES ($1, 'vault', 0, $2, $3, 'active', {NOW}, $4)"
+        ))
+        .bind(id)
+        .bind(&wrapped.kek_id)
+        .bind(&wrapped.blob)
+        .bind(os_user())
         .execute(&self.pool)
         .await?;
-        Ok(r.rows_affected() == 1)
+        Ok(())
+    }
+
+    async fn retire_data_key(&self, id: &str) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE vault_keys SET state = 'retired' WHERE id = $1 AND purpose = 'vault' AND state = 'active'",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn allowed_keks(&self) -> Result<Vec<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT kek_id FROM kms_allowlist ORDER BY kek_id")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     async fn get_key(&self, id: &str) -> Result<Option<StoredKey>, StoreError> {
@@ -244,24 +278,83 @@ impl Store for SqliteStore {
         rows.iter().map(key_from_row).collect()
     }
 
-    async fn reveal(
+    async fn reveal_request(
         &self,
         selector: &Selector,
-        audit: &AuditEntry,
-    ) -> Result<Vec<(LoginRow, Option<VaultRow>)>, StoreError> {
-        let (column, value) = match selector {
-            Selector::UserId(v) => ("user_id", v),
-            Selector::MaskedIp(v) => ("masked_ip", v),
-            Selector::MaskedDeviceId(v) => ("masked_device_id", v),
-        };
+        claimed_actor: &str,
+        reason: &str,
+    ) -> Result<RevealRequest, StoreError> {
+        let (column, value) = selector.parts();
         let mut tx = self.pool.begin().await?;
+        let row_count: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM user_logins WHERE {column} = $1"
+        ))
+        .bind(value)
+        .fetch_one(&mut *tx)
+        .await?;
+        let audit = AuditEntry {
+            claimed_actor: claimed_actor.into(),
+            action: "reveal".into(),
+            target: selector.to_string(),
+            reason: reason.into(),
+        };
+        let id = insert_audit(&mut tx, &audit, row_count).await?;
+        sqlx::query(
+            "INSERT INTO reveal_requests (id, selector, value, requested_by) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(column)
+        .bind(value)
+        .bind(os_user())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(RevealRequest { id, row_count })
+    }
+
+    async fn reveal_fetch(&self, request_id: i64) -> Result<RevealedRows, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let found: Option<(String, String, Option<String>, String)> = sqlx::query_as(
+            "SELECT r.selector, r.value, r.fetched_at, a.at FROM reveal_requests r \
+             JOIN audit_log a ON a.id = r.id WHERE r.id = $1",
+        )
+        .bind(request_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((column, value, fetched, at)) = found else {
+            return Err(StoreError::Refused(format!(
+                "reveal request {request_id} does not exist"
+            )));
+        };
+        if fetched.is_some() {
+            return Err(StoreError::Refused(format!(
+                "reveal request {request_id} was already fetched"
+            )));
+        }
+        if Utc::now() - parse_time(&at)? > chrono::Duration::hours(1) {
+            return Err(StoreError::Refused(format!(
+                "audit record {request_id} has expired"
+            )));
+        }
+        let column = match column.as_str() {
+            "user_id" => "user_id",
+            "masked_ip" => "masked_ip",
+            "masked_device_id" => "masked_device_id",
+            _ => return Err(StoreError::Permanent("unknown reveal selector".into())),
+        };
+        sqlx::query(&format!(
+            "UPDATE reveal_requests SET fetched_at = {NOW} WHERE id = $1"
+        ))
+        .bind(request_id)
+        .execute(&mut *tx)
+        .await?;
         let rows = sqlx::query(&format!(
             "SELECT l.message_id, l.user_id, l.device_type, l.masked_ip, l.masked_device_id, l.locale, \
              l.app_version, l.create_date, v.key_id, v.nonce, v.ciphertext \
              FROM user_logins l LEFT JOIN vault v ON v.message_id = l.message_id \
              WHERE l.{column} = $1 ORDER BY l.create_date, l.id"
         ))
-        .bind(value)
+        .bind(&value)
         .fetch_all(&mut *tx)
         .await?;
         let mut out = Vec::with_capacity(rows.len());
@@ -280,14 +373,14 @@ impl Store for SqliteStore {
             };
             out.push((login, vault));
         }
-        insert_audit(&mut tx, audit, out.len() as i64).await?;
         tx.commit().await?;
         Ok(out)
     }
 
     async fn audit_trail(&self, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, at, actor, action, target, reason, row_count FROM audit_log ORDER BY id DESC LIMIT $1",
+            "SELECT id, at, actor, claimed_actor, action, target, reason, row_count FROM audit_log \
+             ORDER BY id DESC LIMIT $1",
         )
         .bind(limit)
         .fetch_all(&self.pool)
@@ -298,6 +391,7 @@ impl Store for SqliteStore {
                     id: r.try_get("id")?,
                     at: parse_time(&r.try_get::<String, _>("at")?)?,
                     actor: r.try_get("actor")?,
+                    claimed_actor: r.try_get("claimed_actor")?,
                     action: r.try_get("action")?,
                     target: r.try_get("target")?,
                     reason: r.try_get("reason")?,
@@ -319,6 +413,74 @@ fn push_in_list<'a>(q: &mut QueryBuilder<'a, Sqlite>, ids: &'a [String]) {
 
 #[async_trait]
 impl admin::Maintenance for SqliteStore {
+    async fn insert_key(&self, key: &StoredKey) -> Result<bool, StoreError> {
+        let r = sqlx::query(&format!(
+            "INSERT INTO vault_keys (id, purpose, version, kek_id, wrapped, state, created_at, usage_count, created_by) \
+             VALUES ($1, $2, $3, $4, $5, $6, {NOW}, 0, $7) ON CONFLICT DO NOTHING"
+        ))
+        .bind(&key.id)
+        .bind(key.purpose.as_str())
+        .bind(key.version)
+        .bind(&key.wrapped.kek_id)
+        .bind((key.state != KeyState::Destroyed).then_some(&key.wrapped.blob))
+        .bind(key.state.as_str())
+        .bind(os_user())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn allow_kek(&self, kek_id: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO kms_allowlist (kek_id, added_by) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(kek_id)
+        .bind(os_user())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn record(&self, audit: &AuditEntry, row_count: i64) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let id = insert_audit(&mut tx, audit, row_count).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    async fn begin_job(
+        &self,
+        audit: &AuditEntry,
+        row_count: i64,
+    ) -> Result<admin::Job, StoreError> {
+        if !admin::JOB_KINDS.contains(&audit.action.as_str()) {
+            return Err(StoreError::Permanent(format!(
+                "{} is not a job kind",
+                audit.action
+            )));
+        }
+        // A lock file beside the database, one per kind; the lock goes with
+        // the process however it ends.
+        let mut name = self.path.clone().into_os_string();
+        name.push(format!(".{}.lock", audit.action));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&name)
+            .map_err(|e| {
+                StoreError::Permanent(format!("cannot open the job lock file: {}", e.kind()))
+            })?;
+        if file.try_lock().is_err() {
+            return Err(StoreError::Busy(format!(
+                "another {} is running on this database; wait for it to finish",
+                audit.action
+            )));
+        }
+        let id = self.record(audit, row_count).await?;
+        Ok(admin::Job::new(id, admin::JobLock::File(file)))
+    }
+
     async fn update_wrapped(&self, key_id: &str, wrapped: &WrappedKey) -> Result<(), StoreError> {
         sqlx::query("UPDATE vault_keys SET wrapped = $1, kek_id = $2 WHERE id = $3 AND state <> 'destroyed'")
             .bind(&wrapped.blob)
@@ -330,7 +492,10 @@ impl admin::Maintenance for SqliteStore {
     }
 
     async fn set_key_state(&self, key_id: &str, state: KeyState) -> Result<(), StoreError> {
-        sqlx::query("UPDATE vault_keys SET state = $1 WHERE id = $2 AND state <> 'destroyed'")
+        sqlx::query(
+            "UPDATE vault_keys SET state = $1, wrapped = CASE WHEN $1 = 'destroyed' THEN NULL ELSE wrapped END \
+             WHERE id = $2 AND state <> 'destroyed'",
+        )
             .bind(state.as_str())
             .bind(key_id)
             .execute(&self.pool)
@@ -357,9 +522,23 @@ impl admin::Maintenance for SqliteStore {
         .await?)
     }
 
+    async fn count_sealed_under(&self, key_ids: &[String]) -> Result<i64, StoreError> {
+        if key_ids.is_empty() {
+            return Ok(0);
+        }
+        let mut q = QueryBuilder::new("SELECT (SELECT count(*) FROM vault WHERE key_id IN ");
+        push_in_list(&mut q, key_ids);
+        q.push(") + (SELECT count(*) FROM quarantine WHERE key_id IN ");
+        push_in_list(&mut q, key_ids);
+        q.push(")");
+        Ok(q.build_query_scalar().fetch_one(&self.pool).await?)
+    }
+
     async fn vault_rows_under(
         &self,
+        _job: i64,
         key_ids: &[String],
+        after: &str,
         limit: i64,
     ) -> Result<Vec<VaultRow>, StoreError> {
         if key_ids.is_empty() {
@@ -369,7 +548,8 @@ impl admin::Maintenance for SqliteStore {
             "SELECT message_id, user_id, key_id, nonce, ciphertext FROM vault WHERE key_id IN ",
         );
         push_in_list(&mut q, key_ids);
-        q.push(" LIMIT ").push_bind(limit);
+        q.push(" AND message_id > ").push_bind(after);
+        q.push(" ORDER BY message_id LIMIT ").push_bind(limit);
         let rows = q.build().fetch_all(&self.pool).await?;
         rows.iter()
             .map(|r| {
@@ -386,7 +566,9 @@ impl admin::Maintenance for SqliteStore {
 
     async fn quarantine_rows_under(
         &self,
+        _job: i64,
         key_ids: &[String],
+        after: &str,
         limit: i64,
     ) -> Result<Vec<QuarantineRow>, StoreError> {
         if key_ids.is_empty() {
@@ -397,7 +579,8 @@ impl admin::Maintenance for SqliteStore {
              FROM quarantine WHERE key_id IN ",
         );
         push_in_list(&mut q, key_ids);
-        q.push(" LIMIT ").push_bind(limit);
+        q.push(" AND message_id > ").push_bind(after);
+        q.push(" ORDER BY message_id LIMIT ").push_bind(limit);
         let rows = q.build().fetch_all(&self.pool).await?;
         rows.iter()
             .map(|r| {
@@ -465,6 +648,7 @@ impl admin::Maintenance for SqliteStore {
 
     async fn logins_to_retokenise(
         &self,
+        _job: i64,
         version: i64,
         after: i64,
         limit: i64,
@@ -551,19 +735,36 @@ impl admin::Maintenance for SqliteStore {
     }
 }
 
+/// Why key `id` failed the fence: retired (or destroyed), or not stored.
+async fn key_state_error(tx: &mut sqlx::Transaction<'_, Sqlite>, id: &str) -> StoreError {
+    match sqlx::query_scalar::<_, i64>("SELECT count(*) FROM vault_keys WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut **tx)
+        .await
+    {
+        Ok(0) => StoreError::UnknownKey(id.to_string()),
+        Ok(_) => StoreError::KeyRetired(id.to_string()),
+        Err(e) => e.into(),
+    }
+}
+
+/// Writes an audit row with SQLite's clock and the process's user as the
+/// actor; returns its id.
 async fn insert_audit(
     tx: &mut sqlx::Transaction<'_, Sqlite>,
     audit: &AuditEntry,
     rows: i64,
-) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO audit_log (at, actor, action, target, reason, row_count) VALUES ($1, $2, $3, $4, $5, $6)")
-        .bind(Utc::now().to_rfc3339())
-        .bind(&audit.actor)
-        .bind(&audit.action)
-        .bind(&audit.target)
-        .bind(&audit.reason)
-        .bind(rows)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(&format!(
+        "INSERT INTO audit_log (at, actor, claimed_actor, action, target, reason, row_count) \
+         VALUES ({NOW}, $1, $2, $3, $4, $5, $6) RETURNING id"
+    ))
+    .bind(os_user())
+    .bind(&audit.claimed_actor)
+    .bind(&audit.action)
+    .bind(&audit.target)
+    .bind(&audit.reason)
+    .bind(rows)
+    .fetch_one(&mut **tx)
+    .await?)
 }

@@ -514,13 +514,14 @@ pub fn summary(output: &str) -> Option<(u64, u64, u64)> {
     Some((nums[0], nums[1], nums[2]))
 }
 
-/// Runs `pii-vault migrate` against `database_url`.
-pub async fn migrate(database_url: &str, dir: &Path) {
+/// Runs `pii-vault migrate` against `database_url`, with the KMS key the
+/// workers will use (it allow-lists it and creates the keys under it).
+pub async fn migrate(database_url: &str, dir: &Path, kms_key_id: &str) {
     let out = Command::new(crate::common::bin())
         .arg("migrate")
         .current_dir(dir)
         .env("DATABASE_URL", database_url)
-        .env_remove("PII_VAULT_KMS_KEY_ID")
+        .env("PII_VAULT_KMS_KEY_ID", kms_key_id)
         .output()
         .await
         .unwrap();

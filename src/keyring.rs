@@ -1,0 +1,112 @@
+//! The keys every process relies on, and which key-encryption keys are
+//! trusted to wrap them.
+//!
+//! Token and line-id keys are created here, by `migrate` / `keys init`,
+//! run by the schema owner or a rotator, never by a worker: a worker that
+//! could create the token key would know it, and every token written after
+//! would be invertible by enumerating the IPv4 space.
+//!
+//! The allow-list of key-encryption keys lives in the database
+//! (`kms_allowlist`), writable only by the owner and the rotator. Workers
+//! and reveal unwrap a stored key only if its KEK is on it, so a key row
+//! planted under an attacker's KMS key is refused, not followed.
+
+use chrono::Utc;
+
+use crate::crypto::{KeyPurpose, KeyWrapper};
+use crate::store::{AdminStore, AuditEntry, KeyState, Store, StoredKey};
+
+/// Fails, naming the key (never its wrapping), unless `key`'s KEK is on the
+/// allow-list.
+pub async fn ensure_allowed(store: &dyn Store, key: &StoredKey) -> anyhow::Result<()> {
+    let allowed = store.allowed_keks().await?;
+    check_allowed(&allowed, key)
+}
+
+/// [`ensure_allowed`] against a list already read.
+pub fn check_allowed(allowed: &[String], key: &StoredKey) -> anyhow::Result<()> {
+    if allowed.contains(&key.wrapped.kek_id) {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "key {} is wrapped under a key-encryption key that is not on the KMS allow-list; refusing to use it \
+             (the owner or a rotator adds a KMS key with `pii-vault migrate --kms-key-id …` or `rotate kek --to …`)",
+            key.id
+        )
+    }
+}
+
+/// What [`init_keys`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Initialised {
+    pub token_key: bool,
+    pub line_id_key: bool,
+}
+
+/// Puts the KEK of `wrapper` on the allow-list and creates token key v1 and
+/// the line-id key if the database has none. Idempotent. Audited when it
+/// creates anything.
+pub async fn init_keys(
+    store: &dyn AdminStore,
+    wrapper: &dyn KeyWrapper,
+    claimed_actor: &str,
+) -> anyhow::Result<Initialised> {
+    store.allow_kek(&wrapper.kek_id()).await?;
+    let mut done = Initialised::default();
+    let keys = store.list_keys().await?;
+    if !keys.iter().any(|k| k.purpose == KeyPurpose::Token) {
+        let (_, wrapped) = wrapper.generate(KeyPurpose::Token).await?;
+        // Two owners initialising at once: the token-version index lets one
+        // win; the other finds the key on its next look.
+        done.token_key = store
+            .insert_key(&new_key("tok", KeyPurpose::Token, 1, wrapped))
+            .await?;
+    }
+    if !keys
+        .iter()
+        .any(|k| k.purpose == KeyPurpose::LineIds && k.state != KeyState::Destroyed)
+    {
+        let (_, wrapped) = wrapper.generate(KeyPurpose::LineIds).await?;
+        done.line_id_key = store
+            .insert_key(&new_key("ids", KeyPurpose::LineIds, 0, wrapped))
+            .await?;
+    }
+    if done.token_key || done.line_id_key {
+        let what = match (done.token_key, done.line_id_key) {
+            (true, true) => "token key v1, line-id key",
+            (true, false) => "token key v1",
+            _ => "line-id key",
+        };
+        store
+            .record(
+                &AuditEntry {
+                    claimed_actor: claimed_actor.into(),
+                    action: "keys-init".into(),
+                    target: what.into(),
+                    reason: "initial keys".into(),
+                },
+                0,
+            )
+            .await?;
+        tracing::info!(created = what, "initial keys created");
+    }
+    Ok(done)
+}
+
+/// A key row to insert; the database sets its time and author.
+pub fn new_key(
+    prefix: &str,
+    purpose: KeyPurpose,
+    version: i64,
+    wrapped: crate::crypto::WrappedKey,
+) -> StoredKey {
+    StoredKey {
+        id: format!("{prefix}-{}", uuid::Uuid::new_v4()),
+        purpose,
+        version,
+        wrapped,
+        state: KeyState::Active,
+        created_at: Utc::now(),
+        usage_count: 0,
+    }
+}
