@@ -19,7 +19,10 @@
 #     columns, the three secondary indexes and unique message_id), the figure
 #     the targets are stated against, and (2) user_logins plus the vault
 #     table (same-sized nonces and ciphertexts, same indexes), which is what
-#     pii-vault actually writes. Prints rows/s of each and the ratios.
+#     pii-vault actually writes. Prints rows/s of each and the ratios. The
+#     same load is also run into a database whose rotation fences (the
+#     statement triggers of migration 0003) are switched off, to show what
+#     they cost.
 #
 # Starts and stops its own PostgreSQL (with fsync on) and LocalStack through
 # scripts/services.sh, and builds with `cargo build --release`. Not part of
@@ -106,7 +109,7 @@ QUEUE="$("$SQS" create-queue)"
 # Which store: Postgres when the binary can migrate it, SQLite otherwise.
 STORE=postgres
 SQS_DB="$(new_pg_db bench_sqs)"
-if ! "$BIN" --database-url "$SQS_DB" migrate >/dev/null 2>"$work/migrate.err"; then
+if ! "$BIN" --database-url "$SQS_DB" --kms-key-id "$KEY" migrate >/dev/null 2>"$work/migrate.err"; then
     echo "!! the Postgres store does not work yet ($(tail -n 1 "$work/migrate.err")): using SQLite for (a), skipping (b)" >&2
     STORE=sqlite
     SQS_DB="sqlite:$work/bench_sqs.db"
@@ -135,7 +138,7 @@ left="$("$SQS" count --queue-url "$QUEUE")"
 if [ "$STORE" = postgres ]; then
     echo "== (b) file -> Postgres" >&2
     FILE_DB="$(new_pg_db bench_file)"
-    "$BIN" --database-url "$FILE_DB" migrate >"$work/migrate.out" 2>&1 || {
+    "$BIN" --database-url "$FILE_DB" --kms-key-id "$KEY" migrate >"$work/migrate.out" 2>&1 || {
         cat "$work/migrate.out" >&2
         exit 1
     }
@@ -144,6 +147,24 @@ if [ "$STORE" = postgres ]; then
         run --from-file "$work/file-events.jsonl" --no-progress
     t5="$(now)"
     file_summary="$(grep ' stored, ' "$work/file.err" || true)"
+    file_rss_kb="$PEAK_RSS_KB"
+
+    # The same load with the database's rotation fences switched off (the
+    # statement triggers that check every insert names active keys and count
+    # key usage): what the fences cost, per batch, in the same run.
+    NOFENCE_DB="$(new_pg_db bench_nofence)"
+    "$BIN" --database-url "$NOFENCE_DB" --kms-key-id "$KEY" migrate >"$work/migrate2.out" 2>&1 || {
+        cat "$work/migrate2.out" >&2
+        exit 1
+    }
+    psql "$NOFENCE_DB" -qX -v ON_ERROR_STOP=1 \
+        -c "ALTER TABLE user_logins DISABLE TRIGGER user_logins_fence_insert" \
+        -c "ALTER TABLE vault DISABLE TRIGGER vault_fence_insert" \
+        -c "ALTER TABLE quarantine DISABLE TRIGGER quarantine_fence_insert"
+    t10="$(now)"
+    run_measured nofence "$BIN" --database-url "$NOFENCE_DB" --kms-key-id "$KEY" \
+        run --from-file "$work/file-events.jsonl" --no-progress
+    t11="$(now)"
 
     # Equivalent rows: the same columns with values of the same shapes (a
     # 37-character line id, 46-character tokens), made before the clock starts.
@@ -242,7 +263,9 @@ line "worker / drain:" "$(ratio "$(per_sec "$N" "$t2" "$t3")" "$(per_sec "$drain
 line "worker's summary:" "$worker_summary"
 if [ "$STORE" = postgres ]; then
     echo "(b) file -> Postgres"
-    line "pii-vault run --from-file ($FILE_N events):" "$(rate "$FILE_N" "$t4" "$t5"), peak RSS $((PEAK_RSS_KB / 1024)) MiB"
+    line "pii-vault run --from-file ($FILE_N events):" "$(rate "$FILE_N" "$t4" "$t5"), peak RSS $((file_rss_kb / 1024)) MiB"
+    line "same, database fences switched off:" "$(rate "$FILE_N" "$t10" "$t11")"
+    line "with fences / without:" "$(ratio "$(per_sec "$FILE_N" "$t4" "$t5")" "$(per_sec "$FILE_N" "$t10" "$t11")")"
     line "psql \\copy, user_logins only ($copied rows):" "$(rate "$copied" "$t6" "$t7")"
     line "pii-vault / copy (user_logins only):" "$(ratio "$(per_sec "$FILE_N" "$t4" "$t5")" "$(per_sec "$copied" "$t6" "$t7")")"
     line "psql \\copy, user_logins + vault ($copied2):" "$(rate "$copied2" "$t8" "$t9")"

@@ -103,8 +103,11 @@ pub fn protect(
     }
 }
 
-/// The user id of a rejected body, when it has a plausible one, so that
-/// `forget --user-id` can erase that user's quarantined bodies too.
+/// The user id of a rejected body, when one can be recovered, so that
+/// `forget --user-id` can erase that user's quarantined bodies too: a
+/// string or an integer `user_id` of a JSON body, or, in a body that is not
+/// valid JSON (truncated, a stray byte), the text after the first
+/// `"user_id":`.
 fn salvage_user_id(body: &[u8]) -> Option<String> {
     #[derive(Deserialize)]
     struct OnlyUser {
@@ -113,12 +116,49 @@ fn salvage_user_id(body: &[u8]) -> Option<String> {
     if body.len() > crate::domain::event::MAX_BODY_BYTES {
         return None;
     }
-    match serde_json::from_slice::<OnlyUser>(body).ok()?.user_id? {
-        serde_json::Value::String(s)
-            if !s.contains('\0') && s.chars().count() <= 128 && !s.trim().is_empty() =>
-        {
-            Some(s)
-        }
-        _ => None,
+    let found = match serde_json::from_slice::<OnlyUser>(body) {
+        Ok(only) => match only.user_id? {
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
+            _ => return None,
+        },
+        Err(_) => scan_user_id(body)?,
+    };
+    (!found.contains('\0') && found.chars().count() <= 128 && !found.trim().is_empty())
+        .then_some(found)
+}
+
+/// `"user_id": "…"` or `"user_id": 123` in text that does not parse as a
+/// whole; simple escapes only (a user id with a `\"` in it is not salvaged).
+fn scan_user_id(body: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(body);
+    let rest = &text[text.find("\"user_id\"")? + "\"user_id\"".len()..];
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
+    if let Some(quoted) = rest.strip_prefix('"') {
+        let end = quoted.find('"')?;
+        let id = &quoted[..end];
+        (!id.contains('\\')).then(|| id.to_string())
+    } else {
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        (!digits.is_empty()).then_some(digits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::salvage_user_id;
+
+    #[test]
+    fn user_ids_are_salvaged_from_rejected_bodies_where_they_can_be() {
+        let got = |b: &str| salvage_user_id(b.as_bytes());
+        assert_eq!(got(r#"{"user_id": "u-1", "ip": "x"}"#).as_deref(), Some("u-1"));
+        assert_eq!(got(r#"{"user_id": 4711, "ip": 7}"#).as_deref(), Some("4711"));
+        assert_eq!(got(r#"{"user_id": "u-2", "ip": "1.2.3.4", "device"#).as_deref(), Some("u-2"));
+        assert_eq!(got(r#"{"ip": "1.2.3.4", "user_id":  99 , "x""#).as_deref(), Some("99"));
+        assert_eq!(got(r#"{"user_id": 1.5}"#), None);
+        assert_eq!(got(r#"{"user_id": null}"#), None);
+        assert_eq!(got(r#"{"user_id": "  "}"#), None);
+        assert_eq!(got("not json at all"), None);
+        assert_eq!(got(&format!(r#"{{"user_id": "{}"}}"#, "u".repeat(129))), None);
     }
 }
