@@ -199,7 +199,11 @@ fn login(
             device_type: "android".into(),
             masked_ip: ip.into(),
             masked_device_id: device.into(),
-            locale: if d.is_multiple_of(2) { Some("RU".into()) } else { None },
+            locale: if d.is_multiple_of(2) {
+                Some("RU".into())
+            } else {
+                None
+            },
             app_version: "2.3.0".into(),
             create_date: Some(day(d)),
         },
@@ -968,4 +972,64 @@ async fn postgres_migration_converts_the_legacy_table_in_place() {
     raw.close().await;
     store.pool().close().await;
     db.drop_database().await;
+}
+
+// ------------------------------------------------------------ SQLite only
+
+/// `forget` leaves no copy of the erased ciphertexts in the SQLite files:
+/// `secure_delete` zeroes freed space, and the write-ahead log (which keeps
+/// the page images from before the delete) is checkpointed and truncated.
+/// Bob's ciphertext, still wanted, is found: the scan can see ciphertexts.
+#[tokio::test]
+async fn sqlite_forget_leaves_no_copy_in_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("store.db").display());
+    let store = SqliteStore::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    store.allow_kek(KEK).await.unwrap();
+    store.insert_key(&data_key("k1")).await.unwrap();
+    store
+        .insert_key(&key("tok-1", KeyPurpose::Token, 1, KeyState::Active, 0))
+        .await
+        .unwrap();
+    let alice: Vec<_> = (0..20)
+        .map(|i| login(&format!("m-a{i}"), "alice", "t1_ipA", "t1_devA", 3, "k1"))
+        .collect();
+    let bob = login("m-b", "bob", "t1_ipB", "t1_devB", 3, "k1");
+    let mut logins = alice.clone();
+    logins.push(bob.clone());
+    let batch = Batch {
+        logins,
+        key_usage: vec![("k1".into(), 21)],
+        ..Batch::default()
+    };
+    store.write_batch(&batch).await.unwrap();
+    let before = common::files_bytes(dir.path(), "store.db");
+    assert!(
+        before
+            .windows(alice[0].1.ciphertext.len())
+            .any(|w| w == alice[0].1.ciphertext.as_slice()),
+        "the scan must see a stored ciphertext"
+    );
+
+    let audit = pii_vault::store::AuditEntry {
+        claimed_actor: "dpo@test".into(),
+        action: "forget".into(),
+        target: "user_id=alice".into(),
+        reason: "erasure request".into(),
+    };
+    assert_eq!(store.forget("alice", &audit).await.unwrap().vault_rows, 20);
+    let after = common::files_bytes(dir.path(), "store.db");
+    for (_, v) in &alice {
+        assert!(
+            !after
+                .windows(v.ciphertext.len())
+                .any(|w| w == v.ciphertext.as_slice()),
+            "an erased ciphertext is still in the SQLite files"
+        );
+    }
+    assert!(after
+        .windows(bob.1.ciphertext.len())
+        .any(|w| w == bob.1.ciphertext.as_slice()));
+    store.pool().close().await;
 }

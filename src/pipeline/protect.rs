@@ -151,14 +151,29 @@ mod tests {
     #[test]
     fn user_ids_are_salvaged_from_rejected_bodies_where_they_can_be() {
         let got = |b: &str| salvage_user_id(b.as_bytes());
-        assert_eq!(got(r#"{"user_id": "u-1", "ip": "x"}"#).as_deref(), Some("u-1"));
-        assert_eq!(got(r#"{"user_id": 4711, "ip": 7}"#).as_deref(), Some("4711"));
-        assert_eq!(got(r#"{"user_id": "u-2", "ip": "1.2.3.4", "device"#).as_deref(), Some("u-2"));
-        assert_eq!(got(r#"{"ip": "1.2.3.4", "user_id":  99 , "x""#).as_deref(), Some("99"));
+        assert_eq!(
+            got(r#"{"user_id": "u-1", "ip": "x"}"#).as_deref(),
+            Some("u-1")
+        );
+        assert_eq!(
+            got(r#"{"user_id": 4711, "ip": 7}"#).as_deref(),
+            Some("4711")
+        );
+        assert_eq!(
+            got(r#"{"user_id": "u-2", "ip": "1.2.3.4", "device"#).as_deref(),
+            Some("u-2")
+        );
+        assert_eq!(
+            got(r#"{"ip": "1.2.3.4", "user_id":  99 , "x""#).as_deref(),
+            Some("99")
+        );
         assert_eq!(got(r#"{"user_id": 1.5}"#), None);
         assert_eq!(got(r#"{"user_id": null}"#), None);
         assert_eq!(got(r#"{"user_id": "  "}"#), None);
         assert_eq!(got("not json at all"), None);
-        assert_eq!(got(&format!(r#"{{"user_id": "{}"}}"#, "u".repeat(129))), None);
+        assert_eq!(
+            got(&format!(r#"{{"user_id": "{}"}}"#, "u".repeat(129))),
+            None
+        );
     }
 }

@@ -52,6 +52,26 @@ impl SqliteStore {
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
+
+    /// After an erasure: copies the WAL back into the database file and
+    /// truncates it, so the pre-deletion page images the WAL still holds
+    /// (ciphertexts, wrapped keys) are gone from disk too; `secure_delete`
+    /// has zeroed the freed space in the database file itself. Best effort:
+    /// a reader holding an old snapshot can keep the WAL alive, which is
+    /// logged.
+    async fn scrub(&self) {
+        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.pool)
+            .await
+        {
+            Ok((0, _, _)) => {}
+            Ok(_) => tracing::warn!(
+                "the SQLite write-ahead log could not be truncated after an erasure (a reader was active); \
+                 it is on the next checkpoint"
+            ),
+            Err(e) => tracing::warn!(error = %StoreError::from(e), "cannot checkpoint the SQLite write-ahead log"),
+        }
+    }
 }
 
 fn key_from_row(r: &SqliteRow) -> Result<StoredKey, StoreError> {
@@ -636,14 +656,16 @@ impl admin::Maintenance for SqliteStore {
     }
 
     async fn destroy_unreferenced_data_keys(&self) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar(
+        let destroyed = sqlx::query_scalar(
             "UPDATE vault_keys SET state = 'destroyed', wrapped = NULL \
              WHERE purpose = 'vault' AND state = 'retired' \
              AND NOT EXISTS (SELECT 1 FROM vault v WHERE v.key_id = vault_keys.id) \
              AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.key_id = vault_keys.id) RETURNING id",
         )
         .fetch_all(&self.pool)
-        .await?)
+        .await?;
+        self.scrub().await;
+        Ok(destroyed)
     }
 
     async fn logins_to_retokenise(
@@ -727,6 +749,7 @@ impl admin::Maintenance for SqliteStore {
                 .await?;
         insert_audit(&mut tx, audit, (vault_rows + quarantined) as i64).await?;
         tx.commit().await?;
+        self.scrub().await;
         Ok(admin::Forgotten {
             vault_rows,
             quarantined,
