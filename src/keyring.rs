@@ -110,3 +110,30 @@ pub fn new_key(
         usage_count: 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::WrappedKey;
+
+    #[test]
+    fn only_keys_under_an_allowed_kek_pass_and_the_error_names_no_kek() {
+        let key = new_key(
+            "dek",
+            KeyPurpose::Vault,
+            0,
+            WrappedKey {
+                kek_id: "arn:aws:kms:us-east-1:666:key/evil".into(),
+                blob: vec![1; 40],
+            },
+        );
+        let allowed = vec!["arn:aws:kms:us-east-1:111:key/good".to_string()];
+        let err = check_allowed(&allowed, &key).unwrap_err().to_string();
+        assert!(
+            err.contains(&key.id) && err.contains("not on the KMS allow-list"),
+            "{err}"
+        );
+        assert!(!err.contains("evil"), "{err}");
+        assert!(check_allowed(&[key.wrapped.kek_id.clone()], &key).is_ok());
+    }
+}

@@ -497,3 +497,70 @@ async fn stdin_input_and_the_key_file_is_private() {
         assert_eq!(mode & 0o777, 0o600);
     }
 }
+
+/// A key wrapped under a key-encryption key that is not on the allow-list is
+/// refused by reveal with a clear error that names the key, not its KEK or
+/// any value; with the KEK allowed again, the same reveal works.
+#[tokio::test]
+async fn reveal_refuses_keys_under_a_kek_off_the_allow_list() {
+    let env = Env::new();
+    let input = env.write_input(
+        "in.jsonl",
+        r#"{"user_id": "u-kek", "app_version": "1.0", "device_type": "ios", "ip": "198.51.100.23", "locale": "EN", "device_id": "555-12-3456"}
+"#,
+    );
+    env.ok(&["run", "--from-file", &input, "--no-progress"]);
+    let db = env.db().await;
+    let allowed: Vec<String> = sqlx::query_scalar("SELECT kek_id FROM kms_allowlist")
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    assert_eq!(
+        allowed.len(),
+        1,
+        "the local KEK, allow-listed by the first run"
+    );
+    sqlx::query("DELETE FROM kms_allowlist")
+        .execute(&db)
+        .await
+        .unwrap();
+    let out = env.cmd(&[
+        "reveal",
+        "--user-id",
+        "u-kek",
+        "--reason",
+        "test",
+        "--format",
+        "json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is wrapped under a key-encryption key that is not on the KMS allow-list"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+    let all = [&out.stdout[..], &out.stderr[..]].concat();
+    assert!(common::leaked(&all, &["198.51.100.23".into(), "555-12-3456".into()]).is_empty());
+    assert!(
+        !stderr.contains(&allowed[0]),
+        "the error names the KEK: {stderr}"
+    );
+
+    sqlx::query("INSERT INTO kms_allowlist (kek_id) VALUES ($1)")
+        .bind(&allowed[0])
+        .execute(&db)
+        .await
+        .unwrap();
+    db.close().await;
+    let out = env.ok(&[
+        "reveal",
+        "--user-id",
+        "u-kek",
+        "--reason",
+        "test",
+        "--format",
+        "json",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("198.51.100.23"));
+}

@@ -1399,6 +1399,30 @@ async fn the_binary_does_each_job_under_that_roles_login() {
     let first: serde_json::Value = serde_json::from_str(events.lines().next().unwrap()).unwrap();
     let user_id = first["user_id"].as_str().unwrap().to_string();
 
+    // A worker configured with a KEK the owner never allowed (here another
+    // local key file) stops at start-up, saying why, and stores nothing.
+    let stray = Command::new(common::bin())
+        .args([
+            "run",
+            "--from-file",
+            "events.jsonl",
+            "--no-progress",
+            "--key-dir",
+        ])
+        .arg(dir.path().join("other-keys"))
+        .current_dir(dir.path())
+        .env("DATABASE_URL", &worker_url)
+        .env_remove("PII_VAULT_KMS_KEY_ID")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&stray.stderr);
+    assert!(!stray.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is not on the database's KMS allow-list"),
+        "{stderr}"
+    );
+    assert_eq!(db.count("user_logins").await, 0);
+
     let stderr = ok(
         &pii_vault(
             dir.path(),

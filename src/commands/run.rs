@@ -22,6 +22,15 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         crate::keyring::init_keys(&*admin, &*wrapper, &super::claimed_actor(None)).await?;
     }
     let store: Arc<dyn crate::store::Store> = admin;
+    // Fail at start-up, not at the first batch: the database would refuse
+    // every data key this worker registers under a KEK off the allow-list.
+    if !store.allowed_keks().await?.contains(&wrapper.kek_id()) {
+        anyhow::bail!(
+            "the key-encryption key {} is not on the database's KMS allow-list: the schema owner runs \
+             `pii-vault migrate` with it (or a rotator `pii-vault keys init` / `rotate kek --to` it)",
+            wrapper.kek_id()
+        );
+    }
     let (token_key, token_key_id) = load_token_key(&*store, &*wrapper).await?;
     let stats = Arc::new(Stats::default());
     let cancel = CancellationToken::new();
