@@ -134,6 +134,6 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains("evil"), "{err}");
-        assert!(check_allowed(&[key.wrapped.kek_id.clone()], &key).is_ok());
+        assert!(check_allowed(std::slice::from_ref(&key.wrapped.kek_id), &key).is_ok());
     }
 }

@@ -37,7 +37,13 @@ impl Job {
     /// releases it too, a moment later).
     pub async fn finish(self) {
         match self._lock {
-            JobLock::Pg(conn) => {
+            JobLock::Pg(mut conn) => {
+                // Released on the session first: a closed connection's
+                // backend lets go of its locks only when it has exited,
+                // which the next job should not have to race.
+                let _ = sqlx::query("SELECT pg_advisory_unlock_all()")
+                    .execute(&mut *conn)
+                    .await;
                 let _ = conn.close().await;
             }
             JobLock::File(file) => drop(file),
