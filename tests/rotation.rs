@@ -299,3 +299,123 @@ async fn forget_erases_originals_but_keeps_masked_rows() {
     assert!(String::from_utf8_lossy(&audit.stdout).contains("\"action\":\"forget\""));
     assert!(String::from_utf8_lossy(&audit.stdout).contains("erasure request 42"));
 }
+
+fn cmd_any(dir: &Path, args: &[&str]) -> Output {
+    Command::new(common::bin())
+        .args(args)
+        .current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("PII_VAULT_KMS_KEY_ID")
+        .output()
+        .unwrap()
+}
+
+/// A row a rotation cannot open (here: its ciphertext tampered with) is
+/// named and skipped; everything else is rotated, the key the bad row needs
+/// is kept, and the exit status says something was skipped. Every job is
+/// in the audit trail before it ran.
+#[tokio::test]
+async fn rotations_skip_and_report_rows_they_cannot_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = events(11, 60);
+    std::fs::write(dir.path().join("in.jsonl"), &input).unwrap();
+    let out = cmd(
+        dir.path(),
+        &["run", "--from-file", "in.jsonl", "--no-progress"],
+    );
+    let (stored, _, _) = common::summary(&out.stderr);
+    assert!(stored > 10, "{stored}");
+
+    let url = format!("sqlite:{}", dir.path().join("pii-vault.db").display());
+    let db = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    let victim: String =
+        sqlx::query_scalar("SELECT message_id FROM vault ORDER BY message_id LIMIT 1 OFFSET 3")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    sqlx::query("UPDATE vault SET ciphertext = zeroblob(length(ciphertext)) WHERE message_id = $1")
+        .bind(&victim)
+        .execute(&db)
+        .await
+        .unwrap();
+    let old_key: String = sqlx::query_scalar("SELECT key_id FROM vault WHERE message_id = $1")
+        .bind(&victim)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+
+    let out = cmd_any(
+        dir.path(),
+        &["rotate", "data-keys", "--reason", "quarterly"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("re-encrypted {} row(s)", stored - 1)),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("1 sealed row(s) could not be opened") && stderr.contains(&victim),
+        "{stderr}"
+    );
+    assert!(common::leaked(&out.stderr, &common::raw_pii(&input)).is_empty());
+    // Every other row moved; the bad one stays under its old key, which is
+    // kept (retired, not destroyed), so nothing more was lost.
+    let under_old: i64 = sqlx::query_scalar("SELECT count(*) FROM vault WHERE key_id = $1")
+        .bind(&old_key)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(under_old, 1);
+    let state: String = sqlx::query_scalar("SELECT state FROM vault_keys WHERE id = $1")
+        .bind(&old_key)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(state, "retired");
+
+    // Token rotation: the same row cannot be re-tokenised; the rest are,
+    // and the old token key stays retired rather than destroyed.
+    let out = cmd_any(dir.path(), &["rotate", "token-key"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("re-tokenised {} login(s)", stored - 1))
+            && stderr.contains(&victim),
+        "{stderr}"
+    );
+    let v1: String =
+        sqlx::query_scalar("SELECT state FROM vault_keys WHERE purpose = 'token' AND version = 1")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(v1, "retired");
+    let stale: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM user_logins WHERE masked_ip NOT LIKE 't2\\_%' ESCAPE '\\'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(stale, 1);
+
+    let actions: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT action, reason, row_count FROM audit_log WHERE action LIKE 'rotate-%' ORDER BY id",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(actions.len(), 2);
+    assert_eq!(
+        (actions[0].0.as_str(), actions[0].1.as_str(), actions[0].2),
+        ("rotate-data-keys", "quarterly", stored as i64)
+    );
+    assert_eq!(
+        (actions[1].0.as_str(), actions[1].1.as_str()),
+        ("rotate-token-key", "scheduled key rotation")
+    );
+    db.close().await;
+}
