@@ -5,8 +5,8 @@
 use std::io::IsTerminal;
 
 use tracing::level_filters::LevelFilter;
-use tracing_subscriber::filter::{FilterExt, Targets};
-use tracing_subscriber::layer::{Filter, SubscriberExt};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, EnvFilter, Layer};
 
@@ -45,18 +45,15 @@ pub fn init(format: LogFormat) {
     let layer = fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    let registry = tracing_subscriber::registry();
+    let registry = tracing_subscriber::registry().with(capped(filter));
     match format {
-        LogFormat::Text => registry
-            .with(layer.compact().with_filter(capped(filter)))
-            .init(),
-        LogFormat::Json => registry
-            .with(layer.json().flatten_event(true).with_filter(capped(filter)))
-            .init(),
+        LogFormat::Text => registry.with(layer.compact()).init(),
+        LogFormat::Json => registry.with(layer.json().flatten_event(true)).init(),
     }
 }
 
-/// `filter`, but never below `info` for [`CAPPED_TARGETS`].
+/// `filter`, but never below `info` for [`CAPPED_TARGETS`]: a filtering
+/// layer to put under the output layers.
 ///
 /// The filter comes from the environment, which an operator (or a
 /// well-meant `RUST_LOG=trace` while debugging a queue) controls; raw
@@ -68,7 +65,7 @@ pub fn init(format: LogFormat) {
 /// `aws_smithy_runtime=info`, and an appended directive would also raise a
 /// target the user had set to `error` or `off`. Here each event gets the
 /// stricter of the two.
-pub fn capped<S>(filter: EnvFilter) -> impl Filter<S>
+pub fn capped<S>(filter: EnvFilter) -> impl Layer<S>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
@@ -76,7 +73,7 @@ where
         Targets::new().with_default(LevelFilter::TRACE),
         |t, target| t.with_target(*target, LevelFilter::INFO),
     );
-    filter.and(cap)
+    filter.and_then(cap)
 }
 
 #[cfg(test)]
@@ -86,11 +83,9 @@ mod tests {
 
     /// A subscriber that filters with `capped(EnvFilter::new(spec))`.
     fn subscriber(spec: &str) -> impl tracing::Subscriber + Send + Sync {
-        tracing_subscriber::registry().with(
-            fmt::layer()
-                .with_writer(std::io::sink)
-                .with_filter(capped(EnvFilter::new(spec))),
-        )
+        tracing_subscriber::registry()
+            .with(capped(EnvFilter::new(spec)))
+            .with(fmt::layer().with_writer(std::io::sink))
     }
 
     /// For each target: the target, and the levels below info at which it
