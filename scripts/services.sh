@@ -19,6 +19,8 @@
 #     PII_VAULT_TEST_PG_DATA   the cluster's data directory
 #     PII_VAULT_TEST_PG_CTL    a pg_ctl command line for that cluster, run as the
 #                              postgres user; append `stop -m immediate` or `start`
+#     PII_VAULT_TEST_PG_CA     the PEM certificate of the throwaway CA that signed the
+#                              cluster's server certificate (SAN DNS:localhost only)
 #     AWS_ENDPOINT_URL         http://127.0.0.1:PORT (LocalStack)
 #     AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
 #     PII_VAULT_TEST_AWS=1
@@ -152,6 +154,41 @@ _svc_stop_localstack() {
 
 # ---------------------------------------------------------------- PostgreSQL
 
+# A throwaway CA and a server certificate signed by it, in DIR/tls, for the
+# test cluster's `ssl = on`. The server certificate names DNS:localhost only
+# (not 127.0.0.1), so that verify-full succeeds against host localhost and
+# fails against 127.0.0.1. The CA's key is deleted once it has signed: nothing
+# else can ever be signed by it. The server's files belong to the postgres
+# user, its key with mode 0600, as PostgreSQL demands.
+_svc_make_tls() {
+    local dir="$1" tls="$1/tls" serial
+    mkdir -m 700 "$tls"
+    serial="0x$(openssl rand -hex 16)" || return 1
+    if ! (
+        umask 077
+        openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+            -subj "/CN=pii-vault test CA" -keyout "$tls/ca.key" -out "$tls/ca.crt" \
+            -addext "basicConstraints=critical,CA:TRUE" \
+            -addext "keyUsage=critical,keyCertSign,cRLSign" &&
+            openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+                -subj "/CN=localhost" -keyout "$tls/server.key" -out "$tls/server.csr" &&
+            printf '%s\n' "subjectAltName=DNS:localhost" "basicConstraints=critical,CA:FALSE" \
+                "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" >"$tls/server.ext" &&
+            openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" \
+                -set_serial "$serial" -days 2 -extfile "$tls/server.ext" -out "$tls/server.crt"
+    ) >"$dir/openssl.log" 2>&1; then
+        _svc_log "cannot make the test certificates:"
+        cat "$dir/openssl.log" >&2
+        return 1
+    fi
+    rm -f "$tls/ca.key" "$tls/server.csr" "$tls/server.ext"
+    chmod 644 "$tls/ca.crt" "$tls/server.crt"
+    chmod 600 "$tls/server.key"
+    if [ "$(id -u)" = 0 ]; then
+        chown -R postgres: "$tls"
+    fi
+}
+
 _svc_start_pg() {
     local dir="$1" avoid="${2:-}" port data i
     for i in 1 2 3 4 5; do # not the port just handed to LocalStack
@@ -169,6 +206,7 @@ _svc_start_pg() {
         cat "$dir/initdb.log" >&2
         return 1
     }
+    _svc_make_tls "$dir" || return 1
     # Settings live in the cluster, so that PII_VAULT_TEST_PG_CTL can
     # stop and start it again with nothing else to remember.
     _svc_as_pg tee -a "$data/postgresql.conf" >/dev/null <<EOF
@@ -183,6 +221,11 @@ fsync = ${PII_VAULT_PG_FSYNC:-off}
 synchronous_commit = ${PII_VAULT_PG_FSYNC:-off}
 full_page_writes = ${PII_VAULT_PG_FSYNC:-off}
 log_min_messages = warning
+# TLS for the tests of sslmode; the host lines of pg_hba.conf (trust) still
+# accept plain connections too.
+ssl = on
+ssl_cert_file = '$dir/tls/server.crt'
+ssl_key_file = '$dir/tls/server.key'
 EOF
     local ctl="$SERVICES_PG_BIN/pg_ctl -D $data -l $dir/postgres.log -w -t 60"
     if [ "$(id -u)" = 0 ]; then
@@ -197,6 +240,7 @@ EOF
     export PII_VAULT_TEST_PG="postgres://postgres@127.0.0.1:$port/postgres"
     export PII_VAULT_TEST_PG_DATA="$data"
     export PII_VAULT_TEST_PG_CTL="$ctl"
+    export PII_VAULT_TEST_PG_CA="$dir/tls/ca.crt"
     _svc_log "PostgreSQL 15 on 127.0.0.1:$port (data $data)"
 }
 
@@ -258,13 +302,13 @@ services_stop() {
         _svc_log "PostgreSQL stopped"
     fi
     SERVICES_LS_DIR="" SERVICES_PG_DIR=""
-    unset PII_VAULT_TEST_PG PII_VAULT_TEST_PG_DATA PII_VAULT_TEST_PG_CTL PII_VAULT_TEST_AWS AWS_ENDPOINT_URL
+    unset PII_VAULT_TEST_PG PII_VAULT_TEST_PG_DATA PII_VAULT_TEST_PG_CTL PII_VAULT_TEST_PG_CA PII_VAULT_TEST_AWS AWS_ENDPOINT_URL
 }
 
 # The exports of the running services, as shell lines.
 services_env() {
     local v
-    for v in PII_VAULT_TEST_PG PII_VAULT_TEST_PG_DATA PII_VAULT_TEST_PG_CTL AWS_ENDPOINT_URL \
+    for v in PII_VAULT_TEST_PG PII_VAULT_TEST_PG_DATA PII_VAULT_TEST_PG_CTL PII_VAULT_TEST_PG_CA AWS_ENDPOINT_URL \
         AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_REGION PII_VAULT_TEST_AWS; do
         if [ -n "${!v:-}" ]; then
             printf 'export %s=%q\n' "$v" "${!v}"
@@ -285,11 +329,12 @@ _svc_main() {
         fi
         trap services_stop EXIT # undone below once everything is up
         services_start --keep
-        trap - EXIT
+        mkdir -p "$(dirname "$SERVICES_CURRENT")" # absent when only PostgreSQL is wanted
         {
             services_env
             printf 'SERVICES_LS_DIR=%q\nSERVICES_PG_DIR=%q\n' "${SERVICES_LS_DIR:-}" "${SERVICES_PG_DIR:-}"
         } >"$SERVICES_CURRENT"
+        trap - EXIT
         services_env
         ;;
     env)
