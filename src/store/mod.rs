@@ -239,10 +239,19 @@ impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         use sqlx::Error as E;
         match e {
-            E::Io(err) => StoreError::Transient(format!("I/O: {}", err.kind())),
+            E::Io(err) => match tls_certificate_error(&err) {
+                // Retrying cannot help: the certificate will not change.
+                Some(tls) => StoreError::Permanent(format!(
+                    "TLS: the server's certificate was refused: {tls} \
+                     (check sslrootcert, and that the host in the URL is a name in the certificate)"
+                )),
+                None => StoreError::Transient(format!("I/O: {}", err.kind())),
+            },
             E::PoolTimedOut => StoreError::Transient("timed out waiting for a connection".into()),
             E::PoolClosed => StoreError::Transient("connection pool closed".into()),
-            E::Tls(_) => StoreError::Transient("TLS failure".into()),
+            // "server does not support TLS", an unreadable PEM file: a retry
+            // cannot fix either.
+            E::Tls(e) => StoreError::Permanent(format!("TLS: {e}")),
             E::Protocol(_) => StoreError::Transient("protocol error (connection reset?)".into()),
             E::WorkerCrashed => StoreError::Transient("database worker crashed".into()),
             E::Database(db) if db.code().as_deref() == Some("42501") => {
@@ -319,6 +328,17 @@ impl From<sqlx::Error> for StoreError {
             other => StoreError::Permanent(format!("{:?}", std::mem::discriminant(&other))),
         }
     }
+}
+
+/// The certificate error of a failed TLS handshake. sqlx reports rustls
+/// errors as I/O errors (kind `InvalidData`) that wrap a `rustls::Error`.
+fn tls_certificate_error(err: &std::io::Error) -> Option<&rustls::Error> {
+    let tls = err.get_ref()?.downcast_ref::<rustls::Error>()?;
+    matches!(
+        tls,
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+    )
+    .then_some(tls)
 }
 
 /// The code and message of an error raised by one of pii-vault's own
