@@ -83,8 +83,59 @@ pub enum Command {
     /// Inspect keys.
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// Show the audit trail of reveals (newest first).
+    /// Show the audit trail (newest first): reveals, approvals, rotations,
+    /// erasures, policy changes; `--alarms` (owner) the honeytoken alarms.
     Audit(AuditArgs),
+    /// Approve another login's pending reveal request (the two-person rule).
+    Approve(ApproveArgs),
+    /// The reveal policy: users per reveal, reveals per login per 24 h.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Honeytokens: synthetic users whose reveal raises an alarm.
+    #[command(subcommand)]
+    Honeytoken(HoneytokenCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ApproveArgs {
+    /// The request id that `reveal` printed.
+    #[arg(value_name = "REQUEST_ID")]
+    pub request_id: i64,
+
+    /// Why you approve it: kept in the audit trail.
+    #[arg(long, value_parser = non_blank)]
+    pub reason: String,
+
+    /// Who is approving, kept as the claimed actor beside the database login
+    /// [default: $USER].
+    #[arg(long, env = "PII_VAULT_ACTOR")]
+    pub actor: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Change the limits (the schema owner only; audited by the database).
+    Set {
+        /// Most distinct users one reveal may cover without approval.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
+        max_users_per_reveal: Option<i64>,
+        /// Most reveals one login may make in 24 hours without approval.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
+        max_reveals_per_day: Option<i64>,
+    },
+    /// Show the limits.
+    Show(FormatArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HoneytokenCommand {
+    /// Plant N synthetic users (one to three logins each) among the real ones
+    /// (the schema owner only). A reveal that touches one is served as usual
+    /// and raises an alarm that only the owner sees (`audit --alarms`).
+    Plant {
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=10000))]
+        count: u16,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -142,7 +193,7 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("selector").required(true).args(["user_id", "masked_ip", "masked_device_id"])))]
+#[command(group(clap::ArgGroup::new("selector").required(true).args(["user_id", "masked_ip", "masked_device_id", "request"])))]
 pub struct RevealArgs {
     /// Reveal every login of this user.
     #[arg(long)]
@@ -156,9 +207,15 @@ pub struct RevealArgs {
     #[arg(long, value_name = "TOKEN")]
     pub masked_device_id: Option<String>,
 
-    /// Why you need the originals (ticket, incident, request): kept in the audit trail.
-    #[arg(long, value_parser = non_blank)]
-    pub reason: String,
+    /// Fetch a request that was over the reveal policy once another login
+    /// has approved it (once, within 24 hours of the request).
+    #[arg(long, value_name = "REQUEST_ID")]
+    pub request: Option<i64>,
+
+    /// Why you need the originals (ticket, incident, request): kept in the
+    /// audit trail. Not needed with --request (the request has one).
+    #[arg(long, value_parser = non_blank, required_unless_present = "request")]
+    pub reason: Option<String>,
 
     /// Who is asking, kept in the audit trail as the claimed actor beside
     /// the database login that the database records itself [default: $USER].
@@ -251,8 +308,37 @@ pub struct AuditArgs {
     #[arg(long, default_value_t = 100)]
     pub limit: i64,
 
+    /// Only entries at or after this time (RFC 3339, or a UTC date YYYY-MM-DD).
+    #[arg(long, value_name = "TIME", value_parser = parse_since)]
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+
+    /// Only entries written by this database login (the `actor` column).
+    #[arg(long, value_name = "LOGIN")]
+    pub actor: Option<String>,
+
+    /// The honeytoken alarms instead of the trail (the schema owner only).
+    #[arg(long)]
+    pub alarms: bool,
+
+    /// With --alarms on Postgres: keep running and report each new alarm as
+    /// it is raised (LISTEN pii_vault_alarm), as an ERROR log line and an
+    /// output line.
+    #[arg(long, requires = "alarms")]
+    pub follow: bool,
+
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
+}
+
+fn parse_since(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .map(|d| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc())
+        .map_err(|_| {
+            "expected an RFC 3339 time (2026-11-25T09:00:00Z) or a date (2026-11-25)".into()
+        })
 }
 
 fn non_blank(s: &str) -> Result<String, String> {

@@ -25,6 +25,7 @@ pub mod cli;
 pub mod commands;
 pub mod crypto;
 pub mod domain;
+pub mod honeytoken;
 pub mod keyring;
 pub mod kms;
 pub mod metrics;

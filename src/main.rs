@@ -17,6 +17,13 @@ fn main() -> std::process::ExitCode {
     runtime.shutdown_background();
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<pii_vault::commands::Exit>().is_some() => {
+            let exit = e
+                .downcast_ref::<pii_vault::commands::Exit>()
+                .expect("checked");
+            eprintln!("pii-vault: {}", exit.message);
+            std::process::ExitCode::from(exit.code)
+        }
         Err(e) => {
             eprintln!("pii-vault: error: {e:#}");
             std::process::ExitCode::FAILURE

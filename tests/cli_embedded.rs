@@ -564,3 +564,103 @@ async fn reveal_refuses_keys_under_a_kek_off_the_allow_list() {
     ]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("198.51.100.23"));
 }
+
+/// On the embedded default the policy and the honeytokens work: a reveal
+/// over the policy becomes a request (exit status 3) that the same user
+/// cannot approve; a honeytoken's reveal is served and leaves an alarm.
+#[tokio::test]
+async fn policy_and_honeytokens_on_the_embedded_default() {
+    let env = Env::new();
+    let shared = r#""ip": "198.51.100.7", "locale": "EN""#;
+    let input = env.write_input(
+        "in.jsonl",
+        &format!(
+            "{{\"user_id\": \"u-1\", \"app_version\": \"1.0\", \"device_type\": \"ios\", {shared}, \"device_id\": \"111-22-3333\"}}\n\
+             {{\"user_id\": \"u-2\", \"app_version\": \"1.0\", \"device_type\": \"ios\", {shared}, \"device_id\": \"444-55-6666\"}}\n"
+        ),
+    );
+    env.ok(&["run", "--from-file", &input, "--no-progress"]);
+    let out = env.ok(&["policy", "set", "--max-users-per-reveal", "1"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains('1'));
+    let shown = env.ok(&["policy", "show", "--format", "json"]);
+    let p: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(
+        (
+            p["max_users_per_reveal"].as_i64(),
+            p["max_reveals_per_day"].as_i64()
+        ),
+        (Some(1), Some(50))
+    );
+
+    let db = env.db().await;
+    let token: String = sqlx::query_scalar("SELECT masked_ip FROM user_logins LIMIT 1")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    let out = env.cmd(&[
+        "reveal",
+        "--masked-ip",
+        &token,
+        "--reason",
+        "bulk",
+        "--format",
+        "json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        stderr.contains("pii-vault approve") && stderr.contains("Nothing was revealed"),
+        "{stderr}"
+    );
+    let id: i64 = sqlx::query_scalar("SELECT id FROM reveal_requests WHERE status = 'pending'")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    let own = env.cmd(&["approve", &id.to_string(), "--reason", "me"]);
+    let stderr = String::from_utf8_lossy(&own.stderr);
+    assert!(!own.status.success());
+    assert!(
+        stderr.contains("another login must approve it") && stderr.contains("Postgres"),
+        "{stderr}"
+    );
+    let early = env.cmd(&["reveal", "--request", &id.to_string()]);
+    assert!(!early.status.success());
+    assert!(early.stdout.is_empty());
+
+    // Honeytokens: planted, served on reveal, recorded as an alarm.
+    let out = env.ok(&["honeytoken", "plant", "--count", "2"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("planted 2 honeytoken user(s)"));
+    let trap: String = sqlx::query_scalar("SELECT user_id FROM honeytokens LIMIT 1")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    db.close().await;
+    let out = env.ok(&[
+        "reveal",
+        "--user-id",
+        &trap,
+        "--reason",
+        "curious",
+        "--format",
+        "json",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"ip\":\""));
+    let alarms = env.ok(&["audit", "--alarms", "--format", "json"]);
+    let a: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&alarms.stdout)
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(a["action"], "alarm");
+    assert_eq!(a["target"], format!("user_id={trap}"));
+    // --since and --actor narrow the trail.
+    let none = env.ok(&["audit", "--since", "2999-01-01", "--format", "json"]);
+    assert!(none.stdout.is_empty());
+    let mine = env.ok(&["audit", "--actor", "nobody-at-all", "--format", "json"]);
+    assert!(mine.stdout.is_empty());
+    let all = env.ok(&["audit", "--since", "2000-01-01", "--format", "json"]);
+    assert!(String::from_utf8_lossy(&all.stdout).lines().count() >= 4);
+}

@@ -167,6 +167,26 @@ async fn twenty_thousand_events_two_workers_exactly_once() {
         "migrate",
     )
     .await;
+    // The checks below reveal a shared address behind more users than the
+    // default policy lets one login reveal without a second person.
+    run_ok(
+        pii_vault(
+            dir.path(),
+            &db.url,
+            &alias,
+            &[
+                "policy",
+                "set",
+                "--max-users-per-reveal",
+                "100000",
+                "--max-reveals-per-day",
+                "100000",
+            ],
+        ),
+        COMMAND_LIMIT,
+        "policy set",
+    )
+    .await;
 
     let input = common::gen_events(&["-n", "20000", "--malformed-pct", "2", "--seed", "5"]);
     let bodies: Vec<String> = input.lines().map(str::to_string).collect();
@@ -386,6 +406,24 @@ async fn rotations_while_consuming_then_old_kms_key_disabled() {
         pii_vault(dir.path(), &db.url, &key_a, &["migrate"]),
         COMMAND_LIMIT,
         "migrate",
+    )
+    .await;
+    run_ok(
+        pii_vault(
+            dir.path(),
+            &db.url,
+            &key_a,
+            &[
+                "policy",
+                "set",
+                "--max-users-per-reveal",
+                "100000",
+                "--max-reveals-per-day",
+                "100000",
+            ],
+        ),
+        COMMAND_LIMIT,
+        "policy set",
     )
     .await;
 

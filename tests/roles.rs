@@ -634,7 +634,15 @@ async fn analyst_reads_user_logins_and_nothing_else() {
         "reveal_request",
     );
     store_denied(analyst.current_token_key().await, "current_token_key");
-    store_denied(analyst.audit_trail(10).await, "audit_trail");
+    store_denied(
+        analyst
+            .audit_trail(&pii_vault::store::AuditFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await,
+        "audit_trail",
+    );
     store_denied(
         analyst
             .write_batch(&Batch {
@@ -739,7 +747,13 @@ async fn revealer_gets_ciphertext_only_for_a_committed_audit_row_of_its_own() {
 
     // The trail names the login and the database's time; the client's claim
     // is kept apart; forging either is refused or overwritten.
-    let trail = revealer.audit_trail(10).await.unwrap();
+    let trail = revealer
+        .audit_trail(&pii_vault::store::AuditFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(trail.len(), 1);
     assert_eq!(trail[0].actor, login_name);
     assert_eq!(trail[0].claimed_actor.as_deref(), Some("someone-else"));
@@ -1096,6 +1110,22 @@ const EXPECTED: &[(&str, &str, &[&str])] = &[
     (ROTATOR, "audit_log", &[]),
     (ROTATOR, "kms_allowlist", &["SELECT", "INSERT"]),
     (ROTATOR, "reveal_requests", &[]),
+    (REVEALER, "reveal_policy", &["SELECT"]),
+    (REVEALER, "pii_vault_pending_requests", &["SELECT"]),
+    (REVEALER, "honeytokens", &[]),
+    (REVEALER, "audit_alarms", &[]),
+    (WORKER, "reveal_policy", &[]),
+    (WORKER, "pii_vault_pending_requests", &[]),
+    (WORKER, "honeytokens", &[]),
+    (WORKER, "audit_alarms", &[]),
+    (ANALYST, "reveal_policy", &[]),
+    (ANALYST, "pii_vault_pending_requests", &[]),
+    (ANALYST, "honeytokens", &[]),
+    (ANALYST, "audit_alarms", &[]),
+    (ROTATOR, "reveal_policy", &[]),
+    (ROTATOR, "pii_vault_pending_requests", &[]),
+    (ROTATOR, "honeytokens", &[]),
+    (ROTATOR, "audit_alarms", &[]),
 ];
 
 /// Columns holding ciphertext or wrapped keys, and who may read them
@@ -1127,6 +1157,8 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
         &[REVEALER],
     ),
     ("pii_vault_reveal_fetch(bigint)", &[REVEALER]),
+    ("pii_vault_approve(bigint, text, text)", &[REVEALER]),
+    ("pii_vault_reveal_claim(bigint, text)", &[REVEALER]),
     (
         "pii_vault_record(text, text, text, text, bigint)",
         &[ROTATOR],
@@ -1254,6 +1286,9 @@ async fn each_role_holds_exactly_its_privileges_and_none_may_alter_the_audit_tra
         "audit_log",
         "kms_allowlist",
         "reveal_requests",
+        "reveal_policy",
+        "honeytokens",
+        "audit_alarms",
         "_sqlx_migrations",
     ] {
         let public: Option<String> = sqlx::query_scalar(
@@ -1557,4 +1592,340 @@ async fn the_binary_does_each_job_under_that_roles_login() {
         "{actions:?}"
     );
     db.finish(&[]).await;
+}
+
+// ------------------------------------------------------ reveal governance
+
+fn pg_code(e: &StoreError) -> Option<&str> {
+    match e {
+        StoreError::Refused(m) => m
+            .rsplit("SQLSTATE ")
+            .next()
+            .map(|c| c.trim_end_matches(')')),
+        _ => None,
+    }
+}
+
+/// Twelve users behind one shared (NAT) address: more than the default
+/// policy's ten users per reveal.
+async fn seed_shared_ip(owner: &PgStore) -> String {
+    seed(owner).await;
+    let shared = token(1);
+    let logins: Vec<_> = (0..12)
+        .map(|i| {
+            let mut l = login(&format!("nat-user-{i}"), "dek-1");
+            l.0.masked_ip = shared.clone();
+            l
+        })
+        .collect();
+    owner
+        .write_batch(&Batch {
+            logins,
+            ..Batch::default()
+        })
+        .await
+        .unwrap();
+    shared
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_reveal_needs_another_logins_approval_and_is_fetched_once() {
+    let Some(mut db) = Db::new().await else {
+        return;
+    };
+    let shared = seed_shared_ip(&db.owner).await;
+    let alice = db.store_as(REVEALER).await;
+    let bob = db.store_as(REVEALER).await;
+    let bulk = Selector::MaskedIp(shared.clone());
+
+    // Over the policy: a pending request, nothing to fetch.
+    let req = alice.reveal_request(&bulk, "alice", "INC-9").await.unwrap();
+    assert_eq!(req.status, pii_vault::store::RequestStatus::Pending);
+    assert_eq!(req.row_count, 12);
+    let early = alice.reveal_fetch(req.id).await.unwrap_err();
+    assert_eq!(pg_code(&early), Some("PV004"), "{early}");
+    refused(
+        alice.pool(),
+        &format!("SELECT * FROM pii_vault_reveal_fetch({})", req.id),
+        "PV004",
+    )
+    .await;
+    let unapproved = alice.reveal_claim(req.id, "alice").await.unwrap_err();
+    assert_eq!(pg_code(&unapproved), Some("PV012"), "{unapproved}");
+
+    // Approving one's own request: refused by the database, through the
+    // store and in plain SQL.
+    let own = alice
+        .approve(req.id, "alice", "looks fine")
+        .await
+        .unwrap_err();
+    assert_eq!(pg_code(&own), Some("PV011"), "{own}");
+    refused(
+        alice.pool(),
+        &format!("SELECT pii_vault_approve({}, 'fine', 'me')", req.id),
+        "PV011",
+    )
+    .await;
+    // Nor can a revealer mark it approved by hand.
+    denied(
+        alice.pool(),
+        &format!(
+            "UPDATE reveal_requests SET status = 'approved' WHERE id = {}",
+            req.id
+        ),
+    )
+    .await;
+
+    // Bob approves; only Alice may then take it, once.
+    bob.approve(req.id, "bob", "INC-9 confirmed with the DPO")
+        .await
+        .unwrap();
+    let not_his = bob.reveal_claim(req.id, "bob").await.unwrap_err();
+    assert_eq!(pg_code(&not_his), Some("PV004"), "{not_his}");
+    let record = alice.reveal_claim(req.id, "alice").await.unwrap();
+    let rows = alice.reveal_fetch(record).await.unwrap();
+    assert_eq!(rows.len(), 12);
+    assert!(rows.iter().all(|(_, v)| v.is_some()));
+    let again = alice.reveal_claim(req.id, "alice").await.unwrap_err();
+    assert_eq!(pg_code(&again), Some("PV006"), "{again}");
+    let refetch = alice.reveal_fetch(record).await.unwrap_err();
+    assert_eq!(pg_code(&refetch), Some("PV006"), "{refetch}");
+
+    // Every step is on the record, under the login that took it.
+    let trail: Vec<(String, String)> =
+        sqlx::query_as("SELECT action, actor FROM audit_log ORDER BY id")
+            .fetch_all(db.owner.pool())
+            .await
+            .unwrap();
+    let steps: Vec<(&str, bool)> = trail
+        .iter()
+        .map(|(a, who)| (a.as_str(), who.ends_with("_revealer")))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("reveal-request", true),
+            ("approve", true),
+            ("reveal", true)
+        ]
+    );
+    assert_ne!(trail[0].1, trail[1].1, "requester and approver differ");
+    assert_eq!(trail[0].1, trail[2].1);
+
+    // A request older than 24 hours can be neither approved nor fetched.
+    let stale = alice
+        .reveal_request(&bulk, "alice", "INC-10")
+        .await
+        .unwrap();
+    let approved = alice
+        .reveal_request(&bulk, "alice", "INC-11")
+        .await
+        .unwrap();
+    bob.approve(approved.id, "bob", "ok").await.unwrap();
+    allowed(
+        db.owner.pool(),
+        &format!(
+            "UPDATE reveal_requests SET requested_at = now() - interval '25 hours' WHERE id IN ({}, {})",
+            stale.id, approved.id
+        ),
+    )
+    .await;
+    let late = bob.approve(stale.id, "bob", "too late").await.unwrap_err();
+    assert_eq!(pg_code(&late), Some("PV006"), "{late}");
+    let expired = alice.reveal_claim(approved.id, "alice").await.unwrap_err();
+    assert_eq!(pg_code(&expired), Some("PV006"), "{expired}");
+    db.finish(&[&alice, &bob]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_limit_counts_per_login_and_only_the_owner_sets_the_policy() {
+    let Some(mut db) = Db::new().await else {
+        return;
+    };
+    seed(&db.owner).await;
+    let alice = db.store_as(REVEALER).await;
+    let bob = db.store_as(REVEALER).await;
+    let rotator = db.store_as(ROTATOR).await;
+
+    // Nobody but the owner changes the policy.
+    for pool in [alice.pool(), rotator.pool()] {
+        denied(
+            pool,
+            "UPDATE reveal_policy SET max_reveals_per_day = 100000",
+        )
+        .await;
+        denied(pool, "DELETE FROM reveal_policy").await;
+    }
+    store_denied(alice.set_policy(None, Some(100_000)).await, "set_policy");
+    let p = db.owner.set_policy(None, Some(2)).await.unwrap();
+    assert_eq!((p.max_users_per_reveal, p.max_reveals_per_day), (10, 2));
+    assert_eq!(alice.policy().await.unwrap(), p, "revealers may read it");
+    let change: (String, String) =
+        sqlx::query_as("SELECT action, target FROM audit_log WHERE action = 'policy-set'")
+            .fetch_one(db.owner.pool())
+            .await
+            .unwrap();
+    assert_eq!(change.1, "max_users_per_reveal=10 max_reveals_per_day=2");
+
+    let sel = Selector::UserId("alice".into());
+    use pii_vault::store::RequestStatus::{Granted, Pending};
+    for want in [Granted, Granted, Pending] {
+        let r = alice.reveal_request(&sel, "alice", "daily").await.unwrap();
+        assert_eq!(r.status, want);
+    }
+    // Bob's count is his own.
+    assert_eq!(
+        bob.reveal_request(&sel, "bob", "daily")
+            .await
+            .unwrap()
+            .status,
+        Granted
+    );
+    db.finish(&[&alice, &bob, &rotator]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reveal_touching_a_honeytoken_is_served_and_raises_an_alarm_only_the_owner_sees() {
+    let Some(mut db) = Db::new().await else {
+        return;
+    };
+    let revealer_url = db.login_as(REVEALER).await;
+    let dir = tempfile::tempdir().unwrap();
+    ok(
+        &pii_vault(dir.path(), &db.fresh.url, &["migrate"]),
+        "migrate",
+    );
+    let stderr = ok(
+        &pii_vault(
+            dir.path(),
+            &db.fresh.url,
+            &["honeytoken", "plant", "--count", "3"],
+        ),
+        "honeytoken plant",
+    );
+    assert!(stderr.contains("planted 3 honeytoken user(s)"), "{stderr}");
+    let traps: Vec<String> = sqlx::query_scalar("SELECT user_id FROM honeytokens ORDER BY user_id")
+        .fetch_all(db.owner.pool())
+        .await
+        .unwrap();
+    assert_eq!(traps.len(), 3);
+    // Their rows look like any other: tokens of the current version, sealed
+    // originals, dates within the last 90 days.
+    let (n, tokens, sealed, recent): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE l.masked_ip LIKE 't1\\_%' AND l.masked_device_id LIKE 't1\\_%'), \
+         count(v.message_id), count(*) FILTER (WHERE l.create_date > current_date - 91) \
+         FROM user_logins l LEFT JOIN vault v ON v.message_id = l.message_id WHERE l.user_id = ANY($1)",
+    )
+    .bind(&traps)
+    .fetch_one(db.owner.pool())
+    .await
+    .unwrap();
+    assert!((3..=9).contains(&n), "{n}");
+    assert_eq!((tokens, sealed, recent), (n, n, n));
+
+    let mut listener = sqlx::postgres::PgListener::connect(&db.fresh.url)
+        .await
+        .unwrap();
+    listener.listen("pii_vault_alarm").await.unwrap();
+
+    // The revealer is served as for any user, and told nothing.
+    let reveal = [
+        "reveal",
+        "--user-id",
+        &traps[0],
+        "--reason",
+        "fishing",
+        "--format",
+        "json",
+    ];
+    let out = pii_vault(dir.path(), &revealer_url, &reveal);
+    let stderr = ok(&out, "reveal of a honeytoken");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.lines().count() >= 1 && stdout.contains("\"ip\":\""),
+        "{stdout}"
+    );
+    for word in ["alarm", "honeytoken", "ALARM"] {
+        assert!(!stderr.contains(word), "the revealer is told: {stderr}");
+    }
+
+    // The owner is: a NOTIFY with the request id, an alarm row.
+    let note = tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv())
+        .await
+        .expect("no NOTIFY pii_vault_alarm within 10 s")
+        .unwrap();
+    let request_id: i64 = note.payload().parse().unwrap();
+    let alarms = db
+        .owner
+        .alarms(&pii_vault::store::AuditFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(alarms.len(), 1);
+    assert_eq!(alarms[0].request_id, request_id);
+    assert!(alarms[0].actor.ends_with("_revealer"));
+    let listed = ok_stdout(&pii_vault(
+        dir.path(),
+        &db.fresh.url,
+        &["audit", "--alarms", "--format", "json"],
+    ));
+    assert!(listed.contains("\"action\":\"alarm\""), "{listed}");
+    assert!(
+        listed.contains(&format!("\"request_id\":{request_id}")),
+        "{listed}"
+    );
+
+    // The revealer cannot see that it tripped anything: no alarm table, no
+    // honeytoken list, and its trail has no entry for it, nor a gap.
+    let raw = PgStore::connect(&revealer_url).await.unwrap();
+    for sql in [
+        "SELECT * FROM audit_alarms",
+        "SELECT * FROM honeytokens",
+        "SELECT count(*) FROM honeytokens",
+    ] {
+        denied(raw.pool(), sql).await;
+    }
+    let ids: Vec<(i64, String)> = sqlx::query_as("SELECT id, action FROM audit_log ORDER BY id")
+        .fetch_all(raw.pool())
+        .await
+        .unwrap();
+    assert!(ids.iter().all(|(_, a)| a != "alarm"), "{ids:?}");
+    assert!(
+        ids.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+        "gaps in the trail's ids: {ids:?}"
+    );
+    let refused = pii_vault(dir.path(), &revealer_url, &["audit", "--alarms"]);
+    assert!(!refused.status.success());
+    raw.pool().close().await;
+
+    // Honeytokens survive the rotations like any user.
+    ok(
+        &pii_vault(dir.path(), &db.fresh.url, &["rotate", "data-keys"]),
+        "rotate data-keys",
+    );
+    ok(
+        &pii_vault(dir.path(), &db.fresh.url, &["rotate", "token-key"]),
+        "rotate token-key",
+    );
+    let kept: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM user_logins l JOIN vault v ON v.message_id = l.message_id \
+         WHERE l.user_id = ANY($1) AND l.masked_ip LIKE 't2\\_%'",
+    )
+    .bind(&traps)
+    .fetch_one(db.owner.pool())
+    .await
+    .unwrap();
+    assert_eq!(kept, n);
+    let again = pii_vault(dir.path(), &revealer_url, &reveal);
+    ok(&again, "reveal after the rotations");
+    assert!(String::from_utf8_lossy(&again.stdout).contains("\"ip\":\""));
+    listener.unlisten_all().await.ok();
+    db.finish(&[]).await;
+}
+
+fn ok_stdout(out: &Output) -> String {
+    ok(out, "command");
+    String::from_utf8_lossy(&out.stdout).to_string()
 }

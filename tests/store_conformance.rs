@@ -668,7 +668,14 @@ async fn reveal_finds_rows_by_each_selector_and_audits_each_call(h: &Harness) {
         let got = reveal(&*h.store, selector, &claimed, &reason).await;
         assert_eq!(&got, want, "reveal {selector}");
 
-        let trail = h.store.audit_trail(100).await.unwrap();
+        let trail = h
+            .store
+            .audit_trail(&pii_vault::store::AuditFilter {
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         assert_eq!(
             trail.len(),
             n + 1,
@@ -694,7 +701,14 @@ async fn reveal_finds_rows_by_each_selector_and_audits_each_call(h: &Harness) {
         assert_eq!(last.row_count, want.len() as i64);
         assert!(last.at > before && last.at < Utc::now() + chrono::Duration::seconds(60));
     }
-    let trail = h.store.audit_trail(2).await.unwrap();
+    let trail = h
+        .store
+        .audit_trail(&pii_vault::store::AuditFilter {
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(trail.len(), 2, "the limit applies");
     assert!(trail[0].id > trail[1].id, "newest first");
 }
@@ -795,13 +809,27 @@ async fn a_job_of_a_kind_runs_once_at_a_time(h: &Harness) {
         .unwrap()
         .finish()
         .await;
-    let trail = h.store.audit_trail(10).await.unwrap();
+    let trail = h
+        .store
+        .audit_trail(&pii_vault::store::AuditFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(trail.len(), 3, "a refused job leaves no record");
 }
 
 async fn audit_log_is_append_only(h: &Harness) {
     reveal_user(h, "alice").await;
-    let before = h.store.audit_trail(10).await.unwrap();
+    let before = h
+        .store
+        .audit_trail(&pii_vault::store::AuditFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(before.len(), 1);
 
     assert!(
@@ -815,7 +843,14 @@ async fn audit_log_is_append_only(h: &Harness) {
         "DELETE must fail"
     );
 
-    let after = h.store.audit_trail(10).await.unwrap();
+    let after = h
+        .store
+        .audit_trail(&pii_vault::store::AuditFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(after.len(), 1);
     assert_eq!(after[0].reason, before[0].reason);
     assert_eq!(after[0].id, before[0].id);

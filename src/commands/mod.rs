@@ -1,10 +1,13 @@
 //! One module per subcommand; this file holds what they share: opening the
 //! store and the key wrapper with clear, actionable start-up errors.
 
+pub mod approve;
 pub mod audit;
 pub mod forget;
+pub mod honeytoken;
 pub mod keys;
 pub mod migrate;
+pub mod policy;
 pub mod reveal;
 pub mod rotate;
 pub mod run;
@@ -26,6 +29,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Rotate(cmd) => rotate::rotate(&cli, cmd).await,
         Command::Keys(cmd) => keys::keys(&cli, cmd).await,
         Command::Audit(args) => audit::audit(&cli, args).await,
+        Command::Approve(args) => approve::approve(&cli, args).await,
+        Command::Policy(cmd) => policy::policy(&cli, cmd).await,
+        Command::Honeytoken(cmd) => honeytoken::honeytoken(&cli, cmd).await,
     }
 }
 
@@ -58,6 +64,32 @@ pub async fn open_admin_store(cli: &Cli) -> anyhow::Result<Arc<dyn AdminStore>> 
     }
     Ok(store)
 }
+
+/// An outcome that is not a failure of the command but must not look like
+/// success to a script: `main` prints the message and exits with `code`
+/// (3: a reveal over the policy, waiting for approval).
+#[derive(Debug)]
+pub struct Exit {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Exit {
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Exit {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
 
 /// Who the client says is asking, for the audit trail's `claimed_actor`:
 /// `--actor`, else `$USER`. The database records its own login beside it.

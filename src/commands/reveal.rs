@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::cli::{Cli, OutputFormat, RevealArgs};
 use crate::pipeline::protect::VaultPlaintext;
-use crate::store::{LoginRow, Selector};
+use crate::store::{LoginRow, RequestStatus, Selector};
 use crate::vault::VaultReader;
 
 #[derive(Serialize)]
@@ -27,23 +27,44 @@ struct Revealed<'a> {
 }
 
 pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
-    let selector = match (&args.user_id, &args.masked_ip, &args.masked_device_id) {
-        (Some(u), _, _) => Selector::UserId(u.clone()),
-        (_, Some(t), _) => Selector::MaskedIp(t.clone()),
-        (_, _, Some(t)) => Selector::MaskedDeviceId(t.clone()),
-        _ => unreachable!("clap requires one selector"),
-    };
     let store = super::open_store(cli).await?;
-    let wrapper = super::open_wrapper(cli).await?;
+    let claimed = super::claimed_actor(args.actor.as_deref());
     // Nothing is read, let alone decrypted, before the audit row committed.
-    let request = store
-        .reveal_request(
-            &selector,
-            &super::claimed_actor(args.actor.as_deref()),
-            &args.reason,
-        )
-        .await?;
-    let rows = store.reveal_fetch(request.id).await?;
+    let (record, selector) = match args.request {
+        Some(id) => (
+            store.reveal_claim(id, &claimed).await?,
+            format!("request {id}"),
+        ),
+        None => {
+            let selector = match (&args.user_id, &args.masked_ip, &args.masked_device_id) {
+                (Some(u), _, _) => Selector::UserId(u.clone()),
+                (_, Some(t), _) => Selector::MaskedIp(t.clone()),
+                (_, _, Some(t)) => Selector::MaskedDeviceId(t.clone()),
+                _ => unreachable!("clap requires one selector"),
+            };
+            let reason = args.reason.as_deref().expect("clap requires a reason");
+            let request = store.reveal_request(&selector, &claimed, reason).await?;
+            if request.status != RequestStatus::Granted {
+                return Err(super::Exit::new(
+                    3,
+                    format!(
+                        "this reveal ({} login(s)) is over the reveal policy, so it needs a second person. \
+                         Request {id} is recorded; another revealer approves it with\n  \
+                         pii-vault approve {id} --reason TEXT\n\
+                         and you then fetch it, once, within 24 hours, with\n  \
+                         pii-vault reveal --request {id}\n\
+                         Nothing was revealed. (`pii-vault policy show` shows the limits.)",
+                        request.row_count,
+                        id = request.id
+                    ),
+                )
+                .into());
+            }
+            (request.id, selector.to_string())
+        }
+    };
+    let wrapper = super::open_wrapper(cli).await?;
+    let rows = store.reveal_fetch(record).await?;
     let mut reader = VaultReader::new(store.clone(), wrapper);
     let mut opened = Vec::with_capacity(rows.len());
     let mut unrecoverable = 0;
@@ -111,9 +132,8 @@ pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
         }
     }
     eprintln!(
-        "pii-vault: revealed {} login(s) for {selector}; recorded in the audit trail (record {})",
+        "pii-vault: revealed {} login(s) for {selector}; recorded in the audit trail (record {record})",
         opened.len() - unrecoverable,
-        request.id
     );
     if rows.is_empty() {
         eprintln!("pii-vault: no logins match {selector}");

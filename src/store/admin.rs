@@ -155,6 +155,30 @@ pub trait Maintenance: Send + Sync {
     /// Erases the user's vault rows and quarantined bodies and writes the
     /// audit entry, in one transaction.
     async fn forget(&self, user_id: &str, audit: &AuditEntry) -> Result<Forgotten, StoreError>;
+
+    /// Changes the reveal policy (owner only on Postgres; the database
+    /// writes the audit row). `None` keeps a limit as it is.
+    async fn set_policy(
+        &self,
+        max_users_per_reveal: Option<i64>,
+        max_reveals_per_day: Option<i64>,
+    ) -> Result<super::RevealPolicy, StoreError>;
+
+    /// Records synthetic users as honeytokens (owner only on Postgres).
+    async fn add_honeytokens(&self, user_ids: &[String]) -> Result<(), StoreError>;
+
+    /// Reveals that touched a honeytoken, newest first (owner only).
+    async fn alarms(&self, filter: &super::AuditFilter) -> Result<Vec<super::Alarm>, StoreError>;
+
+    /// Listens for new alarms (Postgres: `LISTEN pii_vault_alarm`).
+    async fn listen_alarms(&self) -> Result<Box<dyn AlarmListener>, StoreError>;
+}
+
+/// New alarms as they are raised.
+#[async_trait]
+pub trait AlarmListener: Send {
+    /// Waits for the next alarm; returns its reveal request id.
+    async fn next(&mut self) -> Result<i64, StoreError>;
 }
 
 /// The token prefix of a version, as a SQL `LIKE` pattern (`_` escaped).

@@ -192,6 +192,60 @@ pub struct RevealRequest {
     pub id: i64,
     /// Logins matching the selector when it was recorded.
     pub row_count: i64,
+    pub status: RequestStatus,
+}
+
+/// Where a reveal request stands under the reveal policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestStatus {
+    /// Within the policy: may be fetched now.
+    Granted,
+    /// Over the policy: waits for another login's approval.
+    Pending,
+    /// Approved by another login: the requester may claim and fetch it once.
+    Approved,
+}
+
+impl RequestStatus {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "granted" => Some(RequestStatus::Granted),
+            "pending" => Some(RequestStatus::Pending),
+            "approved" => Some(RequestStatus::Approved),
+            _ => None,
+        }
+    }
+}
+
+/// The reveal policy: limits checked by the store when a reveal is recorded.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RevealPolicy {
+    pub max_users_per_reveal: i64,
+    pub max_reveals_per_day: i64,
+    pub changed_at: DateTime<Utc>,
+    pub changed_by: String,
+}
+
+/// Which audit entries to list.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub limit: i64,
+    pub since: Option<DateTime<Utc>>,
+    /// The database login (not the claimed actor).
+    pub actor: Option<String>,
+}
+
+/// A reveal that touched a honeytoken. Only the owner can read these.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Alarm {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub actor: String,
+    pub action: &'static str,
+    pub request_id: i64,
+    pub target: String,
+    pub honeytokens: i64,
 }
 
 /// The sealed originals of a login as a reveal returns them: `None` where
@@ -404,7 +458,22 @@ pub trait Store: Send + Sync {
     /// this login's, not committed, already fetched or older than an hour.
     async fn reveal_fetch(&self, request_id: i64) -> Result<RevealedRows, StoreError>;
 
-    async fn audit_trail(&self, limit: i64) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Approves another login's pending request (the second person).
+    async fn approve(
+        &self,
+        request_id: i64,
+        claimed_actor: &str,
+        reason: &str,
+    ) -> Result<(), StoreError>;
+
+    /// The requester's claim on an approved request: a `reveal` audit row
+    /// of its own, committed; its id is then passed to
+    /// [`Store::reveal_fetch`]. Once per request, within 24 hours.
+    async fn reveal_claim(&self, request_id: i64, claimed_actor: &str) -> Result<i64, StoreError>;
+
+    async fn policy(&self) -> Result<RevealPolicy, StoreError>;
+
+    async fn audit_trail(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError>;
 }
 
 /// A store with the privileged operations too (rotation, `forget`).

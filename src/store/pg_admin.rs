@@ -6,7 +6,10 @@ use sqlx::Row;
 
 use super::admin::{self, Forgotten, Job, JobLock, Maintenance, JOB_KINDS};
 use super::postgres::{login_from_row, PgStore};
-use super::{AuditEntry, KeyState, LoginRow, QuarantineRow, StoreError, StoredKey, VaultRow};
+use super::{
+    Alarm, AuditEntry, AuditFilter, KeyState, LoginRow, QuarantineRow, RevealPolicy, Store,
+    StoreError, StoredKey, VaultRow,
+};
 use crate::crypto::{KeyPurpose, WrappedKey};
 
 fn vault_from_row(r: &PgRow) -> Result<VaultRow, StoreError> {
@@ -343,5 +346,79 @@ impl Maintenance for PgStore {
             quarantined,
             logins_kept: logins_kept as u64,
         })
+    }
+
+    async fn set_policy(
+        &self,
+        max_users_per_reveal: Option<i64>,
+        max_reveals_per_day: Option<i64>,
+    ) -> Result<RevealPolicy, StoreError> {
+        // The database stamps who and when, and writes the audit row.
+        sqlx::query(
+            "UPDATE reveal_policy SET \
+             max_users_per_reveal = coalesce($1::integer, max_users_per_reveal), \
+             max_reveals_per_day = coalesce($2::integer, max_reveals_per_day)",
+        )
+        .bind(max_users_per_reveal.map(|n| n as i32))
+        .bind(max_reveals_per_day.map(|n| n as i32))
+        .execute(self.pool())
+        .await?;
+        self.policy().await
+    }
+
+    async fn add_honeytokens(&self, user_ids: &[String]) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO honeytokens (user_id) SELECT * FROM UNNEST($1::text[])")
+            .bind(user_ids)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    async fn alarms(&self, filter: &AuditFilter) -> Result<Vec<Alarm>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, at, actor, request_id, target, honeytokens FROM audit_alarms \
+             WHERE ($2::timestamptz IS NULL OR at >= $2) AND ($3::text IS NULL OR actor = $3) \
+             ORDER BY id DESC LIMIT $1",
+        )
+        .bind(filter.limit)
+        .bind(filter.since)
+        .bind(filter.actor.as_deref())
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Alarm {
+                    id: r.try_get("id")?,
+                    at: r.try_get("at")?,
+                    actor: r.try_get("actor")?,
+                    action: "alarm",
+                    request_id: r.try_get("request_id")?,
+                    target: r.try_get("target")?,
+                    honeytokens: r.try_get("honeytokens")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn listen_alarms(&self) -> Result<Box<dyn admin::AlarmListener>, StoreError> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(self.pool()).await?;
+        listener.listen("pii_vault_alarm").await?;
+        Ok(Box::new(PgAlarms(listener)))
+    }
+}
+
+struct PgAlarms(sqlx::postgres::PgListener);
+
+#[async_trait]
+impl admin::AlarmListener for PgAlarms {
+    async fn next(&mut self) -> Result<i64, StoreError> {
+        loop {
+            let n = self.0.recv().await?;
+            // The payload is a request id and nothing else; anything else
+            // on the channel (anyone may NOTIFY) is ignored.
+            if let Ok(id) = n.payload().parse() {
+                return Ok(id);
+            }
+        }
     }
 }

@@ -316,8 +316,8 @@ impl Store for PgStore {
         reason: &str,
     ) -> Result<RevealRequest, StoreError> {
         let (column, value) = selector.parts();
-        let (id, row_count): (i64, i64) = sqlx::query_as(
-            "SELECT request_id, row_count FROM pii_vault_reveal_request($1, $2, $3, $4)",
+        let (id, row_count, status): (i64, i64, String) = sqlx::query_as(
+            "SELECT request_id, row_count, status FROM pii_vault_reveal_request($1, $2, $3, $4)",
         )
         .bind(column)
         .bind(value)
@@ -325,7 +325,12 @@ impl Store for PgStore {
         .bind(claimed_actor)
         .fetch_one(&self.pool)
         .await?;
-        Ok(RevealRequest { id, row_count })
+        Ok(RevealRequest {
+            id,
+            row_count,
+            status: RequestStatus::parse(&status)
+                .ok_or_else(|| StoreError::Permanent("unknown request status".into()))?,
+        })
     }
 
     async fn reveal_fetch(&self, request_id: i64) -> Result<RevealedRows, StoreError> {
@@ -352,12 +357,57 @@ impl Store for PgStore {
             .collect()
     }
 
-    async fn audit_trail(&self, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
+    async fn approve(
+        &self,
+        request_id: i64,
+        claimed_actor: &str,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query("SELECT pii_vault_approve($1, $2, $3)")
+            .bind(request_id)
+            .bind(reason)
+            .bind(claimed_actor)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn reveal_claim(&self, request_id: i64, claimed_actor: &str) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT pii_vault_reveal_claim($1, $2)")
+            .bind(request_id)
+            .bind(claimed_actor)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn policy(&self) -> Result<RevealPolicy, StoreError> {
+        let (max_users_per_reveal, max_reveals_per_day, changed_at, changed_by): (
+            i32,
+            i32,
+            DateTime<Utc>,
+            String,
+        ) = sqlx::query_as(
+            "SELECT max_users_per_reveal, max_reveals_per_day, changed_at, changed_by FROM reveal_policy",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(RevealPolicy {
+            max_users_per_reveal: max_users_per_reveal.into(),
+            max_reveals_per_day: max_reveals_per_day.into(),
+            changed_at,
+            changed_by,
+        })
+    }
+
+    async fn audit_trail(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, at, actor, claimed_actor, action, target, reason, row_count FROM audit_log \
+             WHERE ($2::timestamptz IS NULL OR at >= $2) AND ($3::text IS NULL OR actor = $3) \
              ORDER BY id DESC LIMIT $1",
         )
-        .bind(limit)
+        .bind(filter.limit)
+        .bind(filter.since)
+        .bind(filter.actor.as_deref())
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

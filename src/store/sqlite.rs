@@ -119,6 +119,11 @@ fn login_from_row(r: &SqliteRow) -> Result<LoginRow, StoreError> {
 /// SQLite's clock rather than bound by the client.
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
+/// A time as [`NOW`] writes it, for comparisons in SQL.
+fn sqlite_time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
 /// Who runs this process: the only principal an SQLite file knows.
 fn os_user() -> String {
     std::env::var("USER")
@@ -305,45 +310,94 @@ impl Store for SqliteStore {
         reason: &str,
     ) -> Result<RevealRequest, StoreError> {
         let (column, value) = selector.parts();
+        let me = os_user();
+        // BEGIN IMMEDIATE in effect: the first statement writes, so two
+        // requests cannot both read the day's count and both pass.
         let mut tx = self.pool.begin().await?;
-        let row_count: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM user_logins WHERE {column} = $1"
+        sqlx::query("UPDATE reveal_policy SET singleton = singleton")
+            .execute(&mut *tx)
+            .await?;
+        let (row_count, users, honey): (i64, i64, i64) = sqlx::query_as(&format!(
+            "SELECT count(*), count(DISTINCT l.user_id), count(DISTINCT h.user_id) FROM user_logins l \
+             LEFT JOIN honeytokens h ON h.user_id = l.user_id WHERE l.{column} = $1"
         ))
         .bind(value)
         .fetch_one(&mut *tx)
         .await?;
+        let (max_users, max_per_day): (i64, i64) =
+            sqlx::query_as("SELECT max_users_per_reveal, max_reveals_per_day FROM reveal_policy")
+                .fetch_one(&mut *tx)
+                .await?;
+        let today: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM reveal_requests WHERE requested_by = $1 AND status = 'granted' \
+             AND requested_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day')",
+        )
+        .bind(&me)
+        .fetch_one(&mut *tx)
+        .await?;
+        let status = if users > max_users || today >= max_per_day {
+            RequestStatus::Pending
+        } else {
+            RequestStatus::Granted
+        };
         let audit = AuditEntry {
             claimed_actor: claimed_actor.into(),
-            action: "reveal".into(),
+            action: match status {
+                RequestStatus::Granted => "reveal",
+                _ => "reveal-request",
+            }
+            .into(),
             target: selector.to_string(),
             reason: reason.into(),
         };
         let id = insert_audit(&mut tx, &audit, row_count).await?;
-        sqlx::query(
-            "INSERT INTO reveal_requests (id, selector, value, requested_by) VALUES ($1, $2, $3, $4)",
-        )
+        sqlx::query(&format!(
+            "INSERT INTO reveal_requests (id, selector, value, requested_by, status, users, reason, requested_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, {NOW})"
+        ))
         .bind(id)
         .bind(column)
         .bind(value)
-        .bind(os_user())
+        .bind(&me)
+        .bind(if status == RequestStatus::Granted { "granted" } else { "pending" })
+        .bind(users)
+        .bind(reason)
         .execute(&mut *tx)
         .await?;
+        if honey > 0 {
+            sqlx::query(
+                "INSERT INTO audit_alarms (actor, request_id, target, honeytokens) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&me)
+            .bind(id)
+            .bind(selector.to_string())
+            .bind(honey)
+            .execute(&mut *tx)
+            .await?;
+        }
+        // No LISTEN/NOTIFY in SQLite: the alarm table is the signal
+        // (`pii-vault audit --alarms`).
         tx.commit().await?;
-        Ok(RevealRequest { id, row_count })
+        Ok(RevealRequest {
+            id,
+            row_count,
+            status,
+        })
     }
 
     async fn reveal_fetch(&self, request_id: i64) -> Result<RevealedRows, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let found: Option<(String, String, Option<String>, String)> = sqlx::query_as(
-            "SELECT r.selector, r.value, r.fetched_at, a.at FROM reveal_requests r \
-             JOIN audit_log a ON a.id = r.id WHERE r.id = $1",
+        let found: Option<(i64, String, String, Option<String>, String)> = sqlx::query_as(
+            "SELECT r.id, r.selector, r.value, r.fetched_at, a.at FROM reveal_requests r \
+             JOIN audit_log a ON a.id = $1 \
+             WHERE (r.id = $1 AND r.status = 'granted') OR (r.fetch_record = $1 AND r.status = 'approved')",
         )
         .bind(request_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((column, value, fetched, at)) = found else {
+        let Some((id, column, value, fetched, at)) = found else {
             return Err(StoreError::Refused(format!(
-                "reveal request {request_id} does not exist"
+                "reveal request {request_id} does not exist or is not granted"
             )));
         };
         if fetched.is_some() {
@@ -365,7 +419,7 @@ impl Store for SqliteStore {
         sqlx::query(&format!(
             "UPDATE reveal_requests SET fetched_at = {NOW} WHERE id = $1"
         ))
-        .bind(request_id)
+        .bind(id)
         .execute(&mut *tx)
         .await?;
         let rows = sqlx::query(&format!(
@@ -397,12 +451,154 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    async fn audit_trail(&self, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
+    async fn approve(
+        &self,
+        request_id: i64,
+        claimed_actor: &str,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let me = os_user();
+        let mut tx = self.pool.begin().await?;
+        let found: Option<(String, String, String)> = sqlx::query_as(
+            "SELECT status, requested_by, requested_at FROM reveal_requests WHERE id = $1",
+        )
+        .bind(request_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((status, by, at)) = found.filter(|(s, _, _)| s == "pending") else {
+            return Err(StoreError::Refused(format!(
+                "request {request_id} is not a pending reveal request"
+            )));
+        };
+        debug_assert_eq!(status, "pending");
+        if by == me {
+            return Err(StoreError::Refused(format!(
+                "request {request_id} was made by this user: another login must approve it \
+                 (the two-person rule needs two database logins: use Postgres)"
+            )));
+        }
+        if Utc::now() - parse_time(&at)? > chrono::Duration::hours(24) {
+            return Err(StoreError::Refused(format!(
+                "request {request_id} has expired"
+            )));
+        }
+        sqlx::query(&format!(
+            "UPDATE reveal_requests SET status = 'approved', approved_by = $1, approved_at = {NOW} WHERE id = $2"
+        ))
+        .bind(&me)
+        .bind(request_id)
+        .execute(&mut *tx)
+        .await?;
+        let audit = AuditEntry {
+            claimed_actor: claimed_actor.into(),
+            action: "approve".into(),
+            target: format!("request {request_id}"),
+            reason: reason.into(),
+        };
+        insert_audit(&mut tx, &audit, 0).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn reveal_claim(&self, request_id: i64, claimed_actor: &str) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        type Req = (
+            String,
+            String,
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<i64>,
+            String,
+        );
+        let found: Option<Req> = sqlx::query_as(
+            "SELECT status, requested_by, requested_at, selector, value, approved_by, fetch_record, reason \
+             FROM reveal_requests WHERE id = $1",
+        )
+        .bind(request_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((status, by, at, column, value, approver, fetched, reason)) =
+            found.filter(|r| r.1 == os_user())
+        else {
+            return Err(StoreError::Refused(format!(
+                "reveal request {request_id} is not one of this login"
+            )));
+        };
+        if status != "approved" {
+            return Err(StoreError::Refused(format!(
+                "reveal request {request_id} is {status}, not approved"
+            )));
+        }
+        if fetched.is_some() {
+            return Err(StoreError::Refused(format!(
+                "reveal request {request_id} was already fetched"
+            )));
+        }
+        if Utc::now() - parse_time(&at)? > chrono::Duration::hours(24) {
+            return Err(StoreError::Refused(format!(
+                "reveal request {request_id} has expired"
+            )));
+        }
+        let column = match column.as_str() {
+            "user_id" => "user_id",
+            "masked_ip" => "masked_ip",
+            _ => "masked_device_id",
+        };
+        let n: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM user_logins WHERE {column} = $1"
+        ))
+        .bind(&value)
+        .fetch_one(&mut *tx)
+        .await?;
+        let audit = AuditEntry {
+            claimed_actor: claimed_actor.into(),
+            action: "reveal".into(),
+            target: format!("{column}={value}"),
+            reason: format!(
+                "{reason} (request {request_id}, approved by {})",
+                approver.unwrap_or_default()
+            ),
+        };
+        debug_assert_eq!(by, os_user());
+        let id = insert_audit(&mut tx, &audit, n).await?;
+        sqlx::query("UPDATE reveal_requests SET fetch_record = $1 WHERE id = $2")
+            .bind(id)
+            .bind(request_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    async fn policy(&self) -> Result<RevealPolicy, StoreError> {
+        let (max_users_per_reveal, max_reveals_per_day, changed_at, changed_by): (
+            i64,
+            i64,
+            String,
+            String,
+        ) = sqlx::query_as(
+            "SELECT max_users_per_reveal, max_reveals_per_day, changed_at, changed_by FROM reveal_policy",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(RevealPolicy {
+            max_users_per_reveal,
+            max_reveals_per_day,
+            changed_at: parse_time(&changed_at)?,
+            changed_by,
+        })
+    }
+
+    async fn audit_trail(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, at, actor, claimed_actor, action, target, reason, row_count FROM audit_log \
-             ORDER BY id DESC LIMIT $1",
+             WHERE ($2 IS NULL OR at >= $2) AND ($3 IS NULL OR actor = $3) ORDER BY id DESC LIMIT $1",
         )
-        .bind(limit)
+        .bind(filter.limit)
+        .bind(filter.since.map(sqlite_time))
+        .bind(filter.actor.as_deref())
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -755,6 +951,84 @@ impl admin::Maintenance for SqliteStore {
             quarantined,
             logins_kept: logins_kept as u64,
         })
+    }
+
+    async fn set_policy(
+        &self,
+        max_users_per_reveal: Option<i64>,
+        max_reveals_per_day: Option<i64>,
+    ) -> Result<RevealPolicy, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let (old_users, old_day): (i64, i64) =
+            sqlx::query_as("SELECT max_users_per_reveal, max_reveals_per_day FROM reveal_policy")
+                .fetch_one(&mut *tx)
+                .await?;
+        let (users, day) = (
+            max_users_per_reveal.unwrap_or(old_users),
+            max_reveals_per_day.unwrap_or(old_day),
+        );
+        sqlx::query(&format!(
+            "UPDATE reveal_policy SET max_users_per_reveal = $1, max_reveals_per_day = $2, \
+             changed_at = {NOW}, changed_by = $3"
+        ))
+        .bind(users)
+        .bind(day)
+        .bind(os_user())
+        .execute(&mut *tx)
+        .await?;
+        let audit = AuditEntry {
+            claimed_actor: os_user(),
+            action: "policy-set".into(),
+            target: format!("max_users_per_reveal={users} max_reveals_per_day={day}"),
+            reason: format!("was max_users_per_reveal={old_users} max_reveals_per_day={old_day}"),
+        };
+        insert_audit(&mut tx, &audit, 0).await?;
+        tx.commit().await?;
+        self.policy().await
+    }
+
+    async fn add_honeytokens(&self, user_ids: &[String]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for id in user_ids {
+            sqlx::query("INSERT INTO honeytokens (user_id, planted_by) VALUES ($1, $2)")
+                .bind(id)
+                .bind(os_user())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn listen_alarms(&self) -> Result<Box<dyn admin::AlarmListener>, StoreError> {
+        Err(StoreError::Permanent(
+            "following alarms needs Postgres (LISTEN/NOTIFY); on SQLite run `pii-vault audit --alarms` from a scheduler".into(),
+        ))
+    }
+
+    async fn alarms(&self, filter: &AuditFilter) -> Result<Vec<Alarm>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, at, actor, request_id, target, honeytokens FROM audit_alarms \
+             WHERE ($2 IS NULL OR at >= $2) AND ($3 IS NULL OR actor = $3) ORDER BY id DESC LIMIT $1",
+        )
+        .bind(filter.limit)
+        .bind(filter.since.map(sqlite_time))
+        .bind(filter.actor.as_deref())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Alarm {
+                    id: r.try_get("id")?,
+                    at: parse_time(&r.try_get::<String, _>("at")?)?,
+                    actor: r.try_get("actor")?,
+                    action: "alarm",
+                    request_id: r.try_get("request_id")?,
+                    target: r.try_get("target")?,
+                    honeytokens: r.try_get("honeytokens")?,
+                })
+            })
+            .collect()
     }
 }
 
