@@ -1827,6 +1827,21 @@ async fn a_reveal_touching_a_honeytoken_is_served_and_raises_an_alarm_only_the_o
         .await
         .unwrap();
     listener.listen("pii_vault_alarm").await.unwrap();
+    // The owner's watcher: `audit --alarms --follow` reports each new alarm
+    // as an ERROR log line (and a line on stdout).
+    let follow = tokio::process::Command::new(common::bin())
+        .args(["audit", "--alarms", "--follow", "--format", "json", "--key-dir"])
+        .arg(dir.path().join("keys"))
+        .current_dir(dir.path())
+        .env("DATABASE_URL", &db.fresh.url)
+        .env("PII_VAULT_LOG_FORMAT", "json")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Give it the moment it needs to LISTEN.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
 
     // The revealer is served as for any user, and told nothing.
     let reveal = [
@@ -1875,6 +1890,24 @@ async fn a_reveal_touching_a_honeytoken_is_served_and_raises_an_alarm_only_the_o
     assert!(
         listed.contains(&format!("\"request_id\":{request_id}")),
         "{listed}"
+    );
+    let pid = follow.id().expect("running");
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let watched = tokio::time::timeout(std::time::Duration::from_secs(10), follow.wait_with_output())
+        .await
+        .expect("the watcher did not stop")
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&watched.stdout),
+        String::from_utf8_lossy(&watched.stderr),
+    );
+    assert!(out.contains(&format!("\"request_id\":{request_id}")), "{out}\n{err}");
+    assert!(
+        err.lines().any(|l| l.contains("\"level\":\"ERROR\"") && l.contains("ALARM")),
+        "no ERROR line: {err}"
     );
 
     // The revealer cannot see that it tripped anything: no alarm table, no
