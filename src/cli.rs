@@ -157,6 +157,20 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub from_file: Option<PathBuf>,
 
+    /// With --from-file: the name of this input, part of every line's
+    /// message id, so that re-running the same input stores nothing new
+    /// while another input with identical lines is stored in full
+    /// [default: the file's name; required for stdin]. An empty value gives
+    /// the ids of earlier versions, which had no source id (to re-run a file
+    /// that one of them loaded).
+    #[arg(
+        long,
+        value_name = "ID",
+        env = "PII_VAULT_SOURCE_ID",
+        requires = "from_file"
+    )]
+    pub source_id: Option<String>,
+
     /// Exit 0 once the queue is empty instead of waiting for more (batch jobs, tests).
     #[arg(long)]
     pub until_empty: bool,

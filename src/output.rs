@@ -1,7 +1,32 @@
 //! Plain-text tables and durations for terminal output.
 
-/// Left-aligned columns separated by two spaces, with a header rule.
+/// A cell as it may reach a terminal: control characters (escape
+/// sequences, carriage returns, newlines) escaped, so that a value written by
+/// someone else (a user id, a reason) cannot move the cursor, rewrite earlier
+/// lines or change the terminal's state.
+pub fn safe(cell: &str) -> String {
+    if !cell.chars().any(char::is_control) {
+        return cell.to_string();
+    }
+    cell.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// Left-aligned columns separated by two spaces, with a header rule. Cells
+/// are passed through [`safe`].
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| safe(c)).collect())
+        .collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -48,6 +73,14 @@ pub fn age(d: chrono::Duration) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn control_characters_are_escaped_in_tables() {
+        let t = super::table(&["who"], &[vec!["eve\u{1b}[2J\r\nroot".into()]]);
+        assert!(!t.contains('\u{1b}') && !t.contains('\r'));
+        assert!(t.contains("eve\\u{1b}[2J\\r\\nroot"), "{t}");
+        assert_eq!(super::safe("plain ünïcode"), "plain ünïcode");
+    }
+
     #[test]
     fn table_aligns() {
         let t = super::table(&["a", "bb"], &[vec!["xxx".into(), "y".into()]]);

@@ -466,7 +466,7 @@ async fn stdin_input_and_the_key_file_is_private() {
     use std::io::Write;
     let env = Env::new();
     let mut child = Command::new(common::bin())
-        .args(["run", "--from-file", "-"])
+        .args(["run", "--from-file", "-", "--source-id", "stdin-test"])
         .current_dir(env.dir.path())
         .env_remove("DATABASE_URL")
         .stdin(std::process::Stdio::piped())
@@ -663,4 +663,50 @@ async fn policy_and_honeytokens_on_the_embedded_default() {
     assert!(mine.stdout.is_empty());
     let all = env.ok(&["audit", "--since", "2000-01-01", "--format", "json"]);
     assert!(String::from_utf8_lossy(&all.stdout).lines().count() >= 4);
+}
+
+/// The next day's export with the same lines is not a redelivery: both
+/// files are stored in full, and re-running either stores nothing new.
+/// Standard input needs a source id.
+#[tokio::test]
+async fn identical_files_are_both_stored_and_reruns_add_nothing() {
+    let env = Env::new();
+    let events = common::gen_events(&["-n", "30", "--seed", "21"]);
+    let valid = valid_lines(&events).len() as u64;
+    assert!(valid > 0);
+    env.write_input("day1.jsonl", &events);
+    env.write_input("day2.jsonl", &events);
+    let run =
+        |f: &str| common::summary(&env.ok(&["run", "--from-file", f, "--no-progress"]).stderr);
+    let first = run("day1.jsonl");
+    assert_eq!(first.0, valid);
+    let second = run("day2.jsonl");
+    assert_eq!(
+        second.0, valid,
+        "the second file's identical lines must be stored"
+    );
+    assert_eq!(run("day1.jsonl").0, 0);
+    assert_eq!(run("day2.jsonl").0, 0);
+    let db = env.db().await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(n as u64, 2 * valid);
+    db.close().await;
+
+    // A different source id for the same file is another input.
+    let out = env.ok(&[
+        "run",
+        "--from-file",
+        "day1.jsonl",
+        "--source-id",
+        "replay-1",
+        "--no-progress",
+    ]);
+    assert_eq!(common::summary(&out.stderr).0, valid);
+
+    let stdin = env.cmd(&["run", "--from-file", "-", "--no-progress"]);
+    assert!(!stdin.status.success());
+    assert!(String::from_utf8_lossy(&stdin.stderr).contains("needs --source-id"));
 }

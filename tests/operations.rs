@@ -60,7 +60,7 @@ fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
 
 fn spawn_stdin_worker(dir: &std::path::Path, extra: &[&str]) -> Child {
     Command::new(common::bin())
-        .args(["run", "--from-file", "-"])
+        .args(["run", "--from-file", "-", "--source-id", "stdin-test"])
         .args(extra)
         .current_dir(dir)
         .env_remove("DATABASE_URL")
@@ -160,7 +160,15 @@ fn a_taken_metrics_port_and_a_bad_database_url_are_one_line_errors() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let out = Command::new(common::bin())
-        .args(["run", "--from-file", "-", "--metrics-addr", &addr])
+        .args([
+            "run",
+            "--from-file",
+            "-",
+            "--source-id",
+            "stdin-test",
+            "--metrics-addr",
+            &addr,
+        ])
         .current_dir(dir.path())
         .env_remove("DATABASE_URL")
         .stdin(Stdio::null())

@@ -127,7 +127,15 @@ async fn rotations_while_a_worker_consumes_lose_nothing() {
     let all: String = chunks.concat();
 
     let mut worker = Command::new(common::bin())
-        .args(["run", "--from-file", "-", "--batch-size", "20"])
+        .args([
+            "run",
+            "--from-file",
+            "-",
+            "--source-id",
+            "stream",
+            "--batch-size",
+            "20",
+        ])
         .current_dir(dir.path())
         .env_remove("DATABASE_URL")
         .stdin(Stdio::piped())

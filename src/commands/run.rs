@@ -39,8 +39,9 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     let mut progress = None;
     let source: Arc<dyn MessageSource> = match (&args.from_file, &args.queue_url) {
         (Some(path), _) => {
+            let source_id = FileSource::source_id(path, args.source_id.as_deref())?;
             let ids = crate::pipeline::keys::load_line_id_key(&*store, &*wrapper).await?;
-            let file = Arc::new(FileSource::open(path, ids).await?);
+            let file = Arc::new(FileSource::open(path, source_id, ids).await?);
             if !args.no_progress && cli.log_format == LogFormat::Text {
                 progress = crate::progress::for_file(file.clone(), cancel.clone());
             }

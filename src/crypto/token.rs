@@ -94,12 +94,22 @@ impl TokenKey {
         Token(format!("t{}_{}", self.version, URL_SAFE_NO_PAD.encode(tag)))
     }
 
-    /// A stable, keyed identifier for line `line_no` of a file with content
-    /// `line`: running the same file twice gives the same ids (idempotency),
-    /// and, being keyed, the id reveals nothing about the PII in the line.
-    pub fn line_id(&self, line_no: u64, line: &[u8]) -> String {
+    /// A stable, keyed identifier for line `line_no`, with content `line`,
+    /// of the input named `source`: running the same input twice gives the
+    /// same ids (idempotency), another input's identical line a different
+    /// one (the next day's export is not a redelivery of today's), and,
+    /// being keyed, the id reveals nothing about the PII in the line.
+    pub fn line_id(&self, source: &str, line_no: u64, line: &[u8]) -> String {
         let mut m = self.mac.clone();
-        m.update(b"pii-vault/line-id/v1\0");
+        if source.is_empty() {
+            // The ids of earlier versions, which knew no source: kept so
+            // that a file loaded by one of them can be re-run idempotently.
+            m.update(b"pii-vault/line-id/v1\0");
+        } else {
+            m.update(b"pii-vault/line-id/v2\0");
+            m.update(&(source.len() as u64).to_be_bytes());
+            m.update(source.as_bytes());
+        }
         m.update(&line_no.to_be_bytes());
         m.update(line);
         let tag = m.finalize().into_bytes();
@@ -201,5 +211,31 @@ mod tests {
             let b = TokenKey::new(1, &KeyMaterial::generate());
             prop_assert_ne!(a.token(TokenField::Ip, &v), b.token(TokenField::Ip, &v));
         }
+    }
+
+    #[test]
+    fn line_ids_are_per_source_and_the_empty_source_keeps_the_old_ids() {
+        let k = TokenKey::new(1, &KeyMaterial::from_slice(&[9; 32]).unwrap());
+        let line = b"{\"user_id\": \"u\"}";
+        assert_eq!(
+            k.line_id("day1.jsonl", 3, line),
+            k.line_id("day1.jsonl", 3, line)
+        );
+        assert_ne!(
+            k.line_id("day1.jsonl", 3, line),
+            k.line_id("day2.jsonl", 3, line)
+        );
+        assert_ne!(
+            k.line_id("day1.jsonl", 3, line),
+            k.line_id("day1.jsonl", 4, line)
+        );
+        // Length-prefixed: the source cannot bleed into the line number.
+        assert_ne!(k.line_id("a", 1, line), k.line_id("a\0", 1, line));
+        // v1, as earlier versions computed it: HMAC(label || line_no || line).
+        let mut v1 = b"pii-vault/line-id/v1\0".to_vec();
+        v1.extend_from_slice(&3u64.to_be_bytes());
+        v1.extend_from_slice(line);
+        let want = format!("line-{}", &mac(&[9; 32], &v1)[..32]);
+        assert_eq!(k.line_id("", 3, line), want);
     }
 }

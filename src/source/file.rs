@@ -1,9 +1,11 @@
 //! JSON Lines from a file or stdin.
 //!
-//! Each non-blank line is one message. Its id is a keyed hash of the line
-//! number and content (see [`crate::crypto::TokenKey::line_id`]), so running
-//! the same file twice stores nothing new, and the id says nothing about the
-//! PII in the line. `create_date` is the day the line is read.
+//! Each non-blank line is one message. Its id is a keyed hash of the
+//! input's name (its source id), the line number and the content (see
+//! [`crate::crypto::TokenKey::line_id`]): running the same file twice
+//! stores nothing new, another file with the same lines (the next day's
+//! export) is stored in full, and the id says nothing about the PII in the
+//! line. `create_date` is the day the line is read.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -25,6 +27,7 @@ const STREAM_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 pub struct FileSource {
     inner: Mutex<Reader>,
     ids: Arc<TokenKey>,
+    source_id: String,
     /// Total size in bytes, when known, for progress reporting.
     pub len: Option<u64>,
 }
@@ -42,8 +45,26 @@ struct Reader {
 }
 
 impl FileSource {
-    /// `-` reads standard input.
-    pub async fn open(path: &Path, ids: Arc<TokenKey>) -> anyhow::Result<Self> {
+    /// The source id of `path` unless one is given: its file name. Standard
+    /// input (`-`) has none, so it needs one.
+    pub fn source_id(path: &Path, given: Option<&str>) -> anyhow::Result<String> {
+        if let Some(id) = given {
+            return Ok(id.to_string());
+        }
+        if path == Path::new("-") {
+            anyhow::bail!(
+                "reading standard input needs --source-id ID: a name for this input (say, the export's date), \
+                 so that its lines are not mistaken for another input's"
+            );
+        }
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| anyhow::anyhow!("{} names no file", path.display()))
+    }
+
+    /// `-` reads standard input. `source_id` tells this input's lines
+    /// apart from another's (see [`FileSource::source_id`]).
+    pub async fn open(path: &Path, source_id: String, ids: Arc<TokenKey>) -> anyhow::Result<Self> {
         let (input, len): (Box<dyn AsyncBufRead + Send + Unpin>, _) = if path == Path::new("-") {
             (Box::new(BufReader::new(tokio::io::stdin())), None)
         } else {
@@ -53,12 +74,13 @@ impl FileSource {
             let len = f.metadata().await.ok().map(|m| m.len());
             (Box::new(BufReader::with_capacity(256 * 1024, f)), len)
         };
-        Ok(Self::from_reader(input, len, ids))
+        Ok(Self::from_reader(input, len, source_id, ids))
     }
 
     pub fn from_reader(
         input: Box<dyn AsyncBufRead + Send + Unpin>,
         len: Option<u64>,
+        source_id: String,
         ids: Arc<TokenKey>,
     ) -> Self {
         FileSource {
@@ -71,6 +93,7 @@ impl FileSource {
                 done: false,
             }),
             ids,
+            source_id,
             len,
         }
     }
@@ -148,7 +171,7 @@ impl MessageSource for FileSource {
                 continue;
             }
             out.push(Message {
-                id: self.ids.line_id(r.line_no, &line),
+                id: self.ids.line_id(&self.source_id, r.line_no, &line),
                 body: line,
                 sent_at: now,
                 ack: Ack::None,
@@ -184,7 +207,12 @@ mod tests {
             1,
             &KeyMaterial::from_slice(&[7; 32]).unwrap(),
         ));
-        let src = FileSource::from_reader(Box::new(BufReader::new(input)), None, ids);
+        let src = FileSource::from_reader(
+            Box::new(BufReader::new(input)),
+            None,
+            "test.jsonl".into(),
+            ids,
+        );
         let mut all = vec![];
         while let Some(batch) = src.receive(2).await.unwrap() {
             all.extend(batch);
@@ -206,6 +234,18 @@ mod tests {
         assert_ne!(a[0].id, a[1].id);
         assert_eq!(a[0].id, b[0].id);
         assert_eq!(a[1].id, b[1].id);
+    }
+
+    #[test]
+    fn a_file_is_named_by_its_file_name_and_stdin_needs_a_name() {
+        let id = |p: &str, g: Option<&str>| FileSource::source_id(Path::new(p), g);
+        assert_eq!(id("/data/exports/day1.jsonl", None).unwrap(), "day1.jsonl");
+        assert_eq!(id("day1.jsonl", Some("2026-11-25")).unwrap(), "2026-11-25");
+        assert!(id("-", None)
+            .unwrap_err()
+            .to_string()
+            .contains("--source-id"));
+        assert_eq!(id("-", Some("feed")).unwrap(), "feed");
     }
 
     #[tokio::test]
