@@ -5,7 +5,9 @@ Deterministic for a given --seed. IPs and device ids are drawn from small
 pools so that duplicates (which the tokens must reveal) are common. With
 --malformed-pct, that share of lines is broken in the ways the worker must
 reject: not JSON, a JSON array, a missing field, an IP that is no IP, an
-over-long user_id, a NUL character, a wrong type.
+over-long user_id, a NUL character, a wrong type. --manifest PATH writes the
+generator's own record of which lines it broke and how, so that tests can
+pin their expectations to it rather than to the parser under test.
 """
 import argparse
 import json
@@ -54,6 +56,7 @@ def main():
     p.add_argument("--ips", type=int, default=0, help="size of the IP pool (default: count/4)")
     p.add_argument("--devices", type=int, default=0, help="size of the device pool (default: count/4)")
     p.add_argument("--users", type=int, default=0, help="number of users (default: count/10)")
+    p.add_argument("--manifest", help="write {\"count\": N, \"malformed\": [[line index, kind], ...]} here")
     a = p.parse_args()
     rng = random.Random(a.seed)
     n_ips = a.ips or max(1, a.count // 4)
@@ -68,12 +71,18 @@ def main():
     devices = ["%03d-%02d-%04d" % (rng.randrange(1000), rng.randrange(100), rng.randrange(10000)) for _ in range(n_dev)]
     users = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(n_users)]
     out = sys.stdout
+    broken = []
     for i in range(a.count):
         ev = event(rng, ips, devices, users)
         if a.malformed_pct and rng.random() * 100 < a.malformed_pct:
-            out.write(malformed(rng, ev, MALFORMED_KINDS[i % len(MALFORMED_KINDS)]) + "\n")
+            kind = MALFORMED_KINDS[i % len(MALFORMED_KINDS)]
+            broken.append([i, kind])
+            out.write(malformed(rng, ev, kind) + "\n")
         else:
             out.write(json.dumps(ev) + "\n")
+    if a.manifest:
+        with open(a.manifest, "w") as f:
+            json.dump({"count": a.count, "malformed": broken}, f)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 //! `source::sqs::SqsSource`, and the worker end to end through the binary.
 //!
 //! `scripts/test.sh` starts LocalStack and sets `AWS_ENDPOINT_URL` and
-//! `PII_VAULT_TEST_AWS=1`; without them these tests skip (or fail, under
-//! `PII_VAULT_REQUIRE_SERVICES=1`). Every test makes its own queue and keys.
+//! `PII_VAULT_TEST_AWS=1`; without them these tests fail (or skip, under
+//! `PII_VAULT_SKIP_SERVICES=1`). Every test makes its own queue and keys.
 
 #[path = "common/aws.rs"]
 mod aws_helpers;
@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use pii_vault::crypto::{KeyPurpose, KeyWrapper, WrapError};
-use pii_vault::domain::{Ack, CanonicalIp, LoginEvent};
+use pii_vault::domain::{Ack, CanonicalIp};
 use pii_vault::kms::aws::AwsKms;
 use pii_vault::source::sqs::SqsSource;
 use pii_vault::source::MessageSource;
@@ -259,14 +259,15 @@ async fn sqs_until_empty_ends_on_an_empty_queue() {
     let sqs = aws_helpers::sqs().await;
     let url = aws_helpers::create_queue(&sqs).await;
     let source = SqsSource::connect(&url, true).await.unwrap();
-    let started = std::time::Instant::now();
+    // A guard against hanging, not a timing assertion (timings belong to
+    // the benches): well above any poll, so only a source that never ends
+    // trips it.
+    let received = tokio::time::timeout(Duration::from_secs(120), source.receive(10))
+        .await
+        .expect("receive on an empty queue under --until-empty never returned");
     assert!(
-        source.receive(10).await.unwrap().is_none(),
+        received.unwrap().is_none(),
         "an empty queue under --until-empty is the end"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "draining must not wait a daemon's long poll"
     );
 
     // Messages that arrive later are seen, and after them the end again.
@@ -330,15 +331,19 @@ async fn worker_drains_a_queue_into_sqlite_with_kms_and_reveals_originals() {
     let url = aws_helpers::create_queue(&sqs).await;
     let (key_id, _) = aws_helpers::create_key(&kms).await;
 
-    let input = common::gen_events(&["-n", &300.to_string(), "--malformed-pct", "2"]);
+    let gen = common::gen_events_recorded(&["-n", &300.to_string(), "--malformed-pct", "2"]);
+    let input = gen.text.clone();
     let bodies: Vec<String> = input.lines().map(str::to_string).collect();
     assert_eq!(bodies.len(), 300);
-    let valid: Vec<serde_json::Value> = bodies
+    let valid: Vec<serde_json::Value> = gen
+        .valid()
         .iter()
-        .filter(|b| LoginEvent::parse(b.as_bytes()).is_ok())
         .map(|b| serde_json::from_str(b).unwrap())
         .collect();
-    assert!(valid.len() < 300, "the input should carry malformed events");
+    assert!(
+        !gen.malformed.is_empty(),
+        "the input should carry malformed events"
+    );
     aws_helpers::send_all(&sqs, &url, &bodies).await;
     assert_eq!(aws_helpers::queue_counts(&sqs, &url).await, (300, 0));
 

@@ -12,8 +12,8 @@
 //! ([`faults_helpers::PrivatePg`]): the shared one serves the tests running
 //! beside them. SQS and KMS are taken away by a TCP proxy
 //! ([`faults_helpers::Proxy`]) that the worker reaches LocalStack through.
-//! Without the services these tests skip (or fail, under
-//! `PII_VAULT_REQUIRE_SERVICES=1`); see DEVELOPERS.md. A failing test shows
+//! Without the services these tests fail (or skip, under
+//! `PII_VAULT_SKIP_SERVICES=1`); see DEVELOPERS.md. A failing test shows
 //! what each worker logged; `PII_VAULT_FAULTS_SHOW_LOGS=1` shows it always.
 
 #[path = "common/aws.rs"]
@@ -161,7 +161,7 @@ fn step(t0: Instant, what: &str) {
 }
 
 /// Whether both the database and the AWS services of the test run are
-/// there (skip otherwise; a failure under `PII_VAULT_REQUIRE_SERVICES=1`).
+/// there (a failure otherwise; a skip under `PII_VAULT_SKIP_SERVICES=1`).
 fn services() -> Option<(String, String)> {
     let pg = common::service_env("PII_VAULT_TEST_PG")?;
     common::service_env("PII_VAULT_TEST_AWS")?;

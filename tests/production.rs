@@ -13,8 +13,8 @@
 //!   throughout; `forget` then erases one user's originals.
 //!
 //! Needs `PII_VAULT_TEST_PG` and LocalStack (`PII_VAULT_TEST_AWS`,
-//! `AWS_ENDPOINT_URL`), as set by `scripts/test.sh`; skips without them (fails
-//! under `PII_VAULT_REQUIRE_SERVICES=1`).
+//! `AWS_ENDPOINT_URL`), as set by `scripts/test.sh`; fails without them (skips
+//! under `PII_VAULT_SKIP_SERVICES=1`).
 
 #[path = "common/aws.rs"]
 mod aws_helpers;
@@ -43,23 +43,37 @@ struct Original {
     device_id: String,
 }
 
-/// Splits input lines into the originals of the valid ones (as the product
-/// parses them) and the number of malformed ones.
-fn originals(bodies: &[String]) -> (Vec<Original>, usize) {
-    let mut valid = Vec::new();
-    let mut malformed = 0;
-    for b in bodies {
-        match LoginEvent::parse(b.as_bytes()) {
-            Ok(ev) => valid.push(Original {
-                user_id: ev.user_id.clone(),
-                ip: ev.ip_raw.expose().clone(),
-                canonical_ip: ev.ip.expose().to_string(),
-                device_id: ev.device_id.expose().clone(),
-            }),
-            Err(_) => malformed += 1,
-        }
-    }
-    (valid, malformed)
+/// The originals of each input line, `None` for the lines the generator
+/// broke (its own record, not the parser under test, says which), and the
+/// number of those. A line the generator left valid must parse as an event.
+fn originals(gen: &common::Generated) -> (Vec<Option<Original>>, usize) {
+    let broken: HashSet<usize> = gen.malformed.iter().copied().collect();
+    let per_line = gen
+        .text
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            if broken.contains(&i) {
+                assert!(
+                    LoginEvent::parse(line.as_bytes()).is_err(),
+                    "line {i}, broken by the generator, parses"
+                );
+                return None;
+            }
+            let ev = LoginEvent::parse(line.as_bytes())
+                .unwrap_or_else(|e| panic!("line {i}, valid by the generator, is rejected: {e}"));
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let ip = v["ip"].as_str().unwrap().to_string();
+            assert_eq!(ev.ip_raw.expose(), &ip);
+            Some(Original {
+                user_id: v["user_id"].as_str().unwrap().to_string(),
+                canonical_ip: canonical(&ip),
+                ip,
+                device_id: v["device_id"].as_str().unwrap().to_string(),
+            })
+        })
+        .collect();
+    (per_line, broken.len())
 }
 
 fn canonical(ip: &str) -> String {
@@ -188,10 +202,11 @@ async fn twenty_thousand_events_two_workers_exactly_once() {
     )
     .await;
 
-    let input = common::gen_events(&["-n", "20000", "--malformed-pct", "2", "--seed", "5"]);
-    let bodies: Vec<String> = input.lines().map(str::to_string).collect();
+    let gen = common::gen_events_recorded(&["-n", "20000", "--malformed-pct", "2", "--seed", "5"]);
+    let bodies: Vec<String> = gen.text.lines().map(str::to_string).collect();
     assert_eq!(bodies.len(), 20_000);
-    let (valid, malformed) = originals(&bodies);
+    let (per_line, malformed) = originals(&gen);
+    let valid: Vec<Original> = per_line.into_iter().flatten().collect();
     assert!(
         (200..=800).contains(&malformed),
         "about 2% of the input should be malformed, got {malformed}"
@@ -291,7 +306,7 @@ async fn twenty_thousand_events_two_workers_exactly_once() {
     assert_eq!(aws_helpers::queue_counts(&sqs, &queue).await, (0, 0));
 
     // No raw IP or device id in a dump of the database or in the workers' output.
-    let raw = common::raw_pii(&input);
+    let raw = common::raw_pii(&gen.text);
     assert!(
         raw.len() > 5_000,
         "the input should have thousands of distinct IPs and devices"
@@ -428,7 +443,7 @@ async fn rotations_while_consuming_then_old_kms_key_disabled() {
     .await;
 
     // Small pools, so that every IP, device and user recurs in every wave.
-    let input = common::gen_events(&[
+    let gen = common::gen_events_recorded(&[
         "-n",
         "1800",
         "--seed",
@@ -442,9 +457,10 @@ async fn rotations_while_consuming_then_old_kms_key_disabled() {
         "--malformed-pct",
         "3",
     ]);
-    let bodies: Vec<String> = input.lines().map(str::to_string).collect();
-    let (valid, malformed) = originals(&bodies);
+    let bodies: Vec<String> = gen.text.lines().map(str::to_string).collect();
+    let (per_line, malformed) = originals(&gen);
     assert!(malformed > 0);
+    let valid: Vec<Original> = per_line.iter().flatten().cloned().collect();
     let waves: Vec<&[String]> = bodies.chunks(300).collect();
     assert_eq!(waves.len(), 6);
     let pool = prod::pool(&db.url).await;
@@ -711,9 +727,9 @@ async fn rotations_while_consuming_then_old_kms_key_disabled() {
     assert_eq!(seen_ids.len(), valid.len(), "every login revealed once");
     // The IPs recur across the waves, so the checks above compared rows
     // committed before, during and after the rotations.
-    let ips_per_wave: Vec<HashSet<String>> = waves
-        .iter()
-        .map(|w| originals(w).0.into_iter().map(|o| o.canonical_ip).collect())
+    let ips_per_wave: Vec<HashSet<String>> = per_line
+        .chunks(300)
+        .map(|w| w.iter().flatten().map(|o| o.canonical_ip.clone()).collect())
         .collect();
     let in_every_wave = ips_per_wave[0]
         .iter()
@@ -725,7 +741,7 @@ async fn rotations_while_consuming_then_old_kms_key_disabled() {
     );
 
     // The dump after all this holds no raw values; neither do the logs.
-    let raw = common::raw_pii(&input);
+    let raw = common::raw_pii(&gen.text);
     let dump = prod::pg_dump(&db.url, &dir.path().join("dump.sql")).await;
     prod::assert_no_leak(&dump, &raw, "the pg_dump after the rotations");
     prod::assert_no_leak(&worker.all_output(), &raw, "the worker's output");

@@ -8,8 +8,8 @@
 //! database rule that refuses it (PVnnn), never just any error: a statement
 //! that failed for another reason proves nothing.
 //!
-//! Postgres only: skips when `PII_VAULT_TEST_PG` is unset (and fails under
-//! `PII_VAULT_REQUIRE_SERVICES=1`). Login users are cluster-wide, so each
+//! Postgres only: fails when `PII_VAULT_TEST_PG` is unset (skips under
+//! `PII_VAULT_SKIP_SERVICES=1`). Login users are cluster-wide, so each
 //! test names its own after its database and drops them at the end.
 
 mod common;

@@ -143,24 +143,56 @@ async fn rotations_while_a_worker_consumes_lose_nothing() {
         .spawn()
         .unwrap();
     let mut stdin = worker.stdin.take().unwrap();
+    let db = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect(&format!(
+            "sqlite:{}?mode=rwc",
+            dir.path().join("pii-vault.db").display()
+        ))
+        .await
+        .unwrap();
     let rotations: [&[&str]; 3] = [
         &["rotate", "data-keys"],
         &["rotate", "token-key"],
         &["rotate", "data-keys"],
     ];
+    let mut fed = 0;
     for (i, chunk) in chunks.iter().enumerate() {
-        // Feed a chunk in pieces so the worker commits while the rotation runs.
-        for piece in chunk.lines().collect::<Vec<_>>().chunks(30) {
-            stdin
-                .write_all((piece.join("\n") + "\n").as_bytes())
-                .unwrap();
-            stdin.flush().unwrap();
-            std::thread::sleep(Duration::from_millis(30));
+        // Half of the chunk, committed before the rotation starts (waited
+        // for, not slept on); the other half fed while it runs, in a thread,
+        // so worker and rotation overlap; then the next chunk, which the
+        // worker can only commit under the new keys: its old ones were
+        // retired, so it must notice.
+        let lines: Vec<String> = chunk.lines().map(str::to_string).collect();
+        let (before, during) = lines.split_at(lines.len() / 2);
+        stdin
+            .write_all((before.join("\n") + "\n").as_bytes())
+            .unwrap();
+        stdin.flush().unwrap();
+        fed += before.len() as i64;
+        wait_for_logins(&db, fed).await;
+        match rotations.get(i) {
+            Some(r) => {
+                let writer = std::thread::spawn({
+                    let during = during.join("\n") + "\n";
+                    move || {
+                        stdin.write_all(during.as_bytes()).unwrap();
+                        stdin.flush().unwrap();
+                        stdin
+                    }
+                });
+                cmd(dir.path(), r);
+                stdin = writer.join().unwrap();
+            }
+            None => {
+                stdin
+                    .write_all((during.join("\n") + "\n").as_bytes())
+                    .unwrap();
+                stdin.flush().unwrap();
+            }
         }
-        if let Some(r) = rotations.get(i) {
-            std::thread::sleep(Duration::from_millis(300));
-            cmd(dir.path(), r);
-        }
+        fed += during.len() as i64;
+        wait_for_logins(&db, fed).await;
     }
     drop(stdin);
     let out = worker.wait_with_output().unwrap();
@@ -172,7 +204,7 @@ async fn rotations_while_a_worker_consumes_lose_nothing() {
         log.contains("token key rotated; switching to the new version"),
         "{log}"
     );
-    assert!(log.contains("600 stored"), "{log}");
+    assert_eq!(common::summary(&out.stderr), (600, 0, 0), "{log}");
 
     // A final token rotation and data-key rotation with the worker stopped.
     cmd(dir.path(), &["rotate", "token-key"]);
@@ -180,13 +212,6 @@ async fn rotations_while_a_worker_consumes_lose_nothing() {
 
     assert_eq!(check_reveals(dir.path(), &all), 600);
 
-    let db = SqlitePoolOptions::new()
-        .connect(&format!(
-            "sqlite:{}",
-            dir.path().join("pii-vault.db").display()
-        ))
-        .await
-        .unwrap();
     let dangling: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM vault v JOIN vault_keys k ON k.id = v.key_id WHERE k.state = 'destroyed' OR k.wrapped IS NULL",
     )
@@ -221,12 +246,35 @@ async fn rotations_while_a_worker_consumes_lose_nothing() {
     .unwrap();
     assert_eq!(stale, 0);
 
-    // Re-running the same input after the rotations stores nothing new.
+    // Re-running the same input (same source id) after the rotations
+    // stores nothing new: every line is a duplicate.
     let input = dir.path().join("all.jsonl");
     std::fs::write(&input, &all).unwrap();
-    let again = cmd(dir.path(), &["run", "--from-file", "all.jsonl"]);
-    let err = String::from_utf8_lossy(&again.stderr);
-    assert!(err.contains("0 stored"), "{err}");
+    let again = cmd(
+        dir.path(),
+        &["run", "--from-file", "all.jsonl", "--source-id", "stream"],
+    );
+    assert_eq!(common::summary(&again.stderr), (0, 600, 0));
+    db.close().await;
+}
+
+/// Waits (up to a minute) until `user_logins` holds `n` rows.
+async fn wait_for_logins(db: &sqlx::SqlitePool, n: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let have: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins")
+            .fetch_one(db)
+            .await
+            .unwrap_or(0);
+        if have >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker committed {have} of {n} logins within a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -263,6 +311,49 @@ async fn forget_erases_originals_but_keeps_masked_rows() {
         ],
     );
     assert!(String::from_utf8_lossy(&f.stderr).contains(&format!("erased {n} vault row(s)")));
+    // Counted in the database, not taken from the product's own message.
+    let db = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect(&format!(
+            "sqlite:{}",
+            dir.path().join("pii-vault.db").display()
+        ))
+        .await
+        .unwrap();
+    let count = |sql: &'static str| {
+        let db = db.clone();
+        let user = user.to_string();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .bind(user)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM vault WHERE user_id = $1").await,
+        0
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM quarantine WHERE user_id = $1").await,
+        0
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM user_logins WHERE user_id = $1").await,
+        n as i64
+    );
+    let others: i64 = sqlx::query_scalar("SELECT count(*) FROM vault")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    let all_valid = input.lines().count() as i64;
+    assert_eq!(
+        others,
+        all_valid - n as i64,
+        "other users' vault rows must stay"
+    );
+    db.close().await;
 
     let after = cmd(
         dir.path(),

@@ -1,8 +1,8 @@
 //! One behaviour, two stores: every check here is written once against
 //! `dyn Store` and run on SQLite and on Postgres (`sqlite::…` and
 //! `postgres::…` tests), so the embedded default and the production store
-//! cannot drift apart. Postgres tests skip when `PII_VAULT_TEST_PG` is unset
-//! (and fail under `PII_VAULT_REQUIRE_SERVICES=1`).
+//! cannot drift apart. Postgres tests fail when `PII_VAULT_TEST_PG` is unset
+//! (and skip under `PII_VAULT_SKIP_SERVICES=1`).
 //!
 //! The store never decrypts, so nonces and ciphertexts are random bytes: what
 //! matters is that each comes back attached to the right row.

@@ -7,8 +7,8 @@
 //! throwaway CA whose certificate is `PII_VAULT_TEST_PG_CA`. Plain
 //! connections stay allowed, so every other test is unaffected.
 //!
-//! Skips when `PII_VAULT_TEST_PG` is unset (and fails under
-//! `PII_VAULT_REQUIRE_SERVICES=1`, as does a missing `PII_VAULT_TEST_PG_CA`).
+//! Fails when `PII_VAULT_TEST_PG` or `PII_VAULT_TEST_PG_CA` is unset (skips
+//! under `PII_VAULT_SKIP_SERVICES=1`).
 
 mod common;
 #[path = "common/pg.rs"]

@@ -12,8 +12,8 @@ use aws_sdk_sqs::Client as SqsClient;
 use futures::stream::{self, StreamExt, TryStreamExt};
 
 /// Whether the LocalStack services are there: `Some(endpoint)` when both
-/// `PII_VAULT_TEST_AWS` and `AWS_ENDPOINT_URL` are set; `None` (skip) when
-/// not, or a panic when `PII_VAULT_REQUIRE_SERVICES=1`.
+/// `PII_VAULT_TEST_AWS` and `AWS_ENDPOINT_URL` are set; a panic when not, or
+/// `None` (skip) under `PII_VAULT_SKIP_SERVICES=1`.
 ///
 /// Both are required so that a stray `PII_VAULT_TEST_AWS=1` never sends
 /// these tests to real AWS.

@@ -260,36 +260,51 @@ pub async fn stored_logins(url: &str) -> Vec<(String, String, String, Option<Str
     rows
 }
 
-/// What the tables a worker writes hold, for the plaintext-PII check: every
-/// text column as text and every `bytea` column as its raw bytes (as they
-/// are stored, not hex-encoded, which could never match a value).
+/// What every table of the database holds, for the plaintext-PII check:
+/// every column of every base table in the schema (found in the catalog, so
+/// a table added later is scanned too; the audit trail, the allow-list and
+/// the alarm tables included), text columns as text and `bytea` columns as
+/// their raw bytes (as they are stored, not hex-encoded, which could never
+/// match a value).
 pub async fn database_bytes(url: &str) -> Vec<u8> {
     let mut c = PgConnection::connect(url).await.unwrap();
     let mut out = Vec::new();
     let columns: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT table_name::text, column_name::text, data_type::text \
-         FROM information_schema.columns WHERE table_schema = 'public' \
-         AND table_name IN ('user_logins', 'vault', 'quarantine', 'vault_keys') \
-         ORDER BY table_name, ordinal_position",
+        "SELECT c.table_name::text, c.column_name::text, c.data_type::text \
+         FROM information_schema.columns c JOIN information_schema.tables t \
+           ON t.table_schema = c.table_schema AND t.table_name = c.table_name \
+         WHERE c.table_schema = current_schema() AND t.table_type = 'BASE TABLE' \
+         ORDER BY c.table_name, c.ordinal_position",
     )
     .fetch_all(&mut c)
     .await
     .unwrap();
-    assert!(columns.len() > 20, "the schema is missing: {columns:?}");
+    let tables: std::collections::BTreeSet<&str> = columns.iter().map(|c| c.0.as_str()).collect();
+    for must in [
+        "user_logins",
+        "vault",
+        "quarantine",
+        "vault_keys",
+        "audit_log",
+    ] {
+        assert!(tables.contains(must), "{must} is not scanned: {tables:?}");
+    }
     for (table, column, data_type) in columns {
         let values: Vec<Option<Vec<u8>>> = if data_type == "bytea" {
-            sqlx::query_scalar(&format!("SELECT {column} FROM {table}"))
+            sqlx::query_scalar(&format!("SELECT \"{column}\" FROM \"{table}\""))
                 .fetch_all(&mut c)
                 .await
                 .unwrap()
         } else {
-            sqlx::query_scalar::<_, Option<String>>(&format!("SELECT {column}::text FROM {table}"))
-                .fetch_all(&mut c)
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|v| v.map(String::into_bytes))
-                .collect()
+            sqlx::query_scalar::<_, Option<String>>(&format!(
+                "SELECT \"{column}\"::text FROM \"{table}\""
+            ))
+            .fetch_all(&mut c)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.map(String::into_bytes))
+            .collect()
         };
         for v in values.into_iter().flatten() {
             out.extend_from_slice(&v);
@@ -314,7 +329,7 @@ pub struct Events {
 
 /// `python3 scripts/gen-events.py -n N --malformed-pct 2 --seed SEED`.
 pub fn gen_events(n: usize, seed: u64) -> Events {
-    let text = crate::common::gen_events(&[
+    let gen = crate::common::gen_events_recorded(&[
         "-n",
         &n.to_string(),
         "--malformed-pct",
@@ -322,15 +337,30 @@ pub fn gen_events(n: usize, seed: u64) -> Events {
         "--seed",
         &seed.to_string(),
     ]);
+    let text = gen.text.clone();
     let bodies: Vec<String> = text.lines().map(str::to_string).collect();
     assert_eq!(bodies.len(), n);
-    let mut valid: Vec<_> = bodies
+    // What a stored login must hold, read from the lines the generator left
+    // valid (its own record), not from the parser under test.
+    let mut valid: Vec<_> = gen
+        .valid()
         .iter()
-        .filter_map(|b| pii_vault::domain::LoginEvent::parse(b.as_bytes()).ok())
-        .map(|e| (e.user_id, e.device_type, e.app_version, e.locale))
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let text = |k: &str| match &v[k] {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (
+                text("user_id"),
+                text("device_type"),
+                text("app_version"),
+                v["locale"].as_str().map(str::to_string),
+            )
+        })
         .collect();
     valid.sort();
-    let malformed = n - valid.len();
+    let malformed = gen.malformed.len();
     assert!(malformed > 0, "the input should carry malformed events");
     let raw = crate::common::raw_pii(&text);
     assert!(raw.len() > 20, "too few raw values to check for leaks");

@@ -6,8 +6,8 @@
 //!   databases in it.
 //! - `AWS_ENDPOINT_URL` (+ `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/
 //!   `AWS_REGION`): LocalStack with SQS and KMS.
-//! - `PII_VAULT_REQUIRE_SERVICES=1`: a test that needs a missing service
-//!   fails instead of skipping (set by the README's test command).
+//! - `PII_VAULT_SKIP_SERVICES=1`: tests that need a missing service skip
+//!   (by default they fail, so a run without services cannot pass quietly).
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -17,21 +17,27 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pii-vault"))
 }
 
-/// Whether a missing service must fail the test.
-pub fn services_required() -> bool {
-    std::env::var("PII_VAULT_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+/// Whether a missing service may be skipped: only when asked for
+/// explicitly (`PII_VAULT_SKIP_SERVICES=1`, for a quick edit-compile loop).
+/// Otherwise a test that needs PostgreSQL or LocalStack fails without it,
+/// so that a run without the services can never pass by testing nothing.
+pub fn services_optional() -> bool {
+    std::env::var("PII_VAULT_SKIP_SERVICES").is_ok_and(|v| v == "1")
 }
 
-/// The value of `var`, or `None` (the test then skips) — unless services are
-/// required, in which case a missing variable is a test failure.
+/// The value of `var`, or `None` (the test then skips) when services were
+/// explicitly made optional; otherwise a missing variable fails the test.
 pub fn service_env(var: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(v) if !v.is_empty() => Some(v),
-        _ if services_required() => panic!("{var} is not set but PII_VAULT_REQUIRE_SERVICES=1"),
-        _ => {
-            eprintln!("skipping: {var} not set (run scripts/test.sh to start the services)");
+        _ if services_optional() => {
+            eprintln!("skipping: {var} not set and PII_VAULT_SKIP_SERVICES=1");
             None
         }
+        _ => panic!(
+            "{var} is not set: run the tests with scripts/test.sh (which starts PostgreSQL and LocalStack), \
+             or set PII_VAULT_SKIP_SERVICES=1 to skip the tests that need them"
+        ),
     }
 }
 
@@ -92,6 +98,49 @@ pub fn gen_events(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Generated events with the generator's own record of which lines it broke.
+pub struct Generated {
+    pub text: String,
+    /// 0-based indexes of the lines the generator made malformed, in order.
+    pub malformed: Vec<usize>,
+}
+
+impl Generated {
+    pub fn lines(&self) -> Vec<&str> {
+        self.text.lines().collect()
+    }
+
+    /// The lines the generator left valid.
+    pub fn valid(&self) -> Vec<&str> {
+        let broken: std::collections::HashSet<usize> = self.malformed.iter().copied().collect();
+        self.text
+            .lines()
+            .enumerate()
+            .filter(|(i, _)| !broken.contains(i))
+            .map(|(_, l)| l)
+            .collect()
+    }
+}
+
+/// Like [`gen_events`], with `--manifest`: the expected split of valid and
+/// malformed lines comes from the generator, never from the parser under test.
+pub fn gen_events_recorded(args: &[&str]) -> Generated {
+    let manifest = tempfile::NamedTempFile::new().unwrap();
+    let path = manifest.path().to_str().unwrap().to_string();
+    let mut all = args.to_vec();
+    all.extend(["--manifest", &path]);
+    let text = gen_events(&all);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(manifest.path()).unwrap()).unwrap();
+    let malformed = m["malformed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[0].as_u64().unwrap() as usize)
+        .collect();
+    Generated { text, malformed }
 }
 
 /// Every byte of every file in `dir` whose name starts with `prefix` (an

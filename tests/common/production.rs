@@ -18,8 +18,8 @@ use aws_sdk_sqs::Client as SqsClient;
 use futures::stream::{self, StreamExt};
 use tokio::process::{Child, Command};
 
-/// The services a scenario needs, or `None` (skip) when they are not there;
-/// a panic under `PII_VAULT_REQUIRE_SERVICES=1`. Both must be on a loopback
+/// The services a scenario needs; a panic when they are not there, or
+/// `None` (skip) under `PII_VAULT_SKIP_SERVICES=1`. Both must be on a loopback
 /// address: these tests create queues and keys and must never reach real AWS
 /// or a shared database.
 pub fn services() -> Option<(String, String)> {
@@ -374,6 +374,15 @@ pub fn leaked_fast<'a>(haystack: &[u8], raw: &'a [String]) -> Vec<&'a str> {
 /// Asserts that `haystack` holds none of `raw`, naming how many leaked (and
 /// never the values themselves, which would put them in the test log).
 pub fn assert_no_leak(haystack: &[u8], raw: &[String], what: &str) {
+    // A dump renders `bytea` as hex (`\x3139382e…`): a raw value stored in a
+    // bytea column would show only in that form, so look for it too.
+    let hexed: Vec<String> = raw.iter().map(hex::encode).collect();
+    let leaks_hex = leaked_fast(haystack, &hexed);
+    assert!(
+        leaks_hex.is_empty(),
+        "{what} holds {} plaintext IP(s)/device id(s) of the input, hex-encoded (in a bytea column)",
+        leaks_hex.len()
+    );
     let leaks = leaked_fast(haystack, raw);
     assert!(
         leaks.is_empty(),
