@@ -1830,7 +1830,14 @@ async fn a_reveal_touching_a_honeytoken_is_served_and_raises_an_alarm_only_the_o
     // The owner's watcher: `audit --alarms --follow` reports each new alarm
     // as an ERROR log line (and a line on stdout).
     let follow = tokio::process::Command::new(common::bin())
-        .args(["audit", "--alarms", "--follow", "--format", "json", "--key-dir"])
+        .args([
+            "audit",
+            "--alarms",
+            "--follow",
+            "--format",
+            "json",
+            "--key-dir",
+        ])
         .arg(dir.path().join("keys"))
         .current_dir(dir.path())
         .env("DATABASE_URL", &db.fresh.url)
@@ -1896,17 +1903,24 @@ async fn a_reveal_touching_a_honeytoken_is_served_and_raises_an_alarm_only_the_o
         .args(["-TERM", &pid.to_string()])
         .status()
         .unwrap();
-    let watched = tokio::time::timeout(std::time::Duration::from_secs(10), follow.wait_with_output())
-        .await
-        .expect("the watcher did not stop")
-        .unwrap();
+    let watched = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        follow.wait_with_output(),
+    )
+    .await
+    .expect("the watcher did not stop")
+    .unwrap();
     let (out, err) = (
         String::from_utf8_lossy(&watched.stdout),
         String::from_utf8_lossy(&watched.stderr),
     );
-    assert!(out.contains(&format!("\"request_id\":{request_id}")), "{out}\n{err}");
     assert!(
-        err.lines().any(|l| l.contains("\"level\":\"ERROR\"") && l.contains("ALARM")),
+        out.contains(&format!("\"request_id\":{request_id}")),
+        "{out}\n{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains("\"level\":\"ERROR\"") && l.contains("ALARM")),
         "no ERROR line: {err}"
     );
 
