@@ -188,6 +188,7 @@ _svc_start_localstack() {
     echo "$port" >"$dir/ls.port"
     # setsid: a new session and process group whose id is the pid written
     # to ls.pid, so that stopping kills every process LocalStack started.
+    # DNS_ADDRESS=0: no DNS server (it would bind port 53 on every interface).
     # shellcheck disable=SC2016 # $$ and $1 belong to the inner shell
     GATEWAY_LISTEN="127.0.0.1:$port" \
         LOCALSTACK_HOST="127.0.0.1:$port" \
@@ -196,6 +197,7 @@ _svc_start_localstack() {
         LOCALSTACK_VOLUME_DIR="$dir/volume" \
         SKIP_SSL_CERT_DOWNLOAD=1 \
         DISABLE_EVENTS=1 \
+        DNS_ADDRESS=0 \
         setsid bash -c 'echo $$ >"$1/ls.pid"; shift; exec "$@"' _ "$dir" \
         "$SERVICES_LS_VENV/bin/python" -m localstack.runtime.main \
         </dev/null >"$dir/localstack.log" 2>&1 &
