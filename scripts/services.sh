@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Throwaway services for tests and benchmarks: a PostgreSQL 15 cluster and
+# Throwaway services for tests and benchmarks: a PostgreSQL cluster and
 # LocalStack (SQS + KMS), both on free loopback ports, no Docker needed.
 #
 # Usage, from a script (services stop when the script exits):
@@ -21,14 +21,24 @@
 #                              postgres user; append `stop -m immediate` or `start`
 #     PII_VAULT_TEST_PG_CA     the PEM certificate of the throwaway CA that signed the
 #                              cluster's server certificate (SAN DNS:localhost only)
+#     PII_VAULT_PG_BIN_DIR     the directory of the PostgreSQL binaries in use (initdb,
+#                              pg_ctl, pg_dump), found as described below
 #     AWS_ENDPOINT_URL         http://127.0.0.1:PORT (LocalStack)
 #     AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
 #     PII_VAULT_TEST_AWS=1
 #
 # Settings (environment):
 #     PII_VAULT_SERVICES      which to start: "pg aws" (default), "pg" or "aws"
-#     PII_VAULT_PG_BIN        PostgreSQL binaries [/usr/lib/postgresql/15/bin]
+#     PII_VAULT_PG_BIN        directory of the PostgreSQL server binaries [found]
 #     PII_VAULT_PG_FSYNC      fsync of the test cluster [off]; the benchmark sets on
+#
+# The PostgreSQL server binaries (initdb and pg_ctl) are the first found of:
+# PII_VAULT_PG_BIN; `pg_config --bindir`; the directory of `initdb` on PATH;
+# the newest /usr/lib/postgresql/*/bin (Debian, Ubuntu); /usr/bin and the
+# newest /usr/pgsql-*/bin (Fedora, PGDG packages).
+#
+# Needs python3 and openssl too (and python3's venv module to install
+# LocalStack); a missing tool is named in one line, with how to get it.
 #
 # LocalStack runs from a project-local virtualenv, .cache/localstack, that is
 # created on first use (about 2 minutes). See DEVELOPERS.md.
@@ -37,13 +47,82 @@
 # interactive shells. Every function below is written to be safe under it.
 
 SERVICES_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-SERVICES_PG_BIN="${PII_VAULT_PG_BIN:-/usr/lib/postgresql/15/bin}"
+# The PostgreSQL binaries in use; set by services_find_pg_bin.
+SERVICES_PG_BIN=""
 SERVICES_LS_VENV="$SERVICES_REPO_ROOT/.cache/localstack"
 SERVICES_LS_VERSION="4.9.2"
 # The state of services started by hand (`scripts/services.sh start`).
 SERVICES_CURRENT="$SERVICES_REPO_ROOT/.cache/services.current"
 
 _svc_log() { echo "services: $*" >&2; }
+
+# Whether DIR holds the PostgreSQL server binaries this script runs.
+_svc_is_pg_bin() {
+    [ -n "$1" ] && [ -x "$1/initdb" ] && [ -x "$1/pg_ctl" ]
+}
+
+# Finds the PostgreSQL server binaries (see the top of this file), sets
+# SERVICES_PG_BIN and prints nothing; or names what is missing in one line
+# and returns 1.
+services_find_pg_bin() {
+    local dir initdb real
+    SERVICES_PG_BIN=""
+    if [ -n "${PII_VAULT_PG_BIN:-}" ]; then
+        if _svc_is_pg_bin "$PII_VAULT_PG_BIN"; then
+            SERVICES_PG_BIN="$PII_VAULT_PG_BIN"
+            return 0
+        fi
+        _svc_log "PII_VAULT_PG_BIN=$PII_VAULT_PG_BIN does not hold initdb and pg_ctl: point it at the bin directory of a PostgreSQL server installation, or unset it to search the usual places"
+        return 1
+    fi
+    if command -v pg_config >/dev/null 2>&1; then
+        dir="$(pg_config --bindir 2>/dev/null || true)"
+        if _svc_is_pg_bin "$dir"; then
+            SERVICES_PG_BIN="$dir"
+            return 0
+        fi
+    fi
+    if initdb="$(command -v initdb 2>/dev/null)" && [ -n "$initdb" ]; then
+        # A symlink's target directory first: it also holds pg_dump.
+        real="$(readlink -f "$initdb" 2>/dev/null || true)"
+        for dir in "${real%/*}" "${initdb%/*}"; do
+            if _svc_is_pg_bin "$dir"; then
+                SERVICES_PG_BIN="$dir"
+                return 0
+            fi
+        done
+    fi
+    # Newest version first: sort -V orders 9.6 < 10 < 15 < 16.
+    while IFS= read -r dir; do
+        if _svc_is_pg_bin "$dir"; then
+            SERVICES_PG_BIN="$dir"
+            return 0
+        fi
+    done < <(
+        printf '%s\n' /usr/lib/postgresql/*/bin | sort -rV
+        echo /usr/bin
+        printf '%s\n' /usr/pgsql-*/bin | sort -rV
+    )
+    _svc_log "PostgreSQL server binaries (initdb, pg_ctl) not found: install postgresql (Debian/Ubuntu: apt-get install postgresql; Fedora: dnf install postgresql-server) or set PII_VAULT_PG_BIN"
+    return 1
+}
+
+# Whether the commands the chosen services need are installed; names the
+# first one missing, in one line.
+_svc_check_tools() {
+    local want="$1"
+    if ! command -v python3 >/dev/null 2>&1; then
+        _svc_log "python3 not found (needed to run LocalStack and to pick free ports): install Python 3 (Debian/Ubuntu: apt-get install python3 python3-venv; Fedora: dnf install python3)"
+        return 1
+    fi
+    case " $want " in *" pg "*)
+        if ! command -v openssl >/dev/null 2>&1; then
+            _svc_log "openssl not found (needed for the test cluster's TLS certificates): install openssl (Debian/Ubuntu: apt-get install openssl; Fedora: dnf install openssl)"
+            return 1
+        fi
+        ;;
+    esac
+}
 
 # A free TCP port on 127.0.0.1 (the kernel picks it; tiny race, fine for tests).
 _svc_free_port() {
@@ -82,6 +161,10 @@ import importlib.metadata as m, sys
 sys.exit(m.version('localstack-core') != '$SERVICES_LS_VERSION')" >/dev/null 2>&1; then
             exit 0
         fi
+        if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+            _svc_log "python3 cannot make a virtualenv (needed for LocalStack): install its venv module (Debian/Ubuntu: apt-get install python3-venv; Fedora: dnf install python3)"
+            exit 1
+        fi
         _svc_log "installing LocalStack $SERVICES_LS_VERSION into .cache/localstack (about 2 minutes)"
         if ! {
             python3 -m venv "$SERVICES_LS_VENV" &&
@@ -105,6 +188,7 @@ _svc_start_localstack() {
     echo "$port" >"$dir/ls.port"
     # setsid: a new session and process group whose id is the pid written
     # to ls.pid, so that stopping kills every process LocalStack started.
+    # DNS_ADDRESS=0: no DNS server (it would bind port 53 on every interface).
     # shellcheck disable=SC2016 # $$ and $1 belong to the inner shell
     GATEWAY_LISTEN="127.0.0.1:$port" \
         LOCALSTACK_HOST="127.0.0.1:$port" \
@@ -113,6 +197,7 @@ _svc_start_localstack() {
         LOCALSTACK_VOLUME_DIR="$dir/volume" \
         SKIP_SSL_CERT_DOWNLOAD=1 \
         DISABLE_EVENTS=1 \
+        DNS_ADDRESS=0 \
         setsid bash -c 'echo $$ >"$1/ls.pid"; shift; exec "$@"' _ "$dir" \
         "$SERVICES_LS_VENV/bin/python" -m localstack.runtime.main \
         </dev/null >"$dir/localstack.log" 2>&1 &
@@ -190,7 +275,7 @@ _svc_make_tls() {
 }
 
 _svc_start_pg() {
-    local dir="$1" avoid="${2:-}" port data i
+    local dir="$1" avoid="${2:-}" port data i version
     for i in 1 2 3 4 5; do # not the port just handed to LocalStack
         port="$(_svc_free_port)"
         [ "$port" != "$avoid" ] && break
@@ -241,12 +326,18 @@ EOF
     export PII_VAULT_TEST_PG_DATA="$data"
     export PII_VAULT_TEST_PG_CTL="$ctl"
     export PII_VAULT_TEST_PG_CA="$dir/tls/ca.crt"
-    _svc_log "PostgreSQL 15 on 127.0.0.1:$port (data $data)"
+    export PII_VAULT_PG_BIN_DIR="$SERVICES_PG_BIN"
+    # "pg_ctl (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)" -> 15.18
+    version="$("$SERVICES_PG_BIN/pg_ctl" --version 2>/dev/null | awk '{ print $3 }' || true)"
+    _svc_log "PostgreSQL $version on 127.0.0.1:$port (data $data, binaries $SERVICES_PG_BIN)"
 }
 
 _svc_stop_pg() {
     local dir="$1"
     [ -f "$dir/data/postmaster.pid" ] || return 0
+    if [ -z "$SERVICES_PG_BIN" ]; then
+        services_find_pg_bin 2>/dev/null || return 0
+    fi
     _svc_as_pg "$SERVICES_PG_BIN/pg_ctl" -D "$dir/data" -m immediate -w -t 30 stop >/dev/null 2>&1 || true
 }
 
@@ -260,6 +351,12 @@ services_start() {
         _svc_log "already started in this shell"
         return 0
     fi
+    # Everything needed is checked before anything starts.
+    _svc_check_tools "$want" || return 1
+    case " $want " in *" pg "*)
+        services_find_pg_bin || return 1
+        ;;
+    esac
     if [ "$keep" != --keep ]; then
         trap services_stop EXIT
         trap 'exit 130' INT
@@ -272,11 +369,6 @@ services_start() {
         ;;
     esac
     case " $want " in *" pg "*)
-        if [ ! -x "$SERVICES_PG_BIN/initdb" ]; then
-            _svc_log "no PostgreSQL at $SERVICES_PG_BIN (apt-get install postgresql-15, or set PII_VAULT_PG_BIN)"
-            services_stop
-            return 1
-        fi
         SERVICES_PG_DIR="$(mktemp -d "${TMPDIR:-/tmp}/pii-vault-pg.XXXXXX")"
         local ls_port=""
         if [ -n "${SERVICES_LS_DIR:-}" ]; then ls_port="$(cat "$SERVICES_LS_DIR/ls.port")"; fi
@@ -302,14 +394,15 @@ services_stop() {
         _svc_log "PostgreSQL stopped"
     fi
     SERVICES_LS_DIR="" SERVICES_PG_DIR=""
-    unset PII_VAULT_TEST_PG PII_VAULT_TEST_PG_DATA PII_VAULT_TEST_PG_CTL PII_VAULT_TEST_PG_CA PII_VAULT_TEST_AWS AWS_ENDPOINT_URL
+    unset PII_VAULT_TEST_PG PII_VAULT_TEST_PG_DATA PII_VAULT_TEST_PG_CTL PII_VAULT_TEST_PG_CA PII_VAULT_PG_BIN_DIR \
+        PII_VAULT_TEST_AWS AWS_ENDPOINT_URL
 }
 
 # The exports of the running services, as shell lines.
 services_env() {
     local v
-    for v in PII_VAULT_TEST_PG PII_VAULT_TEST_PG_DATA PII_VAULT_TEST_PG_CTL PII_VAULT_TEST_PG_CA AWS_ENDPOINT_URL \
-        AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_REGION PII_VAULT_TEST_AWS; do
+    for v in PII_VAULT_TEST_PG PII_VAULT_TEST_PG_DATA PII_VAULT_TEST_PG_CTL PII_VAULT_TEST_PG_CA PII_VAULT_PG_BIN_DIR \
+        AWS_ENDPOINT_URL AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_REGION PII_VAULT_TEST_AWS; do
         if [ -n "${!v:-}" ]; then
             printf 'export %s=%q\n' "$v" "${!v}"
         fi
@@ -345,6 +438,7 @@ _svc_main() {
         [ -f "$SERVICES_CURRENT" ] || { _svc_log "not running"; return 1; }
         # shellcheck disable=SC1090
         source "$SERVICES_CURRENT"
+        SERVICES_PG_BIN="${PII_VAULT_PG_BIN_DIR:-}"
         if [ -n "${AWS_ENDPOINT_URL:-}" ]; then
             if _svc_http_ok "$AWS_ENDPOINT_URL/_localstack/health"; then
                 _svc_log "LocalStack up at $AWS_ENDPOINT_URL"
@@ -353,6 +447,7 @@ _svc_main() {
             fi
         fi
         if [ -n "${PII_VAULT_TEST_PG_DATA:-}" ]; then
+            [ -n "$SERVICES_PG_BIN" ] || services_find_pg_bin || return 1
             if _svc_as_pg "$SERVICES_PG_BIN/pg_ctl" -D "$PII_VAULT_TEST_PG_DATA" status >/dev/null; then
                 _svc_log "PostgreSQL up at $PII_VAULT_TEST_PG"
             else
@@ -364,6 +459,7 @@ _svc_main() {
         [ -f "$SERVICES_CURRENT" ] || { _svc_log "not running"; return 0; }
         # shellcheck disable=SC1090
         source "$SERVICES_CURRENT"
+        SERVICES_PG_BIN="${PII_VAULT_PG_BIN_DIR:-}"
         services_stop
         rm -f "$SERVICES_CURRENT"
         ;;

@@ -8,18 +8,33 @@
 #     scripts/test.sh --test aws           # one test binary
 #     scripts/test.sh -E 'test(sqs_)'      # tests whose names match
 #
-# Tests that need a service fail (instead of skipping) here, because this
-# script sets PII_VAULT_REQUIRE_SERVICES=1. Limits: 5 minutes a test (unless
+# Needs cargo-nextest (cargo install cargo-nextest --locked), and what
+# scripts/services.sh needs: the PostgreSQL server binaries, python3, openssl.
+# A missing one is named in one line, before anything starts.
+#
+# Tests that need a service fail without it (they skip only under an
+# explicit PII_VAULT_SKIP_SERVICES=1, which this script clears). Limits: 5 minutes a test (unless
 # .config/nextest.toml says otherwise), PII_VAULT_TEST_TIMEOUT seconds for
 # each cargo run, build included [4500].
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# The test runner, before any service starts (scripts/services.sh checks the
+# rest: PostgreSQL, python3, openssl).
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "test.sh: cargo not found: install Rust (https://rustup.rs), then cargo install cargo-nextest --locked" >&2
+    exit 1
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "test.sh: cargo-nextest not found: install it with cargo install cargo-nextest --locked" >&2
+    exit 1
+fi
+
 # shellcheck source=scripts/services.sh
 source scripts/services.sh
 services_start # exports PII_VAULT_TEST_PG, AWS_ENDPOINT_URL, ...; stops them on exit
-export PII_VAULT_REQUIRE_SERVICES=1
+unset PII_VAULT_SKIP_SERVICES
 
 limit="${PII_VAULT_TEST_TIMEOUT:-4500}"
 work="$(mktemp -d "${TMPDIR:-/tmp}/pii-vault-test.XXXXXX")"
@@ -28,7 +43,7 @@ child=""
 
 # On Ctrl-C or SIGTERM: stop the cargo run in hand (timeout passes the signal
 # on to its process group), then exit, which stops the services.
-# shellcheck disable=SC2329 # called from the traps below
+# shellcheck disable=SC2317,SC2329 # called from the traps below
 on_signal() {
     if [ -n "$child" ]; then
         kill -TERM "$child" 2>/dev/null || true
@@ -94,16 +109,11 @@ if [ $# -eq 0 ] && has_doc_tests; then
     run_step cargo test --doc || status=$?
 fi
 
-if cargo nextest --version >/dev/null 2>&1; then
-    # A hung test is stopped after 5 minutes instead of eating the whole
-    # budget. As a tool config, .config/nextest.toml (if any) overrides it.
-    printf '[profile.default]\nslow-timeout = { period = "60s", terminate-after = 5 }\n' >"$work/nextest.toml"
-    run_step cargo nextest run --tool-config-file "pii-vault-test:$work/nextest.toml" \
-        "${targets[@]}" --no-fail-fast "$@" || status=$?
-else
-    echo "test.sh: cargo-nextest is not installed (cargo install cargo-nextest --locked); using cargo test" >&2
-    run_step cargo test "${targets[@]}" --no-fail-fast "$@" || status=$?
-fi
+# A hung test is stopped after 5 minutes instead of eating the whole
+# budget. As a tool config, .config/nextest.toml (if any) overrides it.
+printf '[profile.default]\nslow-timeout = { period = "60s", terminate-after = 5 }\n' >"$work/nextest.toml"
+run_step cargo nextest run --tool-config-file "pii-vault-test:$work/nextest.toml" \
+    "${targets[@]}" --no-fail-fast "$@" || status=$?
 
 services_stop
 

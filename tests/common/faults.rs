@@ -9,7 +9,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -64,20 +64,6 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// The PostgreSQL binaries: those of the shared test cluster (the directory
-/// of the `pg_ctl` in `PII_VAULT_TEST_PG_CTL`), else `PII_VAULT_PG_BIN`, else
-/// Debian's PostgreSQL 15.
-fn pg_bin_dir() -> PathBuf {
-    if let Ok(ctl) = std::env::var("PII_VAULT_TEST_PG_CTL") {
-        if let Some(word) = ctl.split_whitespace().find(|w| w.ends_with("/pg_ctl")) {
-            return Path::new(word).parent().unwrap().to_path_buf();
-        }
-    }
-    std::env::var_os("PII_VAULT_PG_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
-}
-
 /// A PostgreSQL cluster of one test's own, made like the shared one in
 /// `scripts/services.sh`: `initdb` in a fresh temporary directory (owned by
 /// `postgres` when running as root), 127.0.0.1 only, its unix socket inside
@@ -111,7 +97,7 @@ impl PrivatePg {
             as_root,
             dir,
         };
-        let initdb = pg_bin_dir().join("initdb");
+        let initdb = crate::common::pg_program("initdb");
         let mut cmd = pg.as_pg(&initdb);
         cmd.arg("-D")
             .arg(&data)
@@ -156,7 +142,7 @@ impl PrivatePg {
 
     /// Runs `pg_ctl -D DATA -l LOG -w -t 60 ARGS…` (as postgres).
     pub async fn ctl(&self, args: &[&str]) -> ExitStatus {
-        let mut cmd = self.as_pg(&pg_bin_dir().join("pg_ctl"));
+        let mut cmd = self.as_pg(&crate::common::pg_program("pg_ctl"));
         cmd.arg("-D")
             .arg(self.dir.path().join("data"))
             .arg("-l")
@@ -185,7 +171,7 @@ impl PrivatePg {
 
 impl Drop for PrivatePg {
     fn drop(&mut self) {
-        let mut cmd = self.as_pg(&pg_bin_dir().join("pg_ctl"));
+        let mut cmd = self.as_pg(&crate::common::pg_program("pg_ctl"));
         let _ = cmd
             .arg("-D")
             .arg(self.dir.path().join("data"))

@@ -17,6 +17,20 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pii-vault"))
 }
 
+/// A PostgreSQL program (`pg_dump`, `initdb`, `pg_ctl`): the one in
+/// `PII_VAULT_PG_BIN_DIR` (the binaries `scripts/services.sh` found and ran
+/// the shared cluster with, so that versions match), else in
+/// `PII_VAULT_PG_BIN`, else `name` itself, looked up on PATH.
+pub fn pg_program(name: &str) -> PathBuf {
+    ["PII_VAULT_PG_BIN_DIR", "PII_VAULT_PG_BIN"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .filter(|dir| !dir.is_empty())
+        .map(|dir| PathBuf::from(dir).join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
 /// Whether a missing service may be skipped: only when asked for
 /// explicitly (`PII_VAULT_SKIP_SERVICES=1`, for a quick edit-compile loop).
 /// Otherwise a test that needs PostgreSQL or LocalStack fails without it,

@@ -293,12 +293,7 @@ pub async fn wait_queue_empty(sqs: &SqsClient, queue_url: &str, limit: Duration)
 /// `pg_dump` of the database at `url` into `file` (schema and data, plain
 /// SQL); returns the dump.
 pub async fn pg_dump(url: &str, file: &Path) -> Vec<u8> {
-    let bin = ["/usr/lib/postgresql/15/bin/pg_dump"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("pg_dump"));
-    let mut cmd = Command::new(&bin);
+    let mut cmd = Command::new(crate::common::pg_program("pg_dump"));
     cmd.args(["--no-owner", "--no-privileges", "--file"])
         .arg(file)
         .arg(url)
