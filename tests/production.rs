@@ -831,3 +831,20 @@ fn leaked_fast_agrees_with_leaked() {
         );
     }
 }
+
+#[test]
+fn leaked_hex_finds_values_stored_as_bytea_in_a_dump() {
+    let raw = vec!["198.51.100.7".to_string(), "555-12-3456".to_string()];
+    let dump = format!(
+        "COPY t (b) FROM stdin;\n\\\\x00ff{}00\n\\\\x{}\n\\.\n",
+        hex::encode("198.51.100.7"),
+        hex::encode("nothing here")
+    );
+    assert_eq!(
+        prod::leaked_hex(dump.as_bytes(), &raw),
+        vec!["198.51.100.7"]
+    );
+    // An odd offset is not a byte boundary: no false hit.
+    let shifted = format!("\\\\x0{}", hex::encode("555-12-3456"));
+    assert!(prod::leaked_hex(shifted.as_bytes(), &raw).is_empty());
+}
