@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod output;
 pub mod pipeline;
 pub mod progress;
+pub mod retry;
 pub mod rotation;
 pub mod source;
 pub mod store;

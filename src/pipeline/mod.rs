@@ -17,7 +17,6 @@
 
 pub mod keys;
 pub mod protect;
-pub mod retry;
 pub mod stats;
 
 use std::sync::Arc;
@@ -29,11 +28,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::crypto::{KeyWrapper, TokenKey};
 use crate::domain::{Ack, Message};
+use crate::retry::{self, retry, Backoff};
 use crate::source::MessageSource;
 use crate::store::{Batch, BatchOutcome, Store, StoreError};
 use keys::{DataKeyLease, DekPolicy};
 use protect::{protect, Protected};
-use retry::{retry, Backoff};
 pub use stats::Stats;
 
 #[derive(Debug, Clone)]

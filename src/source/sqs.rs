@@ -26,7 +26,7 @@ use zeroize::Zeroizing;
 
 use super::{MessageSource, SourceError};
 use crate::domain::{Ack, Message};
-use crate::pipeline::retry::Backoff;
+use crate::retry::Backoff;
 
 /// Default seconds a received message stays invisible to other consumers
 /// (`run --visibility-timeout`): far longer than a batch takes to commit, so

@@ -9,6 +9,7 @@ pub mod admin;
 mod pg_admin;
 pub mod postgres;
 pub mod sqlite;
+mod sqlite_admin;
 
 use std::sync::Arc;
 

@@ -26,8 +26,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 const CHUNK: usize = 500;
 
 pub struct SqliteStore {
-    pool: SqlitePool,
-    path: PathBuf,
+    pub(super) pool: SqlitePool,
+    pub(super) path: PathBuf,
 }
 
 impl SqliteStore {
@@ -59,7 +59,7 @@ impl SqliteStore {
     /// has zeroed the freed space in the database file itself. Best effort:
     /// a reader holding an old snapshot can keep the WAL alive, which is
     /// logged.
-    async fn scrub(&self) {
+    pub(super) async fn scrub(&self) {
         match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
             .fetch_one(&self.pool)
             .await
@@ -96,13 +96,13 @@ fn key_from_row(r: &SqliteRow) -> Result<StoredKey, StoreError> {
     })
 }
 
-fn parse_time(s: &str) -> Result<DateTime<Utc>, StoreError> {
+pub(super) fn parse_time(s: &str) -> Result<DateTime<Utc>, StoreError> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|_| StoreError::Permanent("bad timestamp in database".into()))
 }
 
-fn login_from_row(r: &SqliteRow) -> Result<LoginRow, StoreError> {
+pub(super) fn login_from_row(r: &SqliteRow) -> Result<LoginRow, StoreError> {
     Ok(LoginRow {
         message_id: r.try_get("message_id")?,
         user_id: r.try_get("user_id")?,
@@ -117,15 +117,15 @@ fn login_from_row(r: &SqliteRow) -> Result<LoginRow, StoreError> {
 
 /// The time as SQLite writes it (RFC 3339, UTC, milliseconds), taken from
 /// SQLite's clock rather than bound by the client.
-const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+pub(super) const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
 /// A time as [`NOW`] writes it, for comparisons in SQL.
-fn sqlite_time(t: DateTime<Utc>) -> String {
+pub(super) fn sqlite_time(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
 /// Who runs this process: the only principal an SQLite file knows.
-fn os_user() -> String {
+pub(super) fn os_user() -> String {
     std::env::var("USER")
         .or_else(|_| std::env::var("USERNAME"))
         .unwrap_or_else(|_| "unknown".into())
@@ -618,420 +618,6 @@ impl Store for SqliteStore {
     }
 }
 
-fn push_in_list<'a>(q: &mut QueryBuilder<'a, Sqlite>, ids: &'a [String]) {
-    q.push("(");
-    let mut sep = q.separated(", ");
-    for id in ids {
-        sep.push_bind(id);
-    }
-    q.push(")");
-}
-
-#[async_trait]
-impl admin::Maintenance for SqliteStore {
-    async fn insert_key(&self, key: &StoredKey) -> Result<bool, StoreError> {
-        let r = sqlx::query(&format!(
-            "INSERT INTO vault_keys (id, purpose, version, kek_id, wrapped, state, created_at, usage_count, created_by) \
-             VALUES ($1, $2, $3, $4, $5, $6, {NOW}, 0, $7) ON CONFLICT DO NOTHING"
-        ))
-        .bind(&key.id)
-        .bind(key.purpose.as_str())
-        .bind(key.version)
-        .bind(&key.wrapped.kek_id)
-        .bind((key.state != KeyState::Destroyed).then_some(&key.wrapped.blob))
-        .bind(key.state.as_str())
-        .bind(os_user())
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected() == 1)
-    }
-
-    async fn allow_kek(&self, kek_id: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO kms_allowlist (kek_id, added_by) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(kek_id)
-        .bind(os_user())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn record(&self, audit: &AuditEntry, row_count: i64) -> Result<i64, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let id = insert_audit(&mut tx, audit, row_count).await?;
-        tx.commit().await?;
-        Ok(id)
-    }
-
-    async fn begin_job(
-        &self,
-        audit: &AuditEntry,
-        row_count: i64,
-    ) -> Result<admin::Job, StoreError> {
-        if !admin::JOB_KINDS.contains(&audit.action.as_str()) {
-            return Err(StoreError::Permanent(format!(
-                "{} is not a job kind",
-                audit.action
-            )));
-        }
-        // A lock file beside the database, one per kind; the lock goes with
-        // the process however it ends.
-        let mut name = self.path.clone().into_os_string();
-        name.push(format!(".{}.lock", audit.action));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&name)
-            .map_err(|e| {
-                StoreError::Permanent(format!("cannot open the job lock file: {}", e.kind()))
-            })?;
-        if file.try_lock().is_err() {
-            return Err(StoreError::Busy(format!(
-                "another {} is running on this database; wait for it to finish",
-                audit.action
-            )));
-        }
-        let id = self.record(audit, row_count).await?;
-        Ok(admin::Job::new(id, admin::JobLock::File(file)))
-    }
-
-    async fn update_wrapped(&self, key_id: &str, wrapped: &WrappedKey) -> Result<(), StoreError> {
-        sqlx::query("UPDATE vault_keys SET wrapped = $1, kek_id = $2 WHERE id = $3 AND state <> 'destroyed'")
-            .bind(&wrapped.blob)
-            .bind(&wrapped.kek_id)
-            .bind(key_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn set_key_state(&self, key_id: &str, state: KeyState) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE vault_keys SET state = $1, wrapped = CASE WHEN $1 = 'destroyed' THEN NULL ELSE wrapped END \
-             WHERE id = $2 AND state <> 'destroyed'",
-        )
-            .bind(state.as_str())
-            .bind(key_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn transition_keys(
-        &self,
-        purpose: KeyPurpose,
-        from: KeyState,
-        to: KeyState,
-        except: &str,
-    ) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar(
-            "UPDATE vault_keys SET state = $1, wrapped = CASE WHEN $1 = 'destroyed' THEN NULL ELSE wrapped END \
-             WHERE purpose = $2 AND state = $3 AND id <> $4 RETURNING id",
-        )
-        .bind(to.as_str())
-        .bind(purpose.as_str())
-        .bind(from.as_str())
-        .bind(except)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    async fn count_sealed_under(&self, key_ids: &[String]) -> Result<i64, StoreError> {
-        if key_ids.is_empty() {
-            return Ok(0);
-        }
-        let mut q = QueryBuilder::new("SELECT (SELECT count(*) FROM vault WHERE key_id IN ");
-        push_in_list(&mut q, key_ids);
-        q.push(") + (SELECT count(*) FROM quarantine WHERE key_id IN ");
-        push_in_list(&mut q, key_ids);
-        q.push(")");
-        Ok(q.build_query_scalar().fetch_one(&self.pool).await?)
-    }
-
-    async fn vault_rows_under(
-        &self,
-        _job: i64,
-        key_ids: &[String],
-        after: &str,
-        limit: i64,
-    ) -> Result<Vec<VaultRow>, StoreError> {
-        if key_ids.is_empty() {
-            return Ok(vec![]);
-        }
-        let mut q = QueryBuilder::new(
-            "SELECT message_id, user_id, key_id, nonce, ciphertext FROM vault WHERE key_id IN ",
-        );
-        push_in_list(&mut q, key_ids);
-        q.push(" AND message_id > ").push_bind(after);
-        q.push(" ORDER BY message_id LIMIT ").push_bind(limit);
-        let rows = q.build().fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(VaultRow {
-                    message_id: r.try_get("message_id")?,
-                    user_id: r.try_get("user_id")?,
-                    key_id: r.try_get("key_id")?,
-                    nonce: r.try_get("nonce")?,
-                    ciphertext: r.try_get("ciphertext")?,
-                })
-            })
-            .collect()
-    }
-
-    async fn quarantine_rows_under(
-        &self,
-        _job: i64,
-        key_ids: &[String],
-        after: &str,
-        limit: i64,
-    ) -> Result<Vec<QuarantineRow>, StoreError> {
-        if key_ids.is_empty() {
-            return Ok(vec![]);
-        }
-        let mut q = QueryBuilder::new(
-            "SELECT message_id, reason_code, reason, user_id, key_id, nonce, ciphertext, received_at \
-             FROM quarantine WHERE key_id IN ",
-        );
-        push_in_list(&mut q, key_ids);
-        q.push(" AND message_id > ").push_bind(after);
-        q.push(" ORDER BY message_id LIMIT ").push_bind(limit);
-        let rows = q.build().fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(QuarantineRow {
-                    message_id: r.try_get("message_id")?,
-                    reason_code: r.try_get("reason_code")?,
-                    reason: r.try_get("reason")?,
-                    user_id: r.try_get("user_id")?,
-                    key_id: r.try_get("key_id")?,
-                    nonce: r.try_get("nonce")?,
-                    ciphertext: r.try_get("ciphertext")?,
-                    received_at: parse_time(&r.try_get::<String, _>("received_at")?)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn reseal(
-        &self,
-        vault: &[(VaultRow, String)],
-        quarantine: &[(QuarantineRow, String)],
-    ) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let mut changed = 0;
-        for (v, old) in vault {
-            changed += sqlx::query(
-                "UPDATE vault SET key_id = $1, nonce = $2, ciphertext = $3 WHERE message_id = $4 AND key_id = $5",
-            )
-            .bind(&v.key_id)
-            .bind(&v.nonce)
-            .bind(&v.ciphertext)
-            .bind(&v.message_id)
-            .bind(old)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        }
-        for (r, old) in quarantine {
-            changed += sqlx::query(
-                "UPDATE quarantine SET key_id = $1, nonce = $2, ciphertext = $3 WHERE message_id = $4 AND key_id = $5",
-            )
-            .bind(&r.key_id)
-            .bind(&r.nonce)
-            .bind(&r.ciphertext)
-            .bind(&r.message_id)
-            .bind(old)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        }
-        tx.commit().await?;
-        Ok(changed)
-    }
-
-    async fn destroy_unreferenced_data_keys(&self) -> Result<Vec<String>, StoreError> {
-        let destroyed = sqlx::query_scalar(
-            "UPDATE vault_keys SET state = 'destroyed', wrapped = NULL \
-             WHERE purpose = 'vault' AND state = 'retired' \
-             AND NOT EXISTS (SELECT 1 FROM vault v WHERE v.key_id = vault_keys.id) \
-             AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.key_id = vault_keys.id) RETURNING id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        self.scrub().await;
-        Ok(destroyed)
-    }
-
-    async fn logins_to_retokenise(
-        &self,
-        _job: i64,
-        version: i64,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<(i64, LoginRow, VaultRow)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT l.id, l.message_id, l.user_id, l.device_type, l.masked_ip, l.masked_device_id, l.locale, \
-             l.app_version, l.create_date, v.key_id, v.nonce, v.ciphertext \
-             FROM user_logins l JOIN vault v ON v.message_id = l.message_id \
-             WHERE l.id > $1 AND (l.masked_ip NOT LIKE $2 ESCAPE '\\' OR l.masked_device_id NOT LIKE $2 ESCAPE '\\') \
-             ORDER BY l.id LIMIT $3",
-        )
-        .bind(after)
-        .bind(admin::token_like(version))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let login = login_from_row(r)?;
-                let vault = VaultRow {
-                    message_id: login.message_id.clone(),
-                    user_id: login.user_id.clone(),
-                    key_id: r.try_get("key_id")?,
-                    nonce: r.try_get("nonce")?,
-                    ciphertext: r.try_get("ciphertext")?,
-                };
-                Ok((r.try_get("id")?, login, vault))
-            })
-            .collect()
-    }
-
-    async fn update_tokens(&self, rows: &[(String, String, String)]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        for (id, ip, dev) in rows {
-            sqlx::query("UPDATE user_logins SET masked_ip = $1, masked_device_id = $2 WHERE message_id = $3")
-                .bind(ip)
-                .bind(dev)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn count_stale_tokens(&self, version: i64) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT count(*) FROM user_logins l JOIN vault v ON v.message_id = l.message_id \
-             WHERE l.masked_ip NOT LIKE $1 ESCAPE '\\' OR l.masked_device_id NOT LIKE $1 ESCAPE '\\'",
-        )
-        .bind(admin::token_like(version))
-        .fetch_one(&self.pool)
-        .await?)
-    }
-
-    async fn forget(
-        &self,
-        user_id: &str,
-        audit: &AuditEntry,
-    ) -> Result<admin::Forgotten, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let vault_rows = sqlx::query("DELETE FROM vault WHERE user_id = $1")
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        let quarantined = sqlx::query("DELETE FROM quarantine WHERE user_id = $1")
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        let logins_kept: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE user_id = $1")
-                .bind(user_id)
-                .fetch_one(&mut *tx)
-                .await?;
-        insert_audit(&mut tx, audit, (vault_rows + quarantined) as i64).await?;
-        tx.commit().await?;
-        self.scrub().await;
-        Ok(admin::Forgotten {
-            vault_rows,
-            quarantined,
-            logins_kept: logins_kept as u64,
-        })
-    }
-
-    async fn set_policy(
-        &self,
-        max_users_per_reveal: Option<i64>,
-        max_reveals_per_day: Option<i64>,
-    ) -> Result<RevealPolicy, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let (old_users, old_day): (i64, i64) =
-            sqlx::query_as("SELECT max_users_per_reveal, max_reveals_per_day FROM reveal_policy")
-                .fetch_one(&mut *tx)
-                .await?;
-        let (users, day) = (
-            max_users_per_reveal.unwrap_or(old_users),
-            max_reveals_per_day.unwrap_or(old_day),
-        );
-        sqlx::query(&format!(
-            "UPDATE reveal_policy SET max_users_per_reveal = $1, max_reveals_per_day = $2, \
-             changed_at = {NOW}, changed_by = $3"
-        ))
-        .bind(users)
-        .bind(day)
-        .bind(os_user())
-        .execute(&mut *tx)
-        .await?;
-        let audit = AuditEntry {
-            claimed_actor: os_user(),
-            action: "policy-set".into(),
-            target: format!("max_users_per_reveal={users} max_reveals_per_day={day}"),
-            reason: format!("was max_users_per_reveal={old_users} max_reveals_per_day={old_day}"),
-        };
-        insert_audit(&mut tx, &audit, 0).await?;
-        tx.commit().await?;
-        self.policy().await
-    }
-
-    async fn add_honeytokens(&self, user_ids: &[String]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        for id in user_ids {
-            sqlx::query("INSERT INTO honeytokens (user_id, planted_by) VALUES ($1, $2)")
-                .bind(id)
-                .bind(os_user())
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn listen_alarms(&self) -> Result<Box<dyn admin::AlarmListener>, StoreError> {
-        Err(StoreError::Permanent(
-            "following alarms needs Postgres (LISTEN/NOTIFY); on SQLite run `pii-vault audit --alarms` from a scheduler".into(),
-        ))
-    }
-
-    async fn alarms(&self, filter: &AuditFilter) -> Result<Vec<Alarm>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, at, actor, request_id, target, honeytokens FROM audit_alarms \
-             WHERE ($2 IS NULL OR at >= $2) AND ($3 IS NULL OR actor = $3) ORDER BY id DESC LIMIT $1",
-        )
-        .bind(filter.limit)
-        .bind(filter.since.map(sqlite_time))
-        .bind(filter.actor.as_deref())
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Alarm {
-                    id: r.try_get("id")?,
-                    at: parse_time(&r.try_get::<String, _>("at")?)?,
-                    actor: r.try_get("actor")?,
-                    action: "alarm",
-                    request_id: r.try_get("request_id")?,
-                    target: r.try_get("target")?,
-                    honeytokens: r.try_get("honeytokens")?,
-                })
-            })
-            .collect()
-    }
-}
-
 /// Why key `id` failed the fence: retired (or destroyed), or not stored.
 async fn key_state_error(tx: &mut sqlx::Transaction<'_, Sqlite>, id: &str) -> StoreError {
     match sqlx::query_scalar::<_, i64>("SELECT count(*) FROM vault_keys WHERE id = $1")
@@ -1047,7 +633,7 @@ async fn key_state_error(tx: &mut sqlx::Transaction<'_, Sqlite>, id: &str) -> St
 
 /// Writes an audit row with SQLite's clock and the process's user as the
 /// actor; returns its id.
-async fn insert_audit(
+pub(super) async fn insert_audit(
     tx: &mut sqlx::Transaction<'_, Sqlite>,
     audit: &AuditEntry,
     rows: i64,
