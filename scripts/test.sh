@@ -5,7 +5,7 @@
 #
 # Usage: scripts/test.sh [NEXTEST_ARGS...]
 #     scripts/test.sh                      # everything
-#     scripts/test.sh --test aws           # one test binary
+#     scripts/test.sh -E 'test(/^aws::/)'  # one group (a module of tests/it/)
 #     scripts/test.sh -E 'test(sqs_)'      # tests whose names match
 #
 # Needs cargo-nextest (cargo install cargo-nextest --locked), and what

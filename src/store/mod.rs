@@ -2,7 +2,7 @@
 //!
 //! [`Store`] is the boundary; [`sqlite`] is the embedded default and
 //! [`postgres`] the production store. Both run the same conformance suite
-//! (`tests/store_conformance.rs`). Nothing here sees plaintext PII: rows
+//! (`tests/it/store_conformance.rs`). Nothing here sees plaintext PII: rows
 //! arrive already tokenised and sealed.
 
 pub mod admin;

@@ -10,6 +10,11 @@
 //!   (by default they fail, so a run without services cannot pass quietly).
 #![allow(dead_code)]
 
+pub mod aws;
+pub mod faults;
+pub mod pg;
+pub mod production;
+
 use std::path::PathBuf;
 
 /// The built binary under test.
@@ -82,20 +87,77 @@ pub fn leaked<'a>(haystack: &[u8], raw: &'a [String]) -> Vec<&'a str> {
         .collect()
 }
 
-/// `(stored, duplicates, rejected)` from the summary line `run` ends with.
+/// `(stored, duplicates, rejected)` from the summary line `run` ends with
+/// ("pii-vault: N stored, N duplicates, N rejected …").
 pub fn summary(stderr: &[u8]) -> (u64, u64, u64) {
     let err = String::from_utf8_lossy(stderr);
-    let line = err
+    try_summary(&err).unwrap_or_else(|| panic!("no summary in:\n{err}"))
+}
+
+/// [`summary`] of text that may not hold one yet (a worker still running).
+pub fn try_summary(output: &str) -> Option<(u64, u64, u64)> {
+    let line = output
         .lines()
-        .find(|l| l.contains(" stored, "))
-        .unwrap_or_else(|| panic!("no summary in:\n{err}"));
+        .find(|l| l.starts_with("pii-vault: ") && l.contains(" stored, "))?;
     let n: Vec<u64> = line
         .split(|c: char| !c.is_ascii_digit())
         .filter(|s| !s.is_empty())
         .take(3)
         .map(|s| s.parse().unwrap())
         .collect();
-    (n[0], n[1], n[2])
+    Some((n[0], n[1], n[2]))
+}
+
+/// A free TCP port on 127.0.0.1 (the kernel picks it; a tiny race, fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// What a polled check returns: done (`Some` / `Ok`), or not yet, with
+/// what it saw (`Err`) for the message if it never is.
+pub trait Poll {
+    type Out;
+    fn ready(self) -> Result<Self::Out, String>;
+}
+
+impl<T> Poll for Option<T> {
+    type Out = T;
+    fn ready(self) -> Result<T, String> {
+        self.ok_or_else(|| "not yet".into())
+    }
+}
+
+impl<T> Poll for Result<T, String> {
+    type Out = T;
+    fn ready(self) -> Result<T, String> {
+        self
+    }
+}
+
+/// Polls `check` every 100 ms until it is ready, or panics after `limit`
+/// naming `what` and the last thing it saw.
+pub async fn wait_until<P, F, Fut>(limit: std::time::Duration, what: &str, mut check: F) -> P::Out
+where
+    P: Poll,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = P>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let last = match check().await.ready() {
+            Ok(v) => return v,
+            Err(last) => last,
+        };
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}; last seen: {last}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// `python3 scripts/gen-events.py ARGS…`: generated events as JSON Lines.

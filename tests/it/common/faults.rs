@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::{Connection, PgConnection};
 use tokio::io::AsyncReadExt;
@@ -23,34 +23,7 @@ use tokio::sync::watch;
 
 // ------------------------------------------------------------------ waiting
 
-/// Polls `check` every 100 ms until it returns `Some`, or panics after
-/// `limit` naming `what`.
-pub async fn wait_until<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A free TCP port on 127.0.0.1 (the kernel picks it; a tiny race, fine for tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use crate::common::{free_port, wait_until};
 
 // ------------------------------------------------------------------ PostgreSQL
 
@@ -485,7 +458,7 @@ impl Worker {
             self.name,
             self.output()
         );
-        summary(&self.output()).unwrap_or_else(|| {
+        crate::common::try_summary(&self.output()).unwrap_or_else(|| {
             panic!(
                 "worker {}: no summary line in:\n{}",
                 self.name,
@@ -513,21 +486,6 @@ impl Drop for Worker {
             }
         }
     }
-}
-
-/// `(stored, duplicates, rejected)` from the line `run` ends with
-/// ("pii-vault: N stored, N duplicates, N rejected …").
-pub fn summary(output: &str) -> Option<(u64, u64, u64)> {
-    let line = output
-        .lines()
-        .find(|l| l.starts_with("pii-vault: ") && l.contains(" stored, "))?;
-    let nums: Vec<u64> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .take(3)
-        .map(|s| s.parse().unwrap())
-        .collect();
-    Some((nums[0], nums[1], nums[2]))
 }
 
 /// Runs `pii-vault migrate` against `database_url`, with the KMS key the

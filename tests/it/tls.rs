@@ -10,9 +10,7 @@
 //! Fails when `PII_VAULT_TEST_PG` or `PII_VAULT_TEST_PG_CA` is unset (skips
 //! under `PII_VAULT_SKIP_SERVICES=1`).
 
-mod common;
-#[path = "common/pg.rs"]
-mod pg;
+use crate::common::{self, pg};
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};

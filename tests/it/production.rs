@@ -16,13 +16,7 @@
 //! `AWS_ENDPOINT_URL`), as set by `scripts/test.sh`; fails without them (skips
 //! under `PII_VAULT_SKIP_SERVICES=1`).
 
-#[path = "common/aws.rs"]
-mod aws_helpers;
-mod common;
-#[path = "common/pg.rs"]
-mod pg;
-#[path = "common/production.rs"]
-mod prod;
+use crate::common::{self, aws as aws_helpers, pg, production as prod};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};

@@ -5,9 +5,7 @@
 //! `PII_VAULT_TEST_AWS=1`; without them these tests fail (or skip, under
 //! `PII_VAULT_SKIP_SERVICES=1`). Every test makes its own queue and keys.
 
-#[path = "common/aws.rs"]
-mod aws_helpers;
-mod common;
+use crate::common::{self, aws as aws_helpers};
 
 use std::collections::HashSet;
 use std::path::Path;

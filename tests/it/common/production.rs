@@ -11,7 +11,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use aws_sdk_sqs::Client as SqsClient;
@@ -24,7 +24,7 @@ use tokio::process::{Child, Command};
 /// or a shared database.
 pub fn services() -> Option<(String, String)> {
     let pg = crate::common::service_env("PII_VAULT_TEST_PG")?;
-    let aws = crate::aws_helpers::endpoint()?;
+    let aws = crate::common::aws::endpoint()?;
     for url in [&pg, &aws] {
         assert!(
             ["@127.0.0.1:", "//127.0.0.1:", "@localhost:", "//localhost:", "@[::1]:", "//[::1]:"]
@@ -259,30 +259,12 @@ async fn send_chunk(sqs: &SqsClient, queue_url: &str, chunk: &[String]) -> Resul
     Err(last)
 }
 
-/// Polls `f` every 250 ms until it returns `Some`, or panics at `limit`
-/// with `what` and the last value seen.
-pub async fn wait_until<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        let last = match f().await {
-            Ok(v) => return v,
-            Err(last) => last,
-        };
-        if Instant::now() >= deadline {
-            panic!("timed out after {limit:?} waiting for {what}; last seen: {last}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
+pub use crate::common::wait_until;
 
 /// Waits until the queue holds no message, visible or in flight.
 pub async fn wait_queue_empty(sqs: &SqsClient, queue_url: &str, limit: Duration) {
     wait_until(limit, "an empty queue", || async {
-        match crate::aws_helpers::queue_counts(sqs, queue_url).await {
+        match crate::common::aws::queue_counts(sqs, queue_url).await {
             (0, 0) => Ok(()),
             counts => Err(format!("{counts:?} (visible, in flight)")),
         }

@@ -2,7 +2,7 @@
 //! agree with the summary, health endpoints, clean shutdown on SIGTERM, JSON
 //! logs, and no PII in any of it.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

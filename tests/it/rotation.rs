@@ -1,7 +1,7 @@
 //! Key rotation and erasure on the embedded default, with a worker consuming
 //! while the rotations run.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::Write;

@@ -2,7 +2,7 @@
 //! it: a JSON Lines file into an SQLite file with a local key file, then
 //! reveal. Each test proves one security property of the design.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -12,7 +12,7 @@ use pii_vault::domain::CanonicalIp;
 use sqlx::sqlite::SqlitePoolOptions;
 use sqlx::{Row, SqlitePool};
 
-const SAMPLE: &str = include_str!("../samples/logins.jsonl");
+const SAMPLE: &str = include_str!("../../samples/logins.jsonl");
 
 struct Env {
     dir: tempfile::TempDir,

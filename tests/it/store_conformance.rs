@@ -7,9 +7,7 @@
 //! The store never decrypts, so nonces and ciphertexts are random bytes: what
 //! matters is that each comes back attached to the right row.
 
-mod common;
-#[path = "common/pg.rs"]
-mod pg;
+use crate::common::{self, pg};
 
 use std::sync::Arc;
 

@@ -12,9 +12,7 @@
 //! `PII_VAULT_SKIP_SERVICES=1`). Login users are cluster-wide, so each
 //! test names its own after its database and drops them at the end.
 
-mod common;
-#[path = "common/pg.rs"]
-mod pg;
+use crate::common::{self, pg};
 
 use std::fmt::Debug;
 use std::process::{Command, Output};

@@ -16,13 +16,7 @@
 //! `PII_VAULT_SKIP_SERVICES=1`); see DEVELOPERS.md. A failing test shows
 //! what each worker logged; `PII_VAULT_FAULTS_SHOW_LOGS=1` shows it always.
 
-#[path = "common/aws.rs"]
-mod aws_helpers;
-mod common;
-#[path = "common/faults.rs"]
-mod faults_helpers;
-#[path = "common/pg.rs"]
-mod pg;
+use crate::common::{self, aws as aws_helpers, faults as faults_helpers, pg};
 
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,19 @@
+//! The integration tests, in one binary: linking the AWS SDK and sqlx once
+//! instead of once per file is most of what a test build costs.
+//!
+//! Each module is a group of scenarios; `common` holds the one set of
+//! helpers they share (services from the environment, the event generator,
+//! leak scans, a Postgres database per test, LocalStack clients, the fault
+//! injectors). Run one group with `scripts/test.sh -E 'test(/^roles::/)'`.
+
+mod common;
+
+mod aws;
+mod cli_embedded;
+mod faults;
+mod operations;
+mod production;
+mod roles;
+mod rotation;
+mod store_conformance;
+mod tls;
