@@ -1,6 +1,6 @@
 //! What an on-call engineer relies on, on the embedded default: metrics that
-//! agree with the summary, health endpoints, clean shutdown on SIGTERM, JSON
-//! logs, and no PII in any of it.
+//! agree with the summary and that a Prometheus parser reads, health
+//! endpoints, clean shutdown on SIGTERM, JSON logs, and no PII in any of it.
 
 mod common;
 
@@ -37,6 +37,80 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     s.read_to_string(&mut out).ok()?;
     let status = out.split_whitespace().nth(1)?.parse().ok()?;
     Some((status, out.split_once("\r\n\r\n")?.1.to_string()))
+}
+
+/// `/metrics` read as a scraper would, with a parser of the Prometheus text
+/// format; panics on anything a scraper would not accept.
+fn parse_metrics(body: &str) -> prometheus_parse::Scrape {
+    // The parser skips lines it does not understand; a scraper would fail
+    // the scrape, so every line must be a comment or a sample it reads.
+    for line in body.lines() {
+        let info = prometheus_parse::LineInfo::parse(line);
+        assert!(
+            line.starts_with('#') || matches!(info, prometheus_parse::LineInfo::Sample { .. }),
+            "not a sample: {line:?}"
+        );
+        if let prometheus_parse::LineInfo::Sample { value, .. } = info {
+            assert!(
+                value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value),
+                "bad value in {line:?}"
+            );
+        }
+    }
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
+}
+
+/// Every histogram's buckets: bounds increasing, counts cumulative (never
+/// decreasing), ending with `+Inf`, which equals `_count`. Returns how many
+/// histograms there were.
+fn check_histograms(scrape: &prometheus_parse::Scrape) -> usize {
+    let mut seen = 0;
+    for sample in &scrape.samples {
+        let prometheus_parse::Value::Histogram(buckets) = &sample.value else {
+            continue;
+        };
+        seen += 1;
+        let name = &sample.metric;
+        assert!(!buckets.is_empty(), "{name}: no buckets");
+        for pair in buckets.windows(2) {
+            assert!(
+                pair[0].less_than < pair[1].less_than,
+                "{name}: bounds out of order: {pair:?}"
+            );
+            assert!(
+                pair[0].count <= pair[1].count,
+                "{name}: buckets not cumulative: {pair:?}"
+            );
+        }
+        let inf = buckets.last().unwrap();
+        assert!(inf.less_than.is_infinite(), "{name}: no +Inf bucket");
+        let count = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == format!("{name}_count") && s.labels == sample.labels)
+            .unwrap_or_else(|| panic!("{name}: no _count"));
+        let count = match count.value {
+            prometheus_parse::Value::Untyped(v) | prometheus_parse::Value::Counter(v) => v,
+            ref v => panic!("{name}_count: {v:?}"),
+        };
+        assert_eq!(inf.count, count, "{name}: +Inf bucket is not _count");
+    }
+    seen
+}
+
+/// The value of the first sample called `name`.
+fn sample_value(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name)
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            ref v => panic!("{name}: {v:?}"),
+        })
+        .unwrap_or_else(|| panic!("no {name}"))
 }
 
 fn metric(body: &str, name: &str) -> u64 {
@@ -107,13 +181,46 @@ fn metrics_agree_with_the_summary_and_sigterm_drains_cleanly() {
     assert_eq!(by_reason, rejected);
     assert_eq!(metric(&body, "pii_vault_in_flight"), 0);
     assert!(body.contains("pii_vault_batch_seconds_bucket{le=\"+Inf\"}"));
-    assert!(
-        body.lines()
-            .filter(|l| l.starts_with("pii_vault_") || l.starts_with("# "))
-            .count()
-            == body.lines().count(),
-        "unprefixed metric"
+    // Ours are prefixed; the standard process metrics are not.
+    let unprefixed: Vec<&str> = body
+        .lines()
+        .filter(|l| {
+            !(l.starts_with("pii_vault_") || l.starts_with("process_") || l.starts_with("# "))
+        })
+        .collect();
+    assert!(unprefixed.is_empty(), "unprefixed metric: {unprefixed:?}");
+
+    // As a scraper reads it.
+    let scrape = parse_metrics(&body);
+    assert_eq!(check_histograms(&scrape), 2, "batch_size and batch_seconds");
+    let parsed_count = |name: &str| sample_value(&scrape, name);
+    assert_eq!(
+        parsed_count("pii_vault_batch_size_count"),
+        parsed_count("pii_vault_batch_seconds_count")
     );
+    if cfg!(target_os = "linux") {
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_virtual_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+            "process_start_time_seconds",
+            "process_threads",
+        ] {
+            assert!(scrape.samples.iter().any(|s| s.metric == name), "no {name}");
+        }
+        assert!(parsed_count("process_resident_memory_bytes") > 1e6);
+        let started = parsed_count("process_start_time_seconds");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(
+            started <= now + 1.0 && now - started < 600.0,
+            "start time {started} vs now {now}"
+        );
+    }
     assert_eq!(http_get(port, "/healthz").unwrap().0, 200);
     assert_eq!(
         http_get(port, "/readyz").unwrap(),

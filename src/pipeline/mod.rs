@@ -160,9 +160,11 @@ impl Pipeline {
             ackers.spawn(async move {
                 let n = acks.len() as u64;
                 match source.ack(acks).await {
-                    Ok(()) => stats.acked.add(n),
+                    Ok(()) => {
+                        stats.acked.inc_by(n);
+                    }
                     Err(e) => {
-                        stats.ack_failures.add(n);
+                        stats.ack_failures.inc_by(n);
                         tracing::warn!(error = %e, messages = n, "acknowledgement failed; those messages will be redelivered and counted as duplicates");
                     }
                 }
@@ -208,7 +210,7 @@ impl Pipeline {
                 self.opts.backoff,
                 cancel,
                 |e: &StoreError, n| {
-                    stats.retries.with_label("database").inc();
+                    stats.retry("database");
                     tracing::warn!(error = %e, attempt = n, "batch write failed, retrying");
                 },
                 || self.store.write_batch(&batch),
@@ -237,7 +239,7 @@ impl Pipeline {
                     keys.token_id = token_id;
                 }
                 Err(e) => {
-                    stats.errors.with_label("database").inc();
+                    stats.error("database");
                     return Err(e.into());
                 }
             }
@@ -267,7 +269,7 @@ impl Pipeline {
                 Ok(k) => return Ok(k.id.clone()),
                 Err(e) if retry::anyhow_is_transient(&e) => {
                     attempt += 1;
-                    self.stats.retries.with_label("kms").inc();
+                    self.stats.retry("kms");
                     tracing::warn!(error = %e, attempt, "cannot get a data key, retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(self.opts.backoff.delay(attempt)) => {}
@@ -275,7 +277,7 @@ impl Pipeline {
                     }
                 }
                 Err(e) => {
-                    self.stats.errors.with_label("kms").inc();
+                    self.stats.error("kms");
                     return Err(e);
                 }
             }
@@ -330,13 +332,13 @@ async fn receive_loop(
     loop {
         let got = tokio::select! {
             r = retry(backoff, &cancel, |e: &crate::source::SourceError, n| {
-                stats.retries.with_label("source").inc();
+                stats.retry("source");
                 tracing::warn!(error = %e, attempt = n, "receive failed, retrying");
             }, || source.receive(max)) => r?,
             _ = cancel.cancelled() => return Ok(()),
         };
         let Some(msgs) = got else { return Ok(()) };
-        stats.received.add(msgs.len() as u64);
+        stats.received.inc_by(msgs.len() as u64);
         for m in msgs {
             if tx.send(m).await.is_err() {
                 return Ok(());

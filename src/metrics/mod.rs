@@ -4,6 +4,8 @@
 //! connection): three fixed routes do not justify a web framework in a
 //! binary that handles key material.
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
