@@ -1,7 +1,11 @@
 //! What an on-call engineer relies on, on the embedded default: metrics that
 //! agree with the summary and that a Prometheus parser reads, health
-//! endpoints, clean shutdown on SIGTERM, JSON logs, and no PII in any of it.
+//! endpoints that answer as HTTP says, a readiness probe that cannot spend
+//! the KMS quota (this one with LocalStack), clean shutdown on SIGTERM, JSON
+//! logs, and no PII in any of it.
 
+#[path = "common/aws.rs"]
+mod aws_helpers;
 mod common;
 
 use std::io::{Read, Write};
@@ -30,13 +34,45 @@ fn free_port() -> u16 {
 }
 
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http(port, "GET", path).map(|r| (r.status, r.body))
+}
+
+struct HttpResponse {
+    status: u16,
+    /// Header lines, names lower-cased.
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl HttpResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request, read to the end of the connection (the server
+/// closes it after one response).
+fn http(port: u16, method: &str, path: &str) -> Option<HttpResponse> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
-    let status = out.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, out.split_once("\r\n\r\n")?.1.to_string()))
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    let mut lines = head.lines();
+    let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Some(HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    })
 }
 
 /// `/metrics` read as a scraper would, with a parser of the Prometheus text
@@ -111,6 +147,21 @@ fn sample_value(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
             ref v => panic!("{name}: {v:?}"),
         })
         .unwrap_or_else(|| panic!("no {name}"))
+}
+
+/// The value of the sample `name` with the label `label` = `value`.
+fn labeled(scrape: &prometheus_parse::Scrape, name: &str, label: &str, value: &str) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && s.labels.get(label) == Some(value))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            ref v => panic!("{name}: {v:?}"),
+        })
+        .unwrap_or_else(|| panic!("no {name}{{{label}=\"{value}\"}}"))
 }
 
 fn metric(body: &str, name: &str) -> u64 {
@@ -221,12 +272,50 @@ fn metrics_agree_with_the_summary_and_sigterm_drains_cleanly() {
             "start time {started} vs now {now}"
         );
     }
+    // OpenMetrics when asked for, as Prometheus does.
+    let om = {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(
+        om.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text")
+            && om.ends_with("# EOF\n"),
+        "{om}"
+    );
+
+    // HTTP as clients expect it: the query string is not part of the route,
+    // HEAD is GET without the body, other methods are refused politely.
+    let with_query = http(port, "GET", "/metrics?x=1").unwrap();
+    assert_eq!(with_query.status, 200);
+    assert!(with_query
+        .body
+        .contains("pii_vault_messages_acked_total 400"));
+    let head = http(port, "HEAD", "/metrics").unwrap();
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty(), "HEAD with a body: {:?}", head.body);
+    assert!(head
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("text/plain; version=0.0.4")));
+    assert_eq!(http(port, "HEAD", "/healthz").unwrap().status, 200);
+    let post = http(port, "POST", "/metrics").unwrap();
+    assert_eq!(post.status, 405);
+    assert_eq!(post.header("allow"), Some("GET, HEAD"));
     assert_eq!(http_get(port, "/healthz").unwrap().0, 200);
     assert_eq!(
-        http_get(port, "/readyz").unwrap(),
+        http_get(port, "/readyz?verbose").unwrap(),
         (200, "ready\n".to_string())
     );
     assert_eq!(http_get(port, "/nope").unwrap().0, 404);
+    assert_eq!(http_get(port, "/metricsx").unwrap().0, 404);
 
     // SIGTERM while stdin is still open: the worker stops and exits 0 promptly.
     let started = Instant::now();
@@ -346,4 +435,96 @@ fn piped_runs_show_no_progress_bar_and_help_explains() {
     ] {
         assert!(h.contains(needle), "run --help lacks {needle}");
     }
+}
+
+/// `/readyz` checks the key-encryption key with a KMS `DescribeKey`; probes
+/// reuse a result for 5 s and share a check in progress, so a burst of 20
+/// probes costs one `DescribeKey` (counted by the worker's own
+/// `pii_vault_kms_requests_total`), and the next check is made only once the
+/// result is 5 s old.
+#[test]
+fn readyz_calls_kms_at_most_once_per_interval() {
+    if aws_helpers::endpoint().is_none() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_, key_arn) =
+        rt.block_on(async { aws_helpers::create_key(&aws_helpers::kms().await).await });
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut worker = Command::new(common::bin())
+        .args(["run", "--from-file", "-", "--source-id", "stdin-test"])
+        .args(["--metrics-addr", &addr, "--kms-key-id", &key_arn])
+        .current_dir(dir.path())
+        .env_remove("DATABASE_URL")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = worker.stdin.take().unwrap();
+    wait_for(
+        || http_get(port, "/metrics").is_some(),
+        "the worker's /metrics",
+    );
+    let describe_keys = || {
+        let (_, body) = http_get(port, "/metrics").unwrap();
+        labeled(
+            &parse_metrics(&body),
+            "pii_vault_kms_requests_total",
+            "operation",
+            "DescribeKey",
+        )
+    };
+    let burst = |n: usize| {
+        let probes: Vec<_> = (0..n)
+            .map(|_| std::thread::spawn(move || http_get(port, "/readyz")))
+            .collect();
+        for p in probes {
+            assert_eq!(p.join().unwrap(), Some((200, "ready\n".to_string())));
+        }
+    };
+
+    // Start-up describes the key (it must exist and be enabled); nothing
+    // has probed yet, so the burst's first probe makes the one check.
+    let before = describe_keys();
+    assert!(
+        before >= 1.0,
+        "start-up made no DescribeKey: the counter counts nothing"
+    );
+    let started = Instant::now();
+    burst(20);
+    let after = describe_keys();
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the burst took {:?}, longer than the cache interval allows this test to reason about",
+        started.elapsed()
+    );
+    assert_eq!(
+        after - before,
+        1.0,
+        "20 probes, {} DescribeKey calls",
+        after - before
+    );
+
+    // Once the result is older than the interval, the next probe checks again.
+    std::thread::sleep(Duration::from_millis(5200).saturating_sub(started.elapsed()));
+    burst(5);
+    assert_eq!(
+        describe_keys() - after,
+        1.0,
+        "an expired result was not checked again"
+    );
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status();
+    drop(stdin);
+    let out = worker.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
