@@ -2,7 +2,7 @@
 //! agree with the summary and that a Prometheus parser reads, health
 //! endpoints that answer as HTTP says, a readiness probe that cannot spend
 //! the KMS quota (this one with LocalStack), clean shutdown on SIGTERM, JSON
-//! logs, and no PII in any of it.
+//! logs that tie each line to its batch, and no PII in any of it.
 
 #[path = "common/aws.rs"]
 mod aws_helpers;
@@ -526,5 +526,100 @@ fn readyz_calls_kms_at_most_once_per_interval() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// With `--log-format json`, every line logged while a batch is protected
+/// and committed carries the batch's span: its id and size, and, on the
+/// line that reports it done, its outcome and counts. Lines of one batch
+/// agree with each other and the batches add up to the input. No PII.
+#[test]
+fn json_logs_carry_the_batch_span() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = events(300, 10);
+    std::fs::write(dir.path().join("in.jsonl"), &input).unwrap();
+    let out = Command::new(common::bin())
+        .args([
+            "run",
+            "--from-file",
+            "in.jsonl",
+            "--batch-size",
+            "40",
+            "--log-format",
+            "json",
+        ])
+        .current_dir(dir.path())
+        .env_remove("DATABASE_URL")
+        .env_remove("PII_VAULT_KMS_KEY_ID")
+        .env_remove("RUST_LOG")
+        .env("PII_VAULT_LOG", "debug,sqlx=warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let (stored, duplicates, rejected) = common::summary(err.as_bytes());
+    assert_eq!((stored + rejected, duplicates), (300, 0));
+
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .filter(|l| !l.contains(" stored, "))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    // batch id -> (size, outcome fields of its "batch committed" line)
+    let mut batches = std::collections::BTreeMap::new();
+    let mut quarantined = 0;
+    for line in &lines {
+        let Some(span) = line.get("span").filter(|s| s["name"] == "batch") else {
+            continue;
+        };
+        let id = span["batch_id"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no batch_id: {line}"));
+        let size = span["batch_size"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no batch_size: {line}"));
+        let entry = batches.entry(id).or_insert((size, None));
+        assert_eq!(entry.0, size, "batch {id} changed size: {line}");
+        match line["message"].as_str() {
+            Some("rejected message quarantined") => {
+                quarantined += 1;
+                assert!(line["reason"].is_string(), "{line}");
+            }
+            Some("batch committed") => {
+                assert_eq!(span["outcome"], "committed", "{line}");
+                let counts = (
+                    span["stored"].as_u64().unwrap(),
+                    span["duplicates"].as_u64().unwrap(),
+                    span["rejected"].as_u64().unwrap(),
+                );
+                assert_eq!(counts.0 + counts.1 + counts.2, size, "{line}");
+                entry.1 = Some(counts);
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        quarantined, rejected,
+        "every quarantine line is in a batch span"
+    );
+    assert!(batches.len() >= 300 / 40, "{} batches", batches.len());
+    let done: Vec<_> = batches.values().filter_map(|(_, c)| *c).collect();
+    assert_eq!(
+        done.len(),
+        batches.len(),
+        "a batch without its committed line: {batches:?}"
+    );
+    assert_eq!(
+        batches.values().map(|(size, _)| size).sum::<u64>(),
+        300,
+        "batch sizes do not add up to the input"
+    );
+    assert_eq!(done.iter().map(|c| c.0).sum::<u64>(), stored);
+    assert_eq!(done.iter().map(|c| c.2).sum::<u64>(), rejected);
+
+    let raw = common::raw_pii(&input);
+    assert!(
+        common::leaked(err.as_bytes(), &raw).is_empty(),
+        "PII in the logs"
     );
 }

@@ -20,12 +20,14 @@ pub mod protect;
 pub mod retry;
 pub mod stats;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::crypto::{KeyWrapper, TokenKey};
 use crate::domain::{Ack, Message};
@@ -150,7 +152,26 @@ impl Pipeline {
         loop {
             let next = batches.lock().await.recv().await;
             let Some(msgs) = next else { break };
-            let outcome = self.write_batch(&msgs, &mut keys, &cancel).await?;
+            let span = batch_span(msgs.len());
+            let written = self
+                .write_batch(&msgs, &mut keys, &cancel)
+                .instrument(span.clone())
+                .await;
+            let outcome = match written {
+                Ok(o) => {
+                    span.record("outcome", "committed");
+                    span.record("stored", o.stored);
+                    span.record("duplicates", o.duplicates);
+                    span.record("rejected", o.rejected);
+                    tracing::debug!(parent: &span, "batch committed");
+                    o
+                }
+                Err(e) => {
+                    span.record("outcome", "failed");
+                    tracing::warn!(parent: &span, "batch not committed; its messages stay in the source");
+                    return Err(e);
+                }
+            };
             total += outcome;
             let acks: Vec<Ack> = msgs.into_iter().map(|m| m.ack).collect();
             while ackers.len() >= self.opts.concurrency.max(2) {
@@ -219,12 +240,6 @@ impl Pipeline {
             match written {
                 Ok(outcome) => {
                     stats.record_batch(&outcome, msgs.len(), &reasons, started.elapsed());
-                    tracing::debug!(
-                        stored = outcome.stored,
-                        duplicates = outcome.duplicates,
-                        rejected = outcome.rejected,
-                        "batch committed"
-                    );
                     return Ok(outcome);
                 }
                 Err(StoreError::KeyRetired(id)) if id == key_id => {
@@ -283,6 +298,28 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// Batch ids: a counter for the process, from 1.
+static BATCH_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// The span around protecting and committing one batch: `batch_id` (this
+/// process's count), `batch_size` (messages), and, once it is done,
+/// `outcome` (`committed` or `failed`) with the stored, duplicate and
+/// rejected counts. Every log line written meanwhile carries it (in JSON
+/// logs as `span` and `spans`), so a line can be tied to its batch. Counts
+/// and ids only: nothing from a message.
+fn batch_span(size: usize) -> tracing::Span {
+    let id = BATCH_IDS.fetch_add(1, Ordering::Relaxed);
+    tracing::info_span!(
+        "batch",
+        batch_id = id,
+        batch_size = size,
+        outcome = tracing::field::Empty,
+        stored = tracing::field::Empty,
+        duplicates = tracing::field::Empty,
+        rejected = tracing::field::Empty,
+    )
 }
 
 /// The keys one writer holds; replaced when a rotation retires them.
