@@ -110,31 +110,113 @@ pub async fn open_wrapper(cli: &Cli) -> anyhow::Result<Arc<dyn KeyWrapper>> {
     Ok(wrapper)
 }
 
-/// A database URL without its password, for error messages.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
+/// Query parameters of a database URL that hold a secret: libpq's
+/// `password` (which sqlx reads too) and `sslpassword` (the client key's
+/// passphrase).
+const SECRET_PARAMS: &[&str] = &["password", "sslpassword"];
+
+/// A database URL without its secrets, for error messages: the password in
+/// the user info and the value of every secret query parameter
+/// ([`SECRET_PARAMS`]) become `***`.
+///
+/// The URL is parsed (with the `url` crate, which sqlx parses Postgres URLs
+/// with too), never searched as a string, so a password is found wherever
+/// the parser finds it, whatever it contains. A URL that does not parse is
+/// not shown at all. Other parts are kept as written.
+pub fn redact_url(raw: &str) -> String {
+    let Ok(mut url) = url::Url::parse(raw) else {
+        return "(a database URL that does not parse; not shown)".into();
+    };
+    let secret_query = url.query_pairs().any(|(k, _)| is_secret_param(&k));
+    if url.password().is_none() && !secret_query {
+        return raw.to_string();
     }
+    if url.password().is_some() && url.set_password(Some("***")).is_err() {
+        return "(a database URL with a password; not shown)".into();
+    }
+    if secret_query {
+        // Pair by pair, keeping the others exactly as written (re-encoding
+        // them all would turn `sslrootcert=/etc/ca.pem` into `%2Fetc%2Fca.pem`).
+        let query = url.query().unwrap_or_default().to_string();
+        let redacted: Vec<String> = query
+            .split('&')
+            .map(|pair| {
+                let key = url::form_urlencoded::parse(pair.as_bytes())
+                    .next()
+                    .map(|(k, _)| k.into_owned());
+                match key {
+                    Some(k) if is_secret_param(&k) => {
+                        let written = pair.split_once('=').map_or(pair, |(k, _)| k);
+                        format!("{written}=***")
+                    }
+                    _ => pair.to_string(),
+                }
+            })
+            .collect();
+        url.set_query(Some(&redacted.join("&")));
+    }
+    url.to_string()
+}
+
+fn is_secret_param(key: &str) -> bool {
+    SECRET_PARAMS.iter().any(|p| key.eq_ignore_ascii_case(p))
 }
 
 #[cfg(test)]
 mod tests {
+    use super::redact_url;
+
     #[test]
-    fn passwords_are_redacted() {
+    fn passwords_in_the_user_info_are_redacted() {
         assert_eq!(
-            super::redact_url("postgres://app:s3cret@db:5432/x"),
+            redact_url("postgres://app:s3cret@db:5432/x"),
             "postgres://app:***@db:5432/x"
         );
         assert_eq!(
-            super::redact_url("sqlite:pii-vault.db"),
-            "sqlite:pii-vault.db"
+            redact_url("postgresql://app:p%40ss%3Aw0rd@db/x?sslmode=verify-full"),
+            "postgresql://app:***@db/x?sslmode=verify-full"
+        );
+        // An @ in the password, unescaped: the parser still finds the host.
+        let r = redact_url("postgres://app:a@b@db/x");
+        assert!(!r.contains("a@b") && r.contains(":***@"), "{r}");
+        assert_eq!(
+            redact_url("postgres://app@db/x"),
+            "postgres://app@db/x",
+            "no password, nothing to hide"
+        );
+    }
+
+    #[test]
+    fn password_query_parameters_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://db/x?user=app&password=s3cret"),
+            "postgres://db/x?user=app&password=***"
+        );
+        assert_eq!(
+            redact_url(
+                "postgres://app:one@db/x?sslmode=verify-full&sslrootcert=/etc/ca.pem&PASSWORD=two&sslpassword=three"
+            ),
+            "postgres://app:***@db/x?sslmode=verify-full&sslrootcert=/etc/ca.pem&PASSWORD=***&sslpassword=***"
+        );
+        // A percent-encoded parameter name is still that parameter.
+        let r = redact_url("postgres://db/x?pass%77ord=s3cret");
+        assert!(!r.contains("s3cret"), "{r}");
+        let r = redact_url("postgres://db/x?password");
+        assert!(!r.contains("s3cret"), "{r}");
+    }
+
+    #[test]
+    fn urls_without_secrets_are_kept_as_written() {
+        for url in [
+            "sqlite:pii-vault.db",
+            "sqlite:/var/lib/pii vault/x.db?mode=rwc",
+            "postgres://app@db/x?sslmode=verify-full&sslrootcert=/etc/pii-vault/ca.pem",
+        ] {
+            assert_eq!(redact_url(url), url);
+        }
+        assert_eq!(
+            redact_url("not a url with hunter2"),
+            "(a database URL that does not parse; not shown)"
         );
     }
 }

@@ -59,16 +59,19 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         (None, None) => unreachable!("clap requires an input"),
     };
 
-    if let Some(addr) = args.metrics_addr {
-        crate::metrics::serve(
-            addr,
-            stats.clone(),
-            store.clone(),
-            wrapper.clone(),
-            cancel.clone(),
-        )
-        .await?;
-    }
+    let metrics_server = match args.metrics_addr {
+        Some(addr) => Some(
+            crate::metrics::serve(
+                addr,
+                stats.clone(),
+                store.clone(),
+                wrapper.clone(),
+                cancel.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
 
     let opts = RunOptions {
         concurrency: args.concurrency as usize,
@@ -99,6 +102,9 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     cancel.cancel();
     if let Some(p) = progress {
         let _ = p.await;
+    }
+    if let Some(server) = metrics_server {
+        server.stopped().await;
     }
     let outcome = result?;
     eprintln!("{}", summary(&outcome, started.elapsed()));

@@ -57,6 +57,7 @@ impl AwsKms {
     }
 
     async fn describe(&self, key_id: &str) -> Result<String, WrapError> {
+        count("DescribeKey");
         let resp = self
             .client
             .describe_key()
@@ -79,6 +80,13 @@ impl AwsKms {
         }
         Ok(meta.arn.unwrap_or_else(|| key_id.to_string()))
     }
+}
+
+/// Counts one call of `operation` (see [`super::requests`]).
+fn count(operation: &'static str) {
+    super::requests()
+        .get_or_create(&[("operation", operation)])
+        .inc();
 }
 
 fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R>(
@@ -131,6 +139,7 @@ impl KeyWrapper for AwsKms {
 
     async fn wrap(&self, purpose: KeyPurpose, key: &KeyMaterial) -> Result<WrappedKey, WrapError> {
         let arn = self.arn();
+        count("Encrypt");
         let resp = self
             .client
             .encrypt()
@@ -160,6 +169,7 @@ impl KeyWrapper for AwsKms {
     }
 
     async fn generate(&self, purpose: KeyPurpose) -> Result<(KeyMaterial, WrappedKey), WrapError> {
+        count("GenerateDataKey");
         let resp = self
             .client
             .generate_data_key()
@@ -183,6 +193,7 @@ impl KeyWrapper for AwsKms {
         purpose: KeyPurpose,
         wrapped: &WrappedKey,
     ) -> Result<KeyMaterial, WrapError> {
+        count("Decrypt");
         let resp = self
             .client
             .decrypt()
@@ -200,6 +211,7 @@ impl KeyWrapper for AwsKms {
         purpose: KeyPurpose,
         wrapped: &WrappedKey,
     ) -> Result<WrappedKey, WrapError> {
+        count("ReEncrypt");
         let resp = self
             .client
             .re_encrypt()

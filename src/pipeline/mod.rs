@@ -19,12 +19,14 @@ pub mod keys;
 pub mod protect;
 pub mod stats;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::crypto::{KeyWrapper, TokenKey};
 use crate::domain::{Ack, Message};
@@ -149,7 +151,26 @@ impl Pipeline {
         loop {
             let next = batches.lock().await.recv().await;
             let Some(msgs) = next else { break };
-            let outcome = self.write_batch(&msgs, &mut keys, &cancel).await?;
+            let span = batch_span(msgs.len());
+            let written = self
+                .write_batch(&msgs, &mut keys, &cancel)
+                .instrument(span.clone())
+                .await;
+            let outcome = match written {
+                Ok(o) => {
+                    span.record("outcome", "committed");
+                    span.record("stored", o.stored);
+                    span.record("duplicates", o.duplicates);
+                    span.record("rejected", o.rejected);
+                    tracing::debug!(parent: &span, "batch committed");
+                    o
+                }
+                Err(e) => {
+                    span.record("outcome", "failed");
+                    tracing::warn!(parent: &span, "batch not committed; its messages stay in the source");
+                    return Err(e);
+                }
+            };
             total += outcome;
             let acks: Vec<Ack> = msgs.into_iter().map(|m| m.ack).collect();
             while ackers.len() >= self.opts.concurrency.max(2) {
@@ -159,9 +180,11 @@ impl Pipeline {
             ackers.spawn(async move {
                 let n = acks.len() as u64;
                 match source.ack(acks).await {
-                    Ok(()) => stats.acked.add(n),
+                    Ok(()) => {
+                        stats.acked.inc_by(n);
+                    }
                     Err(e) => {
-                        stats.ack_failures.add(n);
+                        stats.ack_failures.inc_by(n);
                         tracing::warn!(error = %e, messages = n, "acknowledgement failed; those messages will be redelivered and counted as duplicates");
                     }
                 }
@@ -207,7 +230,7 @@ impl Pipeline {
                 self.opts.backoff,
                 cancel,
                 |e: &StoreError, n| {
-                    stats.retries.with_label("database").inc();
+                    stats.retry("database");
                     tracing::warn!(error = %e, attempt = n, "batch write failed, retrying");
                 },
                 || self.store.write_batch(&batch),
@@ -216,12 +239,6 @@ impl Pipeline {
             match written {
                 Ok(outcome) => {
                     stats.record_batch(&outcome, msgs.len(), &reasons, started.elapsed());
-                    tracing::debug!(
-                        stored = outcome.stored,
-                        duplicates = outcome.duplicates,
-                        rejected = outcome.rejected,
-                        "batch committed"
-                    );
                     return Ok(outcome);
                 }
                 Err(StoreError::KeyRetired(id)) if id == key_id => {
@@ -236,7 +253,7 @@ impl Pipeline {
                     keys.token_id = token_id;
                 }
                 Err(e) => {
-                    stats.errors.with_label("database").inc();
+                    stats.error("database");
                     return Err(e.into());
                 }
             }
@@ -266,7 +283,7 @@ impl Pipeline {
                 Ok(k) => return Ok(k.id.clone()),
                 Err(e) if retry::anyhow_is_transient(&e) => {
                     attempt += 1;
-                    self.stats.retries.with_label("kms").inc();
+                    self.stats.retry("kms");
                     tracing::warn!(error = %e, attempt, "cannot get a data key, retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(self.opts.backoff.delay(attempt)) => {}
@@ -274,12 +291,34 @@ impl Pipeline {
                     }
                 }
                 Err(e) => {
-                    self.stats.errors.with_label("kms").inc();
+                    self.stats.error("kms");
                     return Err(e);
                 }
             }
         }
     }
+}
+
+/// Batch ids: a counter for the process, from 1.
+static BATCH_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// The span around protecting and committing one batch: `batch_id` (this
+/// process's count), `batch_size` (messages), and, once it is done,
+/// `outcome` (`committed` or `failed`) with the stored, duplicate and
+/// rejected counts. Every log line written meanwhile carries it (in JSON
+/// logs as `span` and `spans`), so a line can be tied to its batch. Counts
+/// and ids only: nothing from a message.
+fn batch_span(size: usize) -> tracing::Span {
+    let id = BATCH_IDS.fetch_add(1, Ordering::Relaxed);
+    tracing::info_span!(
+        "batch",
+        batch_id = id,
+        batch_size = size,
+        outcome = tracing::field::Empty,
+        stored = tracing::field::Empty,
+        duplicates = tracing::field::Empty,
+        rejected = tracing::field::Empty,
+    )
 }
 
 /// The keys one writer holds; replaced when a rotation retires them.
@@ -329,13 +368,13 @@ async fn receive_loop(
     loop {
         let got = tokio::select! {
             r = retry(backoff, &cancel, |e: &crate::source::SourceError, n| {
-                stats.retries.with_label("source").inc();
+                stats.retry("source");
                 tracing::warn!(error = %e, attempt = n, "receive failed, retrying");
             }, || source.receive(max)) => r?,
             _ = cancel.cancelled() => return Ok(()),
         };
         let Some(msgs) = got else { return Ok(()) };
-        stats.received.add(msgs.len() as u64);
+        stats.received.inc_by(msgs.len() as u64);
         for m in msgs {
             if tx.send(m).await.is_err() {
                 return Ok(());

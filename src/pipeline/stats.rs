@@ -1,116 +1,40 @@
-//! Counters the pipeline keeps, read by the summary line, the progress bar
-//! and `/metrics`. Lock-free on the hot path; labels are fixed, value-free
-//! strings (reason codes, dependency names), never message content.
+//! Counters the pipeline keeps, read by `/metrics` (and the in-flight count
+//! by the summary's checks). The metrics are `prometheus-client` types in one
+//! registry, so encoding them is the library's job: a histogram's buckets
+//! are counted and encoded together, cumulative by construction, and the
+//! `+Inf` bucket always equals `_count`. Labels are fixed, value-free
+//! strings (reason codes, dependency and KMS operation names), never message
+//! content.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 use crate::store::BatchOutcome;
 
-#[derive(Default)]
-pub struct Counter(AtomicU64);
+/// One label with a value from a small, fixed set of names.
+pub type Label = [(&'static str, &'static str); 1];
 
-impl Counter {
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn inc(&self) {
-        self.add(1)
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
+/// Counters by one label (a reason code, a dependency, an operation).
+pub type LabeledCounter = Family<Label, Counter>;
 
-/// A counter per label value; the set of labels is small and static.
-#[derive(Default)]
-pub struct LabeledCounter(Mutex<BTreeMap<&'static str, u64>>);
+/// Dependencies whose faults are counted (`dependency` label).
+pub const DEPENDENCIES: &[&str] = &["database", "source", "kms"];
 
-impl LabeledCounter {
-    pub fn with_label(&self, label: &'static str) -> LabelHandle<'_> {
-        LabelHandle(self, label)
-    }
-    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
-        self.0.lock().expect("stats lock").clone()
-    }
-    pub fn preset(&self, labels: &[&'static str]) {
-        let mut m = self.0.lock().expect("stats lock");
-        for l in labels {
-            m.entry(l).or_insert(0);
-        }
-    }
-}
+/// Upper bounds of `pii_vault_batch_size` (messages).
+const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0];
+/// Upper bounds of `pii_vault_batch_seconds`.
+const BATCH_SECONDS_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
-pub struct LabelHandle<'a>(&'a LabeledCounter, &'static str);
-
-impl LabelHandle<'_> {
-    pub fn add(&self, n: u64) {
-        *self
-            .0
-             .0
-            .lock()
-            .expect("stats lock")
-            .entry(self.1)
-            .or_insert(0) += n;
-    }
-    pub fn inc(&self) {
-        self.add(1)
-    }
-}
-
-/// A Prometheus histogram with fixed upper bounds.
-pub struct Histogram {
-    bounds: &'static [f64],
-    buckets: Vec<AtomicU64>,
-    count: AtomicU64,
-    /// Sum in millionths, to stay lock-free.
-    sum_micro: AtomicU64,
-}
-
-impl Histogram {
-    pub fn new(bounds: &'static [f64]) -> Self {
-        Histogram {
-            bounds,
-            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
-            sum_micro: AtomicU64::new(0),
-        }
-    }
-
-    pub fn observe(&self, v: f64) {
-        for (b, c) in self.bounds.iter().zip(&self.buckets) {
-            if v <= *b {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micro
-            .fetch_add((v * 1e6) as u64, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (b, c) in self.bounds.iter().zip(&self.buckets) {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{b}\"}} {}",
-                c.load(Ordering::Relaxed)
-            );
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count {count}");
-    }
-}
-
+/// The metrics of one `run`, and the registry `/metrics` encodes.
 pub struct Stats {
     pub received: Counter,
     pub stored: Counter,
@@ -123,29 +47,117 @@ pub struct Stats {
     pub errors: LabeledCounter,
     pub batch_size: Histogram,
     pub batch_seconds: Histogram,
+    registry: Registry,
 }
 
 impl Default for Stats {
     fn default() -> Self {
-        let s = Stats {
-            received: Counter::default(),
-            stored: Counter::default(),
-            duplicates: Counter::default(),
-            rejected: Counter::default(),
-            acked: Counter::default(),
-            ack_failures: Counter::default(),
-            rejected_by_reason: LabeledCounter::default(),
-            retries: LabeledCounter::default(),
-            errors: LabeledCounter::default(),
-            batch_size: Histogram::new(&[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0]),
-            batch_seconds: Histogram::new(&[
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
-        };
-        s.rejected_by_reason.preset(crate::domain::Rejection::CODES);
-        s.retries.preset(&["database", "source", "kms"]);
-        s.errors.preset(&["database", "source", "kms"]);
-        s
+        let received = Counter::default();
+        let acked = Counter::default();
+        let ack_failures = Counter::default();
+        let stored = Counter::default();
+        let duplicates = Counter::default();
+        let rejected = Counter::default();
+        let rejected_by_reason = LabeledCounter::default();
+        let retries = LabeledCounter::default();
+        let errors = LabeledCounter::default();
+        let batch_size = Histogram::new(BATCH_SIZE_BUCKETS.iter().copied());
+        let batch_seconds = Histogram::new(BATCH_SECONDS_BUCKETS.iter().copied());
+        // Every series exists from the start (at 0), so that a rate() over
+        // the first increment sees it.
+        preset(
+            &rejected_by_reason,
+            "reason",
+            crate::domain::Rejection::CODES,
+        );
+        preset(&retries, "dependency", DEPENDENCIES);
+        preset(&errors, "dependency", DEPENDENCIES);
+
+        let mut root = Registry::default();
+        crate::metrics::process::register(&mut root);
+        let r = root.sub_registry_with_prefix("pii_vault");
+        // Counter names get their `_total` from the encoder.
+        r.register(
+            "messages_received",
+            "Messages received from the source",
+            received.clone(),
+        );
+        r.register(
+            "logins_stored",
+            "Logins newly written to user_logins",
+            stored.clone(),
+        );
+        r.register(
+            "duplicates",
+            "Redelivered messages that added nothing",
+            duplicates.clone(),
+        );
+        r.register(
+            "rejected",
+            "Messages rejected and quarantined",
+            rejected.clone(),
+        );
+        r.register(
+            "messages_acked",
+            "Messages acknowledged to the source after commit",
+            acked.clone(),
+        );
+        r.register(
+            "ack_failures",
+            "Messages whose acknowledgement failed (will be redelivered)",
+            ack_failures.clone(),
+        );
+        r.register(
+            "rejected_by_reason",
+            "Rejected messages by reason code",
+            rejected_by_reason.clone(),
+        );
+        r.register(
+            "retries",
+            "Retries after transient faults, by dependency",
+            retries.clone(),
+        );
+        r.register("errors", "Errors by dependency", errors.clone());
+        r.register(
+            "kms_requests",
+            "AWS KMS API calls this process made, by operation (one per call; the SDK's own retries are not counted apart)",
+            crate::kms::requests().clone(),
+        );
+        r.register(
+            "batch_size",
+            "Messages per committed batch",
+            batch_size.clone(),
+        );
+        r.register(
+            "batch_seconds",
+            "Time to protect and commit one batch",
+            batch_seconds.clone(),
+        );
+        r.register_collector(Box::new(InFlight {
+            received: received.clone(),
+            acked: acked.clone(),
+            ack_failures: ack_failures.clone(),
+        }));
+        Stats {
+            received,
+            stored,
+            duplicates,
+            rejected,
+            acked,
+            ack_failures,
+            rejected_by_reason,
+            retries,
+            errors,
+            batch_size,
+            batch_seconds,
+            registry: root,
+        }
+    }
+}
+
+fn preset(family: &LabeledCounter, label: &'static str, values: &[&'static str]) {
+    for v in values {
+        let _ = family.get_or_create(&[(label, *v)]);
     }
 }
 
@@ -157,108 +169,135 @@ impl Stats {
         reasons: &[&'static str],
         took: Duration,
     ) {
-        self.stored.add(o.stored);
-        self.duplicates.add(o.duplicates);
-        self.rejected.add(o.rejected);
+        self.stored.inc_by(o.stored);
+        self.duplicates.inc_by(o.duplicates);
+        self.rejected.inc_by(o.rejected);
         // Reasons of rejections that were themselves redeliveries are not
         // counted twice: only as many as were newly quarantined.
         for r in reasons.iter().take(o.rejected as usize) {
-            self.rejected_by_reason.with_label(r).inc();
+            self.rejected_by_reason
+                .get_or_create(&[("reason", r)])
+                .inc();
         }
         self.batch_size.observe(size as f64);
         self.batch_seconds.observe(took.as_secs_f64());
     }
 
-    /// Messages received and not yet acknowledged (or given up on).
-    pub fn in_flight(&self) -> u64 {
-        self.received
-            .get()
-            .saturating_sub(self.acked.get() + self.ack_failures.get())
+    /// A retry after a transient fault of `dependency` (one of [`DEPENDENCIES`]).
+    pub fn retry(&self, dependency: &'static str) {
+        self.retries
+            .get_or_create(&[("dependency", dependency)])
+            .inc();
     }
 
-    /// Prometheus text exposition format, every name prefixed `pii_vault_`.
+    /// A fault of `dependency` that was given up on.
+    pub fn error(&self, dependency: &'static str) {
+        self.errors
+            .get_or_create(&[("dependency", dependency)])
+            .inc();
+    }
+
+    /// Messages received and not yet acknowledged (or given up on).
+    pub fn in_flight(&self) -> u64 {
+        in_flight(&self.received, &self.acked, &self.ack_failures)
+    }
+
+    /// Every metric, for `/metrics`.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The Prometheus text exposition format (version 0.0.4).
     pub fn render_prometheus(&self) -> String {
         let mut out = String::new();
-        let counters = [
-            (
-                "pii_vault_messages_received_total",
-                "Messages received from the source.",
-                &self.received,
-            ),
-            (
-                "pii_vault_logins_stored_total",
-                "Logins newly written to user_logins.",
-                &self.stored,
-            ),
-            (
-                "pii_vault_duplicates_total",
-                "Redelivered messages that added nothing.",
-                &self.duplicates,
-            ),
-            (
-                "pii_vault_rejected_total",
-                "Messages rejected and quarantined.",
-                &self.rejected,
-            ),
-            (
-                "pii_vault_messages_acked_total",
-                "Messages acknowledged to the source after commit.",
-                &self.acked,
-            ),
-            (
-                "pii_vault_ack_failures_total",
-                "Messages whose acknowledgement failed (will be redelivered).",
-                &self.ack_failures,
-            ),
-        ];
-        for (name, help, c) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                c.get()
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// The OpenMetrics text format (with its `# EOF`).
+    pub fn render_openmetrics(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+fn in_flight(received: &Counter, acked: &Counter, ack_failures: &Counter) -> u64 {
+    received
+        .get()
+        .saturating_sub(acked.get() + ack_failures.get())
+}
+
+/// `pii_vault_in_flight`, computed at scrape time from the counters.
+#[derive(Debug)]
+struct InFlight {
+    received: Counter,
+    acked: Counter,
+    ack_failures: Counter,
+}
+
+impl Collector for InFlight {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauge =
+            ConstGauge::new(in_flight(&self.received, &self.acked, &self.ack_failures) as i64);
+        let metric = encoder.encode_descriptor(
+            "in_flight",
+            "Messages received and not yet acknowledged.",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_labels_are_kept() {
+        let s = Stats::default();
+        s.received.inc_by(3);
+        s.acked.inc_by(1);
+        s.retry("kms");
+        s.record_batch(
+            &BatchOutcome {
+                stored: 2,
+                duplicates: 0,
+                rejected: 1,
+            },
+            3,
+            &["not_json"],
+            Duration::from_millis(7),
+        );
+        let text = s.render_prometheus();
+        for line in [
+            "pii_vault_messages_received_total 3",
+            "pii_vault_logins_stored_total 2",
+            "pii_vault_duplicates_total 0",
+            "pii_vault_rejected_total 1",
+            "pii_vault_messages_acked_total 1",
+            "pii_vault_ack_failures_total 0",
+            "pii_vault_rejected_by_reason_total{reason=\"not_json\"} 1",
+            "pii_vault_retries_total{dependency=\"kms\"} 1",
+            "pii_vault_retries_total{dependency=\"database\"} 0",
+            "pii_vault_errors_total{dependency=\"source\"} 0",
+            "pii_vault_in_flight 2",
+            "pii_vault_batch_size_bucket{le=\"+Inf\"} 1",
+            "pii_vault_batch_size_count 1",
+            "pii_vault_batch_seconds_bucket{le=\"0.01\"} 1",
+            "pii_vault_batch_seconds_bucket{le=\"0.005\"} 0",
+            "# TYPE pii_vault_batch_seconds histogram",
+            "# TYPE pii_vault_in_flight gauge",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "no line {line:?} in:\n{text}"
             );
         }
-        let labeled = [
-            (
-                "pii_vault_rejected_by_reason_total",
-                "Rejected messages by reason code.",
-                "reason",
-                &self.rejected_by_reason,
-            ),
-            (
-                "pii_vault_retries_total",
-                "Retries after transient faults, by dependency.",
-                "dependency",
-                &self.retries,
-            ),
-            (
-                "pii_vault_errors_total",
-                "Errors by dependency.",
-                "dependency",
-                &self.errors,
-            ),
-        ];
-        for (name, help, label, c) in labeled {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (k, v) in c.snapshot() {
-                let _ = writeln!(out, "{name}{{{label}=\"{k}\"}} {v}");
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP pii_vault_in_flight Messages received and not yet acknowledged.\n# TYPE pii_vault_in_flight gauge\npii_vault_in_flight {}",
-            self.in_flight()
-        );
-        self.batch_size.render(
-            &mut out,
-            "pii_vault_batch_size",
-            "Messages per committed batch.",
-        );
-        self.batch_seconds.render(
-            &mut out,
-            "pii_vault_batch_seconds",
-            "Time to protect and commit one batch.",
-        );
-        out
+        let om = s.render_openmetrics();
+        assert!(om.ends_with("# EOF\n"), "{om}");
     }
 }

@@ -10,6 +10,7 @@ mod common;
 
 mod aws;
 mod cli_embedded;
+mod compose;
 mod faults;
 mod operations;
 mod production;
