@@ -1,5 +1,7 @@
-//! The command line. Every flag can also come from the environment, so the
-//! same binary runs under a shell, systemd, Kubernetes or a CI job.
+//! The command line. The settings a deployment makes once (database, KMS
+//! key, queue, concurrency, metrics address, …) can also come from the
+//! environment, so the same binary runs under a shell, systemd, Kubernetes
+//! or a CI job; per-call flags (`--reason`, `--user-id`) cannot.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -46,6 +48,11 @@ pub struct Cli {
 impl Cli {
     pub fn database_url(&self) -> &str {
         self.database_url.as_deref().unwrap_or(DEFAULT_DATABASE_URL)
+    }
+
+    /// Which database backend the URL names, decided once, here.
+    pub fn backend(&self) -> anyhow::Result<crate::store::Backend> {
+        crate::store::Backend::of(self.database_url())
     }
 
     /// Whether long jobs may draw a progress bar: text logs on a terminal.

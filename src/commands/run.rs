@@ -16,7 +16,8 @@ use crate::store::BatchOutcome;
 pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     let admin = super::open_admin_store(cli).await?;
     let wrapper = super::open_wrapper(cli).await?;
-    if cli.database_url().starts_with("sqlite:") {
+    let backend = cli.backend()?;
+    if backend == crate::store::Backend::Sqlite {
         // The embedded default has one user, who owns the file: the first
         // run sets up its keys, so one command is all it takes.
         crate::keyring::init_keys(&*admin, &*wrapper, &super::claimed_actor(None)).await?;
@@ -77,12 +78,9 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency as usize,
         batch_size: args.batch_size as usize,
         writers: args.writers.map_or_else(
-            || {
-                if cli.database_url().starts_with("sqlite:") {
-                    1
-                } else {
-                    2
-                }
+            || match backend {
+                crate::store::Backend::Sqlite => 1,
+                crate::store::Backend::Postgres => 2,
             },
             usize::from,
         ),

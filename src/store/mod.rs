@@ -481,15 +481,33 @@ pub trait Store: Send + Sync {
 pub trait AdminStore: Store + admin::Maintenance {}
 impl<T: Store + admin::Maintenance> AdminStore for T {}
 
+/// The database backends, told apart once from the URL's scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `postgres://…` / `postgresql://…`: the production store.
+    Postgres,
+    /// `sqlite:PATH`: the embedded default, one file, one user.
+    Sqlite,
+}
+
+impl Backend {
+    pub fn of(url: &str) -> anyhow::Result<Backend> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else {
+            anyhow::bail!("unsupported database URL scheme: use postgres://… or sqlite:PATH")
+        }
+    }
+}
+
 /// Opens the store a URL names, with its privileged operations.
 pub async fn connect_admin(url: &str) -> anyhow::Result<Arc<dyn AdminStore>> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(postgres::PgStore::connect(url).await?))
-    } else if url.starts_with("sqlite:") {
-        Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
-    } else {
-        anyhow::bail!("unsupported database URL scheme: use postgres://… or sqlite:PATH")
-    }
+    Ok(match Backend::of(url)? {
+        Backend::Postgres => Arc::new(postgres::PgStore::connect(url).await?),
+        Backend::Sqlite => Arc::new(sqlite::SqliteStore::connect(url).await?),
+    })
 }
 
 /// Opens the store a URL names: `postgres://…` or `sqlite:…`.
