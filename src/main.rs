@@ -17,16 +17,17 @@ fn main() -> std::process::ExitCode {
     runtime.shutdown_background();
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<pii_vault::commands::Exit>().is_some() => {
-            let exit = e
-                .downcast_ref::<pii_vault::commands::Exit>()
-                .expect("checked");
-            eprintln!("pii-vault: {}", exit.message);
-            std::process::ExitCode::from(exit.code)
-        }
-        Err(e) => {
-            eprintln!("pii-vault: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<pii_vault::commands::Exit>() {
+            // Not a failure, but not success either (a reveal waiting for
+            // approval): its own message and exit status.
+            Some(exit) => {
+                eprintln!("pii-vault: {}", exit.message);
+                std::process::ExitCode::from(exit.code)
+            }
+            None => {
+                eprintln!("pii-vault: error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
     }
 }

@@ -43,6 +43,19 @@ pub struct VaultRow {
     pub ciphertext: Vec<u8>,
 }
 
+impl VaultRow {
+    /// The vault row of `login`, as a join hands out its sealed columns.
+    pub fn of(login: &LoginRow, key_id: String, nonce: Vec<u8>, ciphertext: Vec<u8>) -> Self {
+        VaultRow {
+            message_id: login.message_id.clone(),
+            user_id: login.user_id.clone(),
+            key_id,
+            nonce,
+            ciphertext,
+        }
+    }
+}
+
 /// A rejected message: a value-free reason and the sealed body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuarantineRow {
@@ -138,6 +151,14 @@ pub enum Selector {
 }
 
 impl Selector {
+    /// The `user_logins` column a stored selector name stands for: the only
+    /// names ever put into SQL as a column.
+    pub fn column_named(name: &str) -> Option<&'static str> {
+        ["user_id", "masked_ip", "masked_device_id"]
+            .into_iter()
+            .find(|c| *c == name)
+    }
+
     /// The `user_logins` column it selects on, and the value.
     pub fn parts(&self) -> (&'static str, &str) {
         match self {

@@ -24,7 +24,17 @@ fn vault_from_row(r: &PgRow) -> Result<VaultRow, StoreError> {
 
 /// `pii_vault_record(action, target, reason, claimed_actor, row_count)`:
 /// the audit row of a rotator's job, with actor and time from the database.
-const RECORD: &str = "SELECT pii_vault_record($1, $2, $3, $4, $5)";
+fn record<'q>(
+    audit: &'q AuditEntry,
+    row_count: i64,
+) -> sqlx::query::QueryScalar<'q, sqlx::Postgres, i64, sqlx::postgres::PgArguments> {
+    sqlx::query_scalar("SELECT pii_vault_record($1, $2, $3, $4, $5)")
+        .bind(&audit.action)
+        .bind(&audit.target)
+        .bind(&audit.reason)
+        .bind(&audit.claimed_actor)
+        .bind(row_count)
+}
 
 #[async_trait]
 impl Maintenance for PgStore {
@@ -58,14 +68,7 @@ impl Maintenance for PgStore {
     }
 
     async fn record(&self, audit: &AuditEntry, row_count: i64) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar(RECORD)
-            .bind(&audit.action)
-            .bind(&audit.target)
-            .bind(&audit.reason)
-            .bind(&audit.claimed_actor)
-            .bind(row_count)
-            .fetch_one(self.pool())
-            .await?)
+        Ok(record(audit, row_count).fetch_one(self.pool()).await?)
     }
 
     async fn begin_job(&self, audit: &AuditEntry, row_count: i64) -> Result<Job, StoreError> {
@@ -80,14 +83,7 @@ impl Maintenance for PgStore {
         // handing it back to the pool still holding the lock.
         let mut conn = self.pool().acquire().await?;
         conn.close_on_drop();
-        let id: i64 = sqlx::query_scalar(RECORD)
-            .bind(&audit.action)
-            .bind(&audit.target)
-            .bind(&audit.reason)
-            .bind(&audit.claimed_actor)
-            .bind(row_count)
-            .fetch_one(&mut *conn)
-            .await?;
+        let id = record(audit, row_count).fetch_one(&mut *conn).await?;
         Ok(Job::new(id, JobLock::Pg(conn)))
     }
 
@@ -273,13 +269,12 @@ impl Maintenance for PgStore {
         rows.iter()
             .map(|r| {
                 let login = login_from_row(r)?;
-                let vault = VaultRow {
-                    message_id: login.message_id.clone(),
-                    user_id: login.user_id.clone(),
-                    key_id: r.try_get("key_id")?,
-                    nonce: r.try_get("nonce")?,
-                    ciphertext: r.try_get("ciphertext")?,
-                };
+                let vault = VaultRow::of(
+                    &login,
+                    r.try_get("key_id")?,
+                    r.try_get("nonce")?,
+                    r.try_get("ciphertext")?,
+                );
                 Ok((r.try_get("id")?, login, vault))
             })
             .collect()
@@ -332,13 +327,8 @@ impl Maintenance for PgStore {
                 .bind(user_id)
                 .fetch_one(&mut *tx)
                 .await?;
-        sqlx::query(RECORD)
-            .bind(&audit.action)
-            .bind(&audit.target)
-            .bind(&audit.reason)
-            .bind(&audit.claimed_actor)
-            .bind((vault_rows + quarantined) as i64)
-            .execute(&mut *tx)
+        record(audit, (vault_rows + quarantined) as i64)
+            .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;
         Ok(Forgotten {

@@ -341,15 +341,13 @@ impl Store for PgStore {
         rows.iter()
             .map(|r| {
                 let login = login_from_row(r)?;
-                let key_id: Option<String> = r.try_get("key_id")?;
-                let vault = match key_id {
-                    Some(key_id) => Some(VaultRow {
-                        message_id: login.message_id.clone(),
-                        user_id: login.user_id.clone(),
+                let vault = match r.try_get::<Option<String>, _>("key_id")? {
+                    Some(key_id) => Some(VaultRow::of(
+                        &login,
                         key_id,
-                        nonce: r.try_get("nonce")?,
-                        ciphertext: r.try_get("ciphertext")?,
-                    }),
+                        r.try_get("nonce")?,
+                        r.try_get("ciphertext")?,
+                    )),
                     None => None,
                 };
                 Ok((login, vault))

@@ -410,12 +410,8 @@ impl Store for SqliteStore {
                 "audit record {request_id} has expired"
             )));
         }
-        let column = match column.as_str() {
-            "user_id" => "user_id",
-            "masked_ip" => "masked_ip",
-            "masked_device_id" => "masked_device_id",
-            _ => return Err(StoreError::Permanent("unknown reveal selector".into())),
-        };
+        let column = Selector::column_named(&column)
+            .ok_or_else(|| StoreError::Permanent("unknown reveal selector".into()))?;
         sqlx::query(&format!(
             "UPDATE reveal_requests SET fetched_at = {NOW} WHERE id = $1"
         ))
@@ -434,15 +430,13 @@ impl Store for SqliteStore {
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
             let login = login_from_row(r)?;
-            let key_id: Option<String> = r.try_get("key_id")?;
-            let vault = match key_id {
-                Some(key_id) => Some(VaultRow {
-                    message_id: login.message_id.clone(),
-                    user_id: login.user_id.clone(),
+            let vault = match r.try_get::<Option<String>, _>("key_id")? {
+                Some(key_id) => Some(VaultRow::of(
+                    &login,
                     key_id,
-                    nonce: r.try_get("nonce")?,
-                    ciphertext: r.try_get("ciphertext")?,
-                }),
+                    r.try_get("nonce")?,
+                    r.try_get("ciphertext")?,
+                )),
                 None => None,
             };
             out.push((login, vault));
@@ -465,12 +459,11 @@ impl Store for SqliteStore {
         .bind(request_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((status, by, at)) = found.filter(|(s, _, _)| s == "pending") else {
+        let Some((_, by, at)) = found.filter(|(status, _, _)| status == "pending") else {
             return Err(StoreError::Refused(format!(
                 "request {request_id} is not a pending reveal request"
             )));
         };
-        debug_assert_eq!(status, "pending");
         if by == me {
             return Err(StoreError::Refused(format!(
                 "request {request_id} was made by this user: another login must approve it \
@@ -519,7 +512,7 @@ impl Store for SqliteStore {
         .bind(request_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((status, by, at, column, value, approver, fetched, reason)) =
+        let Some((status, _, at, column, value, approver, fetched, reason)) =
             found.filter(|r| r.1 == os_user())
         else {
             return Err(StoreError::Refused(format!(
@@ -541,11 +534,8 @@ impl Store for SqliteStore {
                 "reveal request {request_id} has expired"
             )));
         }
-        let column = match column.as_str() {
-            "user_id" => "user_id",
-            "masked_ip" => "masked_ip",
-            _ => "masked_device_id",
-        };
+        let column = Selector::column_named(&column)
+            .ok_or_else(|| StoreError::Permanent("unknown reveal selector".into()))?;
         let n: i64 = sqlx::query_scalar(&format!(
             "SELECT count(*) FROM user_logins WHERE {column} = $1"
         ))
@@ -561,7 +551,6 @@ impl Store for SqliteStore {
                 approver.unwrap_or_default()
             ),
         };
-        debug_assert_eq!(by, os_user());
         let id = insert_audit(&mut tx, &audit, n).await?;
         sqlx::query("UPDATE reveal_requests SET fetch_record = $1 WHERE id = $2")
             .bind(id)

@@ -280,13 +280,12 @@ impl admin::Maintenance for SqliteStore {
         rows.iter()
             .map(|r| {
                 let login = login_from_row(r)?;
-                let vault = VaultRow {
-                    message_id: login.message_id.clone(),
-                    user_id: login.user_id.clone(),
-                    key_id: r.try_get("key_id")?,
-                    nonce: r.try_get("nonce")?,
-                    ciphertext: r.try_get("ciphertext")?,
-                };
+                let vault = VaultRow::of(
+                    &login,
+                    r.try_get("key_id")?,
+                    r.try_get("nonce")?,
+                    r.try_get("ciphertext")?,
+                );
                 Ok((r.try_get("id")?, login, vault))
             })
             .collect()
