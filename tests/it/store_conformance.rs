@@ -130,6 +130,7 @@ conformance!(
     ping_answers,
     migrate_twice_is_a_no_op,
     write_batch_stores_and_counts_redeliveries_as_duplicates,
+    large_batches_store_each_new_login_once_and_never_restore_an_erased_original,
     quarantine_counts_and_dedups,
     key_usage_accumulates,
     retired_keys_fence_the_batch,
@@ -363,6 +364,62 @@ async fn write_batch_stores_and_counts_redeliveries_as_duplicates(h: &Harness) {
             (m4.0, Some(m4.1))
         ]
     );
+}
+
+/// A batch larger than a store writes in one go, of a size that is no round
+/// number, mixing new logins, redelivered ones and one sent twice: each new
+/// login is stored once with its own vault row, and a login whose original
+/// was erased since (as `forget` does) comes back as a duplicate without it.
+async fn large_batches_store_each_new_login_once_and_never_restore_an_erased_original(h: &Harness) {
+    seed_keys(h).await;
+    let rows: Vec<_> = (0..203)
+        .map(|i| {
+            login(
+                &format!("m-{i:03}"),
+                &format!("u-{}", i % 7),
+                &format!("t1_ip{}", i % 11),
+                &format!("t1_dev{}", i % 13),
+                3,
+                "k1",
+            )
+        })
+        .collect();
+    let first = Batch {
+        logins: rows[..120].to_vec(),
+        ..Batch::default()
+    };
+    assert_eq!(
+        h.store.write_batch(&first).await.unwrap(),
+        outcome(120, 0, 0)
+    );
+    h.exec("DELETE FROM vault WHERE message_id < 'm-010'")
+        .await
+        .unwrap();
+
+    let mut again = rows.clone();
+    again.insert(130, rows[150].clone());
+    let second = Batch {
+        logins: again,
+        ..Batch::default()
+    };
+    assert_eq!(
+        h.store.write_batch(&second).await.unwrap(),
+        outcome(83, 121, 0)
+    );
+    assert_eq!(h.count("user_logins").await, 203);
+    assert_eq!(h.count("vault").await, 193);
+
+    let mut stored = Vec::new();
+    for u in 0..7 {
+        stored.extend(reveal_user(h, &format!("u-{u}")).await);
+    }
+    stored.sort_by(|a, b| a.0.message_id.cmp(&b.0.message_id));
+    let want: Vec<_> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, (l, v))| (l.clone(), (i >= 10).then(|| v.clone())))
+        .collect();
+    assert_eq!(stored, want);
 }
 
 async fn quarantine_counts_and_dedups(h: &Harness) {
