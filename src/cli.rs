@@ -186,9 +186,9 @@ pub struct RunArgs {
     #[arg(long, env = "PII_VAULT_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrency: u16,
 
-    /// Most messages written in one database transaction.
-    #[arg(long, env = "PII_VAULT_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..=5000))]
-    pub batch_size: u16,
+    /// Most messages written in one database transaction [default: 500; 5000 for a file into SQLite].
+    #[arg(long, env = "PII_VAULT_BATCH_SIZE", value_parser = clap::value_parser!(u16).range(1..=5000))]
+    pub batch_size: Option<u16>,
 
     /// Batches written to the database at once [default: 2 on Postgres, 1 on SQLite].
     #[arg(long, env = "PII_VAULT_WRITERS", value_parser = clap::value_parser!(u16).range(1..=32))]

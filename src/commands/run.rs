@@ -76,7 +76,15 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
 
     let opts = RunOptions {
         concurrency: args.concurrency as usize,
-        batch_size: args.batch_size as usize,
+        // A file into SQLite: large transactions, since each commit writes
+        // every index page it touched, however few of its rows are on it.
+        batch_size: args.batch_size.map_or_else(
+            || match (backend, &args.from_file) {
+                (crate::store::Backend::Sqlite, Some(_)) => 5000,
+                _ => 500,
+            },
+            usize::from,
+        ),
         writers: args.writers.map_or_else(
             || match backend {
                 crate::store::Backend::Sqlite => 1,
