@@ -100,6 +100,22 @@ pub(super) fn login_from_row(r: &PgRow) -> Result<LoginRow, StoreError> {
     })
 }
 
+/// A row of `pii_vault_reveal_fetch`: the login, and its sealed originals
+/// when there are any.
+fn revealed_from_row(r: &PgRow) -> Result<RevealedRow, StoreError> {
+    let login = login_from_row(r)?;
+    let vault = match r.try_get::<Option<String>, _>("key_id")? {
+        Some(key_id) => Some(VaultRow::of(
+            &login,
+            key_id,
+            r.try_get("nonce")?,
+            r.try_get("ciphertext")?,
+        )),
+        None => None,
+    };
+    Ok((login, vault))
+}
+
 const KEY_COLUMNS: &str = "id, purpose, version, kek_id, wrapped, state, created_at, usage_count";
 
 /// The logins of a batch that can be inserted by one statement: the first
@@ -333,26 +349,15 @@ impl Store for PgStore {
         })
     }
 
-    async fn reveal_fetch(&self, request_id: i64) -> Result<RevealedRows, StoreError> {
+    async fn reveal_fetch<'a>(&'a self, request_id: i64) -> Result<RevealedRows<'a>, StoreError> {
+        // The function checks the request, marks it fetched and returns
+        // its rows in one statement, committed only once the last row is
+        // sent: rows are taken off the wire one at a time, never all held.
         let rows = sqlx::query("SELECT * FROM pii_vault_reveal_fetch($1)")
             .bind(request_id)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let login = login_from_row(r)?;
-                let vault = match r.try_get::<Option<String>, _>("key_id")? {
-                    Some(key_id) => Some(VaultRow::of(
-                        &login,
-                        key_id,
-                        r.try_get("nonce")?,
-                        r.try_get("ciphertext")?,
-                    )),
-                    None => None,
-                };
-                Ok((login, vault))
-            })
-            .collect()
+            .fetch(&self.pool)
+            .map(|r| revealed_from_row(&r?));
+        RevealedRows::start(rows.boxed()).await
     }
 
     async fn approve(

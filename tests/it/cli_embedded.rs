@@ -481,6 +481,106 @@ async fn reveal_by_token_and_helpful_errors() {
     assert!(String::from_utf8_lossy(&no_reason.stderr).contains("--reason"));
 }
 
+/// A masked IP shared by thousands of logins reveals every one of them,
+/// opened, as JSON lines and as a table, however many rows pass before the
+/// table's widths are fixed; a wider cell late in the table is printed
+/// whole, and the audit row counts what was revealed.
+#[tokio::test]
+async fn a_reveal_of_an_ip_shared_by_thousands_prints_every_original() {
+    const N: usize = 3000;
+    let env = Env::new();
+    let device = |i: usize| {
+        if i == N - 1 {
+            format!("a-device-id-longer-than-any-before-it-{i}")
+        } else {
+            format!("dev-{i:05}")
+        }
+    };
+    let mut input = String::new();
+    for i in 0..N {
+        input.push_str(
+            &serde_json::json!({
+                "user_id": format!("u-crowd-{}", i % 7),
+                "app_version": "2.3.0",
+                "device_type": "web",
+                "ip": "198.51.100.7",
+                "locale": null,
+                "device_id": device(i),
+            })
+            .to_string(),
+        );
+        input.push('\n');
+    }
+    let input = env.write_input("crowd.jsonl", &input);
+    let out = env.ok(&["run", "--from-file", &input]);
+    assert_eq!(common::summary(&out.stderr), (N as u64, 0, 0));
+    let token: String = sqlx::query_scalar("SELECT DISTINCT masked_ip FROM user_logins")
+        .fetch_one(&env.db().await)
+        .await
+        .unwrap();
+
+    let want: HashSet<(String, String)> = (0..N)
+        .map(|i| (format!("u-crowd-{}", i % 7), device(i)))
+        .collect();
+    let json = env.ok(&[
+        "reveal",
+        "--masked-ip",
+        &token,
+        "--reason",
+        "INC-crowd",
+        "--format",
+        "json",
+    ]);
+    let lines: Vec<serde_json::Value> = String::from_utf8(json.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), N);
+    let got: HashSet<(String, String)> = lines
+        .iter()
+        .map(|v| {
+            assert_eq!(v["ip"], "198.51.100.7");
+            assert_eq!(v["masked_ip"], token.as_str());
+            (
+                v["user_id"].as_str().unwrap().to_string(),
+                v["device_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(got == want, "the revealed originals differ from the input");
+    let stderr = String::from_utf8_lossy(&json.stderr);
+    assert!(
+        stderr.contains(&format!("revealed {N} login(s)")),
+        "{stderr}"
+    );
+
+    let table = env.ok(&["reveal", "--masked-ip", &token, "--reason", "INC-crowd"]);
+    let text = String::from_utf8(table.stdout).unwrap();
+    let rows: Vec<&str> = text.lines().skip(2).collect();
+    assert_eq!(rows.len(), N);
+    assert!(text.lines().next().unwrap().starts_with("user_id"));
+    let in_table: HashSet<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            let cells: Vec<&str> = r.split_whitespace().collect();
+            assert_eq!(cells[2], "198.51.100.7", "{r}");
+            (cells[0].to_string(), cells[3].to_string())
+        })
+        .collect();
+    assert!(
+        in_table == want,
+        "the table's originals differ from the input"
+    );
+
+    let counted: Vec<i64> =
+        sqlx::query_scalar("SELECT row_count FROM audit_log WHERE action = 'reveal' ORDER BY id")
+            .fetch_all(&env.db().await)
+            .await
+            .unwrap();
+    assert_eq!(counted, vec![N as i64, N as i64]);
+}
+
 #[tokio::test]
 async fn stdin_input_and_the_key_file_is_private() {
     use std::io::Write;

@@ -726,7 +726,13 @@ async fn revealer_gets_ciphertext_only_for_a_committed_audit_row_of_its_own() {
         other.reveal_fetch(req.id).await,
         Err(StoreError::Refused(m)) if m.contains("PV004")
     ));
-    let got = revealer.reveal_fetch(req.id).await.unwrap();
+    let got = revealer
+        .reveal_fetch(req.id)
+        .await
+        .unwrap()
+        .collect_all()
+        .await
+        .unwrap();
     assert_eq!(got.len(), 2);
     for (l, v) in &got {
         let (_, want) = seeded
@@ -1681,7 +1687,13 @@ async fn a_bulk_reveal_needs_another_logins_approval_and_is_fetched_once() {
     let not_his = bob.reveal_claim(req.id, "bob").await.unwrap_err();
     assert_eq!(pg_code(&not_his), Some("PV004"), "{not_his}");
     let record = alice.reveal_claim(req.id, "alice").await.unwrap();
-    let rows = alice.reveal_fetch(record).await.unwrap();
+    let rows = alice
+        .reveal_fetch(record)
+        .await
+        .unwrap()
+        .collect_all()
+        .await
+        .unwrap();
     assert_eq!(rows.len(), 12);
     assert!(rows.iter().all(|(_, v)| v.is_some()));
     let again = alice.reveal_claim(req.id, "alice").await.unwrap_err();

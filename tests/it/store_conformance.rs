@@ -140,6 +140,7 @@ conformance!(
     reveal_returns_logins_without_a_vault_row,
     audit_log_is_append_only,
     a_reveal_request_is_fetched_once,
+    a_reveal_of_a_token_shared_by_thousands_streams_every_row_once,
     keys_only_go_under_an_allowed_kek,
     a_job_of_a_kind_runs_once_at_a_time,
 );
@@ -247,7 +248,13 @@ async fn reveal(
         .reveal_request(sel, claimed_actor, reason)
         .await
         .unwrap();
-    let rows = store.reveal_fetch(req.id).await.unwrap();
+    let rows = store
+        .reveal_fetch(req.id)
+        .await
+        .unwrap()
+        .collect_all()
+        .await
+        .unwrap();
     assert_eq!(req.row_count, rows.len() as i64);
     rows
 }
@@ -744,7 +751,8 @@ async fn a_reveal_request_is_fetched_once(h: &Harness) {
     let sel = Selector::UserId("alice".into());
     let req = h.store.reveal_request(&sel, "me", "INC-1").await.unwrap();
     assert_eq!(req.row_count, 1);
-    assert_eq!(h.store.reveal_fetch(req.id).await.unwrap().len(), 1);
+    let rows = h.store.reveal_fetch(req.id).await.unwrap();
+    assert_eq!(rows.collect_all().await.unwrap().len(), 1);
     match h.store.reveal_fetch(req.id).await {
         Err(StoreError::Refused(m)) => assert!(m.contains("already fetched"), "{m}"),
         other => panic!("a second fetch must be refused, got {other:?}"),
@@ -753,6 +761,71 @@ async fn a_reveal_request_is_fetched_once(h: &Harness) {
         h.store.reveal_fetch(req.id + 1000).await,
         Err(StoreError::Refused(_))
     ));
+}
+
+/// A token shared by thousands of logins comes back as a stream: every
+/// login once, with its own vault row, in date order, as many as the audit
+/// row counted; rows of other tokens stay out.
+async fn a_reveal_of_a_token_shared_by_thousands_streams_every_row_once(h: &Harness) {
+    use futures::StreamExt;
+    seed_keys(h).await;
+    const SHARED: usize = 3000;
+    let crowd: Vec<(LoginRow, VaultRow)> = (0..SHARED)
+        .map(|i| {
+            login(
+                &format!("m-{i:05}"),
+                &format!("user-{}", i % 5),
+                "t1_ipCrowd",
+                &format!("t1_dev{i}"),
+                (i % 28 + 1) as u32,
+                "k1",
+            )
+        })
+        .collect();
+    let others: Vec<(LoginRow, VaultRow)> = (0..50)
+        .map(|i| login(&format!("o-{i}"), "user-1", "t1_ipElse", "t1_devX", 4, "k1"))
+        .collect();
+    for chunk in crowd.chunks(700).chain([others.as_slice()]) {
+        let batch = Batch {
+            logins: chunk.to_vec(),
+            ..Batch::default()
+        };
+        h.store.write_batch(&batch).await.unwrap();
+    }
+
+    let sel = Selector::MaskedIp("t1_ipCrowd".into());
+    let req = h
+        .store
+        .reveal_request(&sel, "me", "INC-crowd")
+        .await
+        .unwrap();
+    assert_eq!(req.row_count, SHARED as i64);
+    let mut want: std::collections::HashMap<&str, &VaultRow> = crowd
+        .iter()
+        .map(|(l, v)| (l.message_id.as_str(), v))
+        .collect();
+    let mut rows = h.store.reveal_fetch(req.id).await.unwrap();
+    let mut last_date = None;
+    let mut n = 0;
+    while let Some(row) = rows.next().await {
+        let (login, vault) = row.unwrap();
+        assert_eq!(login.masked_ip, "t1_ipCrowd");
+        let expected = want
+            .remove(login.message_id.as_str())
+            .unwrap_or_else(|| panic!("{} came back twice or is not shared", login.message_id));
+        assert_eq!(vault.as_ref(), Some(expected));
+        assert!(last_date <= login.create_date, "rows come in date order");
+        last_date = login.create_date;
+        n += 1;
+    }
+    assert_eq!(n, SHARED);
+    assert!(want.is_empty());
+    drop(rows);
+    let again = h.store.reveal_fetch(req.id).await;
+    assert!(
+        matches!(&again, Err(StoreError::Refused(_))),
+        "a streamed request is fetched once: {again:?}"
+    );
 }
 
 async fn keys_only_go_under_an_allowed_kek(h: &Harness) {
