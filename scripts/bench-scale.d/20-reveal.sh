@@ -3,7 +3,8 @@
 # Against the loaded database (PG_URL, ROWS events), as its owner, with the
 # reveal policy raised for the run (and put back afterwards):
 # 1. `reveal --user-id U --format json` as a whole process, for 21 users
-#    picked at random (after one warm-up run): median and p90 wall time.
+#    picked at random (after one warm-up run): median and p90 wall time,
+#    with PG_URL as given and again with sslmode=disable.
 # 2. The plans of the two queries the reveal functions run (the policy's
 #    count of logins and distinct users, and the fetch), for each selector:
 #    any sequential scan other than of the small honeytokens table is named.
@@ -49,21 +50,35 @@ reveal_db policy set --max-users-per-reveal 1000000 --max-reveals-per-day 100000
 # ------------------------------------------------------- 1. one user
 echo "== (reveal) reveal --user-id, 21 users" >&2
 mapfile -t reveal_users < <(reveal_sql "SELECT user_id FROM (SELECT DISTINCT user_id FROM user_logins) u \
-    ORDER BY md5(user_id) LIMIT 22")
+    ORDER BY md5(user_id) LIMIT 43")
 reveal_measure "$work/reveal-user-warm.out" "$BIN" --database-url "$PG_URL" \
-    reveal --user-id "${reveal_users[21]}" --reason "bench warm-up" --format json >/dev/null
-reveal_ms=()
-reveal_rows=0
-for ((i = 0; i < 21; i++)); do
-    read -r wall _ < <(reveal_measure "$work/reveal-user-$i.out" "$BIN" --database-url "$PG_URL" \
-        reveal --user-id "${reveal_users[$i]}" --reason "bench: one user" --format json)
-    n="$(wc -l <"$work/reveal-user-$i.out")"
-    [ "$n" -gt 0 ] && [ "$n" = "$(reveal_count "$work/reveal-user-$i.out.err")" ] ||
-        echo "!! reveal of user $i printed $n line(s): $(tail -n 2 "$work/reveal-user-$i.out.err")" >&2
-    reveal_rows=$((reveal_rows + n))
-    reveal_ms+=("$(awk -v s="$wall" 'BEGIN { printf "%.1f", s * 1000 }')")
-done
-mapfile -t reveal_sorted < <(printf '%s\n' "${reveal_ms[@]}" | sort -n)
+    reveal --user-id "${reveal_users[42]}" --reason "bench warm-up" --format json >/dev/null
+# reveal_users_timed URL FIRST: 21 whole-process reveals, of users FIRST to
+# FIRST+20; sets reveal_sorted (milliseconds, ascending) and reveal_rows.
+reveal_users_timed() {
+    local i n wall ms=()
+    reveal_rows=0
+    for ((i = 0; i < 21; i++)); do
+        read -r wall _ < <(reveal_measure "$work/reveal-user-$i.out" "$BIN" --database-url "$1" \
+            reveal --user-id "${reveal_users[$(($2 + i))]}" --reason "bench: one user" --format json)
+        n="$(wc -l <"$work/reveal-user-$i.out")"
+        [ "$n" -gt 0 ] && [ "$n" = "$(reveal_count "$work/reveal-user-$i.out.err")" ] ||
+            echo "!! reveal of user $i printed $n line(s): $(tail -n 2 "$work/reveal-user-$i.out.err")" >&2
+        reveal_rows=$((reveal_rows + n))
+        ms+=("$(awk -v s="$wall" 'BEGIN { printf "%.1f", s * 1000 }')")
+    done
+    mapfile -t reveal_sorted < <(printf '%s\n' "${ms[@]}" | sort -n)
+}
+reveal_users_timed "$PG_URL" 0
+reveal_user_line="median ${reveal_sorted[10]} ms, p90 ${reveal_sorted[18]} ms, max ${reveal_sorted[20]} ms ($reveal_rows rows)"
+# The same without TLS: the client's TLS set-up is a fixed cost per process
+# that dwarfs the queries, so it is shown apart.
+case "$PG_URL" in
+*\?*) reveal_plain_url="$PG_URL&sslmode=disable" ;;
+*) reveal_plain_url="$PG_URL?sslmode=disable" ;;
+esac
+reveal_users_timed "$reveal_plain_url" 21
+reveal_user_plain_line="median ${reveal_sorted[10]} ms, p90 ${reveal_sorted[18]} ms, max ${reveal_sorted[20]} ms ($reveal_rows rows)"
 
 # ------------------------------------------------------- 2. query plans
 echo "== (reveal) query plans" >&2
@@ -145,8 +160,8 @@ reveal_db policy set --max-users-per-reveal "$reveal_max_users" --max-reveals-pe
 
 # ------------------------------------------------------- report
 section "reveal ($ROWS rows, as the owner, local key)"
-report "reveal --user-id, whole process, 21 users (json):" \
-    "median ${reveal_sorted[10]} ms, p90 ${reveal_sorted[18]} ms, max ${reveal_sorted[20]} ms ($reveal_rows rows)"
+report "reveal --user-id, whole process, 21 users, json:" "$reveal_user_line"
+report "  the same with sslmode=disable:" "$reveal_user_plain_line"
 if [ "$reveal_plans_ok" = yes ]; then
     report "plans (user_id, masked_ip, masked_device_id):" "indexes only, policy count and fetch"
 else
