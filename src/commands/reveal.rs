@@ -74,9 +74,9 @@ pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
     let wrapper = super::open_wrapper(cli).await?;
     let mut rows = Some(store.reveal_fetch(record).await?);
     // Read ahead a few rows before opening any: a small reveal is then
-    // read to its end and its connection is free again for the key
-    // look-ups below (no second connection to open), and a table takes its
-    // column widths from these rows.
+    // read to its end, so its connection can go back to the pool instead of
+    // a new one being opened for the key look-ups below (each costs a TLS
+    // handshake), and a table takes its column widths from these rows.
     let mut ahead = VecDeque::with_capacity(READ_AHEAD);
     while ahead.len() < READ_AHEAD {
         match rows.as_mut().expect("not ended yet").next().await {
