@@ -7,6 +7,7 @@
 
 pub mod admin;
 mod pg_admin;
+mod pg_copy;
 pub mod postgres;
 pub mod sqlite;
 mod sqlite_admin;

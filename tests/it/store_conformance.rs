@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use pii_vault::crypto::{KeyPurpose, WrappedKey};
-use pii_vault::store::admin::Maintenance;
+use pii_vault::store::admin::{Maintenance, Retained};
 use pii_vault::store::postgres::PgStore;
 use pii_vault::store::sqlite::SqliteStore;
 use pii_vault::store::{
@@ -143,6 +143,7 @@ conformance!(
     a_reveal_of_a_token_shared_by_thousands_streams_every_row_once,
     keys_only_go_under_an_allowed_kek,
     a_job_of_a_kind_runs_once_at_a_time,
+    retention_erases_originals_before_a_day_and_keeps_logins_and_honeytokens,
 );
 
 // ---------------------------------------------------------------- builders
@@ -370,6 +371,28 @@ async fn write_batch_stores_and_counts_redeliveries_as_duplicates(h: &Harness) {
             (m4.0, Some(m4.1))
         ]
     );
+
+    // After redeliveries a new batch is stored whole, and so is the one
+    // after it; a redelivery of that one again adds nothing. (Postgres
+    // switches between its COPY lane and its ON CONFLICT lane here.)
+    for (i, id) in ["m-5", "m-6", "m-7"].iter().enumerate() {
+        let b = Batch {
+            logins: vec![login(id, "carol", "t1_ipD", "t1_devD", 7, "k1")],
+            ..Batch::default()
+        };
+        assert_eq!(
+            h.store.write_batch(&b).await.unwrap(),
+            outcome(1, 0, 0),
+            "{id}"
+        );
+        assert_eq!(
+            h.store.write_batch(&b).await.unwrap(),
+            outcome(0, 1, 0),
+            "{id} again"
+        );
+        assert_eq!(h.count("vault").await, 5 + i as i64);
+    }
+    assert_eq!(h.count("user_logins").await, 7);
 }
 
 async fn quarantine_counts_and_dedups(h: &Harness) {
@@ -1138,4 +1161,72 @@ async fn sqlite_forget_leaves_no_copy_in_the_files() {
         .windows(bob.1.ciphertext.len())
         .any(|w| w == bob.1.ciphertext.as_slice()));
     store.pool().close().await;
+}
+
+/// `forget --before`: every original of a login before the day goes, with
+/// one audit row that counts them; the masked logins stay, and so do
+/// honeytokens (they are how a bulk reveal is noticed, however old).
+async fn retention_erases_originals_before_a_day_and_keeps_logins_and_honeytokens(h: &Harness) {
+    seed_keys(h).await;
+    h.store
+        .add_honeytokens(&["honey".to_string()])
+        .await
+        .unwrap();
+    let batch = Batch {
+        logins: vec![
+            login("m-1", "alice", "t1_ipA", "t1_devA", 1, "k1"),
+            login("m-2", "bob", "t1_ipB", "t1_devB", 2, "k1"),
+            login("m-3", "honey", "t1_ipC", "t1_devC", 1, "k1"),
+            login("m-4", "alice", "t1_ipA", "t1_devA", 20, "k1"),
+        ],
+        // Received in 2023, before the day.
+        quarantined: vec![quarantined("q-1", Some("alice"), "k1")],
+        ..Batch::default()
+    };
+    assert_eq!(h.store.write_batch(&batch).await.unwrap(), outcome(4, 0, 1));
+
+    assert_eq!(h.store.count_older_than(day(3)).await.unwrap(), (2, 1));
+    assert_eq!(h.store.count_older_than(day(1)).await.unwrap(), (0, 1));
+    let audit = pii_vault::store::AuditEntry {
+        claimed_actor: "dpo@test".into(),
+        action: "retention".into(),
+        target: String::new(),
+        reason: "retention: 12 months".into(),
+    };
+    let erased = h.store.retention(day(3), &audit).await.unwrap();
+    assert_eq!(
+        erased,
+        Retained {
+            vault_rows: 2,
+            quarantined: 1,
+            undated_kept: 0
+        }
+    );
+    assert_eq!(h.count("vault").await, 2);
+    assert_eq!(h.count("quarantine").await, 0);
+    assert_eq!(h.count("user_logins").await, 4);
+    assert_eq!(h.store.count_older_than(day(3)).await.unwrap(), (0, 0));
+
+    let trail = h
+        .store
+        .audit_trail(&pii_vault::store::AuditFilter {
+            limit: 1,
+            since: None,
+            actor: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(trail[0].action, "retention");
+    assert_eq!(trail[0].target, "before=2024-03-03");
+    assert_eq!(trail[0].row_count, 3);
+    assert_eq!(trail[0].claimed_actor.as_deref(), Some("dpo@test"));
+
+    // alice's older login lost its originals, the later one kept them.
+    let alice = reveal_user(h, "alice").await;
+    let kept: Vec<_> = alice
+        .iter()
+        .map(|(l, v)| (l.message_id.as_str(), v.is_some()))
+        .collect();
+    assert_eq!(kept, [("m-1", false), ("m-4", true)]);
+    assert!(reveal_user(h, "honey").await[0].1.is_some());
 }
