@@ -39,7 +39,7 @@ STEP_TIMEOUT="${PII_VAULT_BENCH_STEP_TIMEOUT:-3600}"
 
 echo "== building (release)" >&2
 cargo build --release --bin pii-vault >&2
-BIN="$REPO/target/release/pii-vault"
+BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/pii-vault"
 
 export PII_VAULT_PG_FSYNC=on # durable commits, as in production
 export PII_VAULT_SERVICES=pg # no AWS: the local key file, so KMS latency is not measured here
