@@ -76,12 +76,14 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
 
     let opts = RunOptions {
         concurrency: args.concurrency as usize,
-        // A file into SQLite: large transactions, since each commit writes
-        // every index page it touched, however few of its rows are on it.
+        // From a file, larger transactions: into SQLite most of all, since
+        // each commit writes every index page it touched, however few of its
+        // rows are on it.
         batch_size: args.batch_size.map_or_else(
             || match (backend, &args.from_file) {
                 (crate::store::Backend::Sqlite, Some(_)) => 5000,
-                _ => 500,
+                (crate::store::Backend::Postgres, Some(_)) => 2000,
+                (_, None) => 500,
             },
             usize::from,
         ),
