@@ -194,7 +194,8 @@ pub struct RunArgs {
     #[arg(long, env = "PII_VAULT_BATCH_SIZE", value_parser = clap::value_parser!(u16).range(1..=5000))]
     pub batch_size: Option<u16>,
 
-    /// Batches written to the database at once [default: 2 on Postgres, 1 on SQLite].
+    /// Batches written to the database at once, each on its own connection
+    /// [default: on Postgres 4 from a file, 2 from SQS; 1 on SQLite].
     #[arg(long, env = "PII_VAULT_WRITERS", value_parser = clap::value_parser!(u16).range(1..=32))]
     pub writers: Option<u16>,
 

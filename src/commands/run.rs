@@ -87,10 +87,13 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
             },
             usize::from,
         ),
+        // A file keeps every writer busy: while one commits (an fsync),
+        // the others protect and send; four stay well under the pool.
         writers: args.writers.map_or_else(
-            || match backend {
-                crate::store::Backend::Sqlite => 1,
-                crate::store::Backend::Postgres => 2,
+            || match (backend, &args.from_file) {
+                (crate::store::Backend::Sqlite, _) => 1,
+                (crate::store::Backend::Postgres, Some(_)) => 4,
+                (crate::store::Backend::Postgres, None) => 2,
             },
             usize::from,
         ),
