@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# Scale benchmark: every scale figure of pii-vault beside its ceiling, measured
+# in one run on this machine.
+#
+# Usage: scripts/bench-scale.sh [ROWS]
+#     ROWS   events loaded into Postgres [1000000]
+#
+# 1. Loads ROWS generated events into a fresh Postgres database with
+#    `pii-vault run --from-file` (local key file, fsync on), then copies the
+#    very rows it wrote into a database with the same two tables and the same
+#    indexes (no triggers, no foreign keys) with a raw binary `COPY`, one
+#    transaction: the ceiling of the write path. Prints both rates, the
+#    ratio and the worker's peak RSS.
+# 2. Runs the parts in scripts/bench-scale.d/*.sh in name order, each against
+#    the loaded database (or a database of its own), each printing its figure
+#    beside its own ceiling measured in the same run: the SQLite default
+#    against a plain loop, reveal latency and memory, rotations against a raw
+#    parallel UPDATE ... FROM, retention against a raw DELETE, and table
+#    sizes with their extrapolation to 100 M and 1 B rows.
+# 3. Prints the report.
+#
+# Environment: PII_VAULT_BENCH_STEP_TIMEOUT bounds each timed step [3600 s];
+# PII_VAULT_BENCH_SQLITE_ROWS and PII_VAULT_BENCH_JOBS are read by the parts
+# that use them. Starts and stops its own PostgreSQL through
+# scripts/services.sh; builds with `cargo build --release`. A benchmark, not a
+# test: the machine's load shows in the absolute figures, the ratios are what
+# compare.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO="$PWD"
+
+ROWS="${1:-1000000}"
+if ! [[ "$ROWS" =~ ^[0-9]+$ && "$ROWS" -gt 0 ]]; then
+    sed -n '2,/^$/s/^# \{0,1\}//p' "$0" >&2
+    exit 2
+fi
+STEP_TIMEOUT="${PII_VAULT_BENCH_STEP_TIMEOUT:-3600}"
+
+echo "== building (release)" >&2
+cargo build --release --bin pii-vault >&2
+BIN="$REPO/target/release/pii-vault"
+
+export PII_VAULT_PG_FSYNC=on # durable commits, as in production
+export PII_VAULT_SERVICES=pg # no AWS: the local key file, so KMS latency is not measured here
+# shellcheck source=scripts/services.sh
+source scripts/services.sh
+services_start
+work="$(mktemp -d "${TMPDIR:-/tmp}/pii-vault-scale.XXXXXX")"
+trap 'services_stop; rm -rf "$work"' EXIT
+cd "$work"
+export PII_VAULT_KEY_DIR="$work/keys"
+export PII_VAULT_LOG=warn
+export PII_VAULT_ACTOR=bench
+
+now() { date +%s.%N; }
+# rate COUNT START END -> "N/s (S s)"
+rate() { awk -v n="$1" -v a="$2" -v b="$3" 'BEGIN { printf "%.0f/s (%.2fs)", n / (b - a), b - a }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+per_sec() { awk -v n="$1" -v a="$2" -v b="$3" 'BEGIN { printf "%.0f", n / (b - a) }'; }
+
+# A fresh database in the cluster; prints its URL.
+new_pg_db() {
+    psql "$PII_VAULT_TEST_PG" -qX -v ON_ERROR_STOP=1 -c "CREATE DATABASE $1" >/dev/null
+    echo "${PII_VAULT_TEST_PG%/*}/$1"
+}
+
+# Runs a command with stdout/stderr to $work/$1.out/.err, bounded in time;
+# sets PEAK_RSS_KB.
+run_measured() {
+    local name="$1"
+    shift
+    PEAK_RSS_KB=0
+    "$@" >"$work/$name.out" 2>"$work/$name.err" &
+    local pid=$! hwm i
+    for ((i = 0; i < STEP_TIMEOUT * 20; i++)); do # poll every 0.05 s
+        hwm="$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || true)"
+        if [ -n "$hwm" ] && [ "$hwm" -gt "$PEAK_RSS_KB" ]; then PEAK_RSS_KB="$hwm"; fi
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" || {
+        echo "!! $name failed:" >&2
+        tail -n 30 "$work/$name.err" >&2
+        return 1
+    }
+}
+
+REPORT="$work/report.txt"
+: >"$REPORT"
+# report LABEL VALUE: one line of the final report.
+report() { printf '    %-52s %s\n' "$1" "$2" >>"$REPORT"; }
+section() { printf '%s\n' "$1" >>"$REPORT"; }
+
+# ------------------------------------------------------------------ load
+echo "== generating $ROWS events" >&2
+python3 "$REPO/scripts/gen-events.py" -n "$ROWS" --seed 11 >"$work/events.jsonl"
+PG_URL="$(new_pg_db scale)"
+"$BIN" --database-url "$PG_URL" migrate >"$work/migrate.out" 2>&1 || {
+    cat "$work/migrate.out" >&2
+    exit 1
+}
+echo "== (load) pii-vault run --from-file, $ROWS events" >&2
+t0="$(now)"
+run_measured load "$BIN" --database-url "$PG_URL" run --from-file "$work/events.jsonl" --no-progress
+t1="$(now)"
+load_rss_kb="$PEAK_RSS_KB"
+stored="$(psql "$PG_URL" -qXtA -c 'SELECT count(*) FROM user_logins')"
+[ "$stored" = "$ROWS" ] || echo "!! $stored of $ROWS events stored" >&2
+
+# The ceiling: the same rows into the same tables with the same indexes.
+echo "== (load) ceiling: raw COPY of the same rows" >&2
+RAW_URL="$(new_pg_db scale_raw_copy)"
+"$PII_VAULT_PG_BIN_DIR/pg_dump" --schema-only --no-owner --no-privileges \
+    -t user_logins -t vault "$PG_URL" >"$work/tables.sql"
+# Tables, sequences and indexes only: no triggers (their functions are not
+# there) and no foreign keys (vault_keys is not there).
+python3 - "$work/tables.sql" >"$work/raw-tables.sql" <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+keep = []
+for stmt in re.split(r";\n", text):
+    body = "\n".join(l for l in stmt.splitlines() if not l.startswith("--")).strip()
+    if not body or body.startswith("SET ") or body.startswith("SELECT pg_catalog.set_config"):
+        continue
+    if "CREATE TRIGGER" in body or "FOREIGN KEY" in body:
+        continue
+    keep.append(body + ";")
+print("\n".join(keep))
+EOF
+psql "$RAW_URL" -qX -v ON_ERROR_STOP=1 -f "$work/raw-tables.sql" >/dev/null
+index_count() {
+    psql "$1" -qXtA -c "SELECT count(*) FROM pg_index WHERE indrelid IN ('user_logins'::regclass, 'vault'::regclass)"
+}
+[ "$(index_count "$PG_URL")" = "$(index_count "$RAW_URL")" ] || {
+    echo "!! the raw copy's tables do not have the same indexes" >&2
+    exit 1
+}
+ul_cols="$(psql "$PG_URL" -qXtA -c "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute \
+    WHERE attrelid = 'user_logins'::regclass AND attnum > 0 AND NOT attisdropped AND attname <> 'id'")"
+psql "$PG_URL" -qX -v ON_ERROR_STOP=1 \
+    -c "\\copy (SELECT $ul_cols FROM user_logins ORDER BY id) TO '$work/user_logins.bin' WITH (FORMAT binary)" \
+    -c "\\copy vault TO '$work/vault.bin' WITH (FORMAT binary)" >/dev/null
+t2="$(now)"
+timeout "$STEP_TIMEOUT" psql "$RAW_URL" -qX -v ON_ERROR_STOP=1 >/dev/null <<EOF
+BEGIN;
+\copy user_logins ($ul_cols) FROM '$work/user_logins.bin' WITH (FORMAT binary)
+\copy vault FROM '$work/vault.bin' WITH (FORMAT binary)
+COMMIT;
+EOF
+t3="$(now)"
+copied="$(psql "$RAW_URL" -qXtA -c 'SELECT count(*) FROM user_logins')"
+psql "$PII_VAULT_TEST_PG" -qX -c "DROP DATABASE scale_raw_copy" >/dev/null
+rm -f "$work/user_logins.bin" "$work/vault.bin"
+
+section "load: file -> Postgres ($ROWS events, fsync on, local key)"
+report "pii-vault run --from-file:" "$(rate "$ROWS" "$t0" "$t1"), peak RSS $((load_rss_kb / 1024)) MiB"
+report "raw COPY of the same rows, both tables ($copied):" "$(rate "$copied" "$t2" "$t3")"
+report "pii-vault / COPY:" "$(ratio "$(per_sec "$ROWS" "$t0" "$t1")" "$(per_sec "$copied" "$t2" "$t3")")"
+report "worker's summary:" "$(grep ' stored, ' "$work/load.err" || true)"
+
+# ------------------------------------------------------------------ parts
+for part in "$REPO"/scripts/bench-scale.d/*.sh; do
+    [ -e "$part" ] || continue
+    echo "== part $(basename "$part")" >&2
+    # shellcheck source=/dev/null
+    source "$part"
+done
+
+# ------------------------------------------------------------------ report
+echo
+echo "pii-vault scale benchmark: $ROWS rows, $(nproc) cores, PostgreSQL $(psql "$PG_URL" -qXtA -c 'SHOW server_version')"
+cat "$REPORT"
