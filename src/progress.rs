@@ -123,6 +123,11 @@ impl JobProgress {
         self.bar.inc(rows);
     }
 
+    /// A handle that counts into this progress from other tasks.
+    pub fn counter(&self) -> ProgressBar {
+        self.bar.clone()
+    }
+
     pub fn position(&self) -> u64 {
         self.bar.position()
     }

@@ -21,7 +21,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::crypto::aead::Sealer;
 use crate::crypto::{Aad, KeyPurpose, KeyWrapper, TokenField, TokenKey};
@@ -211,7 +210,7 @@ impl Default for RotationOptions {
     fn default() -> Self {
         RotationOptions {
             jobs: 2,
-            chunk_rows: 5000,
+            chunk_rows: 20_000,
             stop_after_chunks: None,
         }
     }
@@ -221,17 +220,17 @@ const DATA_KEYS: &str = "rotate-data-keys";
 const TOKEN_KEY: &str = "rotate-token-key";
 
 /// What the range workers of one run share.
-struct Run<'a> {
-    store: &'a Arc<dyn AdminStore>,
-    wrapper: &'a Arc<dyn KeyWrapper>,
+struct Run {
+    store: Arc<dyn AdminStore>,
+    wrapper: Arc<dyn KeyWrapper>,
     record: i64,
-    job: &'a RotationJob,
-    opts: &'a RotationOptions,
-    progress: &'a JobProgress,
+    job: RotationJob,
+    opts: RotationOptions,
+    progress: indicatif::ProgressBar,
     chunks: AtomicU64,
 }
 
-impl Run<'_> {
+impl Run {
     fn reader(&self) -> VaultReader {
         let plain: Arc<dyn Store> = self.store.clone();
         VaultReader::new(plain, self.wrapper.clone())
@@ -250,20 +249,33 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Works `ranges` (those not done), `jobs` at a time.
-    async fn ranges<'r, T, F, Fut>(
-        &'r self,
-        ranges: &'r [RotationRange],
+    /// Works the ranges not done yet, `jobs` at a time, each on a task of
+    /// its own (so one range's crypto never holds up another's database
+    /// round trip). The first error ends the others: dropping the set
+    /// aborts them, and their open transactions roll back.
+    async fn ranges<T, F, Fut>(
+        self: &Arc<Self>,
+        ranges: Vec<RotationRange>,
         work: F,
     ) -> anyhow::Result<Vec<T>>
     where
-        F: Fn(&'r RotationRange) -> Fut,
-        Fut: std::future::Future<Output = anyhow::Result<T>> + 'r,
+        T: Send + 'static,
+        F: Fn(Arc<Run>, RotationRange) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
     {
-        futures::stream::iter(ranges.iter().filter(|r| !r.done).map(work))
-            .buffer_unordered(self.opts.jobs.max(1))
-            .try_collect()
-            .await
+        let mut left = ranges.into_iter().filter(|r| !r.done);
+        let mut set = tokio::task::JoinSet::new();
+        for r in left.by_ref().take(self.opts.jobs.max(1)) {
+            set.spawn(work(self.clone(), r));
+        }
+        let mut out = Vec::new();
+        while let Some(done) = set.join_next().await {
+            out.push(done.context("a range worker failed")??);
+            if let Some(r) = left.next() {
+                set.spawn(work(self.clone(), r));
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -335,7 +347,7 @@ impl RangeKeys {
     /// current one has sealed [`ROWS_PER_DATA_KEY`] rows. A new key is noted
     /// in the job before any row is sealed under it, so that a rerun of a
     /// killed job retires it rather than leaving it active.
-    async fn next(&mut self, run: &Run<'_>) -> anyhow::Result<&mut RotationKey> {
+    async fn next(&mut self, run: &Run) -> anyhow::Result<&mut RotationKey> {
         if self
             .current
             .as_ref()
@@ -416,20 +428,23 @@ pub async fn rotate_data_keys(
     } else {
         progress.set_length(pending.max(0) as u64);
     }
-    let run = Run {
-        store: &store,
-        wrapper: &wrapper,
+    let run = Arc::new(Run {
+        store: store.clone(),
+        wrapper: wrapper.clone(),
         record,
-        job: &rjob,
-        opts,
-        progress,
+        job: rjob.clone(),
+        opts: opts.clone(),
+        progress: progress.counter(),
         chunks: AtomicU64::new(0),
-    };
+    });
     let mut out = DataKeysRotated {
         record_id: record,
         ..Default::default()
     };
-    for (resealed, made, skipped) in run.ranges(&ranges, |r| reseal_range(&run, r)).await? {
+    for (resealed, made, skipped) in run
+        .ranges(ranges, |run, r| async move { reseal_range(&run, &r).await })
+        .await?
+    {
         out.resealed += resealed;
         out.new_keys.extend(made);
         out.skipped.merge(skipped);
@@ -452,7 +467,7 @@ pub async fn rotate_data_keys(
 
 /// One key range of `rotate data-keys`: (resealed, keys made, skipped).
 async fn reseal_range(
-    run: &Run<'_>,
+    run: &Run,
     range: &RotationRange,
 ) -> anyhow::Result<(u64, Vec<String>, Skipped)> {
     let mut reader = run.reader();
@@ -566,13 +581,13 @@ async fn reseal_range(
             .await?;
         resealed += n;
         cursor = last;
-        keys.retire_full(&**run.store).await?;
+        keys.retire_full(&*run.store).await?;
         run.chunk_committed(n)?;
     }
     run.store
         .rotation_range_done(run.record, run.job.id, range.no)
         .await?;
-    let made = keys.retire_all(&**run.store).await?;
+    let made = keys.retire_all(&*run.store).await?;
     Ok((resealed, made, skipped))
 }
 
@@ -593,7 +608,7 @@ pub async fn rotate_token_key(
     progress: &JobProgress,
 ) -> anyhow::Result<TokenKeyRotated> {
     let next = next_token_version(&*store).await?;
-    let pending = store.count_stale_tokens(next).await?;
+    let pending = store.count_tokens_not_of(next).await?;
     let lock = store
         .begin_job(&job.entry(TOKEN_KEY, "user_logins"), pending)
         .await?;
@@ -651,22 +666,26 @@ pub async fn rotate_token_key(
     } else {
         progress.set_length(pending.max(0) as u64);
     }
-    let run = Run {
-        store: &store,
-        wrapper: &wrapper,
+    let run = Arc::new(Run {
+        store: store.clone(),
+        wrapper: wrapper.clone(),
         record,
-        job: &rjob,
-        opts,
-        progress,
+        job: rjob.clone(),
+        opts: opts.clone(),
+        progress: progress.counter(),
         chunks: AtomicU64::new(0),
-    };
+    });
+    let token_key = Arc::new(token_key);
     let mut out = TokenKeyRotated {
         record_id: record,
         version,
         ..Default::default()
     };
     for (n, skipped) in run
-        .ranges(&ranges, |r| retokenise_range(&run, &token_key, r))
+        .ranges(ranges, |run, r| {
+            let key = token_key.clone();
+            async move { retokenise_range(&run, &key, &r).await }
+        })
         .await?
     {
         out.retokenised += n;
@@ -735,7 +754,7 @@ fn tokens_of(
 
 /// One key range of `rotate token-key`: (re-tokenised, skipped).
 async fn retokenise_range(
-    run: &Run<'_>,
+    run: &Run,
     key: &TokenKey,
     range: &RotationRange,
 ) -> anyhow::Result<(u64, Skipped)> {

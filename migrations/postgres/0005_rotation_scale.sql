@@ -177,10 +177,18 @@ BEGIN
 END
 $$;
 
+-- The two chunk readers below walk one range in key order, LIMIT rows at a
+-- time: only an index walk is right for that, at any table size. Without
+-- the settings, statistics that lag a bulk load (or a rotation's own
+-- rewrite) make the planner hash or sort whole tables for every chunk,
+-- which turns a rotation quadratic.
+
 -- A chunk of vault rows under the job's old keys, in one range.
 CREATE FUNCTION pii_vault_rotation_vault_chunk(p_record bigint, p_job bigint, p_after text, p_hi text, p_limit int)
 RETURNS TABLE (message_id text, user_id text, key_id text, nonce bytea, ciphertext bytea)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql SECURITY DEFINER
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off SET max_parallel_workers_per_gather = 0
+SET search_path FROM CURRENT AS $$
 DECLARE
     j rotation_jobs := pii_vault_rotation_job_check(p_record, p_job);
 BEGIN
@@ -197,7 +205,10 @@ $$;
 -- the job's version, in one range of login ids.
 CREATE FUNCTION pii_vault_rotation_logins_chunk(p_record bigint, p_job bigint, p_after bigint, p_hi bigint, p_limit int)
 RETURNS TABLE (id bigint, message_id text, user_id text, key_id text, nonce bytea, ciphertext bytea)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql SECURITY DEFINER
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off SET enable_hashjoin = off
+SET enable_mergejoin = off SET max_parallel_workers_per_gather = 0
+SET search_path FROM CURRENT AS $$
 DECLARE
     j rotation_jobs := pii_vault_rotation_job_check(p_record, p_job);
     pat text;

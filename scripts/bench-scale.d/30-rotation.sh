@@ -78,7 +78,7 @@ rot_raw_update() {
         hi="${bounds[$((i + 1))]:-}"
         local cond="n.k > '$lo'"
         [ -n "$hi" ] && cond="$cond AND n.k <= '$hi'"
-        psql "$rot_raw_url" -qXtA -v ON_ERROR_STOP=1 -c "${template//@COND@/$cond}" >"$work/$name.$i.out" 2>&1 &
+        psql "$rot_raw_url" -XtA -v ON_ERROR_STOP=1 -c "${template//@COND@/$cond}" >"$work/$name.$i.out" 2>&1 &
         pids+=($!)
     done
     for i in "${!pids[@]}"; do
@@ -133,8 +133,8 @@ psql "$PII_VAULT_TEST_PG" -qX -c "DROP DATABASE scale_rot_raw" >/dev/null
 
 section "rotations: $rot_jobs connections each, in place, beside a raw parallel UPDATE … FROM"
 report "rotate data-keys --jobs $rot_jobs ($resealed rows):" "$(rate "$resealed" "$t0" "$t1"), peak RSS $((data_rss_kb / 1024)) MiB"
-report "raw UPDATE … FROM, vault shape ($raw_v_n rows):" "$(rate "$raw_v_n" "$raw_v_t0" "$raw_v_t1")"
+report "raw UPDATE ... FROM, vault shape ($raw_v_n rows):" "$(rate "$raw_v_n" "$raw_v_t0" "$raw_v_t1")"
 report "rotate data-keys / raw UPDATE:" "$(ratio "$(per_sec "$resealed" "$t0" "$t1")" "$(per_sec "$raw_v_n" "$raw_v_t0" "$raw_v_t1")")"
 report "rotate token-key --jobs $rot_jobs ($retokenised logins):" "$(rate "$retokenised" "$t2" "$t3"), peak RSS $((token_rss_kb / 1024)) MiB"
-report "raw UPDATE … FROM, user_logins shape ($raw_l_n rows):" "$(rate "$raw_l_n" "$raw_l_t0" "$raw_l_t1")"
+report "raw UPDATE ... FROM, user_logins shape ($raw_l_n rows):" "$(rate "$raw_l_n" "$raw_l_t0" "$raw_l_t1")"
 report "rotate token-key / raw UPDATE:" "$(ratio "$(per_sec "$retokenised" "$t2" "$t3")" "$(per_sec "$raw_l_n" "$raw_l_t0" "$raw_l_t1")")"

@@ -270,6 +270,12 @@ pub trait Maintenance: Send + Sync {
         rows: &[(i64, String, String)],
     ) -> Result<(), StoreError>;
 
+    /// Counts logins whose tokens are not of `version`, whether or not their
+    /// originals are still there: a bound for the audit record and the
+    /// progress of a token rotation, one table scan cheaper than
+    /// [`Maintenance::count_stale_tokens`].
+    async fn count_tokens_not_of(&self, version: i64) -> Result<i64, StoreError>;
+
     /// Erases the user's vault rows and quarantined bodies and writes the
     /// audit entry, in one transaction.
     async fn forget(&self, user_id: &str, audit: &AuditEntry) -> Result<Forgotten, StoreError>;

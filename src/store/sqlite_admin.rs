@@ -636,6 +636,15 @@ impl admin::Maintenance for SqliteStore {
         Ok(())
     }
 
+    async fn count_tokens_not_of(&self, version: i64) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM user_logins WHERE masked_ip NOT LIKE $1 ESCAPE '\\' OR masked_device_id NOT LIKE $1 ESCAPE '\\'",
+        )
+        .bind(admin::token_like(version))
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     async fn forget(
         &self,
         user_id: &str,
