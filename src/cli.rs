@@ -320,7 +320,7 @@ pub struct ScaleArgs {
     pub jobs: u16,
 
     /// Rows read, re-sealed and written back per statement.
-    #[arg(long, env = "PII_VAULT_ROTATE_CHUNK_ROWS", default_value_t = 20_000,
+    #[arg(long, env = "PII_VAULT_ROTATE_CHUNK_ROWS", default_value_t = 5000,
           value_parser = clap::value_parser!(u32).range(1..=50_000))]
     pub chunk_rows: u32,
 

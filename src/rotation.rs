@@ -210,7 +210,7 @@ impl Default for RotationOptions {
     fn default() -> Self {
         RotationOptions {
             jobs: 2,
-            chunk_rows: 20_000,
+            chunk_rows: 5000,
             stop_after_chunks: None,
         }
     }
