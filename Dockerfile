@@ -19,6 +19,7 @@ WORKDIR /src
 # so that this layer is reused until Cargo.toml or Cargo.lock changes, and a
 # source change rebuilds pii-vault alone (the AWS SDK takes minutes).
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo .cargo
 RUN mkdir -p src benches \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \

@@ -45,8 +45,8 @@ STEP_TIMEOUT="${PII_VAULT_BENCH_STEP_TIMEOUT:-1800}"
 
 echo "== building (release)" >&2
 cargo build --release --bin pii-vault --example sqs_drain >&2
-BIN="$REPO/target/release/pii-vault"
-SQS="$REPO/target/release/examples/sqs_drain"
+BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/pii-vault"
+SQS="${CARGO_TARGET_DIR:-$REPO/target}/release/examples/sqs_drain"
 
 export PII_VAULT_PG_FSYNC=on # durable commits, as in production
 # shellcheck source=scripts/services.sh

@@ -39,7 +39,7 @@ STEP_TIMEOUT="${PII_VAULT_BENCH_STEP_TIMEOUT:-3600}"
 
 echo "== building (release)" >&2
 cargo build --release --bin pii-vault >&2
-BIN="$REPO/target/release/pii-vault"
+BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/pii-vault"
 
 export PII_VAULT_PG_FSYNC=on # durable commits, as in production
 export PII_VAULT_SERVICES=pg # no AWS: the local key file, so KMS latency is not measured here
@@ -159,6 +159,16 @@ report "pii-vault run --from-file:" "$(rate "$ROWS" "$t0" "$t1"), peak RSS $((lo
 report "raw COPY of the same rows, both tables ($copied):" "$(rate "$copied" "$t2" "$t3")"
 report "pii-vault / COPY:" "$(ratio "$(per_sec "$ROWS" "$t0" "$t1")" "$(per_sec "$copied" "$t2" "$t3")")"
 report "worker's summary:" "$(grep ' stored, ' "$work/load.err" || true)"
+
+# Sizes as loaded (random message ids leave btree pages partly filled, as
+# in production), and the straight line through them to 100 M and 1 B rows.
+section "sizes after the load ($ROWS rows), extrapolated in a straight line"
+while read -r name table idx; do
+    report "$name (table + indexes):" "$(awk -v t="$table" -v i="$idx" -v n="$ROWS" 'BEGIN {
+        printf "%.0f + %.0f bytes/row; 100 M rows: %.0f GiB; 1 B rows: %.0f GiB", t / n, i / n,
+            (t + i) / n * 1e8 / 2^30, (t + i) / n * 1e9 / 2^30 }')"
+done < <(psql "$PG_URL" -qXtA -F ' ' -c "SELECT relname, pg_table_size(oid), pg_indexes_size(oid) FROM pg_class \
+    WHERE relname IN ('user_logins', 'vault') AND relkind = 'r' ORDER BY relname")
 
 # ------------------------------------------------------------------ parts
 for part in "$REPO"/scripts/bench-scale.d/*.sh; do

@@ -16,8 +16,10 @@
 //!   ack to the source only after commit                 kms::{aws, local} (crypto::envelope)
 //! ```
 //!
-//! `reveal` reads the vault back through [`vault::VaultReader`] after writing
-//! its audit row in the same transaction as the read.
+//! `reveal` reads the vault back through [`vault::VaultReader`] only after
+//! its audit row has committed (two transactions, see `store`); `rotation`
+//! re-keys online; `erasure` deletes originals of one user or older than a
+//! retention date.
 
 #![forbid(unsafe_code)]
 
@@ -25,6 +27,7 @@ pub mod cli;
 pub mod commands;
 pub mod crypto;
 pub mod domain;
+pub mod erasure;
 pub mod honeytoken;
 pub mod keyring;
 pub mod kms;

@@ -22,42 +22,100 @@ pub fn safe(cell: &str) -> String {
 /// Left-aligned columns separated by two spaces, with a header rule. Cells
 /// are passed through [`safe`].
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let rows: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| r.iter().map(|c| safe(c)).collect())
-        .collect();
-    let rows = &rows;
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    let mut t = TableWriter::new(Vec::new(), headers, usize::MAX);
     for r in rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
+        t.row(r).expect("writing to memory");
+    }
+    String::from_utf8(t.finish().expect("writing to memory")).expect("cells are text")
+}
+
+/// A [`table`] written while its rows still come, for output too large to
+/// hold: the column widths are those of the headers and the first `window`
+/// rows, which are held back until the window is full (or the table ends).
+/// A later cell that is wider is written whole, and only its line runs out
+/// of alignment: a cut-off cell could hide the very value someone reveals
+/// a table to see.
+pub struct TableWriter<W: std::io::Write> {
+    out: W,
+    headers: Vec<String>,
+    window: usize,
+    /// Rows held back (already [`safe`]) while the widths are not known.
+    held: Vec<Vec<String>>,
+    widths: Option<Vec<usize>>,
+}
+
+impl<W: std::io::Write> TableWriter<W> {
+    pub fn new(out: W, headers: &[&str], window: usize) -> Self {
+        TableWriter {
+            out,
+            headers: headers.iter().map(|h| safe(h)).collect(),
+            window,
+            held: Vec::new(),
+            widths: None,
         }
     }
-    let line = |cells: Vec<&str>| {
-        let mut s = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ");
-        s.truncate(s.trim_end().len());
-        s.push('\n');
-        s
-    };
-    let mut out = line(headers.to_vec());
-    out.push_str(&line(
-        widths
-            .iter()
-            .map(|w| "-".repeat(*w))
-            .collect::<Vec<_>>()
-            .iter()
-            .map(String::as_str)
-            .collect(),
-    ));
-    for r in rows {
-        out.push_str(&line(r.iter().map(String::as_str).collect()));
+
+    pub fn row<S: AsRef<str>>(&mut self, cells: &[S]) -> std::io::Result<()> {
+        let cells: Vec<String> = cells.iter().map(|c| safe(c.as_ref())).collect();
+        match &self.widths {
+            Some(widths) => write_line(&mut self.out, widths, &cells),
+            None => {
+                self.held.push(cells);
+                if self.held.len() >= self.window {
+                    self.release()?;
+                }
+                Ok(())
+            }
+        }
     }
-    out
+
+    /// Writes whatever is buffered (rows held back stay held).
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+
+    /// Writes the rows still held back; the writer back.
+    pub fn finish(mut self) -> std::io::Result<W> {
+        if self.widths.is_none() {
+            self.release()?;
+        }
+        self.out.flush()?;
+        Ok(self.out)
+    }
+
+    /// Fixes the widths from the held rows and writes the header and them.
+    fn release(&mut self) -> std::io::Result<()> {
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        for r in &self.held {
+            for (w, c) in widths.iter_mut().zip(r) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        write_line(&mut self.out, &widths, &self.headers)?;
+        let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+        write_line(&mut self.out, &widths, &rule)?;
+        for r in std::mem::take(&mut self.held) {
+            write_line(&mut self.out, &widths, &r)?;
+        }
+        self.widths = Some(widths);
+        Ok(())
+    }
+}
+
+fn write_line(
+    out: &mut impl std::io::Write,
+    widths: &[usize],
+    cells: &[String],
+) -> std::io::Result<()> {
+    let mut s = cells
+        .iter()
+        .zip(widths)
+        .map(|(c, w)| format!("{c:<w$}"))
+        .collect::<Vec<_>>()
+        .join("  ");
+    s.truncate(s.trim_end().len());
+    s.push('\n');
+    out.write_all(s.as_bytes())
 }
 
 /// `3d 4h`, `5h 2m`, `42s`.
@@ -79,6 +137,32 @@ mod tests {
         assert!(!t.contains('\u{1b}') && !t.contains('\r'));
         assert!(t.contains("eve\\u{1b}[2J\\r\\nroot"), "{t}");
         assert_eq!(super::safe("plain ünïcode"), "plain ünïcode");
+    }
+
+    #[test]
+    fn a_streamed_table_takes_its_widths_from_the_first_rows_and_cuts_nothing() {
+        let mut t = super::TableWriter::new(Vec::new(), &["ip", "n"], 2);
+        t.row(&["10.0.0.1", "1"]).unwrap();
+        assert!(t.held.len() == 1, "held back until the window is full");
+        t.row(&["10.0.0.22", "2"]).unwrap();
+        t.row(&["2001:db8:ffff::1234", "3"]).unwrap();
+        t.row(&["10.0.0.3\u{1b}[2J", "4"]).unwrap();
+        let out = String::from_utf8(t.finish().unwrap()).unwrap();
+        assert_eq!(
+            out,
+            "ip         n\n\
+             ---------  -\n\
+             10.0.0.1   1\n\
+             10.0.0.22  2\n\
+             2001:db8:ffff::1234  3\n\
+             10.0.0.3\\u{1b}[2J  4\n"
+        );
+        let short = super::TableWriter::new(Vec::new(), &["a", "bb"], 100);
+        assert_eq!(
+            String::from_utf8(short.finish().unwrap()).unwrap(),
+            "a  bb\n-  --\n",
+            "a table without rows still has its header"
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::domain::CanonicalIp;
 use crate::keyring;
 use crate::pipeline::protect::{VaultPlaintext, AAD_QUARANTINE, AAD_VAULT};
 use crate::progress::JobProgress;
-use crate::store::admin::{Maintenance, RotationJob, RotationRange};
+use crate::store::admin::{RotationJob, RotationRange};
 use crate::store::{AdminStore, AuditEntry, KeyState, QuarantineRow, Store, VaultRow};
 use crate::vault::VaultReader;
 
@@ -51,7 +51,7 @@ pub struct JobRequest {
 }
 
 impl JobRequest {
-    fn entry(&self, action: &str, target: impl Into<String>) -> AuditEntry {
+    pub(crate) fn entry(&self, action: &str, target: impl Into<String>) -> AuditEntry {
         AuditEntry {
             claimed_actor: self.claimed_actor.clone(),
             action: action.into(),
@@ -846,15 +846,4 @@ async fn retokenise(
     anyhow::bail!(
         "logins with old tokens keep appearing; are workers running an old version of pii-vault?"
     )
-}
-
-/// Erases a user's recoverable originals, audited in the same transaction.
-pub async fn forget(
-    store: &dyn Maintenance,
-    user_id: &str,
-    job: &JobRequest,
-) -> anyhow::Result<crate::store::admin::Forgotten> {
-    Ok(store
-        .forget(user_id, &job.entry("forget", format!("user_id={user_id}")))
-        .await?)
 }

@@ -1,8 +1,8 @@
-//! Reading the vault back: unwrap data keys (cached per run) and open
-//! ciphertexts with the associated data of their row. Used by `reveal` and
-//! the rotation jobs; workers never call it.
+//! Reading the vault back: unwrap data keys (cached per run, up to a
+//! bound) and open ciphertexts with the associated data of their row. Used
+//! by `reveal` and the rotation jobs; workers never call it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -13,10 +13,18 @@ use crate::pipeline::protect::{VaultPlaintext, AAD_QUARANTINE, AAD_VAULT};
 use crate::store::{KeyState, QuarantineRow, Store, VaultRow};
 use zeroize::Zeroizing;
 
+/// Unwrapped data keys kept at most. Every worker process seals under a
+/// key of its own, so a reveal of a token seen over years, or a rotation,
+/// can meet thousands of keys; each unwrap is a KMS call, so the cache is
+/// large enough that rows of interleaved keys rarely unwrap one twice, and
+/// small enough (a few hundred KiB) to hold whatever the vault's size.
+pub const KEY_CACHE: usize = 4096;
+
 pub struct VaultReader {
     store: Arc<dyn Store>,
     wrapper: Arc<dyn KeyWrapper>,
-    keys: HashMap<String, Option<KeyMaterial>>,
+    /// `None` for a destroyed key.
+    keys: Lru<Option<KeyMaterial>>,
     /// The KMS allow-list, read once: a data key under any other KEK is
     /// refused rather than unwrapped.
     allowed: Option<Vec<String>>,
@@ -24,17 +32,26 @@ pub struct VaultReader {
 
 impl VaultReader {
     pub fn new(store: Arc<dyn Store>, wrapper: Arc<dyn KeyWrapper>) -> Self {
+        Self::with_key_cache(store, wrapper, KEY_CACHE)
+    }
+
+    /// A reader that keeps at most `capacity` (at least 1) unwrapped keys.
+    pub fn with_key_cache(
+        store: Arc<dyn Store>,
+        wrapper: Arc<dyn KeyWrapper>,
+        capacity: usize,
+    ) -> Self {
         VaultReader {
             store,
             wrapper,
-            keys: HashMap::new(),
+            keys: Lru::new(capacity),
             allowed: None,
         }
     }
 
     /// The plaintext key for `key_id`; `None` when it was destroyed.
     pub async fn data_key(&mut self, key_id: &str) -> anyhow::Result<Option<&KeyMaterial>> {
-        if !self.keys.contains_key(key_id) {
+        if !self.keys.touch(key_id) {
             let stored = self.store.get_key(key_id).await?.with_context(|| {
                 format!("data key {key_id} is referenced but not stored (unknown key id)")
             })?;
@@ -57,7 +74,7 @@ impl VaultReader {
             };
             self.keys.insert(key_id.to_string(), material);
         }
-        Ok(self.keys[key_id].as_ref())
+        Ok(self.keys.get(key_id).and_then(Option::as_ref))
     }
 
     /// The originals of one vault row; `None` when its key was destroyed.
@@ -99,5 +116,90 @@ impl VaultReader {
         let plain = aead::open(key, &aad, &row.nonce, &row.ciphertext)
             .with_context(|| format!("quarantined message {}", row.message_id))?;
         Ok(Some(plain))
+    }
+}
+
+/// A least-recently-used map from key id to `V`, holding at most `capacity`
+/// entries; evicted values are dropped (key material zeroes itself).
+struct Lru<V> {
+    capacity: usize,
+    /// Value and the tick of its last use.
+    entries: HashMap<String, (V, u64)>,
+    /// Last-use tick -> key id: the first entry is the one to evict.
+    by_use: BTreeMap<u64, String>,
+    tick: u64,
+}
+
+impl<V> Lru<V> {
+    fn new(capacity: usize) -> Self {
+        Lru {
+            capacity: capacity.max(1),
+            entries: HashMap::new(),
+            by_use: BTreeMap::new(),
+            tick: 0,
+        }
+    }
+
+    /// Marks `key` as just used; whether it is cached.
+    fn touch(&mut self, key: &str) -> bool {
+        let Some((_, used)) = self.entries.get_mut(key) else {
+            return false;
+        };
+        self.tick += 1;
+        let id = self.by_use.remove(used).expect("every entry has a tick");
+        *used = self.tick;
+        self.by_use.insert(self.tick, id);
+        true
+    }
+
+    fn get(&self, key: &str) -> Option<&V> {
+        self.entries.get(key).map(|(v, _)| v)
+    }
+
+    fn insert(&mut self, key: String, value: V) {
+        if let Some((_, used)) = self.entries.remove(&key) {
+            self.by_use.remove(&used);
+        }
+        while self.entries.len() >= self.capacity {
+            let Some((_, oldest)) = self.by_use.pop_first() else {
+                break;
+            };
+            self.entries.remove(&oldest);
+        }
+        self.tick += 1;
+        self.by_use.insert(self.tick, key.clone());
+        self.entries.insert(key, (value, self.tick));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lru;
+
+    #[test]
+    fn the_key_cache_stays_within_its_bound_and_evicts_the_least_recently_used() {
+        let mut c = Lru::new(2);
+        c.insert("a".into(), 1);
+        c.insert("b".into(), 2);
+        assert!(c.touch("a"));
+        c.insert("c".into(), 3);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.get("a"), Some(&1));
+        assert_eq!(c.get("b"), None, "b was used least recently");
+        assert!(!c.touch("b"));
+        assert_eq!(c.get("c"), Some(&3));
+        c.insert("c".into(), 4);
+        assert_eq!((c.len(), c.get("c")), (2, Some(&4)));
+        for i in 0..100 {
+            c.insert(format!("k{i}"), i);
+        }
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.by_use.len(), 2);
+        assert_eq!((c.get("k98"), c.get("k99")), (Some(&98), Some(&99)));
     }
 }

@@ -4,10 +4,18 @@
 //! commits), then fetch the rows of that record. On Postgres the revealer
 //! role has no other way to the ciphertext: the database hands it out only
 //! for a committed record of the same login.
+//!
+//! Rows are opened and printed as they come, so that revealing a token
+//! shared by a great many logins holds a bounded amount of memory.
 
+use std::collections::VecDeque;
+use std::io::Write;
+
+use futures::{FutureExt as _, StreamExt as _};
 use serde::Serialize;
 
 use crate::cli::{Cli, OutputFormat, RevealArgs};
+use crate::output::TableWriter;
 use crate::pipeline::protect::VaultPlaintext;
 use crate::store::{LoginRow, RequestStatus, Selector};
 use crate::vault::VaultReader;
@@ -64,81 +72,141 @@ pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
         }
     };
     let wrapper = super::open_wrapper(cli).await?;
-    let rows = store.reveal_fetch(record).await?;
+    let mut rows = Some(store.reveal_fetch(record).await?);
+    // Read ahead a few rows before opening any: a small reveal is then
+    // read to its end, so its connection can go back to the pool instead of
+    // a new one being opened for the key look-ups below (each costs a TLS
+    // handshake), and a table takes its column widths from these rows.
+    let mut ahead = VecDeque::with_capacity(READ_AHEAD);
+    while ahead.len() < READ_AHEAD {
+        match rows.as_mut().expect("not ended yet").next().await {
+            Some(row) => ahead.push_back(row?),
+            None => {
+                rows = None;
+                break;
+            }
+        }
+    }
     let mut reader = VaultReader::new(store.clone(), wrapper);
-    let mut opened = Vec::with_capacity(rows.len());
-    let mut unrecoverable = 0;
-    for (login, vault) in &rows {
-        let plain = match vault {
+    let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
+    let mut sink = match args.format {
+        OutputFormat::Json => Sink::Json(stdout),
+        OutputFormat::Table => Sink::Table(TableWriter::new(stdout, &TABLE_HEADERS, READ_AHEAD)),
+    };
+    let (mut total, mut unrecoverable) = (0u64, 0u64);
+    loop {
+        let (login, vault) = match ahead.pop_front() {
+            Some(row) => row,
+            None => {
+                let Some(rest) = rows.as_mut() else { break };
+                // Whatever is written goes out before waiting for the
+                // database: output keeps pace with the rows, in big writes.
+                let next = match rest.next().now_or_never() {
+                    Some(next) => next,
+                    None => {
+                        sink.flush()?;
+                        rest.next().await
+                    }
+                };
+                match next {
+                    Some(row) => row?,
+                    None => break,
+                }
+            }
+        };
+        let plain = match &vault {
             Some(v) => reader.open(v).await?,
             None => None,
         };
+        total += 1;
         if plain.is_none() {
             unrecoverable += 1;
         }
-        opened.push((login, plain));
+        sink.write(&view(&login, plain.as_ref()))?;
     }
-    fn view<'a>((l, p): &'a (&'a LoginRow, Option<VaultPlaintext>)) -> Revealed<'a> {
-        Revealed {
-            message_id: &l.message_id,
-            user_id: &l.user_id,
-            ip: p.as_ref().map(|p| p.ip.as_str()),
-            device_id: p.as_ref().map(|p| p.device_id.as_str()),
-            device_type: &l.device_type,
-            locale: l.locale.as_deref(),
-            app_version: &l.app_version,
-            create_date: l.create_date,
-            masked_ip: &l.masked_ip,
-            masked_device_id: &l.masked_device_id,
-        }
-    }
-    match args.format {
-        OutputFormat::Json => {
-            for o in &opened {
-                println!("{}", serde_json::to_string(&view(o))?);
-            }
-        }
-        OutputFormat::Table => {
-            let rows: Vec<Vec<String>> = opened
-                .iter()
-                .map(|o| {
-                    let r = view(o);
-                    vec![
-                        r.user_id.into(),
-                        r.create_date.map(|d| d.to_string()).unwrap_or_default(),
-                        r.ip.unwrap_or("(erased)").into(),
-                        r.device_id.unwrap_or("(erased)").into(),
-                        r.device_type.into(),
-                        r.locale.unwrap_or("").into(),
-                        r.app_version.into(),
-                    ]
-                })
-                .collect();
-            print!(
-                "{}",
-                crate::output::table(
-                    &[
-                        "user_id",
-                        "date",
-                        "ip",
-                        "device_id",
-                        "device_type",
-                        "locale",
-                        "app_version"
-                    ],
-                    &rows
-                )
-            );
-        }
-    }
+    sink.finish()?;
     eprintln!(
         "pii-vault: revealed {} login(s) for {selector}; recorded in the audit trail (record {record})",
-        opened.len() - unrecoverable,
+        total - unrecoverable,
     );
-    if rows.is_empty() {
+    if total == 0 {
         eprintln!("pii-vault: no logins match {selector}");
     } else if unrecoverable > 0 {
         eprintln!("pii-vault: {unrecoverable} login(s) have no recoverable originals (erased by `forget` or key destruction)");
     }
     Ok(())
+}
+
+/// Rows read before the first is opened, and the rows a table takes its
+/// widths from: a bounded few hundred KiB at most.
+const READ_AHEAD: usize = 256;
+
+const TABLE_HEADERS: [&str; 7] = [
+    "user_id",
+    "date",
+    "ip",
+    "device_id",
+    "device_type",
+    "locale",
+    "app_version",
+];
+
+fn view<'a>(l: &'a LoginRow, p: Option<&'a VaultPlaintext>) -> Revealed<'a> {
+    Revealed {
+        message_id: &l.message_id,
+        user_id: &l.user_id,
+        ip: p.map(|p| p.ip.as_str()),
+        device_id: p.map(|p| p.device_id.as_str()),
+        device_type: &l.device_type,
+        locale: l.locale.as_deref(),
+        app_version: &l.app_version,
+        create_date: l.create_date,
+        masked_ip: &l.masked_ip,
+        masked_device_id: &l.masked_device_id,
+    }
+}
+
+/// Where revealed rows go, one at a time.
+enum Sink<W: Write> {
+    /// One JSON object a line, written as each row is opened.
+    Json(W),
+    Table(TableWriter<W>),
+}
+
+impl<W: Write> Sink<W> {
+    fn write(&mut self, r: &Revealed<'_>) -> anyhow::Result<()> {
+        match self {
+            Sink::Json(out) => {
+                serde_json::to_writer(&mut *out, r)?;
+                out.write_all(b"\n")?;
+            }
+            Sink::Table(t) => {
+                let date = r.create_date.map(|d| d.to_string()).unwrap_or_default();
+                t.row(&[
+                    r.user_id,
+                    &date,
+                    r.ip.unwrap_or("(erased)"),
+                    r.device_id.unwrap_or("(erased)"),
+                    r.device_type,
+                    r.locale.unwrap_or(""),
+                    r.app_version,
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Json(out) => out.flush(),
+            Sink::Table(t) => t.flush(),
+        }
+    }
+
+    fn finish(self) -> std::io::Result<()> {
+        match self {
+            Sink::Json(mut out) => out.flush(),
+            Sink::Table(t) => t.finish().map(drop),
+        }
+    }
 }

@@ -76,7 +76,10 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
 
     let opts = RunOptions {
         concurrency: args.concurrency as usize,
-        batch_size: args.batch_size as usize,
+        batch_size: args.batch_size.map_or_else(
+            || if args.from_file.is_some() { 2000 } else { 500 },
+            usize::from,
+        ),
         writers: args.writers.map_or_else(
             || match backend {
                 crate::store::Backend::Sqlite => 1,

@@ -17,6 +17,15 @@ pub struct Forgotten {
     pub logins_kept: u64,
 }
 
+/// What `forget --before` erased, and what it kept on purpose.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Retained {
+    pub vault_rows: u64,
+    pub quarantined: u64,
+    /// Vault rows with no date (a legacy row without a login): never erased by date.
+    pub undated_kept: u64,
+}
+
 /// A rotation under way: its audit record (written and committed before
 /// anything is read) and the lock that keeps a second rotation of the same
 /// kind out. Dropping it releases the lock.
@@ -279,6 +288,20 @@ pub trait Maintenance: Send + Sync {
     /// Erases the user's vault rows and quarantined bodies and writes the
     /// audit entry, in one transaction.
     async fn forget(&self, user_id: &str, audit: &AuditEntry) -> Result<Forgotten, StoreError>;
+
+    /// Erases every vault row of a login before `before` (UTC day) and every
+    /// body quarantined before it, honeytokens excepted, and writes the
+    /// audit entry with the count, in one transaction. `audit.target` is
+    /// ignored: the store names the date.
+    async fn retention(
+        &self,
+        before: chrono::NaiveDate,
+        audit: &AuditEntry,
+    ) -> Result<Retained, StoreError>;
+
+    /// What [`Maintenance::retention`] would erase now: vault rows and
+    /// quarantined bodies older than `before`, honeytokens excepted.
+    async fn count_older_than(&self, before: chrono::NaiveDate) -> Result<(u64, u64), StoreError>;
 
     /// Changes the reveal policy (owner only on Postgres; the database
     /// writes the audit row). `None` keeps a limit as it is.

@@ -7,6 +7,7 @@
 
 pub mod admin;
 mod pg_admin;
+mod pg_copy;
 pub mod postgres;
 pub mod sqlite;
 mod sqlite_admin;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
+use futures::stream::{self, BoxStream, Stream, StreamExt, TryStreamExt};
 
 use crate::crypto::{KeyPurpose, WrappedKey};
 
@@ -270,9 +272,59 @@ pub struct Alarm {
     pub honeytokens: i64,
 }
 
-/// The sealed originals of a login as a reveal returns them: `None` where
+/// A login with its sealed originals as a reveal returns it: `None` where
 /// the originals were erased (or never existed, for legacy rows).
-pub type RevealedRows = Vec<(LoginRow, Option<VaultRow>)>;
+pub type RevealedRow = (LoginRow, Option<VaultRow>);
+
+/// The rows of a reveal, as they come from the database: a reveal of a
+/// token shared by many logins is opened and printed row by row, so its
+/// size never has to fit in memory.
+///
+/// Made by [`RevealedRows::start`], which has already read the first row:
+/// a refusal by the database (not committed, already fetched, not this
+/// login's) is the error of [`Store::reveal_fetch`] itself, not of a later
+/// item.
+pub struct RevealedRows<'a>(BoxStream<'a, Result<RevealedRow, StoreError>>);
+
+impl<'a> RevealedRows<'a> {
+    /// Reads the first item of `rows`, so that an error before any row is
+    /// returned here.
+    pub async fn start(
+        mut rows: BoxStream<'a, Result<RevealedRow, StoreError>>,
+    ) -> Result<RevealedRows<'a>, StoreError> {
+        match rows.next().await {
+            None => Ok(RevealedRows(stream::empty().boxed())),
+            Some(first) => {
+                let first = first?;
+                Ok(RevealedRows(
+                    stream::once(async { Ok(first) }).chain(rows).boxed(),
+                ))
+            }
+        }
+    }
+
+    /// All rows at once, for callers that know the reveal is small.
+    pub async fn collect_all(self) -> Result<Vec<RevealedRow>, StoreError> {
+        self.0.try_collect().await
+    }
+}
+
+impl Stream for RevealedRows<'_> {
+    type Item = Result<RevealedRow, StoreError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_next_unpin(cx)
+    }
+}
+
+impl std::fmt::Debug for RevealedRows<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RevealedRows")
+    }
+}
 
 /// Errors from a store. Messages carry the kind of failure, never row values:
 /// database error texts can quote input, so only the SQLSTATE and the
@@ -476,9 +528,10 @@ pub trait Store: Send + Sync {
     ) -> Result<RevealRequest, StoreError>;
 
     /// Step two: the logins of a committed reveal request with their sealed
-    /// originals. On Postgres the database refuses a request that is not
-    /// this login's, not committed, already fetched or older than an hour.
-    async fn reveal_fetch(&self, request_id: i64) -> Result<RevealedRows, StoreError>;
+    /// originals, streamed. On Postgres the database refuses a request that
+    /// is not this login's, not committed, already fetched or older than an
+    /// hour.
+    async fn reveal_fetch<'a>(&'a self, request_id: i64) -> Result<RevealedRows<'a>, StoreError>;
 
     /// Approves another login's pending request (the second person).
     async fn approve(

@@ -4,8 +4,10 @@ use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::Row;
 
+use chrono::NaiveDate;
+
 use super::admin::{
-    self, Forgotten, Job, JobLock, Maintenance, RotationJob, RotationRange, JOB_KINDS,
+    self, Forgotten, Job, JobLock, Maintenance, Retained, RotationJob, RotationRange, JOB_KINDS,
 };
 use super::postgres::{login_from_row, PgStore};
 use super::{
@@ -596,31 +598,50 @@ impl Maintenance for PgStore {
     }
 
     async fn forget(&self, user_id: &str, audit: &AuditEntry) -> Result<Forgotten, StoreError> {
-        let mut tx = self.pool().begin().await?;
-        let vault_rows = sqlx::query("DELETE FROM vault WHERE user_id = $1")
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        let quarantined = sqlx::query("DELETE FROM quarantine WHERE user_id = $1")
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        let logins_kept: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE user_id = $1")
-                .bind(user_id)
-                .fetch_one(&mut *tx)
-                .await?;
-        record(audit, (vault_rows + quarantined) as i64)
-            .fetch_one(&mut *tx)
-            .await?;
-        tx.commit().await?;
+        // One statement: the function deletes and writes the audit row in
+        // the same transaction (migration 0006); the rotator has no DELETE.
+        let (vault_rows, quarantined, logins_kept): (i64, i64, i64) = sqlx::query_as(
+            "SELECT vault_rows, quarantined, logins_kept FROM pii_vault_forget($1, $2, $3)",
+        )
+        .bind(user_id)
+        .bind(&audit.reason)
+        .bind(&audit.claimed_actor)
+        .fetch_one(self.pool())
+        .await?;
         Ok(Forgotten {
-            vault_rows,
-            quarantined,
+            vault_rows: vault_rows as u64,
+            quarantined: quarantined as u64,
             logins_kept: logins_kept as u64,
         })
+    }
+
+    async fn retention(
+        &self,
+        before: NaiveDate,
+        audit: &AuditEntry,
+    ) -> Result<Retained, StoreError> {
+        let (vault_rows, quarantined, undated_kept): (i64, i64, i64) = sqlx::query_as(
+            "SELECT vault_rows, quarantined, undated_kept FROM pii_vault_retention($1, $2, $3)",
+        )
+        .bind(before)
+        .bind(&audit.reason)
+        .bind(&audit.claimed_actor)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(Retained {
+            vault_rows: vault_rows as u64,
+            quarantined: quarantined as u64,
+            undated_kept: undated_kept as u64,
+        })
+    }
+
+    async fn count_older_than(&self, before: NaiveDate) -> Result<(u64, u64), StoreError> {
+        let (vault_rows, quarantined): (i64, i64) =
+            sqlx::query_as("SELECT vault_rows, quarantined FROM pii_vault_retention_preview($1)")
+                .bind(before)
+                .fetch_one(self.pool())
+                .await?;
+        Ok((vault_rows as u64, quarantined as u64))
     }
 
     async fn set_policy(

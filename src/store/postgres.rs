@@ -1,14 +1,18 @@
 //! The production store: Postgres, shared by many worker replicas.
 //!
-//! Batch writes send one statement per table with the rows as parallel
-//! arrays (`UNNEST($1::text[], …)`), so a batch costs a handful of round
-//! trips whatever its size and no statement nears the 65,535-parameter
-//! limit. Exactly-once effect under at-least-once delivery rests on the
-//! unique `message_id` and `ON CONFLICT DO NOTHING`: a redelivered message
-//! that another replica already committed is counted as a duplicate.
+//! A batch is written in one transaction, by one of two lanes. The fast
+//! lane sends both tables by binary `COPY` (a bulk load's cost: no
+//! speculative insertion, no per-row statement overhead); it assumes every
+//! message id is new and fails as a whole if one is not. Then the batch is
+//! rolled back and written by the careful lane: one statement per table with
+//! the rows as parallel arrays (`UNNEST($1::text[], …)`) and `ON CONFLICT
+//! DO NOTHING`, so a redelivered message that another replica already
+//! committed is counted as a duplicate. Exactly-once effect rests on the
+//! unique `message_id` either way.
 
 use std::collections::HashSet;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,6 +20,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 
+use super::pg_copy;
 use super::*;
 use crate::crypto::{KeyPurpose, WrappedKey};
 
@@ -40,6 +45,10 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct PgStore {
     pool: PgPool,
+    /// Set when a batch met a message id already stored: the next batches
+    /// skip the `COPY` fast lane (which would fail and be redone) until one
+    /// of them is all new again, e.g. while a file loaded before is re-run.
+    expect_duplicates: AtomicBool,
 }
 
 impl PgStore {
@@ -52,7 +61,10 @@ impl PgStore {
         let pool = tokio::time::timeout(CONNECT_TIMEOUT, pool)
             .await
             .map_err(|_| StoreError::Transient("timed out connecting to the database".into()))??;
-        Ok(PgStore { pool })
+        Ok(PgStore {
+            pool,
+            expect_duplicates: AtomicBool::new(false),
+        })
     }
 
     /// For tests and maintenance that need SQL outside the [`Store`] trait.
@@ -100,6 +112,22 @@ pub(super) fn login_from_row(r: &PgRow) -> Result<LoginRow, StoreError> {
     })
 }
 
+/// A row of `pii_vault_reveal_fetch`: the login, and its sealed originals
+/// when there are any.
+fn revealed_from_row(r: &PgRow) -> Result<RevealedRow, StoreError> {
+    let login = login_from_row(r)?;
+    let vault = match r.try_get::<Option<String>, _>("key_id")? {
+        Some(key_id) => Some(VaultRow::of(
+            &login,
+            key_id,
+            r.try_get("nonce")?,
+            r.try_get("ciphertext")?,
+        )),
+        None => None,
+    };
+    Ok((login, vault))
+}
+
 const KEY_COLUMNS: &str = "id, purpose, version, kek_id, wrapped, state, created_at, usage_count";
 
 /// The logins of a batch that can be inserted by one statement: the first
@@ -117,6 +145,148 @@ fn first_of_each(logins: &[(LoginRow, VaultRow)]) -> Vec<&(LoginRow, VaultRow)> 
         .collect();
     out.sort_by(|a, b| a.0.message_id.cmp(&b.0.message_id));
     out
+}
+
+/// The fast lane: both tables by binary `COPY`, as a bulk load would. It
+/// assumes every message id is new (the common case under at-least-once
+/// delivery) and fails as a whole on the first one that is not, with a
+/// unique violation: the caller then rolls back and takes [`insert_logins`].
+async fn copy_logins(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    logins: &[&(LoginRow, VaultRow)],
+) -> Result<(), sqlx::Error> {
+    let mut rows = pg_copy::CopyRows::new(logins.len() * 200);
+    for (l, _) in logins {
+        rows.row(8)
+            .text(&l.message_id)
+            .text(&l.user_id)
+            .text(&l.device_type)
+            .text(&l.masked_ip)
+            .text(&l.masked_device_id)
+            .opt_text(l.locale.as_deref())
+            .text(&l.app_version)
+            .date(l.create_date);
+    }
+    let mut copy = tx
+        .copy_in_raw(
+            "COPY user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, \
+             locale, app_version, create_date) FROM STDIN (FORMAT binary)",
+        )
+        .await?;
+    copy.send(rows.finish()).await?;
+    copy.finish().await?;
+
+    let mut rows = pg_copy::CopyRows::new(logins.len() * 160);
+    for (l, v) in logins {
+        rows.row(6)
+            .text(&v.message_id)
+            .text(&v.user_id)
+            .text(&v.key_id)
+            .bytes(&v.nonce)
+            .bytes(&v.ciphertext)
+            .date(l.create_date);
+    }
+    let mut copy = tx
+        .copy_in_raw(
+            "COPY vault (message_id, user_id, key_id, nonce, ciphertext, create_date) \
+             FROM STDIN (FORMAT binary)",
+        )
+        .await?;
+    copy.send(rows.finish()).await?;
+    copy.finish().await?;
+    Ok(())
+}
+
+/// The lane for batches that may hold redeliveries: `ON CONFLICT DO
+/// NOTHING` skips what is stored, and only the logins this statement
+/// inserted get vault rows. Returns how many were new.
+async fn insert_logins(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    logins: &[&(LoginRow, VaultRow)],
+    out: &mut BatchOutcome,
+) -> Result<usize, StoreError> {
+    let mut fresh = 0;
+    for chunk in logins.chunks(CHUNK) {
+        let mut message_id = Vec::with_capacity(chunk.len());
+        let mut user_id = Vec::with_capacity(chunk.len());
+        let mut device_type = Vec::with_capacity(chunk.len());
+        let mut masked_ip = Vec::with_capacity(chunk.len());
+        let mut masked_device_id = Vec::with_capacity(chunk.len());
+        let mut locale = Vec::with_capacity(chunk.len());
+        let mut app_version = Vec::with_capacity(chunk.len());
+        let mut create_date: Vec<Option<NaiveDate>> = Vec::with_capacity(chunk.len());
+        for (l, _) in chunk {
+            message_id.push(l.message_id.as_str());
+            user_id.push(l.user_id.as_str());
+            device_type.push(l.device_type.as_str());
+            masked_ip.push(l.masked_ip.as_str());
+            masked_device_id.push(l.masked_device_id.as_str());
+            locale.push(l.locale.as_deref());
+            app_version.push(l.app_version.as_str());
+            create_date.push(l.create_date);
+        }
+        let inserted: HashSet<String> = sqlx::query_scalar(
+            "INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, \
+             locale, app_version, create_date) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::text[], $7::text[], $8::date[]) \
+             ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
+        )
+        .bind(&message_id)
+        .bind(&user_id)
+        .bind(&device_type)
+        .bind(&masked_ip)
+        .bind(&masked_device_id)
+        .bind(&locale)
+        .bind(&app_version)
+        .bind(&create_date)
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .collect();
+        out.stored += inserted.len() as u64;
+        out.duplicates += (chunk.len() - inserted.len()) as u64;
+        fresh += inserted.len();
+
+        // Only the logins this statement inserted get vault rows: a
+        // duplicate's vault row is already there, sealed under its own
+        // nonce, and must not be replaced by the redelivery's. No ON
+        // CONFLICT: these message ids were new to `user_logins` a moment
+        // ago in this transaction, and a conflict target would need
+        // SELECT on `vault`, which the worker role must not have (see
+        // migrations/postgres/0002_roles.sql).
+        let new: Vec<&(LoginRow, VaultRow)> = chunk
+            .iter()
+            .copied()
+            .filter(|(l, _)| inserted.contains(&l.message_id))
+            .collect();
+        if new.is_empty() {
+            continue;
+        }
+        let message_id: Vec<&str> = new.iter().map(|(_, v)| v.message_id.as_str()).collect();
+        let user_id: Vec<&str> = new.iter().map(|(_, v)| v.user_id.as_str()).collect();
+        let key_id: Vec<&str> = new.iter().map(|(_, v)| v.key_id.as_str()).collect();
+        let nonce: Vec<&[u8]> = new.iter().map(|(_, v)| v.nonce.as_slice()).collect();
+        let ciphertext: Vec<&[u8]> = new.iter().map(|(_, v)| v.ciphertext.as_slice()).collect();
+        let create_date: Vec<Option<NaiveDate>> = new.iter().map(|(l, _)| l.create_date).collect();
+        sqlx::query(
+            "INSERT INTO vault (message_id, user_id, key_id, nonce, ciphertext, create_date) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::bytea[], $6::date[])",
+        )
+        .bind(&message_id)
+        .bind(&user_id)
+        .bind(&key_id)
+        .bind(&nonce)
+        .bind(&ciphertext)
+        .bind(&create_date)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(fresh)
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"))
 }
 
 #[async_trait]
@@ -139,80 +309,29 @@ impl Store for PgStore {
         // The rotation fences (active data keys, active token-key version)
         // and usage counting are the database's: statement triggers of
         // migrations/postgres/0003_trust_boundaries.sql check every insert
-        // below, so `key_usage` and `token_key_id` need no query here.
+        // and COPY below, so `key_usage` and `token_key_id` need no query here.
         let mut tx = self.pool.begin().await?;
-        for chunk in logins.chunks(CHUNK) {
-            let mut message_id = Vec::with_capacity(chunk.len());
-            let mut user_id = Vec::with_capacity(chunk.len());
-            let mut device_type = Vec::with_capacity(chunk.len());
-            let mut masked_ip = Vec::with_capacity(chunk.len());
-            let mut masked_device_id = Vec::with_capacity(chunk.len());
-            let mut locale = Vec::with_capacity(chunk.len());
-            let mut app_version = Vec::with_capacity(chunk.len());
-            let mut create_date: Vec<Option<NaiveDate>> = Vec::with_capacity(chunk.len());
-            for (l, _) in chunk {
-                message_id.push(l.message_id.as_str());
-                user_id.push(l.user_id.as_str());
-                device_type.push(l.device_type.as_str());
-                masked_ip.push(l.masked_ip.as_str());
-                masked_device_id.push(l.masked_device_id.as_str());
-                locale.push(l.locale.as_deref());
-                app_version.push(l.app_version.as_str());
-                create_date.push(l.create_date);
+        if !logins.is_empty() {
+            if self.expect_duplicates.load(Ordering::Relaxed) {
+                let fresh = insert_logins(&mut tx, &logins, &mut out).await?;
+                if fresh == logins.len() {
+                    self.expect_duplicates.store(false, Ordering::Relaxed);
+                }
+            } else {
+                match copy_logins(&mut tx, &logins).await {
+                    Ok(()) => out.stored += logins.len() as u64,
+                    Err(e) if is_unique_violation(&e) => {
+                        // A redelivery (or a file loaded again): this batch,
+                        // and the next ones until a batch is all new, take
+                        // the statement that skips what is already stored.
+                        self.expect_duplicates.store(true, Ordering::Relaxed);
+                        tx.rollback().await?;
+                        tx = self.pool.begin().await?;
+                        insert_logins(&mut tx, &logins, &mut out).await?;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
-            let inserted: HashSet<String> = sqlx::query_scalar(
-                "INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, \
-                 locale, app_version, create_date) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-                 $6::text[], $7::text[], $8::date[]) \
-                 ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
-            )
-            .bind(&message_id)
-            .bind(&user_id)
-            .bind(&device_type)
-            .bind(&masked_ip)
-            .bind(&masked_device_id)
-            .bind(&locale)
-            .bind(&app_version)
-            .bind(&create_date)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
-            out.stored += inserted.len() as u64;
-            out.duplicates += (chunk.len() - inserted.len()) as u64;
-
-            // Only the logins this statement inserted get vault rows: a
-            // duplicate's vault row is already there, sealed under its own
-            // nonce, and must not be replaced by the redelivery's. No ON
-            // CONFLICT: these message ids were new to `user_logins` a moment
-            // ago in this transaction, and a conflict target would need
-            // SELECT on `vault`, which the worker role must not have (see
-            // migrations/postgres/0002_roles.sql).
-            let new: Vec<&VaultRow> = chunk
-                .iter()
-                .filter(|(l, _)| inserted.contains(&l.message_id))
-                .map(|(_, v)| v)
-                .collect();
-            if new.is_empty() {
-                continue;
-            }
-            let message_id: Vec<&str> = new.iter().map(|v| v.message_id.as_str()).collect();
-            let user_id: Vec<&str> = new.iter().map(|v| v.user_id.as_str()).collect();
-            let key_id: Vec<&str> = new.iter().map(|v| v.key_id.as_str()).collect();
-            let nonce: Vec<&[u8]> = new.iter().map(|v| v.nonce.as_slice()).collect();
-            let ciphertext: Vec<&[u8]> = new.iter().map(|v| v.ciphertext.as_slice()).collect();
-            sqlx::query(
-                "INSERT INTO vault (message_id, user_id, key_id, nonce, ciphertext) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::bytea[])",
-            )
-            .bind(&message_id)
-            .bind(&user_id)
-            .bind(&key_id)
-            .bind(&nonce)
-            .bind(&ciphertext)
-            .execute(&mut *tx)
-            .await?;
         }
 
         for chunk in batch.quarantined.chunks(CHUNK) {
@@ -333,26 +452,15 @@ impl Store for PgStore {
         })
     }
 
-    async fn reveal_fetch(&self, request_id: i64) -> Result<RevealedRows, StoreError> {
+    async fn reveal_fetch<'a>(&'a self, request_id: i64) -> Result<RevealedRows<'a>, StoreError> {
+        // The function checks the request, marks it fetched and returns
+        // its rows in one statement, committed only once the last row is
+        // sent: rows are taken off the wire one at a time, never all held.
         let rows = sqlx::query("SELECT * FROM pii_vault_reveal_fetch($1)")
             .bind(request_id)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let login = login_from_row(r)?;
-                let vault = match r.try_get::<Option<String>, _>("key_id")? {
-                    Some(key_id) => Some(VaultRow::of(
-                        &login,
-                        key_id,
-                        r.try_get("nonce")?,
-                        r.try_get("ciphertext")?,
-                    )),
-                    None => None,
-                };
-                Ok((login, vault))
-            })
-            .collect()
+            .fetch(&self.pool)
+            .map(|r| revealed_from_row(&r?));
+        RevealedRows::start(rows.boxed()).await
     }
 
     async fn approve(

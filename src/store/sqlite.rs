@@ -131,6 +131,28 @@ pub(super) fn os_user() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// The reveal query for each selector column, as static text (a streamed
+/// query borrows its SQL for as long as rows come).
+fn reveal_select(column: &str) -> Option<&'static str> {
+    macro_rules! select_by {
+        ($column:literal) => {
+            concat!(
+                "SELECT l.message_id, l.user_id, l.device_type, l.masked_ip, l.masked_device_id, \
+                 l.locale, l.app_version, l.create_date, v.key_id, v.nonce, v.ciphertext \
+                 FROM user_logins l LEFT JOIN vault v ON v.message_id = l.message_id WHERE l.",
+                $column,
+                " = $1 ORDER BY l.create_date, l.id"
+            )
+        };
+    }
+    Some(match Selector::column_named(column)? {
+        "user_id" => select_by!("user_id"),
+        "masked_ip" => select_by!("masked_ip"),
+        "masked_device_id" => select_by!("masked_device_id"),
+        _ => return None,
+    })
+}
+
 const KEY_COLUMNS: &str = "id, purpose, version, kek_id, wrapped, state, created_at, usage_count";
 
 #[async_trait]
@@ -385,7 +407,7 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn reveal_fetch(&self, request_id: i64) -> Result<RevealedRows, StoreError> {
+    async fn reveal_fetch<'a>(&'a self, request_id: i64) -> Result<RevealedRows<'a>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let found: Option<(i64, String, String, Option<String>, String)> = sqlx::query_as(
             "SELECT r.id, r.selector, r.value, r.fetched_at, a.at FROM reveal_requests r \
@@ -410,26 +432,29 @@ impl Store for SqliteStore {
                 "audit record {request_id} has expired"
             )));
         }
-        let column = Selector::column_named(&column)
+        let sql = reveal_select(&column)
             .ok_or_else(|| StoreError::Permanent("unknown reveal selector".into()))?;
-        sqlx::query(&format!(
-            "UPDATE reveal_requests SET fetched_at = {NOW} WHERE id = $1"
+        let marked = sqlx::query(&format!(
+            "UPDATE reveal_requests SET fetched_at = {NOW} WHERE id = $1 AND fetched_at IS NULL"
         ))
         .bind(id)
         .execute(&mut *tx)
-        .await?;
-        let rows = sqlx::query(&format!(
-            "SELECT l.message_id, l.user_id, l.device_type, l.masked_ip, l.masked_device_id, l.locale, \
-             l.app_version, l.create_date, v.key_id, v.nonce, v.ciphertext \
-             FROM user_logins l LEFT JOIN vault v ON v.message_id = l.message_id \
-             WHERE l.{column} = $1 ORDER BY l.create_date, l.id"
-        ))
-        .bind(&value)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let login = login_from_row(r)?;
+        .await?
+        .rows_affected();
+        if marked != 1 {
+            return Err(StoreError::Refused(format!(
+                "reveal request {request_id} was already fetched"
+            )));
+        }
+        // The request is spent before its first row is read: reading and
+        // printing a large reveal must not hold SQLite's one write lock
+        // (workers would wait on it for as long as the terminal or a pipe
+        // takes). A reveal that fails half-way is not fetched again; it is
+        // asked for, and audited, anew.
+        tx.commit().await?;
+        let rows = sqlx::query(sql).bind(value).fetch(&self.pool).map(|r| {
+            let r = r?;
+            let login = login_from_row(&r)?;
             let vault = match r.try_get::<Option<String>, _>("key_id")? {
                 Some(key_id) => Some(VaultRow::of(
                     &login,
@@ -439,10 +464,9 @@ impl Store for SqliteStore {
                 )),
                 None => None,
             };
-            out.push((login, vault));
-        }
-        tx.commit().await?;
-        Ok(out)
+            Ok((login, vault))
+        });
+        RevealedRows::start(rows.boxed()).await
     }
 
     async fn approve(

@@ -676,6 +676,68 @@ impl admin::Maintenance for SqliteStore {
         })
     }
 
+    async fn retention(
+        &self,
+        before: chrono::NaiveDate,
+        audit: &AuditEntry,
+    ) -> Result<admin::Retained, StoreError> {
+        // Dates are ISO text here, so they compare as strings; a login's day
+        // is on its user_logins row (the vault table has none on SQLite,
+        // which stays small enough for the join).
+        let day = before.format("%Y-%m-%d").to_string();
+        let mut tx = self.pool.begin().await?;
+        let vault_rows = sqlx::query(
+            "DELETE FROM vault WHERE message_id IN \
+             (SELECT message_id FROM user_logins WHERE create_date < $1) \
+             AND user_id NOT IN (SELECT user_id FROM honeytokens)",
+        )
+        .bind(&day)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let quarantined = sqlx::query(
+            "DELETE FROM quarantine WHERE received_at < $1 \
+             AND (user_id IS NULL OR user_id NOT IN (SELECT user_id FROM honeytokens))",
+        )
+        .bind(&day)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let undated_kept: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM vault v WHERE NOT EXISTS \
+             (SELECT 1 FROM user_logins l WHERE l.message_id = v.message_id AND l.create_date IS NOT NULL)",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let audit = AuditEntry {
+            target: format!("before={day}"),
+            ..audit.clone()
+        };
+        insert_audit(&mut tx, &audit, (vault_rows + quarantined) as i64).await?;
+        tx.commit().await?;
+        self.scrub().await;
+        Ok(admin::Retained {
+            vault_rows,
+            quarantined,
+            undated_kept: undated_kept as u64,
+        })
+    }
+
+    async fn count_older_than(&self, before: chrono::NaiveDate) -> Result<(u64, u64), StoreError> {
+        let day = before.format("%Y-%m-%d").to_string();
+        let (vault_rows, quarantined): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM vault WHERE message_id IN \
+                     (SELECT message_id FROM user_logins WHERE create_date < $1) \
+                     AND user_id NOT IN (SELECT user_id FROM honeytokens)), \
+                    (SELECT count(*) FROM quarantine WHERE received_at < $1 \
+                     AND (user_id IS NULL OR user_id NOT IN (SELECT user_id FROM honeytokens)))",
+        )
+        .bind(&day)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((vault_rows as u64, quarantined as u64))
+    }
+
     async fn set_policy(
         &self,
         max_users_per_reveal: Option<i64>,

@@ -481,6 +481,106 @@ async fn reveal_by_token_and_helpful_errors() {
     assert!(String::from_utf8_lossy(&no_reason.stderr).contains("--reason"));
 }
 
+/// A masked IP shared by thousands of logins reveals every one of them,
+/// opened, as JSON lines and as a table, however many rows pass before the
+/// table's widths are fixed; a wider cell late in the table is printed
+/// whole, and the audit row counts what was revealed.
+#[tokio::test]
+async fn a_reveal_of_an_ip_shared_by_thousands_prints_every_original() {
+    const N: usize = 3000;
+    let env = Env::new();
+    let device = |i: usize| {
+        if i == N - 1 {
+            format!("a-device-id-longer-than-any-before-it-{i}")
+        } else {
+            format!("dev-{i:05}")
+        }
+    };
+    let mut input = String::new();
+    for i in 0..N {
+        input.push_str(
+            &serde_json::json!({
+                "user_id": format!("u-crowd-{}", i % 7),
+                "app_version": "2.3.0",
+                "device_type": "web",
+                "ip": "198.51.100.7",
+                "locale": null,
+                "device_id": device(i),
+            })
+            .to_string(),
+        );
+        input.push('\n');
+    }
+    let input = env.write_input("crowd.jsonl", &input);
+    let out = env.ok(&["run", "--from-file", &input]);
+    assert_eq!(common::summary(&out.stderr), (N as u64, 0, 0));
+    let token: String = sqlx::query_scalar("SELECT DISTINCT masked_ip FROM user_logins")
+        .fetch_one(&env.db().await)
+        .await
+        .unwrap();
+
+    let want: HashSet<(String, String)> = (0..N)
+        .map(|i| (format!("u-crowd-{}", i % 7), device(i)))
+        .collect();
+    let json = env.ok(&[
+        "reveal",
+        "--masked-ip",
+        &token,
+        "--reason",
+        "INC-crowd",
+        "--format",
+        "json",
+    ]);
+    let lines: Vec<serde_json::Value> = String::from_utf8(json.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), N);
+    let got: HashSet<(String, String)> = lines
+        .iter()
+        .map(|v| {
+            assert_eq!(v["ip"], "198.51.100.7");
+            assert_eq!(v["masked_ip"], token.as_str());
+            (
+                v["user_id"].as_str().unwrap().to_string(),
+                v["device_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(got == want, "the revealed originals differ from the input");
+    let stderr = String::from_utf8_lossy(&json.stderr);
+    assert!(
+        stderr.contains(&format!("revealed {N} login(s)")),
+        "{stderr}"
+    );
+
+    let table = env.ok(&["reveal", "--masked-ip", &token, "--reason", "INC-crowd"]);
+    let text = String::from_utf8(table.stdout).unwrap();
+    let rows: Vec<&str> = text.lines().skip(2).collect();
+    assert_eq!(rows.len(), N);
+    assert!(text.lines().next().unwrap().starts_with("user_id"));
+    let in_table: HashSet<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            let cells: Vec<&str> = r.split_whitespace().collect();
+            assert_eq!(cells[2], "198.51.100.7", "{r}");
+            (cells[0].to_string(), cells[3].to_string())
+        })
+        .collect();
+    assert!(
+        in_table == want,
+        "the table's originals differ from the input"
+    );
+
+    let counted: Vec<i64> =
+        sqlx::query_scalar("SELECT row_count FROM audit_log WHERE action = 'reveal' ORDER BY id")
+            .fetch_all(&env.db().await)
+            .await
+            .unwrap();
+    assert_eq!(counted, vec![N as i64, N as i64]);
+}
+
 #[tokio::test]
 async fn stdin_input_and_the_key_file_is_private() {
     use std::io::Write;
@@ -730,4 +830,95 @@ async fn identical_files_are_both_stored_and_reruns_add_nothing() {
     let stdin = env.cmd(&["run", "--from-file", "-", "--no-progress"]);
     assert!(!stdin.status.success());
     assert!(String::from_utf8_lossy(&stdin.stderr).contains("needs --source-id"));
+}
+
+/// `forget --before`: a dry run counts, a date in the future or not a date
+/// is refused with a clear message, and the real run erases every original
+/// before the day (the sample's rows are all from today), keeps the masked
+/// rows and leaves one audit row with the count.
+#[tokio::test]
+async fn retention_erases_originals_before_a_day_through_the_binary() {
+    let env = Env::new();
+    let input = env.write_input("logins.jsonl", SAMPLE);
+    env.ok(&["run", "--from-file", &input]);
+    let tomorrow = (chrono::Utc::now().date_naive() + chrono::Days::new(1))
+        .format("%Y-%m-%d")
+        .to_string();
+    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).to_string();
+
+    let none = env.ok(&["forget", "--before", "2024-01-01", "--dry-run"]);
+    assert!(
+        stderr(&none).contains("would erase 0 vault row(s) and 0 quarantined"),
+        "{}",
+        stderr(&none)
+    );
+    let all = env.ok(&["forget", "--before", &tomorrow, "--dry-run"]);
+    assert!(
+        stderr(&all).contains("would erase 190 vault row(s) and 14 quarantined"),
+        "{}",
+        stderr(&all)
+    );
+    for (args, says) in [
+        (
+            vec!["forget", "--before", "2999-01-01", "--reason", "r"],
+            "in the future",
+        ),
+        (
+            vec!["forget", "--before", "2024-13-01", "--reason", "r"],
+            "YYYY-MM-DD",
+        ),
+        (vec!["forget", "--before", &tomorrow], "--reason"),
+        (
+            vec![
+                "forget",
+                "--before",
+                &tomorrow,
+                "--user-id",
+                "u",
+                "--reason",
+                "r",
+            ],
+            "cannot be used with",
+        ),
+        (vec!["forget", "--reason", "r"], "--user-id"),
+    ] {
+        let out = env.cmd(&args);
+        assert!(!out.status.success(), "{args:?} ran");
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+
+    let done = env.ok(&[
+        "forget",
+        "--before",
+        &tomorrow,
+        "--reason",
+        "retention: 0 days",
+    ]);
+    assert!(
+        stderr(&done).contains("erased 190 vault row(s) and 14 quarantined"),
+        "{}",
+        stderr(&done)
+    );
+    let db = env.db().await;
+    let count = |t: &'static str| {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {t}"))
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(count("vault").await, 0);
+    assert_eq!(count("quarantine").await, 0);
+    assert_eq!(count("user_logins").await, 190);
+    let (action, target, rows): (String, String, i64) =
+        sqlx::query_as("SELECT action, target, row_count FROM audit_log ORDER BY id DESC LIMIT 1")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(
+        (action.as_str(), target, rows),
+        ("retention", format!("before={tomorrow}"), 204)
+    );
 }

@@ -726,7 +726,13 @@ async fn revealer_gets_ciphertext_only_for_a_committed_audit_row_of_its_own() {
         other.reveal_fetch(req.id).await,
         Err(StoreError::Refused(m)) if m.contains("PV004")
     ));
-    let got = revealer.reveal_fetch(req.id).await.unwrap();
+    let got = revealer
+        .reveal_fetch(req.id)
+        .await
+        .unwrap()
+        .collect_all()
+        .await
+        .unwrap();
     assert_eq!(got.len(), 2);
     for (l, v) in &got {
         let (_, want) = seeded
@@ -1102,8 +1108,9 @@ const EXPECTED: &[(&str, &str, &[&str])] = &[
     (REVEALER, "kms_allowlist", &["SELECT"]),
     (REVEALER, "reveal_requests", &[]),
     (ROTATOR, "user_logins", &["SELECT", "UPDATE"]),
-    (ROTATOR, "vault", &["SELECT", "UPDATE", "DELETE"]),
-    (ROTATOR, "quarantine", &["SELECT", "UPDATE", "DELETE"]),
+    // Erasure only through pii_vault_forget / pii_vault_retention (0006).
+    (ROTATOR, "vault", &["SELECT", "UPDATE"]),
+    (ROTATOR, "quarantine", &["SELECT", "UPDATE"]),
     (ROTATOR, "vault_keys", &["SELECT", "INSERT", "UPDATE"]),
     (ROTATOR, "audit_log", &[]),
     (ROTATOR, "kms_allowlist", &["SELECT", "INSERT"]),
@@ -1715,7 +1722,13 @@ async fn a_bulk_reveal_needs_another_logins_approval_and_is_fetched_once() {
     let not_his = bob.reveal_claim(req.id, "bob").await.unwrap_err();
     assert_eq!(pg_code(&not_his), Some("PV004"), "{not_his}");
     let record = alice.reveal_claim(req.id, "alice").await.unwrap();
-    let rows = alice.reveal_fetch(record).await.unwrap();
+    let rows = alice
+        .reveal_fetch(record)
+        .await
+        .unwrap()
+        .collect_all()
+        .await
+        .unwrap();
     assert_eq!(rows.len(), 12);
     assert!(rows.iter().all(|(_, v)| v.is_some()));
     let again = alice.reveal_claim(req.id, "alice").await.unwrap_err();
@@ -2130,4 +2143,136 @@ async fn rotation_jobs_are_the_rotators_alone() {
     let mut all: Vec<&PgStore> = stores.iter().collect();
     all.extend([&rotator, &other]);
     db.finish(&all).await;
+}
+
+// --------------------------------------------------------------- erasure
+
+/// Erasure is the database's to audit: the rotator has no DELETE on the
+/// vault or the quarantine, only `pii_vault_forget` / `pii_vault_retention`,
+/// which delete and write the audit row (actor from the database, count of
+/// rows) in one transaction. Nobody else may call them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotator_erases_only_through_the_audited_functions() {
+    let Some(mut db) = Db::new().await else {
+        return;
+    };
+    seed(&db.owner).await; // alice ×2, bob ×1 on 2024-03-01; a quarantined body each
+    db.owner
+        .add_honeytokens(&["honey".to_string()])
+        .await
+        .unwrap();
+    let mut recent = login("carol", "dek-1");
+    recent.0.create_date = Some(Utc::now().date_naive());
+    let batch = Batch {
+        logins: vec![login("honey", "dek-1"), recent],
+        token_key_id: "tok-1".into(),
+        ..Batch::default()
+    };
+    db.owner.write_batch(&batch).await.unwrap();
+    let rotator = db.store_as(ROTATOR).await;
+    let raw = rotator.pool();
+
+    for sql in [
+        "DELETE FROM vault",
+        "DELETE FROM vault WHERE user_id = 'alice'",
+        "DELETE FROM quarantine",
+        "TRUNCATE vault",
+        "TRUNCATE quarantine",
+        "UPDATE vault SET create_date = '1999-01-01'",
+        "SELECT create_date FROM vault",
+        "SELECT * FROM honeytokens",
+    ] {
+        denied(raw, sql).await;
+    }
+    refused(
+        raw,
+        "SELECT * FROM pii_vault_retention('2999-01-01', 'why', 'me')",
+        "PV013",
+    )
+    .await;
+    refused(
+        raw,
+        "SELECT * FROM pii_vault_retention('2025-01-01', ' ', 'me')",
+        "PV013",
+    )
+    .await;
+    refused(
+        raw,
+        "SELECT * FROM pii_vault_forget('alice', '', 'me')",
+        "PV013",
+    )
+    .await;
+    assert_eq!(db.count("vault").await, 5);
+
+    // Plain SQL, as the rotator's login would type it.
+    let (vault_rows, quarantined): (i64, i64) =
+        sqlx::query_as("SELECT * FROM pii_vault_retention_preview('2025-01-01')")
+            .fetch_one(raw)
+            .await
+            .unwrap();
+    assert_eq!(
+        (vault_rows, quarantined),
+        (3, 0),
+        "honey and carol are not counted"
+    );
+    let (vault_rows, quarantined, undated): (i64, i64, i64) = sqlx::query_as(
+        "SELECT * FROM pii_vault_retention('2025-01-01', 'retention: 12 months', 'dpo')",
+    )
+    .fetch_one(raw)
+    .await
+    .unwrap();
+    assert_eq!((vault_rows, quarantined, undated), (3, 0, 0));
+    let left: Vec<String> = sqlx::query_scalar("SELECT user_id FROM vault ORDER BY user_id")
+        .fetch_all(db.owner.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, ["carol", "honey"]);
+    assert_eq!(db.count("user_logins").await, 5, "masked logins stay");
+    let (actor, action, target, row_count, claimed): (String, String, String, i64, String) =
+        sqlx::query_as(
+            "SELECT actor, action, target, row_count, claimed_actor FROM audit_log ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_one(db.owner.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            action.as_str(),
+            target.as_str(),
+            row_count,
+            claimed.as_str()
+        ),
+        ("retention", "before=2025-01-01", 3, "dpo")
+    );
+    assert!(
+        actor.ends_with("_rotator"),
+        "{actor}: the login, from the database"
+    );
+
+    // A rolled-back erasure leaves neither the deletion nor its record.
+    let trail = db.count("audit_log").await;
+    let mut tx = raw.begin().await.unwrap();
+    sqlx::query("SELECT * FROM pii_vault_forget('carol', 'erasure request', 'dpo')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(db.count("vault").await, 2);
+    assert_eq!(db.count("audit_log").await, trail);
+
+    // The other roles may not erase at all.
+    for role in [WORKER, ANALYST, REVEALER] {
+        let other = db.store_as(role).await;
+        for sql in [
+            "SELECT * FROM pii_vault_retention('2025-01-01', 'why', 'me')",
+            "SELECT * FROM pii_vault_retention_preview('2025-01-01')",
+            "SELECT * FROM pii_vault_forget('carol', 'why', 'me')",
+            "DELETE FROM vault",
+        ] {
+            denied(other.pool(), sql).await;
+        }
+        other.pool().close().await;
+    }
+    assert_eq!(db.count("vault").await, 2);
+    db.finish(&[&rotator]).await;
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use pii_vault::crypto::{KeyPurpose, WrappedKey};
-use pii_vault::store::admin::Maintenance;
+use pii_vault::store::admin::{Maintenance, Retained};
 use pii_vault::store::postgres::PgStore;
 use pii_vault::store::sqlite::SqliteStore;
 use pii_vault::store::{
@@ -140,8 +140,10 @@ conformance!(
     reveal_returns_logins_without_a_vault_row,
     audit_log_is_append_only,
     a_reveal_request_is_fetched_once,
+    a_reveal_of_a_token_shared_by_thousands_streams_every_row_once,
     keys_only_go_under_an_allowed_kek,
     a_job_of_a_kind_runs_once_at_a_time,
+    retention_erases_originals_before_a_day_and_keeps_logins_and_honeytokens,
 );
 
 // ---------------------------------------------------------------- builders
@@ -247,7 +249,13 @@ async fn reveal(
         .reveal_request(sel, claimed_actor, reason)
         .await
         .unwrap();
-    let rows = store.reveal_fetch(req.id).await.unwrap();
+    let rows = store
+        .reveal_fetch(req.id)
+        .await
+        .unwrap()
+        .collect_all()
+        .await
+        .unwrap();
     assert_eq!(req.row_count, rows.len() as i64);
     rows
 }
@@ -363,6 +371,28 @@ async fn write_batch_stores_and_counts_redeliveries_as_duplicates(h: &Harness) {
             (m4.0, Some(m4.1))
         ]
     );
+
+    // After redeliveries a new batch is stored whole, and so is the one
+    // after it; a redelivery of that one again adds nothing. (Postgres
+    // switches between its COPY lane and its ON CONFLICT lane here.)
+    for (i, id) in ["m-5", "m-6", "m-7"].iter().enumerate() {
+        let b = Batch {
+            logins: vec![login(id, "carol", "t1_ipD", "t1_devD", 7, "k1")],
+            ..Batch::default()
+        };
+        assert_eq!(
+            h.store.write_batch(&b).await.unwrap(),
+            outcome(1, 0, 0),
+            "{id}"
+        );
+        assert_eq!(
+            h.store.write_batch(&b).await.unwrap(),
+            outcome(0, 1, 0),
+            "{id} again"
+        );
+        assert_eq!(h.count("vault").await, 5 + i as i64);
+    }
+    assert_eq!(h.count("user_logins").await, 7);
 }
 
 async fn quarantine_counts_and_dedups(h: &Harness) {
@@ -744,7 +774,8 @@ async fn a_reveal_request_is_fetched_once(h: &Harness) {
     let sel = Selector::UserId("alice".into());
     let req = h.store.reveal_request(&sel, "me", "INC-1").await.unwrap();
     assert_eq!(req.row_count, 1);
-    assert_eq!(h.store.reveal_fetch(req.id).await.unwrap().len(), 1);
+    let rows = h.store.reveal_fetch(req.id).await.unwrap();
+    assert_eq!(rows.collect_all().await.unwrap().len(), 1);
     match h.store.reveal_fetch(req.id).await {
         Err(StoreError::Refused(m)) => assert!(m.contains("already fetched"), "{m}"),
         other => panic!("a second fetch must be refused, got {other:?}"),
@@ -753,6 +784,71 @@ async fn a_reveal_request_is_fetched_once(h: &Harness) {
         h.store.reveal_fetch(req.id + 1000).await,
         Err(StoreError::Refused(_))
     ));
+}
+
+/// A token shared by thousands of logins comes back as a stream: every
+/// login once, with its own vault row, in date order, as many as the audit
+/// row counted; rows of other tokens stay out.
+async fn a_reveal_of_a_token_shared_by_thousands_streams_every_row_once(h: &Harness) {
+    use futures::StreamExt;
+    seed_keys(h).await;
+    const SHARED: usize = 3000;
+    let crowd: Vec<(LoginRow, VaultRow)> = (0..SHARED)
+        .map(|i| {
+            login(
+                &format!("m-{i:05}"),
+                &format!("user-{}", i % 5),
+                "t1_ipCrowd",
+                &format!("t1_dev{i}"),
+                (i % 28 + 1) as u32,
+                "k1",
+            )
+        })
+        .collect();
+    let others: Vec<(LoginRow, VaultRow)> = (0..50)
+        .map(|i| login(&format!("o-{i}"), "user-1", "t1_ipElse", "t1_devX", 4, "k1"))
+        .collect();
+    for chunk in crowd.chunks(700).chain([others.as_slice()]) {
+        let batch = Batch {
+            logins: chunk.to_vec(),
+            ..Batch::default()
+        };
+        h.store.write_batch(&batch).await.unwrap();
+    }
+
+    let sel = Selector::MaskedIp("t1_ipCrowd".into());
+    let req = h
+        .store
+        .reveal_request(&sel, "me", "INC-crowd")
+        .await
+        .unwrap();
+    assert_eq!(req.row_count, SHARED as i64);
+    let mut want: std::collections::HashMap<&str, &VaultRow> = crowd
+        .iter()
+        .map(|(l, v)| (l.message_id.as_str(), v))
+        .collect();
+    let mut rows = h.store.reveal_fetch(req.id).await.unwrap();
+    let mut last_date = None;
+    let mut n = 0;
+    while let Some(row) = rows.next().await {
+        let (login, vault) = row.unwrap();
+        assert_eq!(login.masked_ip, "t1_ipCrowd");
+        let expected = want
+            .remove(login.message_id.as_str())
+            .unwrap_or_else(|| panic!("{} came back twice or is not shared", login.message_id));
+        assert_eq!(vault.as_ref(), Some(expected));
+        assert!(last_date <= login.create_date, "rows come in date order");
+        last_date = login.create_date;
+        n += 1;
+    }
+    assert_eq!(n, SHARED);
+    assert!(want.is_empty());
+    drop(rows);
+    let again = h.store.reveal_fetch(req.id).await;
+    assert!(
+        matches!(&again, Err(StoreError::Refused(_))),
+        "a streamed request is fetched once: {again:?}"
+    );
 }
 
 async fn keys_only_go_under_an_allowed_kek(h: &Harness) {
@@ -1065,4 +1161,72 @@ async fn sqlite_forget_leaves_no_copy_in_the_files() {
         .windows(bob.1.ciphertext.len())
         .any(|w| w == bob.1.ciphertext.as_slice()));
     store.pool().close().await;
+}
+
+/// `forget --before`: every original of a login before the day goes, with
+/// one audit row that counts them; the masked logins stay, and so do
+/// honeytokens (they are how a bulk reveal is noticed, however old).
+async fn retention_erases_originals_before_a_day_and_keeps_logins_and_honeytokens(h: &Harness) {
+    seed_keys(h).await;
+    h.store
+        .add_honeytokens(&["honey".to_string()])
+        .await
+        .unwrap();
+    let batch = Batch {
+        logins: vec![
+            login("m-1", "alice", "t1_ipA", "t1_devA", 1, "k1"),
+            login("m-2", "bob", "t1_ipB", "t1_devB", 2, "k1"),
+            login("m-3", "honey", "t1_ipC", "t1_devC", 1, "k1"),
+            login("m-4", "alice", "t1_ipA", "t1_devA", 20, "k1"),
+        ],
+        // Received in 2023, before the day.
+        quarantined: vec![quarantined("q-1", Some("alice"), "k1")],
+        ..Batch::default()
+    };
+    assert_eq!(h.store.write_batch(&batch).await.unwrap(), outcome(4, 0, 1));
+
+    assert_eq!(h.store.count_older_than(day(3)).await.unwrap(), (2, 1));
+    assert_eq!(h.store.count_older_than(day(1)).await.unwrap(), (0, 1));
+    let audit = pii_vault::store::AuditEntry {
+        claimed_actor: "dpo@test".into(),
+        action: "retention".into(),
+        target: String::new(),
+        reason: "retention: 12 months".into(),
+    };
+    let erased = h.store.retention(day(3), &audit).await.unwrap();
+    assert_eq!(
+        erased,
+        Retained {
+            vault_rows: 2,
+            quarantined: 1,
+            undated_kept: 0
+        }
+    );
+    assert_eq!(h.count("vault").await, 2);
+    assert_eq!(h.count("quarantine").await, 0);
+    assert_eq!(h.count("user_logins").await, 4);
+    assert_eq!(h.store.count_older_than(day(3)).await.unwrap(), (0, 0));
+
+    let trail = h
+        .store
+        .audit_trail(&pii_vault::store::AuditFilter {
+            limit: 1,
+            since: None,
+            actor: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(trail[0].action, "retention");
+    assert_eq!(trail[0].target, "before=2024-03-03");
+    assert_eq!(trail[0].row_count, 3);
+    assert_eq!(trail[0].claimed_actor.as_deref(), Some("dpo@test"));
+
+    // alice's older login lost its originals, the later one kept them.
+    let alice = reveal_user(h, "alice").await;
+    let kept: Vec<_> = alice
+        .iter()
+        .map(|(l, v)| (l.message_id.as_str(), v.is_some()))
+        .collect();
+    assert_eq!(kept, [("m-1", false), ("m-4", true)]);
+    assert!(reveal_user(h, "honey").await[0].1.is_some());
 }

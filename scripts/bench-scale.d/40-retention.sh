@@ -1,0 +1,53 @@
+# Part of scripts/bench-scale.sh (sourced): retention, `forget --before`,
+# beside a raw DELETE of the same rows in the same run.
+#
+# The loaded rows all carry today's date (a file has no send time), so they
+# are first spread over the past 365 days in load order, as a year of
+# logins would lie, and the vault is rewritten compactly (VACUUM FULL) so
+# that its physical order is that of a table filled over a year. Only the
+# vault's dates are changed (retention reads no other); this is the last
+# part, so nothing after it sees the difference. Untimed. Then:
+#   * the ceiling: a copy of the vault with the same indexes (no triggers),
+#     `DELETE ... WHERE create_date < cut-off`, one statement;
+#   * `pii-vault forget --before cut-off --reason ...` as a whole process
+#     (function call, audit row, destroying keys left with nothing).
+# The cut-off is 30 days ago: about 92% of the rows go.
+
+echo "== retention: dating the vault over the past 365 days (untimed)" >&2
+psql "$PG_URL" -qX -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
+SET session_replication_role = replica; -- the owner's fixture, not a worker's write: no fences
+CREATE TEMP TABLE dated AS
+SELECT message_id,
+       current_date - 365 + (365 * (row_number() OVER (ORDER BY id) - 1) / count(*) OVER ())::int AS day
+FROM user_logins;
+UPDATE vault v SET create_date = d.day FROM dated d WHERE d.message_id = v.message_id;
+SQL
+psql "$PG_URL" -qX -v ON_ERROR_STOP=1 -c "VACUUM FULL vault" -c "ANALYZE vault" >/dev/null
+cut="$(date -u -d '30 days ago' +%F)"
+psql "$PG_URL" -qX -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
+CREATE TABLE bench_vault_raw (LIKE vault INCLUDING ALL);
+INSERT INTO bench_vault_raw SELECT * FROM vault ORDER BY create_date, message_id;
+VACUUM ANALYZE bench_vault_raw;
+SQL
+would="$(psql "$PG_URL" -qXtA -c "SELECT count(*) FROM vault WHERE create_date < '$cut'")"
+
+echo "== retention: raw DELETE of $would rows" >&2
+t0="$(now)"
+raw_deleted="$(psql "$PG_URL" -qXtA -v ON_ERROR_STOP=1 \
+    -c "WITH d AS (DELETE FROM bench_vault_raw WHERE create_date < '$cut' RETURNING 1) SELECT count(*) FROM d")"
+t1="$(now)"
+psql "$PG_URL" -qX -c "DROP TABLE bench_vault_raw" >/dev/null
+
+echo "== retention: pii-vault forget --before $cut" >&2
+t2="$(now)"
+run_measured retention "$BIN" --database-url "$PG_URL" forget --before "$cut" --reason "retention: 30 days (benchmark)"
+t3="$(now)"
+erased="$(sed -n 's/.*erased \([0-9]*\) vault row.*/\1/p' "$work/retention.err" | head -n 1)"
+left="$(psql "$PG_URL" -qXtA -c "SELECT count(*) FROM vault WHERE create_date < '$cut'")"
+[ "$erased" = "$would" ] && [ "$left" = 0 ] || echo "!! retention erased ${erased:-?} of $would rows; $left left" >&2
+audited="$(psql "$PG_URL" -qXtA -c "SELECT row_count FROM audit_log WHERE action = 'retention' ORDER BY id DESC LIMIT 1")"
+
+section "retention: forget --before (cut-off 30 days ago, a year of $ROWS logins)"
+report "raw DELETE of the same rows ($raw_deleted):" "$(rate "$raw_deleted" "$t0" "$t1")"
+report "pii-vault forget --before ($erased, audited $audited):" "$(rate "${erased:-0}" "$t2" "$t3"), peak RSS $((PEAK_RSS_KB / 1024)) MiB"
+report "pii-vault / raw DELETE:" "$(ratio "$(per_sec "${erased:-0}" "$t2" "$t3")" "$(per_sec "$raw_deleted" "$t0" "$t1")")"

@@ -1,0 +1,98 @@
+//! Postgres binary `COPY` rows, for the write path's fast lane.
+//!
+//! Binary rather than text: no escaping of tabs, backslashes or newlines in
+//! user-supplied text to get wrong, and bytea goes as raw bytes instead of
+//! doubled hex. The format: a fixed header, per row a 16-bit field count and
+//! per field a 32-bit length (-1 for NULL) and its bytes in the type's
+//! binary form, then a -1 trailer (PostgreSQL docs, "COPY", Binary Format).
+
+use chrono::NaiveDate;
+
+/// `PGCOPY\n\377\r\n\0`, no flags, no header extension.
+const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+
+/// Days from 1970-01-01 to 2000-01-01, the epoch of binary `date`.
+const PG_EPOCH_DAYS: i32 = 10_957;
+
+pub(super) struct CopyRows {
+    buf: Vec<u8>,
+}
+
+impl CopyRows {
+    pub fn new(capacity: usize) -> Self {
+        let mut buf = Vec::with_capacity(capacity + HEADER.len() + 2);
+        buf.extend_from_slice(HEADER);
+        CopyRows { buf }
+    }
+
+    pub fn row(&mut self, fields: i16) -> &mut Self {
+        self.buf.extend_from_slice(&fields.to_be_bytes());
+        self
+    }
+
+    /// text, varchar and bytea alike: their binary form is their bytes.
+    pub fn bytes(&mut self, v: &[u8]) -> &mut Self {
+        let len = i32::try_from(v.len()).expect("a field of a login is far below 2 GiB");
+        self.buf.extend_from_slice(&len.to_be_bytes());
+        self.buf.extend_from_slice(v);
+        self
+    }
+
+    pub fn text(&mut self, v: &str) -> &mut Self {
+        self.bytes(v.as_bytes())
+    }
+
+    pub fn opt_text(&mut self, v: Option<&str>) -> &mut Self {
+        match v {
+            Some(v) => self.text(v),
+            None => self.null(),
+        }
+    }
+
+    pub fn date(&mut self, v: Option<NaiveDate>) -> &mut Self {
+        match v {
+            Some(d) => {
+                let days = (d - NaiveDate::from_ymd_opt(1970, 1, 1).expect("a valid date"))
+                    .num_days() as i32
+                    - PG_EPOCH_DAYS;
+                self.buf.extend_from_slice(&4i32.to_be_bytes());
+                self.buf.extend_from_slice(&days.to_be_bytes());
+                self
+            }
+            None => self.null(),
+        }
+    }
+
+    fn null(&mut self) -> &mut Self {
+        self.buf.extend_from_slice(&(-1i32).to_be_bytes());
+        self
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.buf.extend_from_slice(&(-1i16).to_be_bytes());
+        self.buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_framed_as_postgres_reads_them() {
+        let mut c = CopyRows::new(0);
+        c.row(3)
+            .text("ab")
+            .opt_text(None)
+            .date(NaiveDate::from_ymd_opt(2000, 1, 2));
+        let out = c.finish();
+        let mut want = HEADER.to_vec();
+        want.extend_from_slice(&[0, 3]);
+        want.extend_from_slice(&[0, 0, 0, 2, b'a', b'b']);
+        want.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+        want.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 1]);
+        want.extend_from_slice(&[0xff, 0xff]);
+        assert_eq!(out, want);
+        assert_eq!(HEADER.len(), 19);
+    }
+}
