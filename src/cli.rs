@@ -328,10 +328,34 @@ pub enum RotateCommand {
     /// Re-encrypt the vault and quarantine under fresh data keys (a new one
     /// every 2^20 rows), then destroy the old data keys. Resumable; a row
     /// that cannot be opened is reported and skipped (exit status 1).
-    DataKeys(JobArgs),
+    DataKeys(ScaleArgs),
     /// Make a new token-key version current and re-tokenise user_logins from
-    /// the vault; running workers switch by themselves.
-    TokenKey(JobArgs),
+    /// the vault; running workers switch by themselves. Resumable: a rerun
+    /// of a killed rotation keeps its version and continues where it stopped.
+    TokenKey(ScaleArgs),
+}
+
+/// How a data-key or token-key rotation works through a big table.
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+
+    /// Key ranges worked at once, each on its own database connection
+    /// (Postgres; SQLite always uses one). The ranges are fixed when a job
+    /// starts; a resumed job keeps them.
+    #[arg(long, env = "PII_VAULT_ROTATE_JOBS", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=6))]
+    pub jobs: u16,
+
+    /// Rows read, re-sealed and written back per statement.
+    #[arg(long, env = "PII_VAULT_ROTATE_CHUNK_ROWS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u32).range(1..=50_000))]
+    pub chunk_rows: u32,
+
+    /// For tests of resumption: fail, as if killed, after this many chunks.
+    #[arg(long, hide = true, env = "PII_VAULT_TEST_STOP_AFTER_CHUNKS")]
+    pub stop_after_chunks: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]

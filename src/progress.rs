@@ -39,3 +39,139 @@ pub fn for_file(file: Arc<FileSource>, done: CancellationToken) -> Option<JoinHa
         bar.finish_and_clear();
     }))
 }
+
+/// How often a rotation without a terminal logs its progress.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Progress of a long job over a known number of rows: a bar with ETA on a
+/// terminal, otherwise a log line every [`LOG_EVERY`] (done/total, rows/s,
+/// ETA), so that a scheduled rotation's log shows how far it is.
+pub struct JobProgress {
+    bar: ProgressBar,
+    what: &'static str,
+    visible: bool,
+    stop: CancellationToken,
+    ticker: Option<JoinHandle<()>>,
+}
+
+impl JobProgress {
+    /// A bar when `bar` (a terminal, text logs), else log lines; needs a
+    /// Tokio runtime for the latter.
+    pub fn new(bar: bool, what: &'static str) -> Self {
+        let stop = CancellationToken::new();
+        if bar {
+            let pb = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr()).with_style(
+                ProgressStyle::with_template(&format!(
+                    "[{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {what} ({{per_sec}}, ETA {{eta}})"
+                ))
+                .expect("valid template"),
+            );
+            return JobProgress {
+                bar: pb,
+                what,
+                visible: true,
+                stop,
+                ticker: None,
+            };
+        }
+        // A hidden bar still counts; the ticker reads it.
+        let pb = ProgressBar::hidden();
+        let ticker = tokio::runtime::Handle::try_current().ok().map(|rt| {
+            let (pb, stop) = (pb.clone(), stop.clone());
+            rt.spawn(async move {
+                let start = std::time::Instant::now();
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(LOG_EVERY) => {}
+                        _ = stop.cancelled() => break,
+                    }
+                    log_line(&pb, what, start.elapsed());
+                }
+            })
+        });
+        JobProgress {
+            bar: pb,
+            what,
+            visible: false,
+            stop,
+            ticker,
+        }
+    }
+
+    /// Counts only (tests, library callers).
+    pub fn hidden() -> Self {
+        JobProgress {
+            bar: ProgressBar::hidden(),
+            what: "rows",
+            visible: false,
+            stop: CancellationToken::new(),
+            ticker: None,
+        }
+    }
+
+    pub fn set_length(&self, total: u64) {
+        self.bar.set_length(total);
+    }
+
+    /// Rows already done by an earlier run of a resumed job.
+    pub fn set_position(&self, done: u64) {
+        self.bar.set_position(done);
+        self.bar.reset_eta();
+    }
+
+    pub fn inc(&self, rows: u64) {
+        self.bar.inc(rows);
+    }
+
+    /// A handle that counts into this progress from other tasks.
+    pub fn counter(&self) -> ProgressBar {
+        self.bar.clone()
+    }
+
+    pub fn position(&self) -> u64 {
+        self.bar.position()
+    }
+
+    /// A message for the operator on stderr, above the bar if there is one.
+    pub fn note(&self, message: &str) {
+        if self.visible {
+            self.bar.suspend(|| eprintln!("pii-vault: {message}"));
+        } else {
+            eprintln!("pii-vault: {message}");
+        }
+    }
+
+    pub fn finish(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.ticker.take() {
+            t.abort();
+        }
+        self.bar.finish_and_clear();
+        tracing::debug!(what = self.what, done = self.bar.position(), "job finished");
+    }
+}
+
+impl Drop for JobProgress {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn log_line(pb: &ProgressBar, what: &str, elapsed: Duration) {
+    let done = pb.position();
+    let total = pb.length().unwrap_or(0).max(done);
+    let rate = pb.per_sec();
+    let eta = if rate > 0.0 {
+        format!("{:.0}s", (total - done) as f64 / rate)
+    } else {
+        "unknown".into()
+    };
+    tracing::info!(
+        done,
+        total,
+        rows_per_s = rate.round() as u64,
+        eta = %eta,
+        elapsed_s = elapsed.as_secs(),
+        "progress: {done}/{total} {what}"
+    );
+}

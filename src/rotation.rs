@@ -17,20 +17,22 @@
 //! a reason to stop halfway: the keys it needs are then kept, not destroyed.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use indicatif::ProgressBar;
 
 use crate::crypto::aead::Sealer;
 use crate::crypto::{Aad, KeyPurpose, KeyWrapper, TokenField, TokenKey};
 use crate::domain::CanonicalIp;
 use crate::keyring;
-use crate::pipeline::protect::{AAD_QUARANTINE, AAD_VAULT};
+use crate::pipeline::protect::{VaultPlaintext, AAD_QUARANTINE, AAD_VAULT};
+use crate::progress::JobProgress;
+use crate::store::admin::{RotationJob, RotationRange};
 use crate::store::{AdminStore, AuditEntry, KeyState, QuarantineRow, Store, VaultRow};
 use crate::vault::VaultReader;
 
-/// Rows re-encrypted or re-tokenised per transaction.
+/// Rows re-tokenised per transaction by the final sweep.
 const BATCH: i64 = 500;
 
 /// Rows one rotation data key seals before the rotation takes another: the
@@ -68,6 +70,15 @@ pub struct Skipped {
 }
 
 impl Skipped {
+    fn merge(&mut self, other: Skipped) {
+        self.count += other.count;
+        for id in other.message_ids {
+            if self.message_ids.len() < SKIPPED_SHOWN {
+                self.message_ids.push(id);
+            }
+        }
+    }
+
     fn add(&mut self, message_id: &str, why: &anyhow::Error) {
         tracing::error!(message_id, error = %why, "cannot open a sealed row; skipped");
         self.count += 1;
@@ -181,6 +192,137 @@ pub async fn rotate_kek(
     anyhow::bail!("keys under the old KEK keep appearing; are workers still configured with it?")
 }
 
+/// How a rotation runs; `Default` is what the CLI does without flags.
+#[derive(Debug, Clone)]
+pub struct RotationOptions {
+    /// Key ranges worked at once, each on a connection of its own. The
+    /// ranges are fixed when a job starts (one per job); a rerun may use
+    /// fewer at once. SQLite has one writer: the CLI passes 1.
+    pub jobs: usize,
+    /// Rows read, re-sealed and written back per statement.
+    pub chunk_rows: i64,
+    /// Test hook: end with an error, as if killed, once this many chunks
+    /// are committed, so that a test can resume a job halfway.
+    pub stop_after_chunks: Option<u64>,
+}
+
+impl Default for RotationOptions {
+    fn default() -> Self {
+        RotationOptions {
+            jobs: 2,
+            chunk_rows: 5000,
+            stop_after_chunks: None,
+        }
+    }
+}
+
+const DATA_KEYS: &str = "rotate-data-keys";
+const TOKEN_KEY: &str = "rotate-token-key";
+
+/// What the range workers of one run share.
+struct Run {
+    store: Arc<dyn AdminStore>,
+    wrapper: Arc<dyn KeyWrapper>,
+    record: i64,
+    job: RotationJob,
+    opts: RotationOptions,
+    progress: indicatif::ProgressBar,
+    chunks: AtomicU64,
+}
+
+impl Run {
+    fn reader(&self) -> VaultReader {
+        let plain: Arc<dyn Store> = self.store.clone();
+        VaultReader::new(plain, self.wrapper.clone())
+    }
+
+    /// Counts a committed chunk; the test hook stops the run here.
+    fn chunk_committed(&self, rows: u64) -> anyhow::Result<()> {
+        self.progress.inc(rows);
+        let n = self.chunks.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(stop) = self.opts.stop_after_chunks {
+            anyhow::ensure!(
+                n < stop,
+                "stopped after {n} committed chunk(s), as asked (the job stays open for a rerun)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Works the ranges not done yet, `jobs` at a time, each on a task of
+    /// its own (so one range's crypto never holds up another's database
+    /// round trip). The first error ends the others: dropping the set
+    /// aborts them, and their open transactions roll back.
+    async fn ranges<T, F, Fut>(
+        self: &Arc<Self>,
+        ranges: Vec<RotationRange>,
+        work: F,
+    ) -> anyhow::Result<Vec<T>>
+    where
+        T: Send + 'static,
+        F: Fn(Arc<Run>, RotationRange) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+    {
+        let mut left = ranges.into_iter().filter(|r| !r.done);
+        let mut set = tokio::task::JoinSet::new();
+        for r in left.by_ref().take(self.opts.jobs.max(1)) {
+            set.spawn(work(self.clone(), r));
+        }
+        let mut out = Vec::new();
+        while let Some(done) = set.join_next().await {
+            out.push(done.context("a range worker failed")??);
+            if let Some(r) = left.next() {
+                set.spawn(work(self.clone(), r));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The job of `kind` this run works on: the one a killed run left, or a
+/// new one. Tells the operator when it resumes, and from where.
+async fn open_job(
+    store: &dyn AdminStore,
+    record: i64,
+    kind: &str,
+    token_version: impl FnOnce() -> Option<i64>,
+    opts: &RotationOptions,
+    progress: &JobProgress,
+) -> anyhow::Result<(RotationJob, Vec<RotationRange>, bool)> {
+    if let Some(job) = store.resume_rotation(record, kind).await? {
+        let ranges = store.rotation_ranges(record, job.id).await?;
+        let left: Vec<String> = ranges
+            .iter()
+            .filter(|r| !r.done)
+            .map(|r| {
+                if r.cursor == r.lo {
+                    format!("{} range {} from its start", r.table, r.no)
+                } else {
+                    format!("{} range {} after {}", r.table, r.no, r.cursor)
+                }
+            })
+            .collect();
+        progress.note(&format!(
+            "resuming {kind} job {} (started under audit record {}; {} row(s) done before): {}",
+            job.id,
+            job.started_by,
+            ranges.iter().map(|r| r.rows_done).sum::<i64>(),
+            if left.is_empty() {
+                "every range is done, finishing".to_string()
+            } else {
+                left.join(", ")
+            }
+        ));
+        return Ok((job, ranges, true));
+    }
+    let bounds = store.rotation_bounds(kind, opts.jobs).await?;
+    let job = store
+        .start_rotation(record, kind, token_version(), &bounds)
+        .await?;
+    let ranges = store.rotation_ranges(record, job.id).await?;
+    Ok((job, ranges, false))
+}
+
 /// A data key of the rotation's own, with its count of uses.
 struct RotationKey {
     id: String,
@@ -188,57 +330,81 @@ struct RotationKey {
     used: u64,
 }
 
-async fn rotation_key(
-    store: &dyn AdminStore,
-    wrapper: &dyn KeyWrapper,
-) -> anyhow::Result<RotationKey> {
-    let (material, wrapped) = wrapper.generate(KeyPurpose::Vault).await?;
-    let key = keyring::new_key("dek", KeyPurpose::Vault, 0, wrapped);
-    store.insert_key(&key).await?;
-    Ok(RotationKey {
-        id: key.id,
-        sealer: Sealer::new(&material),
-        used: 0,
-    })
+/// The rotation keys of one range worker. Each worker seals under keys of
+/// its own: the fence counts a key's uses by updating its row, which would
+/// serialise workers that shared one.
+#[derive(Default)]
+struct RangeKeys {
+    current: Option<RotationKey>,
+    /// Keys that reached their cap, retired once their rows are written
+    /// (the database refuses rows under a retired key).
+    full: Vec<String>,
+    made: Vec<String>,
 }
 
-/// The rotation key to seal the next row with: a fresh one once the current
-/// one has sealed [`ROWS_PER_DATA_KEY`] rows. The full one goes to `full`,
-/// to be retired once the rows sealed under it are written (the database
-/// refuses rows under a retired key).
-async fn next_key<'a>(
-    slot: &'a mut RotationKey,
-    store: &dyn AdminStore,
-    wrapper: &dyn KeyWrapper,
-    made: &mut Vec<String>,
-    full: &mut Vec<String>,
-) -> anyhow::Result<&'a mut RotationKey> {
-    if slot.used >= ROWS_PER_DATA_KEY {
-        let fresh = rotation_key(store, wrapper).await?;
-        made.push(fresh.id.clone());
-        full.push(std::mem::replace(slot, fresh).id);
+impl RangeKeys {
+    /// The key to seal the next row with: a fresh one at first and once the
+    /// current one has sealed [`ROWS_PER_DATA_KEY`] rows. A new key is noted
+    /// in the job before any row is sealed under it, so that a rerun of a
+    /// killed job retires it rather than leaving it active.
+    async fn next(&mut self, run: &Run) -> anyhow::Result<&mut RotationKey> {
+        if self
+            .current
+            .as_ref()
+            .is_none_or(|k| k.used >= ROWS_PER_DATA_KEY)
+        {
+            let (material, wrapped) = run.wrapper.generate(KeyPurpose::Vault).await?;
+            let key = keyring::new_key("dek", KeyPurpose::Vault, 0, wrapped);
+            run.store.insert_key(&key).await?;
+            run.store
+                .rotation_add_key(run.record, run.job.id, &key.id)
+                .await?;
+            self.made.push(key.id.clone());
+            let fresh = RotationKey {
+                id: key.id,
+                sealer: Sealer::new(&material),
+                used: 0,
+            };
+            if let Some(old) = self.current.replace(fresh) {
+                self.full.push(old.id);
+            }
+        }
+        Ok(self.current.as_mut().expect("just set"))
     }
-    Ok(slot)
-}
 
-/// Retires the rotation keys that reached their cap, once their rows are written.
-async fn retire_full(store: &dyn AdminStore, full: &mut Vec<String>) -> anyhow::Result<()> {
-    for id in full.drain(..) {
-        store.set_key_state(&id, KeyState::Retired).await?;
+    async fn retire_full(&mut self, store: &dyn AdminStore) -> anyhow::Result<()> {
+        for id in self.full.drain(..) {
+            store.set_key_state(&id, KeyState::Retired).await?;
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// The rotation's keys are not used by any worker: retired, so the
+    /// next rotation re-encrypts their rows like the others.
+    async fn retire_all(mut self, store: &dyn AdminStore) -> anyhow::Result<Vec<String>> {
+        if let Some(k) = self.current.take() {
+            self.full.push(k.id);
+        }
+        self.retire_full(store).await?;
+        Ok(self.made)
+    }
 }
 
 /// Re-encrypts every vault row and quarantined body sealed under a data key
 /// that this rotation retires, under fresh data keys of its own (a new one
-/// every [`ROWS_PER_DATA_KEY`] rows), then destroys the old wrapped keys
-/// that nothing refers to any more. Resumable: a rerun picks up whatever is
-/// still under a retired key.
+/// every [`ROWS_PER_DATA_KEY`] rows per range worker), then destroys the
+/// old wrapped keys that nothing refers to any more.
+///
+/// Resumable: the job (its old-key set and a cursor per key range) is kept
+/// in the database and each chunk moves its range's cursor in the
+/// transaction that writes it, so a rerun after a kill at any point
+/// continues after the last committed chunk with the same old keys.
 pub async fn rotate_data_keys(
     store: Arc<dyn AdminStore>,
     wrapper: Arc<dyn KeyWrapper>,
     job: &JobRequest,
-    progress: &ProgressBar,
+    opts: &RotationOptions,
+    progress: &JobProgress,
 ) -> anyhow::Result<DataKeysRotated> {
     let before: Vec<String> = store
         .list_keys()
@@ -249,60 +415,109 @@ pub async fn rotate_data_keys(
         .collect();
     let pending = store.count_sealed_under(&before).await?;
     let lock = store
-        .begin_job(&job.entry("rotate-data-keys", "vault, quarantine"), pending)
+        .begin_job(&job.entry(DATA_KEYS, "vault, quarantine"), pending)
         .await?;
+    let record = lock.record_id;
+    let (rjob, ranges, resumed) =
+        open_job(&*store, record, DATA_KEYS, || None, opts, progress).await?;
+    if resumed {
+        let done: i64 = ranges.iter().map(|r| r.rows_done).sum();
+        let left = store.count_sealed_under(&rjob.old_keys).await?;
+        progress.set_length((done + left).max(0) as u64);
+        progress.set_position(done.max(0) as u64);
+    } else {
+        progress.set_length(pending.max(0) as u64);
+    }
+    let run = Arc::new(Run {
+        store: store.clone(),
+        wrapper: wrapper.clone(),
+        record,
+        job: rjob.clone(),
+        opts: opts.clone(),
+        progress: progress.counter(),
+        chunks: AtomicU64::new(0),
+    });
     let mut out = DataKeysRotated {
-        record_id: lock.record_id,
+        record_id: record,
         ..Default::default()
     };
-
-    let mut key = rotation_key(&*store, &*wrapper).await?;
-    let mut full = Vec::new();
-    out.new_keys.push(key.id.clone());
-    store
-        .transition_keys(
-            KeyPurpose::Vault,
-            KeyState::Active,
-            KeyState::Retired,
-            &key.id,
-        )
-        .await?;
-    let old: Vec<String> = store
-        .list_keys()
+    for (resealed, made, skipped) in run
+        .ranges(ranges, |run, r| async move { reseal_range(&run, &r).await })
         .await?
-        .into_iter()
-        .filter(|k| k.purpose == KeyPurpose::Vault && k.state == KeyState::Retired)
-        .map(|k| k.id)
-        .collect();
-    progress.set_length(pending.max(0) as u64);
-    let plain_store: Arc<dyn Store> = store.clone();
-    let mut reader = VaultReader::new(plain_store, wrapper.clone());
+    {
+        out.resealed += resealed;
+        out.new_keys.extend(made);
+        out.skipped.merge(skipped);
+    }
+    // Rows still under an old key are the ones that could not be opened,
+    // by this run or by the one it continues: their keys stay.
+    let left = store.count_sealed_under(&rjob.old_keys).await?;
+    if left as u64 > out.skipped.count {
+        tracing::error!(
+            rows = left as u64 - out.skipped.count,
+            "rows skipped by an earlier run of this job are still under their old keys"
+        );
+        out.skipped.count = left as u64;
+    }
+    out.destroyed = store.destroy_unreferenced_data_keys().await?;
+    store.finish_rotation(record, rjob.id).await?;
+    lock.finish().await;
+    Ok(out)
+}
 
-    let mut after = String::new();
+/// One key range of `rotate data-keys`: (resealed, keys made, skipped).
+async fn reseal_range(
+    run: &Run,
+    range: &RotationRange,
+) -> anyhow::Result<(u64, Vec<String>, Skipped)> {
+    let mut reader = run.reader();
+    let mut keys = RangeKeys::default();
+    let mut skipped = Skipped::default();
+    let mut resealed = 0;
+    let mut cursor = range.cursor.clone();
     loop {
-        let rows = store
-            .vault_rows_under(lock.record_id, &old, &after, BATCH)
-            .await?;
-        let Some(last) = rows.last() else { break };
-        after = last.message_id.clone();
-        let mut updates = Vec::with_capacity(rows.len());
-        for r in rows {
+        let (vault, quarantine) = if range.table == "quarantine" {
+            let rows = run
+                .store
+                .quarantine_rows_under(run.record, &run.job.old_keys, &cursor, run.opts.chunk_rows)
+                .await?;
+            (vec![], rows)
+        } else {
+            let rows = run
+                .store
+                .vault_chunk(
+                    run.record,
+                    run.job.id,
+                    &cursor,
+                    range.hi.as_deref(),
+                    run.opts.chunk_rows,
+                )
+                .await?;
+            (rows, vec![])
+        };
+        let last = match (vault.last(), quarantine.last()) {
+            (Some(v), _) => v.message_id.clone(),
+            (_, Some(q)) => q.message_id.clone(),
+            _ => break,
+        };
+        let mut v_updates = Vec::with_capacity(vault.len());
+        for r in vault {
             let plain = match reader.open(&r).await {
                 Ok(Some(p)) => p,
                 Ok(None) => {
-                    out.skipped.add(
+                    skipped.add(
                         &r.message_id,
                         &anyhow::anyhow!("its data key was destroyed"),
                     );
                     continue;
                 }
                 Err(e) => {
-                    out.skipped.add(&r.message_id, &e);
+                    skipped.add(&r.message_id, &e);
                     continue;
                 }
             };
             let bytes = zeroize::Zeroizing::new(serde_json::to_vec(&plain)?);
-            let k = next_key(&mut key, &*store, &*wrapper, &mut out.new_keys, &mut full).await?;
+            let k = keys.next(run).await?;
             let aad = Aad {
                 kind: AAD_VAULT,
                 message_id: &r.message_id,
@@ -312,7 +527,7 @@ pub async fn rotate_data_keys(
             let sealed = k.sealer.seal(&aad, &bytes)?;
             k.used += 1;
             let old_key = r.key_id.clone();
-            updates.push((
+            v_updates.push((
                 VaultRow {
                     key_id: k.id.clone(),
                     nonce: sealed.nonce.to_vec(),
@@ -322,35 +537,23 @@ pub async fn rotate_data_keys(
                 old_key,
             ));
         }
-        out.resealed += store.reseal(&updates, &[]).await?;
-        retire_full(&*store, &mut full).await?;
-        progress.inc(updates.len() as u64);
-    }
-
-    let mut after = String::new();
-    loop {
-        let rows = store
-            .quarantine_rows_under(lock.record_id, &old, &after, BATCH)
-            .await?;
-        let Some(last) = rows.last() else { break };
-        after = last.message_id.clone();
-        let mut updates = Vec::with_capacity(rows.len());
-        for q in rows {
+        let mut q_updates = Vec::with_capacity(quarantine.len());
+        for q in quarantine {
             let body = match reader.open_quarantined(&q).await {
                 Ok(Some(b)) => b,
                 Ok(None) => {
-                    out.skipped.add(
+                    skipped.add(
                         &q.message_id,
                         &anyhow::anyhow!("its data key was destroyed"),
                     );
                     continue;
                 }
                 Err(e) => {
-                    out.skipped.add(&q.message_id, &e);
+                    skipped.add(&q.message_id, &e);
                     continue;
                 }
             };
-            let k = next_key(&mut key, &*store, &*wrapper, &mut out.new_keys, &mut full).await?;
+            let k = keys.next(run).await?;
             let aad = Aad {
                 kind: AAD_QUARANTINE,
                 message_id: &q.message_id,
@@ -360,7 +563,7 @@ pub async fn rotate_data_keys(
             let sealed = k.sealer.seal(&aad, &body)?;
             k.used += 1;
             let old_key = q.key_id.clone();
-            updates.push((
+            q_updates.push((
                 QuarantineRow {
                     key_id: k.id.clone(),
                     nonce: sealed.nonce.to_vec(),
@@ -370,17 +573,22 @@ pub async fn rotate_data_keys(
                 old_key,
             ));
         }
-        out.resealed += store.reseal(&[], &updates).await?;
-        retire_full(&*store, &mut full).await?;
-        progress.inc(updates.len() as u64);
+        let n = run
+            .store
+            .reseal_chunk(
+                run.record, run.job.id, range.no, &last, &v_updates, &q_updates,
+            )
+            .await?;
+        resealed += n;
+        cursor = last;
+        keys.retire_full(&*run.store).await?;
+        run.chunk_committed(n)?;
     }
-
-    // The rotation's keys are not used by any worker: retired, so the next
-    // rotation re-encrypts their rows like the others.
-    store.set_key_state(&key.id, KeyState::Retired).await?;
-    out.destroyed = store.destroy_unreferenced_data_keys().await?;
-    lock.finish().await;
-    Ok(out)
+    run.store
+        .rotation_range_done(run.record, run.job.id, range.no)
+        .await?;
+    let made = keys.retire_all(&*run.store).await?;
+    Ok((resealed, made, skipped))
 }
 
 /// Makes token key version N+1 current and re-tokenises `user_logins` from
@@ -388,84 +596,222 @@ pub async fn rotate_data_keys(
 /// could not be re-tokenised (its old key then stays, retired). Once it
 /// returns with nothing skipped, no login with recoverable originals
 /// carries a token of an older version.
+///
+/// Resumable: the version is fixed when the job starts and kept with it, so
+/// a rerun after a kill takes up the same version (unwrapping its stored
+/// key) and continues each key range after its last committed chunk.
 pub async fn rotate_token_key(
     store: Arc<dyn AdminStore>,
     wrapper: Arc<dyn KeyWrapper>,
     job: &JobRequest,
-    progress: &ProgressBar,
+    opts: &RotationOptions,
+    progress: &JobProgress,
 ) -> anyhow::Result<TokenKeyRotated> {
-    let next = store
-        .current_token_key()
-        .await?
-        .map_or(1, |k| k.version + 1);
-    let pending = store.count_stale_tokens(next).await?;
+    let next = next_token_version(&*store).await?;
+    let pending = store.count_tokens_not_of(next).await?;
     let lock = store
-        .begin_job(&job.entry("rotate-token-key", "user_logins"), pending)
+        .begin_job(&job.entry(TOKEN_KEY, "user_logins"), pending)
         .await?;
+    let record = lock.record_id;
     // Read again under the lock: another rotation may have finished since.
-    let version = store
-        .current_token_key()
+    let next = next_token_version(&*store).await?;
+    let (rjob, ranges, resumed) =
+        open_job(&*store, record, TOKEN_KEY, || Some(next), opts, progress).await?;
+    let version = rjob
+        .token_version
+        .context("a token-key rotation job without its version")?;
+    // The key of that version: made by the run this one continues, or now.
+    let stored = store
+        .list_keys()
         .await?
-        .map_or(1, |k| k.version + 1);
-    let (material, wrapped) = wrapper.generate(KeyPurpose::Token).await?;
-    let new = keyring::new_key("tok", KeyPurpose::Token, version, wrapped);
-    anyhow::ensure!(
-        store.insert_key(&new).await?,
-        "token key v{version} already exists: is another rotation running?"
-    );
+        .into_iter()
+        .find(|k| k.purpose == KeyPurpose::Token && k.version == version);
+    let (material, key_id) = match stored {
+        Some(k) => {
+            anyhow::ensure!(
+                k.state != KeyState::Destroyed,
+                "token key v{version} of rotation job {} was destroyed",
+                rjob.id
+            );
+            let m = wrapper
+                .unwrap(KeyPurpose::Token, &k.wrapped)
+                .await
+                .with_context(|| format!("cannot unwrap token key v{version}"))?;
+            (m, k.id)
+        }
+        None => {
+            let (material, wrapped) = wrapper.generate(KeyPurpose::Token).await?;
+            let new = keyring::new_key("tok", KeyPurpose::Token, version, wrapped);
+            anyhow::ensure!(
+                store.insert_key(&new).await?,
+                "token key v{version} already exists: is another rotation running?"
+            );
+            (material, new.id)
+        }
+    };
     store
         .transition_keys(
             KeyPurpose::Token,
             KeyState::Active,
             KeyState::Retired,
-            &new.id,
+            &key_id,
         )
         .await?;
     let token_key = TokenKey::new(version as u32, &material);
-    progress.set_length(pending.max(0) as u64);
+    if resumed {
+        let done: i64 = ranges.iter().map(|r| r.rows_done).sum();
+        let left = store.count_stale_tokens(version).await?;
+        progress.set_length((done + left).max(0) as u64);
+        progress.set_position(done.max(0) as u64);
+    } else {
+        progress.set_length(pending.max(0) as u64);
+    }
+    let run = Arc::new(Run {
+        store: store.clone(),
+        wrapper: wrapper.clone(),
+        record,
+        job: rjob.clone(),
+        opts: opts.clone(),
+        progress: progress.counter(),
+        chunks: AtomicU64::new(0),
+    });
+    let token_key = Arc::new(token_key);
     let mut out = TokenKeyRotated {
-        record_id: lock.record_id,
+        record_id: record,
         version,
         ..Default::default()
     };
-    retokenise(
-        &store,
-        wrapper,
-        &token_key,
-        lock.record_id,
-        progress,
-        &mut out,
-    )
-    .await?;
+    for (n, skipped) in run
+        .ranges(ranges, |run, r| {
+            let key = token_key.clone();
+            async move { retokenise_range(&run, &key, &r).await }
+        })
+        .await?
+    {
+        out.retokenised += n;
+        out.skipped.merge(skipped);
+    }
+    // Rows skipped here or by the run this one continues, or committed by a
+    // worker in a way the ranges missed: one more sweep finds them.
+    if store.count_stale_tokens(version).await? > out.skipped.count as i64 {
+        // The sweep meets every stale row again, skipped ones included.
+        out.skipped = Skipped::default();
+        retokenise(
+            &store,
+            wrapper.clone(),
+            &token_key,
+            record,
+            progress,
+            &mut out,
+        )
+        .await?;
+    }
     if out.skipped.count == 0 {
         out.destroyed = store
             .transition_keys(
                 KeyPurpose::Token,
                 KeyState::Retired,
                 KeyState::Destroyed,
-                &new.id,
+                &key_id,
             )
             .await?;
     }
+    store.finish_rotation(record, rjob.id).await?;
     lock.finish().await;
     Ok(out)
 }
 
+/// One above every token-key version there is, destroyed ones included.
+async fn next_token_version(store: &dyn AdminStore) -> anyhow::Result<i64> {
+    Ok(store
+        .list_keys()
+        .await?
+        .iter()
+        .filter(|k| k.purpose == KeyPurpose::Token)
+        .map(|k| k.version)
+        .max()
+        .unwrap_or(0)
+        + 1)
+}
+
+fn tokens_of(
+    key: &TokenKey,
+    plain: anyhow::Result<Option<VaultPlaintext>>,
+) -> anyhow::Result<(String, String)> {
+    let plain = match plain {
+        Ok(Some(p)) => p,
+        Ok(None) => anyhow::bail!("its data key was destroyed"),
+        Err(e) => return Err(e),
+    };
+    let ip = CanonicalIp::parse(&plain.ip)
+        .ok_or_else(|| anyhow::anyhow!("its vault row holds an IP that no longer parses"))?;
+    Ok((
+        key.token(TokenField::Ip, ip.expose()).to_string(),
+        key.token(TokenField::DeviceId, &plain.device_id)
+            .to_string(),
+    ))
+}
+
+/// One key range of `rotate token-key`: (re-tokenised, skipped).
+async fn retokenise_range(
+    run: &Run,
+    key: &TokenKey,
+    range: &RotationRange,
+) -> anyhow::Result<(u64, Skipped)> {
+    let parse = |s: &str| -> anyhow::Result<i64> {
+        s.parse().with_context(|| {
+            format!(
+                "range {} of rotation job {} has a bad bound",
+                range.no, run.job.id
+            )
+        })
+    };
+    let hi = range.hi.as_deref().map(parse).transpose()?;
+    let mut cursor = parse(&range.cursor)?;
+    let mut reader = run.reader();
+    let mut skipped = Skipped::default();
+    let mut done = 0;
+    loop {
+        let rows = run
+            .store
+            .logins_chunk(run.record, run.job.id, cursor, hi, run.opts.chunk_rows)
+            .await?;
+        let Some((last, _)) = rows.last() else { break };
+        let last = *last;
+        let mut updates = Vec::with_capacity(rows.len());
+        for (id, vault) in &rows {
+            match tokens_of(key, reader.open(vault).await) {
+                Ok((ip, dev)) => updates.push((*id, ip, dev)),
+                Err(e) => skipped.add(&vault.message_id, &e),
+            }
+        }
+        run.store
+            .tokens_chunk(run.record, run.job.id, range.no, last, &updates)
+            .await?;
+        cursor = last;
+        done += updates.len() as u64;
+        run.chunk_committed(updates.len() as u64)?;
+    }
+    run.store
+        .rotation_range_done(run.record, run.job.id, range.no)
+        .await?;
+    Ok((done, skipped))
+}
+
+/// Keyset passes over all of `user_logins` until nothing stale is left but
+/// what was skipped.
 async fn retokenise(
     store: &Arc<dyn AdminStore>,
     wrapper: Arc<dyn KeyWrapper>,
     key: &TokenKey,
     record_id: i64,
-    progress: &ProgressBar,
+    progress: &JobProgress,
     out: &mut TokenKeyRotated,
 ) -> anyhow::Result<()> {
     let version = key.version() as i64;
     let plain_store: Arc<dyn Store> = store.clone();
     let mut reader = VaultReader::new(plain_store, wrapper);
     let mut skipped: HashSet<String> = HashSet::new();
-    // Keyset passes until nothing stale is left but what was skipped: rows
-    // committed by workers just before the old key was retired are caught
-    // by the next pass.
     for _pass in 0..10 {
         let mut after = 0i64;
         loop {
@@ -481,20 +827,8 @@ async fn retokenise(
                 if skipped.contains(&login.message_id) {
                     continue;
                 }
-                let opened = match reader.open(vault).await {
-                    Ok(Some(p)) => CanonicalIp::parse(&p.ip).map(|ip| (ip, p)).ok_or_else(|| {
-                        anyhow::anyhow!("its vault row holds an IP that no longer parses")
-                    }),
-                    Ok(None) => Err(anyhow::anyhow!("its data key was destroyed")),
-                    Err(e) => Err(e),
-                };
-                match opened {
-                    Ok((ip, plain)) => updates.push((
-                        login.message_id.clone(),
-                        key.token(TokenField::Ip, ip.expose()).to_string(),
-                        key.token(TokenField::DeviceId, &plain.device_id)
-                            .to_string(),
-                    )),
+                match tokens_of(key, reader.open(vault).await) {
+                    Ok((ip, dev)) => updates.push((login.message_id.clone(), ip, dev)),
                     Err(e) => {
                         out.skipped.add(&login.message_id, &e);
                         skipped.insert(login.message_id.clone());
@@ -505,7 +839,7 @@ async fn retokenise(
             out.retokenised += updates.len() as u64;
             progress.inc(updates.len() as u64);
         }
-        if store.count_stale_tokens(version).await? <= skipped.len() as i64 {
+        if store.count_stale_tokens(version).await? <= out.skipped.count as i64 {
             return Ok(());
         }
     }

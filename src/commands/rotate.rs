@@ -2,11 +2,11 @@
 //! [`crate::rotation`]: progress on a terminal, a summary, the exit status.
 
 use anyhow::Context as _;
-use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::{Cli, JobArgs, RotateCommand};
+use crate::cli::{Cli, JobArgs, RotateCommand, ScaleArgs};
 use crate::crypto::KeyWrapper;
-use crate::rotation::{self, JobRequest, Skipped};
+use crate::progress::JobProgress;
+use crate::rotation::{self, JobRequest, RotationOptions, Skipped};
 
 pub async fn rotate(cli: &Cli, cmd: &RotateCommand) -> anyhow::Result<()> {
     let store = super::open_admin_store(cli).await?;
@@ -26,10 +26,12 @@ pub async fn rotate(cli: &Cli, cmd: &RotateCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        RotateCommand::DataKeys(job) => {
-            let pb = bar(cli.progress(), "rows re-encrypted");
-            let done = rotation::rotate_data_keys(store, wrapper, &request(job), &pb).await?;
-            pb.finish_and_clear();
+        RotateCommand::DataKeys(args) => {
+            let pb = JobProgress::new(cli.progress(), "rows re-encrypted");
+            let opts = options(cli, args)?;
+            let done =
+                rotation::rotate_data_keys(store, wrapper, &request(&args.job), &opts, &pb).await?;
+            pb.finish();
             eprintln!(
                 "pii-vault: re-encrypted {} row(s) under {} new data key(s); destroyed {} old data key(s) (audit record {})",
                 done.resealed,
@@ -39,10 +41,12 @@ pub async fn rotate(cli: &Cli, cmd: &RotateCommand) -> anyhow::Result<()> {
             );
             skipped_is_an_error(&done.skipped, "their old data keys were kept")
         }
-        RotateCommand::TokenKey(job) => {
-            let pb = bar(cli.progress(), "logins re-tokenised");
-            let done = rotation::rotate_token_key(store, wrapper, &request(job), &pb).await?;
-            pb.finish_and_clear();
+        RotateCommand::TokenKey(args) => {
+            let pb = JobProgress::new(cli.progress(), "logins re-tokenised");
+            let opts = options(cli, args)?;
+            let done =
+                rotation::rotate_token_key(store, wrapper, &request(&args.job), &opts, &pb).await?;
+            pb.finish();
             eprintln!(
                 "pii-vault: token key v{} is current; re-tokenised {} login(s); destroyed {} old token key(s) (audit record {})",
                 done.version,
@@ -83,14 +87,14 @@ fn skipped_is_an_error(skipped: &Skipped, consequence: &str) -> anyhow::Result<(
     )
 }
 
-fn bar(show: bool, what: &'static str) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    ProgressBar::new(0).with_style(
-        ProgressStyle::with_template(&format!(
-            "[{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {what} ({{per_sec}}, ETA {{eta}})"
-        ))
-        .expect("valid template"),
-    )
+fn options(cli: &Cli, args: &ScaleArgs) -> anyhow::Result<RotationOptions> {
+    Ok(RotationOptions {
+        // One writer at a time on SQLite.
+        jobs: match cli.backend()? {
+            crate::store::Backend::Sqlite => 1,
+            crate::store::Backend::Postgres => args.jobs as usize,
+        },
+        chunk_rows: args.chunk_rows as i64,
+        stop_after_chunks: args.stop_after_chunks,
+    })
 }

@@ -69,6 +69,36 @@ pub(crate) enum JobLock {
     File(std::fs::File),
 }
 
+/// A rotation job as stored: what a rerun needs to continue it rather than
+/// start over (see `migrations/postgres/0005_rotation_scale.sql`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationJob {
+    pub id: i64,
+    /// The audit record of the run that started it.
+    pub started_by: i64,
+    /// `rotate data-keys`: the keys whose rows it re-encrypts, fixed when
+    /// the job starts, so that a rerun never takes the new keys of the run
+    /// it continues for old ones.
+    pub old_keys: Vec<String>,
+    /// `rotate token-key`: the version it makes current, fixed when the job
+    /// starts, so that a rerun does not make yet another one.
+    pub token_version: Option<i64>,
+}
+
+/// One key range of a rotation job: rows of `table` with a key in
+/// `(lo, hi]` (no `hi`: to the end). `cursor` is the last key whose chunk
+/// is committed: a rerun continues after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationRange {
+    pub no: i32,
+    pub table: String,
+    pub lo: String,
+    pub hi: Option<String>,
+    pub cursor: String,
+    pub rows_done: i64,
+    pub done: bool,
+}
+
 /// The kinds of job that take a lock, as the audit trail names them.
 pub const JOB_KINDS: [&str; 3] = ["rotate-kek", "rotate-data-keys", "rotate-token-key"];
 
@@ -160,6 +190,100 @@ pub trait Maintenance: Send + Sync {
     /// Counts logins whose tokens are not of `version` but could be (they
     /// have a vault row): zero after a complete token rotation.
     async fn count_stale_tokens(&self, version: i64) -> Result<i64, StoreError>;
+
+    /// Boundaries for splitting the main table of a job of `kind` into up to
+    /// `parts` key ranges of about equal size: the first element is the
+    /// start (below every key), each next one the upper end of a range.
+    async fn rotation_bounds(&self, kind: &str, parts: usize) -> Result<Vec<String>, StoreError>;
+
+    /// Takes over the unfinished job of `kind` for the run of audit record
+    /// `record`, if there is one; retires the data keys the run that left it
+    /// made for itself.
+    async fn resume_rotation(
+        &self,
+        record: i64,
+        kind: &str,
+    ) -> Result<Option<RotationJob>, StoreError>;
+
+    /// Starts a job of `kind` with the ranges `bounds` describe (see
+    /// [`Maintenance::rotation_bounds`]). For `rotate data-keys` this
+    /// retires every active data key and fixes the old set, atomically.
+    async fn start_rotation(
+        &self,
+        record: i64,
+        kind: &str,
+        token_version: Option<i64>,
+        bounds: &[String],
+    ) -> Result<RotationJob, StoreError>;
+
+    /// The ranges of job `job`, with their cursors.
+    async fn rotation_ranges(
+        &self,
+        record: i64,
+        job: i64,
+    ) -> Result<Vec<RotationRange>, StoreError>;
+
+    /// Notes a data key the job made for itself.
+    async fn rotation_add_key(&self, record: i64, job: i64, key_id: &str)
+        -> Result<(), StoreError>;
+
+    /// Marks range `no` of `job` done.
+    async fn rotation_range_done(&self, record: i64, job: i64, no: i32) -> Result<(), StoreError>;
+
+    /// Marks `job` finished: a later run starts a new one.
+    async fn finish_rotation(&self, record: i64, job: i64) -> Result<(), StoreError>;
+
+    /// Up to `limit` vault rows under the job's old keys with a message id
+    /// in `(after, hi]`, in message-id order.
+    async fn vault_chunk(
+        &self,
+        record: i64,
+        job: i64,
+        after: &str,
+        hi: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<VaultRow>, StoreError>;
+
+    /// [`Maintenance::reseal`] of one chunk of range `no`, and its cursor
+    /// moved to `cursor`, in one transaction.
+    async fn reseal_chunk(
+        &self,
+        record: i64,
+        job: i64,
+        no: i32,
+        cursor: &str,
+        vault: &[(VaultRow, String)],
+        quarantine: &[(QuarantineRow, String)],
+    ) -> Result<u64, StoreError>;
+
+    /// Up to `limit` logins with a vault row, an id in `(after, hi]` and
+    /// tokens not of the job's version, in id order, with their sealed
+    /// originals.
+    async fn logins_chunk(
+        &self,
+        record: i64,
+        job: i64,
+        after: i64,
+        hi: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<(i64, VaultRow)>, StoreError>;
+
+    /// Sets new tokens `(id, masked_ip, masked_device_id)` of one chunk of
+    /// range `no`, and moves its cursor to `cursor`, in one transaction.
+    async fn tokens_chunk(
+        &self,
+        record: i64,
+        job: i64,
+        no: i32,
+        cursor: i64,
+        rows: &[(i64, String, String)],
+    ) -> Result<(), StoreError>;
+
+    /// Counts logins whose tokens are not of `version`, whether or not their
+    /// originals are still there: a bound for the audit record and the
+    /// progress of a token rotation, one table scan cheaper than
+    /// [`Maintenance::count_stale_tokens`].
+    async fn count_tokens_not_of(&self, version: i64) -> Result<i64, StoreError>;
 
     /// Erases the user's vault rows and quarantined bodies and writes the
     /// audit entry, in one transaction.

@@ -6,7 +6,9 @@ use sqlx::Row;
 
 use chrono::NaiveDate;
 
-use super::admin::{self, Forgotten, Job, JobLock, Maintenance, Retained, JOB_KINDS};
+use super::admin::{
+    self, Forgotten, Job, JobLock, Maintenance, Retained, RotationJob, RotationRange, JOB_KINDS,
+};
 use super::postgres::{login_from_row, PgStore};
 use super::{
     Alarm, AuditEntry, AuditFilter, KeyState, LoginRow, QuarantineRow, RevealPolicy, Store,
@@ -36,6 +38,83 @@ fn record<'q>(
         .bind(&audit.reason)
         .bind(&audit.claimed_actor)
         .bind(row_count)
+}
+
+/// `pii_vault_rotation_advance`: moves a range's cursor (`None`: keeps it).
+fn advance<'q>(
+    record: i64,
+    job: i64,
+    no: i32,
+    cursor: Option<&'q str>,
+    rows: i64,
+    done: bool,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query("SELECT pii_vault_rotation_advance($1, $2, $3, $4, $5, $6)")
+        .bind(record)
+        .bind(job)
+        .bind(no)
+        .bind(cursor)
+        .bind(rows)
+        .bind(done)
+}
+
+/// Re-seals rows still under their old key (the `String`), in `tx`: one
+/// `UPDATE … FROM UNNEST` per table, so a chunk costs one statement.
+async fn reseal_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    vault: &[(VaultRow, String)],
+    quarantine: &[(QuarantineRow, String)],
+) -> Result<u64, StoreError> {
+    let mut changed = 0;
+    if !vault.is_empty() {
+        let ids: Vec<&str> = vault.iter().map(|(v, _)| v.message_id.as_str()).collect();
+        let old: Vec<&str> = vault.iter().map(|(_, o)| o.as_str()).collect();
+        let keys: Vec<&str> = vault.iter().map(|(v, _)| v.key_id.as_str()).collect();
+        let nonces: Vec<&[u8]> = vault.iter().map(|(v, _)| v.nonce.as_slice()).collect();
+        let cts: Vec<&[u8]> = vault.iter().map(|(v, _)| v.ciphertext.as_slice()).collect();
+        changed += sqlx::query(
+            "UPDATE vault SET key_id = u.key_id, nonce = u.nonce, ciphertext = u.ciphertext \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::bytea[]) \
+                   AS u(message_id, old_key, key_id, nonce, ciphertext) \
+                 WHERE vault.message_id = u.message_id AND vault.key_id = u.old_key",
+        )
+        .bind(&ids)
+        .bind(&old)
+        .bind(&keys)
+        .bind(&nonces)
+        .bind(&cts)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    }
+    if !quarantine.is_empty() {
+        let ids: Vec<&str> = quarantine
+            .iter()
+            .map(|(q, _)| q.message_id.as_str())
+            .collect();
+        let old: Vec<&str> = quarantine.iter().map(|(_, o)| o.as_str()).collect();
+        let keys: Vec<&str> = quarantine.iter().map(|(q, _)| q.key_id.as_str()).collect();
+        let nonces: Vec<&[u8]> = quarantine.iter().map(|(q, _)| q.nonce.as_slice()).collect();
+        let cts: Vec<&[u8]> = quarantine
+            .iter()
+            .map(|(q, _)| q.ciphertext.as_slice())
+            .collect();
+        changed += sqlx::query(
+            "UPDATE quarantine SET key_id = u.key_id, nonce = u.nonce, ciphertext = u.ciphertext \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::bytea[]) \
+                   AS u(message_id, old_key, key_id, nonce, ciphertext) \
+                 WHERE quarantine.message_id = u.message_id AND quarantine.key_id = u.old_key",
+        )
+        .bind(&ids)
+        .bind(&old)
+        .bind(&keys)
+        .bind(&nonces)
+        .bind(&cts)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    }
+    Ok(changed)
 }
 
 #[async_trait]
@@ -190,55 +269,7 @@ impl Maintenance for PgStore {
         quarantine: &[(QuarantineRow, String)],
     ) -> Result<u64, StoreError> {
         let mut tx = self.pool().begin().await?;
-        let mut changed = 0;
-        if !vault.is_empty() {
-            let ids: Vec<&str> = vault.iter().map(|(v, _)| v.message_id.as_str()).collect();
-            let old: Vec<&str> = vault.iter().map(|(_, o)| o.as_str()).collect();
-            let keys: Vec<&str> = vault.iter().map(|(v, _)| v.key_id.as_str()).collect();
-            let nonces: Vec<&[u8]> = vault.iter().map(|(v, _)| v.nonce.as_slice()).collect();
-            let cts: Vec<&[u8]> = vault.iter().map(|(v, _)| v.ciphertext.as_slice()).collect();
-            changed += sqlx::query(
-                "UPDATE vault SET key_id = u.key_id, nonce = u.nonce, ciphertext = u.ciphertext \
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::bytea[]) \
-                   AS u(message_id, old_key, key_id, nonce, ciphertext) \
-                 WHERE vault.message_id = u.message_id AND vault.key_id = u.old_key",
-            )
-            .bind(&ids)
-            .bind(&old)
-            .bind(&keys)
-            .bind(&nonces)
-            .bind(&cts)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        }
-        if !quarantine.is_empty() {
-            let ids: Vec<&str> = quarantine
-                .iter()
-                .map(|(q, _)| q.message_id.as_str())
-                .collect();
-            let old: Vec<&str> = quarantine.iter().map(|(_, o)| o.as_str()).collect();
-            let keys: Vec<&str> = quarantine.iter().map(|(q, _)| q.key_id.as_str()).collect();
-            let nonces: Vec<&[u8]> = quarantine.iter().map(|(q, _)| q.nonce.as_slice()).collect();
-            let cts: Vec<&[u8]> = quarantine
-                .iter()
-                .map(|(q, _)| q.ciphertext.as_slice())
-                .collect();
-            changed += sqlx::query(
-                "UPDATE quarantine SET key_id = u.key_id, nonce = u.nonce, ciphertext = u.ciphertext \
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::bytea[]) \
-                   AS u(message_id, old_key, key_id, nonce, ciphertext) \
-                 WHERE quarantine.message_id = u.message_id AND quarantine.key_id = u.old_key",
-            )
-            .bind(&ids)
-            .bind(&old)
-            .bind(&keys)
-            .bind(&nonces)
-            .bind(&cts)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        }
+        let changed = reseal_in(&mut tx, vault, quarantine).await?;
         tx.commit().await?;
         Ok(changed)
     }
@@ -304,8 +335,262 @@ impl Maintenance for PgStore {
 
     async fn count_stale_tokens(&self, version: i64) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar(
-            "SELECT count(*) FROM user_logins l JOIN vault v ON v.message_id = l.message_id \
-             WHERE l.masked_ip NOT LIKE $1 OR l.masked_device_id NOT LIKE $1",
+            // The filter first, the vault only for what passes it: after a
+            // rotation that is nothing, and the count is a scan of one table.
+            "SELECT count(*) FROM user_logins l \
+             WHERE (l.masked_ip NOT LIKE $1 OR l.masked_device_id NOT LIKE $1) \
+             AND EXISTS (SELECT 1 FROM vault v WHERE v.message_id = l.message_id)",
+        )
+        .bind(admin::token_like(version))
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    async fn rotation_bounds(&self, kind: &str, parts: usize) -> Result<Vec<String>, StoreError> {
+        let parts = parts.clamp(1, 64);
+        if kind == "rotate-token-key" {
+            // Login ids come from a sequence: evenly spaced bounds split
+            // them about evenly, without reading the table.
+            let (lo, hi): (Option<i64>, Option<i64>) =
+                sqlx::query_as("SELECT min(id), max(id) FROM user_logins")
+                    .fetch_one(self.pool())
+                    .await?;
+            let (Some(lo), Some(hi)) = (lo, hi) else {
+                return Ok(vec!["0".into()]);
+            };
+            let start = lo - 1;
+            let step = ((hi - start) / parts as i64).max(1);
+            let mut bounds: Vec<i64> = (0..parts as i64).map(|i| start + i * step).collect();
+            bounds.dedup();
+            return Ok(bounds.iter().map(i64::to_string).collect());
+        }
+        if parts == 1 {
+            return Ok(vec![String::new()]);
+        }
+        // Message ids are not evenly spread (UUIDs, line ids, legacy ids):
+        // quantiles of a sample of about 20,000 of them, read page-wise.
+        let estimate: f64 = sqlx::query_scalar(
+            "SELECT greatest(reltuples, 0)::float8 FROM pg_class WHERE oid = 'vault'::regclass",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        let percent = if estimate <= 0.0 {
+            100.0
+        } else {
+            (2e6 / estimate).clamp(0.1, 100.0)
+        };
+        let fractions: Vec<f64> = (1..parts).map(|i| i as f64 / parts as f64).collect();
+        let splits: Option<Vec<String>> = sqlx::query_scalar(&format!(
+            "SELECT percentile_disc($1::float8[]) WITHIN GROUP (ORDER BY message_id) \
+             FROM (SELECT message_id FROM vault TABLESAMPLE SYSTEM ({percent})) s"
+        ))
+        .bind(&fractions)
+        .fetch_one(self.pool())
+        .await?;
+        let mut bounds = vec![String::new()];
+        bounds.extend(splits.unwrap_or_default());
+        bounds.dedup();
+        Ok(bounds)
+    }
+
+    async fn resume_rotation(
+        &self,
+        record: i64,
+        kind: &str,
+    ) -> Result<Option<RotationJob>, StoreError> {
+        let row = sqlx::query("SELECT * FROM pii_vault_rotation_job_resume($1, $2)")
+            .bind(record)
+            .bind(kind)
+            .fetch_optional(self.pool())
+            .await?;
+        row.map(|r| {
+            Ok(RotationJob {
+                id: r.try_get("job_id")?,
+                started_by: r.try_get("started_by")?,
+                old_keys: r.try_get("old_keys")?,
+                token_version: r.try_get("token_version")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn start_rotation(
+        &self,
+        record: i64,
+        kind: &str,
+        token_version: Option<i64>,
+        bounds: &[String],
+    ) -> Result<RotationJob, StoreError> {
+        sqlx::query("SELECT pii_vault_rotation_job_start($1, $2, $3, $4)")
+            .bind(record)
+            .bind(kind)
+            .bind(token_version)
+            .bind(bounds)
+            .execute(self.pool())
+            .await?;
+        self.resume_rotation(record, kind)
+            .await?
+            .ok_or_else(|| StoreError::Permanent("the rotation job just started is gone".into()))
+    }
+
+    async fn rotation_ranges(
+        &self,
+        record: i64,
+        job: i64,
+    ) -> Result<Vec<RotationRange>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM pii_vault_rotation_job_ranges($1, $2)")
+            .bind(record)
+            .bind(job)
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RotationRange {
+                    no: r.try_get("no")?,
+                    table: r.try_get("tbl")?,
+                    lo: r.try_get("lo")?,
+                    hi: r.try_get("hi")?,
+                    cursor: r.try_get("cursor")?,
+                    rows_done: r.try_get("rows_done")?,
+                    done: r.try_get("done")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn rotation_add_key(
+        &self,
+        record: i64,
+        job: i64,
+        key_id: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query("SELECT pii_vault_rotation_job_add_key($1, $2, $3)")
+            .bind(record)
+            .bind(job)
+            .bind(key_id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    async fn rotation_range_done(&self, record: i64, job: i64, no: i32) -> Result<(), StoreError> {
+        advance(record, job, no, None, 0, true)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    async fn finish_rotation(&self, record: i64, job: i64) -> Result<(), StoreError> {
+        sqlx::query("SELECT pii_vault_rotation_job_finish($1, $2)")
+            .bind(record)
+            .bind(job)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    async fn vault_chunk(
+        &self,
+        record: i64,
+        job: i64,
+        after: &str,
+        hi: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<VaultRow>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM pii_vault_rotation_vault_chunk($1, $2, $3, $4, $5)")
+            .bind(record)
+            .bind(job)
+            .bind(after)
+            .bind(hi)
+            .bind(limit as i32)
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter().map(vault_from_row).collect()
+    }
+
+    async fn reseal_chunk(
+        &self,
+        record: i64,
+        job: i64,
+        no: i32,
+        cursor: &str,
+        vault: &[(VaultRow, String)],
+        quarantine: &[(QuarantineRow, String)],
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let changed = reseal_in(&mut tx, vault, quarantine).await?;
+        advance(record, job, no, Some(cursor), changed as i64, false)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    async fn logins_chunk(
+        &self,
+        record: i64,
+        job: i64,
+        after: i64,
+        hi: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<(i64, VaultRow)>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM pii_vault_rotation_logins_chunk($1, $2, $3, $4, $5)")
+            .bind(record)
+            .bind(job)
+            .bind(after)
+            .bind(hi)
+            .bind(limit as i32)
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("id")?, vault_from_row(r)?)))
+            .collect()
+    }
+
+    async fn tokens_chunk(
+        &self,
+        record: i64,
+        job: i64,
+        no: i32,
+        cursor: i64,
+        rows: &[(i64, String, String)],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
+        let ips: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+        let devs: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
+        let changed = if rows.is_empty() {
+            0
+        } else {
+            sqlx::query(
+                "UPDATE user_logins SET masked_ip = u.ip, masked_device_id = u.dev \
+                 FROM UNNEST($1::bigint[], $2::text[], $3::text[]) AS u(id, ip, dev) \
+                 WHERE user_logins.id = u.id",
+            )
+            .bind(&ids)
+            .bind(&ips)
+            .bind(&devs)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+        };
+        advance(
+            record,
+            job,
+            no,
+            Some(&cursor.to_string()),
+            changed as i64,
+            false,
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn count_tokens_not_of(&self, version: i64) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM user_logins WHERE masked_ip NOT LIKE $1 OR masked_device_id NOT LIKE $1",
         )
         .bind(admin::token_like(version))
         .fetch_one(self.pool())

@@ -21,6 +21,60 @@ fn push_in_list<'a>(q: &mut QueryBuilder<'a, Sqlite>, ids: &'a [String]) {
     q.push(")");
 }
 
+async fn reseal_in(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    vault: &[(VaultRow, String)],
+    quarantine: &[(QuarantineRow, String)],
+) -> Result<u64, StoreError> {
+    let mut changed = 0;
+    for (v, old) in vault {
+        changed += sqlx::query(
+                "UPDATE vault SET key_id = $1, nonce = $2, ciphertext = $3 WHERE message_id = $4 AND key_id = $5",
+            )
+            .bind(&v.key_id)
+            .bind(&v.nonce)
+            .bind(&v.ciphertext)
+            .bind(&v.message_id)
+            .bind(old)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+    }
+    for (r, old) in quarantine {
+        changed += sqlx::query(
+                "UPDATE quarantine SET key_id = $1, nonce = $2, ciphertext = $3 WHERE message_id = $4 AND key_id = $5",
+            )
+            .bind(&r.key_id)
+            .bind(&r.nonce)
+            .bind(&r.ciphertext)
+            .bind(&r.message_id)
+            .bind(old)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+    }
+    Ok(changed)
+}
+
+async fn advance(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    job: i64,
+    no: i32,
+    cursor: &str,
+    rows: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE rotation_ranges SET cursor = $1, rows_done = rows_done + $2 WHERE job_id = $3 AND no = $4",
+    )
+    .bind(cursor)
+    .bind(rows)
+    .bind(job)
+    .bind(no)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 #[async_trait]
 impl admin::Maintenance for SqliteStore {
     async fn insert_key(&self, key: &StoredKey) -> Result<bool, StoreError> {
@@ -214,33 +268,7 @@ impl admin::Maintenance for SqliteStore {
         quarantine: &[(QuarantineRow, String)],
     ) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let mut changed = 0;
-        for (v, old) in vault {
-            changed += sqlx::query(
-                "UPDATE vault SET key_id = $1, nonce = $2, ciphertext = $3 WHERE message_id = $4 AND key_id = $5",
-            )
-            .bind(&v.key_id)
-            .bind(&v.nonce)
-            .bind(&v.ciphertext)
-            .bind(&v.message_id)
-            .bind(old)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        }
-        for (r, old) in quarantine {
-            changed += sqlx::query(
-                "UPDATE quarantine SET key_id = $1, nonce = $2, ciphertext = $3 WHERE message_id = $4 AND key_id = $5",
-            )
-            .bind(&r.key_id)
-            .bind(&r.nonce)
-            .bind(&r.ciphertext)
-            .bind(&r.message_id)
-            .bind(old)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        }
+        let changed = reseal_in(&mut tx, vault, quarantine).await?;
         tx.commit().await?;
         Ok(changed)
     }
@@ -309,6 +337,308 @@ impl admin::Maintenance for SqliteStore {
         Ok(sqlx::query_scalar(
             "SELECT count(*) FROM user_logins l JOIN vault v ON v.message_id = l.message_id \
              WHERE l.masked_ip NOT LIKE $1 ESCAPE '\\' OR l.masked_device_id NOT LIKE $1 ESCAPE '\\'",
+        )
+        .bind(admin::token_like(version))
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn rotation_bounds(&self, kind: &str, _parts: usize) -> Result<Vec<String>, StoreError> {
+        // One writer at a time on SQLite: one range.
+        Ok(vec![if kind == "rotate-token-key" {
+            "0".into()
+        } else {
+            String::new()
+        }])
+    }
+
+    async fn resume_rotation(
+        &self,
+        record: i64,
+        kind: &str,
+    ) -> Result<Option<admin::RotationJob>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "SELECT id, started_by, old_keys, new_keys, token_version FROM rotation_jobs \
+             WHERE kind = $1 AND finished_at IS NULL",
+        )
+        .bind(kind)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        let id: i64 = r.try_get("id")?;
+        let old: String = r.try_get("old_keys")?;
+        let made: String = r.try_get("new_keys")?;
+        sqlx::query("UPDATE rotation_jobs SET held_by = $1 WHERE id = $2")
+            .bind(record)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE vault_keys SET state = 'retired' WHERE purpose = 'vault' AND state = 'active' \
+             AND id IN (SELECT value FROM json_each($1))",
+        )
+        .bind(&made)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(admin::RotationJob {
+            id,
+            started_by: r.try_get("started_by")?,
+            old_keys: serde_json::from_str(&old).map_err(|_| {
+                StoreError::Permanent("rotation_jobs.old_keys is not a JSON list".into())
+            })?,
+            token_version: r.try_get("token_version")?,
+        }))
+    }
+
+    async fn start_rotation(
+        &self,
+        record: i64,
+        kind: &str,
+        token_version: Option<i64>,
+        bounds: &[String],
+    ) -> Result<admin::RotationJob, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut old: Vec<String> = vec![];
+        if kind == "rotate-data-keys" {
+            sqlx::query("UPDATE vault_keys SET state = 'retired' WHERE purpose = 'vault' AND state = 'active'")
+                .execute(&mut *tx)
+                .await?;
+            old = sqlx::query_scalar(
+                "SELECT id FROM vault_keys WHERE purpose = 'vault' AND state = 'retired' ORDER BY id",
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+        }
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO rotation_jobs (kind, started_by, held_by, old_keys, token_version) \
+             VALUES ($1, $2, $2, $3, $4) RETURNING id",
+        )
+        .bind(kind)
+        .bind(record)
+        .bind(serde_json::to_string(&old).expect("a list of strings"))
+        .bind(token_version.filter(|_| kind == "rotate-token-key"))
+        .fetch_one(&mut *tx)
+        .await?;
+        let table = if kind == "rotate-data-keys" {
+            "vault"
+        } else {
+            "user_logins"
+        };
+        let mut no = 0;
+        for (i, lo) in bounds.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO rotation_ranges (job_id, no, tbl, lo, hi, cursor) VALUES ($1, $2, $3, $4, $5, $4)",
+            )
+            .bind(id)
+            .bind(no)
+            .bind(table)
+            .bind(lo)
+            .bind(bounds.get(i + 1))
+            .execute(&mut *tx)
+            .await?;
+            no += 1;
+        }
+        if kind == "rotate-data-keys" {
+            sqlx::query(
+                "INSERT INTO rotation_ranges (job_id, no, tbl, lo, hi, cursor) VALUES ($1, $2, 'quarantine', '', NULL, '')",
+            )
+            .bind(id)
+            .bind(no)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(admin::RotationJob {
+            id,
+            started_by: record,
+            old_keys: old,
+            token_version: token_version.filter(|_| kind == "rotate-token-key"),
+        })
+    }
+
+    async fn rotation_ranges(
+        &self,
+        _record: i64,
+        job: i64,
+    ) -> Result<Vec<admin::RotationRange>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT no, tbl, lo, hi, cursor, rows_done, done FROM rotation_ranges WHERE job_id = $1 ORDER BY no",
+        )
+        .bind(job)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(admin::RotationRange {
+                    no: r.try_get("no")?,
+                    table: r.try_get("tbl")?,
+                    lo: r.try_get("lo")?,
+                    hi: r.try_get("hi")?,
+                    cursor: r.try_get("cursor")?,
+                    rows_done: r.try_get("rows_done")?,
+                    done: r.try_get("done")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn rotation_add_key(
+        &self,
+        _record: i64,
+        job: i64,
+        key_id: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE rotation_jobs SET new_keys = json_insert(new_keys, '$[#]', $1) WHERE id = $2",
+        )
+        .bind(key_id)
+        .bind(job)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn rotation_range_done(&self, _record: i64, job: i64, no: i32) -> Result<(), StoreError> {
+        sqlx::query("UPDATE rotation_ranges SET done = 1 WHERE job_id = $1 AND no = $2")
+            .bind(job)
+            .bind(no)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn finish_rotation(&self, _record: i64, job: i64) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "UPDATE rotation_jobs SET finished_at = {NOW} WHERE id = $1"
+        ))
+        .bind(job)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn vault_chunk(
+        &self,
+        _record: i64,
+        job: i64,
+        after: &str,
+        hi: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<VaultRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT message_id, user_id, key_id, nonce, ciphertext FROM vault \
+             WHERE message_id > $1 AND ($2 IS NULL OR message_id <= $2) \
+             AND key_id IN (SELECT value FROM json_each((SELECT old_keys FROM rotation_jobs WHERE id = $3))) \
+             ORDER BY message_id LIMIT $4",
+        )
+        .bind(after)
+        .bind(hi)
+        .bind(job)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(VaultRow {
+                    message_id: r.try_get("message_id")?,
+                    user_id: r.try_get("user_id")?,
+                    key_id: r.try_get("key_id")?,
+                    nonce: r.try_get("nonce")?,
+                    ciphertext: r.try_get("ciphertext")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn reseal_chunk(
+        &self,
+        _record: i64,
+        job: i64,
+        no: i32,
+        cursor: &str,
+        vault: &[(VaultRow, String)],
+        quarantine: &[(QuarantineRow, String)],
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let changed = reseal_in(&mut tx, vault, quarantine).await?;
+        advance(&mut tx, job, no, cursor, changed as i64).await?;
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    async fn logins_chunk(
+        &self,
+        _record: i64,
+        job: i64,
+        after: i64,
+        hi: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<(i64, VaultRow)>, StoreError> {
+        let version: Option<i64> =
+            sqlx::query_scalar("SELECT token_version FROM rotation_jobs WHERE id = $1")
+                .bind(job)
+                .fetch_one(&self.pool)
+                .await?;
+        let rows = sqlx::query(
+            "SELECT l.id, l.message_id, l.user_id, v.key_id, v.nonce, v.ciphertext \
+             FROM user_logins l JOIN vault v ON v.message_id = l.message_id \
+             WHERE l.id > $1 AND ($2 IS NULL OR l.id <= $2) \
+             AND (l.masked_ip NOT LIKE $3 ESCAPE '\\' OR l.masked_device_id NOT LIKE $3 ESCAPE '\\') \
+             ORDER BY l.id LIMIT $4",
+        )
+        .bind(after)
+        .bind(hi)
+        .bind(admin::token_like(version.unwrap_or(0)))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("id")?,
+                    VaultRow {
+                        message_id: r.try_get("message_id")?,
+                        user_id: r
+                            .try_get::<Option<String>, _>("user_id")?
+                            .unwrap_or_default(),
+                        key_id: r.try_get("key_id")?,
+                        nonce: r.try_get("nonce")?,
+                        ciphertext: r.try_get("ciphertext")?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    async fn tokens_chunk(
+        &self,
+        _record: i64,
+        job: i64,
+        no: i32,
+        cursor: i64,
+        rows: &[(i64, String, String)],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for (id, ip, dev) in rows {
+            sqlx::query(
+                "UPDATE user_logins SET masked_ip = $1, masked_device_id = $2 WHERE id = $3",
+            )
+            .bind(ip)
+            .bind(dev)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        advance(&mut tx, job, no, &cursor.to_string(), rows.len() as i64).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn count_tokens_not_of(&self, version: i64) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM user_logins WHERE masked_ip NOT LIKE $1 ESCAPE '\\' OR masked_device_id NOT LIKE $1 ESCAPE '\\'",
         )
         .bind(admin::token_like(version))
         .fetch_one(&self.pool)

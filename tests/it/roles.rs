@@ -1131,6 +1131,14 @@ const EXPECTED: &[(&str, &str, &[&str])] = &[
     (ROTATOR, "pii_vault_pending_requests", &[]),
     (ROTATOR, "honeytokens", &[]),
     (ROTATOR, "audit_alarms", &[]),
+    (WORKER, "rotation_jobs", &[]),
+    (WORKER, "rotation_ranges", &[]),
+    (ANALYST, "rotation_jobs", &[]),
+    (ANALYST, "rotation_ranges", &[]),
+    (REVEALER, "rotation_jobs", &[]),
+    (REVEALER, "rotation_ranges", &[]),
+    (ROTATOR, "rotation_jobs", &[]),
+    (ROTATOR, "rotation_ranges", &[]),
 ];
 
 /// Columns holding ciphertext or wrapped keys, and who may read them
@@ -1180,6 +1188,30 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
         "pii_vault_rotation_logins(bigint, bigint, bigint, int)",
         &[ROTATOR],
     ),
+    ("pii_vault_rotation_job_resume(bigint, text)", &[ROTATOR]),
+    (
+        "pii_vault_rotation_job_start(bigint, text, bigint, text[])",
+        &[ROTATOR],
+    ),
+    ("pii_vault_rotation_job_ranges(bigint, bigint)", &[ROTATOR]),
+    (
+        "pii_vault_rotation_job_add_key(bigint, bigint, text)",
+        &[ROTATOR],
+    ),
+    (
+        "pii_vault_rotation_advance(bigint, bigint, int, text, bigint, boolean)",
+        &[ROTATOR],
+    ),
+    ("pii_vault_rotation_job_finish(bigint, bigint)", &[ROTATOR]),
+    (
+        "pii_vault_rotation_vault_chunk(bigint, bigint, text, text, int)",
+        &[ROTATOR],
+    ),
+    (
+        "pii_vault_rotation_logins_chunk(bigint, bigint, bigint, bigint, int)",
+        &[ROTATOR],
+    ),
+    ("pii_vault_rotation_job_check(bigint, bigint)", &[]),
     ("pii_vault_check_record(bigint, text[], interval)", &[]),
     ("pii_vault_check_lock(text)", &[]),
 ];
@@ -1294,6 +1326,8 @@ async fn each_role_holds_exactly_its_privileges_and_none_may_alter_the_audit_tra
         "reveal_policy",
         "honeytokens",
         "audit_alarms",
+        "rotation_jobs",
+        "rotation_ranges",
         "_sqlx_migrations",
     ] {
         let public: Option<String> = sqlx::query_scalar(
@@ -1986,6 +2020,129 @@ async fn a_reveal_touching_a_honeytoken_is_served_and_raises_an_alarm_only_the_o
 fn ok_stdout(out: &Output) -> String {
     ok(out, "command");
     String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The state of resumable rotations is the rotator's alone, and even the
+/// rotator moves it only under a committed, locked job of its own: workers,
+/// analysts and revealers are refused every table and function of it, and a
+/// job's rows are read only by the login that holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_jobs_are_the_rotators_alone() {
+    let Some(mut db) = Db::new().await else {
+        return;
+    };
+    seed(&db.owner).await;
+    let calls = [
+        "SELECT * FROM rotation_jobs",
+        "SELECT * FROM rotation_ranges",
+        "INSERT INTO rotation_jobs (kind, started_by, held_by) VALUES ('rotate-data-keys', 1, 1)",
+        "UPDATE rotation_ranges SET done = true",
+        "SELECT * FROM pii_vault_rotation_job_resume(1, 'rotate-data-keys')",
+        "SELECT pii_vault_rotation_job_start(1, 'rotate-data-keys', NULL, ARRAY[''])",
+        "SELECT * FROM pii_vault_rotation_job_ranges(1, 1)",
+        "SELECT pii_vault_rotation_job_add_key(1, 1, 'dek-x')",
+        "SELECT pii_vault_rotation_advance(1, 1, 0, 'z', 1, true)",
+        "SELECT pii_vault_rotation_job_finish(1, 1)",
+        "SELECT * FROM pii_vault_rotation_vault_chunk(1, 1, '', NULL, 10)",
+        "SELECT * FROM pii_vault_rotation_logins_chunk(1, 1, 0, NULL, 10)",
+        "SELECT pii_vault_rotation_job_check(1, 1)",
+    ];
+    let mut stores = vec![];
+    for role in [WORKER, ANALYST, REVEALER] {
+        let store = db.store_as(role).await;
+        for sql in calls {
+            denied(store.pool(), sql).await;
+        }
+        stores.push(store);
+    }
+    let rotator = db.store_as(ROTATOR).await;
+    let other = db.store_as(ROTATOR).await;
+    for sql in &calls[..4] {
+        denied(rotator.pool(), sql).await;
+    }
+    denied(rotator.pool(), calls[12]).await;
+    // Without a record of its own: refused.
+    refused(
+        rotator.pool(),
+        "SELECT * FROM pii_vault_rotation_job_resume(123, 'rotate-data-keys')",
+        "PV004",
+    )
+    .await;
+
+    let job = rotator
+        .begin_job(&audit("rotate-data-keys", "vault, quarantine"), 5)
+        .await
+        .unwrap();
+    let started = rotator
+        .start_rotation(job.record_id, "rotate-data-keys", None, &["".to_string()])
+        .await
+        .unwrap();
+    assert_eq!(
+        started.old_keys,
+        ["dek-1"],
+        "the active key was retired and is the old set"
+    );
+    let chunk = rotator
+        .vault_chunk(job.record_id, started.id, "", None, 100)
+        .await
+        .unwrap();
+    assert_eq!(chunk.len(), 3);
+    // Another rotator login cannot use this job's record, nor move its
+    // cursors with a record of its own kind while the job's lock is held.
+    let stolen = sqlx::query("SELECT * FROM pii_vault_rotation_vault_chunk($1, $2, '', NULL, 10)")
+        .bind(job.record_id)
+        .bind(started.id)
+        .fetch_all(other.pool())
+        .await;
+    assert!(
+        matches!(&stolen, Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("PV004")),
+        "{stolen:?}"
+    );
+    // A finished range cannot be moved again; a bogus job is refused.
+    rotator
+        .rotation_range_done(job.record_id, started.id, 0)
+        .await
+        .unwrap();
+    assert!(rotator
+        .rotation_range_done(job.record_id, started.id, 0)
+        .await
+        .is_err());
+    assert!(rotator
+        .vault_chunk(job.record_id, started.id + 100, "", None, 10)
+        .await
+        .is_err());
+    // Only one open job per kind; the next run takes it over.
+    assert!(rotator
+        .start_rotation(job.record_id, "rotate-data-keys", None, &["".to_string()])
+        .await
+        .is_err());
+    let record = job.record_id;
+    job.finish().await;
+    // Once the lock is gone, the old record reads nothing any more.
+    refused(
+        rotator.pool(),
+        &format!(
+            "SELECT * FROM pii_vault_rotation_vault_chunk({record}, {}, '', NULL, 10)",
+            started.id
+        ),
+        "PV007",
+    )
+    .await;
+    let again = rotator
+        .begin_job(&audit("rotate-data-keys", "vault, quarantine"), 5)
+        .await
+        .unwrap();
+    let resumed = rotator
+        .resume_rotation(again.record_id, "rotate-data-keys")
+        .await
+        .unwrap()
+        .expect("the open job");
+    assert_eq!(resumed.id, started.id);
+    assert_eq!(resumed.old_keys, ["dek-1"]);
+    again.finish().await;
+    let mut all: Vec<&PgStore> = stores.iter().collect();
+    all.extend([&rotator, &other]);
+    db.finish(&all).await;
 }
 
 // --------------------------------------------------------------- erasure

@@ -524,3 +524,521 @@ async fn rotations_skip_and_report_rows_they_cannot_open() {
     );
     db.close().await;
 }
+
+// ------------------------------------------------- Postgres: at scale
+
+/// A Postgres database loaded with `events` by the binary, and a working
+/// directory holding its local key file.
+struct PgLoaded {
+    dir: tempfile::TempDir,
+    db: crate::common::pg::FreshDb,
+    pool: sqlx::PgPool,
+}
+
+impl PgLoaded {
+    async fn new(events: &str) -> Option<PgLoaded> {
+        let admin = common::service_env("PII_VAULT_TEST_PG")?;
+        let db = crate::common::pg::FreshDb::create(&admin).await;
+        let dir = tempfile::tempdir().unwrap();
+        let loaded = PgLoaded {
+            pool: sqlx::PgPool::connect(&db.url).await.unwrap(),
+            dir,
+            db,
+        };
+        loaded.ok(&["migrate"]);
+        loaded.ok(&["policy", "set", "--max-reveals-per-day", "100000"]);
+        loaded.feed(events);
+        Some(loaded)
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(common::bin());
+        c.args(args)
+            .current_dir(self.dir.path())
+            .env("DATABASE_URL", &self.db.url)
+            .env_remove("PII_VAULT_KMS_KEY_ID")
+            .env_remove("PII_VAULT_TEST_STOP_AFTER_CHUNKS")
+            .env_remove("PII_VAULT_ROTATE_JOBS");
+        c
+    }
+
+    fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut c = self.command(args);
+        c.envs(env.iter().copied());
+        c.output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        stderr
+    }
+
+    fn feed(&self, events: &str) {
+        let name = format!("events-{}.jsonl", uuid::Uuid::new_v4().simple());
+        std::fs::write(self.dir.path().join(&name), events).unwrap();
+        self.ok(&["run", "--from-file", &name, "--source-id", &name]);
+    }
+
+    async fn scalar(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    async fn strings(&self, sql: &str) -> Vec<String> {
+        sqlx::query_scalar(sql)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Rows the open job's ranges say are done.
+    async fn rows_done(&self) -> i64 {
+        self.scalar(
+            "SELECT coalesce(sum(r.rows_done), 0)::bigint FROM rotation_ranges r \
+             JOIN rotation_jobs j ON j.id = r.job_id WHERE j.finished_at IS NULL",
+        )
+        .await
+    }
+
+    async fn open_jobs(&self) -> i64 {
+        self.scalar("SELECT count(*) FROM rotation_jobs WHERE finished_at IS NULL")
+            .await
+    }
+
+    /// Reveals every user of `input`; checks originals and token consistency
+    /// like [`check_reveals`]; returns the token versions seen.
+    fn check_reveals(&self, input: &str) -> std::collections::HashSet<String> {
+        let mut want: HashMap<String, Vec<(String, String)>> = HashMap::new();
+        for l in input.lines() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            want.entry(v["user_id"].as_str().unwrap().into())
+                .or_default()
+                .push((
+                    v["ip"].as_str().unwrap().into(),
+                    v["device_id"].as_str().unwrap().into(),
+                ));
+        }
+        let (mut ip_tok, mut versions) = (HashMap::new(), std::collections::HashSet::new());
+        for (user, originals) in &want {
+            let out = self.run(
+                &[
+                    "reveal",
+                    "--user-id",
+                    user,
+                    "--reason",
+                    "rotation test",
+                    "--format",
+                    "json",
+                ],
+                &[],
+            );
+            assert!(
+                out.status.success(),
+                "reveal: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let mut got = vec![];
+            for line in String::from_utf8(out.stdout).unwrap().lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                let ip = v["ip"].as_str().expect("an original ip, not a lost row");
+                let mip = v["masked_ip"].as_str().unwrap().to_string();
+                versions.insert(mip.split('_').next().unwrap().to_string());
+                let canon = CanonicalIp::parse(ip).unwrap().expose().to_string();
+                assert_eq!(
+                    ip_tok.entry(canon).or_insert(mip.clone()),
+                    &mip,
+                    "one IP, two tokens"
+                );
+                got.push((ip.to_string(), v["device_id"].as_str().unwrap().to_string()));
+            }
+            let mut expected = originals.clone();
+            expected.sort();
+            got.sort();
+            assert_eq!(got, expected, "originals of {user}");
+        }
+        versions
+    }
+
+    async fn finish(self) {
+        self.pool.close().await;
+        self.db.drop_database().await;
+    }
+}
+
+fn big_events(seed: u64, n: usize) -> String {
+    common::gen_events(&[
+        "-n",
+        &n.to_string(),
+        "--seed",
+        &seed.to_string(),
+        "--ips",
+        "300",
+        "--devices",
+        "300",
+        "--users",
+        "12",
+    ])
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// The number in "re-encrypted N row(s)" / "re-tokenised N login(s)".
+fn count_after(stderr: &str, word: &str) -> i64 {
+    let at = stderr
+        .find(word)
+        .unwrap_or_else(|| panic!("no '{word}' in: {stderr}"));
+    stderr[at + word.len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// A data-key rotation stopped after a few chunks, then SIGKILLed in the
+/// middle, then run again: the rerun says it resumes, re-encrypts exactly
+/// the rows not done yet (the killed runs' own new keys are not taken for
+/// old ones), and at the end every row opens, no row is under an old key
+/// and the old keys are destroyed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_data_key_rotation_resumes_where_it_stopped() {
+    let input = big_events(31, 6000);
+    let Some(pg) = PgLoaded::new(&input).await else {
+        return;
+    };
+    let total = pg.scalar("SELECT count(*) FROM vault").await;
+    assert_eq!(total, 6000);
+    let old = pg
+        .strings("SELECT id FROM vault_keys WHERE purpose = 'vault' AND state <> 'destroyed'")
+        .await;
+
+    // 1. Stopped by the test hook after 3 chunks of 100 rows.
+    let out = pg.run(
+        &["rotate", "data-keys", "--jobs", "2", "--chunk-rows", "100"],
+        &[("PII_VAULT_TEST_STOP_AFTER_CHUNKS", "3")],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("stopped after"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert_eq!(pg.open_jobs().await, 1);
+    let done1 = pg.rows_done().await;
+    assert!(
+        (300..=400).contains(&done1),
+        "rows done after 3 chunks: {done1}"
+    );
+    let first_keys = pg
+        .strings("SELECT unnest(new_keys) FROM rotation_jobs WHERE finished_at IS NULL")
+        .await;
+    let under_first: i64 = sqlx::query_scalar("SELECT count(*) FROM vault WHERE key_id = ANY($1)")
+        .bind(&first_keys)
+        .fetch_one(&pg.pool)
+        .await
+        .unwrap();
+    assert_eq!(under_first, done1, "each committed chunk moved its cursor");
+
+    // 2. A real SIGKILL once it has made progress of its own.
+    let mut child = pg
+        .command(&["rotate", "data-keys", "--jobs", "2", "--chunk-rows", "50"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while pg.rows_done().await < done1 + 500 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the rotation ended before it was killed"
+        );
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    let killed = child.wait_with_output().unwrap();
+    assert!(!killed.status.success());
+    assert!(
+        stderr_of(&killed).contains("resuming rotate-data-keys job"),
+        "{}",
+        stderr_of(&killed)
+    );
+    assert_eq!(pg.open_jobs().await, 1, "the killed job stays open");
+    let done2 = pg.rows_done().await;
+    assert!(done2 < total, "killed before the end: {done2}");
+
+    // 3. The rerun finishes the rest, and only the rest.
+    let stderr = pg.ok(&["rotate", "data-keys", "--jobs", "2", "--chunk-rows", "200"]);
+    assert!(stderr.contains("resuming rotate-data-keys job"), "{stderr}");
+    let resealed = count_after(&stderr, "re-encrypted");
+    assert_eq!(done2 + resealed, total, "{stderr}");
+    assert_eq!(pg.open_jobs().await, 0);
+
+    // The first run's rows were not re-sealed again by the later runs.
+    let still_first: i64 = sqlx::query_scalar("SELECT count(*) FROM vault WHERE key_id = ANY($1)")
+        .bind(&first_keys)
+        .fetch_one(&pg.pool)
+        .await
+        .unwrap();
+    assert_eq!(still_first, done1);
+    let under_old: i64 = sqlx::query_scalar("SELECT count(*) FROM vault WHERE key_id = ANY($1)")
+        .bind(&old)
+        .fetch_one(&pg.pool)
+        .await
+        .unwrap();
+    assert_eq!(under_old, 0);
+    let old_states: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT state FROM vault_keys WHERE id = ANY($1)")
+            .bind(&old)
+            .fetch_all(&pg.pool)
+            .await
+            .unwrap();
+    assert_eq!(old_states, ["destroyed"]);
+    assert_eq!(
+        pg.scalar(
+            "SELECT count(*) FROM vault v JOIN vault_keys k ON k.id = v.key_id WHERE k.state = 'destroyed'"
+        )
+        .await,
+        0,
+        "no row under a destroyed key"
+    );
+    assert_eq!(pg.check_reveals(&input).len(), 1);
+    pg.finish().await;
+}
+
+/// A token-key rotation stopped twice, then SIGKILLed, then run again keeps
+/// one new version throughout (no third version), re-tokenises only the
+/// logins not done, and destroys the old version only at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_token_key_rotation_keeps_its_version_and_resumes() {
+    let input = big_events(32, 6000);
+    let Some(pg) = PgLoaded::new(&input).await else {
+        return;
+    };
+    let total = pg.scalar("SELECT count(*) FROM user_logins").await;
+    let versions = || async {
+        pg.strings("SELECT version || ':' || state FROM vault_keys WHERE purpose = 'token' ORDER BY version")
+            .await
+    };
+    assert_eq!(versions().await, ["1:active"]);
+
+    for stop in ["2", "3"] {
+        let out = pg.run(
+            &["rotate", "token-key", "--jobs", "3", "--chunk-rows", "100"],
+            &[("PII_VAULT_TEST_STOP_AFTER_CHUNKS", stop)],
+        );
+        assert!(!out.status.success());
+        assert!(
+            stderr_of(&out).contains("stopped after"),
+            "{}",
+            stderr_of(&out)
+        );
+        assert_eq!(
+            versions().await,
+            ["1:retired", "2:active"],
+            "one new version"
+        );
+    }
+    // 2 + 3 chunks of 100, and at most one more per other range of each
+    // run (the ranges run on their own tasks).
+    let done1 = pg.rows_done().await;
+    assert!((500..=900).contains(&done1), "{done1}");
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM user_logins WHERE masked_ip LIKE 't2\\_%'")
+            .await,
+        done1
+    );
+
+    let mut child = pg
+        .command(&["rotate", "token-key", "--jobs", "2", "--chunk-rows", "50"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while pg.rows_done().await < done1 + 500 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the rotation ended before it was killed"
+        );
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().unwrap();
+    let killed = child.wait_with_output().unwrap();
+    assert!(stderr_of(&killed).contains("resuming rotate-token-key job"));
+    assert_eq!(versions().await, ["1:retired", "2:active"]);
+    let done2 = pg.rows_done().await;
+    assert!(done2 < total);
+
+    let stderr = pg.ok(&["rotate", "token-key"]);
+    assert!(stderr.contains("resuming rotate-token-key job"), "{stderr}");
+    assert!(stderr.contains("token key v2 is current"), "{stderr}");
+    assert_eq!(
+        done2 + count_after(&stderr, "re-tokenised"),
+        total,
+        "{stderr}"
+    );
+    assert_eq!(versions().await, ["1:destroyed", "2:active"]);
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM user_logins WHERE masked_ip NOT LIKE 't2\\_%' OR masked_device_id NOT LIKE 't2\\_%'")
+            .await,
+        0
+    );
+    assert_eq!(pg.open_jobs().await, 0);
+    assert_eq!(pg.check_reveals(&input), ["t2".to_string()].into());
+    pg.finish().await;
+}
+
+/// How the tokens group the rows: what a token rotation must keep.
+async fn token_shape(pg: &PgLoaded) -> (i64, i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*), count(DISTINCT masked_ip), count(DISTINCT masked_device_id), \
+         count(DISTINCT (user_id, masked_ip, masked_device_id)) FROM user_logins",
+    )
+    .fetch_one(&pg.pool)
+    .await
+    .unwrap()
+}
+
+/// Four ranges at once give what one range gives (the same grouping by
+/// token, every row re-sealed, every row opens), and a worker writing
+/// during the rotations loses nothing: rows it commits under the retired
+/// keys are refused and written again under fresh ones, and caught.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_ranges_match_one_range_while_a_worker_writes() {
+    let first = big_events(41, 3000);
+    let later = big_events(42, 1500);
+    let Some(one) = PgLoaded::new(&first).await else {
+        return;
+    };
+    let four = PgLoaded::new(&first).await.unwrap();
+    let before = token_shape(&one).await;
+    assert_eq!(before, token_shape(&four).await);
+
+    let o1 = one.ok(&["rotate", "token-key", "--jobs", "1", "--chunk-rows", "97"]);
+    let o4 = four.ok(&["rotate", "token-key", "--jobs", "4", "--chunk-rows", "97"]);
+    assert_eq!(count_after(&o1, "re-tokenised"), 3000);
+    assert_eq!(count_after(&o4, "re-tokenised"), 3000);
+    assert_eq!(token_shape(&one).await, before);
+    assert_eq!(token_shape(&four).await, before);
+    assert_eq!(
+        four.scalar("SELECT count(*) FROM rotation_ranges WHERE tbl = 'user_logins'")
+            .await,
+        4
+    );
+    let o1 = one.ok(&["rotate", "data-keys", "--jobs", "1", "--chunk-rows", "97"]);
+    let o4 = four.ok(&["rotate", "data-keys", "--jobs", "4", "--chunk-rows", "97"]);
+    assert_eq!(count_after(&o1, "re-encrypted"), 3000);
+    assert_eq!(count_after(&o4, "re-encrypted"), 3000);
+    assert_eq!(
+        four.scalar("SELECT count(DISTINCT tbl || no) FROM rotation_ranges r JOIN rotation_jobs j ON j.id = r.job_id WHERE j.kind = 'rotate-data-keys'").await,
+        5,
+        "four vault ranges and the quarantine"
+    );
+    one.check_reveals(&first);
+    four.check_reveals(&first);
+    one.finish().await;
+
+    // Online: a worker feeds more events while both rotations run.
+    let name = "later.jsonl";
+    std::fs::write(four.dir.path().join(name), &later).unwrap();
+    let worker = four
+        .command(&[
+            "run",
+            "--from-file",
+            name,
+            "--source-id",
+            name,
+            "--batch-size",
+            "20",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while four.scalar("SELECT count(*) FROM user_logins").await < 3100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker wrote nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    four.ok(&["rotate", "token-key", "--jobs", "4", "--chunk-rows", "50"]);
+    four.ok(&["rotate", "data-keys", "--jobs", "4", "--chunk-rows", "50"]);
+    let out = worker.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(four.scalar("SELECT count(*) FROM user_logins").await, 4500);
+    let all = first.clone() + &later;
+    assert_eq!(four.check_reveals(&all), ["t3".to_string()].into());
+    assert_eq!(
+        four.scalar(
+            "SELECT count(*) FROM vault v JOIN vault_keys k ON k.id = v.key_id WHERE k.state = 'destroyed'"
+        )
+        .await,
+        0
+    );
+    four.finish().await;
+}
+
+/// The embedded default keeps its rotation jobs too: a token rotation
+/// stopped halfway and run again keeps its version and finishes the rest.
+#[tokio::test]
+async fn an_interrupted_rotation_resumes_on_the_embedded_default() {
+    let dir = tempfile::tempdir().unwrap();
+    cmd(
+        dir.path(),
+        &["policy", "set", "--max-reveals-per-day", "100000"],
+    );
+    let input = events(51, 600);
+    std::fs::write(dir.path().join("in.jsonl"), &input).unwrap();
+    cmd(dir.path(), &["run", "--from-file", "in.jsonl"]);
+    for kind in ["token-key", "data-keys"] {
+        let out = Command::new(common::bin())
+            .args(["rotate", kind, "--chunk-rows", "100"])
+            .current_dir(dir.path())
+            .env_remove("DATABASE_URL")
+            .env_remove("PII_VAULT_KMS_KEY_ID")
+            .env("PII_VAULT_TEST_STOP_AFTER_CHUNKS", "2")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{kind} stops");
+        let again = cmd(dir.path(), &["rotate", kind, "--chunk-rows", "100"]);
+        let stderr = String::from_utf8_lossy(&again.stderr).to_string();
+        assert!(
+            stderr.contains(&format!("resuming rotate-{kind} job")),
+            "{stderr}"
+        );
+        let word = if kind == "token-key" {
+            "re-tokenised"
+        } else {
+            "re-encrypted"
+        };
+        assert_eq!(count_after(&stderr, word), 400, "{stderr}");
+    }
+    let db = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect(&format!(
+            "sqlite:{}",
+            dir.path().join("pii-vault.db").display()
+        ))
+        .await
+        .unwrap();
+    let versions: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT version, state FROM vault_keys WHERE purpose = 'token' ORDER BY version",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        versions,
+        [(1, "destroyed".to_string()), (2, "active".to_string())],
+        "one new token version"
+    );
+    db.close().await;
+    assert_eq!(check_reveals(dir.path(), &input), 600);
+}

@@ -1,0 +1,140 @@
+# Part of scripts/bench-scale.sh (sourced, not run): the two rotations that
+# rewrite every row, beside their ceiling, measured in the same run.
+#
+#   pii-vault rotate data-keys --jobs J   and   rotate token-key --jobs J
+#   on the loaded database PG_URL, against the ceiling: a copy of the same
+#   rows in a scratch database with the same columns and indexes (no
+#   triggers, no foreign keys), and J psql connections each running one
+#   raw `UPDATE … FROM` over a disjoint key range of it (split at exact
+#   quantiles), the new values prepared in a table before the clock starts.
+#   Vault shape: new key id, nonce and ciphertext of the same sizes; logins
+#   shape: new tokens of the same sizes. CHECKPOINT before each timed step.
+#
+# J is PII_VAULT_BENCH_JOBS [2]. Leaves PG_URL's rows readable (rotated).
+# Uses from the driver: REPO BIN work PG_URL PII_VAULT_TEST_PG
+# PII_VAULT_PG_BIN_DIR now rate ratio per_sec run_measured new_pg_db
+# report section.
+
+rot_jobs="${PII_VAULT_BENCH_JOBS:-2}"
+rot_sql() { psql "$1" -qXtA -v ON_ERROR_STOP=1 -c "$2"; }
+rot_checkpoint() { psql "$PII_VAULT_TEST_PG" -qX -c CHECKPOINT >/dev/null; }
+
+# The scratch copy: same tables and indexes as PG_URL, no triggers or FKs.
+echo "== (rotation) scratch copy of the rows for the raw ceiling" >&2
+rot_raw_url="$(new_pg_db scale_rot_raw)"
+"$PII_VAULT_PG_BIN_DIR/pg_dump" --schema-only --no-owner --no-privileges \
+    -t user_logins -t vault "$PG_URL" >"$work/rot-tables.sql"
+python3 - "$work/rot-tables.sql" >"$work/rot-raw-tables.sql" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+keep = []
+for stmt in re.split(r";\n", text):
+    body = "\n".join(l for l in stmt.splitlines() if not l.startswith("--")).strip()
+    if not body or body.startswith("SET ") or body.startswith("SELECT pg_catalog.set_config"):
+        continue
+    if "CREATE TRIGGER" in body or "FOREIGN KEY" in body:
+        continue
+    keep.append(body + ";")
+print("\n".join(keep))
+PY
+psql "$rot_raw_url" -qX -v ON_ERROR_STOP=1 -f "$work/rot-raw-tables.sql" >/dev/null
+rot_index_count() {
+    rot_sql "$1" "SELECT count(*) FROM pg_index WHERE indrelid IN ('user_logins'::regclass, 'vault'::regclass)"
+}
+[ "$(rot_index_count "$PG_URL")" = "$(rot_index_count "$rot_raw_url")" ] || {
+    echo "!! the scratch copy's tables do not have the same indexes" >&2
+    return 1
+}
+psql "$PG_URL" -qX -v ON_ERROR_STOP=1 \
+    -c "\\copy user_logins TO '$work/rot-logins.bin' WITH (FORMAT binary)" \
+    -c "\\copy vault TO '$work/rot-vault.bin' WITH (FORMAT binary)" >/dev/null
+psql "$rot_raw_url" -qX -v ON_ERROR_STOP=1 \
+    -c "\\copy user_logins FROM '$work/rot-logins.bin' WITH (FORMAT binary)" \
+    -c "\\copy vault FROM '$work/rot-vault.bin' WITH (FORMAT binary)" >/dev/null
+rm -f "$work/rot-logins.bin" "$work/rot-vault.bin"
+# New values of the same sizes, prepared before the clock starts.
+psql "$rot_raw_url" -qX -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
+CREATE TABLE new_vault AS
+    SELECT message_id, 'dek-00000000-0000-4000-8000-00000000beef'::text AS key_id,
+           substring(sha256(nonce) FROM 1 FOR length(nonce)) AS nonce,
+           overlay(ciphertext PLACING sha256(ciphertext) FROM 1 FOR least(32, length(ciphertext))) AS ciphertext
+    FROM vault;
+CREATE TABLE new_tokens AS
+    SELECT id, overlay(masked_ip PLACING 't9' FROM 1 FOR 2) AS ip,
+           overlay(masked_device_id PLACING 't9' FROM 1 FOR 2) AS dev
+    FROM user_logins;
+VACUUM ANALYZE;
+SQL
+
+# rot_raw_update NAME SPLIT_QUERY UPDATE_TEMPLATE: J psql connections, each
+# one UPDATE over (lo, hi]; prints "rows t0 t1".
+rot_raw_update() {
+    local name="$1" splits="$2" template="$3" lo hi i pids=() t0 t1 n=0 out
+    mapfile -t bounds < <(rot_sql "$rot_raw_url" "$splits")
+    rot_checkpoint
+    t0="$(now)"
+    for ((i = 0; i < ${#bounds[@]}; i++)); do
+        lo="${bounds[$i]}"
+        hi="${bounds[$((i + 1))]:-}"
+        local cond="n.k > '$lo'"
+        [ -n "$hi" ] && cond="$cond AND n.k <= '$hi'"
+        psql "$rot_raw_url" -XtA -v ON_ERROR_STOP=1 -c "${template//@COND@/$cond}" >"$work/$name.$i.out" 2>&1 &
+        pids+=($!)
+    done
+    for i in "${!pids[@]}"; do
+        wait "${pids[$i]}" || {
+            echo "!! $name: connection $i failed:" >&2
+            cat "$work/$name.$i.out" >&2
+            return 1
+        }
+    done
+    t1="$(now)"
+    for out in "$work/$name".*.out; do
+        n=$((n + $(awk '/^UPDATE/ { print $2 }' "$out")))
+    done
+    echo "$n $t0 $t1"
+}
+
+# Bounds: the start, then J-1 exact quantiles. Message ids compare as text
+# (a quoted literal either way); login ids as numbers.
+rot_vault_splits="SELECT '' UNION ALL SELECT unnest(percentile_disc(ARRAY(SELECT g::float8 / $rot_jobs FROM generate_series(1, $rot_jobs - 1) g)) WITHIN GROUP (ORDER BY message_id)) FROM new_vault"
+rot_login_splits="SELECT '0' UNION ALL SELECT unnest(percentile_disc(ARRAY(SELECT g::float8 / $rot_jobs FROM generate_series(1, $rot_jobs - 1) g)) WITHIN GROUP (ORDER BY id))::text FROM new_tokens"
+
+echo "== (rotation) ceiling: raw UPDATE … FROM of the vault rows, $rot_jobs connections" >&2
+read -r raw_v_n raw_v_t0 raw_v_t1 < <(rot_raw_update rot_raw_vault "$rot_vault_splits" \
+    "UPDATE vault v SET key_id = n.key_id, nonce = n.nonce, ciphertext = n.ciphertext
+     FROM (SELECT message_id AS k, * FROM new_vault) n WHERE v.message_id = n.k AND @COND@")
+
+vault_rows="$(rot_sql "$PG_URL" 'SELECT (SELECT count(*) FROM vault) + (SELECT count(*) FROM quarantine)')"
+echo "== (rotation) pii-vault rotate data-keys --jobs $rot_jobs ($vault_rows rows)" >&2
+rot_checkpoint
+t0="$(now)"
+run_measured rotate_data_keys "$BIN" --database-url "$PG_URL" rotate data-keys --jobs "$rot_jobs" --reason "scale benchmark"
+t1="$(now)"
+data_rss_kb="$PEAK_RSS_KB"
+resealed="$(sed -n 's/.*re-encrypted \([0-9]*\) row(s).*/\1/p' "$work/rotate_data_keys.err")"
+[ "${resealed:-0}" = "$vault_rows" ] || echo "!! re-encrypted ${resealed:-?} of $vault_rows rows" >&2
+
+echo "== (rotation) ceiling: raw UPDATE … FROM of the login tokens, $rot_jobs connections" >&2
+read -r raw_l_n raw_l_t0 raw_l_t1 < <(rot_raw_update rot_raw_logins "$rot_login_splits" \
+    "UPDATE user_logins u SET masked_ip = n.ip, masked_device_id = n.dev
+     FROM (SELECT id AS k, * FROM new_tokens) n WHERE u.id = n.k AND @COND@")
+
+login_rows="$(rot_sql "$PG_URL" 'SELECT count(*) FROM user_logins')"
+echo "== (rotation) pii-vault rotate token-key --jobs $rot_jobs ($login_rows logins)" >&2
+rot_checkpoint
+t2="$(now)"
+run_measured rotate_token_key "$BIN" --database-url "$PG_URL" rotate token-key --jobs "$rot_jobs" --reason "scale benchmark"
+t3="$(now)"
+token_rss_kb="$PEAK_RSS_KB"
+retokenised="$(sed -n 's/.*re-tokenised \([0-9]*\) login(s).*/\1/p' "$work/rotate_token_key.err")"
+[ "${retokenised:-0}" = "$login_rows" ] || echo "!! re-tokenised ${retokenised:-?} of $login_rows logins" >&2
+psql "$PII_VAULT_TEST_PG" -qX -c "DROP DATABASE scale_rot_raw" >/dev/null
+
+section "rotations: $rot_jobs connections each, in place, beside a raw parallel UPDATE … FROM"
+report "rotate data-keys --jobs $rot_jobs ($resealed rows):" "$(rate "$resealed" "$t0" "$t1"), peak RSS $((data_rss_kb / 1024)) MiB"
+report "raw UPDATE ... FROM, vault shape ($raw_v_n rows):" "$(rate "$raw_v_n" "$raw_v_t0" "$raw_v_t1")"
+report "rotate data-keys / raw UPDATE:" "$(ratio "$(per_sec "$resealed" "$t0" "$t1")" "$(per_sec "$raw_v_n" "$raw_v_t0" "$raw_v_t1")")"
+report "rotate token-key --jobs $rot_jobs ($retokenised logins):" "$(rate "$retokenised" "$t2" "$t3"), peak RSS $((token_rss_kb / 1024)) MiB"
+report "raw UPDATE ... FROM, user_logins shape ($raw_l_n rows):" "$(rate "$raw_l_n" "$raw_l_t0" "$raw_l_t1")"
+report "rotate token-key / raw UPDATE:" "$(ratio "$(per_sec "$retokenised" "$t2" "$t3")" "$(per_sec "$raw_l_n" "$raw_l_t0" "$raw_l_t1")")"
