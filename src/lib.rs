@@ -8,7 +8,7 @@
 //!        ▼                               │
 //!  domain::LoginEvent::parse ──► pipeline::protect ──► store::Store::write_batch
 //!        │ (or Rejection)                │  one transaction per batch,
-//!        │                               │  ON CONFLICT (message_id) DO NOTHING
+//!        │                               │  COPY; ON CONFLICT DO NOTHING if redelivered
 //!        ▼                               └──────────── vault: AES-256-GCM of the
 //!   quarantine (body sealed,                            originals (crypto::aead), AAD =
 //!   value-free reason)                                  message id, user id, key id
