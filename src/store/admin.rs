@@ -88,9 +88,10 @@ pub struct RotationJob {
 /// One key range of a rotation job: rows of `table` with a key in
 /// `(lo, hi]` (no `hi`: to the end). `cursor` is the last key whose chunk
 /// is committed: a rerun continues after it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct RotationRange {
     pub no: i32,
+    #[sqlx(rename = "tbl")]
     pub table: String,
     pub lo: String,
     pub hi: Option<String>,

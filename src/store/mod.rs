@@ -36,7 +36,7 @@ pub struct LoginRow {
 
 /// One vault row: the sealed originals of a login, bound (by the AEAD's
 /// associated data) to `message_id`, `user_id` and `key_id`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct VaultRow {
     pub message_id: String,
     pub user_id: String,

@@ -1,8 +1,7 @@
 //! [`Maintenance`] on Postgres: the rotation and erasure queries.
 
 use async_trait::async_trait;
-use sqlx::postgres::PgRow;
-use sqlx::Row;
+use sqlx::{FromRow, Row};
 
 use chrono::NaiveDate;
 
@@ -15,16 +14,6 @@ use super::{
     StoreError, StoredKey, VaultRow,
 };
 use crate::crypto::{KeyPurpose, WrappedKey};
-
-fn vault_from_row(r: &PgRow) -> Result<VaultRow, StoreError> {
-    Ok(VaultRow {
-        message_id: r.try_get("message_id")?,
-        user_id: r.try_get("user_id")?,
-        key_id: r.try_get("key_id")?,
-        nonce: r.try_get("nonce")?,
-        ciphertext: r.try_get("ciphertext")?,
-    })
-}
 
 /// `pii_vault_record(action, target, reason, claimed_actor, row_count)`:
 /// the audit row of a rotator's job, with actor and time from the database.
@@ -230,7 +219,7 @@ impl Maintenance for PgStore {
             .bind(limit as i32)
             .fetch_all(self.pool())
             .await?;
-        rows.iter().map(vault_from_row).collect()
+        rows.iter().map(|r| Ok(VaultRow::from_row(r)?)).collect()
     }
 
     async fn quarantine_rows_under(
@@ -438,24 +427,13 @@ impl Maintenance for PgStore {
         record: i64,
         job: i64,
     ) -> Result<Vec<RotationRange>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM pii_vault_rotation_job_ranges($1, $2)")
-            .bind(record)
-            .bind(job)
-            .fetch_all(self.pool())
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(RotationRange {
-                    no: r.try_get("no")?,
-                    table: r.try_get("tbl")?,
-                    lo: r.try_get("lo")?,
-                    hi: r.try_get("hi")?,
-                    cursor: r.try_get("cursor")?,
-                    rows_done: r.try_get("rows_done")?,
-                    done: r.try_get("done")?,
-                })
-            })
-            .collect()
+        Ok(
+            sqlx::query_as("SELECT * FROM pii_vault_rotation_job_ranges($1, $2)")
+                .bind(record)
+                .bind(job)
+                .fetch_all(self.pool())
+                .await?,
+        )
     }
 
     async fn rotation_add_key(
@@ -505,7 +483,7 @@ impl Maintenance for PgStore {
             .bind(limit as i32)
             .fetch_all(self.pool())
             .await?;
-        rows.iter().map(vault_from_row).collect()
+        rows.iter().map(|r| Ok(VaultRow::from_row(r)?)).collect()
     }
 
     async fn reseal_chunk(
@@ -543,7 +521,7 @@ impl Maintenance for PgStore {
             .fetch_all(self.pool())
             .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get("id")?, vault_from_row(r)?)))
+            .map(|r| Ok((r.try_get("id")?, VaultRow::from_row(r)?)))
             .collect()
     }
 

@@ -4,13 +4,24 @@
 
 use async_trait::async_trait;
 
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{FromRow, QueryBuilder, Row, Sqlite};
 
 use super::sqlite::{
     insert_audit, login_from_row, os_user, parse_time, sqlite_time, SqliteStore, NOW,
 };
 use super::*;
 use crate::crypto::{KeyPurpose, WrappedKey};
+
+/// What retention erases (and `--dry-run` counts), `$1` the day as ISO
+/// text: vault rows of logins before it, bodies quarantined before it, never
+/// a honeytoken's. Dates and times are ISO text here, so they compare as
+/// strings; a login's day is on its `user_logins` row (SQLite's vault has
+/// none, and stays small enough for the join).
+const VAULT_BEFORE: &str =
+    "message_id IN (SELECT message_id FROM user_logins WHERE create_date < $1) \
+     AND user_id NOT IN (SELECT user_id FROM honeytokens)";
+const QUARANTINE_BEFORE: &str = "received_at < $1 \
+     AND (user_id IS NULL OR user_id NOT IN (SELECT user_id FROM honeytokens))";
 
 fn push_in_list<'a>(q: &mut QueryBuilder<'a, Sqlite>, ids: &'a [String]) {
     q.push("(");
@@ -215,17 +226,7 @@ impl admin::Maintenance for SqliteStore {
         q.push(" AND message_id > ").push_bind(after);
         q.push(" ORDER BY message_id LIMIT ").push_bind(limit);
         let rows = q.build().fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(VaultRow {
-                    message_id: r.try_get("message_id")?,
-                    user_id: r.try_get("user_id")?,
-                    key_id: r.try_get("key_id")?,
-                    nonce: r.try_get("nonce")?,
-                    ciphertext: r.try_get("ciphertext")?,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| Ok(VaultRow::from_row(r)?)).collect()
     }
 
     async fn quarantine_rows_under(
@@ -463,25 +464,12 @@ impl admin::Maintenance for SqliteStore {
         _record: i64,
         job: i64,
     ) -> Result<Vec<admin::RotationRange>, StoreError> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT no, tbl, lo, hi, cursor, rows_done, done FROM rotation_ranges WHERE job_id = $1 ORDER BY no",
         )
         .bind(job)
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(admin::RotationRange {
-                    no: r.try_get("no")?,
-                    table: r.try_get("tbl")?,
-                    lo: r.try_get("lo")?,
-                    hi: r.try_get("hi")?,
-                    cursor: r.try_get("cursor")?,
-                    rows_done: r.try_get("rows_done")?,
-                    done: r.try_get("done")?,
-                })
-            })
-            .collect()
+        .await?)
     }
 
     async fn rotation_add_key(
@@ -539,17 +527,7 @@ impl admin::Maintenance for SqliteStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(VaultRow {
-                    message_id: r.try_get("message_id")?,
-                    user_id: r.try_get("user_id")?,
-                    key_id: r.try_get("key_id")?,
-                    nonce: r.try_get("nonce")?,
-                    ciphertext: r.try_get("ciphertext")?,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| Ok(VaultRow::from_row(r)?)).collect()
     }
 
     async fn reseal_chunk(
@@ -681,28 +659,18 @@ impl admin::Maintenance for SqliteStore {
         before: chrono::NaiveDate,
         audit: &AuditEntry,
     ) -> Result<admin::Retained, StoreError> {
-        // Dates are ISO text here, so they compare as strings; a login's day
-        // is on its user_logins row (the vault table has none on SQLite,
-        // which stays small enough for the join).
         let day = before.format("%Y-%m-%d").to_string();
         let mut tx = self.pool.begin().await?;
-        let vault_rows = sqlx::query(
-            "DELETE FROM vault WHERE message_id IN \
-             (SELECT message_id FROM user_logins WHERE create_date < $1) \
-             AND user_id NOT IN (SELECT user_id FROM honeytokens)",
-        )
-        .bind(&day)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let quarantined = sqlx::query(
-            "DELETE FROM quarantine WHERE received_at < $1 \
-             AND (user_id IS NULL OR user_id NOT IN (SELECT user_id FROM honeytokens))",
-        )
-        .bind(&day)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let vault_rows = sqlx::query(&format!("DELETE FROM vault WHERE {VAULT_BEFORE}"))
+            .bind(&day)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let quarantined = sqlx::query(&format!("DELETE FROM quarantine WHERE {QUARANTINE_BEFORE}"))
+            .bind(&day)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         let undated_kept: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM vault v WHERE NOT EXISTS \
              (SELECT 1 FROM user_logins l WHERE l.message_id = v.message_id AND l.create_date IS NOT NULL)",
@@ -725,13 +693,10 @@ impl admin::Maintenance for SqliteStore {
 
     async fn count_older_than(&self, before: chrono::NaiveDate) -> Result<(u64, u64), StoreError> {
         let day = before.format("%Y-%m-%d").to_string();
-        let (vault_rows, quarantined): (i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM vault WHERE message_id IN \
-                     (SELECT message_id FROM user_logins WHERE create_date < $1) \
-                     AND user_id NOT IN (SELECT user_id FROM honeytokens)), \
-                    (SELECT count(*) FROM quarantine WHERE received_at < $1 \
-                     AND (user_id IS NULL OR user_id NOT IN (SELECT user_id FROM honeytokens)))",
-        )
+        let (vault_rows, quarantined): (i64, i64) = sqlx::query_as(&format!(
+            "SELECT (SELECT count(*) FROM vault WHERE {VAULT_BEFORE}), \
+                    (SELECT count(*) FROM quarantine WHERE {QUARANTINE_BEFORE})"
+        ))
         .bind(&day)
         .fetch_one(&self.pool)
         .await?;
