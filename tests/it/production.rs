@@ -510,20 +510,17 @@ async fn rotations_while_consuming_then_old_kms_key_disabled() {
 
     // Wave 1 while the key-encryption key moves from A to B. The rotator
     // itself still runs with A as its configured key.
-    let (_, out) = tokio::join!(
-        prod::send_paced(&sqs, &queue, waves[1], Duration::from_secs(3)),
-        async {
-            tokio::time::sleep(Duration::from_millis(700)).await;
-            run_ok(
-                rotate(&key_a, &["rotate", "kek", "--to", &key_b]),
-                COMMAND_LIMIT,
-                "rotate kek",
-            )
-            .await
-        }
+    rotator_output.push(
+        prod::send_during(
+            &sqs,
+            &queue,
+            waves[1],
+            rotate(&key_a, &["rotate", "kek", "--to", &key_b]),
+            COMMAND_LIMIT,
+            "rotate kek",
+        )
+        .await,
     );
-    eprintln!("{}", out.stderr_text().trim_end());
-    rotator_output.push(out);
     sent += waves[1].len();
 
     // Wave 2 between rotations.
@@ -532,37 +529,31 @@ async fn rotations_while_consuming_then_old_kms_key_disabled() {
     consumed(sent).await;
 
     // Wave 3 while the vault is re-encrypted under a fresh data key (B from now on).
-    let (_, out) = tokio::join!(
-        prod::send_paced(&sqs, &queue, waves[3], Duration::from_secs(3)),
-        async {
-            tokio::time::sleep(Duration::from_millis(700)).await;
-            run_ok(
-                rotate(&key_b, &["rotate", "data-keys"]),
-                COMMAND_LIMIT,
-                "rotate data-keys",
-            )
-            .await
-        }
+    rotator_output.push(
+        prod::send_during(
+            &sqs,
+            &queue,
+            waves[3],
+            rotate(&key_b, &["rotate", "data-keys"]),
+            COMMAND_LIMIT,
+            "rotate data-keys",
+        )
+        .await,
     );
-    eprintln!("{}", out.stderr_text().trim_end());
-    rotator_output.push(out);
     sent += waves[3].len();
 
     // Wave 4 while the token key is rotated and user_logins re-tokenised.
-    let (_, out) = tokio::join!(
-        prod::send_paced(&sqs, &queue, waves[4], Duration::from_secs(3)),
-        async {
-            tokio::time::sleep(Duration::from_millis(700)).await;
-            run_ok(
-                rotate(&key_b, &["rotate", "token-key"]),
-                COMMAND_LIMIT,
-                "rotate token-key",
-            )
-            .await
-        }
+    rotator_output.push(
+        prod::send_during(
+            &sqs,
+            &queue,
+            waves[4],
+            rotate(&key_b, &["rotate", "token-key"]),
+            COMMAND_LIMIT,
+            "rotate token-key",
+        )
+        .await,
     );
-    eprintln!("{}", out.stderr_text().trim_end());
-    rotator_output.push(out);
     sent += waves[4].len();
 
     // Wave 5 after the rotations.

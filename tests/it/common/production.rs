@@ -210,6 +210,27 @@ pub async fn send_parallel(sqs: &SqsClient, queue_url: &str, bodies: &[String], 
     );
 }
 
+/// Sends `bodies` over 3 s while `cmd` (a rotation) starts 0.7 s in, so
+/// that it runs with messages arriving; prints and returns its output.
+pub async fn send_during(
+    sqs: &SqsClient,
+    queue_url: &str,
+    bodies: &[String],
+    cmd: Command,
+    limit: Duration,
+    what: &str,
+) -> Finished {
+    let (_, out) = tokio::join!(
+        send_paced(sqs, queue_url, bodies, Duration::from_secs(3)),
+        async {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            run_ok(cmd, limit, what).await
+        }
+    );
+    eprintln!("{}", out.stderr_text().trim_end());
+    out
+}
+
 /// Sends `bodies` spread evenly over about `over`, 10 a call, one call at a
 /// time, so that a worker consumes them while something else happens.
 pub async fn send_paced(sqs: &SqsClient, queue_url: &str, bodies: &[String], over: Duration) {
