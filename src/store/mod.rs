@@ -11,6 +11,7 @@ mod pg_copy;
 pub mod postgres;
 pub mod sqlite;
 mod sqlite_admin;
+mod sqlite_writer;
 
 use std::sync::Arc;
 
@@ -73,7 +74,7 @@ pub struct QuarantineRow {
 }
 
 /// Everything one transaction writes.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Batch {
     pub logins: Vec<(LoginRow, VaultRow)>,
     pub quarantined: Vec<QuarantineRow>,
@@ -401,23 +402,7 @@ impl From<sqlx::Error> for StoreError {
             // name keys, records and rules, never row values.
             E::Database(db) if own_rule(db.as_ref()).is_some() => {
                 let (code, msg) = own_rule(db.as_ref()).expect("checked");
-                match code.as_str() {
-                    "PV001" => StoreError::KeyRetired(
-                        msg.strip_prefix("key ")
-                            .and_then(|m| m.split_whitespace().next())
-                            .unwrap_or("")
-                            .to_string(),
-                    ),
-                    "PV002" => StoreError::KekNotAllowed(msg),
-                    "PV010" => StoreError::UnknownKey(
-                        msg.strip_prefix("key ")
-                            .and_then(|m| m.split_whitespace().next())
-                            .unwrap_or("")
-                            .to_string(),
-                    ),
-                    "PV007" => StoreError::Busy(msg),
-                    _ => StoreError::Refused(format!("{msg} (SQLSTATE {code})")),
-                }
+                rule_error(&code, msg)
             }
             // A sealed row naming a key that does not exist (foreign key).
             E::Database(db)
@@ -472,17 +457,38 @@ fn tls_certificate_error(err: &std::io::Error) -> Option<&rustls::Error> {
 /// The code and message of an error raised by one of pii-vault's own
 /// database rules, if it is one.
 fn own_rule(db: &dyn sqlx::error::DatabaseError) -> Option<(String, String)> {
-    let msg = db.message();
-    let short = |m: &str| m.chars().take(300).collect::<String>();
     match db.code() {
-        Some(c) if c.starts_with("PV") => Some((c.to_string(), short(msg))),
-        _ => {
-            let (code, rest) = msg.split_once(' ')?;
-            (code.len() == 5
-                && code.starts_with("PV")
-                && code[2..].bytes().all(|b| b.is_ascii_digit()))
-            .then(|| (code.to_string(), short(rest)))
-        }
+        Some(c) if c.starts_with("PV") => Some((c.to_string(), short_message(db.message()))),
+        _ => own_rule_text(db.message()),
+    }
+}
+
+/// An SQLite trigger's `RAISE` text that starts with one of our codes
+/// (`PVnnn message`), split into the code and the message.
+pub(super) fn own_rule_text(msg: &str) -> Option<(String, String)> {
+    let (code, rest) = msg.split_once(' ')?;
+    (code.len() == 5 && code.starts_with("PV") && code[2..].bytes().all(|b| b.is_ascii_digit()))
+        .then(|| (code.to_string(), short_message(rest)))
+}
+
+fn short_message(m: &str) -> String {
+    m.chars().take(300).collect()
+}
+
+/// The error for one of our own rules' refusals, by its code.
+pub(super) fn rule_error(code: &str, msg: String) -> StoreError {
+    let key = |m: &str| {
+        m.strip_prefix("key ")
+            .and_then(|m| m.split_whitespace().next())
+            .unwrap_or("")
+            .to_string()
+    };
+    match code {
+        "PV001" => StoreError::KeyRetired(key(&msg)),
+        "PV002" => StoreError::KekNotAllowed(msg),
+        "PV010" => StoreError::UnknownKey(key(&msg)),
+        "PV007" => StoreError::Busy(msg),
+        _ => StoreError::Refused(format!("{msg} (SQLSTATE {code})")),
     }
 }
 
