@@ -21,7 +21,8 @@
 #
 # Environment: PII_VAULT_BENCH_STEP_TIMEOUT bounds each timed step [3600 s];
 # PII_VAULT_BENCH_SQLITE_ROWS and PII_VAULT_BENCH_JOBS are read by the parts
-# that use them. Starts and stops its own PostgreSQL through
+# that use them; PII_VAULT_BENCH_PARTS names the parts to run (file names
+# without .sh, space-separated, e.g. "30-rotation") [all]. Starts and stops its own PostgreSQL through
 # scripts/services.sh; builds with `cargo build --release`. A benchmark, not a
 # test: the machine's load shows in the absolute figures, the ratios are what
 # compare.
@@ -173,6 +174,9 @@ done < <(psql "$PG_URL" -qXtA -F ' ' -c "SELECT relname, pg_table_size(oid), pg_
 # ------------------------------------------------------------------ parts
 for part in "$REPO"/scripts/bench-scale.d/*.sh; do
     [ -e "$part" ] || continue
+    if [ -n "${PII_VAULT_BENCH_PARTS:-}" ] && [[ " $PII_VAULT_BENCH_PARTS " != *" $(basename "$part" .sh) "* ]]; then
+        continue
+    fi
     echo "== part $(basename "$part")" >&2
     # shellcheck source=/dev/null
     source "$part"

@@ -8,7 +8,10 @@
 #   raw `UPDATE … FROM` over a disjoint key range of it (split at exact
 #   quantiles), the new values prepared in a table before the clock starts.
 #   Vault shape: new key id, nonce and ciphertext of the same sizes; logins
-#   shape: new tokens of the same sizes. CHECKPOINT before each timed step.
+#   shape: new tokens of the same sizes. Before each timed step both
+#   databases are settled: VACUUM ANALYZE of the two tables (the step before
+#   left a million dead rows, which autovacuum would otherwise clean up
+#   during whichever step came next, in either database), then CHECKPOINT.
 #
 # J is PII_VAULT_BENCH_JOBS [2]. Leaves PG_URL's rows readable (rotated).
 # Uses from the driver: REPO BIN work PG_URL PII_VAULT_TEST_PG
@@ -17,7 +20,15 @@
 
 rot_jobs="${PII_VAULT_BENCH_JOBS:-2}"
 rot_sql() { psql "$1" -qXtA -v ON_ERROR_STOP=1 -c "$2"; }
-rot_checkpoint() { psql "$PII_VAULT_TEST_PG" -qX -c CHECKPOINT >/dev/null; }
+# Settles both databases before a timed step (see the head of this file);
+# rot_raw_url is set below, before the first call.
+rot_settle() {
+    local url
+    for url in "$PG_URL" "$rot_raw_url"; do
+        psql "$url" -qX -v ON_ERROR_STOP=1 -c "VACUUM ANALYZE user_logins" -c "VACUUM ANALYZE vault" >/dev/null
+    done
+    psql "$PII_VAULT_TEST_PG" -qX -c CHECKPOINT >/dev/null
+}
 
 # The scratch copy: same tables and indexes as PG_URL, no triggers or FKs.
 echo "== (rotation) scratch copy of the rows for the raw ceiling" >&2
@@ -71,7 +82,7 @@ SQL
 rot_raw_update() {
     local name="$1" splits="$2" template="$3" lo hi i pids=() t0 t1 n=0 out
     mapfile -t bounds < <(rot_sql "$rot_raw_url" "$splits")
-    rot_checkpoint
+    rot_settle
     t0="$(now)"
     for ((i = 0; i < ${#bounds[@]}; i++)); do
         lo="${bounds[$i]}"
@@ -107,7 +118,7 @@ read -r raw_v_n raw_v_t0 raw_v_t1 < <(rot_raw_update rot_raw_vault "$rot_vault_s
 
 vault_rows="$(rot_sql "$PG_URL" 'SELECT (SELECT count(*) FROM vault) + (SELECT count(*) FROM quarantine)')"
 echo "== (rotation) pii-vault rotate data-keys --jobs $rot_jobs ($vault_rows rows)" >&2
-rot_checkpoint
+rot_settle
 t0="$(now)"
 run_measured rotate_data_keys "$BIN" --database-url "$PG_URL" rotate data-keys --jobs "$rot_jobs" --reason "scale benchmark"
 t1="$(now)"
@@ -122,7 +133,7 @@ read -r raw_l_n raw_l_t0 raw_l_t1 < <(rot_raw_update rot_raw_logins "$rot_login_
 
 login_rows="$(rot_sql "$PG_URL" 'SELECT count(*) FROM user_logins')"
 echo "== (rotation) pii-vault rotate token-key --jobs $rot_jobs ($login_rows logins)" >&2
-rot_checkpoint
+rot_settle
 t2="$(now)"
 run_measured rotate_token_key "$BIN" --database-url "$PG_URL" rotate token-key --jobs "$rot_jobs" --reason "scale benchmark"
 t3="$(now)"

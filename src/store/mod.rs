@@ -404,13 +404,6 @@ impl From<sqlx::Error> for StoreError {
                 let (code, msg) = own_rule(db.as_ref()).expect("checked");
                 rule_error(&code, msg)
             }
-            // A sealed row naming a key that does not exist (foreign key).
-            E::Database(db)
-                if db.code().as_deref() == Some("23503")
-                    && db.constraint().is_some_and(|c| c.ends_with("key_id_fkey")) =>
-            {
-                StoreError::UnknownKey("the data key of a sealed row".into())
-            }
             E::Database(db) => {
                 let code = db.code().map(|c| c.to_string()).unwrap_or_default();
                 // SQLSTATE class 08 (connection), 53 (resources), 57 (operator

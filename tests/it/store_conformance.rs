@@ -567,8 +567,9 @@ async fn retired_keys_fence_the_batch(h: &Harness) {
 
 async fn failed_batch_writes_nothing_and_names_no_value(h: &Harness) {
     seed_keys(h).await;
-    // The second vault row names a key that does not exist: the foreign key
-    // fails after the first row and the logins were written.
+    // The second vault row names a key that does not exist: the statement
+    // fails (SQLite: its foreign key; Postgres: the data-key fence) after
+    // the first row and the logins were written.
     let batch = Batch {
         logins: vec![
             login("m-ok", "alice", "t1_ipAAAA", "t1_devAAAA", 3, "k1"),
@@ -595,13 +596,9 @@ async fn failed_batch_writes_nothing_and_names_no_value(h: &Harness) {
         "a constraint violation is not worth a retry: {err}"
     );
     let text = format!("{err} {err:?}");
-    for value in [
-        "m-bad",
-        "bob-7f3a",
-        "t1_ipBBBB",
-        "t1_devBBBB",
-        "missing-key-9c1d",
-    ] {
+    // Row values only: a key id is not one (the fence names the key it
+    // refused, so that an operator can find it).
+    for value in ["m-bad", "bob-7f3a", "t1_ipBBBB", "t1_devBBBB"] {
         assert!(
             !text.contains(value),
             "error text quotes a row value: {text}"
@@ -1017,6 +1014,48 @@ async fn postgres_audit_log_cannot_be_truncated() {
     reveal_user(&h, "alice").await;
     assert!(h.exec("TRUNCATE audit_log").await.is_err());
     assert_eq!(h.count("audit_log").await, 1);
+    h.finish().await;
+}
+
+/// The foreign keys from `vault` and `quarantine` are gone (the fences
+/// refuse an unknown or inactive key, once per statement); what they also
+/// did, keep a named key's row from being deleted, is a guard that holds
+/// for the owner too: no key row is ever deleted or truncated.
+#[tokio::test]
+async fn postgres_key_rows_are_never_deleted_even_by_the_owner() {
+    let Some(h) = Harness::postgres().await else {
+        return;
+    };
+    seed_keys(&h).await;
+    let before = h.count("vault_keys").await;
+    assert!(before > 0);
+    for sql in [
+        "DELETE FROM vault_keys",
+        "DELETE FROM vault_keys WHERE id = 'k1'",
+        "TRUNCATE vault_keys",
+        "TRUNCATE vault_keys CASCADE",
+    ] {
+        let err = h.exec(sql).await.expect_err(sql);
+        let code = err
+            .as_database_error()
+            .and_then(|d| d.code())
+            .map(|c| c.to_string());
+        assert_eq!(code.as_deref(), Some("PV009"), "{sql}: {err}");
+    }
+    assert_eq!(h.count("vault_keys").await, before);
+    // A vault row under a key that is not stored is refused by the fence,
+    // with no foreign key behind it.
+    let err = h
+        .store
+        .write_batch(&Batch {
+            logins: vec![login("m-x", "alice", "t1_ipAAAA", "t1_devAAAA", 3, "nope")],
+            key_usage: vec![("k1".into(), 1)],
+            ..Batch::default()
+        })
+        .await
+        .expect_err("an unknown data key");
+    assert!(matches!(err, StoreError::UnknownKey(_)), "{err:?}");
+    assert_eq!(h.count("vault").await, 0);
     h.finish().await;
 }
 
