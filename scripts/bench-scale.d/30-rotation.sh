@@ -13,12 +13,18 @@
 #   left a million dead rows, which autovacuum would otherwise clean up
 #   during whichever step came next, in either database), then CHECKPOINT.
 #
+# The machine's noise moves one step's time by a tenth either way, so the
+# four steps run PII_VAULT_BENCH_ROUNDS [3] times in turn (ceiling, rotation,
+# ceiling, rotation, ...), each round's figures are printed and the median
+# of each rotation's ratio to its ceiling in the same round is the figure.
+#
 # J is PII_VAULT_BENCH_JOBS [2]. Leaves PG_URL's rows readable (rotated).
 # Uses from the driver: REPO BIN work PG_URL PII_VAULT_TEST_PG
 # PII_VAULT_PG_BIN_DIR now rate ratio per_sec run_measured new_pg_db
 # report section.
 
 rot_jobs="${PII_VAULT_BENCH_JOBS:-2}"
+rot_rounds="${PII_VAULT_BENCH_ROUNDS:-3}"
 rot_sql() { psql "$1" -qXtA -v ON_ERROR_STOP=1 -c "$2"; }
 # Settles both databases before a timed step (see the head of this file);
 # rot_raw_url is set below, before the first call.
@@ -111,41 +117,58 @@ rot_raw_update() {
 rot_vault_splits="SELECT '' UNION ALL SELECT unnest(percentile_disc(ARRAY(SELECT g::float8 / $rot_jobs FROM generate_series(1, $rot_jobs - 1) g)) WITHIN GROUP (ORDER BY message_id)) FROM new_vault"
 rot_login_splits="SELECT '0' UNION ALL SELECT unnest(percentile_disc(ARRAY(SELECT g::float8 / $rot_jobs FROM generate_series(1, $rot_jobs - 1) g)) WITHIN GROUP (ORDER BY id))::text FROM new_tokens"
 
-echo "== (rotation) ceiling: raw UPDATE … FROM of the vault rows, $rot_jobs connections" >&2
-read -r raw_v_n raw_v_t0 raw_v_t1 < <(rot_raw_update rot_raw_vault "$rot_vault_splits" \
-    "UPDATE vault v SET key_id = n.key_id, nonce = n.nonce, ciphertext = n.ciphertext
-     FROM (SELECT message_id AS k, * FROM new_vault) n WHERE v.message_id = n.k AND @COND@")
+# median: of the numbers on stdin, one a line.
+rot_median() { sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.2f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 vault_rows="$(rot_sql "$PG_URL" 'SELECT (SELECT count(*) FROM vault) + (SELECT count(*) FROM quarantine)')"
-echo "== (rotation) pii-vault rotate data-keys --jobs $rot_jobs ($vault_rows rows)" >&2
-rot_settle
-t0="$(now)"
-run_measured rotate_data_keys "$BIN" --database-url "$PG_URL" rotate data-keys --jobs "$rot_jobs" --reason "scale benchmark"
-t1="$(now)"
-data_rss_kb="$PEAK_RSS_KB"
-resealed="$(sed -n 's/.*re-encrypted \([0-9]*\) row(s).*/\1/p' "$work/rotate_data_keys.err")"
-[ "${resealed:-0}" = "$vault_rows" ] || echo "!! re-encrypted ${resealed:-?} of $vault_rows rows" >&2
-
-echo "== (rotation) ceiling: raw UPDATE … FROM of the login tokens, $rot_jobs connections" >&2
-read -r raw_l_n raw_l_t0 raw_l_t1 < <(rot_raw_update rot_raw_logins "$rot_login_splits" \
-    "UPDATE user_logins u SET masked_ip = n.ip, masked_device_id = n.dev
-     FROM (SELECT id AS k, * FROM new_tokens) n WHERE u.id = n.k AND @COND@")
-
 login_rows="$(rot_sql "$PG_URL" 'SELECT count(*) FROM user_logins')"
-echo "== (rotation) pii-vault rotate token-key --jobs $rot_jobs ($login_rows logins)" >&2
-rot_settle
-t2="$(now)"
-run_measured rotate_token_key "$BIN" --database-url "$PG_URL" rotate token-key --jobs "$rot_jobs" --reason "scale benchmark"
-t3="$(now)"
-token_rss_kb="$PEAK_RSS_KB"
-retokenised="$(sed -n 's/.*re-tokenised \([0-9]*\) login(s).*/\1/p' "$work/rotate_token_key.err")"
-[ "${retokenised:-0}" = "$login_rows" ] || echo "!! re-tokenised ${retokenised:-?} of $login_rows logins" >&2
+rot_data_lines=()
+rot_token_lines=()
+rot_data_ratios=()
+rot_token_ratios=()
+data_rss_kb=0
+token_rss_kb=0
+for ((rot_round = 1; rot_round <= rot_rounds; rot_round++)); do
+    echo "== (rotation) round $rot_round/$rot_rounds: ceiling, raw UPDATE … FROM of the vault rows, $rot_jobs connections" >&2
+    read -r raw_v_n raw_v_t0 raw_v_t1 < <(rot_raw_update rot_raw_vault "$rot_vault_splits" \
+        "UPDATE vault v SET key_id = n.key_id, nonce = n.nonce, ciphertext = n.ciphertext
+         FROM (SELECT message_id AS k, * FROM new_vault) n WHERE v.message_id = n.k AND @COND@")
+
+    echo "== (rotation) round $rot_round: pii-vault rotate data-keys --jobs $rot_jobs ($vault_rows rows)" >&2
+    rot_settle
+    t0="$(now)"
+    run_measured "rotate_data_keys_$rot_round" "$BIN" --database-url "$PG_URL" rotate data-keys --jobs "$rot_jobs" --reason "scale benchmark"
+    t1="$(now)"
+    [ "$PEAK_RSS_KB" -gt "$data_rss_kb" ] && data_rss_kb="$PEAK_RSS_KB"
+    resealed="$(sed -n 's/.*re-encrypted \([0-9]*\) row(s).*/\1/p' "$work/rotate_data_keys_$rot_round.err")"
+    [ "${resealed:-0}" = "$vault_rows" ] || echo "!! re-encrypted ${resealed:-?} of $vault_rows rows" >&2
+    rot_data_ratios+=("$(ratio "$(per_sec "$resealed" "$t0" "$t1")" "$(per_sec "$raw_v_n" "$raw_v_t0" "$raw_v_t1")")")
+    rot_data_lines+=("$(rate "$resealed" "$t0" "$t1") vs $(rate "$raw_v_n" "$raw_v_t0" "$raw_v_t1"): ${rot_data_ratios[-1]}")
+
+    echo "== (rotation) round $rot_round: ceiling, raw UPDATE … FROM of the login tokens, $rot_jobs connections" >&2
+    read -r raw_l_n raw_l_t0 raw_l_t1 < <(rot_raw_update rot_raw_logins "$rot_login_splits" \
+        "UPDATE user_logins u SET masked_ip = n.ip, masked_device_id = n.dev
+         FROM (SELECT id AS k, * FROM new_tokens) n WHERE u.id = n.k AND @COND@")
+
+    echo "== (rotation) round $rot_round: pii-vault rotate token-key --jobs $rot_jobs ($login_rows logins)" >&2
+    rot_settle
+    t2="$(now)"
+    run_measured "rotate_token_key_$rot_round" "$BIN" --database-url "$PG_URL" rotate token-key --jobs "$rot_jobs" --reason "scale benchmark"
+    t3="$(now)"
+    [ "$PEAK_RSS_KB" -gt "$token_rss_kb" ] && token_rss_kb="$PEAK_RSS_KB"
+    retokenised="$(sed -n 's/.*re-tokenised \([0-9]*\) login(s).*/\1/p' "$work/rotate_token_key_$rot_round.err")"
+    [ "${retokenised:-0}" = "$login_rows" ] || echo "!! re-tokenised ${retokenised:-?} of $login_rows logins" >&2
+    rot_token_ratios+=("$(ratio "$(per_sec "$retokenised" "$t2" "$t3")" "$(per_sec "$raw_l_n" "$raw_l_t0" "$raw_l_t1")")")
+    rot_token_lines+=("$(rate "$retokenised" "$t2" "$t3") vs $(rate "$raw_l_n" "$raw_l_t0" "$raw_l_t1"): ${rot_token_ratios[-1]}")
+done
 psql "$PII_VAULT_TEST_PG" -qX -c "DROP DATABASE scale_rot_raw" >/dev/null
 
-section "rotations: $rot_jobs connections each, in place, beside a raw parallel UPDATE … FROM"
-report "rotate data-keys --jobs $rot_jobs ($resealed rows):" "$(rate "$resealed" "$t0" "$t1"), peak RSS $((data_rss_kb / 1024)) MiB"
-report "raw UPDATE ... FROM, vault shape ($raw_v_n rows):" "$(rate "$raw_v_n" "$raw_v_t0" "$raw_v_t1")"
-report "rotate data-keys / raw UPDATE:" "$(ratio "$(per_sec "$resealed" "$t0" "$t1")" "$(per_sec "$raw_v_n" "$raw_v_t0" "$raw_v_t1")")"
-report "rotate token-key --jobs $rot_jobs ($retokenised logins):" "$(rate "$retokenised" "$t2" "$t3"), peak RSS $((token_rss_kb / 1024)) MiB"
-report "raw UPDATE ... FROM, user_logins shape ($raw_l_n rows):" "$(rate "$raw_l_n" "$raw_l_t0" "$raw_l_t1")"
-report "rotate token-key / raw UPDATE:" "$(ratio "$(per_sec "$retokenised" "$t2" "$t3")" "$(per_sec "$raw_l_n" "$raw_l_t0" "$raw_l_t1")")"
+section "rotations: $rot_jobs connections each, in place, beside a raw parallel UPDATE … FROM ($rot_rounds rounds, each step alone)"
+for i in "${!rot_data_lines[@]}"; do
+    report "rotate data-keys, round $((i + 1)) ($vault_rows rows):" "${rot_data_lines[$i]}"
+done
+report "rotate data-keys / raw UPDATE, median:" "$(printf '%s\n' "${rot_data_ratios[@]}" | rot_median), peak RSS $((data_rss_kb / 1024)) MiB"
+for i in "${!rot_token_lines[@]}"; do
+    report "rotate token-key, round $((i + 1)) ($login_rows logins):" "${rot_token_lines[$i]}"
+done
+report "rotate token-key / raw UPDATE, median:" "$(printf '%s\n' "${rot_token_ratios[@]}" | rot_median), peak RSS $((token_rss_kb / 1024)) MiB"
