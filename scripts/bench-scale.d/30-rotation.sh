@@ -69,19 +69,24 @@ psql "$rot_raw_url" -qX -v ON_ERROR_STOP=1 \
     -c "\\copy user_logins FROM '$work/rot-logins.bin' WITH (FORMAT binary)" \
     -c "\\copy vault FROM '$work/rot-vault.bin' WITH (FORMAT binary)" >/dev/null
 rm -f "$work/rot-logins.bin" "$work/rot-vault.bin"
-# New values of the same sizes, prepared before the clock starts.
-psql "$rot_raw_url" -qX -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
-CREATE TABLE new_vault AS
-    SELECT message_id, 'dek-00000000-0000-4000-8000-00000000beef'::text AS key_id,
-           substring(sha256(nonce) FROM 1 FOR length(nonce)) AS nonce,
-           overlay(ciphertext PLACING sha256(ciphertext) FROM 1 FOR least(32, length(ciphertext))) AS ciphertext
+# New values of the same sizes, prepared before the clock starts: other ones
+# for every round, since a round that wrote the values already there would
+# change no indexed column, and Postgres would then update in place (HOT),
+# which no rotation can.
+for ((rot_round = 1; rot_round <= rot_rounds; rot_round++)); do
+    psql "$rot_raw_url" -qX -v ON_ERROR_STOP=1 -v r="$rot_round" >/dev/null <<'SQL'
+CREATE TABLE new_vault_:r AS
+    SELECT message_id, format('dek-00000000-0000-4000-8000-%s', lpad(:'r', 12, '0')) AS key_id,
+           substring(sha256(nonce || :'r'::bytea) FROM 1 FOR length(nonce)) AS nonce,
+           overlay(ciphertext PLACING sha256(ciphertext || :'r'::bytea) FROM 1 FOR least(32, length(ciphertext))) AS ciphertext
     FROM vault;
-CREATE TABLE new_tokens AS
-    SELECT id, overlay(masked_ip PLACING 't9' FROM 1 FOR 2) AS ip,
-           overlay(masked_device_id PLACING 't9' FROM 1 FOR 2) AS dev
+CREATE TABLE new_tokens_:r AS
+    SELECT id, overlay(masked_ip PLACING 't' || (:r % 8 + 2) FROM 1 FOR 2) AS ip,
+           overlay(masked_device_id PLACING 't' || (:r % 8 + 2) FROM 1 FOR 2) AS dev
     FROM user_logins;
-VACUUM ANALYZE;
 SQL
+done
+rot_sql "$rot_raw_url" "VACUUM ANALYZE" >/dev/null
 
 # rot_raw_update NAME SPLIT_QUERY UPDATE_TEMPLATE: J psql connections, each
 # one UPDATE over (lo, hi]; prints "rows t0 t1".
@@ -114,8 +119,8 @@ rot_raw_update() {
 
 # Bounds: the start, then J-1 exact quantiles. Message ids compare as text
 # (a quoted literal either way); login ids as numbers.
-rot_vault_splits="SELECT '' UNION ALL SELECT unnest(percentile_disc(ARRAY(SELECT g::float8 / $rot_jobs FROM generate_series(1, $rot_jobs - 1) g)) WITHIN GROUP (ORDER BY message_id)) FROM new_vault"
-rot_login_splits="SELECT '0' UNION ALL SELECT unnest(percentile_disc(ARRAY(SELECT g::float8 / $rot_jobs FROM generate_series(1, $rot_jobs - 1) g)) WITHIN GROUP (ORDER BY id))::text FROM new_tokens"
+rot_vault_splits="SELECT '' UNION ALL SELECT unnest(percentile_disc(ARRAY(SELECT g::float8 / $rot_jobs FROM generate_series(1, $rot_jobs - 1) g)) WITHIN GROUP (ORDER BY message_id)) FROM new_vault_1"
+rot_login_splits="SELECT '0' UNION ALL SELECT unnest(percentile_disc(ARRAY(SELECT g::float8 / $rot_jobs FROM generate_series(1, $rot_jobs - 1) g)) WITHIN GROUP (ORDER BY id))::text FROM new_tokens_1"
 
 # median: of the numbers on stdin, one a line.
 rot_median() { sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.2f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
@@ -132,7 +137,7 @@ for ((rot_round = 1; rot_round <= rot_rounds; rot_round++)); do
     echo "== (rotation) round $rot_round/$rot_rounds: ceiling, raw UPDATE … FROM of the vault rows, $rot_jobs connections" >&2
     read -r raw_v_n raw_v_t0 raw_v_t1 < <(rot_raw_update rot_raw_vault "$rot_vault_splits" \
         "UPDATE vault v SET key_id = n.key_id, nonce = n.nonce, ciphertext = n.ciphertext
-         FROM (SELECT message_id AS k, * FROM new_vault) n WHERE v.message_id = n.k AND @COND@")
+         FROM (SELECT message_id AS k, * FROM new_vault_$rot_round) n WHERE v.message_id = n.k AND @COND@")
 
     echo "== (rotation) round $rot_round: pii-vault rotate data-keys --jobs $rot_jobs ($vault_rows rows)" >&2
     rot_settle
@@ -148,7 +153,7 @@ for ((rot_round = 1; rot_round <= rot_rounds; rot_round++)); do
     echo "== (rotation) round $rot_round: ceiling, raw UPDATE … FROM of the login tokens, $rot_jobs connections" >&2
     read -r raw_l_n raw_l_t0 raw_l_t1 < <(rot_raw_update rot_raw_logins "$rot_login_splits" \
         "UPDATE user_logins u SET masked_ip = n.ip, masked_device_id = n.dev
-         FROM (SELECT id AS k, * FROM new_tokens) n WHERE u.id = n.k AND @COND@")
+         FROM (SELECT id AS k, * FROM new_tokens_$rot_round) n WHERE u.id = n.k AND @COND@")
 
     echo "== (rotation) round $rot_round: pii-vault rotate token-key --jobs $rot_jobs ($login_rows logins)" >&2
     rot_settle
