@@ -20,8 +20,8 @@
 # 3. Prints the report.
 #
 # Environment: PII_VAULT_BENCH_STEP_TIMEOUT bounds each timed step [3600 s];
-# PII_VAULT_BENCH_SQLITE_ROWS and PII_VAULT_BENCH_JOBS are read by the parts
-# that use them; PII_VAULT_BENCH_PARTS names the parts to run (file names
+# PII_VAULT_BENCH_SQLITE_ROWS, PII_VAULT_BENCH_JOBS and PII_VAULT_BENCH_ROUNDS
+# are read by the parts that use them; PII_VAULT_BENCH_PARTS names the parts to run (file names
 # without .sh, space-separated, e.g. "30-rotation") [all]. Starts and stops its own PostgreSQL through
 # scripts/services.sh; builds with `cargo build --release`. A benchmark, not a
 # test: the machine's load shows in the absolute figures, the ratios are what
