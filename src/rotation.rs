@@ -231,6 +231,25 @@ struct Run {
 }
 
 impl Run {
+    fn new(
+        store: &Arc<dyn AdminStore>,
+        wrapper: &Arc<dyn KeyWrapper>,
+        record: i64,
+        job: RotationJob,
+        opts: &RotationOptions,
+        progress: &JobProgress,
+    ) -> Arc<Run> {
+        Arc::new(Run {
+            store: store.clone(),
+            wrapper: wrapper.clone(),
+            record,
+            job,
+            opts: opts.clone(),
+            progress: progress.counter(),
+            chunks: AtomicU64::new(0),
+        })
+    }
+
     fn reader(&self) -> VaultReader {
         let plain: Arc<dyn Store> = self.store.clone();
         VaultReader::new(plain, self.wrapper.clone())
@@ -321,6 +340,20 @@ async fn open_job(
         .await?;
     let ranges = store.rotation_ranges(record, job.id).await?;
     Ok((job, ranges, false))
+}
+
+/// Sets the bar to a job's size: `pending` rows for a new job; for a
+/// resumed one (`left` rows still to do), what its ranges did before plus
+/// `left`, with the bar that far along.
+fn size_bar(progress: &JobProgress, ranges: &[RotationRange], pending: i64, left: Option<i64>) {
+    match left {
+        Some(left) => {
+            let done: i64 = ranges.iter().map(|r| r.rows_done).sum();
+            progress.set_length((done + left).max(0) as u64);
+            progress.set_position(done.max(0) as u64);
+        }
+        None => progress.set_length(pending.max(0) as u64),
+    }
 }
 
 /// A data key of the rotation's own, with its count of uses.
@@ -420,23 +453,13 @@ pub async fn rotate_data_keys(
     let record = lock.record_id;
     let (rjob, ranges, resumed) =
         open_job(&*store, record, DATA_KEYS, || None, opts, progress).await?;
-    if resumed {
-        let done: i64 = ranges.iter().map(|r| r.rows_done).sum();
-        let left = store.count_sealed_under(&rjob.old_keys).await?;
-        progress.set_length((done + left).max(0) as u64);
-        progress.set_position(done.max(0) as u64);
+    let left = if resumed {
+        Some(store.count_sealed_under(&rjob.old_keys).await?)
     } else {
-        progress.set_length(pending.max(0) as u64);
-    }
-    let run = Arc::new(Run {
-        store: store.clone(),
-        wrapper: wrapper.clone(),
-        record,
-        job: rjob.clone(),
-        opts: opts.clone(),
-        progress: progress.counter(),
-        chunks: AtomicU64::new(0),
-    });
+        None
+    };
+    size_bar(progress, &ranges, pending, left);
+    let run = Run::new(&store, &wrapper, record, rjob.clone(), opts, progress);
     let mut out = DataKeysRotated {
         record_id: record,
         ..Default::default()
@@ -658,23 +681,13 @@ pub async fn rotate_token_key(
         )
         .await?;
     let token_key = TokenKey::new(version as u32, &material);
-    if resumed {
-        let done: i64 = ranges.iter().map(|r| r.rows_done).sum();
-        let left = store.count_stale_tokens(version).await?;
-        progress.set_length((done + left).max(0) as u64);
-        progress.set_position(done.max(0) as u64);
+    let left = if resumed {
+        Some(store.count_stale_tokens(version).await?)
     } else {
-        progress.set_length(pending.max(0) as u64);
-    }
-    let run = Arc::new(Run {
-        store: store.clone(),
-        wrapper: wrapper.clone(),
-        record,
-        job: rjob.clone(),
-        opts: opts.clone(),
-        progress: progress.counter(),
-        chunks: AtomicU64::new(0),
-    });
+        None
+    };
+    size_bar(progress, &ranges, pending, left);
+    let run = Run::new(&store, &wrapper, record, rjob.clone(), opts, progress);
     let token_key = Arc::new(token_key);
     let mut out = TokenKeyRotated {
         record_id: record,

@@ -596,6 +596,23 @@ impl PgLoaded {
     }
 
     /// Rows the open job's ranges say are done.
+    /// Runs pii-vault with `args` and SIGKILLs it once the open job has done
+    /// `rows` rows (within a minute, before it ends by itself).
+    async fn kill_once_done(&self, args: &[&str], rows: i64) -> Output {
+        let mut child = self.command(args).stderr(Stdio::piped()).spawn().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.rows_done().await < rows {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the rotation ended before it was killed"
+            );
+            assert!(std::time::Instant::now() < deadline, "no progress");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait_with_output().unwrap()
+    }
+
     async fn rows_done(&self) -> i64 {
         self.scalar(
             "SELECT coalesce(sum(r.rows_done), 0)::bigint FROM rotation_ranges r \
@@ -746,22 +763,12 @@ async fn a_killed_data_key_rotation_resumes_where_it_stopped() {
     assert_eq!(under_first, done1, "each committed chunk moved its cursor");
 
     // 2. A real SIGKILL once it has made progress of its own.
-    let mut child = pg
-        .command(&["rotate", "data-keys", "--jobs", "2", "--chunk-rows", "50"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while pg.rows_done().await < done1 + 500 {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the rotation ended before it was killed"
-        );
-        assert!(std::time::Instant::now() < deadline, "no progress");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    child.kill().unwrap(); // SIGKILL
-    let killed = child.wait_with_output().unwrap();
+    let killed = pg
+        .kill_once_done(
+            &["rotate", "data-keys", "--jobs", "2", "--chunk-rows", "50"],
+            done1 + 500,
+        )
+        .await;
     assert!(!killed.status.success());
     assert!(
         stderr_of(&killed).contains("resuming rotate-data-keys job"),
@@ -854,22 +861,12 @@ async fn a_killed_token_key_rotation_keeps_its_version_and_resumes() {
         done1
     );
 
-    let mut child = pg
-        .command(&["rotate", "token-key", "--jobs", "2", "--chunk-rows", "50"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while pg.rows_done().await < done1 + 500 {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the rotation ended before it was killed"
-        );
-        assert!(std::time::Instant::now() < deadline, "no progress");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    child.kill().unwrap();
-    let killed = child.wait_with_output().unwrap();
+    let killed = pg
+        .kill_once_done(
+            &["rotate", "token-key", "--jobs", "2", "--chunk-rows", "50"],
+            done1 + 500,
+        )
+        .await;
     assert!(stderr_of(&killed).contains("resuming rotate-token-key job"));
     assert_eq!(versions().await, ["1:retired", "2:active"]);
     let done2 = pg.rows_done().await;
