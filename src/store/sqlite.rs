@@ -22,9 +22,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteRow};
 use sqlx::{Row, Sqlite, SqlitePool};
 
 use super::sqlite_writer::{Writer, WriterSettings};
@@ -57,6 +55,25 @@ const WAL_SIZE_LIMIT: u64 = 64 << 20;
 /// How long a statement waits for another process's write to end.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The settings of every connection to the file, sqlx's and the writer's
+/// alike, in the order they are set.
+fn file_pragmas() -> Vec<(&'static str, String)> {
+    vec![
+        ("journal_mode", "WAL".into()),
+        // Every commit is on disk before it returns: a queue message is
+        // deleted right after its batch commits, so a commit that a power
+        // cut could still take back would lose it. One sync per batch costs
+        // little beside the batch's own pages.
+        ("synchronous", "FULL".into()),
+        ("foreign_keys", "ON".into()),
+        // Deleted rows (forgotten vault rows, erased wrapped keys) are
+        // overwritten with zeros instead of lingering in free pages.
+        ("secure_delete", "ON".into()),
+        ("wal_autocheckpoint", AUTOCHECKPOINT_PAGES.to_string()),
+        ("journal_size_limit", WAL_SIZE_LIMIT.to_string()),
+    ]
+}
+
 pub struct SqliteStore {
     pub(super) pool: SqlitePool,
     /// One connection for `write_batch`, so that its page cache survives
@@ -69,21 +86,12 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let opts = SqliteConnectOptions::from_str(url)?
+        let mut opts = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // Every commit is on disk before it returns: a queue message is
-            // deleted right after its batch commits, so a commit that a power
-            // cut could still take back would lose it. One sync per batch
-            // costs little beside the batch's own pages.
-            .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
-            // Deleted rows (forgotten vault rows, erased wrapped keys) are
-            // overwritten with zeros instead of lingering in free pages.
-            .pragma("secure_delete", "ON")
-            .pragma("wal_autocheckpoint", AUTOCHECKPOINT_PAGES.to_string())
-            .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string())
             .busy_timeout(BUSY_TIMEOUT);
+        for (name, value) in file_pragmas() {
+            opts = opts.pragma(name, value);
+        }
         let path = opts.get_filename().to_path_buf();
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -93,8 +101,7 @@ impl SqliteStore {
         let writer = Writer::open(
             &path,
             &WriterSettings {
-                autocheckpoint_pages: AUTOCHECKPOINT_PAGES,
-                wal_size_limit: WAL_SIZE_LIMIT,
+                pragmas: file_pragmas(),
                 cache_kib: WRITER_CACHE_KIB,
                 busy_timeout: BUSY_TIMEOUT,
             },

@@ -20,11 +20,11 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Tran
 
 use super::{own_rule_text, rule_error, Batch, BatchOutcome, StoreError};
 
-/// The settings of every connection to the file (see `SqliteStore::connect`
-/// for why each), plus the writer's own page cache.
+/// How the writer's connection is set up.
 pub(super) struct WriterSettings {
-    pub autocheckpoint_pages: u32,
-    pub wal_size_limit: u64,
+    /// Those of every connection to the file (`file_pragmas`), in order.
+    pub pragmas: Vec<(&'static str, String)>,
+    /// The writer's own page cache.
     pub cache_kib: i64,
     pub busy_timeout: Duration,
 }
@@ -44,20 +44,21 @@ impl Writer {
         )
         .map_err(store_error)?;
         conn.busy_timeout(s.busy_timeout).map_err(store_error)?;
+        let cache = ("cache_size", format!("-{}", s.cache_kib));
+        for (name, value) in s.pragmas.iter().chain([&cache]) {
+            // Some pragmas answer with a row (journal_mode), some do not.
+            conn.query_row(&format!("PRAGMA {name} = {value}"), [], |_| Ok(()))
+                .optional()
+                .map_err(store_error)?;
+        }
         let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .map_err(store_error)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Permanent(format!(
                 "the SQLite file stays in journal mode {mode}, not WAL"
             )));
         }
-        conn.execute_batch(&format!(
-            "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON; \
-             PRAGMA wal_autocheckpoint = {}; PRAGMA journal_size_limit = {}; PRAGMA cache_size = -{};",
-            s.autocheckpoint_pages, s.wal_size_limit, s.cache_kib
-        ))
-        .map_err(store_error)?;
         conn.set_prepared_statement_cache_capacity(16);
         Ok(Writer {
             conn: Arc::new(Mutex::new(conn)),
