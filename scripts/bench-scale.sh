@@ -66,6 +66,40 @@ new_pg_db() {
     echo "${PII_VAULT_TEST_PG%/*}/$1"
 }
 
+index_count() {
+    psql "$1" -qXtA -c "SELECT count(*) FROM pg_index WHERE indrelid IN ('user_logins'::regclass, 'vault'::regclass)"
+}
+
+# A fresh database where a ceiling is measured: the tables, sequences and
+# indexes of user_logins and vault as PG_URL has them, without triggers
+# (their functions are not there) or foreign keys (vault_keys is not there).
+# Prints its URL.
+new_raw_copy_db() {
+    local url
+    url="$(new_pg_db "$1")"
+    "$PII_VAULT_PG_BIN_DIR/pg_dump" --schema-only --no-owner --no-privileges \
+        -t user_logins -t vault "$PG_URL" >"$work/$1-tables.sql"
+    python3 - "$work/$1-tables.sql" >"$work/$1-raw-tables.sql" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+keep = []
+for stmt in re.split(r";\n", text):
+    body = "\n".join(l for l in stmt.splitlines() if not l.startswith("--")).strip()
+    if not body or body.startswith("SET ") or body.startswith("SELECT pg_catalog.set_config"):
+        continue
+    if "CREATE TRIGGER" in body or "FOREIGN KEY" in body:
+        continue
+    keep.append(body + ";")
+print("\n".join(keep))
+PY
+    psql "$url" -qX -v ON_ERROR_STOP=1 -f "$work/$1-raw-tables.sql" >/dev/null
+    if [ "$(index_count "$PG_URL")" != "$(index_count "$url")" ]; then
+        echo "!! $1: the copy's tables do not have the same indexes" >&2
+        return 1
+    fi
+    echo "$url"
+}
+
 # Runs a command with stdout/stderr to $work/$1.out/.err, bounded in time;
 # sets PEAK_RSS_KB.
 run_measured() {
@@ -112,32 +146,7 @@ stored="$(psql "$PG_URL" -qXtA -c 'SELECT count(*) FROM user_logins')"
 
 # The ceiling: the same rows into the same tables with the same indexes.
 echo "== (load) ceiling: raw COPY of the same rows" >&2
-RAW_URL="$(new_pg_db scale_raw_copy)"
-"$PII_VAULT_PG_BIN_DIR/pg_dump" --schema-only --no-owner --no-privileges \
-    -t user_logins -t vault "$PG_URL" >"$work/tables.sql"
-# Tables, sequences and indexes only: no triggers (their functions are not
-# there) and no foreign keys (vault_keys is not there).
-python3 - "$work/tables.sql" >"$work/raw-tables.sql" <<'EOF'
-import re, sys
-text = open(sys.argv[1]).read()
-keep = []
-for stmt in re.split(r";\n", text):
-    body = "\n".join(l for l in stmt.splitlines() if not l.startswith("--")).strip()
-    if not body or body.startswith("SET ") or body.startswith("SELECT pg_catalog.set_config"):
-        continue
-    if "CREATE TRIGGER" in body or "FOREIGN KEY" in body:
-        continue
-    keep.append(body + ";")
-print("\n".join(keep))
-EOF
-psql "$RAW_URL" -qX -v ON_ERROR_STOP=1 -f "$work/raw-tables.sql" >/dev/null
-index_count() {
-    psql "$1" -qXtA -c "SELECT count(*) FROM pg_index WHERE indrelid IN ('user_logins'::regclass, 'vault'::regclass)"
-}
-[ "$(index_count "$PG_URL")" = "$(index_count "$RAW_URL")" ] || {
-    echo "!! the raw copy's tables do not have the same indexes" >&2
-    exit 1
-}
+RAW_URL="$(new_raw_copy_db scale_raw_copy)"
 ul_cols="$(psql "$PG_URL" -qXtA -c "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute \
     WHERE attrelid = 'user_logins'::regclass AND attnum > 0 AND NOT attisdropped AND attname <> 'id'")"
 psql "$PG_URL" -qX -v ON_ERROR_STOP=1 \

@@ -20,7 +20,7 @@
 #
 # J is PII_VAULT_BENCH_JOBS [2]. Leaves PG_URL's rows readable (rotated).
 # Uses from the driver: REPO BIN work PG_URL PII_VAULT_TEST_PG
-# PII_VAULT_PG_BIN_DIR now rate ratio per_sec run_measured new_pg_db
+# now rate ratio per_sec run_measured new_raw_copy_db
 # report section.
 
 rot_jobs="${PII_VAULT_BENCH_JOBS:-2}"
@@ -36,32 +36,9 @@ rot_settle() {
     psql "$PII_VAULT_TEST_PG" -qX -c CHECKPOINT >/dev/null
 }
 
-# The scratch copy: same tables and indexes as PG_URL, no triggers or FKs.
+# The scratch copy of the rows: same tables and indexes as PG_URL.
 echo "== (rotation) scratch copy of the rows for the raw ceiling" >&2
-rot_raw_url="$(new_pg_db scale_rot_raw)"
-"$PII_VAULT_PG_BIN_DIR/pg_dump" --schema-only --no-owner --no-privileges \
-    -t user_logins -t vault "$PG_URL" >"$work/rot-tables.sql"
-python3 - "$work/rot-tables.sql" >"$work/rot-raw-tables.sql" <<'PY'
-import re, sys
-text = open(sys.argv[1]).read()
-keep = []
-for stmt in re.split(r";\n", text):
-    body = "\n".join(l for l in stmt.splitlines() if not l.startswith("--")).strip()
-    if not body or body.startswith("SET ") or body.startswith("SELECT pg_catalog.set_config"):
-        continue
-    if "CREATE TRIGGER" in body or "FOREIGN KEY" in body:
-        continue
-    keep.append(body + ";")
-print("\n".join(keep))
-PY
-psql "$rot_raw_url" -qX -v ON_ERROR_STOP=1 -f "$work/rot-raw-tables.sql" >/dev/null
-rot_index_count() {
-    rot_sql "$1" "SELECT count(*) FROM pg_index WHERE indrelid IN ('user_logins'::regclass, 'vault'::regclass)"
-}
-[ "$(rot_index_count "$PG_URL")" = "$(rot_index_count "$rot_raw_url")" ] || {
-    echo "!! the scratch copy's tables do not have the same indexes" >&2
-    return 1
-}
+rot_raw_url="$(new_raw_copy_db scale_rot_raw)"
 psql "$PG_URL" -qX -v ON_ERROR_STOP=1 \
     -c "\\copy user_logins TO '$work/rot-logins.bin' WITH (FORMAT binary)" \
     -c "\\copy vault TO '$work/rot-vault.bin' WITH (FORMAT binary)" >/dev/null
