@@ -11,7 +11,6 @@
 //! Both drivers link the same SQLite (the one `libsqlite3-sys` builds), and
 //! this connection opens the file with the same settings as sqlx's.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -123,18 +122,14 @@ fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<BatchOutcome, Sto
     }
     let mut out = BatchOutcome::default();
     {
-        // Logins already stored are skipped, and with them their vault rows:
-        // the vault row of a login stored before (and perhaps forgotten
-        // since) must not come back. Asked per login, inside the write
-        // transaction (nothing else can store one meanwhile), on the index
-        // pages the insert is about to touch anyway.
-        let mut stored = tx
-            .prepare_cached("SELECT 1 FROM user_logins WHERE message_id = ?1")
-            .map_err(store_error)?;
+        // A login already stored (before, or earlier in this batch) is
+        // skipped, and with it its vault row: the vault row of a login
+        // stored before (and perhaps forgotten since) must not come back.
         let mut login = tx
             .prepare_cached(
                 "INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, \
-                 locale, app_version, create_date) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 locale, app_version, create_date) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                 ON CONFLICT (message_id) DO NOTHING",
             )
             .map_err(store_error)?;
         // A vault row left without its login is kept, as it always was.
@@ -144,17 +139,10 @@ fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<BatchOutcome, Sto
                  VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (message_id) DO NOTHING",
             )
             .map_err(store_error)?;
-        let mut seen = HashSet::with_capacity(batch.logins.len());
         for (l, v) in &batch.logins {
-            if !seen.insert(l.message_id.as_str())
-                || stored.exists([&l.message_id]).map_err(store_error)?
-            {
-                out.duplicates += 1;
-                continue;
-            }
             // SQLite's date text, as sqlx writes a NaiveDate.
             let date = l.create_date.map(|d| d.format("%F").to_string());
-            login
+            let new = login
                 .execute(params![
                     l.message_id,
                     l.user_id,
@@ -166,6 +154,10 @@ fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<BatchOutcome, Sto
                     date
                 ])
                 .map_err(store_error)?;
+            if new == 0 {
+                out.duplicates += 1;
+                continue;
+            }
             sealed
                 .execute(params![
                     v.message_id,
