@@ -13,13 +13,7 @@ use pii_vault::domain::CanonicalIp;
 use sqlx::sqlite::SqlitePoolOptions;
 
 fn cmd(dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(common::bin())
-        .args(args)
-        .current_dir(dir)
-        .env_remove("DATABASE_URL")
-        .env_remove("PII_VAULT_KMS_KEY_ID")
-        .output()
-        .unwrap();
+    let out = cmd_any(dir, args);
     assert!(
         out.status.success(),
         "{args:?}: {}",
@@ -49,6 +43,24 @@ fn events(seed: u64, n: usize) -> String {
 /// version and consistent: equal values, equal tokens; different values,
 /// different tokens.
 fn check_reveals(dir: &Path, input: &str) -> usize {
+    let (rows, versions) = reveal_and_check(input, |args| cmd(dir, args));
+    assert_eq!(
+        versions.len(),
+        1,
+        "tokens of several versions: {versions:?}"
+    );
+    rows
+}
+
+/// Reveals every user of `input` by running `reveal` with the arguments of
+/// a JSON `reveal --user-id`, which must succeed; checks that the originals
+/// are the user's and that tokens are consistent (equal IPs, equal tokens;
+/// different IPs, different tokens). Returns the rows revealed and the token
+/// versions seen.
+fn reveal_and_check(
+    input: &str,
+    reveal: impl Fn(&[&str]) -> Output,
+) -> (usize, std::collections::HashSet<String>) {
     let mut want: HashMap<String, Vec<(String, String)>> = HashMap::new();
     for l in input.lines() {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
@@ -66,23 +78,23 @@ fn check_reveals(dir: &Path, input: &str) -> usize {
     );
     let mut rows = 0;
     for (user, originals) in &want {
-        let out = cmd(
-            dir,
-            &[
-                "reveal",
-                "--user-id",
-                user,
-                "--reason",
-                "rotation test",
-                "--format",
-                "json",
-            ],
-        );
+        let out = reveal(&[
+            "reveal",
+            "--user-id",
+            user,
+            "--reason",
+            "rotation test",
+            "--format",
+            "json",
+        ]);
         let mut got: Vec<(String, String)> = vec![];
         for line in String::from_utf8(out.stdout).unwrap().lines() {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             let (ip, dev) = (
-                v["ip"].as_str().expect("original ip").to_string(),
+                v["ip"]
+                    .as_str()
+                    .expect("an original ip, not a lost row")
+                    .to_string(),
                 v["device_id"].as_str().unwrap().to_string(),
             );
             let mip = v["masked_ip"].as_str().unwrap().to_string();
@@ -106,12 +118,7 @@ fn check_reveals(dir: &Path, input: &str) -> usize {
         got.sort();
         assert_eq!(got, expected, "originals of {user}");
     }
-    assert_eq!(
-        versions.len(),
-        1,
-        "tokens of several versions: {versions:?}"
-    );
-    rows
+    (rows, versions)
 }
 
 #[tokio::test]
@@ -629,55 +636,16 @@ impl PgLoaded {
     /// Reveals every user of `input`; checks originals and token consistency
     /// like [`check_reveals`]; returns the token versions seen.
     fn check_reveals(&self, input: &str) -> std::collections::HashSet<String> {
-        let mut want: HashMap<String, Vec<(String, String)>> = HashMap::new();
-        for l in input.lines() {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            want.entry(v["user_id"].as_str().unwrap().into())
-                .or_default()
-                .push((
-                    v["ip"].as_str().unwrap().into(),
-                    v["device_id"].as_str().unwrap().into(),
-                ));
-        }
-        let (mut ip_tok, mut versions) = (HashMap::new(), std::collections::HashSet::new());
-        for (user, originals) in &want {
-            let out = self.run(
-                &[
-                    "reveal",
-                    "--user-id",
-                    user,
-                    "--reason",
-                    "rotation test",
-                    "--format",
-                    "json",
-                ],
-                &[],
-            );
+        reveal_and_check(input, |args| {
+            let out = self.run(args, &[]);
             assert!(
                 out.status.success(),
                 "reveal: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            let mut got = vec![];
-            for line in String::from_utf8(out.stdout).unwrap().lines() {
-                let v: serde_json::Value = serde_json::from_str(line).unwrap();
-                let ip = v["ip"].as_str().expect("an original ip, not a lost row");
-                let mip = v["masked_ip"].as_str().unwrap().to_string();
-                versions.insert(mip.split('_').next().unwrap().to_string());
-                let canon = CanonicalIp::parse(ip).unwrap().expose().to_string();
-                assert_eq!(
-                    ip_tok.entry(canon).or_insert(mip.clone()),
-                    &mip,
-                    "one IP, two tokens"
-                );
-                got.push((ip.to_string(), v["device_id"].as_str().unwrap().to_string()));
-            }
-            let mut expected = originals.clone();
-            expected.sort();
-            got.sort();
-            assert_eq!(got, expected, "originals of {user}");
-        }
-        versions
+            out
+        })
+        .1
     }
 
     async fn finish(self) {
