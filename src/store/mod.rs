@@ -59,6 +59,30 @@ impl VaultRow {
     }
 }
 
+/// The sealed originals a reveal's join hands out beside `login` (columns
+/// `key_id`, `nonce`, `ciphertext`), or `None` where it found no vault row
+/// (a forgotten user). For either backend's rows.
+pub(super) fn sealed_beside<'r, R>(
+    login: &LoginRow,
+    r: &'r R,
+) -> Result<Option<VaultRow>, StoreError>
+where
+    R: sqlx::Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(match r.try_get::<Option<String>, _>("key_id")? {
+        Some(key_id) => Some(VaultRow::of(
+            login,
+            key_id,
+            r.try_get("nonce")?,
+            r.try_get("ciphertext")?,
+        )),
+        None => None,
+    })
+}
+
 /// A rejected message: a value-free reason and the sealed body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuarantineRow {

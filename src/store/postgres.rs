@@ -116,15 +116,7 @@ pub(super) fn login_from_row(r: &PgRow) -> Result<LoginRow, StoreError> {
 /// when there are any.
 fn revealed_from_row(r: &PgRow) -> Result<RevealedRow, StoreError> {
     let login = login_from_row(r)?;
-    let vault = match r.try_get::<Option<String>, _>("key_id")? {
-        Some(key_id) => Some(VaultRow::of(
-            &login,
-            key_id,
-            r.try_get("nonce")?,
-            r.try_get("ciphertext")?,
-        )),
-        None => None,
-    };
+    let vault = sealed_beside(&login, r)?;
     Ok((login, vault))
 }
 

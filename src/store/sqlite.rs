@@ -423,15 +423,7 @@ impl Store for SqliteStore {
         let rows = sqlx::query(sql).bind(value).fetch(&self.pool).map(|r| {
             let r = r?;
             let login = login_from_row(&r)?;
-            let vault = match r.try_get::<Option<String>, _>("key_id")? {
-                Some(key_id) => Some(VaultRow::of(
-                    &login,
-                    key_id,
-                    r.try_get("nonce")?,
-                    r.try_get("ciphertext")?,
-                )),
-                None => None,
-            };
+            let vault = sealed_beside(&login, &r)?;
             Ok((login, vault))
         });
         RevealedRows::start(rows.boxed()).await
