@@ -23,7 +23,8 @@
 # PII_VAULT_BENCH_SQLITE_ROWS, PII_VAULT_BENCH_JOBS and PII_VAULT_BENCH_ROUNDS
 # are read by the parts that use them; PII_VAULT_BENCH_PARTS names the parts to run (file names
 # without .sh, space-separated, e.g. "30-rotation") [all]. Starts and stops its own PostgreSQL through
-# scripts/services.sh; builds with `cargo build --release`. A benchmark, not a
+# scripts/services.sh (PII_VAULT_PG_SHARED_BUFFERS sizes its buffer cache
+# [256MB]; the report names it); builds with `cargo build --release`. A benchmark, not a
 # test: the machine's load shows in the absolute figures, the ratios are what
 # compare.
 set -euo pipefail
@@ -164,7 +165,7 @@ copied="$(psql "$RAW_URL" -qXtA -c 'SELECT count(*) FROM user_logins')"
 psql "$PII_VAULT_TEST_PG" -qX -c "DROP DATABASE scale_raw_copy" >/dev/null
 rm -f "$work/user_logins.bin" "$work/vault.bin"
 
-section "load: file -> Postgres ($ROWS events, fsync on, local key)"
+section "load: file -> Postgres ($ROWS events, fsync on, shared_buffers $(psql "$PII_VAULT_TEST_PG" -qXtA -c 'SHOW shared_buffers'), local key)"
 report "pii-vault run --from-file:" "$(rate "$ROWS" "$t0" "$t1"), peak RSS $((load_rss_kb / 1024)) MiB"
 report "raw COPY of the same rows, both tables ($copied):" "$(rate "$copied" "$t2" "$t3")"
 report "pii-vault / COPY:" "$(ratio "$(per_sec "$ROWS" "$t0" "$t1")" "$(per_sec "$copied" "$t2" "$t3")")"

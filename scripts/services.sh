@@ -31,6 +31,7 @@
 #     PII_VAULT_SERVICES      which to start: "pg aws" (default), "pg" or "aws"
 #     PII_VAULT_PG_BIN        directory of the PostgreSQL server binaries [found]
 #     PII_VAULT_PG_FSYNC      fsync of the test cluster [off]; the benchmark sets on
+#     PII_VAULT_PG_SHARED_BUFFERS  shared_buffers of the test cluster [256MB]
 #
 # The PostgreSQL server binaries (initdb and pg_ctl) are the first found of:
 # PII_VAULT_PG_BIN; `pg_config --bindir`; the directory of `initdb` on PATH;
@@ -301,7 +302,7 @@ listen_addresses = '127.0.0.1'
 port = $port
 unix_socket_directories = '$dir'
 max_connections = 300
-shared_buffers = 256MB
+shared_buffers = ${PII_VAULT_PG_SHARED_BUFFERS:-256MB}
 fsync = ${PII_VAULT_PG_FSYNC:-off}
 synchronous_commit = ${PII_VAULT_PG_FSYNC:-off}
 full_page_writes = ${PII_VAULT_PG_FSYNC:-off}
