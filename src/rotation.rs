@@ -765,32 +765,27 @@ fn tokens_of(
     ))
 }
 
-/// One key range of `rotate token-key`: (re-tokenised, skipped).
+/// One key range of `rotate token-key`: (re-tokenised, skipped). Ranges
+/// are of message ids, as the data-key rotation's: a chunk of logins and
+/// their vault rows are then two index range scans in the same order
+/// (migrations/postgres/0009_token_rotation_by_message_id.sql).
 async fn retokenise_range(
     run: &Run,
     key: &TokenKey,
     range: &RotationRange,
 ) -> anyhow::Result<(u64, Skipped)> {
-    let parse = |s: &str| -> anyhow::Result<i64> {
-        s.parse().with_context(|| {
-            format!(
-                "range {} of rotation job {} has a bad bound",
-                range.no, run.job.id
-            )
-        })
-    };
-    let hi = range.hi.as_deref().map(parse).transpose()?;
-    let mut cursor = parse(&range.cursor)?;
+    let hi = range.hi.as_deref();
+    let mut cursor = range.cursor.clone();
     let mut reader = run.reader();
     let mut skipped = Skipped::default();
     let mut done = 0;
     loop {
         let rows = run
             .store
-            .logins_chunk(run.record, run.job.id, cursor, hi, run.opts.chunk_rows)
+            .logins_chunk(run.record, run.job.id, &cursor, hi, run.opts.chunk_rows)
             .await?;
-        let Some((last, _)) = rows.last() else { break };
-        let last = *last;
+        let Some((_, last)) = rows.last() else { break };
+        let last = last.message_id.clone();
         let mut updates = Vec::with_capacity(rows.len());
         for (id, vault) in &rows {
             match tokens_of(key, reader.open(vault).await) {
@@ -798,8 +793,10 @@ async fn retokenise_range(
                 Err(e) => skipped.add(&vault.message_id, &e),
             }
         }
+        // In id order, as the rows lie in the table.
+        updates.sort_unstable_by_key(|u| u.0);
         run.store
-            .tokens_chunk(run.record, run.job.id, range.no, last, &updates)
+            .tokens_chunk(run.record, run.job.id, range.no, &last, &updates)
             .await?;
         cursor = last;
         done += updates.len() as u64;

@@ -257,15 +257,15 @@ pub trait Maintenance: Send + Sync {
         quarantine: &[(QuarantineRow, String)],
     ) -> Result<u64, StoreError>;
 
-    /// Up to `limit` logins with a vault row, an id in `(after, hi]` and
-    /// tokens not of the job's version, in id order, with their sealed
-    /// originals.
+    /// Up to `limit` logins with a vault row, a message id in `(after, hi]`
+    /// and tokens not of the job's version, in message id order, with their
+    /// sealed originals.
     async fn logins_chunk(
         &self,
         record: i64,
         job: i64,
-        after: i64,
-        hi: Option<i64>,
+        after: &str,
+        hi: Option<&str>,
         limit: i64,
     ) -> Result<Vec<(i64, VaultRow)>, StoreError>;
 
@@ -276,7 +276,7 @@ pub trait Maintenance: Send + Sync {
         record: i64,
         job: i64,
         no: i32,
-        cursor: i64,
+        cursor: &str,
         rows: &[(i64, String, String)],
     ) -> Result<(), StoreError>;
 

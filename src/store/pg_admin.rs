@@ -337,30 +337,20 @@ impl Maintenance for PgStore {
 
     async fn rotation_bounds(&self, kind: &str, parts: usize) -> Result<Vec<String>, StoreError> {
         let parts = parts.clamp(1, 64);
-        if kind == "rotate-token-key" {
-            // Login ids come from a sequence: evenly spaced bounds split
-            // them about evenly, without reading the table.
-            let (lo, hi): (Option<i64>, Option<i64>) =
-                sqlx::query_as("SELECT min(id), max(id) FROM user_logins")
-                    .fetch_one(self.pool())
-                    .await?;
-            let (Some(lo), Some(hi)) = (lo, hi) else {
-                return Ok(vec!["0".into()]);
-            };
-            let start = lo - 1;
-            let step = ((hi - start) / parts as i64).max(1);
-            let mut bounds: Vec<i64> = (0..parts as i64).map(|i| start + i * step).collect();
-            bounds.dedup();
-            return Ok(bounds.iter().map(i64::to_string).collect());
-        }
         if parts == 1 {
             return Ok(vec![String::new()]);
         }
-        // Message ids are not evenly spread (UUIDs, line ids, legacy ids):
+        // Both rotations walk message ids: the vault's, or the logins'.
+        // They are not evenly spread (UUIDs, line ids, legacy ids):
         // quantiles of a sample of about 20,000 of them, read page-wise.
-        let estimate: f64 = sqlx::query_scalar(
-            "SELECT greatest(reltuples, 0)::float8 FROM pg_class WHERE oid = 'vault'::regclass",
-        )
+        let table = if kind == "rotate-token-key" {
+            "user_logins"
+        } else {
+            "vault"
+        };
+        let estimate: f64 = sqlx::query_scalar(&format!(
+            "SELECT greatest(reltuples, 0)::float8 FROM pg_class WHERE oid = '{table}'::regclass"
+        ))
         .fetch_one(self.pool())
         .await?;
         let percent = if estimate <= 0.0 {
@@ -371,7 +361,7 @@ impl Maintenance for PgStore {
         let fractions: Vec<f64> = (1..parts).map(|i| i as f64 / parts as f64).collect();
         let splits: Option<Vec<String>> = sqlx::query_scalar(&format!(
             "SELECT percentile_disc($1::float8[]) WITHIN GROUP (ORDER BY message_id) \
-             FROM (SELECT message_id FROM vault TABLESAMPLE SYSTEM ({percent})) s"
+             FROM (SELECT message_id FROM {table} TABLESAMPLE SYSTEM ({percent})) s"
         ))
         .bind(&fractions)
         .fetch_one(self.pool())
@@ -508,18 +498,19 @@ impl Maintenance for PgStore {
         &self,
         record: i64,
         job: i64,
-        after: i64,
-        hi: Option<i64>,
+        after: &str,
+        hi: Option<&str>,
         limit: i64,
     ) -> Result<Vec<(i64, VaultRow)>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM pii_vault_rotation_logins_chunk($1, $2, $3, $4, $5)")
-            .bind(record)
-            .bind(job)
-            .bind(after)
-            .bind(hi)
-            .bind(limit as i32)
-            .fetch_all(self.pool())
-            .await?;
+        let rows =
+            sqlx::query("SELECT * FROM pii_vault_rotation_logins_by_message($1, $2, $3, $4, $5)")
+                .bind(record)
+                .bind(job)
+                .bind(after)
+                .bind(hi)
+                .bind(limit as i32)
+                .fetch_all(self.pool())
+                .await?;
         rows.iter()
             .map(|r| Ok((r.try_get("id")?, VaultRow::from_row(r)?)))
             .collect()
@@ -530,7 +521,7 @@ impl Maintenance for PgStore {
         record: i64,
         job: i64,
         no: i32,
-        cursor: i64,
+        cursor: &str,
         rows: &[(i64, String, String)],
     ) -> Result<(), StoreError> {
         let mut tx = self.pool().begin().await?;
@@ -552,16 +543,9 @@ impl Maintenance for PgStore {
             .await?
             .rows_affected()
         };
-        advance(
-            record,
-            job,
-            no,
-            Some(&cursor.to_string()),
-            changed as i64,
-            false,
-        )
-        .execute(&mut *tx)
-        .await?;
+        advance(record, job, no, Some(cursor), changed as i64, false)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }

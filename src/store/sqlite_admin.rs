@@ -344,13 +344,9 @@ impl admin::Maintenance for SqliteStore {
         .await?)
     }
 
-    async fn rotation_bounds(&self, kind: &str, _parts: usize) -> Result<Vec<String>, StoreError> {
-        // One writer at a time on SQLite: one range.
-        Ok(vec![if kind == "rotate-token-key" {
-            "0".into()
-        } else {
-            String::new()
-        }])
+    async fn rotation_bounds(&self, _kind: &str, _parts: usize) -> Result<Vec<String>, StoreError> {
+        // One writer at a time on SQLite: one range, from the first message id.
+        Ok(vec![String::new()])
     }
 
     async fn resume_rotation(
@@ -550,8 +546,8 @@ impl admin::Maintenance for SqliteStore {
         &self,
         _record: i64,
         job: i64,
-        after: i64,
-        hi: Option<i64>,
+        after: &str,
+        hi: Option<&str>,
         limit: i64,
     ) -> Result<Vec<(i64, VaultRow)>, StoreError> {
         let version: Option<i64> =
@@ -562,9 +558,9 @@ impl admin::Maintenance for SqliteStore {
         let rows = sqlx::query(
             "SELECT l.id, l.message_id, l.user_id, v.key_id, v.nonce, v.ciphertext \
              FROM user_logins l JOIN vault v ON v.message_id = l.message_id \
-             WHERE l.id > $1 AND ($2 IS NULL OR l.id <= $2) \
+             WHERE l.message_id > $1 AND ($2 IS NULL OR l.message_id <= $2) \
              AND (l.masked_ip NOT LIKE $3 ESCAPE '\\' OR l.masked_device_id NOT LIKE $3 ESCAPE '\\') \
-             ORDER BY l.id LIMIT $4",
+             ORDER BY l.message_id LIMIT $4",
         )
         .bind(after)
         .bind(hi)
@@ -595,7 +591,7 @@ impl admin::Maintenance for SqliteStore {
         _record: i64,
         job: i64,
         no: i32,
-        cursor: i64,
+        cursor: &str,
         rows: &[(i64, String, String)],
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
@@ -609,7 +605,7 @@ impl admin::Maintenance for SqliteStore {
             .execute(&mut *tx)
             .await?;
         }
-        advance(&mut tx, job, no, &cursor.to_string(), rows.len() as i64).await?;
+        advance(&mut tx, job, no, cursor, rows.len() as i64).await?;
         tx.commit().await?;
         Ok(())
     }

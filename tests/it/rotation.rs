@@ -859,50 +859,6 @@ async fn a_killed_token_key_rotation_keeps_its_version_and_resumes() {
     pg.finish().await;
 }
 
-/// The token rotation walks logins and vault rows together by the vault
-/// row's `login_id`; a vault row that does not name its login (written
-/// before it, or by a path that set none) or names another is found all
-/// the same, by message id, and every login ends up re-tokenised.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vault_rows_that_do_not_name_their_login_are_still_re_tokenised() {
-    let input = big_events(33, 1500);
-    let Some(pg) = PgLoaded::new(&input).await else {
-        return;
-    };
-    let total = pg.scalar("SELECT count(*) FROM user_logins").await;
-    let paired = "SELECT count(*) FROM vault v JOIN user_logins l \
-                  ON l.id = v.login_id AND l.message_id = v.message_id";
-    assert_eq!(
-        pg.scalar(paired).await,
-        total,
-        "the worker's rows name their login"
-    );
-    for sql in [
-        "UPDATE vault SET login_id = NULL WHERE message_id IN \
-         (SELECT message_id FROM vault ORDER BY message_id LIMIT 40)",
-        "UPDATE vault SET login_id = login_id + 1 WHERE message_id IN \
-         (SELECT message_id FROM vault ORDER BY message_id DESC LIMIT 40)",
-    ] {
-        sqlx::query(sql).execute(&pg.pool).await.unwrap();
-    }
-    assert_eq!(pg.scalar(paired).await, total - 80);
-
-    let stderr = pg.ok(&["rotate", "token-key", "--chunk-rows", "100"]);
-    assert_eq!(count_after(&stderr, "re-tokenised"), total, "{stderr}");
-    assert_eq!(
-        pg.scalar("SELECT count(*) FROM user_logins WHERE masked_ip NOT LIKE 't2\\_%' OR masked_device_id NOT LIKE 't2\\_%'")
-            .await,
-        0
-    );
-    assert_eq!(
-        pg.strings("SELECT version || ':' || state FROM vault_keys WHERE purpose = 'token' ORDER BY version")
-            .await,
-        ["1:destroyed", "2:active"]
-    );
-    assert_eq!(pg.check_reveals(&input), ["t2".to_string()].into());
-    pg.finish().await;
-}
-
 /// How the tokens group the rows: what a token rotation must keep.
 async fn token_shape(pg: &PgLoaded) -> (i64, i64, i64, i64) {
     sqlx::query_as(
