@@ -38,6 +38,8 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'PV011', MESSAGE = format('rotation job %s is not a token-key rotation', p_job);
     END IF;
     pat := 't' || j.token_version || '\_%';
+    -- Two statements, not "p_hi IS NULL OR ... <= p_hi": a cached generic
+    -- plan could not use that as an index bound on either side.
     IF p_hi IS NULL THEN
         RETURN QUERY SELECT l.id, l.message_id, l.user_id::text, v.key_id, v.nonce, v.ciphertext
             FROM user_logins l JOIN vault v ON v.message_id = l.message_id

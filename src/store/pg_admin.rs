@@ -106,6 +106,31 @@ async fn reseal_in(
     Ok(changed)
 }
 
+impl PgStore {
+    /// One chunk of a rotation range from the job-checking function `f`
+    /// (the next `limit` rows with a message id in `(after, hi]`).
+    async fn chunk(
+        &self,
+        f: &str,
+        record: i64,
+        job: i64,
+        after: &str,
+        hi: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<sqlx::postgres::PgRow>, StoreError> {
+        Ok(
+            sqlx::query(&format!("SELECT * FROM {f}($1, $2, $3, $4, $5)"))
+                .bind(record)
+                .bind(job)
+                .bind(after)
+                .bind(hi)
+                .bind(limit as i32)
+                .fetch_all(self.pool())
+                .await?,
+        )
+    }
+}
+
 #[async_trait]
 impl Maintenance for PgStore {
     async fn insert_key(&self, key: &StoredKey) -> Result<bool, StoreError> {
@@ -465,13 +490,15 @@ impl Maintenance for PgStore {
         hi: Option<&str>,
         limit: i64,
     ) -> Result<Vec<VaultRow>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM pii_vault_rotation_vault_chunk($1, $2, $3, $4, $5)")
-            .bind(record)
-            .bind(job)
-            .bind(after)
-            .bind(hi)
-            .bind(limit as i32)
-            .fetch_all(self.pool())
+        let rows = self
+            .chunk(
+                "pii_vault_rotation_vault_chunk",
+                record,
+                job,
+                after,
+                hi,
+                limit,
+            )
             .await?;
         rows.iter().map(|r| Ok(VaultRow::from_row(r)?)).collect()
     }
@@ -502,15 +529,16 @@ impl Maintenance for PgStore {
         hi: Option<&str>,
         limit: i64,
     ) -> Result<Vec<(i64, VaultRow)>, StoreError> {
-        let rows =
-            sqlx::query("SELECT * FROM pii_vault_rotation_logins_by_message($1, $2, $3, $4, $5)")
-                .bind(record)
-                .bind(job)
-                .bind(after)
-                .bind(hi)
-                .bind(limit as i32)
-                .fetch_all(self.pool())
-                .await?;
+        let rows = self
+            .chunk(
+                "pii_vault_rotation_logins_by_message",
+                record,
+                job,
+                after,
+                hi,
+                limit,
+            )
+            .await?;
         rows.iter()
             .map(|r| Ok((r.try_get("id")?, VaultRow::from_row(r)?)))
             .collect()
