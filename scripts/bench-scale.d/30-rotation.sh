@@ -102,6 +102,24 @@ rot_login_splits="SELECT '0' UNION ALL SELECT unnest(percentile_disc(ARRAY(SELEC
 # median: of the numbers on stdin, one a line.
 rot_median() { sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.2f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
+# rot_step KIND VERB UNIT ROWS RAW_N RAW_T0 RAW_T1: one timed
+# `pii-vault rotate KIND` of round $rot_round after rot_settle, which must
+# say "VERB ROWS UNIT"; beside the ceiling's RAW_N rows in RAW_T0..RAW_T1
+# it sets rot_ratio and rot_line (and run_measured sets PEAK_RSS_KB).
+# Called in this shell, not in $( ), so that a failed step ends the script.
+rot_step() {
+    local kind="$1" verb="$2" unit="$3" rows="$4" raw_n="$5" raw_t0="$6" raw_t1="$7"
+    local name="rotate_${kind//-/_}_$rot_round" t0 t1 done_n
+    rot_settle
+    t0="$(now)"
+    run_measured "$name" "$BIN" --database-url "$PG_URL" rotate "$kind" --jobs "$rot_jobs" --reason "scale benchmark"
+    t1="$(now)"
+    done_n="$(sed -n "s/.*$verb \\([0-9]*\\) $unit.*/\\1/p" "$work/$name.err")"
+    [ "${done_n:-0}" = "$rows" ] || echo "!! $verb ${done_n:-?} of $rows $unit" >&2
+    rot_ratio="$(ratio "$(per_sec "$done_n" "$t0" "$t1")" "$(per_sec "$raw_n" "$raw_t0" "$raw_t1")")"
+    rot_line="$(rate "$done_n" "$t0" "$t1") vs $(rate "$raw_n" "$raw_t0" "$raw_t1"): $rot_ratio"
+}
+
 vault_rows="$(rot_sql "$PG_URL" 'SELECT (SELECT count(*) FROM vault) + (SELECT count(*) FROM quarantine)')"
 login_rows="$(rot_sql "$PG_URL" 'SELECT count(*) FROM user_logins')"
 rot_data_lines=()
@@ -117,15 +135,10 @@ for ((rot_round = 1; rot_round <= rot_rounds; rot_round++)); do
          FROM (SELECT message_id AS k, * FROM new_vault_$rot_round) n WHERE v.message_id = n.k AND @COND@")
 
     echo "== (rotation) round $rot_round: pii-vault rotate data-keys --jobs $rot_jobs ($vault_rows rows)" >&2
-    rot_settle
-    t0="$(now)"
-    run_measured "rotate_data_keys_$rot_round" "$BIN" --database-url "$PG_URL" rotate data-keys --jobs "$rot_jobs" --reason "scale benchmark"
-    t1="$(now)"
+    rot_step data-keys "re-encrypted" "row(s)" "$vault_rows" "$raw_v_n" "$raw_v_t0" "$raw_v_t1"
     [ "$PEAK_RSS_KB" -gt "$data_rss_kb" ] && data_rss_kb="$PEAK_RSS_KB"
-    resealed="$(sed -n 's/.*re-encrypted \([0-9]*\) row(s).*/\1/p' "$work/rotate_data_keys_$rot_round.err")"
-    [ "${resealed:-0}" = "$vault_rows" ] || echo "!! re-encrypted ${resealed:-?} of $vault_rows rows" >&2
-    rot_data_ratios+=("$(ratio "$(per_sec "$resealed" "$t0" "$t1")" "$(per_sec "$raw_v_n" "$raw_v_t0" "$raw_v_t1")")")
-    rot_data_lines+=("$(rate "$resealed" "$t0" "$t1") vs $(rate "$raw_v_n" "$raw_v_t0" "$raw_v_t1"): ${rot_data_ratios[-1]}")
+    rot_data_ratios+=("$rot_ratio")
+    rot_data_lines+=("$rot_line")
 
     echo "== (rotation) round $rot_round: ceiling, raw UPDATE … FROM of the login tokens, $rot_jobs connections" >&2
     read -r raw_l_n raw_l_t0 raw_l_t1 < <(rot_raw_update rot_raw_logins "$rot_login_splits" \
@@ -133,15 +146,10 @@ for ((rot_round = 1; rot_round <= rot_rounds; rot_round++)); do
          FROM (SELECT id AS k, * FROM new_tokens_$rot_round) n WHERE u.id = n.k AND @COND@")
 
     echo "== (rotation) round $rot_round: pii-vault rotate token-key --jobs $rot_jobs ($login_rows logins)" >&2
-    rot_settle
-    t2="$(now)"
-    run_measured "rotate_token_key_$rot_round" "$BIN" --database-url "$PG_URL" rotate token-key --jobs "$rot_jobs" --reason "scale benchmark"
-    t3="$(now)"
+    rot_step token-key "re-tokenised" "login(s)" "$login_rows" "$raw_l_n" "$raw_l_t0" "$raw_l_t1"
     [ "$PEAK_RSS_KB" -gt "$token_rss_kb" ] && token_rss_kb="$PEAK_RSS_KB"
-    retokenised="$(sed -n 's/.*re-tokenised \([0-9]*\) login(s).*/\1/p' "$work/rotate_token_key_$rot_round.err")"
-    [ "${retokenised:-0}" = "$login_rows" ] || echo "!! re-tokenised ${retokenised:-?} of $login_rows logins" >&2
-    rot_token_ratios+=("$(ratio "$(per_sec "$retokenised" "$t2" "$t3")" "$(per_sec "$raw_l_n" "$raw_l_t0" "$raw_l_t1")")")
-    rot_token_lines+=("$(rate "$retokenised" "$t2" "$t3") vs $(rate "$raw_l_n" "$raw_l_t0" "$raw_l_t1"): ${rot_token_ratios[-1]}")
+    rot_token_ratios+=("$rot_ratio")
+    rot_token_lines+=("$rot_line")
 done
 psql "$PII_VAULT_TEST_PG" -qX -c "DROP DATABASE scale_rot_raw" >/dev/null
 
