@@ -137,12 +137,19 @@ pub enum PolicyCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum HoneytokenCommand {
-    /// Plant N synthetic users (one to three logins each) among the real ones
-    /// (the schema owner only). A reveal that touches one is served as usual
-    /// and raises an alarm that only the owner sees (`audit --alarms`).
+    /// Plant N synthetic users among the real ones (the schema owner only).
+    /// Their user ids and login counts are shaped like a sample of the real
+    /// users; their logins are written by running workers, each in one of
+    /// their batches among real events, as they fall due over --over. A
+    /// reveal that touches one is served as usual and raises an alarm that
+    /// only the owner sees (`audit --alarms`).
     Plant {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=10000))]
         count: u16,
+        /// The period over which their logins fall due (`0` for the next
+        /// batch, `90m`, `12h`, `7d`).
+        #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_duration)]
+        over: std::time::Duration,
     },
 }
 
@@ -413,6 +420,30 @@ fn parse_since(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
         .map_err(|_| {
             "expected an RFC 3339 time (2026-11-25T09:00:00Z) or a date (2026-11-25)".into()
         })
+}
+
+/// `0`, or a whole number with a unit: `s`, `m`, `h`, `d`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| "expected a number and a unit: 30s, 15m, 12h, 7d".to_string())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err("the unit is one of s, m, h, d (30s, 15m, 12h, 7d)".into()),
+    };
+    if secs > 366 * 86_400 {
+        return Err("at most a year".into());
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 fn non_blank(s: &str) -> Result<String, String> {

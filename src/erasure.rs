@@ -4,14 +4,15 @@
 //! Both delete ciphertext in bulk, never decrypt it, and leave the masked
 //! `user_logins` rows for analytics (tokens alone reveal nothing). On
 //! Postgres each is one call of a `SECURITY DEFINER` function that deletes
-//! and writes the audit row, with its count, in one transaction (migration
-//! 0006): the rotator has no `DELETE` of its own, so no erasure goes
-//! unrecorded and no record claims an erasure that did not happen.
+//! and writes the audit row, with its count, in one transaction
+//! (`migrations/postgres/functions/50_erasure.sql`): the rotator has no
+//! `DELETE` of its own, so no erasure goes unrecorded and no record claims
+//! an erasure that did not happen.
 //!
-//! After a retention run the data keys that no longer seal anything are
-//! destroyed (their wrapped copy is dropped from the database), which is
-//! what makes copies of those rows in older backups unreadable once the KMS
-//! key that wrapped them is rotated away; SECURITY.md has the procedure.
+//! A retention run also destroys the data keys that no longer seal
+//! anything (their wrapped copy is dropped from the database), which is what
+//! makes copies of those rows in older backups unreadable once the KMS key
+//! that wrapped them is rotated away; SECURITY.md has the procedure.
 
 use chrono::NaiveDate;
 
@@ -38,9 +39,8 @@ pub async fn forget(
 }
 
 /// Erases every original of a login before `before` (a UTC day) and every
-/// body quarantined before it, honeytokens excepted, audited with the count
-/// in the same transaction; then destroys the retired data keys left with
-/// nothing to open.
+/// body quarantined before it, and destroys the retired data keys left with
+/// nothing to open, audited with the count in the same transaction.
 pub async fn retention(
     store: &dyn Maintenance,
     before: NaiveDate,
@@ -54,7 +54,7 @@ pub async fn retention(
     let erased = store
         .retention(before, &job.entry("retention", format!("before={before}")))
         .await?;
-    let destroyed_keys = store.destroy_unreferenced_data_keys().await?;
+    let destroyed_keys = erased.keys_destroyed.clone();
     Ok(RetentionDone {
         erased,
         destroyed_keys,

@@ -14,7 +14,7 @@
 use chrono::Utc;
 
 use crate::crypto::{KeyPurpose, KeyWrapper};
-use crate::store::{AdminStore, AuditEntry, KeyState, Store, StoredKey};
+use crate::store::{AdminStore, KeyState, Store, StoredKey};
 
 /// Fails, naming the key (never its wrapping), unless `key`'s KEK is on the
 /// allow-list.
@@ -36,59 +36,48 @@ pub fn check_allowed(allowed: &[String], key: &StoredKey) -> anyhow::Result<()> 
     }
 }
 
-/// What [`init_keys`] did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Initialised {
-    pub token_key: bool,
-    pub line_id_key: bool,
-}
+pub use crate::store::admin::Initialised;
 
 /// Puts the KEK of `wrapper` on the allow-list and creates token key v1 and
-/// the line-id key if the database has none. Idempotent. Audited when it
-/// creates anything.
+/// the line-id key if the database has none. Idempotent; the store records
+/// each addition in the audit trail, in the transaction that makes it.
 pub async fn init_keys(
     store: &dyn AdminStore,
     wrapper: &dyn KeyWrapper,
     claimed_actor: &str,
 ) -> anyhow::Result<Initialised> {
-    store.allow_kek(&wrapper.kek_id()).await?;
-    let mut done = Initialised::default();
     let keys = store.list_keys().await?;
-    if !keys.iter().any(|k| k.purpose == KeyPurpose::Token) {
+    let token = if keys.iter().any(|k| k.purpose == KeyPurpose::Token) {
+        None
+    } else {
         let (_, wrapped) = wrapper.generate(KeyPurpose::Token).await?;
-        // Two owners initialising at once: the token-version index lets one
-        // win; the other finds the key on its next look.
-        done.token_key = store
-            .insert_key(&new_key("tok", KeyPurpose::Token, 1, wrapped))
-            .await?;
-    }
-    if !keys
+        Some(new_key("tok", KeyPurpose::Token, 1, wrapped))
+    };
+    let line_ids = if keys
         .iter()
         .any(|k| k.purpose == KeyPurpose::LineIds && k.state != KeyState::Destroyed)
     {
+        None
+    } else {
         let (_, wrapped) = wrapper.generate(KeyPurpose::LineIds).await?;
-        done.line_id_key = store
-            .insert_key(&new_key("ids", KeyPurpose::LineIds, 0, wrapped))
-            .await?;
-    }
+        Some(new_key("ids", KeyPurpose::LineIds, 0, wrapped))
+    };
+    // Two owners initialising at once: the database lets one key of each
+    // purpose win; the other run finds it on its next look.
+    let done = store
+        .init_keys(
+            &wrapper.kek_id(),
+            token.as_ref(),
+            line_ids.as_ref(),
+            claimed_actor,
+        )
+        .await?;
     if done.token_key || done.line_id_key {
-        let what = match (done.token_key, done.line_id_key) {
-            (true, true) => "token key v1, line-id key",
-            (true, false) => "token key v1",
-            _ => "line-id key",
-        };
-        store
-            .record(
-                &AuditEntry {
-                    claimed_actor: claimed_actor.into(),
-                    action: "keys-init".into(),
-                    target: what.into(),
-                    reason: "initial keys".into(),
-                },
-                0,
-            )
-            .await?;
-        tracing::info!(created = what, "initial keys created");
+        tracing::info!(
+            token_key = done.token_key,
+            line_id_key = done.line_id_key,
+            "initial keys created"
+        );
     }
     Ok(done)
 }

@@ -28,7 +28,7 @@ use crate::domain::CanonicalIp;
 use crate::keyring;
 use crate::pipeline::protect::{VaultPlaintext, AAD_QUARANTINE, AAD_VAULT};
 use crate::progress::JobProgress;
-use crate::store::admin::{RotationJob, RotationRange};
+use crate::store::admin::{JobStart, RotationJob, RotationRange};
 use crate::store::{AdminStore, AuditEntry, KeyState, QuarantineRow, Store, VaultRow};
 use crate::vault::VaultReader;
 
@@ -137,9 +137,22 @@ pub async fn rotate_kek(
         .filter(|k| k.state != KeyState::Destroyed && k.wrapped.kek_id != target_arn)
         .count();
     let lock = store
-        .begin_job(&job.entry("rotate-kek", target_arn.clone()), pending as i64)
+        .begin_job(&job.entry(KEK, target_arn.clone()), pending as i64)
         .await?;
-    store.allow_kek(&target_arn).await?;
+    let record = lock.record_id;
+    // The job puts the target on the allow-list; a killed one of another
+    // target must be finished first (its keys are half moved).
+    let rjob = match store.resume_rotation(record, KEK).await? {
+        Some(j) => {
+            let was = j.kek_target.clone().unwrap_or_default();
+            anyhow::ensure!(
+                was == target_arn,
+                "a rotate kek to {was} did not finish; run `pii-vault rotate kek --to {was}` to finish it first"
+            );
+            j
+        }
+        None => store.start_rotation(record, JobStart::Kek).await?,
+    };
     let mut moved = 0;
     // Passes until a listing finds nothing left under another KEK. A worker
     // that read the token key's KEK just before it was re-wrapped may still
@@ -149,10 +162,10 @@ pub async fn rotate_kek(
         let mut keys = store.list_keys().await?;
         keys.retain(|k| k.state != KeyState::Destroyed && k.wrapped.kek_id != target_arn);
         if keys.is_empty() {
-            let record_id = lock.record_id;
+            store.finish_rotation(record, rjob.id).await?;
             lock.finish().await;
             return Ok(KekRotated {
-                record_id,
+                record_id: record,
                 target: target_arn,
                 rewrapped: moved,
             });
@@ -178,14 +191,13 @@ pub async fn rotate_kek(
                     .await
                     .with_context(|| format!("ReEncrypt of key {}", k.id))?
             };
-            store.update_wrapped(&k.id, &new).await?;
-            moved += 1;
+            if store.rewrap_key(record, rjob.id, &k.id, &new).await? {
+                moved += 1;
+            }
         }
         if pass == 0 {
             // Make running workers take fresh data keys, now under the new KEK.
-            store
-                .transition_keys(KeyPurpose::Vault, KeyState::Active, KeyState::Retired, "")
-                .await?;
+            store.retire_data_keys(record, rjob.id).await?;
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
@@ -216,6 +228,7 @@ impl Default for RotationOptions {
     }
 }
 
+const KEK: &str = "rotate-kek";
 const DATA_KEYS: &str = "rotate-data-keys";
 const TOKEN_KEY: &str = "rotate-token-key";
 
@@ -298,48 +311,42 @@ impl Run {
     }
 }
 
-/// The job of `kind` this run works on: the one a killed run left, or a
-/// new one. Tells the operator when it resumes, and from where.
-async fn open_job(
+/// The job of `kind` a killed run left, taken over by this run's record,
+/// with its ranges; `None` when there is none. Tells the operator that it
+/// resumes, and from where.
+async fn resume_job(
     store: &dyn AdminStore,
     record: i64,
     kind: &str,
-    token_version: impl FnOnce() -> Option<i64>,
-    opts: &RotationOptions,
     progress: &JobProgress,
-) -> anyhow::Result<(RotationJob, Vec<RotationRange>, bool)> {
-    if let Some(job) = store.resume_rotation(record, kind).await? {
-        let ranges = store.rotation_ranges(record, job.id).await?;
-        let left: Vec<String> = ranges
-            .iter()
-            .filter(|r| !r.done)
-            .map(|r| {
-                if r.cursor == r.lo {
-                    format!("{} range {} from its start", r.table, r.no)
-                } else {
-                    format!("{} range {} after {}", r.table, r.no, r.cursor)
-                }
-            })
-            .collect();
-        progress.note(&format!(
-            "resuming {kind} job {} (started under audit record {}; {} row(s) done before): {}",
-            job.id,
-            job.started_by,
-            ranges.iter().map(|r| r.rows_done).sum::<i64>(),
-            if left.is_empty() {
-                "every range is done, finishing".to_string()
-            } else {
-                left.join(", ")
-            }
-        ));
-        return Ok((job, ranges, true));
-    }
-    let bounds = store.rotation_bounds(kind, opts.jobs).await?;
-    let job = store
-        .start_rotation(record, kind, token_version(), &bounds)
-        .await?;
+) -> anyhow::Result<Option<(RotationJob, Vec<RotationRange>)>> {
+    let Some(job) = store.resume_rotation(record, kind).await? else {
+        return Ok(None);
+    };
     let ranges = store.rotation_ranges(record, job.id).await?;
-    Ok((job, ranges, false))
+    let left: Vec<String> = ranges
+        .iter()
+        .filter(|r| !r.done)
+        .map(|r| {
+            if r.cursor == r.lo {
+                format!("{} range {} from its start", r.table, r.no)
+            } else {
+                format!("{} range {} after {}", r.table, r.no, r.cursor)
+            }
+        })
+        .collect();
+    progress.note(&format!(
+        "resuming {kind} job {} (started under audit record {}; {} row(s) done before): {}",
+        job.id,
+        job.started_by,
+        ranges.iter().map(|r| r.rows_done).sum::<i64>(),
+        if left.is_empty() {
+            "every range is done, finishing".to_string()
+        } else {
+            left.join(", ")
+        }
+    ));
+    Ok(Some((job, ranges)))
 }
 
 /// Sets the bar to a job's size: `pending` rows for a new job; for a
@@ -388,9 +395,8 @@ impl RangeKeys {
         {
             let (material, wrapped) = run.wrapper.generate(KeyPurpose::Vault).await?;
             let key = keyring::new_key("dek", KeyPurpose::Vault, 0, wrapped);
-            run.store.insert_key(&key).await?;
             run.store
-                .rotation_add_key(run.record, run.job.id, &key.id)
+                .rotation_new_data_key(run.record, run.job.id, &key)
                 .await?;
             self.made.push(key.id.clone());
             let fresh = RotationKey {
@@ -405,20 +411,22 @@ impl RangeKeys {
         Ok(self.current.as_mut().expect("just set"))
     }
 
-    async fn retire_full(&mut self, store: &dyn AdminStore) -> anyhow::Result<()> {
+    async fn retire_full(&mut self, run: &Run) -> anyhow::Result<()> {
         for id in self.full.drain(..) {
-            store.set_key_state(&id, KeyState::Retired).await?;
+            run.store
+                .rotation_retire_key(run.record, run.job.id, &id)
+                .await?;
         }
         Ok(())
     }
 
     /// The rotation's keys are not used by any worker: retired, so the
     /// next rotation re-encrypts their rows like the others.
-    async fn retire_all(mut self, store: &dyn AdminStore) -> anyhow::Result<Vec<String>> {
+    async fn retire_all(mut self, run: &Run) -> anyhow::Result<Vec<String>> {
         if let Some(k) = self.current.take() {
             self.full.push(k.id);
         }
-        self.retire_full(store).await?;
+        self.retire_full(run).await?;
         Ok(self.made)
     }
 }
@@ -451,8 +459,17 @@ pub async fn rotate_data_keys(
         .begin_job(&job.entry(DATA_KEYS, "vault, quarantine"), pending)
         .await?;
     let record = lock.record_id;
-    let (rjob, ranges, resumed) =
-        open_job(&*store, record, DATA_KEYS, || None, opts, progress).await?;
+    let (rjob, ranges, resumed) = match resume_job(&*store, record, DATA_KEYS, progress).await? {
+        Some((j, r)) => (j, r, true),
+        None => {
+            let bounds = store.rotation_bounds(DATA_KEYS, opts.jobs).await?;
+            let j = store
+                .start_rotation(record, JobStart::DataKeys { bounds: &bounds })
+                .await?;
+            let r = store.rotation_ranges(record, j.id).await?;
+            (j, r, false)
+        }
+    };
     let left = if resumed {
         Some(store.count_sealed_under(&rjob.old_keys).await?)
     } else {
@@ -482,8 +499,9 @@ pub async fn rotate_data_keys(
         );
         out.skipped.count = left as u64;
     }
-    out.destroyed = store.destroy_unreferenced_data_keys().await?;
-    store.finish_rotation(record, rjob.id).await?;
+    // The database destroys what nothing is sealed under any more, and
+    // records it.
+    out.destroyed = store.finish_rotation(record, rjob.id).await?;
     lock.finish().await;
     Ok(out)
 }
@@ -502,7 +520,7 @@ async fn reseal_range(
         let (vault, quarantine) = if range.table == "quarantine" {
             let rows = run
                 .store
-                .quarantine_rows_under(run.record, &run.job.old_keys, &cursor, run.opts.chunk_rows)
+                .quarantine_chunk(run.record, run.job.id, &cursor, run.opts.chunk_rows)
                 .await?;
             (vec![], rows)
         } else {
@@ -604,13 +622,13 @@ async fn reseal_range(
             .await?;
         resealed += n;
         cursor = last;
-        keys.retire_full(&*run.store).await?;
+        keys.retire_full(run).await?;
         run.chunk_committed(n)?;
     }
     run.store
         .rotation_range_done(run.record, run.job.id, range.no)
         .await?;
-    let made = keys.retire_all(&*run.store).await?;
+    let made = keys.retire_all(run).await?;
     Ok((resealed, made, skipped))
 }
 
@@ -636,50 +654,55 @@ pub async fn rotate_token_key(
         .begin_job(&job.entry(TOKEN_KEY, "user_logins"), pending)
         .await?;
     let record = lock.record_id;
-    // Read again under the lock: another rotation may have finished since.
-    let next = next_token_version(&*store).await?;
-    let (rjob, ranges, resumed) =
-        open_job(&*store, record, TOKEN_KEY, || Some(next), opts, progress).await?;
+    let (rjob, ranges, resumed, material) =
+        match resume_job(&*store, record, TOKEN_KEY, progress).await? {
+            Some((j, r)) => {
+                // The key of that version: stored when the job started.
+                let version = j
+                    .token_version
+                    .context("a token-key rotation job without its version")?;
+                let stored = store
+                    .list_keys()
+                    .await?
+                    .into_iter()
+                    .find(|k| k.purpose == KeyPurpose::Token && k.version == version)
+                    .with_context(|| {
+                        format!("token key v{version} of rotation job {} is gone", j.id)
+                    })?;
+                anyhow::ensure!(
+                    stored.state != KeyState::Destroyed,
+                    "token key v{version} of rotation job {} was destroyed",
+                    j.id
+                );
+                let m = wrapper
+                    .unwrap(KeyPurpose::Token, &stored.wrapped)
+                    .await
+                    .with_context(|| format!("cannot unwrap token key v{version}"))?;
+                (j, r, true, m)
+            }
+            None => {
+                // Read again under the lease: another rotation may have
+                // finished since.
+                let next = next_token_version(&*store).await?;
+                let (material, wrapped) = wrapper.generate(KeyPurpose::Token).await?;
+                let key = keyring::new_key("tok", KeyPurpose::Token, next, wrapped);
+                let bounds = store.rotation_bounds(TOKEN_KEY, opts.jobs).await?;
+                let j = store
+                    .start_rotation(
+                        record,
+                        JobStart::TokenKey {
+                            bounds: &bounds,
+                            key: &key,
+                        },
+                    )
+                    .await?;
+                let r = store.rotation_ranges(record, j.id).await?;
+                (j, r, false, material)
+            }
+        };
     let version = rjob
         .token_version
         .context("a token-key rotation job without its version")?;
-    // The key of that version: made by the run this one continues, or now.
-    let stored = store
-        .list_keys()
-        .await?
-        .into_iter()
-        .find(|k| k.purpose == KeyPurpose::Token && k.version == version);
-    let (material, key_id) = match stored {
-        Some(k) => {
-            anyhow::ensure!(
-                k.state != KeyState::Destroyed,
-                "token key v{version} of rotation job {} was destroyed",
-                rjob.id
-            );
-            let m = wrapper
-                .unwrap(KeyPurpose::Token, &k.wrapped)
-                .await
-                .with_context(|| format!("cannot unwrap token key v{version}"))?;
-            (m, k.id)
-        }
-        None => {
-            let (material, wrapped) = wrapper.generate(KeyPurpose::Token).await?;
-            let new = keyring::new_key("tok", KeyPurpose::Token, version, wrapped);
-            anyhow::ensure!(
-                store.insert_key(&new).await?,
-                "token key v{version} already exists: is another rotation running?"
-            );
-            (material, new.id)
-        }
-    };
-    store
-        .transition_keys(
-            KeyPurpose::Token,
-            KeyState::Active,
-            KeyState::Retired,
-            &key_id,
-        )
-        .await?;
     let token_key = TokenKey::new(version as u32, &material);
     let left = if resumed {
         Some(store.count_stale_tokens(version).await?)
@@ -713,23 +736,15 @@ pub async fn rotate_token_key(
             &store,
             wrapper.clone(),
             &token_key,
-            record,
+            (record, rjob.id),
             progress,
             &mut out,
         )
         .await?;
     }
-    if out.skipped.count == 0 {
-        out.destroyed = store
-            .transition_keys(
-                KeyPurpose::Token,
-                KeyState::Retired,
-                KeyState::Destroyed,
-                &key_id,
-            )
-            .await?;
-    }
-    store.finish_rotation(record, rjob.id).await?;
+    // The database destroys the old versions only if no login with
+    // recoverable originals still carries one, and records it.
+    out.destroyed = store.finish_rotation(record, rjob.id).await?;
     lock.finish().await;
     Ok(out)
 }
@@ -796,7 +811,7 @@ async fn retokenise_range(
         // In id order, as the rows lie in the table.
         updates.sort_unstable_by_key(|u| u.0);
         run.store
-            .tokens_chunk(run.record, run.job.id, range.no, &last, &updates)
+            .tokens_chunk(run.record, run.job.id, Some((range.no, &last)), &updates)
             .await?;
         cursor = last;
         done += updates.len() as u64;
@@ -814,7 +829,7 @@ async fn retokenise(
     store: &Arc<dyn AdminStore>,
     wrapper: Arc<dyn KeyWrapper>,
     key: &TokenKey,
-    record_id: i64,
+    (record, job): (i64, i64),
     progress: &JobProgress,
     out: &mut TokenKeyRotated,
 ) -> anyhow::Result<()> {
@@ -825,27 +840,25 @@ async fn retokenise(
     for _pass in 0..10 {
         let mut after = 0i64;
         loop {
-            let rows = store
-                .logins_to_retokenise(record_id, version, after, BATCH)
-                .await?;
-            let Some((last, _, _)) = rows.last() else {
+            let rows = store.sweep_chunk(record, job, after, BATCH).await?;
+            let Some((last, _)) = rows.last() else {
                 break;
             };
             after = *last;
             let mut updates = Vec::with_capacity(rows.len());
-            for (_, login, vault) in &rows {
-                if skipped.contains(&login.message_id) {
+            for (id, vault) in &rows {
+                if skipped.contains(&vault.message_id) {
                     continue;
                 }
                 match tokens_of(key, reader.open(vault).await) {
-                    Ok((ip, dev)) => updates.push((login.message_id.clone(), ip, dev)),
+                    Ok((ip, dev)) => updates.push((*id, ip, dev)),
                     Err(e) => {
-                        out.skipped.add(&login.message_id, &e);
-                        skipped.insert(login.message_id.clone());
+                        out.skipped.add(&vault.message_id, &e);
+                        skipped.insert(vault.message_id.clone());
                     }
                 }
             }
-            store.update_tokens(&updates).await?;
+            store.tokens_chunk(record, job, None, &updates).await?;
             out.retokenised += updates.len() as u64;
             progress.inc(updates.len() as u64);
         }

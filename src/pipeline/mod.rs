@@ -207,18 +207,38 @@ impl Pipeline {
         keys: &mut WorkerKeys,
         cancel: &CancellationToken,
     ) -> anyhow::Result<BatchOutcome> {
+        // Asked before every batch, whatever the answer (see
+        // `Store::due_honeytokens`); never a reason to hold real events back.
+        let due = match self
+            .store
+            .due_honeytokens(crate::honeytoken::room(msgs.len()))
+            .await
+        {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::debug!(error = %e, "no honeytoken logins this batch");
+                Vec::new()
+            }
+        };
+        let taken = TakenHoneytokens::take(due);
+        let due = &taken.0;
         for _ in 0..5 {
             let started = std::time::Instant::now();
-            let key_id = self.data_key(keys, msgs.len() as u64, cancel).await?;
+            let need = (msgs.len() + due.len()) as u64;
+            let key_id = self.data_key(keys, need, cancel).await?;
             let lease = keys.dek.as_mut().expect("data key present");
             let mut batch = Batch {
                 token_key_id: keys.token_id.clone(),
                 ..Batch::default()
             };
             let mut reasons = Vec::new();
-            for m in msgs {
+            let mut neighbours = Vec::new();
+            for (i, m) in msgs.iter().enumerate() {
                 match protect(m, &keys.token, &key_id, &lease.sealer)? {
-                    Protected::Login(l, v) => batch.logins.push((l, v)),
+                    Protected::Login(l, v) => {
+                        neighbours.push((i, batch.logins.len()));
+                        batch.logins.push((l, v));
+                    }
                     Protected::Rejected(q, why) => {
                         tracing::info!(message_id = %m.id, line = m.line, reason = %why, "rejected message quarantined");
                         reasons.push(why.code());
@@ -226,8 +246,15 @@ impl Pipeline {
                     }
                 }
             }
-            lease.record_use(msgs.len() as u64);
-            batch.key_usage.push((key_id.clone(), msgs.len() as i64));
+            plant_due(
+                due,
+                msgs,
+                &neighbours,
+                (&keys.token, &key_id, &lease.sealer),
+                &mut batch,
+            )?;
+            lease.record_use(need);
+            batch.key_usage.push((key_id.clone(), need as i64));
             let stats = &self.stats;
             let written = retry(
                 self.opts.backoff,
@@ -300,6 +327,71 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// Honeytoken logins some writer of this process is writing now: another
+/// writer leaves them alone (two batches carrying one would collide on its
+/// message id, and the second would leave its fast lane for it).
+static IN_FLIGHT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// The due honeytoken logins one batch carries; given back when it ends,
+/// written or not (a written one is no longer handed out as due).
+struct TakenHoneytokens(Vec<crate::store::DueHoneytoken>);
+
+impl TakenHoneytokens {
+    fn take(due: Vec<crate::store::DueHoneytoken>) -> Self {
+        let mut busy = IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner());
+        let mine: Vec<_> = due
+            .into_iter()
+            .filter(|d| !busy.contains(&d.uuid_id))
+            .collect();
+        busy.extend(mine.iter().map(|d| d.uuid_id.clone()));
+        TakenHoneytokens(mine)
+    }
+}
+
+impl Drop for TakenHoneytokens {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let mut busy = IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner());
+        busy.retain(|id| !self.0.iter().any(|d| &d.uuid_id == id));
+    }
+}
+
+/// Writes the due honeytoken logins into `batch`, each beside a real login
+/// of it chosen at random (`neighbours`: message index, login index) and
+/// at a random place among them, and notes their ids in `batch.planted`.
+fn plant_due(
+    due: &[crate::store::DueHoneytoken],
+    msgs: &[Message],
+    neighbours: &[(usize, usize)],
+    (token, key_id, sealer): (&TokenKey, &str, &crate::crypto::aead::Sealer),
+    batch: &mut Batch,
+) -> anyhow::Result<()> {
+    use rand::seq::SliceRandom;
+    use rand::Rng;
+    if neighbours.is_empty() {
+        return Ok(());
+    }
+    let mut rng = rand::thread_rng();
+    let mut planted = Vec::with_capacity(due.len());
+    for d in due {
+        let &(m, l) = neighbours.choose(&mut rng).expect("not empty");
+        let Some(msg) = crate::honeytoken::inject(d, &msgs[m], &batch.logins[l].0) else {
+            continue;
+        };
+        if let Protected::Login(login, vault) = protect(&msg, token, key_id, sealer)? {
+            planted.push((login, vault));
+        }
+    }
+    for row in planted {
+        batch.planted.insert(row.0.message_id.clone());
+        let at = rng.gen_range(0..=batch.logins.len());
+        batch.logins.insert(at, row);
+    }
+    Ok(())
 }
 
 /// Batch ids: a counter for the process, from 1.

@@ -110,6 +110,10 @@ pub struct Batch {
     /// with [`StoreError::KeyRetired`] if it is no longer active. Empty: no
     /// check.
     pub token_key_id: String,
+    /// Message ids of the honeytoken logins among `logins`: written like the
+    /// rest, counted in the outcome as neither stored nor duplicate (the
+    /// outcome counts what the source delivered).
+    pub planted: std::collections::HashSet<String>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -283,6 +287,25 @@ pub struct AuditFilter {
     pub since: Option<DateTime<Utc>>,
     /// The database login (not the claimed actor).
     pub actor: Option<String>,
+}
+
+/// A honeytoken login that is due: a worker writes it among its batch's
+/// real events, with the message id shaped like theirs.
+#[derive(Clone)]
+pub struct DueHoneytoken {
+    pub uuid_id: String,
+    pub line_id: String,
+    /// The synthetic originals (`user_id`, `ip`, `device_id`).
+    pub body: String,
+}
+
+impl std::fmt::Debug for DueHoneytoken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DueHoneytoken")
+            .field("uuid_id", &self.uuid_id)
+            .field("line_id", &self.line_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A reveal that touched a honeytoken. Only the owner can read these.
@@ -570,6 +593,11 @@ pub trait Store: Send + Sync {
     async fn reveal_claim(&self, request_id: i64, claimed_actor: &str) -> Result<i64, StoreError>;
 
     async fn policy(&self) -> Result<RevealPolicy, StoreError>;
+
+    /// Honeytoken logins due to be written (at most `limit`) and not written
+    /// yet. A worker asks before every batch, whatever the answer, so that
+    /// nothing in the database's statistics tells batches with one apart.
+    async fn due_honeytokens(&self, limit: i64) -> Result<Vec<DueHoneytoken>, StoreError>;
 
     async fn audit_trail(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError>;
 }

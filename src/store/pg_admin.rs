@@ -6,14 +6,15 @@ use sqlx::{FromRow, Row};
 use chrono::NaiveDate;
 
 use super::admin::{
-    self, Forgotten, Job, JobLock, Maintenance, Retained, RotationJob, RotationRange, JOB_KINDS,
+    self, Forgotten, Initialised, Job, JobLock, JobStart, Maintenance, PlannedLogin, Retained,
+    RotationJob, RotationRange, JOB_KINDS,
 };
-use super::postgres::{login_from_row, PgStore};
+use super::postgres::PgStore;
 use super::{
-    Alarm, AuditEntry, AuditFilter, KeyState, LoginRow, QuarantineRow, RevealPolicy, Store,
-    StoreError, StoredKey, VaultRow,
+    Alarm, AuditEntry, AuditFilter, QuarantineRow, RevealPolicy, Store, StoreError, StoredKey,
+    VaultRow,
 };
-use crate::crypto::{KeyPurpose, WrappedKey};
+use crate::crypto::WrappedKey;
 
 /// `pii_vault_record(action, target, reason, claimed_actor, row_count)`:
 /// the audit row of a rotator's job, with actor and time from the database.
@@ -27,83 +28,6 @@ fn record<'q>(
         .bind(&audit.reason)
         .bind(&audit.claimed_actor)
         .bind(row_count)
-}
-
-/// `pii_vault_rotation_advance`: moves a range's cursor (`None`: keeps it).
-fn advance<'q>(
-    record: i64,
-    job: i64,
-    no: i32,
-    cursor: Option<&'q str>,
-    rows: i64,
-    done: bool,
-) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    sqlx::query("SELECT pii_vault_rotation_advance($1, $2, $3, $4, $5, $6)")
-        .bind(record)
-        .bind(job)
-        .bind(no)
-        .bind(cursor)
-        .bind(rows)
-        .bind(done)
-}
-
-/// Re-seals rows still under their old key (the `String`), in `tx`: one
-/// `UPDATE … FROM UNNEST` per table, so a chunk costs one statement.
-async fn reseal_in(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    vault: &[(VaultRow, String)],
-    quarantine: &[(QuarantineRow, String)],
-) -> Result<u64, StoreError> {
-    let mut changed = 0;
-    if !vault.is_empty() {
-        let ids: Vec<&str> = vault.iter().map(|(v, _)| v.message_id.as_str()).collect();
-        let old: Vec<&str> = vault.iter().map(|(_, o)| o.as_str()).collect();
-        let keys: Vec<&str> = vault.iter().map(|(v, _)| v.key_id.as_str()).collect();
-        let nonces: Vec<&[u8]> = vault.iter().map(|(v, _)| v.nonce.as_slice()).collect();
-        let cts: Vec<&[u8]> = vault.iter().map(|(v, _)| v.ciphertext.as_slice()).collect();
-        changed += sqlx::query(
-            "UPDATE vault SET key_id = u.key_id, nonce = u.nonce, ciphertext = u.ciphertext \
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::bytea[]) \
-                   AS u(message_id, old_key, key_id, nonce, ciphertext) \
-                 WHERE vault.message_id = u.message_id AND vault.key_id = u.old_key",
-        )
-        .bind(&ids)
-        .bind(&old)
-        .bind(&keys)
-        .bind(&nonces)
-        .bind(&cts)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-    }
-    if !quarantine.is_empty() {
-        let ids: Vec<&str> = quarantine
-            .iter()
-            .map(|(q, _)| q.message_id.as_str())
-            .collect();
-        let old: Vec<&str> = quarantine.iter().map(|(_, o)| o.as_str()).collect();
-        let keys: Vec<&str> = quarantine.iter().map(|(q, _)| q.key_id.as_str()).collect();
-        let nonces: Vec<&[u8]> = quarantine.iter().map(|(q, _)| q.nonce.as_slice()).collect();
-        let cts: Vec<&[u8]> = quarantine
-            .iter()
-            .map(|(q, _)| q.ciphertext.as_slice())
-            .collect();
-        changed += sqlx::query(
-            "UPDATE quarantine SET key_id = u.key_id, nonce = u.nonce, ciphertext = u.ciphertext \
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::bytea[]) \
-                   AS u(message_id, old_key, key_id, nonce, ciphertext) \
-                 WHERE quarantine.message_id = u.message_id AND quarantine.key_id = u.old_key",
-        )
-        .bind(&ids)
-        .bind(&old)
-        .bind(&keys)
-        .bind(&nonces)
-        .bind(&cts)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-    }
-    Ok(changed)
 }
 
 impl PgStore {
@@ -133,37 +57,29 @@ impl PgStore {
 
 #[async_trait]
 impl Maintenance for PgStore {
-    async fn insert_key(&self, key: &StoredKey) -> Result<bool, StoreError> {
-        // No conflict target: a clash on the id or on the token-version index
-        // both mean the key is not ours to insert. Time and author are set by
-        // the database (the guard trigger), whatever is sent.
-        let r = sqlx::query(
-            "INSERT INTO vault_keys (id, purpose, version, kek_id, wrapped, state) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+    async fn init_keys(
+        &self,
+        kek: &str,
+        token: Option<&StoredKey>,
+        line_ids: Option<&StoredKey>,
+        claimed_actor: &str,
+    ) -> Result<Initialised, StoreError> {
+        let (kek_added, token_key, line_id_key): (bool, bool, bool) = sqlx::query_as(
+            "SELECT kek_added, token_key, line_id_key FROM pii_vault_keys_init($1, $2, $3, $4, $5, $6)",
         )
-        .bind(&key.id)
-        .bind(key.purpose.as_str())
-        .bind(key.version)
-        .bind(&key.wrapped.kek_id)
-        .bind(&key.wrapped.blob)
-        .bind(key.state.as_str())
-        .execute(self.pool())
+        .bind(kek)
+        .bind(token.map(|k| k.id.as_str()))
+        .bind(token.map(|k| k.wrapped.blob.as_slice()))
+        .bind(line_ids.map(|k| k.id.as_str()))
+        .bind(line_ids.map(|k| k.wrapped.blob.as_slice()))
+        .bind(claimed_actor)
+        .fetch_one(self.pool())
         .await?;
-        Ok(r.rows_affected() == 1)
-    }
-
-    async fn allow_kek(&self, kek_id: &str) -> Result<(), StoreError> {
-        // No conflict target: the rotator has no SELECT that a target needs
-        // beyond the primary key, and a duplicate is simply already allowed.
-        sqlx::query("INSERT INTO kms_allowlist (kek_id) VALUES ($1) ON CONFLICT DO NOTHING")
-            .bind(kek_id)
-            .execute(self.pool())
-            .await?;
-        Ok(())
-    }
-
-    async fn record(&self, audit: &AuditEntry, row_count: i64) -> Result<i64, StoreError> {
-        Ok(record(audit, row_count).fetch_one(self.pool()).await?)
+        Ok(Initialised {
+            kek_added,
+            token_key,
+            line_id_key,
+        })
     }
 
     async fn begin_job(&self, audit: &AuditEntry, row_count: i64) -> Result<Job, StoreError> {
@@ -173,51 +89,13 @@ impl Maintenance for PgStore {
                 audit.action
             )));
         }
-        // The advisory lock is the session's: it lives as long as this
+        // The lease is this connection's backend's: it lives as long as the
         // connection, which the job keeps and closes at its end instead of
-        // handing it back to the pool still holding the lock.
+        // handing it back to the pool.
         let mut conn = self.pool().acquire().await?;
         conn.close_on_drop();
         let id = record(audit, row_count).fetch_one(&mut *conn).await?;
         Ok(Job::new(id, JobLock::Pg(conn)))
-    }
-
-    async fn update_wrapped(&self, key_id: &str, wrapped: &WrappedKey) -> Result<(), StoreError> {
-        sqlx::query("UPDATE vault_keys SET wrapped = $1, kek_id = $2 WHERE id = $3 AND state <> 'destroyed'")
-            .bind(&wrapped.blob)
-            .bind(&wrapped.kek_id)
-            .bind(key_id)
-            .execute(self.pool())
-            .await?;
-        Ok(())
-    }
-
-    async fn set_key_state(&self, key_id: &str, state: KeyState) -> Result<(), StoreError> {
-        sqlx::query("UPDATE vault_keys SET state = $1 WHERE id = $2 AND state <> 'destroyed'")
-            .bind(state.as_str())
-            .bind(key_id)
-            .execute(self.pool())
-            .await?;
-        Ok(())
-    }
-
-    async fn transition_keys(
-        &self,
-        purpose: KeyPurpose,
-        from: KeyState,
-        to: KeyState,
-        except: &str,
-    ) -> Result<Vec<String>, StoreError> {
-        // The guard trigger erases `wrapped` of a destroyed key.
-        Ok(sqlx::query_scalar(
-            "UPDATE vault_keys SET state = $1 WHERE purpose = $2 AND state = $3 AND id <> $4 RETURNING id",
-        )
-        .bind(to.as_str())
-        .bind(purpose.as_str())
-        .bind(from.as_str())
-        .bind(except)
-        .fetch_all(self.pool())
-        .await?)
     }
 
     async fn count_sealed_under(&self, key_ids: &[String]) -> Result<i64, StoreError> {
@@ -230,123 +108,6 @@ impl Maintenance for PgStore {
         .await?)
     }
 
-    async fn vault_rows_under(
-        &self,
-        job: i64,
-        key_ids: &[String],
-        after: &str,
-        limit: i64,
-    ) -> Result<Vec<VaultRow>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM pii_vault_rotation_vault_rows($1, $2, $3, $4)")
-            .bind(job)
-            .bind(key_ids)
-            .bind(after)
-            .bind(limit as i32)
-            .fetch_all(self.pool())
-            .await?;
-        rows.iter().map(|r| Ok(VaultRow::from_row(r)?)).collect()
-    }
-
-    async fn quarantine_rows_under(
-        &self,
-        job: i64,
-        key_ids: &[String],
-        after: &str,
-        limit: i64,
-    ) -> Result<Vec<QuarantineRow>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM pii_vault_rotation_quarantine_rows($1, $2, $3, $4)")
-            .bind(job)
-            .bind(key_ids)
-            .bind(after)
-            .bind(limit as i32)
-            .fetch_all(self.pool())
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(QuarantineRow {
-                    message_id: r.try_get("message_id")?,
-                    reason_code: r.try_get("reason_code")?,
-                    reason: r.try_get("reason")?,
-                    user_id: r.try_get("user_id")?,
-                    key_id: r.try_get("key_id")?,
-                    nonce: r.try_get("nonce")?,
-                    ciphertext: r.try_get("ciphertext")?,
-                    received_at: r.try_get("received_at")?,
-                })
-            })
-            .collect()
-    }
-
-    async fn reseal(
-        &self,
-        vault: &[(VaultRow, String)],
-        quarantine: &[(QuarantineRow, String)],
-    ) -> Result<u64, StoreError> {
-        let mut tx = self.pool().begin().await?;
-        let changed = reseal_in(&mut tx, vault, quarantine).await?;
-        tx.commit().await?;
-        Ok(changed)
-    }
-
-    async fn destroy_unreferenced_data_keys(&self) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar(
-            "UPDATE vault_keys k SET state = 'destroyed', wrapped = NULL \
-             WHERE k.purpose = 'vault' AND k.state = 'retired' \
-             AND NOT EXISTS (SELECT 1 FROM vault v WHERE v.key_id = k.id) \
-             AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.key_id = k.id) RETURNING k.id",
-        )
-        .fetch_all(self.pool())
-        .await?)
-    }
-
-    async fn logins_to_retokenise(
-        &self,
-        job: i64,
-        version: i64,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<(i64, LoginRow, VaultRow)>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM pii_vault_rotation_logins($1, $2, $3, $4)")
-            .bind(job)
-            .bind(version)
-            .bind(after)
-            .bind(limit as i32)
-            .fetch_all(self.pool())
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let login = login_from_row(r)?;
-                let vault = VaultRow::of(
-                    &login,
-                    r.try_get("key_id")?,
-                    r.try_get("nonce")?,
-                    r.try_get("ciphertext")?,
-                );
-                Ok((r.try_get("id")?, login, vault))
-            })
-            .collect()
-    }
-
-    async fn update_tokens(&self, rows: &[(String, String, String)]) -> Result<(), StoreError> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let ids: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
-        let ips: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
-        let devs: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
-        sqlx::query(
-            "UPDATE user_logins SET masked_ip = u.ip, masked_device_id = u.dev \
-             FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(message_id, ip, dev) \
-             WHERE user_logins.message_id = u.message_id",
-        )
-        .bind(&ids)
-        .bind(&ips)
-        .bind(&devs)
-        .execute(self.pool())
-        .await?;
-        Ok(())
-    }
-
     async fn count_stale_tokens(&self, version: i64) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar(
             // The filter first, the vault only for what passes it: after a
@@ -354,6 +115,15 @@ impl Maintenance for PgStore {
             "SELECT count(*) FROM user_logins l \
              WHERE (l.masked_ip NOT LIKE $1 OR l.masked_device_id NOT LIKE $1) \
              AND EXISTS (SELECT 1 FROM vault v WHERE v.message_id = l.message_id)",
+        )
+        .bind(admin::token_like(version))
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    async fn count_tokens_not_of(&self, version: i64) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM user_logins WHERE masked_ip NOT LIKE $1 OR masked_device_id NOT LIKE $1",
         )
         .bind(admin::token_like(version))
         .fetch_one(self.pool())
@@ -413,6 +183,7 @@ impl Maintenance for PgStore {
                 started_by: r.try_get("started_by")?,
                 old_keys: r.try_get("old_keys")?,
                 token_version: r.try_get("token_version")?,
+                kek_target: r.try_get("kek_target")?,
             })
         })
         .transpose()
@@ -421,17 +192,37 @@ impl Maintenance for PgStore {
     async fn start_rotation(
         &self,
         record: i64,
-        kind: &str,
-        token_version: Option<i64>,
-        bounds: &[String],
+        start: JobStart<'_>,
     ) -> Result<RotationJob, StoreError> {
-        sqlx::query("SELECT pii_vault_rotation_job_start($1, $2, $3, $4)")
-            .bind(record)
-            .bind(kind)
-            .bind(token_version)
-            .bind(bounds)
-            .execute(self.pool())
-            .await?;
+        let kind = match start {
+            JobStart::DataKeys { bounds } => {
+                sqlx::query("SELECT pii_vault_rotation_start_data_keys($1, $2)")
+                    .bind(record)
+                    .bind(bounds)
+                    .execute(self.pool())
+                    .await?;
+                "rotate-data-keys"
+            }
+            JobStart::TokenKey { bounds, key } => {
+                sqlx::query("SELECT pii_vault_rotation_start_token_key($1, $2, $3, $4, $5, $6)")
+                    .bind(record)
+                    .bind(bounds)
+                    .bind(&key.id)
+                    .bind(key.version)
+                    .bind(&key.wrapped.kek_id)
+                    .bind(&key.wrapped.blob)
+                    .execute(self.pool())
+                    .await?;
+                "rotate-token-key"
+            }
+            JobStart::Kek => {
+                sqlx::query("SELECT pii_vault_rotation_start_kek($1)")
+                    .bind(record)
+                    .execute(self.pool())
+                    .await?;
+                "rotate-kek"
+            }
+        };
         self.resume_rotation(record, kind)
             .await?
             .ok_or_else(|| StoreError::Permanent("the rotation job just started is gone".into()))
@@ -451,13 +242,30 @@ impl Maintenance for PgStore {
         )
     }
 
-    async fn rotation_add_key(
+    async fn rotation_new_data_key(
+        &self,
+        record: i64,
+        job: i64,
+        key: &StoredKey,
+    ) -> Result<(), StoreError> {
+        sqlx::query("SELECT pii_vault_rotation_new_data_key($1, $2, $3, $4, $5)")
+            .bind(record)
+            .bind(job)
+            .bind(&key.id)
+            .bind(&key.wrapped.kek_id)
+            .bind(&key.wrapped.blob)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    async fn rotation_retire_key(
         &self,
         record: i64,
         job: i64,
         key_id: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query("SELECT pii_vault_rotation_job_add_key($1, $2, $3)")
+        sqlx::query("SELECT pii_vault_rotation_retire_key($1, $2, $3)")
             .bind(record)
             .bind(job)
             .bind(key_id)
@@ -467,19 +275,23 @@ impl Maintenance for PgStore {
     }
 
     async fn rotation_range_done(&self, record: i64, job: i64, no: i32) -> Result<(), StoreError> {
-        advance(record, job, no, None, 0, true)
+        sqlx::query("SELECT pii_vault_rotation_range_done($1, $2, $3)")
+            .bind(record)
+            .bind(job)
+            .bind(no)
             .execute(self.pool())
             .await?;
         Ok(())
     }
 
-    async fn finish_rotation(&self, record: i64, job: i64) -> Result<(), StoreError> {
-        sqlx::query("SELECT pii_vault_rotation_job_finish($1, $2)")
-            .bind(record)
-            .bind(job)
-            .execute(self.pool())
-            .await?;
-        Ok(())
+    async fn finish_rotation(&self, record: i64, job: i64) -> Result<Vec<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT pii_vault_rotation_finish($1, $2)")
+                .bind(record)
+                .bind(job)
+                .fetch_one(self.pool())
+                .await?,
+        )
     }
 
     async fn vault_chunk(
@@ -503,6 +315,36 @@ impl Maintenance for PgStore {
         rows.iter().map(|r| Ok(VaultRow::from_row(r)?)).collect()
     }
 
+    async fn quarantine_chunk(
+        &self,
+        record: i64,
+        job: i64,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<QuarantineRow>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM pii_vault_rotation_quarantine_chunk($1, $2, $3, $4)")
+            .bind(record)
+            .bind(job)
+            .bind(after)
+            .bind(limit as i32)
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(QuarantineRow {
+                    message_id: r.try_get("message_id")?,
+                    reason_code: r.try_get("reason_code")?,
+                    reason: r.try_get("reason")?,
+                    user_id: r.try_get("user_id")?,
+                    key_id: r.try_get("key_id")?,
+                    nonce: r.try_get("nonce")?,
+                    ciphertext: r.try_get("ciphertext")?,
+                    received_at: r.try_get("received_at")?,
+                })
+            })
+            .collect()
+    }
+
     async fn reseal_chunk(
         &self,
         record: i64,
@@ -512,13 +354,41 @@ impl Maintenance for PgStore {
         vault: &[(VaultRow, String)],
         quarantine: &[(QuarantineRow, String)],
     ) -> Result<u64, StoreError> {
-        let mut tx = self.pool().begin().await?;
-        let changed = reseal_in(&mut tx, vault, quarantine).await?;
-        advance(record, job, no, Some(cursor), changed as i64, false)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(changed)
+        // A range is of one table; the function writes the one its range names.
+        let mut ids = Vec::with_capacity(vault.len() + quarantine.len());
+        let mut old = Vec::with_capacity(ids.capacity());
+        let mut new = Vec::with_capacity(ids.capacity());
+        let mut nonces = Vec::with_capacity(ids.capacity());
+        let mut cts = Vec::with_capacity(ids.capacity());
+        for (v, o) in vault {
+            ids.push(v.message_id.as_str());
+            old.push(o.as_str());
+            new.push(v.key_id.as_str());
+            nonces.push(v.nonce.as_slice());
+            cts.push(v.ciphertext.as_slice());
+        }
+        for (q, o) in quarantine {
+            ids.push(q.message_id.as_str());
+            old.push(o.as_str());
+            new.push(q.key_id.as_str());
+            nonces.push(q.nonce.as_slice());
+            cts.push(q.ciphertext.as_slice());
+        }
+        let changed: i64 = sqlx::query_scalar(
+            "SELECT pii_vault_rotation_reseal($1, $2, $3, $4, $5::text[], $6::text[], $7::text[], $8::bytea[], $9::bytea[])",
+        )
+        .bind(record)
+        .bind(job)
+        .bind(no)
+        .bind(cursor)
+        .bind(&ids)
+        .bind(&old)
+        .bind(&new)
+        .bind(&nonces)
+        .bind(&cts)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(changed as u64)
     }
 
     async fn logins_chunk(
@@ -544,52 +414,81 @@ impl Maintenance for PgStore {
             .collect()
     }
 
+    async fn sweep_chunk(
+        &self,
+        record: i64,
+        job: i64,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, VaultRow)>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM pii_vault_rotation_sweep_chunk($1, $2, $3, $4)")
+            .bind(record)
+            .bind(job)
+            .bind(after)
+            .bind(limit as i32)
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("id")?, VaultRow::from_row(r)?)))
+            .collect()
+    }
+
     async fn tokens_chunk(
         &self,
         record: i64,
         job: i64,
-        no: i32,
-        cursor: &str,
+        range: Option<(i32, &str)>,
         rows: &[(i64, String, String)],
-    ) -> Result<(), StoreError> {
-        let mut tx = self.pool().begin().await?;
+    ) -> Result<u64, StoreError> {
         let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
         let ips: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
         let devs: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
-        let changed = if rows.is_empty() {
-            0
-        } else {
-            sqlx::query(
-                "UPDATE user_logins SET masked_ip = u.ip, masked_device_id = u.dev \
-                 FROM UNNEST($1::bigint[], $2::text[], $3::text[]) AS u(id, ip, dev) \
-                 WHERE user_logins.id = u.id",
-            )
-            .bind(&ids)
-            .bind(&ips)
-            .bind(&devs)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-        };
-        advance(record, job, no, Some(cursor), changed as i64, false)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
+        let changed: i64 = sqlx::query_scalar(
+            "SELECT pii_vault_rotation_tokens($1, $2, $3, $4, $5::bigint[], $6::text[], $7::text[])",
+        )
+        .bind(record)
+        .bind(job)
+        .bind(range.map(|r| r.0))
+        .bind(range.map(|r| r.1))
+        .bind(&ids)
+        .bind(&ips)
+        .bind(&devs)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(changed as u64)
     }
 
-    async fn count_tokens_not_of(&self, version: i64) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT count(*) FROM user_logins WHERE masked_ip NOT LIKE $1 OR masked_device_id NOT LIKE $1",
+    async fn rewrap_key(
+        &self,
+        record: i64,
+        job: i64,
+        key_id: &str,
+        wrapped: &WrappedKey,
+    ) -> Result<bool, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT pii_vault_rotation_rewrap($1, $2, $3, $4, $5)")
+                .bind(record)
+                .bind(job)
+                .bind(key_id)
+                .bind(&wrapped.kek_id)
+                .bind(&wrapped.blob)
+                .fetch_one(self.pool())
+                .await?,
         )
-        .bind(admin::token_like(version))
-        .fetch_one(self.pool())
-        .await?)
+    }
+
+    async fn retire_data_keys(&self, record: i64, job: i64) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT pii_vault_rotation_retire_data_keys($1, $2)")
+            .bind(record)
+            .bind(job)
+            .fetch_one(self.pool())
+            .await?;
+        Ok(n as u64)
     }
 
     async fn forget(&self, user_id: &str, audit: &AuditEntry) -> Result<Forgotten, StoreError> {
         // One statement: the function deletes and writes the audit row in
-        // the same transaction (migration 0006); the rotator has no DELETE.
+        // the same transaction; the rotator has no DELETE.
         let (vault_rows, quarantined, logins_kept): (i64, i64, i64) = sqlx::query_as(
             "SELECT vault_rows, quarantined, logins_kept FROM pii_vault_forget($1, $2, $3)",
         )
@@ -610,18 +509,21 @@ impl Maintenance for PgStore {
         before: NaiveDate,
         audit: &AuditEntry,
     ) -> Result<Retained, StoreError> {
-        let (vault_rows, quarantined, undated_kept): (i64, i64, i64) = sqlx::query_as(
-            "SELECT vault_rows, quarantined, undated_kept FROM pii_vault_retention($1, $2, $3)",
-        )
-        .bind(before)
-        .bind(&audit.reason)
-        .bind(&audit.claimed_actor)
-        .fetch_one(self.pool())
-        .await?;
+        let (vault_rows, quarantined, undated_kept, keys_destroyed): (i64, i64, i64, Vec<String>) =
+            sqlx::query_as(
+                "SELECT vault_rows, quarantined, undated_kept, keys_destroyed \
+                 FROM pii_vault_retention($1, $2, $3)",
+            )
+            .bind(before)
+            .bind(&audit.reason)
+            .bind(&audit.claimed_actor)
+            .fetch_one(self.pool())
+            .await?;
         Ok(Retained {
             vault_rows: vault_rows as u64,
             quarantined: quarantined as u64,
             undated_kept: undated_kept as u64,
+            keys_destroyed,
         })
     }
 
@@ -652,12 +554,76 @@ impl Maintenance for PgStore {
         self.policy().await
     }
 
-    async fn add_honeytokens(&self, user_ids: &[String]) -> Result<(), StoreError> {
+    async fn plant_honeytokens(
+        &self,
+        user_ids: &[String],
+        logins: &[PlannedLogin],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool().begin().await?;
         sqlx::query("INSERT INTO honeytokens (user_id) SELECT * FROM UNNEST($1::text[])")
             .bind(user_ids)
-            .execute(self.pool())
+            .execute(&mut *tx)
             .await?;
+        // Bodies of logins already written are not needed any more.
+        sqlx::query(
+            "DELETE FROM honeytoken_logins h WHERE EXISTS \
+             (SELECT 1 FROM user_logins l WHERE l.message_id IN (h.uuid_id, h.line_id))",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let users: Vec<&str> = logins.iter().map(|l| l.user_id.as_str()).collect();
+        let uuids: Vec<&str> = logins.iter().map(|l| l.uuid_id.as_str()).collect();
+        let lines: Vec<&str> = logins.iter().map(|l| l.line_id.as_str()).collect();
+        let bodies: Vec<&str> = logins.iter().map(|l| l.body.as_str()).collect();
+        let due: Vec<chrono::DateTime<chrono::Utc>> = logins.iter().map(|l| l.due_at).collect();
+        sqlx::query(
+            "INSERT INTO honeytoken_logins (user_id, uuid_id, line_id, body, due_at) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])",
+        )
+        .bind(&users)
+        .bind(&uuids)
+        .bind(&lines)
+        .bind(&bodies)
+        .bind(&due)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    async fn sample_users(&self, limit: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        // Users of a page-wise sample of about 100,000 logins (honeytokens
+        // left out), each with all its logins counted: counting within the
+        // sample would favour busy users.
+        let estimate: f64 = sqlx::query_scalar(
+            "SELECT greatest(reltuples, 0)::float8 FROM pg_class WHERE oid = 'user_logins'::regclass",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        let percent = if estimate <= 0.0 {
+            100.0
+        } else {
+            (1e7 / estimate).clamp(0.01, 100.0)
+        };
+        Ok(sqlx::query_as(&format!(
+            "WITH s AS (SELECT DISTINCT user_id::text AS u FROM user_logins TABLESAMPLE SYSTEM ({percent}) \
+                        WHERE user_id IS NOT NULL AND user_id NOT IN (SELECT user_id FROM honeytokens) \
+                        LIMIT $1) \
+             SELECT s.u, (SELECT count(*) FROM user_logins l WHERE l.user_id = s.u) FROM s"
+        ))
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    async fn existing_users(&self, user_ids: &[String]) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT u FROM UNNEST($1::text[]) u WHERE EXISTS (SELECT 1 FROM user_logins l WHERE l.user_id = u) \
+             OR EXISTS (SELECT 1 FROM honeytokens h WHERE h.user_id = u)",
+        )
+        .bind(user_ids)
+        .fetch_all(self.pool())
+        .await?)
     }
 
     async fn alarms(&self, filter: &AuditFilter) -> Result<Vec<Alarm>, StoreError> {
@@ -700,8 +666,8 @@ impl admin::AlarmListener for PgAlarms {
     async fn next(&mut self) -> Result<i64, StoreError> {
         loop {
             let n = self.0.recv().await?;
-            // The payload is a request id and nothing else; anything else
-            // on the channel (anyone may NOTIFY) is ignored.
+            // Every reveal request notifies with its id (anyone may NOTIFY
+            // too): the caller checks it against the alarms.
             if let Ok(id) = n.payload().parse() {
                 return Ok(id);
             }

@@ -26,6 +26,11 @@ use crate::crypto::{KeyPurpose, WrappedKey};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
+/// `migrations/postgres/functions/*.sql` in name order: the current text of
+/// every function, trigger, view and grant, re-applied by every `migrate`
+/// (the list is made by build.rs).
+const FUNCTIONS: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/pg_functions.rs"));
+
 /// Rows per statement. Arrays have no parameter limit; this only bounds the
 /// size of one statement (and the time a single insert holds its locks)
 /// when a caller hands over a very large batch.
@@ -195,6 +200,7 @@ async fn copy_logins(
 async fn insert_logins(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     logins: &[&(LoginRow, VaultRow)],
+    planted: &HashSet<String>,
     out: &mut BatchOutcome,
 ) -> Result<usize, StoreError> {
     let mut fresh = 0;
@@ -236,8 +242,16 @@ async fn insert_logins(
         .await?
         .into_iter()
         .collect();
-        out.stored += inserted.len() as u64;
-        out.duplicates += (chunk.len() - inserted.len()) as u64;
+        for (l, _) in chunk {
+            if planted.contains(&l.message_id) {
+                continue;
+            }
+            if inserted.contains(&l.message_id) {
+                out.stored += 1;
+            } else {
+                out.duplicates += 1;
+            }
+        }
         fresh += inserted.len();
 
         // Only the logins this statement inserted get vault rows: a
@@ -285,6 +299,20 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 impl Store for PgStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await.map_err(sqlx::Error::from)?;
+        // One transaction: the roles never see half of the boundary. The
+        // lock keeps two owners migrating at once apart (only a role that
+        // may change the policy can take it).
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("LOCK TABLE reveal_policy IN SHARE ROW EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        for (name, sql) in FUNCTIONS {
+            sqlx::Executor::execute(&mut *tx, *sql).await.map_err(|e| {
+                let e = StoreError::from(e);
+                StoreError::Permanent(format!("migrations/postgres/functions/{name}: {e}"))
+            })?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -305,13 +333,18 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         if !logins.is_empty() {
             if self.expect_duplicates.load(Ordering::Relaxed) {
-                let fresh = insert_logins(&mut tx, &logins, &mut out).await?;
+                let fresh = insert_logins(&mut tx, &logins, &batch.planted, &mut out).await?;
                 if fresh == logins.len() {
                     self.expect_duplicates.store(false, Ordering::Relaxed);
                 }
             } else {
                 match copy_logins(&mut tx, &logins).await {
-                    Ok(()) => out.stored += logins.len() as u64,
+                    Ok(()) => {
+                        out.stored += logins
+                            .iter()
+                            .filter(|(l, _)| !batch.planted.contains(&l.message_id))
+                            .count() as u64
+                    }
                     Err(e) if is_unique_violation(&e) => {
                         // A redelivery (or a file loaded again): this batch,
                         // and the next ones until a batch is all new, take
@@ -319,7 +352,7 @@ impl Store for PgStore {
                         self.expect_duplicates.store(true, Ordering::Relaxed);
                         tx.rollback().await?;
                         tx = self.pool.begin().await?;
-                        insert_logins(&mut tx, &logins, &mut out).await?;
+                        insert_logins(&mut tx, &logins, &batch.planted, &mut out).await?;
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -495,6 +528,22 @@ impl Store for PgStore {
             changed_at,
             changed_by,
         })
+    }
+
+    async fn due_honeytokens(&self, limit: i64) -> Result<Vec<DueHoneytoken>, StoreError> {
+        let rows: Vec<(String, String, String)> =
+            sqlx::query_as("SELECT uuid_id, line_id, body FROM pii_vault_honeytokens_due($1)")
+                .bind(limit.clamp(0, 100) as i32)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(uuid_id, line_id, body)| DueHoneytoken {
+                uuid_id,
+                line_id,
+                body,
+            })
+            .collect())
     }
 
     async fn audit_trail(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {

@@ -193,25 +193,14 @@ pub(super) fn os_user() -> String {
 
 /// The reveal query for each selector column, as static text (a streamed
 /// query borrows its SQL for as long as rows come).
-fn reveal_select(column: &str) -> Option<&'static str> {
-    macro_rules! select_by {
-        ($column:literal) => {
-            concat!(
-                "SELECT l.message_id, l.user_id, l.device_type, l.masked_ip, l.masked_device_id, \
-                 l.locale, l.app_version, l.create_date, v.key_id, v.nonce, v.ciphertext \
-                 FROM user_logins l LEFT JOIN vault v ON v.message_id = l.message_id WHERE l.",
-                $column,
-                " = $1 ORDER BY l.create_date, l.id"
-            )
-        };
-    }
-    Some(match Selector::column_named(column)? {
-        "user_id" => select_by!("user_id"),
-        "masked_ip" => select_by!("masked_ip"),
-        "masked_device_id" => select_by!("masked_device_id"),
-        _ => return None,
-    })
-}
+/// The logins of a recorded reveal, fixed when it was recorded, with their
+/// sealed originals where there are any.
+const REVEAL_ROWS: &str =
+    "SELECT l.message_id, l.user_id, l.device_type, l.masked_ip, l.masked_device_id, \
+     l.locale, l.app_version, l.create_date, v.key_id, v.nonce, v.ciphertext \
+     FROM reveal_request_rows rr JOIN user_logins l ON l.message_id = rr.message_id \
+     LEFT JOIN vault v ON v.message_id = l.message_id \
+     WHERE rr.request_id = $1 ORDER BY l.create_date, l.id";
 
 const KEY_COLUMNS: &str = "id, purpose, version, kek_id, wrapped, state, created_at, usage_count";
 
@@ -354,6 +343,15 @@ impl Store for SqliteStore {
         .bind(reason)
         .execute(&mut *tx)
         .await?;
+        // The logins it covers, fixed now: a later fetch hands out these.
+        sqlx::query(&format!(
+            "INSERT INTO reveal_request_rows (request_id, message_id) \
+             SELECT $1, message_id FROM user_logins WHERE {column} = $2"
+        ))
+        .bind(id)
+        .bind(value)
+        .execute(&mut *tx)
+        .await?;
         if honey > 0 {
             sqlx::query(
                 "INSERT INTO audit_alarms (actor, request_id, target, honeytokens) VALUES ($1, $2, $3, $4)",
@@ -377,15 +375,15 @@ impl Store for SqliteStore {
 
     async fn reveal_fetch<'a>(&'a self, request_id: i64) -> Result<RevealedRows<'a>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let found: Option<(i64, String, String, Option<String>, String)> = sqlx::query_as(
-            "SELECT r.id, r.selector, r.value, r.fetched_at, a.at FROM reveal_requests r \
+        let found: Option<(i64, Option<String>, String)> = sqlx::query_as(
+            "SELECT r.id, r.fetched_at, a.at FROM reveal_requests r \
              JOIN audit_log a ON a.id = $1 \
              WHERE (r.id = $1 AND r.status = 'granted') OR (r.fetch_record = $1 AND r.status = 'approved')",
         )
         .bind(request_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((id, column, value, fetched, at)) = found else {
+        let Some((id, fetched, at)) = found else {
             return Err(StoreError::Refused(format!(
                 "reveal request {request_id} does not exist or is not granted"
             )));
@@ -400,8 +398,6 @@ impl Store for SqliteStore {
                 "audit record {request_id} has expired"
             )));
         }
-        let sql = reveal_select(&column)
-            .ok_or_else(|| StoreError::Permanent("unknown reveal selector".into()))?;
         let marked = sqlx::query(&format!(
             "UPDATE reveal_requests SET fetched_at = {NOW} WHERE id = $1 AND fetched_at IS NULL"
         ))
@@ -420,12 +416,15 @@ impl Store for SqliteStore {
         // takes). A reveal that fails half-way is not fetched again; it is
         // asked for, and audited, anew.
         tx.commit().await?;
-        let rows = sqlx::query(sql).bind(value).fetch(&self.pool).map(|r| {
-            let r = r?;
-            let login = login_from_row(&r)?;
-            let vault = sealed_beside(&login, &r)?;
-            Ok((login, vault))
-        });
+        let rows = sqlx::query(REVEAL_ROWS)
+            .bind(id)
+            .fetch(&self.pool)
+            .map(|r| {
+                let r = r?;
+                let login = login_from_row(&r)?;
+                let vault = sealed_beside(&login, &r)?;
+                Ok((login, vault))
+            });
         RevealedRows::start(rows.boxed()).await
     }
 
@@ -520,12 +519,11 @@ impl Store for SqliteStore {
         }
         let column = Selector::column_named(&column)
             .ok_or_else(|| StoreError::Permanent("unknown reveal selector".into()))?;
-        let n: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM user_logins WHERE {column} = $1"
-        ))
-        .bind(&value)
-        .fetch_one(&mut *tx)
-        .await?;
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM reveal_request_rows WHERE request_id = $1")
+                .bind(request_id)
+                .fetch_one(&mut *tx)
+                .await?;
         let audit = AuditEntry {
             claimed_actor: claimed_actor.into(),
             action: "reveal".into(),
@@ -562,6 +560,26 @@ impl Store for SqliteStore {
             changed_at: parse_time(&changed_at)?,
             changed_by,
         })
+    }
+
+    async fn due_honeytokens(&self, limit: i64) -> Result<Vec<DueHoneytoken>, StoreError> {
+        let rows: Vec<(String, String, String)> = sqlx::query_as(&format!(
+            "SELECT h.uuid_id, h.line_id, h.body FROM honeytoken_logins h \
+             WHERE h.due_at <= {NOW} AND NOT EXISTS \
+             (SELECT 1 FROM user_logins l WHERE l.message_id IN (h.uuid_id, h.line_id)) \
+             ORDER BY h.due_at LIMIT $1"
+        ))
+        .bind(limit.clamp(0, 100))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(uuid_id, line_id, body)| DueHoneytoken {
+                uuid_id,
+                line_id,
+                body,
+            })
+            .collect())
     }
 
     async fn audit_trail(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {

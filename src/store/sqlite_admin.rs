@@ -6,22 +6,24 @@ use async_trait::async_trait;
 
 use sqlx::{FromRow, QueryBuilder, Row, Sqlite};
 
-use super::sqlite::{
-    insert_audit, login_from_row, os_user, parse_time, sqlite_time, SqliteStore, NOW,
-};
+use super::sqlite::{insert_audit, os_user, parse_time, sqlite_time, SqliteStore, NOW};
 use super::*;
-use crate::crypto::{KeyPurpose, WrappedKey};
+use crate::crypto::WrappedKey;
 
 /// What retention erases (and `--dry-run` counts), `$1` the day as ISO
-/// text: vault rows of logins before it, bodies quarantined before it, never
-/// a honeytoken's. Dates and times are ISO text here, so they compare as
-/// strings; a login's day is on its `user_logins` row (SQLite's vault has
-/// none, and stays small enough for the join).
+/// text: vault rows of logins before it, bodies quarantined before it.
+/// Dates and times are ISO text here, so they compare as strings; a login's
+/// day is on its `user_logins` row (SQLite's vault has none, and stays small
+/// enough for the join).
 const VAULT_BEFORE: &str =
-    "message_id IN (SELECT message_id FROM user_logins WHERE create_date < $1) \
-     AND user_id NOT IN (SELECT user_id FROM honeytokens)";
-const QUARANTINE_BEFORE: &str = "received_at < $1 \
-     AND (user_id IS NULL OR user_id NOT IN (SELECT user_id FROM honeytokens))";
+    "message_id IN (SELECT message_id FROM user_logins WHERE create_date < $1)";
+const QUARANTINE_BEFORE: &str = "received_at < $1";
+
+/// A login of `l` whose tokens are not of the version that parameter
+/// `$p` (a `LIKE` pattern) names.
+fn stale(p: u8) -> String {
+    format!("l.masked_ip NOT LIKE ${p} ESCAPE '\\' OR l.masked_device_id NOT LIKE ${p} ESCAPE '\\'")
+}
 
 fn push_in_list<'a>(q: &mut QueryBuilder<'a, Sqlite>, ids: &'a [String]) {
     q.push("(");
@@ -30,6 +32,34 @@ fn push_in_list<'a>(q: &mut QueryBuilder<'a, Sqlite>, ids: &'a [String]) {
         sep.push_bind(id);
     }
     q.push(")");
+}
+
+/// `(id, vault row)` of a token rotation's chunk read.
+fn id_and_vault_row(r: &sqlx::sqlite::SqliteRow) -> Result<(i64, VaultRow), StoreError> {
+    Ok((
+        r.try_get("id")?,
+        VaultRow {
+            message_id: r.try_get("message_id")?,
+            user_id: r
+                .try_get::<Option<String>, _>("user_id")?
+                .unwrap_or_default(),
+            key_id: r.try_get("key_id")?,
+            nonce: r.try_get("nonce")?,
+            ciphertext: r.try_get("ciphertext")?,
+        },
+    ))
+}
+
+impl SqliteStore {
+    /// The `LIKE` pattern of the tokens of job `job`'s version.
+    async fn job_token_like(&self, job: i64) -> Result<String, StoreError> {
+        let version: Option<i64> =
+            sqlx::query_scalar("SELECT token_version FROM rotation_jobs WHERE id = $1")
+                .bind(job)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(admin::token_like(version.unwrap_or(0)))
+    }
 }
 
 async fn reseal_in(
@@ -86,9 +116,13 @@ async fn advance(
     Ok(())
 }
 
-#[async_trait]
-impl admin::Maintenance for SqliteStore {
-    async fn insert_key(&self, key: &StoredKey) -> Result<bool, StoreError> {
+impl SqliteStore {
+    /// A key row as the owner of the file writes it (the database sets
+    /// nothing itself on SQLite).
+    async fn insert_key_in(
+        tx: &mut sqlx::Transaction<'_, Sqlite>,
+        key: &StoredKey,
+    ) -> Result<bool, StoreError> {
         let r = sqlx::query(&format!(
             "INSERT INTO vault_keys (id, purpose, version, kek_id, wrapped, state, created_at, usage_count, created_by) \
              VALUES ($1, $2, $3, $4, $5, $6, {NOW}, 0, $7) ON CONFLICT DO NOTHING"
@@ -100,27 +134,130 @@ impl admin::Maintenance for SqliteStore {
         .bind((key.state != KeyState::Destroyed).then_some(&key.wrapped.blob))
         .bind(key.state.as_str())
         .bind(os_user())
-        .execute(&self.pool)
+        .execute(&mut **tx)
         .await?;
         Ok(r.rows_affected() == 1)
     }
 
-    async fn allow_kek(&self, kek_id: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO kms_allowlist (kek_id, added_by) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(kek_id)
-        .bind(os_user())
-        .execute(&self.pool)
-        .await?;
+    /// The `rotation-done` audit row: what a finished job changed.
+    async fn record_done(
+        tx: &mut sqlx::Transaction<'_, Sqlite>,
+        record: i64,
+        note: String,
+        rows: i64,
+    ) -> Result<(), StoreError> {
+        let (reason, claimed): (String, Option<String>) =
+            sqlx::query_as("SELECT reason, claimed_actor FROM audit_log WHERE id = $1")
+                .bind(record)
+                .fetch_one(&mut **tx)
+                .await?;
+        let audit = AuditEntry {
+            claimed_actor: claimed.unwrap_or_default(),
+            action: "rotation-done".into(),
+            target: note,
+            reason,
+        };
+        insert_audit(tx, &audit, rows).await?;
         Ok(())
     }
+}
 
-    async fn record(&self, audit: &AuditEntry, row_count: i64) -> Result<i64, StoreError> {
+/// `rotate kek` keeps no job row on SQLite (its table's kinds predate it,
+/// and a KEK rotation resumes by itself: keys already under the target are
+/// passed over); this id stands for it.
+const KEK_JOB: i64 = 0;
+
+/// Retired data keys no row names any more, destroyed; their ids.
+async fn destroy_unreferenced(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+) -> Result<Vec<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "UPDATE vault_keys SET state = 'destroyed', wrapped = NULL \
+         WHERE purpose = 'vault' AND state = 'retired' \
+         AND NOT EXISTS (SELECT 1 FROM vault v WHERE v.key_id = vault_keys.id) \
+         AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.key_id = vault_keys.id) RETURNING id",
+    )
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+fn json_list(s: &str) -> Result<Vec<String>, StoreError> {
+    serde_json::from_str(s).map_err(|_| {
+        StoreError::Permanent("rotation_jobs holds a key list that is not JSON".into())
+    })
+}
+
+#[async_trait]
+impl admin::Maintenance for SqliteStore {
+    async fn init_keys(
+        &self,
+        kek: &str,
+        token: Option<&StoredKey>,
+        line_ids: Option<&StoredKey>,
+        claimed_actor: &str,
+    ) -> Result<admin::Initialised, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let id = insert_audit(&mut tx, audit, row_count).await?;
+        let mut done = admin::Initialised {
+            kek_added: sqlx::query(
+                "INSERT INTO kms_allowlist (kek_id, added_by) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(kek)
+            .bind(os_user())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1,
+            ..Default::default()
+        };
+        if done.kek_added {
+            let audit = AuditEntry {
+                claimed_actor: claimed_actor.into(),
+                action: "allow-kek".into(),
+                target: kek.into(),
+                reason: "key set-up".into(),
+            };
+            insert_audit(&mut tx, &audit, 0).await?;
+        }
+        let have = |purpose: &'static str| {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM vault_keys WHERE purpose = $1 AND ($1 = 'token' OR state <> 'destroyed')",
+            )
+            .bind(purpose)
+        };
+        // Under `kek`, whatever the rows say, as on Postgres.
+        let under_kek = |k: &StoredKey| StoredKey {
+            wrapped: WrappedKey {
+                kek_id: kek.to_string(),
+                blob: k.wrapped.blob.clone(),
+            },
+            ..k.clone()
+        };
+        if let Some(k) = token {
+            if have("token").fetch_one(&mut *tx).await? == 0 {
+                done.token_key = Self::insert_key_in(&mut tx, &under_kek(k)).await?;
+            }
+        }
+        if let Some(k) = line_ids {
+            if have("line-ids").fetch_one(&mut *tx).await? == 0 {
+                done.line_id_key = Self::insert_key_in(&mut tx, &under_kek(k)).await?;
+            }
+        }
+        if done.token_key || done.line_id_key {
+            let audit = AuditEntry {
+                claimed_actor: claimed_actor.into(),
+                action: "keys-init".into(),
+                target: match (done.token_key, done.line_id_key) {
+                    (true, true) => "token key v1, line-id key",
+                    (true, false) => "token key v1",
+                    _ => "line-id key",
+                }
+                .into(),
+                reason: "initial keys".into(),
+            };
+            insert_audit(&mut tx, &audit, 0).await?;
+        }
         tx.commit().await?;
-        Ok(id)
+        Ok(done)
     }
 
     async fn begin_job(
@@ -152,49 +289,10 @@ impl admin::Maintenance for SqliteStore {
                 audit.action
             )));
         }
-        let id = self.record(audit, row_count).await?;
+        let mut tx = self.pool.begin().await?;
+        let id = insert_audit(&mut tx, audit, row_count).await?;
+        tx.commit().await?;
         Ok(admin::Job::new(id, admin::JobLock::File(file)))
-    }
-
-    async fn update_wrapped(&self, key_id: &str, wrapped: &WrappedKey) -> Result<(), StoreError> {
-        sqlx::query("UPDATE vault_keys SET wrapped = $1, kek_id = $2 WHERE id = $3 AND state <> 'destroyed'")
-            .bind(&wrapped.blob)
-            .bind(&wrapped.kek_id)
-            .bind(key_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn set_key_state(&self, key_id: &str, state: KeyState) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE vault_keys SET state = $1, wrapped = CASE WHEN $1 = 'destroyed' THEN NULL ELSE wrapped END \
-             WHERE id = $2 AND state <> 'destroyed'",
-        )
-            .bind(state.as_str())
-            .bind(key_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn transition_keys(
-        &self,
-        purpose: KeyPurpose,
-        from: KeyState,
-        to: KeyState,
-        except: &str,
-    ) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar(
-            "UPDATE vault_keys SET state = $1, wrapped = CASE WHEN $1 = 'destroyed' THEN NULL ELSE wrapped END \
-             WHERE purpose = $2 AND state = $3 AND id <> $4 RETURNING id",
-        )
-        .bind(to.as_str())
-        .bind(purpose.as_str())
-        .bind(from.as_str())
-        .bind(except)
-        .fetch_all(&self.pool)
-        .await?)
     }
 
     async fn count_sealed_under(&self, key_ids: &[String]) -> Result<i64, StoreError> {
@@ -209,136 +307,21 @@ impl admin::Maintenance for SqliteStore {
         Ok(q.build_query_scalar().fetch_one(&self.pool).await?)
     }
 
-    async fn vault_rows_under(
-        &self,
-        _job: i64,
-        key_ids: &[String],
-        after: &str,
-        limit: i64,
-    ) -> Result<Vec<VaultRow>, StoreError> {
-        if key_ids.is_empty() {
-            return Ok(vec![]);
-        }
-        let mut q = QueryBuilder::new(
-            "SELECT message_id, user_id, key_id, nonce, ciphertext FROM vault WHERE key_id IN ",
-        );
-        push_in_list(&mut q, key_ids);
-        q.push(" AND message_id > ").push_bind(after);
-        q.push(" ORDER BY message_id LIMIT ").push_bind(limit);
-        let rows = q.build().fetch_all(&self.pool).await?;
-        rows.iter().map(|r| Ok(VaultRow::from_row(r)?)).collect()
-    }
-
-    async fn quarantine_rows_under(
-        &self,
-        _job: i64,
-        key_ids: &[String],
-        after: &str,
-        limit: i64,
-    ) -> Result<Vec<QuarantineRow>, StoreError> {
-        if key_ids.is_empty() {
-            return Ok(vec![]);
-        }
-        let mut q = QueryBuilder::new(
-            "SELECT message_id, reason_code, reason, user_id, key_id, nonce, ciphertext, received_at \
-             FROM quarantine WHERE key_id IN ",
-        );
-        push_in_list(&mut q, key_ids);
-        q.push(" AND message_id > ").push_bind(after);
-        q.push(" ORDER BY message_id LIMIT ").push_bind(limit);
-        let rows = q.build().fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(QuarantineRow {
-                    message_id: r.try_get("message_id")?,
-                    reason_code: r.try_get("reason_code")?,
-                    reason: r.try_get("reason")?,
-                    user_id: r.try_get("user_id")?,
-                    key_id: r.try_get("key_id")?,
-                    nonce: r.try_get("nonce")?,
-                    ciphertext: r.try_get("ciphertext")?,
-                    received_at: parse_time(&r.try_get::<String, _>("received_at")?)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn reseal(
-        &self,
-        vault: &[(VaultRow, String)],
-        quarantine: &[(QuarantineRow, String)],
-    ) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let changed = reseal_in(&mut tx, vault, quarantine).await?;
-        tx.commit().await?;
-        Ok(changed)
-    }
-
-    async fn destroy_unreferenced_data_keys(&self) -> Result<Vec<String>, StoreError> {
-        let destroyed = sqlx::query_scalar(
-            "UPDATE vault_keys SET state = 'destroyed', wrapped = NULL \
-             WHERE purpose = 'vault' AND state = 'retired' \
-             AND NOT EXISTS (SELECT 1 FROM vault v WHERE v.key_id = vault_keys.id) \
-             AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.key_id = vault_keys.id) RETURNING id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        self.scrub().await;
-        Ok(destroyed)
-    }
-
-    async fn logins_to_retokenise(
-        &self,
-        _job: i64,
-        version: i64,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<(i64, LoginRow, VaultRow)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT l.id, l.message_id, l.user_id, l.device_type, l.masked_ip, l.masked_device_id, l.locale, \
-             l.app_version, l.create_date, v.key_id, v.nonce, v.ciphertext \
-             FROM user_logins l JOIN vault v ON v.message_id = l.message_id \
-             WHERE l.id > $1 AND (l.masked_ip NOT LIKE $2 ESCAPE '\\' OR l.masked_device_id NOT LIKE $2 ESCAPE '\\') \
-             ORDER BY l.id LIMIT $3",
-        )
-        .bind(after)
-        .bind(admin::token_like(version))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let login = login_from_row(r)?;
-                let vault = VaultRow::of(
-                    &login,
-                    r.try_get("key_id")?,
-                    r.try_get("nonce")?,
-                    r.try_get("ciphertext")?,
-                );
-                Ok((r.try_get("id")?, login, vault))
-            })
-            .collect()
-    }
-
-    async fn update_tokens(&self, rows: &[(String, String, String)]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        for (id, ip, dev) in rows {
-            sqlx::query("UPDATE user_logins SET masked_ip = $1, masked_device_id = $2 WHERE message_id = $3")
-                .bind(ip)
-                .bind(dev)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
     async fn count_stale_tokens(&self, version: i64) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT count(*) FROM user_logins l JOIN vault v ON v.message_id = l.message_id \
-             WHERE l.masked_ip NOT LIKE $1 ESCAPE '\\' OR l.masked_device_id NOT LIKE $1 ESCAPE '\\'",
-        )
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM user_logins l JOIN vault v ON v.message_id = l.message_id WHERE {}",
+            stale(1)
+        ))
+        .bind(admin::token_like(version))
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn count_tokens_not_of(&self, version: i64) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM user_logins l WHERE {}",
+            stale(1)
+        ))
         .bind(admin::token_like(version))
         .fetch_one(&self.pool)
         .await?)
@@ -382,32 +365,69 @@ impl admin::Maintenance for SqliteStore {
         Ok(Some(admin::RotationJob {
             id,
             started_by: r.try_get("started_by")?,
-            old_keys: serde_json::from_str(&old).map_err(|_| {
-                StoreError::Permanent("rotation_jobs.old_keys is not a JSON list".into())
-            })?,
+            old_keys: json_list(&old)?,
             token_version: r.try_get("token_version")?,
+            kek_target: None,
         }))
     }
 
     async fn start_rotation(
         &self,
         record: i64,
-        kind: &str,
-        token_version: Option<i64>,
-        bounds: &[String],
+        start: admin::JobStart<'_>,
     ) -> Result<admin::RotationJob, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let mut old: Vec<String> = vec![];
-        if kind == "rotate-data-keys" {
-            sqlx::query("UPDATE vault_keys SET state = 'retired' WHERE purpose = 'vault' AND state = 'active'")
+        let (kind, bounds, table, version) = match start {
+            admin::JobStart::Kek => {
+                let target: String =
+                    sqlx::query_scalar("SELECT target FROM audit_log WHERE id = $1")
+                        .bind(record)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                sqlx::query(
+                    "INSERT INTO kms_allowlist (kek_id, added_by) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                )
+                .bind(&target)
+                .bind(os_user())
                 .execute(&mut *tx)
                 .await?;
-            old = sqlx::query_scalar(
+                tx.commit().await?;
+                return Ok(admin::RotationJob {
+                    id: KEK_JOB,
+                    started_by: record,
+                    old_keys: vec![],
+                    token_version: None,
+                    kek_target: Some(target),
+                });
+            }
+            admin::JobStart::DataKeys { bounds } => {
+                sqlx::query(
+                    "UPDATE vault_keys SET state = 'retired' WHERE purpose = 'vault' AND state = 'active'",
+                )
+                .execute(&mut *tx)
+                .await?;
+                ("rotate-data-keys", bounds, "vault", None)
+            }
+            admin::JobStart::TokenKey { bounds, key } => {
+                Self::insert_key_in(&mut tx, key).await?;
+                sqlx::query(
+                    "UPDATE vault_keys SET state = 'retired' WHERE purpose = 'token' AND state = 'active' AND id <> $1",
+                )
+                .bind(&key.id)
+                .execute(&mut *tx)
+                .await?;
+                ("rotate-token-key", bounds, "user_logins", Some(key.version))
+            }
+        };
+        let old: Vec<String> = if kind == "rotate-data-keys" {
+            sqlx::query_scalar(
                 "SELECT id FROM vault_keys WHERE purpose = 'vault' AND state = 'retired' ORDER BY id",
             )
             .fetch_all(&mut *tx)
-            .await?;
-        }
+            .await?
+        } else {
+            vec![]
+        };
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO rotation_jobs (kind, started_by, held_by, old_keys, token_version) \
              VALUES ($1, $2, $2, $3, $4) RETURNING id",
@@ -415,14 +435,9 @@ impl admin::Maintenance for SqliteStore {
         .bind(kind)
         .bind(record)
         .bind(serde_json::to_string(&old).expect("a list of strings"))
-        .bind(token_version.filter(|_| kind == "rotate-token-key"))
+        .bind(version)
         .fetch_one(&mut *tx)
         .await?;
-        let table = if kind == "rotate-data-keys" {
-            "vault"
-        } else {
-            "user_logins"
-        };
         let mut no = 0;
         for (i, lo) in bounds.iter().enumerate() {
             sqlx::query(
@@ -451,7 +466,8 @@ impl admin::Maintenance for SqliteStore {
             id,
             started_by: record,
             old_keys: old,
-            token_version: token_version.filter(|_| kind == "rotate-token-key"),
+            token_version: version,
+            kek_target: None,
         })
     }
 
@@ -468,14 +484,34 @@ impl admin::Maintenance for SqliteStore {
         .await?)
     }
 
-    async fn rotation_add_key(
+    async fn rotation_new_data_key(
+        &self,
+        _record: i64,
+        job: i64,
+        key: &StoredKey,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        Self::insert_key_in(&mut tx, key).await?;
+        sqlx::query(
+            "UPDATE rotation_jobs SET new_keys = json_insert(new_keys, '$[#]', $1) WHERE id = $2",
+        )
+        .bind(&key.id)
+        .bind(job)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn rotation_retire_key(
         &self,
         _record: i64,
         job: i64,
         key_id: &str,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE rotation_jobs SET new_keys = json_insert(new_keys, '$[#]', $1) WHERE id = $2",
+            "UPDATE vault_keys SET state = 'retired' WHERE id = $1 AND state = 'active' \
+             AND id IN (SELECT value FROM json_each((SELECT new_keys FROM rotation_jobs WHERE id = $2)))",
         )
         .bind(key_id)
         .bind(job)
@@ -493,14 +529,102 @@ impl admin::Maintenance for SqliteStore {
         Ok(())
     }
 
-    async fn finish_rotation(&self, _record: i64, job: i64) -> Result<(), StoreError> {
+    async fn finish_rotation(&self, record: i64, job: i64) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if job == KEK_JOB {
+            let target: String = sqlx::query_scalar("SELECT target FROM audit_log WHERE id = $1")
+                .bind(record)
+                .fetch_one(&mut *tx)
+                .await?;
+            let left: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM vault_keys WHERE state <> 'destroyed' AND kek_id <> $1",
+            )
+            .bind(&target)
+            .fetch_one(&mut *tx)
+            .await?;
+            if left > 0 {
+                return Err(StoreError::Refused(format!(
+                    "{left} key(s) under another key-encryption key remain; re-wrap them first"
+                )));
+            }
+            let moved: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM vault_keys WHERE state <> 'destroyed' AND kek_id = $1",
+            )
+            .bind(&target)
+            .fetch_one(&mut *tx)
+            .await?;
+            Self::record_done(
+                &mut tx,
+                record,
+                format!("rotate-kek: keys under {target}"),
+                moved,
+            )
+            .await?;
+            tx.commit().await?;
+            return Ok(vec![]);
+        }
+        let (kind, new_keys, version): (String, String, Option<i64>) =
+            sqlx::query_as("SELECT kind, new_keys, token_version FROM rotation_jobs WHERE id = $1")
+                .bind(job)
+                .fetch_one(&mut *tx)
+                .await?;
+        let rows: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(rows_done), 0) FROM rotation_ranges WHERE job_id = $1",
+        )
+        .bind(job)
+        .fetch_one(&mut *tx)
+        .await?;
+        let (gone, note) = if kind == "rotate-data-keys" {
+            sqlx::query(
+                "UPDATE vault_keys SET state = 'retired' WHERE state = 'active' \
+                 AND id IN (SELECT value FROM json_each($1))",
+            )
+            .bind(&new_keys)
+            .execute(&mut *tx)
+            .await?;
+            let gone = destroy_unreferenced(&mut tx).await?;
+            let note = format!(
+                "{kind} job {job}: {rows} row(s) re-sealed under {} new data key(s); {} data key(s) destroyed",
+                json_list(&new_keys)?.len(),
+                gone.len()
+            );
+            (gone, note)
+        } else {
+            let version = version.unwrap_or(0);
+            let stale: i64 = sqlx::query_scalar(&format!(
+                "SELECT count(*) FROM user_logins l JOIN vault v ON v.message_id = l.message_id WHERE {}",
+            stale(1)
+            ))
+            .bind(admin::token_like(version))
+            .fetch_one(&mut *tx)
+            .await?;
+            let gone: Vec<String> = if stale == 0 {
+                sqlx::query_scalar(
+                    "UPDATE vault_keys SET state = 'destroyed', wrapped = NULL \
+                     WHERE purpose = 'token' AND version < $1 AND state = 'retired' RETURNING id",
+                )
+                .bind(version)
+                .fetch_all(&mut *tx)
+                .await?
+            } else {
+                vec![]
+            };
+            let note = format!(
+                "{kind} job {job}: {rows} login(s) re-tokenised to v{version}; {} token key(s) destroyed",
+                gone.len()
+            );
+            (gone, note)
+        };
         sqlx::query(&format!(
             "UPDATE rotation_jobs SET finished_at = {NOW} WHERE id = $1"
         ))
         .bind(job)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        Self::record_done(&mut tx, record, note, rows).await?;
+        tx.commit().await?;
+        self.scrub().await;
+        Ok(gone)
     }
 
     async fn vault_chunk(
@@ -524,6 +648,40 @@ impl admin::Maintenance for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(|r| Ok(VaultRow::from_row(r)?)).collect()
+    }
+
+    async fn quarantine_chunk(
+        &self,
+        _record: i64,
+        job: i64,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<QuarantineRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT message_id, reason_code, reason, user_id, key_id, nonce, ciphertext, received_at \
+             FROM quarantine WHERE message_id > $1 \
+             AND key_id IN (SELECT value FROM json_each((SELECT old_keys FROM rotation_jobs WHERE id = $2))) \
+             ORDER BY message_id LIMIT $3",
+        )
+        .bind(after)
+        .bind(job)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(QuarantineRow {
+                    message_id: r.try_get("message_id")?,
+                    reason_code: r.try_get("reason_code")?,
+                    reason: r.try_get("reason")?,
+                    user_id: r.try_get("user_id")?,
+                    key_id: r.try_get("key_id")?,
+                    nonce: r.try_get("nonce")?,
+                    ciphertext: r.try_get("ciphertext")?,
+                    received_at: parse_time(&r.try_get::<String, _>("received_at")?)?,
+                })
+            })
+            .collect()
     }
 
     async fn reseal_chunk(
@@ -550,73 +708,96 @@ impl admin::Maintenance for SqliteStore {
         hi: Option<&str>,
         limit: i64,
     ) -> Result<Vec<(i64, VaultRow)>, StoreError> {
-        let version: Option<i64> =
-            sqlx::query_scalar("SELECT token_version FROM rotation_jobs WHERE id = $1")
-                .bind(job)
-                .fetch_one(&self.pool)
-                .await?;
-        let rows = sqlx::query(
+        let rows = sqlx::query(&format!(
             "SELECT l.id, l.message_id, l.user_id, v.key_id, v.nonce, v.ciphertext \
              FROM user_logins l JOIN vault v ON v.message_id = l.message_id \
-             WHERE l.message_id > $1 AND ($2 IS NULL OR l.message_id <= $2) \
-             AND (l.masked_ip NOT LIKE $3 ESCAPE '\\' OR l.masked_device_id NOT LIKE $3 ESCAPE '\\') \
+             WHERE l.message_id > $1 AND ($2 IS NULL OR l.message_id <= $2) AND ({}) \
              ORDER BY l.message_id LIMIT $4",
-        )
+            stale(3)
+        ))
         .bind(after)
         .bind(hi)
-        .bind(admin::token_like(version.unwrap_or(0)))
+        .bind(self.job_token_like(job).await?)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("id")?,
-                    VaultRow {
-                        message_id: r.try_get("message_id")?,
-                        user_id: r
-                            .try_get::<Option<String>, _>("user_id")?
-                            .unwrap_or_default(),
-                        key_id: r.try_get("key_id")?,
-                        nonce: r.try_get("nonce")?,
-                        ciphertext: r.try_get("ciphertext")?,
-                    },
-                ))
-            })
-            .collect()
+        rows.iter().map(id_and_vault_row).collect()
+    }
+
+    async fn sweep_chunk(
+        &self,
+        _record: i64,
+        job: i64,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, VaultRow)>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT l.id, l.message_id, l.user_id, v.key_id, v.nonce, v.ciphertext \
+             FROM user_logins l JOIN vault v ON v.message_id = l.message_id \
+             WHERE l.id > $1 AND ({}) ORDER BY l.id LIMIT $3",
+            stale(2)
+        ))
+        .bind(after)
+        .bind(self.job_token_like(job).await?)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(id_and_vault_row).collect()
     }
 
     async fn tokens_chunk(
         &self,
         _record: i64,
         job: i64,
-        no: i32,
-        cursor: &str,
+        range: Option<(i32, &str)>,
         rows: &[(i64, String, String)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
+        let mut changed = 0;
         for (id, ip, dev) in rows {
-            sqlx::query(
+            changed += sqlx::query(
                 "UPDATE user_logins SET masked_ip = $1, masked_device_id = $2 WHERE id = $3",
             )
             .bind(ip)
             .bind(dev)
             .bind(id)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
         }
-        advance(&mut tx, job, no, cursor, rows.len() as i64).await?;
+        if let Some((no, cursor)) = range {
+            advance(&mut tx, job, no, cursor, changed as i64).await?;
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(changed)
     }
 
-    async fn count_tokens_not_of(&self, version: i64) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT count(*) FROM user_logins WHERE masked_ip NOT LIKE $1 ESCAPE '\\' OR masked_device_id NOT LIKE $1 ESCAPE '\\'",
+    async fn rewrap_key(
+        &self,
+        _record: i64,
+        _job: i64,
+        key_id: &str,
+        wrapped: &WrappedKey,
+    ) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE vault_keys SET wrapped = $1, kek_id = $2 WHERE id = $3 AND state <> 'destroyed' AND kek_id <> $2",
         )
-        .bind(admin::token_like(version))
-        .fetch_one(&self.pool)
-        .await?)
+        .bind(&wrapped.blob)
+        .bind(&wrapped.kek_id)
+        .bind(key_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn retire_data_keys(&self, _record: i64, _job: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "UPDATE vault_keys SET state = 'retired' WHERE purpose = 'vault' AND state = 'active'",
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
     }
 
     async fn forget(
@@ -673,8 +854,9 @@ impl admin::Maintenance for SqliteStore {
         )
         .fetch_one(&mut *tx)
         .await?;
+        let keys_destroyed = destroy_unreferenced(&mut tx).await?;
         let audit = AuditEntry {
-            target: format!("before={day}"),
+            target: format!("before={day} keys_destroyed={}", keys_destroyed.len()),
             ..audit.clone()
         };
         insert_audit(&mut tx, &audit, (vault_rows + quarantined) as i64).await?;
@@ -684,6 +866,7 @@ impl admin::Maintenance for SqliteStore {
             vault_rows,
             quarantined,
             undated_kept: undated_kept as u64,
+            keys_destroyed,
         })
     }
 
@@ -733,7 +916,11 @@ impl admin::Maintenance for SqliteStore {
         self.policy().await
     }
 
-    async fn add_honeytokens(&self, user_ids: &[String]) -> Result<(), StoreError> {
+    async fn plant_honeytokens(
+        &self,
+        user_ids: &[String],
+        logins: &[admin::PlannedLogin],
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         for id in user_ids {
             sqlx::query("INSERT INTO honeytokens (user_id, planted_by) VALUES ($1, $2)")
@@ -742,8 +929,55 @@ impl admin::Maintenance for SqliteStore {
                 .execute(&mut *tx)
                 .await?;
         }
+        sqlx::query(
+            "DELETE FROM honeytoken_logins WHERE EXISTS \
+             (SELECT 1 FROM user_logins l WHERE l.message_id IN (honeytoken_logins.uuid_id, honeytoken_logins.line_id))",
+        )
+        .execute(&mut *tx)
+        .await?;
+        for l in logins {
+            sqlx::query(
+                "INSERT INTO honeytoken_logins (user_id, uuid_id, line_id, body, due_at) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(&l.user_id)
+            .bind(&l.uuid_id)
+            .bind(&l.line_id)
+            .bind(&l.body)
+            .bind(sqlite_time(l.due_at))
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn sample_users(&self, limit: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "WITH s AS (SELECT DISTINCT user_id AS u FROM user_logins \
+                        WHERE user_id NOT IN (SELECT user_id FROM honeytokens) \
+                        ORDER BY random() LIMIT $1) \
+             SELECT s.u, (SELECT count(*) FROM user_logins l WHERE l.user_id = s.u) FROM s",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn existing_users(&self, user_ids: &[String]) -> Result<Vec<String>, StoreError> {
+        let mut found = Vec::new();
+        for u in user_ids {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT (SELECT count(*) FROM user_logins WHERE user_id = $1) \
+                      + (SELECT count(*) FROM honeytokens WHERE user_id = $1)",
+            )
+            .bind(u)
+            .fetch_one(&self.pool)
+            .await?;
+            if n > 0 {
+                found.push(u.clone());
+            }
+        }
+        Ok(found)
     }
 
     async fn listen_alarms(&self) -> Result<Box<dyn admin::AlarmListener>, StoreError> {

@@ -154,8 +154,9 @@ fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<BatchOutcome, Sto
                     date
                 ])
                 .map_err(store_error)?;
+            let counted = !batch.planted.contains(&l.message_id);
             if new == 0 {
-                out.duplicates += 1;
+                out.duplicates += u64::from(counted);
                 continue;
             }
             sealed
@@ -167,7 +168,7 @@ fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<BatchOutcome, Sto
                     v.ciphertext
                 ])
                 .map_err(store_error)?;
-            out.stored += 1;
+            out.stored += u64::from(counted);
         }
     }
     if !batch.quarantined.is_empty() {

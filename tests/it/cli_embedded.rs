@@ -748,13 +748,47 @@ async fn policy_and_honeytokens_on_the_embedded_default() {
     assert!(!early.status.success());
     assert!(early.stdout.is_empty());
 
-    // Honeytokens: planted, served on reveal, recorded as an alarm.
-    let out = env.ok(&["honeytoken", "plant", "--count", "2"]);
+    // Honeytokens: planted, written by the next run among its events (its
+    // summary counts only what the file held), served on reveal, recorded
+    // as an alarm.
+    let out = env.ok(&["honeytoken", "plant", "--count", "2", "--over", "0"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("planted 2 honeytoken user(s)"));
-    let trap: String = sqlx::query_scalar("SELECT user_id FROM honeytokens LIMIT 1")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let more = env.write_input(
+        "more.jsonl",
+        // (A user id of another shape than u-N: the honeytokens' ids are
+        // u-N too, and one could be this one.)
+        "{\"user_id\": \"late-3\", \"app_version\": \"1.0\", \"device_type\": \"ios\", \"ip\": \"198.51.100.9\", \"locale\": \"EN\", \"device_id\": \"777-88-9999\"}\n",
+    );
+    let run = env.ok(&["run", "--from-file", &more, "--no-progress"]);
+    assert_eq!(common::summary(&run.stderr), (1, 0, 0));
+    let planted: Vec<(String, String, String, Option<String>, String)> = sqlx::query_as(
+        "SELECT l.message_id, l.create_date, l.device_type, l.locale, l.app_version FROM user_logins l \
+         JOIN honeytokens h ON h.user_id = l.user_id",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    // One a batch (this run is one batch); the other waits for the next.
+    assert_eq!(planted.len(), 1, "{planted:?}");
+    let trap: String = sqlx::query_scalar(
+        "SELECT h.user_id FROM honeytokens h JOIN user_logins l ON l.user_id = h.user_id",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    let today = chrono::Utc::now().date_naive().to_string();
+    for (id, date, device, locale, version) in &planted {
+        assert!(id.starts_with("line-") && id.len() == 37, "{id}");
+        assert_eq!(
+            (
+                date.as_str(),
+                device.as_str(),
+                locale.as_deref(),
+                version.as_str()
+            ),
+            (today.as_str(), "ios", Some("EN"), "1.0")
+        );
+    }
     db.close().await;
     let out = env.ok(&[
         "reveal",
@@ -919,6 +953,10 @@ async fn retention_erases_originals_before_a_day_through_the_binary() {
             .unwrap();
     assert_eq!(
         (action.as_str(), target, rows),
-        ("retention", format!("before={tomorrow}"), 204)
+        (
+            "retention",
+            format!("before={tomorrow} keys_destroyed=0"),
+            204
+        )
     );
 }

@@ -617,7 +617,36 @@ impl PgLoaded {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         child.kill().unwrap(); // SIGKILL
-        child.wait_with_output().unwrap()
+        let out = child.wait_with_output().unwrap();
+        self.settle().await;
+        out
+    }
+
+    /// Waits until no session of pii-vault is left on the database. A
+    /// chunk is one statement: one that a killed (or stopped) run had sent
+    /// still commits after the process is gone, so counts are read after.
+    async fn settle(&self) {
+        common::wait_until(
+            Duration::from_secs(30),
+            "the rotation's sessions to end",
+            || async {
+                let left: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name = 'pii-vault'",
+                )
+                .fetch_one(&self.pool)
+                .await
+                .unwrap();
+                (left == 0).then_some(())
+            },
+        )
+        .await
+    }
+
+    /// Rows the open job's ranges have done, once its sessions are gone.
+    async fn settled_rows_done(&self) -> i64 {
+        self.settle().await;
+        self.rows_done().await
     }
 
     async fn rows_done(&self) -> i64 {
@@ -715,7 +744,7 @@ async fn a_killed_data_key_rotation_resumes_where_it_stopped() {
         stderr_of(&out)
     );
     assert_eq!(pg.open_jobs().await, 1);
-    let done1 = pg.rows_done().await;
+    let done1 = pg.settled_rows_done().await;
     assert!(
         (300..=400).contains(&done1),
         "rows done after 3 chunks: {done1}"
@@ -744,7 +773,7 @@ async fn a_killed_data_key_rotation_resumes_where_it_stopped() {
         stderr_of(&killed)
     );
     assert_eq!(pg.open_jobs().await, 1, "the killed job stays open");
-    let done2 = pg.rows_done().await;
+    let done2 = pg.settled_rows_done().await;
     assert!(done2 < total, "killed before the end: {done2}");
 
     // 3. The rerun finishes the rest, and only the rest.
@@ -821,7 +850,7 @@ async fn a_killed_token_key_rotation_keeps_its_version_and_resumes() {
     }
     // 2 + 3 chunks of 100, and at most one more per other range of each
     // run (the ranges run on their own tasks).
-    let done1 = pg.rows_done().await;
+    let done1 = pg.settled_rows_done().await;
     assert!((500..=900).contains(&done1), "{done1}");
     assert_eq!(
         pg.scalar("SELECT count(*) FROM user_logins WHERE masked_ip LIKE 't2\\_%'")
@@ -837,7 +866,7 @@ async fn a_killed_token_key_rotation_keeps_its_version_and_resumes() {
         .await;
     assert!(stderr_of(&killed).contains("resuming rotate-token-key job"));
     assert_eq!(versions().await, ["1:retired", "2:active"]);
-    let done2 = pg.rows_done().await;
+    let done2 = pg.settled_rows_done().await;
     assert!(done2 < total);
 
     let stderr = pg.ok(&["rotate", "token-key"]);

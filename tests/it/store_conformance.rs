@@ -7,6 +7,7 @@
 //! The store never decrypts, so nonces and ciphertexts are random bytes: what
 //! matters is that each comes back attached to the right row.
 
+use crate::common::seed::Owner;
 use crate::common::{self, pg};
 
 use std::sync::Arc;
@@ -37,6 +38,20 @@ enum Raw {
     Pg(PgPool),
 }
 
+enum OwnerPool {
+    Sqlite(SqlitePool),
+    Pg(PgPool),
+}
+
+impl OwnerPool {
+    fn as_owner(&self) -> Owner<'_> {
+        match self {
+            OwnerPool::Sqlite(p) => Owner::Sqlite(p),
+            OwnerPool::Pg(p) => Owner::Pg(p),
+        }
+    }
+}
+
 enum Cleanup {
     Sqlite(#[allow(dead_code)] tempfile::TempDir),
     Pg(pg::FreshDb),
@@ -48,7 +63,7 @@ impl Harness {
         let url = format!("sqlite:{}", dir.path().join("store.db").display());
         let store = SqliteStore::connect(&url).await.unwrap();
         store.migrate().await.unwrap();
-        store.allow_kek(KEK).await.unwrap();
+        Owner::Sqlite(store.pool()).allow_kek(KEK).await;
         let raw = Raw::Sqlite(store.pool().clone());
         Harness {
             store: Arc::new(store),
@@ -64,7 +79,7 @@ impl Harness {
         let db = pg::FreshDb::create(&admin).await;
         let store = PgStore::connect(&db.url).await.unwrap();
         store.migrate().await.unwrap();
-        store.allow_kek(KEK).await.unwrap();
+        Owner::Pg(store.pool()).allow_kek(KEK).await;
         let raw = Raw::Pg(store.pool().clone());
         Some(Harness {
             store: Arc::new(store),
@@ -89,6 +104,26 @@ impl Harness {
             Raw::Sqlite(p) => sqlx::query(sql).execute(p).await?.rows_affected(),
             Raw::Pg(p) => sqlx::query(sql).execute(p).await?.rows_affected(),
         })
+    }
+
+    /// The owner of the database, for what a test sets up directly.
+    fn owner(&self) -> Owner<'_> {
+        match &self.raw {
+            Raw::Sqlite(p) => Owner::Sqlite(p),
+            Raw::Pg(p) => Owner::Pg(p),
+        }
+    }
+
+    async fn insert_key(&self, key: &StoredKey) -> bool {
+        self.owner().insert_key(key).await
+    }
+
+    /// A clone of the owner's pool, for tasks of their own.
+    fn owner_pool(&self) -> OwnerPool {
+        match &self.raw {
+            Raw::Sqlite(p) => OwnerPool::Sqlite(p.clone()),
+            Raw::Pg(p) => OwnerPool::Pg(p.clone()),
+        }
     }
 
     async fn count(&self, table: &str) -> i64 {
@@ -144,7 +179,7 @@ conformance!(
     a_reveal_of_a_token_shared_by_thousands_streams_every_row_once,
     keys_only_go_under_an_allowed_kek,
     a_job_of_a_kind_runs_once_at_a_time,
-    retention_erases_originals_before_a_day_and_keeps_logins_and_honeytokens,
+    retention_erases_originals_before_a_day_and_keeps_logins,
 );
 
 // ---------------------------------------------------------------- builders
@@ -295,11 +330,9 @@ async fn reveal_user(h: &Harness, user: &str) -> Vec<(LoginRow, Option<VaultRow>
 
 /// The keys most checks write under: data key `k1` and token key v1.
 async fn seed_keys(h: &Harness) {
-    h.store.insert_key(&data_key("k1")).await.unwrap();
-    h.store
-        .insert_key(&key("tok-1", KeyPurpose::Token, 1, KeyState::Active, 0))
-        .await
-        .unwrap();
+    h.insert_key(&data_key("k1")).await;
+    h.insert_key(&key("tok-1", KeyPurpose::Token, 1, KeyState::Active, 0))
+        .await;
 }
 
 // ------------------------------------------------------------------ checks
@@ -487,7 +520,7 @@ async fn quarantine_counts_and_dedups(h: &Harness) {
 
 async fn key_usage_accumulates(h: &Harness) {
     seed_keys(h).await;
-    h.store.insert_key(&data_key("k2")).await.unwrap();
+    h.insert_key(&data_key("k2")).await;
     // What the pipeline sends: the rows sealed under each key, and their
     // count (on Postgres the database counts them itself).
     let first = Batch {
@@ -515,20 +548,14 @@ async fn key_usage_accumulates(h: &Harness) {
 }
 
 async fn retired_keys_fence_the_batch(h: &Harness) {
-    h.store.insert_key(&data_key("k1")).await.unwrap();
-    h.store
-        .insert_key(&key("k-old", KeyPurpose::Vault, 0, KeyState::Retired, 1))
-        .await
-        .unwrap();
+    h.insert_key(&data_key("k1")).await;
+    h.insert_key(&key("k-old", KeyPurpose::Vault, 0, KeyState::Retired, 1))
+        .await;
     // Tokens carry their key's version; the batch names the key it used.
-    h.store
-        .insert_key(&key("tok-1", KeyPurpose::Token, 1, KeyState::Retired, 2))
-        .await
-        .unwrap();
-    h.store
-        .insert_key(&key("tok-2", KeyPurpose::Token, 2, KeyState::Active, 3))
-        .await
-        .unwrap();
+    h.insert_key(&key("tok-1", KeyPurpose::Token, 1, KeyState::Retired, 2))
+        .await;
+    h.insert_key(&key("tok-2", KeyPurpose::Token, 2, KeyState::Active, 3))
+        .await;
 
     let under = |data: &str, version: u32| Batch {
         logins: vec![login(
@@ -626,14 +653,10 @@ async fn keys_round_trip_and_the_current_token_key_is_the_newest_active(h: &Harn
         key("dek-x", KeyPurpose::Vault, 0, KeyState::Destroyed, 60),
     ];
     for k in &keys {
-        assert!(
-            h.store.insert_key(k).await.unwrap(),
-            "{} should be new",
-            k.id
-        );
+        assert!(h.insert_key(k).await, "{} should be new", k.id);
     }
     assert!(
-        !h.store.insert_key(&keys[3]).await.unwrap(),
+        !h.insert_key(&keys[3]).await,
         "the same id twice must not insert"
     );
 
@@ -661,24 +684,24 @@ async fn keys_round_trip_and_the_current_token_key_is_the_newest_active(h: &Harn
 }
 
 async fn token_version_race_has_one_winner(h: &Harness) {
-    assert!(h
-        .store
-        .insert_key(&key("tok-a", KeyPurpose::Token, 1, KeyState::Active, 1))
-        .await
-        .unwrap());
-    assert!(!h
-        .store
-        .insert_key(&key("tok-b", KeyPurpose::Token, 1, KeyState::Active, 2))
-        .await
-        .unwrap());
+    assert!(
+        h.insert_key(&key("tok-a", KeyPurpose::Token, 1, KeyState::Active, 1))
+            .await
+    );
+    assert!(
+        !h.insert_key(&key("tok-b", KeyPurpose::Token, 1, KeyState::Active, 2))
+            .await
+    );
     assert!(h.store.get_key("tok-b").await.unwrap().is_none());
 
-    // Workers starting together all try to create version 2.
+    // Set-ups racing each other all try to store version 2: the unique
+    // index on token versions lets exactly one of them win.
     let tasks: Vec<_> = (0..8)
         .map(|i| {
-            let store = Arc::clone(&h.store);
+            let owner = h.owner_pool();
             tokio::spawn(async move {
-                store
+                owner
+                    .as_owner()
                     .insert_key(&key(
                         &format!("tok-v2-{i}"),
                         KeyPurpose::Token,
@@ -687,7 +710,6 @@ async fn token_version_race_has_one_winner(h: &Harness) {
                         3,
                     ))
                     .await
-                    .unwrap()
             })
         })
         .collect();
@@ -711,8 +733,35 @@ async fn token_version_race_has_one_winner(h: &Harness) {
     );
 
     // The uniqueness is for token versions only: data keys all carry 0.
-    assert!(h.store.insert_key(&data_key("dek-1")).await.unwrap());
-    assert!(h.store.insert_key(&data_key("dek-2")).await.unwrap());
+    assert!(h.insert_key(&data_key("dek-1")).await);
+    assert!(h.insert_key(&data_key("dek-2")).await);
+
+    // What the product does: `migrate` / `keys init`, twice at once, store
+    // one token key between them and say so once.
+    let fresh = |id: &str, purpose, version| StoredKey {
+        id: format!("{id}-{}", uuid::Uuid::new_v4()),
+        ..key("x", purpose, version, KeyState::Active, 0)
+    };
+    let (a, b) = (
+        fresh("ids", KeyPurpose::LineIds, 0),
+        fresh("ids", KeyPurpose::LineIds, 0),
+    );
+    let (first, second) = tokio::join!(
+        h.store.init_keys(KEK, None, Some(&a), "me"),
+        h.store.init_keys(KEK, None, Some(&b), "me")
+    );
+    let made = [first, second]
+        .into_iter()
+        .filter_map(|r| match r {
+            Ok(done) => Some(done.line_id_key),
+            // Postgres: the loser of the race may see the winner's row
+            // only once it commits, as a serialization failure.
+            Err(e) if e.is_transient() => None,
+            Err(e) => panic!("{e}"),
+        })
+        .filter(|made| *made)
+        .count();
+    assert_eq!(made, 1);
 }
 
 async fn reveal_finds_rows_by_each_selector_and_audits_each_call(h: &Harness) {
@@ -908,18 +957,47 @@ async fn a_reveal_of_a_token_shared_by_thousands_streams_every_row_once(h: &Harn
 async fn keys_only_go_under_an_allowed_kek(h: &Harness) {
     let mut k = data_key("k-evil");
     k.wrapped.kek_id = "arn:aws:kms:us-east-1:666:key/evil".into();
+    let token = StoredKey {
+        id: format!("tok-{}", uuid::Uuid::new_v4()),
+        ..key("x", KeyPurpose::Token, 1, KeyState::Active, 0)
+    };
+    // The set-up itself puts its KEK on the list, and records it; a key
+    // under any other KEK is refused.
     assert!(matches!(
-        h.store.insert_key(&k).await,
+        h.store
+            .init_keys(&k.wrapped.kek_id, Some(&token), None, "me")
+            .await,
+        Ok(done) if done.kek_added && done.token_key
+    ));
+    let mut other = data_key("k-other");
+    other.wrapped.kek_id = "arn:aws:kms:us-east-1:666:key/other".into();
+    assert!(matches!(
+        h.store
+            .register_data_key("dek-00000000-0000-0000-0000-000000000002", &other.wrapped)
+            .await,
         Err(StoreError::KekNotAllowed(_))
     ));
+    let trail: Vec<String> = h
+        .store
+        .audit_trail(&pii_vault::store::AuditFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.action)
+        .collect();
+    assert_eq!(trail, ["keys-init", "allow-kek"]);
+    k.wrapped.kek_id = "arn:aws:kms:us-east-1:666:key/evil2".into();
     assert!(matches!(
         h.store
             .register_data_key("dek-00000000-0000-0000-0000-000000000001", &k.wrapped)
             .await,
         Err(StoreError::KekNotAllowed(_))
     ));
-    h.store.allow_kek(&k.wrapped.kek_id).await.unwrap();
-    assert!(h.store.insert_key(&k).await.unwrap());
+    h.owner().allow_kek(&k.wrapped.kek_id).await;
+    assert!(h.insert_key(&k).await);
     assert!(h
         .store
         .allowed_keks()
@@ -1168,12 +1246,12 @@ async fn postgres_migration_converts_the_legacy_table_in_place() {
 
     // The converted table takes new writes, ids continue after the legacy
     // rows, and the legacy rows can be revealed (with nothing to decrypt).
-    store.allow_kek(KEK).await.unwrap();
-    store.insert_key(&data_key("k1")).await.unwrap();
-    store
+    let owner = Owner::Pg(store.pool());
+    owner.allow_kek(KEK).await;
+    owner.insert_key(&data_key("k1")).await;
+    owner
         .insert_key(&key("tok-1", KeyPurpose::Token, 1, KeyState::Active, 0))
-        .await
-        .unwrap();
+        .await;
     let new = login("m-new", "u-1", "t1_ipA", "t1_devA", 3, "k1");
     let batch = Batch {
         logins: vec![new.clone()],
@@ -1211,12 +1289,12 @@ async fn sqlite_forget_leaves_no_copy_in_the_files() {
     let url = format!("sqlite:{}", dir.path().join("store.db").display());
     let store = SqliteStore::connect(&url).await.unwrap();
     store.migrate().await.unwrap();
-    store.allow_kek(KEK).await.unwrap();
-    store.insert_key(&data_key("k1")).await.unwrap();
-    store
+    let owner = Owner::Sqlite(store.pool());
+    owner.allow_kek(KEK).await;
+    owner.insert_key(&data_key("k1")).await;
+    owner
         .insert_key(&key("tok-1", KeyPurpose::Token, 1, KeyState::Active, 0))
-        .await
-        .unwrap();
+        .await;
     let alice: Vec<_> = (0..20)
         .map(|i| login(&format!("m-a{i}"), "alice", "t1_ipA", "t1_devA", 3, "k1"))
         .collect();
@@ -1260,17 +1338,18 @@ async fn sqlite_forget_leaves_no_copy_in_the_files() {
 }
 
 /// `forget --before`: every original of a login before the day goes, with
-/// one audit row that counts them; the masked logins stay, and so do
-/// honeytokens (they are how a bulk reveal is noticed, however old).
-async fn retention_erases_originals_before_a_day_and_keeps_logins_and_honeytokens(h: &Harness) {
+/// one audit row that counts them; the masked logins stay. Honeytokens go
+/// like everyone (keeping theirs would single them out to a rotator, as the
+/// only originals left before the day); their user ids, and so the alarm,
+/// stay. Retired data keys left with nothing to open are destroyed.
+async fn retention_erases_originals_before_a_day_and_keeps_logins(h: &Harness) {
     seed_keys(h).await;
-    h.store
-        .add_honeytokens(&["honey".to_string()])
-        .await
-        .unwrap();
+    h.insert_key(&key("k-old", KeyPurpose::Vault, 0, KeyState::Active, 0))
+        .await;
+    h.owner().add_honeytokens(&["honey"]).await;
     let batch = Batch {
         logins: vec![
-            login("m-1", "alice", "t1_ipA", "t1_devA", 1, "k1"),
+            login("m-1", "alice", "t1_ipA", "t1_devA", 1, "k-old"),
             login("m-2", "bob", "t1_ipB", "t1_devB", 2, "k1"),
             login("m-3", "honey", "t1_ipC", "t1_devC", 1, "k1"),
             login("m-4", "alice", "t1_ipA", "t1_devA", 20, "k1"),
@@ -1280,8 +1359,9 @@ async fn retention_erases_originals_before_a_day_and_keeps_logins_and_honeytoken
         ..Batch::default()
     };
     assert_eq!(h.store.write_batch(&batch).await.unwrap(), outcome(4, 0, 1));
+    h.owner().set_key_state("k-old", KeyState::Retired).await;
 
-    assert_eq!(h.store.count_older_than(day(3)).await.unwrap(), (2, 1));
+    assert_eq!(h.store.count_older_than(day(3)).await.unwrap(), (3, 1));
     assert_eq!(h.store.count_older_than(day(1)).await.unwrap(), (0, 1));
     let audit = pii_vault::store::AuditEntry {
         claimed_actor: "dpo@test".into(),
@@ -1293,15 +1373,20 @@ async fn retention_erases_originals_before_a_day_and_keeps_logins_and_honeytoken
     assert_eq!(
         erased,
         Retained {
-            vault_rows: 2,
+            vault_rows: 3,
             quarantined: 1,
-            undated_kept: 0
+            undated_kept: 0,
+            keys_destroyed: vec!["k-old".into()],
         }
     );
-    assert_eq!(h.count("vault").await, 2);
+    assert_eq!(h.count("vault").await, 1);
     assert_eq!(h.count("quarantine").await, 0);
     assert_eq!(h.count("user_logins").await, 4);
     assert_eq!(h.store.count_older_than(day(3)).await.unwrap(), (0, 0));
+    assert_eq!(
+        h.store.get_key("k-old").await.unwrap().unwrap().state,
+        KeyState::Destroyed
+    );
 
     let trail = h
         .store
@@ -1313,8 +1398,8 @@ async fn retention_erases_originals_before_a_day_and_keeps_logins_and_honeytoken
         .await
         .unwrap();
     assert_eq!(trail[0].action, "retention");
-    assert_eq!(trail[0].target, "before=2024-03-03");
-    assert_eq!(trail[0].row_count, 3);
+    assert_eq!(trail[0].target, "before=2024-03-03 keys_destroyed=1");
+    assert_eq!(trail[0].row_count, 4);
     assert_eq!(trail[0].claimed_actor.as_deref(), Some("dpo@test"));
 
     // alice's older login lost its originals, the later one kept them.
@@ -1324,5 +1409,15 @@ async fn retention_erases_originals_before_a_day_and_keeps_logins_and_honeytoken
         .map(|(l, v)| (l.message_id.as_str(), v.is_some()))
         .collect();
     assert_eq!(kept, [("m-1", false), ("m-4", true)]);
-    assert!(reveal_user(h, "honey").await[0].1.is_some());
+    // The honeytoken lost its originals too, and is still a trap.
+    assert!(reveal_user(h, "honey").await[0].1.is_none());
+    let alarms = h
+        .store
+        .alarms(&pii_vault::store::AuditFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(alarms.len(), 1);
 }

@@ -14,6 +14,7 @@ pub mod aws;
 pub mod faults;
 pub mod pg;
 pub mod production;
+pub mod seed;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,80 @@
+-- Erasure: one user's originals (`forget --user-id`), or every original
+-- before a day (`forget --before`, retention). Each deletes and writes its
+-- audit row, with the count, in one transaction: the rotator has no DELETE
+-- of its own, so no erasure goes unrecorded and no record claims an
+-- erasure that did not happen.
+--
+-- Honeytokens are erased like anyone: what keeps a honeytoken a trap is its
+-- user id in `honeytokens` and its rows in user_logins, which stay, so a
+-- reveal of it still raises the alarm. Keeping its originals would tell a
+-- rotator which users are honeytokens (the only vault rows left before the
+-- retention date).
+
+SELECT set_config('search_path', format('%I, pg_temp', current_schema()), true);
+
+CREATE OR REPLACE FUNCTION pii_vault_forget(p_user_id text, p_reason text, p_claimed_actor text)
+RETURNS TABLE (vault_rows bigint, quarantined bigint, logins_kept bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM pii_vault_fresh_call();
+    IF p_reason IS NULL OR btrim(p_reason) = '' THEN
+        RAISE EXCEPTION USING ERRCODE = 'PV013', MESSAGE = 'an erasure needs a reason';
+    END IF;
+    IF p_user_id IS NULL OR length(p_user_id) > 128 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'a user id is at most 128 characters';
+    END IF;
+    DELETE FROM vault WHERE user_id = p_user_id;
+    GET DIAGNOSTICS vault_rows = ROW_COUNT;
+    DELETE FROM quarantine WHERE user_id = p_user_id;
+    GET DIAGNOSTICS quarantined = ROW_COUNT;
+    SELECT count(*) INTO logins_kept FROM user_logins WHERE user_id = p_user_id;
+    INSERT INTO audit_log (action, target, reason, claimed_actor, row_count)
+    VALUES ('forget', 'user_id=' || p_user_id, p_reason, left(p_claimed_actor, 256), vault_rows + quarantined);
+    RETURN NEXT;
+END
+$$;
+REVOKE ALL ON FUNCTION pii_vault_forget(text, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pii_vault_forget(text, text, text) TO pii_vault_rotator;
+
+-- Every vault row of a login before `p_before` (UTC day) and every body
+-- quarantined before it; then the retired data keys left with nothing to
+-- open are destroyed. One audit row (action `retention`) with the count.
+CREATE OR REPLACE FUNCTION pii_vault_retention(p_before date, p_reason text, p_claimed_actor text)
+RETURNS TABLE (vault_rows bigint, quarantined bigint, undated_kept bigint, keys_destroyed text[])
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM pii_vault_fresh_call();
+    IF p_reason IS NULL OR btrim(p_reason) = '' THEN
+        RAISE EXCEPTION USING ERRCODE = 'PV013', MESSAGE = 'an erasure needs a reason';
+    END IF;
+    IF p_before IS NULL OR p_before > (clock_timestamp() AT TIME ZONE 'UTC')::date + 1 THEN
+        RAISE EXCEPTION USING ERRCODE = 'PV013',
+            MESSAGE = 'retention erases what is older than a day that has begun: the date is in the future';
+    END IF;
+    DELETE FROM vault WHERE create_date < p_before;
+    GET DIAGNOSTICS vault_rows = ROW_COUNT;
+    DELETE FROM quarantine WHERE received_at < (p_before::timestamp AT TIME ZONE 'UTC');
+    GET DIAGNOSTICS quarantined = ROW_COUNT;
+    SELECT count(*) INTO undated_kept FROM vault WHERE create_date IS NULL;
+    keys_destroyed := pii_vault_destroy_unreferenced_data_keys();
+    INSERT INTO audit_log (action, target, reason, claimed_actor, row_count)
+    VALUES ('retention', format('before=%s keys_destroyed=%s', p_before, cardinality(keys_destroyed)), p_reason,
+            left(p_claimed_actor, 256), vault_rows + quarantined);
+    RETURN NEXT;
+END
+$$;
+REVOKE ALL ON FUNCTION pii_vault_retention(date, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pii_vault_retention(date, text, text) TO pii_vault_rotator;
+
+-- What retention would erase now (`forget --before … --dry-run`).
+CREATE OR REPLACE FUNCTION pii_vault_retention_preview(p_before date)
+RETURNS TABLE (vault_rows bigint, quarantined bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT
+        (SELECT count(*) FROM vault WHERE create_date < p_before),
+        (SELECT count(*) FROM quarantine WHERE received_at < (p_before::timestamp AT TIME ZONE 'UTC'))
+$$;
+REVOKE ALL ON FUNCTION pii_vault_retention_preview(date) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pii_vault_retention_preview(date) TO pii_vault_rotator;
