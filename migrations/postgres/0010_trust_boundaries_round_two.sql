@@ -87,6 +87,22 @@ ALTER TABLE reveal_policy
     -- call's, and a transaction held open is how they were stretched.
     ADD COLUMN max_transaction_seconds integer NOT NULL DEFAULT 60 CHECK (max_transaction_seconds >= 1);
 
+-- ------------------------------------------------------------------ keys
+-- One live line-id key at most: two set-ups racing each other each found
+-- none and stored one, and a file's lines would then get two sets of ids.
+-- A database where that happened keeps working; the index then waits for
+-- the operator (see the warning).
+DO $$
+BEGIN
+    IF (SELECT count(*) FROM vault_keys WHERE purpose = 'line-ids' AND state <> 'destroyed') <= 1 THEN
+        CREATE UNIQUE INDEX vault_keys_one_line_id_key ON vault_keys (purpose)
+            WHERE purpose = 'line-ids' AND state <> 'destroyed';
+    ELSE
+        RAISE WARNING 'more than one live line-id key: keep the one in use, destroy the others, then create index vault_keys_one_line_id_key (migration 0010)';
+    END IF;
+END
+$$;
+
 -- ------------------------------------------------------------ honeytokens
 CREATE TABLE honeytoken_logins (
     id        bigserial PRIMARY KEY,

@@ -28,3 +28,7 @@ CREATE TABLE honeytoken_logins (
     due_at    TEXT NOT NULL
 );
 CREATE INDEX honeytoken_logins_due ON honeytoken_logins (due_at);
+
+-- One live line-id key at most (as on Postgres).
+CREATE UNIQUE INDEX vault_keys_one_line_id_key ON vault_keys (purpose)
+    WHERE purpose = 'line-ids' AND state <> 'destroyed';

@@ -209,18 +209,28 @@ impl Pipeline {
     ) -> anyhow::Result<BatchOutcome> {
         // Asked before every batch, whatever the answer (see
         // `Store::due_honeytokens`); never a reason to hold real events back.
-        let due = match self
+        // More than fit, so that writers asking at once each find some
+        // that no other writer of this process is carrying.
+        // Briefly: while the database is away, the write below is what
+        // waits and retries.
+        let room = crate::honeytoken::room(msgs.len());
+        let asked = self
             .store
-            .due_honeytokens(crate::honeytoken::room(msgs.len()))
-            .await
-        {
-            Ok(due) => due,
-            Err(e) => {
+            .due_honeytokens(room * (self.opts.writers.max(1) as i64 + 1));
+        let due = match tokio::time::timeout(Duration::from_secs(2), asked).await {
+            Ok(Ok(due)) => due,
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "no honeytoken logins this batch");
                 Vec::new()
             }
+            Err(_) => {
+                tracing::debug!(
+                    "no honeytoken logins this batch: the database did not answer in time"
+                );
+                Vec::new()
+            }
         };
-        let taken = TakenHoneytokens::take(due);
+        let taken = TakenHoneytokens::take(due, room as usize);
         let due = &taken.0;
         for _ in 0..5 {
             let started = std::time::Instant::now();
@@ -339,11 +349,13 @@ static IN_FLIGHT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new
 struct TakenHoneytokens(Vec<crate::store::DueHoneytoken>);
 
 impl TakenHoneytokens {
-    fn take(due: Vec<crate::store::DueHoneytoken>) -> Self {
+    /// At most `room` of `due` that no other writer holds.
+    fn take(due: Vec<crate::store::DueHoneytoken>, room: usize) -> Self {
         let mut busy = IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner());
         let mine: Vec<_> = due
             .into_iter()
             .filter(|d| !busy.contains(&d.uuid_id))
+            .take(room)
             .collect();
         busy.extend(mine.iter().map(|d| d.uuid_id.clone()));
         TakenHoneytokens(mine)

@@ -9,12 +9,14 @@
 mod common;
 
 mod aws;
+mod boundaries;
 mod cli_embedded;
 mod compose;
 mod faults;
 mod operations;
 mod production;
 mod roles;
+mod roles_e2e;
 mod rotation;
 mod store_conformance;
 mod tls;

@@ -29,30 +29,30 @@ use pii_vault::store::{
 };
 
 /// The KEK the test keys claim to be wrapped under; the owner allow-lists it.
-const TEST_KEK: &str = "local:test";
+pub(crate) const TEST_KEK: &str = "local:test";
 use rand::RngCore;
 use sqlx::{Connection, PgConnection, PgPool};
 
-const WORKER: &str = "pii_vault_worker";
-const ANALYST: &str = "pii_vault_analyst";
-const REVEALER: &str = "pii_vault_revealer";
-const ROTATOR: &str = "pii_vault_rotator";
-const ROLES: [&str; 4] = [WORKER, ANALYST, REVEALER, ROTATOR];
+pub(crate) const WORKER: &str = "pii_vault_worker";
+pub(crate) const ANALYST: &str = "pii_vault_analyst";
+pub(crate) const REVEALER: &str = "pii_vault_revealer";
+pub(crate) const ROTATOR: &str = "pii_vault_rotator";
+pub(crate) const ROLES: [&str; 4] = [WORKER, ANALYST, REVEALER, ROTATOR];
 
 // ---------------------------------------------------------------- harness
 
 /// A fresh, migrated database; the store of its owner (the admin of the
 /// test cluster, who ran the migrations); the login users made for the test.
-struct Db {
+pub(crate) struct Db {
     admin_url: String,
-    fresh: pg::FreshDb,
-    owner: PgStore,
+    pub(crate) fresh: pg::FreshDb,
+    pub(crate) owner: PgStore,
     users: Vec<String>,
 }
 
 impl Db {
     /// `None` (skip) without a test cluster.
-    async fn new() -> Option<Db> {
+    pub(crate) async fn new() -> Option<Db> {
         let admin_url = common::service_env("PII_VAULT_TEST_PG")?;
         let fresh = pg::FreshDb::create(&admin_url).await;
         let owner = PgStore::connect(&fresh.url).await.unwrap();
@@ -67,7 +67,7 @@ impl Db {
 
     /// A new login user that is a member of `role`, made as a deployment
     /// would; returns its connection URL for this database.
-    async fn login_as(&mut self, role: &str) -> String {
+    pub(crate) async fn login_as(&mut self, role: &str) -> String {
         let user = format!(
             "{}_{}_{}",
             self.fresh.name,
@@ -83,14 +83,14 @@ impl Db {
     }
 
     /// Connects a login user of `role` through `PgStore`.
-    async fn store_as(&mut self, role: &str) -> PgStore {
+    pub(crate) async fn store_as(&mut self, role: &str) -> PgStore {
         let url = self.login_as(role).await;
         let store = PgStore::connect(&url).await.unwrap();
         store.ping().await.unwrap();
         store
     }
 
-    async fn owner_exec(&self, sql: &str) -> u64 {
+    pub(crate) async fn owner_exec(&self, sql: &str) -> u64 {
         sqlx::query(sql)
             .execute(self.owner.pool())
             .await
@@ -98,7 +98,7 @@ impl Db {
             .rows_affected()
     }
 
-    async fn count(&self, table: &str) -> i64 {
+    pub(crate) async fn count(&self, table: &str) -> i64 {
         sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
             .fetch_one(self.owner.pool())
             .await
@@ -106,7 +106,7 @@ impl Db {
     }
 
     /// Drops the database, then the login users (roles outlive databases).
-    async fn finish(self, stores: &[&PgStore]) {
+    pub(crate) async fn finish(self, stores: &[&PgStore]) {
         for s in stores {
             s.pool().close().await;
         }
@@ -124,7 +124,7 @@ impl Db {
 }
 
 /// `url` with its user and password replaced.
-fn with_user(url: &str, user: &str, password: &str) -> String {
+pub(crate) fn with_user(url: &str, user: &str, password: &str) -> String {
     let start = url.find("://").expect("a URL") + 3;
     let rest = &url[start..];
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
@@ -153,12 +153,12 @@ fn with_user_replaces_only_the_userinfo() {
 
 // ------------------------------------------------------------- assertions
 
-fn is_denied(e: &sqlx::Error) -> bool {
+pub(crate) fn is_denied(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("42501"))
 }
 
 /// Runs `sql` and asserts that Postgres refused it for want of a privilege.
-async fn denied(pool: &PgPool, sql: &str) {
+pub(crate) async fn denied(pool: &PgPool, sql: &str) {
     match sqlx::query(sql).execute(pool).await {
         Err(e) if is_denied(&e) => {}
         Err(e) => panic!("{sql}: expected permission denied (42501), got: {e}"),
@@ -167,7 +167,7 @@ async fn denied(pool: &PgPool, sql: &str) {
 }
 
 /// Runs `sql`, which must be allowed; returns the rows it affected.
-async fn allowed(pool: &PgPool, sql: &str) -> u64 {
+pub(crate) async fn allowed(pool: &PgPool, sql: &str) -> u64 {
     sqlx::query(sql)
         .execute(pool)
         .await
@@ -177,7 +177,7 @@ async fn allowed(pool: &PgPool, sql: &str) -> u64 {
 
 /// Runs `sql` and asserts that Postgres refused it with SQLSTATE `code`
 /// (one of pii-vault's own rules, PVnnn, or a standard one).
-async fn refused(pool: &PgPool, sql: &str, code: &str) {
+pub(crate) async fn refused(pool: &PgPool, sql: &str, code: &str) {
     match sqlx::query(sql).execute(pool).await {
         Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some(code) => {}
         Err(e) => panic!("{sql}: expected SQLSTATE {code}, got: {e}"),
@@ -186,7 +186,7 @@ async fn refused(pool: &PgPool, sql: &str, code: &str) {
 }
 
 /// Asserts that a store call failed for want of a privilege.
-fn store_denied<T: Debug>(r: Result<T, StoreError>, what: &str) {
+pub(crate) fn store_denied<T: Debug>(r: Result<T, StoreError>, what: &str) {
     match r {
         Err(StoreError::Permanent(m)) if m.contains("SQLSTATE 42501") => {}
         other => panic!("{what}: expected a permission-denied error, got {other:?}"),
@@ -195,13 +195,13 @@ fn store_denied<T: Debug>(r: Result<T, StoreError>, what: &str) {
 
 // ---------------------------------------------------------------- builders
 
-fn random_bytes(n: usize) -> Vec<u8> {
+pub(crate) fn random_bytes(n: usize) -> Vec<u8> {
     let mut b = vec![0u8; n];
     rand::thread_rng().fill_bytes(&mut b);
     b
 }
 
-fn new_key(id: &str, purpose: KeyPurpose, version: i64) -> StoredKey {
+pub(crate) fn new_key(id: &str, purpose: KeyPurpose, version: i64) -> StoredKey {
     StoredKey {
         id: id.into(),
         purpose,
@@ -217,13 +217,13 @@ fn new_key(id: &str, purpose: KeyPurpose, version: i64) -> StoredKey {
 }
 
 /// A token as `crypto::token` makes them: version, then a base64url tag.
-fn token(version: i64) -> String {
+pub(crate) fn token(version: i64) -> String {
     let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes(32));
     format!("t{version}_{tag}")
 }
 
 /// A login (SQS-style message id) and its vault row sealed under `key_id`.
-fn login(user_id: &str, key_id: &str) -> (LoginRow, VaultRow) {
+pub(crate) fn login(user_id: &str, key_id: &str) -> (LoginRow, VaultRow) {
     let message_id = uuid::Uuid::new_v4().to_string();
     (
         LoginRow {
@@ -246,7 +246,7 @@ fn login(user_id: &str, key_id: &str) -> (LoginRow, VaultRow) {
     )
 }
 
-fn quarantined(user_id: Option<&str>, key_id: &str) -> QuarantineRow {
+pub(crate) fn quarantined(user_id: Option<&str>, key_id: &str) -> QuarantineRow {
     QuarantineRow {
         message_id: uuid::Uuid::new_v4().to_string(),
         reason_code: "invalid_ip".into(),
@@ -259,7 +259,7 @@ fn quarantined(user_id: Option<&str>, key_id: &str) -> QuarantineRow {
     }
 }
 
-fn audit(action: &str, target: &str) -> AuditEntry {
+pub(crate) fn audit(action: &str, target: &str) -> AuditEntry {
     AuditEntry {
         claimed_actor: "oncall@test".into(),
         action: action.into(),
@@ -271,11 +271,11 @@ fn audit(action: &str, target: &str) -> AuditEntry {
 /// What the owner writes before a role is tried: a data key and token key
 /// v1, three logins (two of alice's, one of bob's) with vault rows, and a
 /// quarantined message of each user.
-struct Seeded {
-    alice: Vec<(LoginRow, VaultRow)>,
+pub(crate) struct Seeded {
+    pub(crate) alice: Vec<(LoginRow, VaultRow)>,
 }
 
-async fn seed(owner: &PgStore) -> Seeded {
+pub(crate) async fn seed(owner: &PgStore) -> Seeded {
     let raw = Owner::Pg(owner.pool());
     raw.allow_kek(TEST_KEK).await;
     assert!(
@@ -314,7 +314,7 @@ async fn seed(owner: &PgStore) -> Seeded {
 // ------------------------------------------------------------------ worker
 
 /// A data key id as workers make them.
-fn dek_id() -> String {
+pub(crate) fn dek_id() -> String {
     format!("dek-{}", uuid::Uuid::new_v4())
 }
 
@@ -798,7 +798,7 @@ async fn revealer_gets_ciphertext_only_for_a_committed_audit_row_of_its_own() {
 // ----------------------------------------------------------------- rotator
 
 /// A data key id as rotations and workers make them.
-fn fresh_dek(kek: &str) -> StoredKey {
+pub(crate) fn fresh_dek(kek: &str) -> StoredKey {
     StoredKey {
         wrapped: WrappedKey {
             kek_id: kek.into(),
@@ -1640,7 +1640,7 @@ async fn a_non_superuser_database_owner_can_migrate_and_grant_the_roles() {
 
 // ------------------------------------------------------------- end to end
 
-fn pii_vault(dir: &std::path::Path, database_url: &str, args: &[&str]) -> Output {
+pub(crate) fn pii_vault(dir: &std::path::Path, database_url: &str, args: &[&str]) -> Output {
     Command::new(common::bin())
         .args(args)
         .arg("--key-dir")
@@ -1653,7 +1653,7 @@ fn pii_vault(dir: &std::path::Path, database_url: &str, args: &[&str]) -> Output
         .unwrap()
 }
 
-fn ok(out: &Output, what: &str) -> String {
+pub(crate) fn ok(out: &Output, what: &str) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{what} failed:\n{stderr}");
     stderr
@@ -1861,7 +1861,7 @@ async fn the_binary_does_each_job_under_that_roles_login() {
 
 // ------------------------------------------------------ reveal governance
 
-fn pg_code(e: &StoreError) -> Option<&str> {
+pub(crate) fn pg_code(e: &StoreError) -> Option<&str> {
     match e {
         StoreError::Refused(m) => m
             .rsplit("SQLSTATE ")
@@ -2275,7 +2275,7 @@ async fn a_reveal_touching_a_honeytoken_is_served_and_raises_an_alarm_only_the_o
     db.finish(&[]).await;
 }
 
-fn ok_stdout(out: &Output) -> String {
+pub(crate) fn ok_stdout(out: &Output) -> String {
     ok(out, "command");
     String::from_utf8_lossy(&out.stdout).to_string()
 }
