@@ -507,15 +507,24 @@ impl Store for SqliteStore {
                 "reveal request {request_id} is {status}, not approved"
             )));
         }
-        if fetched.is_some() {
-            return Err(StoreError::Refused(format!(
-                "reveal request {request_id} was already fetched"
-            )));
-        }
         if Utc::now() - parse_time(&at)? > chrono::Duration::hours(24) {
             return Err(StoreError::Refused(format!(
                 "reveal request {request_id} has expired"
             )));
+        }
+        // Claimed but not fetched (the fetch failed): the same claim again.
+        if let Some(claim) = fetched {
+            let done: Option<String> =
+                sqlx::query_scalar("SELECT fetched_at FROM reveal_requests WHERE id = $1")
+                    .bind(request_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if done.is_some() {
+                return Err(StoreError::Refused(format!(
+                    "reveal request {request_id} was already fetched"
+                )));
+            }
+            return Ok(claim);
         }
         let column = Selector::column_named(&column)
             .ok_or_else(|| StoreError::Permanent("unknown reveal selector".into()))?;

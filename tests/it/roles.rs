@@ -1948,6 +1948,9 @@ async fn a_bulk_reveal_needs_another_logins_approval_and_is_fetched_once() {
     let not_his = bob.reveal_claim(req.id, "bob").await.unwrap_err();
     assert_eq!(pg_code(&not_his), Some("PV004"), "{not_his}");
     let record = alice.reveal_claim(req.id, "alice").await.unwrap();
+    // A claim whose fetch never happened (KMS away, a lost connection) is
+    // handed back as it was, not spent: no second audit row.
+    assert_eq!(alice.reveal_claim(req.id, "alice").await.unwrap(), record);
     let rows = alice
         .reveal_fetch(record)
         .await

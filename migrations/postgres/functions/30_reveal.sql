@@ -131,6 +131,9 @@ GRANT EXECUTE ON FUNCTION pii_vault_approve(bigint, text, text) TO pii_vault_rev
 -- The requester takes an approved request: a `reveal` audit row of its
 -- own (committed by the caller before the fetch, like any reveal), once,
 -- within 24 hours of the request. It covers the rows fixed at the request.
+-- Claimed but not fetched yet (the fetch failed: KMS away, a lost
+-- connection), the claim's row is handed back, so the approval is not
+-- lost; the fetch itself is still once.
 CREATE OR REPLACE FUNCTION pii_vault_reveal_claim(p_request bigint, p_claimed_actor text) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
@@ -146,11 +149,14 @@ BEGIN
     IF r.status <> 'approved' THEN
         RAISE EXCEPTION USING ERRCODE = 'PV012', MESSAGE = format('reveal request %s is %s, not approved', p_request, r.status);
     END IF;
-    IF r.fetch_record IS NOT NULL THEN
+    IF r.fetched_at IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'PV006', MESSAGE = format('reveal request %s was already fetched', p_request);
     END IF;
     IF r.requested_at < clock_timestamp() - interval '24 hours' THEN
         RAISE EXCEPTION USING ERRCODE = 'PV006', MESSAGE = format('reveal request %s has expired', p_request);
+    END IF;
+    IF r.fetch_record IS NOT NULL THEN
+        RETURN r.fetch_record;
     END IF;
     SELECT count(*) INTO n FROM reveal_request_rows WHERE request_id = p_request;
     INSERT INTO audit_log (action, target, reason, claimed_actor, row_count)
