@@ -7,37 +7,17 @@ use std::time::Duration;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
-/// Errors that know whether trying again can help.
+/// Errors that know whether trying again can help. Implemented beside each
+/// error type (the key wrapper's in `kms`), so that this module names none.
 pub trait Transient {
     fn is_transient(&self) -> bool;
 }
 
+// Moves to store/error.rs with the store's re-layout.
 impl Transient for crate::store::StoreError {
     fn is_transient(&self) -> bool {
         crate::store::StoreError::is_transient(self)
     }
-}
-impl Transient for crate::source::SourceError {
-    fn is_transient(&self) -> bool {
-        crate::source::SourceError::is_transient(self)
-    }
-}
-impl Transient for crate::crypto::WrapError {
-    fn is_transient(&self) -> bool {
-        crate::crypto::WrapError::is_transient(self)
-    }
-}
-
-/// Whether an error chain holds a transient store, source or key-wrapper error.
-pub fn anyhow_is_transient(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<crate::store::StoreError>()
-            .is_some_and(|x| x.is_transient())
-            || c.downcast_ref::<crate::source::SourceError>()
-                .is_some_and(|x| x.is_transient())
-            || c.downcast_ref::<crate::crypto::WrapError>()
-                .is_some_and(|x| x.is_transient())
-    })
 }
 
 #[derive(Debug, Clone, Copy)]

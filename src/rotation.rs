@@ -26,11 +26,10 @@ use crate::crypto::aead::Sealer;
 use crate::crypto::{Aad, KeyPurpose, KeyWrapper, TokenField, TokenKey};
 use crate::domain::CanonicalIp;
 use crate::keyring;
-use crate::pipeline::protect::{VaultPlaintext, AAD_QUARANTINE, AAD_VAULT};
 use crate::progress::JobProgress;
 use crate::store::admin::{JobStart, RotationJob, RotationRange};
 use crate::store::{AdminStore, AuditEntry, KeyState, QuarantineRow, Store, VaultRow};
-use crate::vault::VaultReader;
+use crate::vault::{VaultPlaintext, VaultReader, AAD_QUARANTINE, AAD_VAULT};
 
 /// Rows re-tokenised per transaction by the final sweep.
 const BATCH: i64 = 500;

@@ -16,9 +16,8 @@ use serde::Serialize;
 
 use crate::cli::{Cli, OutputFormat, RevealArgs};
 use crate::output::TableWriter;
-use crate::pipeline::protect::VaultPlaintext;
 use crate::store::{LoginRow, RequestStatus, Selector};
-use crate::vault::VaultReader;
+use crate::vault::{VaultPlaintext, VaultReader};
 
 #[derive(Serialize)]
 struct Revealed<'a> {

@@ -13,7 +13,9 @@ pub mod local;
 use std::path::Path;
 use std::sync::{Arc, LazyLock};
 
-use crate::crypto::KeyWrapper;
+use crate::crypto::{KeyWrapper, WrapError};
+use crate::metrics::registry::{preset, LabeledCounter};
+use crate::retry::Transient;
 
 /// The AWS KMS operations pii-vault calls, the values of the `operation`
 /// label of `pii_vault_kms_requests_total`.
@@ -25,11 +27,9 @@ pub const OPERATIONS: &[&str] = &[
     "ReEncrypt",
 ];
 
-static REQUESTS: LazyLock<crate::pipeline::stats::LabeledCounter> = LazyLock::new(|| {
-    let family = crate::pipeline::stats::LabeledCounter::default();
-    for op in OPERATIONS {
-        let _ = family.get_or_create(&[("operation", *op)]);
-    }
+static REQUESTS: LazyLock<LabeledCounter> = LazyLock::new(|| {
+    let family = LabeledCounter::default();
+    preset(&family, "operation", OPERATIONS);
     family
 });
 
@@ -37,8 +37,17 @@ static REQUESTS: LazyLock<crate::pipeline::stats::LabeledCounter> = LazyLock::ne
 /// that [`aws`] sends (whatever its outcome), process-wide, so that every
 /// command's KMS use can be seen and `/metrics` shows the worker's. KMS
 /// quotas are per account and operation; this is what to watch them with.
-pub fn requests() -> &'static crate::pipeline::stats::LabeledCounter {
+pub fn requests() -> &'static LabeledCounter {
     &REQUESTS
+}
+
+/// Here rather than beside [`WrapError`] so that `crypto` keeps depending
+/// on nothing else in pii-vault (`retry` reaches `crypto` through the
+/// store); the transient faults are those of the KEK homes here.
+impl Transient for WrapError {
+    fn is_transient(&self) -> bool {
+        WrapError::is_transient(self)
+    }
 }
 
 /// The wrapper the command line asks for: AWS KMS with a key id, otherwise

@@ -7,8 +7,9 @@
 //!   method is 405 with `Allow: GET, HEAD`.
 //! - `/metrics` is the Prometheus text format (0.0.4), or OpenMetrics when
 //!   the scraper's `Accept` asks for `application/openmetrics-text`
-//!   (Prometheus does). Both are encoded by `prometheus-client`; see
-//!   [`crate::pipeline::Stats`] and [`process`] for what is in them.
+//!   (Prometheus does). Both are encoded by `prometheus-client` from a
+//!   [`Registry`]: see [`process`], and the run's `pipeline::Stats`, for
+//!   what is in it.
 //! - `/readyz` checks the database (a ping) and the key-encryption key (for
 //!   AWS KMS a `DescribeKey`), at most once per [`READY_TTL`] whatever the
 //!   probe rate: the result is cached, and probes that arrive while a check
@@ -21,14 +22,21 @@
 //!   after [`CONNECTION_TIMEOUT`] whatever it is doing.
 //! - Cancelling the run's token stops accepting; requests being answered
 //!   get up to [`SHUTDOWN_GRACE`] to finish.
+//!
+//! This module names neither the pipeline nor the store (both depend on it):
+//! what to encode comes as a [`Registry`], and the database as a [`Probe`].
 
 pub mod process;
+pub mod registry;
+
+pub use registry::Registry;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, ACCEPT, ALLOW, CONTENT_TYPE};
@@ -40,8 +48,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::crypto::KeyWrapper;
-use crate::pipeline::Stats;
-use crate::store::Store;
 
 /// How long a `/readyz` result is reused.
 pub const READY_TTL: Duration = Duration::from_secs(5);
@@ -75,26 +81,32 @@ impl Server {
 }
 
 struct State {
-    stats: Arc<Stats>,
+    metrics: Arc<dyn AsRef<Registry> + Send + Sync>,
     readiness: Readiness,
 }
 
 /// Binds now (so a taken port is a start-up error) and serves until `stop`.
-pub async fn serve(
+/// `metrics` is what the run counts (its `Stats`), `database` what
+/// `/readyz` pings (its store).
+pub async fn serve<M, D>(
     addr: SocketAddr,
-    stats: Arc<Stats>,
-    store: Arc<dyn Store>,
+    metrics: Arc<M>,
+    database: Arc<D>,
     wrapper: Arc<dyn KeyWrapper>,
     stop: CancellationToken,
-) -> anyhow::Result<Server> {
+) -> anyhow::Result<Server>
+where
+    M: AsRef<Registry> + Send + Sync + 'static,
+    D: Probe + ?Sized + 'static,
+{
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?;
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, "serving /metrics, /healthz, /readyz");
     let state = Arc::new(State {
-        stats,
-        readiness: Readiness::new(store, wrapper),
+        metrics,
+        readiness: Readiness::new(Arc::new(database), wrapper),
     });
     let task = tokio::spawn(accept_loop(listener, state, stop));
     Ok(Server { addr: local, task })
@@ -175,13 +187,13 @@ async fn respond(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>
                 text(
                     StatusCode::OK,
                     OPENMETRICS_TEXT,
-                    state.stats.render_openmetrics(),
+                    (*state.metrics).as_ref().render_openmetrics(),
                 )
             } else {
                 text(
                     StatusCode::OK,
                     PROMETHEUS_TEXT,
-                    state.stats.render_prometheus(),
+                    (*state.metrics).as_ref().render_prometheus(),
                 )
             }
         }
@@ -222,20 +234,34 @@ pub struct Ready {
     pub kms: bool,
 }
 
+/// A dependency `/readyz` checks: answering or not. The database's is
+/// implemented beside the pipeline's `Stats`, since this module sits below
+/// the store and cannot name it.
+pub trait Probe: Send + Sync {
+    /// Whether the dependency answers; [`Readiness`] bounds the wait.
+    fn answers(&self) -> BoxFuture<'_, bool>;
+}
+
+impl<P: Probe + ?Sized> Probe for Arc<P> {
+    fn answers(&self) -> BoxFuture<'_, bool> {
+        (**self).answers()
+    }
+}
+
 /// `/readyz`'s checks, cached for [`READY_TTL`]; concurrent callers share
 /// one check (they queue on the lock the check runs under, then find its
 /// result fresh). Failures are cached too: a dependency that is down is
 /// exactly when probes must not pile onto it.
 pub struct Readiness {
-    store: Arc<dyn Store>,
+    database: Arc<dyn Probe>,
     wrapper: Arc<dyn KeyWrapper>,
     last: Mutex<Option<(Instant, Ready)>>,
 }
 
 impl Readiness {
-    pub fn new(store: Arc<dyn Store>, wrapper: Arc<dyn KeyWrapper>) -> Self {
+    pub fn new(database: Arc<dyn Probe>, wrapper: Arc<dyn KeyWrapper>) -> Self {
         Readiness {
-            store,
+            database,
             wrapper,
             last: Mutex::new(None),
         }
@@ -249,11 +275,11 @@ impl Readiness {
             }
         }
         let (db, kms) = tokio::join!(
-            tokio::time::timeout(CHECK_TIMEOUT, self.store.ping()),
+            tokio::time::timeout(CHECK_TIMEOUT, self.database.answers()),
             tokio::time::timeout(CHECK_TIMEOUT, self.wrapper.check()),
         );
         let ready = Ready {
-            database: matches!(db, Ok(Ok(()))),
+            database: matches!(db, Ok(true)),
             kms: matches!(kms, Ok(Ok(()))),
         };
         *last = Some((Instant::now(), ready));

@@ -142,3 +142,17 @@ pub async fn data_key_for<'a>(
     }
     Ok(slot.as_mut().expect("just filled"))
 }
+
+/// Whether an error chain holds a transient store, source or key-wrapper
+/// error: what the pipeline retries when a step (getting a data key) fails
+/// with an `anyhow` chain rather than one error type.
+pub fn anyhow_is_transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<crate::store::StoreError>()
+            .is_some_and(|x| x.is_transient())
+            || c.downcast_ref::<crate::source::SourceError>()
+                .is_some_and(|x| x.is_transient())
+            || c.downcast_ref::<crate::crypto::WrapError>()
+                .is_some_and(|x| x.is_transient())
+    })
+}

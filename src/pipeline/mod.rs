@@ -30,7 +30,7 @@ use tracing::Instrument as _;
 
 use crate::crypto::{KeyWrapper, TokenKey};
 use crate::domain::{Ack, Message};
-use crate::retry::{self, retry, Backoff};
+use crate::retry::{retry, Backoff};
 use crate::source::MessageSource;
 use crate::store::{Batch, BatchOutcome, Store, StoreError};
 use keys::{DataKeyLease, DekPolicy};
@@ -321,7 +321,7 @@ impl Pipeline {
             .await
             {
                 Ok(k) => return Ok(k.id.clone()),
-                Err(e) if retry::anyhow_is_transient(&e) => {
+                Err(e) if keys::anyhow_is_transient(&e) => {
                     attempt += 1;
                     self.stats.retry("kms");
                     tracing::warn!(error = %e, attempt, "cannot get a data key, retrying");

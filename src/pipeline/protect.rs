@@ -2,32 +2,13 @@
 //! its IP and device id, seal the originals. What leaves this module is
 //! tokens and ciphertext only.
 
-use serde::{Deserialize, Serialize};
-use zeroize::Zeroizing;
+use serde::Deserialize;
 
 use crate::crypto::aead::Sealer;
-use crate::crypto::{Aad, TokenField, TokenKey};
+use crate::crypto::{TokenField, TokenKey};
 use crate::domain::{LoginEvent, Message, Rejection};
 use crate::store::{LoginRow, QuarantineRow, VaultRow};
-
-/// The associated-data kinds; also what `rotate data-keys` reseals with.
-pub const AAD_VAULT: &str = "vault";
-pub const AAD_QUARANTINE: &str = "quarantine";
-
-/// What a vault ciphertext holds: the originals exactly as sent.
-#[derive(Serialize, Deserialize)]
-pub struct VaultPlaintext {
-    pub ip: String,
-    pub device_id: String,
-}
-
-impl Drop for VaultPlaintext {
-    fn drop(&mut self) {
-        use zeroize::Zeroize;
-        self.ip.zeroize();
-        self.device_id.zeroize();
-    }
-}
+use crate::vault::{quarantine_aad, vault_aad, VaultPlaintext};
 
 pub enum Protected {
     Login(LoginRow, VaultRow),
@@ -44,19 +25,12 @@ pub fn protect(
 ) -> Result<Protected, crate::crypto::CryptoError> {
     match LoginEvent::parse(&msg.body) {
         Ok(ev) => {
-            let plain = Zeroizing::new(
-                serde_json::to_vec(&VaultPlaintext {
-                    ip: ev.ip_raw.expose().clone(),
-                    device_id: ev.device_id.expose().clone(),
-                })
-                .expect("two strings always serialize"),
-            );
-            let aad = Aad {
-                kind: AAD_VAULT,
-                message_id: &msg.id,
-                user_id: &ev.user_id,
-                key_id,
-            };
+            let plain = VaultPlaintext {
+                ip: ev.ip_raw.expose().clone(),
+                device_id: ev.device_id.expose().clone(),
+            }
+            .encode();
+            let aad = vault_aad(&msg.id, &ev.user_id, key_id);
             let sealed = sealer.seal(&aad, &plain)?;
             let login = LoginRow {
                 message_id: msg.id.clone(),
@@ -81,12 +55,7 @@ pub fn protect(
         }
         Err(why) => {
             let user_id = salvage_user_id(&msg.body);
-            let aad = Aad {
-                kind: AAD_QUARANTINE,
-                message_id: &msg.id,
-                user_id: user_id.as_deref().unwrap_or(""),
-                key_id,
-            };
+            let aad = quarantine_aad(&msg.id, user_id.as_deref(), key_id);
             let sealed = sealer.seal(&aad, &msg.body)?;
             let row = QuarantineRow {
                 message_id: msg.id.clone(),

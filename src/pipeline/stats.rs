@@ -1,28 +1,20 @@
 //! Counters the pipeline keeps, read by `/metrics` (and the in-flight count
-//! by the summary's checks). The metrics are `prometheus-client` types in one
-//! registry, so encoding them is the library's job: a histogram's buckets
-//! are counted and encoded together, cumulative by construction, and the
-//! `+Inf` bucket always equals `_count`. Labels are fixed, value-free
-//! strings (reason codes, dependency and KMS operation names), never message
-//! content.
+//! by the summary's checks). The registry they are encoded from, and the
+//! rules for labels, are in [`crate::metrics::registry`].
 
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
 
-use crate::store::BatchOutcome;
+use futures::future::BoxFuture;
 
-/// One label with a value from a small, fixed set of names.
-pub type Label = [(&'static str, &'static str); 1];
-
-/// Counters by one label (a reason code, a dependency, an operation).
-pub type LabeledCounter = Family<Label, Counter>;
+use crate::metrics::registry::{preset, LabeledCounter, Registry};
+use crate::metrics::Probe;
+use crate::store::{BatchOutcome, Store};
 
 /// Dependencies whose faults are counted (`dependency` label).
 pub const DEPENDENCIES: &[&str] = &["database", "source", "kms"];
@@ -73,71 +65,70 @@ impl Default for Stats {
         preset(&retries, "dependency", DEPENDENCIES);
         preset(&errors, "dependency", DEPENDENCIES);
 
-        let mut root = Registry::default();
-        crate::metrics::process::register(&mut root);
-        let r = root.sub_registry_with_prefix("pii_vault");
-        // Counter names get their `_total` from the encoder.
-        r.register(
-            "messages_received",
-            "Messages received from the source",
-            received.clone(),
-        );
-        r.register(
-            "logins_stored",
-            "Logins newly written to user_logins",
-            stored.clone(),
-        );
-        r.register(
-            "duplicates",
-            "Redelivered messages that added nothing",
-            duplicates.clone(),
-        );
-        r.register(
-            "rejected",
-            "Messages rejected and quarantined",
-            rejected.clone(),
-        );
-        r.register(
-            "messages_acked",
-            "Messages acknowledged to the source after commit",
-            acked.clone(),
-        );
-        r.register(
-            "ack_failures",
-            "Messages whose acknowledgement failed (will be redelivered)",
-            ack_failures.clone(),
-        );
-        r.register(
-            "rejected_by_reason",
-            "Rejected messages by reason code",
-            rejected_by_reason.clone(),
-        );
-        r.register(
-            "retries",
-            "Retries after transient faults, by dependency",
-            retries.clone(),
-        );
-        r.register("errors", "Errors by dependency", errors.clone());
-        r.register(
-            "kms_requests",
-            "AWS KMS API calls this process made, by operation (one per call; the SDK's own retries are not counted apart)",
-            crate::kms::requests().clone(),
-        );
-        r.register(
-            "batch_size",
-            "Messages per committed batch",
-            batch_size.clone(),
-        );
-        r.register(
-            "batch_seconds",
-            "Time to protect and commit one batch",
-            batch_seconds.clone(),
-        );
-        r.register_collector(Box::new(InFlight {
-            received: received.clone(),
-            acked: acked.clone(),
-            ack_failures: ack_failures.clone(),
-        }));
+        let registry = Registry::new(|r| {
+            // Counter names get their `_total` from the encoder.
+            r.register(
+                "messages_received",
+                "Messages received from the source",
+                received.clone(),
+            );
+            r.register(
+                "logins_stored",
+                "Logins newly written to user_logins",
+                stored.clone(),
+            );
+            r.register(
+                "duplicates",
+                "Redelivered messages that added nothing",
+                duplicates.clone(),
+            );
+            r.register(
+                "rejected",
+                "Messages rejected and quarantined",
+                rejected.clone(),
+            );
+            r.register(
+                "messages_acked",
+                "Messages acknowledged to the source after commit",
+                acked.clone(),
+            );
+            r.register(
+                "ack_failures",
+                "Messages whose acknowledgement failed (will be redelivered)",
+                ack_failures.clone(),
+            );
+            r.register(
+                "rejected_by_reason",
+                "Rejected messages by reason code",
+                rejected_by_reason.clone(),
+            );
+            r.register(
+                "retries",
+                "Retries after transient faults, by dependency",
+                retries.clone(),
+            );
+            r.register("errors", "Errors by dependency", errors.clone());
+            r.register(
+                "kms_requests",
+                "AWS KMS API calls this process made, by operation (one per call; the SDK's own retries are not counted apart)",
+                crate::kms::requests().clone(),
+            );
+            r.register(
+                "batch_size",
+                "Messages per committed batch",
+                batch_size.clone(),
+            );
+            r.register(
+                "batch_seconds",
+                "Time to protect and commit one batch",
+                batch_seconds.clone(),
+            );
+            r.register_collector(Box::new(InFlight {
+                received: received.clone(),
+                acked: acked.clone(),
+                ack_failures: ack_failures.clone(),
+            }));
+        });
         Stats {
             received,
             stored,
@@ -150,14 +141,8 @@ impl Default for Stats {
             errors,
             batch_size,
             batch_seconds,
-            registry: root,
+            registry,
         }
-    }
-}
-
-fn preset(family: &LabeledCounter, label: &'static str, values: &[&'static str]) {
-    for v in values {
-        let _ = family.get_or_create(&[(label, *v)]);
     }
 }
 
@@ -206,21 +191,20 @@ impl Stats {
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
+}
 
-    /// The Prometheus text exposition format (version 0.0.4).
-    pub fn render_prometheus(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
-        out
+/// What `metrics::serve` encodes.
+impl AsRef<Registry> for Stats {
+    fn as_ref(&self) -> &Registry {
+        &self.registry
     }
+}
 
-    /// The OpenMetrics text format (with its `# EOF`).
-    pub fn render_openmetrics(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
-        out
+/// The database, as `/readyz` checks it. Here, where the store and the
+/// metrics meet, because `metrics` sits below the store and cannot name it.
+impl Probe for dyn Store {
+    fn answers(&self) -> BoxFuture<'_, bool> {
+        Box::pin(async move { self.ping().await.is_ok() })
     }
 }
 
@@ -272,7 +256,7 @@ mod tests {
             &["not_json"],
             Duration::from_millis(7),
         );
-        let text = s.render_prometheus();
+        let text = s.registry().render_prometheus();
         for line in [
             "pii_vault_messages_received_total 3",
             "pii_vault_logins_stored_total 2",
@@ -297,7 +281,7 @@ mod tests {
                 "no line {line:?} in:\n{text}"
             );
         }
-        let om = s.render_openmetrics();
+        let om = s.registry().render_openmetrics();
         assert!(om.ends_with("# EOF\n"), "{om}");
     }
 }

@@ -7,6 +7,7 @@ pub mod sqs;
 use async_trait::async_trait;
 
 use crate::domain::{Ack, Message};
+use crate::retry::Transient;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -19,6 +20,12 @@ pub enum SourceError {
 impl SourceError {
     pub fn is_transient(&self) -> bool {
         matches!(self, SourceError::Transient(_))
+    }
+}
+
+impl Transient for SourceError {
+    fn is_transient(&self) -> bool {
+        SourceError::is_transient(self)
     }
 }
 

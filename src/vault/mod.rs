@@ -1,6 +1,12 @@
-//! Reading the vault back: unwrap data keys (cached per run, up to a
-//! bound) and open ciphertexts with the associated data of their row. Used
-//! by `reveal` and the rotation jobs; workers never call it.
+//! The vault: what a sealed row holds (its format, re-exported here), and
+//! reading it back: unwrap data keys (cached per run, up to a bound) and
+//! open ciphertexts with the associated data of their row. Workers seal in
+//! this format but never read back; the reader is used by `reveal` and the
+//! rotation jobs.
+
+mod format;
+
+pub use format::{quarantine_aad, vault_aad, VaultPlaintext, AAD_QUARANTINE, AAD_VAULT};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -8,8 +14,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 use crate::crypto::aead;
-use crate::crypto::{Aad, KeyMaterial, KeyPurpose, KeyWrapper};
-use crate::pipeline::protect::{VaultPlaintext, AAD_QUARANTINE, AAD_VAULT};
+use crate::crypto::{KeyMaterial, KeyPurpose, KeyWrapper};
 use crate::store::{KeyState, QuarantineRow, Store, VaultRow};
 use zeroize::Zeroizing;
 
@@ -82,15 +87,10 @@ impl VaultReader {
         let Some(key) = self.data_key(&row.key_id).await? else {
             return Ok(None);
         };
-        let aad = Aad {
-            kind: AAD_VAULT,
-            message_id: &row.message_id,
-            user_id: &row.user_id,
-            key_id: &row.key_id,
-        };
+        let aad = vault_aad(&row.message_id, &row.user_id, &row.key_id);
         let plain = aead::open(key, &aad, &row.nonce, &row.ciphertext)
             .with_context(|| format!("vault row of message {}", row.message_id))?;
-        let v: VaultPlaintext = serde_json::from_slice(&plain).map_err(|_| {
+        let v = VaultPlaintext::decode(&plain).ok_or_else(|| {
             anyhow::anyhow!(
                 "vault row of message {} is not a vault record",
                 row.message_id
@@ -107,12 +107,7 @@ impl VaultReader {
         let Some(key) = self.data_key(&row.key_id).await? else {
             return Ok(None);
         };
-        let aad = Aad {
-            kind: AAD_QUARANTINE,
-            message_id: &row.message_id,
-            user_id: row.user_id.as_deref().unwrap_or(""),
-            key_id: &row.key_id,
-        };
+        let aad = quarantine_aad(&row.message_id, row.user_id.as_deref(), &row.key_id);
         let plain = aead::open(key, &aad, &row.nonce, &row.ciphertext)
             .with_context(|| format!("quarantined message {}", row.message_id))?;
         Ok(Some(plain))
