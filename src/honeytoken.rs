@@ -25,8 +25,7 @@ use rand::Rng;
 use zeroize::Zeroizing;
 
 use crate::domain::message::{Ack, Message};
-use crate::store::admin::PlannedLogin;
-use crate::store::{AdminStore, DueHoneytoken, LoginRow};
+use crate::store::{DueHoneytoken, LoginRow, PlannedLogin, Store};
 
 /// What `plant` recorded.
 #[derive(Debug, Clone, Default)]
@@ -42,11 +41,7 @@ const SAMPLE: i64 = 1000;
 const MAX_LOGINS: i64 = 20;
 
 /// Plants `count` synthetic users whose logins fall due over `over`.
-pub async fn plant(
-    store: Arc<dyn AdminStore>,
-    count: usize,
-    over: Duration,
-) -> anyhow::Result<Planted> {
+pub async fn plant(store: Arc<dyn Store>, count: usize, over: Duration) -> anyhow::Result<Planted> {
     anyhow::ensure!(
         (1..=10_000).contains(&count),
         "plant between 1 and 10000 honeytokens at a time"
@@ -95,7 +90,7 @@ pub async fn plant(
 /// (a real one, or another trap): a clash would make a real user a trap.
 /// Where the sample's shape leaves too few fresh ids, UUIDs.
 async fn new_user_ids(
-    store: &dyn AdminStore,
+    store: &dyn Store,
     sample: &[(String, i64)],
     count: usize,
     rng: &mut impl Rng,

@@ -14,7 +14,7 @@
 use chrono::Utc;
 
 use crate::crypto::{KeyPurpose, KeyWrapper};
-use crate::store::{AdminStore, KeyState, Store, StoredKey};
+use crate::store::{KeyState, Store, StoredKey};
 
 /// Fails, naming the key (never its wrapping), unless `key`'s KEK is on the
 /// allow-list.
@@ -36,13 +36,13 @@ pub fn check_allowed(allowed: &[String], key: &StoredKey) -> anyhow::Result<()> 
     }
 }
 
-pub use crate::store::admin::Initialised;
+pub use crate::store::Initialised;
 
 /// Puts the KEK of `wrapper` on the allow-list and creates token key v1 and
 /// the line-id key if the database has none. Idempotent; the store records
 /// each addition in the audit trail, in the transaction that makes it.
 pub async fn init_keys(
-    store: &dyn AdminStore,
+    store: &dyn Store,
     wrapper: &dyn KeyWrapper,
     claimed_actor: &str,
 ) -> anyhow::Result<Initialised> {

@@ -6,7 +6,7 @@
 //!  source::MessageSource                 │  HMAC-SHA256 tokens (crypto::token)
 //!        │  Message {id, body, sent_at}  │
 //!        ▼                               │
-//!  domain::LoginEvent::parse ──► pipeline::protect ──► store::Store::write_batch
+//!  domain::LoginEvent::parse ──► pipeline::protect ──► store::Ingest::write_batch
 //!        │ (or Rejection)                │  one transaction per batch,
 //!        │                               │  COPY; ON CONFLICT DO NOTHING if redelivered
 //!        ▼                               └──────────── vault: AES-256-GCM of the
@@ -17,9 +17,11 @@
 //! ```
 //!
 //! `reveal` reads the vault back through [`vault::VaultReader`] only after
-//! its audit row has committed (two transactions, see `store`); `rotation`
-//! re-keys online; `erasure` deletes originals of one user or older than a
-//! retention date.
+//! its audit row has committed (two transactions, see [`store::Reveal`]);
+//! [`rotation`] re-keys online under the store's [`store::Jobs`]; `forget`
+//! erases originals of one user or older than a retention date
+//! ([`store::Erasure`]). `docs/architecture.md` has the layers and where a
+//! change of each kind goes.
 
 #![forbid(unsafe_code)]
 
@@ -27,7 +29,6 @@ pub mod cli;
 pub mod commands;
 pub mod crypto;
 pub mod domain;
-pub mod erasure;
 pub mod honeytoken;
 pub mod keyring;
 pub mod kms;

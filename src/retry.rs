@@ -13,13 +13,6 @@ pub trait Transient {
     fn is_transient(&self) -> bool;
 }
 
-// Moves to store/error.rs with the store's re-layout.
-impl Transient for crate::store::StoreError {
-    fn is_transient(&self) -> bool {
-        crate::store::StoreError::is_transient(self)
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
     pub base: Duration,
@@ -83,7 +76,25 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoreError;
+
+    /// An error of the test's own: transient or not.
+    #[derive(Debug)]
+    enum StoreError {
+        Transient(#[allow(dead_code)] String),
+        Permanent(#[allow(dead_code)] String),
+    }
+
+    impl std::fmt::Display for StoreError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{self:?}")
+        }
+    }
+
+    impl Transient for StoreError {
+        fn is_transient(&self) -> bool {
+            matches!(self, StoreError::Transient(_))
+        }
+    }
 
     #[test]
     fn delays_are_capped_and_jittered() {

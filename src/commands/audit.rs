@@ -63,7 +63,7 @@ pub async fn audit(cli: &Cli, args: &AuditArgs) -> anyhow::Result<()> {
 }
 
 async fn alarms(cli: &Cli, args: &AuditArgs, filter: &AuditFilter) -> anyhow::Result<()> {
-    let store = super::open_admin_store(cli).await?;
+    let store = super::open_store(cli).await?;
     let mut listener = if args.follow {
         // Listening before the first read: nothing raised in between is missed.
         Some(store.listen_alarms().await?)

@@ -1,19 +1,28 @@
 //! `pii-vault forget`: erase a user's recoverable originals, or all older
-//! than a retention date. The logic is in [`crate::erasure`].
+//! than a retention date.
+//!
+//! Both delete ciphertext in bulk, never decrypt it, and leave the masked
+//! `user_logins` rows for analytics (tokens alone reveal nothing). Each is
+//! one call of the store's [`Erasure`](crate::store::Erasure), which deletes
+//! and writes the audit row, with its count, in one transaction (on
+//! Postgres a `SECURITY DEFINER` function: the rotator has no `DELETE` of
+//! its own). Retention also destroys the data keys that no longer seal
+//! anything, which is what makes copies of those rows in older backups
+//! unreadable once the KMS key that wrapped them is rotated away
+//! (SECURITY.md has the procedure).
 
 use crate::cli::{Cli, ForgetArgs};
-use crate::erasure;
-use crate::rotation::JobRequest;
+use crate::store::Requester;
 
 pub async fn forget(cli: &Cli, args: &ForgetArgs) -> anyhow::Result<()> {
-    let store = super::open_admin_store(cli).await?;
-    let job = || JobRequest {
+    let store = super::open_store(cli).await?;
+    let who = || Requester {
         claimed_actor: super::claimed_actor(args.actor.as_deref()),
         reason: args.reason.clone().unwrap_or_default(),
     };
     match (&args.user_id, args.before) {
         (Some(user_id), _) => {
-            let f = erasure::forget(&*store, user_id, &job()).await?;
+            let f = store.forget(user_id, &who()).await?;
             eprintln!(
                 "pii-vault: erased {} vault row(s) and {} quarantined body(ies) of user {}; {} masked login(s) kept for analytics. \
                  Copies in backups stay readable until `pii-vault rotate data-keys` has destroyed the data keys that sealed them (see SECURITY.md).",
@@ -24,23 +33,27 @@ pub async fn forget(cli: &Cli, args: &ForgetArgs) -> anyhow::Result<()> {
             );
         }
         (None, Some(before)) if args.dry_run => {
-            let (vault_rows, quarantined) = erasure::preview(&*store, before).await?;
+            let (vault_rows, quarantined) = store.count_older_than(before).await?;
             eprintln!(
                 "pii-vault: dry run: `forget --before {before}` would erase {vault_rows} vault row(s) and \
                  {quarantined} quarantined body(ies) now; nothing was erased"
             );
         }
         (None, Some(before)) => {
+            let tomorrow = chrono::Utc::now().date_naive() + chrono::Days::new(1);
+            anyhow::ensure!(
+                before <= tomorrow,
+                "--before {before} is in the future: retention erases what is older than a day that has begun"
+            );
             let started = std::time::Instant::now();
-            let done = erasure::retention(&*store, before, &job()).await?;
-            let e = &done.erased;
+            let e = store.retention(before, &who()).await?;
             let secs = started.elapsed().as_secs_f64();
             eprintln!(
                 "pii-vault: erased {} vault row(s) and {} quarantined body(ies) from before {before} in {secs:.1}s; \
                  masked logins kept for analytics; {} retired data key(s) destroyed.",
                 e.vault_rows,
                 e.quarantined,
-                done.destroyed_keys.len()
+                e.keys_destroyed.len()
             );
             if e.undated_kept > 0 {
                 eprintln!(

@@ -4,7 +4,7 @@ use crate::cli::{Cli, HoneytokenCommand};
 
 pub async fn honeytoken(cli: &Cli, cmd: &HoneytokenCommand) -> anyhow::Result<()> {
     let HoneytokenCommand::Plant { count, over } = cmd;
-    let store = super::open_admin_store(cli).await?;
+    let store = super::open_store(cli).await?;
     let planted = crate::honeytoken::plant(store, usize::from(*count), *over).await?;
     // The ids are not printed: they are as secret as the trap itself, and
     // the owner can read them in `honeytokens`.

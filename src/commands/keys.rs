@@ -4,13 +4,13 @@ use chrono::Utc;
 
 use crate::cli::{Cli, FormatArgs, KeysCommand, OutputFormat};
 use crate::crypto::KeyWrapper;
-use crate::store::AdminStore;
+use crate::store::Store;
 
 pub async fn keys(cli: &Cli, cmd: &KeysCommand) -> anyhow::Result<()> {
     match cmd {
         KeysCommand::List(args) => list(cli, args).await,
         KeysCommand::Init => {
-            let store = super::open_admin_store(cli).await?;
+            let store = super::open_store(cli).await?;
             let wrapper = super::open_wrapper(cli).await?;
             init(&*store, &*wrapper).await
         }
@@ -25,7 +25,7 @@ pub async fn keys(cli: &Cli, cmd: &KeysCommand) -> anyhow::Result<()> {
 }
 
 /// Allow-lists the configured KEK and creates missing keys, saying what it did.
-pub async fn init(store: &dyn AdminStore, wrapper: &dyn KeyWrapper) -> anyhow::Result<()> {
+pub async fn init(store: &dyn Store, wrapper: &dyn KeyWrapper) -> anyhow::Result<()> {
     let done = crate::keyring::init_keys(store, wrapper, &super::claimed_actor(None)).await?;
     eprintln!(
         "pii-vault: key-encryption key {} is on the KMS allow-list; token key: {}; line-id key: {}",

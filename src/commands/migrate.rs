@@ -3,7 +3,7 @@
 use crate::cli::{Cli, MigrateArgs};
 
 pub async fn migrate(cli: &Cli, args: &MigrateArgs) -> anyhow::Result<()> {
-    let store = super::open_admin_store(cli).await?;
+    let store = super::open_store(cli).await?;
     store.migrate().await?;
     eprintln!(
         "pii-vault: database {} is up to date",

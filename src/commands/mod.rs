@@ -18,7 +18,7 @@ use anyhow::Context as _;
 
 use crate::cli::{Cli, Command};
 use crate::crypto::KeyWrapper;
-use crate::store::{AdminStore, Store};
+use crate::store::Store;
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
@@ -35,23 +35,14 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Opens the database. The embedded SQLite default migrates itself, so the
-/// first command on a fresh machine just works; Postgres is migrated by
-/// `pii-vault migrate` (run by an owner role), so workers need no DDL rights.
-/// Commands that only read, reveal or write batches get this: the store
-/// without its privileged operations.
+/// Opens the database. A self-managed store (the embedded SQLite default)
+/// migrates itself, so the first command on a fresh machine just works; a
+/// server store is migrated by `pii-vault migrate` (run by an owner role),
+/// so workers need no DDL rights. What a login may do is the database's to
+/// decide, not this function's.
 pub async fn open_store(cli: &Cli) -> anyhow::Result<Arc<dyn Store>> {
-    let store: Arc<dyn Store> = open_admin_store(cli).await?;
-    Ok(store)
-}
-
-/// Like [`open_store`], with the privileged operations (rotation, forget,
-/// keys, policy), for the commands of the owner and the rotator. What a
-/// login may really do is the database's to decide.
-pub async fn open_admin_store(cli: &Cli) -> anyhow::Result<Arc<dyn AdminStore>> {
     let url = cli.database_url();
-    let backend = cli.backend()?;
-    let store = crate::store::connect_admin(url).await.with_context(|| {
+    let store = crate::store::connect(url).await.with_context(|| {
         format!(
             "cannot open the database {} (check --database-url / DATABASE_URL)",
             redact_url(url)
@@ -61,7 +52,7 @@ pub async fn open_admin_store(cli: &Cli) -> anyhow::Result<Arc<dyn AdminStore>> 
         .ping()
         .await
         .with_context(|| format!("the database {} does not answer", redact_url(url)))?;
-    if backend == crate::store::Backend::Sqlite {
+    if store.profile().self_managed {
         store
             .migrate()
             .await

@@ -15,7 +15,7 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCommand) -> anyhow::Result<()> {
                 max_users_per_reveal.is_some() || max_reveals_per_day.is_some(),
                 "nothing to set: give --max-users-per-reveal and/or --max-reveals-per-day"
             );
-            let store = super::open_admin_store(cli).await?;
+            let store = super::open_store(cli).await?;
             let p = store
                 .set_policy(*max_users_per_reveal, *max_reveals_per_day)
                 .await?;

@@ -6,10 +6,11 @@ use anyhow::Context as _;
 use crate::cli::{Cli, JobArgs, RotateCommand, ScaleArgs};
 use crate::crypto::KeyWrapper;
 use crate::progress::JobProgress;
-use crate::rotation::{self, JobRequest, RotationOptions, Skipped};
+use crate::rotation::{self, RotationOptions, Skipped};
+use crate::store::{Profile, Requester};
 
 pub async fn rotate(cli: &Cli, cmd: &RotateCommand) -> anyhow::Result<()> {
-    let store = super::open_admin_store(cli).await?;
+    let store = super::open_store(cli).await?;
     let wrapper = super::open_wrapper(cli).await?;
     match cmd {
         RotateCommand::Kek { to, job } => {
@@ -28,7 +29,7 @@ pub async fn rotate(cli: &Cli, cmd: &RotateCommand) -> anyhow::Result<()> {
         }
         RotateCommand::DataKeys(args) => {
             let pb = JobProgress::new(cli.progress(), "rows re-encrypted");
-            let opts = options(cli, args)?;
+            let opts = options(store.profile(), args);
             let done =
                 rotation::rotate_data_keys(store, wrapper, &request(&args.job), &opts, &pb).await?;
             pb.finish();
@@ -43,7 +44,7 @@ pub async fn rotate(cli: &Cli, cmd: &RotateCommand) -> anyhow::Result<()> {
         }
         RotateCommand::TokenKey(args) => {
             let pb = JobProgress::new(cli.progress(), "logins re-tokenised");
-            let opts = options(cli, args)?;
+            let opts = options(store.profile(), args);
             let done =
                 rotation::rotate_token_key(store, wrapper, &request(&args.job), &opts, &pb).await?;
             pb.finish();
@@ -62,8 +63,8 @@ pub async fn rotate(cli: &Cli, cmd: &RotateCommand) -> anyhow::Result<()> {
     }
 }
 
-fn request(job: &JobArgs) -> JobRequest {
-    JobRequest {
+fn request(job: &JobArgs) -> Requester {
+    Requester {
         claimed_actor: super::claimed_actor(job.actor.as_deref()),
         reason: job.reason.clone(),
     }
@@ -87,14 +88,10 @@ fn skipped_is_an_error(skipped: &Skipped, consequence: &str) -> anyhow::Result<(
     )
 }
 
-fn options(cli: &Cli, args: &ScaleArgs) -> anyhow::Result<RotationOptions> {
-    Ok(RotationOptions {
-        // One writer at a time on SQLite.
-        jobs: match cli.backend()? {
-            crate::store::Backend::Sqlite => 1,
-            crate::store::Backend::Postgres => args.jobs as usize,
-        },
+fn options(profile: Profile, args: &ScaleArgs) -> RotationOptions {
+    RotationOptions {
+        jobs: (args.jobs as usize).min(profile.max_rotation_jobs),
         chunk_rows: args.chunk_rows as i64,
         stop_after_chunks: args.stop_after_chunks,
-    })
+    }
 }

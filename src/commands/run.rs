@@ -14,15 +14,14 @@ use crate::source::MessageSource;
 use crate::store::BatchOutcome;
 
 pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
-    let admin = super::open_admin_store(cli).await?;
+    let store = super::open_store(cli).await?;
     let wrapper = super::open_wrapper(cli).await?;
-    let backend = cli.backend()?;
-    if backend == crate::store::Backend::Sqlite {
+    let profile = store.profile();
+    if profile.self_managed {
         // The embedded default has one user, who owns the file: the first
         // run sets up its keys, so one command is all it takes.
-        crate::keyring::init_keys(&*admin, &*wrapper, &super::claimed_actor(None)).await?;
+        crate::keyring::init_keys(&*store, &*wrapper, &super::claimed_actor(None)).await?;
     }
-    let store: Arc<dyn crate::store::Store> = admin;
     // Fail at start-up, not at the first batch: the database would refuse
     // every data key this worker registers under a KEK off the allow-list.
     if !store.allowed_keks().await?.contains(&wrapper.kek_id()) {
@@ -79,21 +78,19 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         // From a file, larger transactions: into SQLite most of all, since
         // each commit writes every index page it touched, however few of its
         // rows are on it.
-        batch_size: args.batch_size.map_or_else(
-            || match (backend, &args.from_file) {
-                (crate::store::Backend::Sqlite, Some(_)) => 5000,
-                (crate::store::Backend::Postgres, Some(_)) => 2000,
-                (_, None) => 500,
+        batch_size: args.batch_size.map_or(
+            if args.from_file.is_some() {
+                profile.file_batch
+            } else {
+                profile.queue_batch
             },
             usize::from,
         ),
-        // A file keeps every writer busy: while one commits (an fsync),
-        // the others protect and send; four stay well under the pool.
-        writers: args.writers.map_or_else(
-            || match (backend, &args.from_file) {
-                (crate::store::Backend::Sqlite, _) => 1,
-                (crate::store::Backend::Postgres, Some(_)) => 4,
-                (crate::store::Backend::Postgres, None) => 2,
+        writers: args.writers.map_or(
+            if args.from_file.is_some() {
+                profile.file_writers
+            } else {
+                profile.queue_writers
             },
             usize::from,
         ),

@@ -10,15 +10,14 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use pii_vault::store::admin::{JobStart, Maintenance};
 use pii_vault::store::postgres::PgStore;
-use pii_vault::store::{Batch, Store};
+use pii_vault::store::{Batch, Chunks, Erasure, Ingest, JobKind, JobStart, Jobs, Reveal};
 use sqlx::{Connection, PgConnection, Row};
 
 use crate::common::seed::Owner;
 use crate::common::{self};
 use crate::roles::{
-    audit, denied, login, ok, pii_vault, refused, seed, Db, ANALYST, REVEALER, ROTATOR, WORKER,
+    denied, login, ok, pii_vault, refused, seed, who, Db, ANALYST, REVEALER, ROTATOR, WORKER,
 };
 
 /// Two logins each for `users`, written by the owner under the seed's keys.
@@ -570,12 +569,12 @@ async fn ciphertext_is_read_only_under_a_leased_job_that_no_other_role_can_block
         blockers.push(c);
     }
     let job = rotator
-        .begin_job(&audit("rotate-data-keys", "vault, quarantine"), 3)
+        .begin_job(JobKind::DataKeys, "vault, quarantine", &who(), 3)
         .await
         .expect("no other role can block a rotation");
     let started = rotator
-        .start_rotation(
-            job.record_id,
+        .start_job(
+            &job,
             JobStart::DataKeys {
                 bounds: &["".into()],
             },
@@ -590,7 +589,7 @@ async fn ciphertext_is_read_only_under_a_leased_job_that_no_other_role_can_block
     };
     assert_eq!(
         rotator
-            .vault_chunk(job.record_id, started.id, "", None, 10)
+            .vault_chunk(&started, "", None, 10)
             .await
             .unwrap()
             .len(),
@@ -604,7 +603,7 @@ async fn ciphertext_is_read_only_under_a_leased_job_that_no_other_role_can_block
         "PV007",
     )
     .await;
-    let first = job.record_id;
+    let first = job.record;
     job.finish().await; // the lease goes; the job stays open
                         // The committed record of the last run (the advisory locks it once
                         // took are held by the other roles above, to no effect): not a lease.
@@ -820,10 +819,7 @@ async fn smaller_holes_stay_closed() {
         .execute(analyst.pool())
         .await
         .unwrap();
-    let forgot = rotator
-        .forget("honey", &audit("forget", "user_id=honey"))
-        .await
-        .unwrap();
+    let forgot = rotator.forget("honey", &who()).await.unwrap();
     assert_eq!(forgot.vault_rows, 2);
     let request = revealer
         .reveal_request(

@@ -8,6 +8,7 @@
 
 mod common;
 
+mod architecture;
 mod aws;
 mod boundaries;
 mod cli_embedded;
@@ -18,5 +19,6 @@ mod production;
 mod roles;
 mod roles_e2e;
 mod rotation;
+mod schema;
 mod store_conformance;
 mod tls;

@@ -21,11 +21,11 @@ use std::process::{Command, Output};
 use base64::Engine as _;
 use chrono::{NaiveDate, Utc};
 use pii_vault::crypto::{KeyPurpose, WrappedKey};
-use pii_vault::store::admin::{Forgotten, JobStart, Maintenance};
 use pii_vault::store::postgres::PgStore;
 use pii_vault::store::{
-    AuditEntry, Batch, BatchOutcome, KeyState, LoginRow, QuarantineRow, Selector, Store,
-    StoreError, StoredKey, VaultRow,
+    Audit, Batch, BatchOutcome, Chunks, Erasure, Forgotten, Ingest, Job, JobKind, JobStart, Jobs,
+    KeyState, Keys, LoginRow, QuarantineRow, Requester, Reveal, Selector, Store, StoreError,
+    StoredKey, VaultRow,
 };
 
 /// The KEK the test keys claim to be wrapped under; the owner allow-lists it.
@@ -259,11 +259,10 @@ pub(crate) fn quarantined(user_id: Option<&str>, key_id: &str) -> QuarantineRow 
     }
 }
 
-pub(crate) fn audit(action: &str, target: &str) -> AuditEntry {
-    AuditEntry {
+/// Who asks for a privileged job in these tests, and why.
+pub(crate) fn who() -> Requester {
+    Requester {
         claimed_actor: "oncall@test".into(),
-        action: action.into(),
-        target: target.into(),
         reason: "INC-4711".into(),
     }
 }
@@ -854,13 +853,13 @@ async fn rotator_reads_and_writes_only_under_its_committed_leased_job() {
 
     // ------------------------------------------------------- data keys
     let job = rotator
-        .begin_job(&audit("rotate-data-keys", "vault, quarantine"), 5)
+        .begin_job(JobKind::DataKeys, "vault, quarantine", &who(), 5)
         .await
         .unwrap();
     // A second rotation of the same kind is refused while the first runs,
     // through the store and through plain SQL; another kind is not.
     assert!(matches!(
-        second.begin_job(&audit("rotate-data-keys", "vault"), 0).await,
+        second.begin_job(JobKind::DataKeys, "vault", &who(), 0).await,
         Err(StoreError::Busy(m)) if m.contains("rotate-data-keys")
     ));
     refused(
@@ -870,16 +869,16 @@ async fn rotator_reads_and_writes_only_under_its_committed_leased_job() {
     )
     .await;
     second
-        .begin_job(&audit("rotate-token-key", "user_logins"), 0)
+        .begin_job(JobKind::TokenKey, "user_logins", &who(), 0)
         .await
         .unwrap()
         .finish()
         .await;
 
-    let record = job.record_id;
+    let record = job.record;
     let started = rotator
-        .start_rotation(
-            record,
+        .start_job(
+            &job,
             JobStart::DataKeys {
                 bounds: &["".into()],
             },
@@ -888,21 +887,12 @@ async fn rotator_reads_and_writes_only_under_its_committed_leased_job() {
         .unwrap();
     assert_eq!(started.old_keys, ["dek-1"], "the active key is the old set");
     let dek2 = fresh_dek(TEST_KEK);
-    rotator
-        .rotation_new_data_key(record, started.id, &dek2)
-        .await
-        .unwrap();
-    let ranges = rotator.rotation_ranges(record, started.id).await.unwrap();
+    rotator.job_new_data_key(&started, &dek2).await.unwrap();
+    let ranges = rotator.job_ranges(&started).await.unwrap();
     let tables: Vec<&str> = ranges.iter().map(|r| r.table.as_str()).collect();
     assert_eq!(tables, ["vault", "quarantine"]);
-    let vault = rotator
-        .vault_chunk(record, started.id, "", None, 100)
-        .await
-        .unwrap();
-    let quarantine = rotator
-        .quarantine_chunk(record, started.id, "", 100)
-        .await
-        .unwrap();
+    let vault = rotator.vault_chunk(&started, "", None, 100).await.unwrap();
+    let quarantine = rotator.quarantine_chunk(&started, "", 100).await.unwrap();
     assert_eq!((vault.len(), quarantine.len()), (3, 2));
     // A row goes under a key the job made, from a key of its old set, or not at all.
     refused(
@@ -940,7 +930,7 @@ async fn rotator_reads_and_writes_only_under_its_committed_leased_job() {
     let last = resealed.last().unwrap().0.message_id.clone();
     assert_eq!(
         rotator
-            .reseal_chunk(record, started.id, 0, &last, &resealed, &[])
+            .reseal_chunk(&started, 0, &last, &resealed, &[])
             .await
             .unwrap(),
         3
@@ -960,7 +950,7 @@ async fn rotator_reads_and_writes_only_under_its_committed_leased_job() {
     let last = q.last().unwrap().0.message_id.clone();
     assert_eq!(
         rotator
-            .reseal_chunk(record, started.id, 1, &last, &[], &q)
+            .reseal_chunk(&started, 1, &last, &[], &q)
             .await
             .unwrap(),
         2
@@ -976,23 +966,17 @@ async fn rotator_reads_and_writes_only_under_its_committed_leased_job() {
         "the database counts re-sealed rows"
     );
     for no in [0, 1] {
-        rotator
-            .rotation_range_done(record, started.id, no)
-            .await
-            .unwrap();
+        rotator.range_done(&started, no).await.unwrap();
     }
     // The database destroys what nothing is sealed under, and records it.
-    assert_eq!(
-        rotator.finish_rotation(record, started.id).await.unwrap(),
-        ["dek-1"]
-    );
+    assert_eq!(rotator.finish_job(&started).await.unwrap(), ["dek-1"]);
     let dek1 = db.owner.get_key("dek-1").await.unwrap().unwrap();
     assert_eq!(dek1.state, KeyState::Destroyed);
     assert!(dek1.wrapped.blob.is_empty());
     job.finish().await;
     // The lease went with the job: the next rotation may start.
     second
-        .begin_job(&audit("rotate-data-keys", "vault"), 0)
+        .begin_job(JobKind::DataKeys, "vault", &who(), 0)
         .await
         .unwrap()
         .finish()
@@ -1001,11 +985,10 @@ async fn rotator_reads_and_writes_only_under_its_committed_leased_job() {
     // ------------------------------------------------------------- kek
     // Only under the KMS key its record names, which the job allow-lists.
     let job = rotator
-        .begin_job(&audit("rotate-kek", "local:new"), 2)
+        .begin_job(JobKind::Kek, "local:new", &who(), 2)
         .await
         .unwrap();
-    let record = job.record_id;
-    let kek = rotator.start_rotation(record, JobStart::Kek).await.unwrap();
+    let kek = rotator.start_job(&job, JobStart::Kek).await.unwrap();
     assert_eq!(kek.kek_target.as_deref(), Some("local:new"));
     assert!(rotator
         .allowed_keks()
@@ -1017,12 +1000,12 @@ async fn rotator_reads_and_writes_only_under_its_committed_leased_job() {
         blob: random_bytes(60),
     };
     assert!(matches!(
-        rotator.rewrap_key(record, kek.id, &dek2.id, &under("local:other")).await,
+        rotator.rewrap_key(&kek, &dek2.id, &under("local:other")).await,
         Err(e) if matches!(pg_code(&e), Some("PV011"))
     ));
     let rewrapped = under("local:new");
     assert!(rotator
-        .rewrap_key(record, kek.id, &dek2.id, &rewrapped)
+        .rewrap_key(&kek, &dek2.id, &rewrapped)
         .await
         .unwrap());
     assert_eq!(
@@ -1031,33 +1014,28 @@ async fn rotator_reads_and_writes_only_under_its_committed_leased_job() {
     );
     // Not finished while a key (tok-1) is under another KMS key.
     assert!(matches!(
-        rotator.finish_rotation(record, kek.id).await,
+        rotator.finish_job(&kek).await,
         Err(e) if matches!(pg_code(&e), Some("PV011"))
     ));
     assert!(rotator
-        .rewrap_key(record, kek.id, "tok-1", &under("local:new"))
+        .rewrap_key(&kek, "tok-1", &under("local:new"))
         .await
         .unwrap());
-    assert!(rotator
-        .finish_rotation(record, kek.id)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(rotator.finish_job(&kek).await.unwrap().is_empty());
     job.finish().await;
 
     // ------------------------------------------------------- token key
     let job = rotator
-        .begin_job(&audit("rotate-token-key", "user_logins"), 3)
+        .begin_job(JobKind::TokenKey, "user_logins", &who(), 3)
         .await
         .unwrap();
-    let record = job.record_id;
     let tok2 = StoredKey {
         id: format!("tok-{}", uuid::Uuid::new_v4()),
         ..new_key("x", KeyPurpose::Token, 2)
     };
     let started = rotator
-        .start_rotation(
-            record,
+        .start_job(
+            &job,
             JobStart::TokenKey {
                 bounds: &["".into()],
                 key: &tok2,
@@ -1071,10 +1049,7 @@ async fn rotator_reads_and_writes_only_under_its_committed_leased_job() {
         KeyState::Retired,
         "the new version is the only active one"
     );
-    let stale = rotator
-        .logins_chunk(record, started.id, "", None, 100)
-        .await
-        .unwrap();
+    let stale = rotator.logins_chunk(&started, "", None, 100).await.unwrap();
     assert_eq!(stale.len(), 3);
     let last = stale.last().unwrap().1.message_id.clone();
     // Tokens of another version than the job's are refused.
@@ -1083,7 +1058,7 @@ async fn rotator_reads_and_writes_only_under_its_committed_leased_job() {
         .map(|(id, _)| (*id, token(1), token(1)))
         .collect();
     assert!(matches!(
-        rotator.tokens_chunk(record, started.id, Some((0, &last)), &bad).await,
+        rotator.tokens_chunk(&started, Some((0, &last)), &bad).await,
         Err(e) if matches!(pg_code(&e), Some("PV003"))
     ));
     let updates: Vec<_> = stale
@@ -1092,27 +1067,18 @@ async fn rotator_reads_and_writes_only_under_its_committed_leased_job() {
         .collect();
     assert_eq!(
         rotator
-            .tokens_chunk(record, started.id, Some((0, &last)), &updates)
+            .tokens_chunk(&started, Some((0, &last)), &updates)
             .await
             .unwrap(),
         3
     );
     assert_eq!(rotator.count_stale_tokens(2).await.unwrap(), 0);
-    rotator
-        .rotation_range_done(record, started.id, 0)
-        .await
-        .unwrap();
-    assert_eq!(
-        rotator.finish_rotation(record, started.id).await.unwrap(),
-        ["tok-1"]
-    );
+    rotator.range_done(&started, 0).await.unwrap();
+    assert_eq!(rotator.finish_job(&started).await.unwrap(), ["tok-1"]);
     job.finish().await;
 
     // forget: audited in the same transaction.
-    let f = rotator
-        .forget("alice", &audit("forget", "user_id=alice"))
-        .await
-        .unwrap();
+    let f = rotator.forget("alice", &who()).await.unwrap();
     assert_eq!(
         f,
         Forgotten {
@@ -1819,7 +1785,7 @@ async fn the_binary_does_each_job_under_that_roles_login() {
     // A rotation of a kind that is already running is refused, clearly.
     let holder = PgStore::connect(&rotator_url).await.unwrap();
     let job = holder
-        .begin_job(&audit("rotate-token-key", "user_logins"), 0)
+        .begin_job(JobKind::TokenKey, "user_logins", &who(), 0)
         .await
         .unwrap();
     let busy = pii_vault(dir.path(), &rotator_url, &["rotate", "token-key"]);
@@ -2340,12 +2306,12 @@ async fn rotation_jobs_are_the_rotators_alone() {
     .await;
 
     let job = rotator
-        .begin_job(&audit("rotate-data-keys", "vault, quarantine"), 5)
+        .begin_job(JobKind::DataKeys, "vault, quarantine", &who(), 5)
         .await
         .unwrap();
     let started = rotator
-        .start_rotation(
-            job.record_id,
+        .start_job(
+            &job,
             JobStart::DataKeys {
                 bounds: &["".into()],
             },
@@ -2357,15 +2323,12 @@ async fn rotation_jobs_are_the_rotators_alone() {
         ["dek-1"],
         "the active key was retired and is the old set"
     );
-    let chunk = rotator
-        .vault_chunk(job.record_id, started.id, "", None, 100)
-        .await
-        .unwrap();
+    let chunk = rotator.vault_chunk(&started, "", None, 100).await.unwrap();
     assert_eq!(chunk.len(), 3);
     // Another rotator login cannot use this job's record, nor move its
     // cursors with a record of its own kind while the job's lock is held.
     let stolen = sqlx::query("SELECT * FROM pii_vault_rotation_vault_chunk($1, $2, '', NULL, 10)")
-        .bind(job.record_id)
+        .bind(job.record)
         .bind(started.id)
         .fetch_all(other.pool())
         .await;
@@ -2374,22 +2337,29 @@ async fn rotation_jobs_are_the_rotators_alone() {
         "{stolen:?}"
     );
     // A finished range cannot be moved again; a bogus job is refused.
-    rotator
-        .rotation_range_done(job.record_id, started.id, 0)
-        .await
-        .unwrap();
+    rotator.range_done(&started, 0).await.unwrap();
     assert!(matches!(
-        rotator.rotation_range_done(job.record_id, started.id, 0).await,
+        rotator.range_done(&started, 0).await,
         Err(e) if matches!(pg_code(&e), Some("PV011"))
     ));
     assert!(matches!(
-        rotator.vault_chunk(job.record_id, started.id + 100, "", None, 10).await,
+        rotator
+            .vault_chunk(
+                &Job {
+                    id: started.id + 100,
+                    ..started.clone()
+                },
+                "",
+                None,
+                10
+            )
+            .await,
         Err(e) if matches!(pg_code(&e), Some("PV011"))
     ));
     // Only one open job per kind; the next run takes it over.
     let twice = rotator
-        .start_rotation(
-            job.record_id,
+        .start_job(
+            &job,
             JobStart::DataKeys {
                 bounds: &["".into()],
             },
@@ -2399,7 +2369,7 @@ async fn rotation_jobs_are_the_rotators_alone() {
         matches!(&twice, Err(StoreError::Permanent(m)) if m.contains("23505")),
         "{twice:?}"
     );
-    let record = job.record_id;
+    let record = job.record;
     job.finish().await;
     // Once the lock is gone, the old record reads nothing any more.
     refused(
@@ -2412,11 +2382,11 @@ async fn rotation_jobs_are_the_rotators_alone() {
     )
     .await;
     let again = rotator
-        .begin_job(&audit("rotate-data-keys", "vault, quarantine"), 5)
+        .begin_job(JobKind::DataKeys, "vault, quarantine", &who(), 5)
         .await
         .unwrap();
     let resumed = rotator
-        .resume_rotation(again.record_id, "rotate-data-keys")
+        .resume_job(&again)
         .await
         .unwrap()
         .expect("the open job");

@@ -14,12 +14,11 @@ use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use pii_vault::crypto::{KeyPurpose, WrappedKey};
-use pii_vault::store::admin::{Maintenance, Retained};
 use pii_vault::store::postgres::PgStore;
 use pii_vault::store::sqlite::SqliteStore;
 use pii_vault::store::{
-    AdminStore, Batch, BatchOutcome, KeyState, LoginRow, QuarantineRow, Selector, Store,
-    StoreError, StoredKey, VaultRow,
+    Batch, BatchOutcome, Erasure, Ingest, JobKind, KeyState, LoginRow, QuarantineRow, Requester,
+    Retained, Selector, Store, StoreError, StoredKey, VaultRow,
 };
 use rand::RngCore;
 use sqlx::{PgPool, SqlitePool};
@@ -27,7 +26,7 @@ use sqlx::{PgPool, SqlitePool};
 /// A store under test plus a raw connection to its database, for the few
 /// checks that need SQL outside the trait (row counts, tampering attempts).
 struct Harness {
-    store: Arc<dyn AdminStore>,
+    store: Arc<dyn Store>,
     url: String,
     raw: Raw,
     cleanup: Cleanup,
@@ -1007,30 +1006,28 @@ async fn keys_only_go_under_an_allowed_kek(h: &Harness) {
 }
 
 async fn a_job_of_a_kind_runs_once_at_a_time(h: &Harness) {
-    let entry = |action: &str| pii_vault::store::AuditEntry {
+    let who = Requester {
         claimed_actor: "rotator@test".into(),
-        action: action.into(),
-        target: "vault".into(),
         reason: "test".into(),
     };
     let job = h
         .store
-        .begin_job(&entry("rotate-data-keys"), 0)
+        .begin_job(JobKind::DataKeys, "vault", &who, 0)
         .await
         .unwrap();
     assert!(matches!(
-        h.store.begin_job(&entry("rotate-data-keys"), 0).await,
+        h.store.begin_job(JobKind::DataKeys, "vault", &who, 0).await,
         Err(StoreError::Busy(_))
     ));
     let other = h
         .store
-        .begin_job(&entry("rotate-token-key"), 0)
+        .begin_job(JobKind::TokenKey, "vault", &who, 0)
         .await
         .unwrap();
     job.finish().await;
     other.finish().await;
     h.store
-        .begin_job(&entry("rotate-data-keys"), 0)
+        .begin_job(JobKind::DataKeys, "vault", &who, 0)
         .await
         .unwrap()
         .finish()
@@ -1315,10 +1312,8 @@ async fn sqlite_forget_leaves_no_copy_in_the_files() {
         "the scan must see a stored ciphertext"
     );
 
-    let audit = pii_vault::store::AuditEntry {
+    let audit = Requester {
         claimed_actor: "dpo@test".into(),
-        action: "forget".into(),
-        target: "user_id=alice".into(),
         reason: "erasure request".into(),
     };
     assert_eq!(store.forget("alice", &audit).await.unwrap().vault_rows, 20);
@@ -1363,10 +1358,8 @@ async fn retention_erases_originals_before_a_day_and_keeps_logins(h: &Harness) {
 
     assert_eq!(h.store.count_older_than(day(3)).await.unwrap(), (3, 1));
     assert_eq!(h.store.count_older_than(day(1)).await.unwrap(), (0, 1));
-    let audit = pii_vault::store::AuditEntry {
+    let audit = Requester {
         claimed_actor: "dpo@test".into(),
-        action: "retention".into(),
-        target: String::new(),
         reason: "retention: 12 months".into(),
     };
     let erased = h.store.retention(day(3), &audit).await.unwrap();

@@ -1,4 +1,4 @@
-//! The production store: Postgres, shared by many worker replicas.
+//! [`Ingest`] on Postgres.
 //!
 //! A batch is written in one transaction, by one of two lanes. The fast
 //! lane sends both tables by binary `COPY` (a bulk load's cost: no
@@ -11,121 +11,19 @@
 //! unique `message_id` either way.
 
 use std::collections::HashSet;
-use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::Row;
 
-use super::pg_copy;
-use super::*;
-use crate::crypto::{KeyPurpose, WrappedKey};
-
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
-
-/// `migrations/postgres/functions/*.sql` in name order: the current text of
-/// every function, trigger, view and grant, re-applied by every `migrate`
-/// (the list is made by build.rs).
-const FUNCTIONS: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/pg_functions.rs"));
+use super::copy;
+use super::PgStore;
+use crate::store::{Batch, BatchOutcome, DueHoneytoken, Ingest, LoginRow, StoreError, VaultRow};
 
 /// Rows per statement. Arrays have no parameter limit; this only bounds the
 /// size of one statement (and the time a single insert holds its locks)
 /// when a caller hands over a very large batch.
 const CHUNK: usize = 1000;
-
-/// Enough for a worker's concurrent batches plus a reveal, while many
-/// replicas together stay under the server's `max_connections`.
-const MAX_CONNECTIONS: u32 = 8;
-
-/// A wrong host or a dropped SYN should fail start-up quickly (and be
-/// retried by the caller), not hang for the OS TCP timeout.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long a query waits for a free (or freshly opened) connection before
-/// reporting a transient error that the pipeline retries with backoff.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
-
-pub struct PgStore {
-    pool: PgPool,
-    /// Set when a batch met a message id already stored: the next batches
-    /// skip the `COPY` fast lane (which would fail and be redone) until one
-    /// of them is all new again, e.g. while a file loaded before is re-run.
-    expect_duplicates: AtomicBool,
-}
-
-impl PgStore {
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let opts = PgConnectOptions::from_str(url)?.application_name("pii-vault");
-        let pool = PgPoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(opts);
-        let pool = tokio::time::timeout(CONNECT_TIMEOUT, pool)
-            .await
-            .map_err(|_| StoreError::Transient("timed out connecting to the database".into()))??;
-        Ok(PgStore {
-            pool,
-            expect_duplicates: AtomicBool::new(false),
-        })
-    }
-
-    /// For tests and maintenance that need SQL outside the [`Store`] trait.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-}
-
-fn key_from_row(r: &PgRow) -> Result<StoredKey, StoreError> {
-    let purpose: String = r.try_get("purpose")?;
-    let state: String = r.try_get("state")?;
-    Ok(StoredKey {
-        id: r.try_get("id")?,
-        purpose: KeyPurpose::parse(&purpose)
-            .ok_or_else(|| StoreError::Permanent(format!("unknown key purpose {purpose}")))?,
-        version: r.try_get("version")?,
-        wrapped: WrappedKey {
-            kek_id: r.try_get("kek_id")?,
-            blob: r
-                .try_get::<Option<Vec<u8>>, _>("wrapped")?
-                .unwrap_or_default(),
-        },
-        state: KeyState::parse(&state)
-            .ok_or_else(|| StoreError::Permanent(format!("unknown key state {state}")))?,
-        created_at: r.try_get("created_at")?,
-        usage_count: r.try_get("usage_count")?,
-    })
-}
-
-pub(super) fn login_from_row(r: &PgRow) -> Result<LoginRow, StoreError> {
-    // Rows converted from the legacy table may hold NULLs where new rows
-    // never do: shown as empty text (and no date), not as an error.
-    let text = |c: &str| -> Result<String, StoreError> {
-        Ok(r.try_get::<Option<String>, _>(c)?.unwrap_or_default())
-    };
-    Ok(LoginRow {
-        message_id: r.try_get("message_id")?,
-        user_id: text("user_id")?,
-        device_type: text("device_type")?,
-        masked_ip: text("masked_ip")?,
-        masked_device_id: text("masked_device_id")?,
-        locale: r.try_get("locale")?,
-        app_version: text("app_version")?,
-        create_date: r.try_get("create_date")?,
-    })
-}
-
-/// A row of `pii_vault_reveal_fetch`: the login, and its sealed originals
-/// when there are any.
-fn revealed_from_row(r: &PgRow) -> Result<RevealedRow, StoreError> {
-    let login = login_from_row(r)?;
-    let vault = sealed_beside(&login, r)?;
-    Ok((login, vault))
-}
-
-const KEY_COLUMNS: &str = "id, purpose, version, kek_id, wrapped, state, created_at, usage_count";
 
 /// The logins of a batch that can be inserted by one statement: the first
 /// of each `message_id` (a later copy in the same batch is a redelivery and
@@ -152,7 +50,7 @@ async fn copy_logins(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     logins: &[&(LoginRow, VaultRow)],
 ) -> Result<(), sqlx::Error> {
-    let mut rows = pg_copy::CopyRows::new(logins.len() * 200);
+    let mut rows = copy::CopyRows::new(logins.len() * 200);
     for (l, _) in logins {
         rows.row(8)
             .text(&l.message_id)
@@ -173,7 +71,7 @@ async fn copy_logins(
     copy.send(rows.finish()).await?;
     copy.finish().await?;
 
-    let mut rows = pg_copy::CopyRows::new(logins.len() * 160);
+    let mut rows = copy::CopyRows::new(logins.len() * 160);
     for (l, v) in logins {
         rows.row(6)
             .text(&v.message_id)
@@ -296,31 +194,7 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 }
 
 #[async_trait]
-impl Store for PgStore {
-    async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool).await.map_err(sqlx::Error::from)?;
-        // One transaction: the roles never see half of the boundary. The
-        // lock keeps two owners migrating at once apart (only a role that
-        // may change the policy can take it).
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("LOCK TABLE reveal_policy IN SHARE ROW EXCLUSIVE MODE")
-            .execute(&mut *tx)
-            .await?;
-        for (name, sql) in FUNCTIONS {
-            sqlx::Executor::execute(&mut *tx, *sql).await.map_err(|e| {
-                let e = StoreError::from(e);
-                StoreError::Permanent(format!("migrations/postgres/functions/{name}: {e}"))
-            })?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
-    }
-
+impl Ingest for PgStore {
     async fn write_batch(&self, batch: &Batch) -> Result<BatchOutcome, StoreError> {
         let mut out = BatchOutcome::default();
         let logins = first_of_each(&batch.logins);
@@ -399,137 +273,6 @@ impl Store for PgStore {
         Ok(out)
     }
 
-    async fn register_data_key(&self, id: &str, wrapped: &WrappedKey) -> Result<(), StoreError> {
-        sqlx::query("SELECT pii_vault_register_data_key($1, $2, $3)")
-            .bind(id)
-            .bind(&wrapped.kek_id)
-            .bind(&wrapped.blob)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn retire_data_key(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(sqlx::query_scalar("SELECT pii_vault_retire_data_key($1)")
-            .bind(id)
-            .fetch_one(&self.pool)
-            .await?)
-    }
-
-    async fn allowed_keks(&self) -> Result<Vec<String>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT kek_id FROM kms_allowlist ORDER BY kek_id")
-                .fetch_all(&self.pool)
-                .await?,
-        )
-    }
-
-    async fn get_key(&self, id: &str) -> Result<Option<StoredKey>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM vault_keys WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(key_from_row).transpose()
-    }
-
-    async fn current_token_key(&self) -> Result<Option<StoredKey>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM vault_keys WHERE purpose = 'token' AND state = 'active' \
-             ORDER BY version DESC LIMIT 1"
-        ))
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(key_from_row).transpose()
-    }
-
-    async fn list_keys(&self) -> Result<Vec<StoredKey>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM vault_keys ORDER BY created_at, id"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    async fn reveal_request(
-        &self,
-        selector: &Selector,
-        claimed_actor: &str,
-        reason: &str,
-    ) -> Result<RevealRequest, StoreError> {
-        let (column, value) = selector.parts();
-        let (id, row_count, status): (i64, i64, String) = sqlx::query_as(
-            "SELECT request_id, row_count, status FROM pii_vault_reveal_request($1, $2, $3, $4)",
-        )
-        .bind(column)
-        .bind(value)
-        .bind(reason)
-        .bind(claimed_actor)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(RevealRequest {
-            id,
-            row_count,
-            status: RequestStatus::parse(&status)
-                .ok_or_else(|| StoreError::Permanent("unknown request status".into()))?,
-        })
-    }
-
-    async fn reveal_fetch<'a>(&'a self, request_id: i64) -> Result<RevealedRows<'a>, StoreError> {
-        // The function checks the request, marks it fetched and returns
-        // its rows in one statement, committed only once the last row is
-        // sent: rows are taken off the wire one at a time, never all held.
-        let rows = sqlx::query("SELECT * FROM pii_vault_reveal_fetch($1)")
-            .bind(request_id)
-            .fetch(&self.pool)
-            .map(|r| revealed_from_row(&r?));
-        RevealedRows::start(rows.boxed()).await
-    }
-
-    async fn approve(
-        &self,
-        request_id: i64,
-        claimed_actor: &str,
-        reason: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query("SELECT pii_vault_approve($1, $2, $3)")
-            .bind(request_id)
-            .bind(reason)
-            .bind(claimed_actor)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn reveal_claim(&self, request_id: i64, claimed_actor: &str) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT pii_vault_reveal_claim($1, $2)")
-            .bind(request_id)
-            .bind(claimed_actor)
-            .fetch_one(&self.pool)
-            .await?)
-    }
-
-    async fn policy(&self) -> Result<RevealPolicy, StoreError> {
-        let (max_users_per_reveal, max_reveals_per_day, changed_at, changed_by): (
-            i32,
-            i32,
-            DateTime<Utc>,
-            String,
-        ) = sqlx::query_as(
-            "SELECT max_users_per_reveal, max_reveals_per_day, changed_at, changed_by FROM reveal_policy",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(RevealPolicy {
-            max_users_per_reveal: max_users_per_reveal.into(),
-            max_reveals_per_day: max_reveals_per_day.into(),
-            changed_at,
-            changed_by,
-        })
-    }
-
     async fn due_honeytokens(&self, limit: i64) -> Result<Vec<DueHoneytoken>, StoreError> {
         let rows: Vec<(String, String, String)> =
             sqlx::query_as("SELECT uuid_id, line_id, body FROM pii_vault_honeytokens_due($1)")
@@ -544,32 +287,5 @@ impl Store for PgStore {
                 body,
             })
             .collect())
-    }
-
-    async fn audit_trail(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, at, actor, claimed_actor, action, target, reason, row_count FROM audit_log \
-             WHERE ($2::timestamptz IS NULL OR at >= $2) AND ($3::text IS NULL OR actor = $3) \
-             ORDER BY id DESC LIMIT $1",
-        )
-        .bind(filter.limit)
-        .bind(filter.since)
-        .bind(filter.actor.as_deref())
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(AuditRecord {
-                    id: r.try_get("id")?,
-                    at: r.try_get("at")?,
-                    actor: r.try_get("actor")?,
-                    claimed_actor: r.try_get("claimed_actor")?,
-                    action: r.try_get("action")?,
-                    target: r.try_get("target")?,
-                    reason: r.try_get("reason")?,
-                    row_count: r.try_get("row_count")?,
-                })
-            })
-            .collect()
     }
 }

@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
-use super::{own_rule_text, rule_error, Batch, BatchOutcome, StoreError};
+use crate::store::error::{own_rule_text, rule_error};
+use crate::store::{Batch, BatchOutcome, StoreError};
 
 /// How the writer's connection is set up.
 pub(super) struct WriterSettings {

@@ -6,7 +6,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+mod parse;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use parse::{non_blank, parse_day, parse_duration, parse_since};
 
 /// Used when neither `--database-url` nor `DATABASE_URL` is given.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite:pii-vault.db";
@@ -48,11 +51,6 @@ pub struct Cli {
 impl Cli {
     pub fn database_url(&self) -> &str {
         self.database_url.as_deref().unwrap_or(DEFAULT_DATABASE_URL)
-    }
-
-    /// Which database backend the URL names, decided once, here.
-    pub fn backend(&self) -> anyhow::Result<crate::store::Backend> {
-        crate::store::Backend::of(self.database_url())
     }
 
     /// Whether long jobs may draw a progress bar: text logs on a terminal.
@@ -301,11 +299,6 @@ pub struct ForgetArgs {
     pub actor: Option<String>,
 }
 
-fn parse_day(s: &str) -> Result<chrono::NaiveDate, String> {
-    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
-        .map_err(|_| "expected a day as YYYY-MM-DD, e.g. 2025-12-01".to_string())
-}
-
 /// Why a rotation runs and who runs it: its audit record, written (and
 /// committed) before it reads anything.
 #[derive(Debug, Args)]
@@ -409,51 +402,6 @@ pub struct AuditArgs {
 
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
-}
-
-fn parse_since(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&chrono::Utc));
-    }
-    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
-        .map(|d| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc())
-        .map_err(|_| {
-            "expected an RFC 3339 time (2026-11-25T09:00:00Z) or a date (2026-11-25)".into()
-        })
-}
-
-/// `0`, or a whole number with a unit: `s`, `m`, `h`, `d`.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    if s == "0" {
-        return Ok(std::time::Duration::ZERO);
-    }
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| "expected a number and a unit: 30s, 15m, 12h, 7d".to_string())?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n.saturating_mul(60),
-        "h" => n.saturating_mul(3600),
-        "d" => n.saturating_mul(86_400),
-        _ => return Err("the unit is one of s, m, h, d (30s, 15m, 12h, 7d)".into()),
-    };
-    if secs > 366 * 86_400 {
-        return Err("at most a year".into());
-    }
-    Ok(std::time::Duration::from_secs(secs))
-}
-
-fn non_blank(s: &str) -> Result<String, String> {
-    if s.trim().is_empty() {
-        Err("must not be blank".into())
-    } else if s.len() > 1000 {
-        Err("must be at most 1000 bytes".into())
-    } else {
-        Ok(s.to_string())
-    }
 }
 
 #[cfg(test)]
