@@ -44,7 +44,7 @@ pub fn for_file(file: Arc<FileSource>, done: CancellationToken) -> Option<JoinHa
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Progress of a long job over a known number of rows: a bar with ETA on a
-/// terminal, otherwise a log line every [`LOG_EVERY`] (done/total, rows/s,
+/// terminal, otherwise a log line every 10 seconds (done/total, rows/s,
 /// ETA), so that a scheduled rotation's log shows how far it is.
 pub struct JobProgress {
     bar: ProgressBar,

@@ -113,7 +113,7 @@ const SECRET_PARAMS: &[&str] = &["password", "sslpassword"];
 
 /// A database URL without its secrets, for error messages: the password in
 /// the user info and the value of every secret query parameter
-/// ([`SECRET_PARAMS`]) become `***`.
+/// (`password`, `sslpassword`) become `***`.
 ///
 /// The URL is parsed (with the `url` crate, which sqlx parses Postgres URLs
 /// with too), never searched as a string, so a password is found wherever

@@ -17,9 +17,9 @@
 //! destroyed key) is reported and skipped, never a reason to stop halfway:
 //! the keys it needs are then kept, not destroyed.
 //!
-//! - [`job`]: what every rotation shares: resuming a job, its key ranges
+//! - `job.rs`: what every rotation shares: resuming a job, its key ranges
 //!   worked on several connections, progress, the test hook that stops it;
-//! - [`kek`], [`data_keys`], [`token_key`]: one rotation each.
+//! - `kek.rs`, `data_keys.rs`, `token_key.rs`: one rotation each.
 
 mod data_keys;
 mod job;
@@ -38,7 +38,7 @@ const SKIPPED_SHOWN: usize = 20;
 #[derive(Debug, Default, Clone)]
 pub struct Skipped {
     pub count: u64,
-    /// The first [`SKIPPED_SHOWN`] of them.
+    /// The first 20 of them.
     pub message_ids: Vec<String>,
 }
 

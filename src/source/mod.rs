@@ -1,4 +1,4 @@
-//! Where messages come from: [`sqs`] in production, [`file`] (JSON Lines, or
+//! Where messages come from: [`sqs`] in production, [`file`](mod@file) (JSON Lines, or
 //! stdin) for the embedded default, tests and backfills.
 
 pub mod file;

@@ -96,7 +96,7 @@ pub type RevealedRow = (LoginRow, Option<VaultRow>);
 ///
 /// Made by [`RevealedRows::start`], which has already read the first row:
 /// a refusal by the database (not committed, already fetched, not this
-/// login's) is the error of [`Store::reveal_fetch`] itself, not of a later
+/// login's) is the error of [`Reveal::reveal_fetch`] itself, not of a later
 /// item.
 pub struct RevealedRows<'a>(BoxStream<'a, Result<RevealedRow, StoreError>>);
 
