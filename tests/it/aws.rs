@@ -5,11 +5,10 @@
 //! `PII_VAULT_TEST_AWS=1`; without them these tests fail (or skip, under
 //! `PII_VAULT_SKIP_SERVICES=1`). Every test makes its own queue and keys.
 
-use crate::common::{self, aws as aws_helpers};
+use crate::common::{self, app::TestApp, aws as aws_helpers};
 
 use std::collections::HashSet;
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -302,22 +301,12 @@ async fn sqs_missing_queue_is_one_clear_error() {
 
 // ------------------------------------------------------------------- end to end
 
-fn pii_vault(dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(common::bin())
-        .args(args)
-        .current_dir(dir)
-        .env_remove("DATABASE_URL")
-        .env_remove("PII_VAULT_KMS_KEY_ID")
-        .env_remove("PII_VAULT_QUEUE_URL")
+/// `pii-vault ARGS…` in the fixture's directory, which must succeed, with
+/// every library's debug lines too (all of them go through the leak check).
+fn pii_vault(app: &TestApp, args: &[&str]) -> Output {
+    app.bin()
         .env("PII_VAULT_LOG", "debug,sqlx=warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pii-vault {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+        .ok_output(args)
 }
 
 #[tokio::test]
@@ -345,8 +334,8 @@ async fn worker_drains_a_queue_into_sqlite_with_kms_and_reveals_originals() {
     aws_helpers::send_all(&sqs, &url, &bodies).await;
     assert_eq!(aws_helpers::queue_counts(&sqs, &url).await, (300, 0));
 
-    let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite:{}", dir.path().join("e2e.db").display());
+    let app = TestApp::embedded();
+    let db = format!("sqlite:{}", app.path("e2e.db").display());
     let common_args = ["--database-url", &db, "--kms-key-id", &key_id];
     let run_args = [
         "run",
@@ -359,7 +348,7 @@ async fn worker_drains_a_queue_into_sqlite_with_kms_and_reveals_originals() {
     ];
     let run: Vec<&str> = common_args.iter().chain(&run_args).copied().collect();
 
-    let first = pii_vault(dir.path(), &run);
+    let first = pii_vault(&app, &run);
     let (stored, duplicates, rejected) = common::summary(&first.stderr);
     assert_eq!(
         stored + rejected,
@@ -379,7 +368,7 @@ async fn worker_drains_a_queue_into_sqlite_with_kms_and_reveals_originals() {
         "with --kms-key-id the local key file must not be used"
     );
 
-    let second = pii_vault(dir.path(), &run);
+    let second = pii_vault(&app, &run);
     assert_eq!(
         common::summary(&second.stderr),
         (0, 0, 0),
@@ -409,7 +398,7 @@ async fn worker_drains_a_queue_into_sqlite_with_kms_and_reveals_originals() {
         "json",
     ];
     let revealed = pii_vault(
-        dir.path(),
+        &app,
         &common_args
             .iter()
             .chain(&reveal_args)
@@ -436,7 +425,7 @@ async fn worker_drains_a_queue_into_sqlite_with_kms_and_reveals_originals() {
     // No plaintext PII in the database or in what the runs printed.
     let raw = common::raw_pii(&input);
     assert!(raw.len() > 50);
-    let leaks = common::leaked(&common::files_bytes(dir.path(), "e2e.db"), &raw);
+    let leaks = common::leaked(&common::files_bytes(app.dir(), "e2e.db"), &raw);
     assert!(
         leaks.is_empty(),
         "the database holds plaintext PII: {} values",

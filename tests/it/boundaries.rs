@@ -4,8 +4,9 @@
 //! finding; each asserts the exact SQLSTATE of a refusal, or, where the
 //! point is what a session can observe, compares the observations.
 //!
-//! Postgres only; the harness (`Db`, logins per role, `seed`) is
-//! `roles.rs`'s.
+//! Postgres only. Each test starts from a
+//! [`TestApp`](crate::common::app::TestApp) (a migrated database, logins
+//! per role); the owner's `seed` and the refusal assertions are `roles`'.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -14,11 +15,10 @@ use pii_vault::store::postgres::PgStore;
 use pii_vault::store::{Batch, Chunks, Erasure, Ingest, JobKind, JobStart, Jobs, Reveal};
 use sqlx::{Connection, PgConnection, Row};
 
+use crate::common::app::TestApp;
 use crate::common::seed::Owner;
 use crate::common::{self};
-use crate::roles::{
-    denied, login, ok, pii_vault, refused, seed, who, Db, ANALYST, REVEALER, ROTATOR, WORKER,
-};
+use crate::roles::{denied, login, refused, seed, who, ANALYST, REVEALER, ROTATOR, WORKER};
 
 /// Two logins each for `users`, written by the owner under the seed's keys.
 async fn logins_of(owner: &PgStore, users: &[&str]) {
@@ -137,15 +137,15 @@ async fn probe(conn: &mut PgConnection, user: &str) -> Observed {
 /// was a trap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revealers_session_sees_the_same_for_a_honeytoken_as_for_a_real_user() {
-    let Some(mut db) = Db::new().await else {
+    let Some(app) = TestApp::postgres().await else {
         return;
     };
-    seed(&db.owner).await;
-    logins_of(&db.owner, &["honey", "carol"]).await;
-    Owner::Pg(db.owner.pool())
+    seed(app.owner()).await;
+    logins_of(app.owner(), &["honey", "carol"]).await;
+    Owner::Pg(app.pool())
         .add_honeytokens(&["honey", "ghost-1", "ghost-2"])
         .await;
-    let url = db.login_as(REVEALER).await;
+    let url = app.login_as(REVEALER).await.url;
     let mut conn = PgConnection::connect(&url).await.unwrap();
     // The login's first request creates its quota row; later ones update it.
     sqlx::query("SELECT * FROM pii_vault_reveal_request('user_id', 'bob', 'warm-up', 'me')")
@@ -155,7 +155,7 @@ async fn a_revealers_session_sees_the_same_for_a_honeytoken_as_for_a_real_user()
     // A probe of someone else first: the session's caches are then warm
     // for every probe compared.
     probe(&mut conn, "alice").await;
-    let trail = db.count("audit_log").await;
+    let trail = app.count("audit_log").await;
 
     let mut honey = Vec::new();
     let mut carol = Vec::new();
@@ -174,8 +174,8 @@ async fn a_revealers_session_sees_the_same_for_a_honeytoken_as_for_a_real_user()
         assert_eq!(h, c, "what the session sees differs for a honeytoken");
     }
     // Rolled back: no entry, no alarm, nothing to find later.
-    assert_eq!(db.count("audit_log").await, trail);
-    assert_eq!(db.count("audit_alarms").await, 0);
+    assert_eq!(app.count("audit_log").await, trail);
+    assert_eq!(app.count("audit_alarms").await, 0);
 
     // Committed: each notifies once, alike; only the owner sees the alarm.
     let mut listener = sqlx::postgres::PgListener::connect(&url).await.unwrap();
@@ -205,7 +205,7 @@ async fn a_revealers_session_sees_the_same_for_a_honeytoken_as_for_a_real_user()
     .unwrap();
     assert_eq!(seen[0], seen[1]);
     let alarms: Vec<i64> = sqlx::query_scalar("SELECT request_id FROM audit_alarms")
-        .fetch_all(db.owner.pool())
+        .fetch_all(app.pool())
         .await
         .unwrap();
     assert_eq!(alarms, [ids[0]]);
@@ -221,7 +221,7 @@ async fn a_revealers_session_sees_the_same_for_a_honeytoken_as_for_a_real_user()
     }
     conn.close().await.ok();
     listener.unlisten_all().await.ok();
-    db.finish(&[]).await;
+    app.finish().await;
 }
 
 /// A login as an analyst reads it: xmin, message id, user id, device
@@ -263,46 +263,28 @@ fn unusual_events(n: usize, salt: u32) -> String {
 /// shape, and are sealed under the workers' data keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn honeytokens_look_like_the_real_users_around_them() {
-    let Some(mut db) = Db::new().await else {
+    let Some(app) = TestApp::postgres().await else {
         return;
     };
-    let worker = db.login_as(WORKER).await;
-    let analyst = db.login_as(ANALYST).await;
-    let revealer = db.login_as(REVEALER).await;
-    let dir = tempfile::tempdir().unwrap();
-    ok(
-        &pii_vault(dir.path(), &db.fresh.url, &["migrate"]),
-        "migrate",
-    );
+    let worker = app.as_login(&app.login_as(WORKER).await);
+    let analyst = app.login_as(ANALYST).await.url;
+    let revealer = app.login_as(REVEALER).await.url;
+    app.ok(&["migrate"]);
     let load = |name: &str, text: &str| {
-        std::fs::write(dir.path().join(name), text).unwrap();
-        ok(
-            &pii_vault(
-                dir.path(),
-                &worker,
-                &[
-                    "run",
-                    "--from-file",
-                    name,
-                    "--no-progress",
-                    "--batch-size",
-                    "3",
-                ],
-            ),
-            "run as the worker",
-        )
+        app.write(name, text);
+        worker.ok(&[
+            "run",
+            "--from-file",
+            name,
+            "--no-progress",
+            "--batch-size",
+            "3",
+        ])
     };
     load("first.jsonl", &unusual_events(120, 0));
-    ok(
-        &pii_vault(
-            dir.path(),
-            &db.fresh.url,
-            &["honeytoken", "plant", "--count", "4", "--over", "0"],
-        ),
-        "plant",
-    );
+    app.ok(&["honeytoken", "plant", "--count", "4", "--over", "0"]);
     let planned: i64 = sqlx::query_scalar("SELECT count(*) FROM honeytoken_logins")
-        .fetch_one(db.owner.pool())
+        .fetch_one(app.pool())
         .await
         .unwrap();
     load(
@@ -311,7 +293,7 @@ async fn honeytokens_look_like_the_real_users_around_them() {
     );
 
     let traps: HashSet<String> = sqlx::query_scalar("SELECT user_id FROM honeytokens")
-        .fetch_all(db.owner.pool())
+        .fetch_all(app.pool())
         .await
         .unwrap()
         .into_iter()
@@ -362,13 +344,13 @@ async fn honeytokens_look_like_the_real_users_around_them() {
          WHERE NOT EXISTS (SELECT 1 FROM vault r WHERE r.key_id = v.key_id \
                            AND r.user_id NOT IN (SELECT user_id FROM honeytokens))",
     )
-    .fetch_one(db.owner.pool())
+    .fetch_one(app.pool())
     .await
     .unwrap();
     assert_eq!(alone, 0);
     as_analyst.pool().close().await;
     as_revealer.pool().close().await;
-    db.finish(&[]).await;
+    app.finish().await;
 }
 
 /// Item 3: eight sessions of one login that request at once, each holding
@@ -377,14 +359,15 @@ async fn honeytokens_look_like_the_real_users_around_them() {
 /// serialization error instead of counting from an old snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daily_limit_holds_against_concurrent_sessions_of_one_login() {
-    let Some(mut db) = Db::new().await else {
+    let Some(app) = TestApp::postgres().await else {
         return;
     };
-    seed(&db.owner).await;
-    db.owner_exec("UPDATE reveal_policy SET max_reveals_per_day = 4")
+    seed(app.owner()).await;
+    app.exec("UPDATE reveal_policy SET max_reveals_per_day = 4")
         .await;
     for isolation in ["READ COMMITTED", "REPEATABLE READ"] {
-        let url = db.login_as(REVEALER).await;
+        let login = app.login_as(REVEALER).await;
+        let url = login.url.clone();
         let tasks: Vec<_> = (0..8)
             .map(|_| {
                 let url = url.clone();
@@ -433,17 +416,16 @@ async fn the_daily_limit_holds_against_concurrent_sessions_of_one_login() {
         } else {
             assert!((1..=4).contains(&granted), "{granted}");
         }
-        let login = url.split("://").nth(1).unwrap().split(':').next().unwrap();
         let committed: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM reveal_requests WHERE requested_by = $1 AND status = 'granted'",
         )
-        .bind(login)
-        .fetch_one(db.owner.pool())
+        .bind(&login.name)
+        .fetch_one(app.pool())
         .await
         .unwrap();
         assert_eq!(committed, granted);
     }
-    db.finish(&[]).await;
+    app.finish().await;
 }
 
 /// Item 4: the rotator's own login cannot erase or corrupt originals, keys,
@@ -451,11 +433,11 @@ async fn the_daily_limit_holds_against_concurrent_sessions_of_one_login() {
 /// (42501), and what it may do goes through functions that want its job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rotator_cannot_erase_or_corrupt_originals_with_plain_sql() {
-    let Some(mut db) = Db::new().await else {
+    let Some(app) = TestApp::postgres().await else {
         return;
     };
-    seed(&db.owner).await;
-    let rotator = db.store_as(ROTATOR).await;
+    seed(app.owner()).await;
+    let rotator = app.store_as(ROTATOR).await;
     for sql in [
         "UPDATE vault_keys SET state = 'destroyed' WHERE purpose = 'vault'",
         "UPDATE vault_keys SET wrapped = '\\x00' WHERE id = 'dek-1'",
@@ -484,11 +466,11 @@ async fn the_rotator_cannot_erase_or_corrupt_originals_with_plain_sql() {
     let originals: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM vault v JOIN vault_keys k ON k.id = v.key_id WHERE k.state = 'active'",
     )
-    .fetch_one(db.owner.pool())
+    .fetch_one(app.pool())
     .await
     .unwrap();
     assert_eq!(originals, 3);
-    db.finish(&[&rotator]).await;
+    app.finish().await;
 }
 
 /// Item 5: a record shaped like an erasure cannot be written without the
@@ -496,11 +478,11 @@ async fn the_rotator_cannot_erase_or_corrupt_originals_with_plain_sql() {
 /// is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rotator_cannot_record_an_erasure_that_did_not_happen() {
-    let Some(mut db) = Db::new().await else {
+    let Some(app) = TestApp::postgres().await else {
         return;
     };
-    seed(&db.owner).await;
-    let rotator = db.store_as(ROTATOR).await;
+    seed(app.owner()).await;
+    let rotator = app.store_as(ROTATOR).await;
     for action in ["forget", "retention", "keys-init", "allow-kek", "reveal"] {
         refused(
             rotator.pool(),
@@ -509,9 +491,9 @@ async fn the_rotator_cannot_record_an_erasure_that_did_not_happen() {
         )
         .await;
     }
-    assert_eq!(db.count("audit_log").await, 0);
-    assert_eq!(db.count("vault").await, 3);
-    db.finish(&[&rotator]).await;
+    assert_eq!(app.count("audit_log").await, 0);
+    assert_eq!(app.count("vault").await, 3);
+    app.finish().await;
 }
 
 /// Item 6: ciphertext comes out only under an open job whose lease the
@@ -522,12 +504,12 @@ async fn the_rotator_cannot_record_an_erasure_that_did_not_happen() {
 /// versions used do not stop a rotation, and cannot touch the leases.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ciphertext_is_read_only_under_a_leased_job_that_no_other_role_can_block() {
-    let Some(mut db) = Db::new().await else {
+    let Some(app) = TestApp::postgres().await else {
         return;
     };
-    seed(&db.owner).await;
+    seed(app.owner()).await;
     // One rotator login, two sessions: the store's and a raw one.
-    let url = db.login_as(ROTATOR).await;
+    let url = app.login_as(ROTATOR).await.url;
     let rotator = PgStore::connect(&url).await.unwrap();
     let mut raw = PgConnection::connect(&url).await.unwrap();
     refused_on(
@@ -547,7 +529,7 @@ async fn ciphertext_is_read_only_under_a_leased_job_that_no_other_role_can_block
     // role can touch the leases.
     let mut blockers = Vec::new();
     for role in [ANALYST, WORKER, REVEALER] {
-        let mut c = PgConnection::connect(&db.login_as(role).await)
+        let mut c = PgConnection::connect(&app.login_as(role).await.url)
             .await
             .unwrap();
         if role == ANALYST {
@@ -619,7 +601,7 @@ async fn ciphertext_is_read_only_under_a_leased_job_that_no_other_role_can_block
         c.close().await.ok();
     }
     raw.close().await.ok();
-    db.finish(&[&rotator]).await;
+    app.finish().await;
 }
 
 /// Item 7: the time on the record is the call's, not the transaction's
@@ -627,14 +609,14 @@ async fn ciphertext_is_read_only_under_a_leased_job_that_no_other_role_can_block
 /// allows is refused (PV014), for the revealer and the rotator alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn times_on_the_record_are_the_calls_own_and_old_transactions_are_refused() {
-    let Some(mut db) = Db::new().await else {
+    let Some(app) = TestApp::postgres().await else {
         return;
     };
-    seed(&db.owner).await;
-    let mut revealer = PgConnection::connect(&db.login_as(REVEALER).await)
+    seed(app.owner()).await;
+    let mut revealer = PgConnection::connect(&app.login_as(REVEALER).await.url)
         .await
         .unwrap();
-    let mut rotator = PgConnection::connect(&db.login_as(ROTATOR).await)
+    let mut rotator = PgConnection::connect(&app.login_as(ROTATOR).await.url)
         .await
         .unwrap();
 
@@ -659,7 +641,7 @@ async fn times_on_the_record_are_the_calls_own_and_old_transactions_are_refused(
             "SELECT a.at, r.requested_at FROM audit_log a JOIN reveal_requests r ON r.id = a.id WHERE a.id = $1",
         )
         .bind(id)
-        .fetch_one(db.owner.pool())
+        .fetch_one(app.pool())
         .await
         .unwrap();
     for t in [at, requested] {
@@ -669,7 +651,7 @@ async fn times_on_the_record_are_the_calls_own_and_old_transactions_are_refused(
         );
     }
 
-    db.owner_exec("UPDATE reveal_policy SET max_transaction_seconds = 1")
+    app.exec("UPDATE reveal_policy SET max_transaction_seconds = 1")
         .await;
     for (conn, sql) in [
         (
@@ -693,7 +675,7 @@ async fn times_on_the_record_are_the_calls_own_and_old_transactions_are_refused(
     }
     revealer.close().await.ok();
     rotator.close().await.ok();
-    db.finish(&[]).await;
+    app.finish().await;
 }
 
 /// Item 8: a reveal hands out the logins its request covered when it was
@@ -703,11 +685,11 @@ async fn times_on_the_record_are_the_calls_own_and_old_transactions_are_refused(
 /// never again (PV006).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reveal_hands_out_the_rows_fixed_when_it_was_recorded() {
-    let Some(mut db) = Db::new().await else {
+    let Some(app) = TestApp::postgres().await else {
         return;
     };
-    let seeded = seed(&db.owner).await;
-    let mut conn = PgConnection::connect(&db.login_as(REVEALER).await)
+    let seeded = seed(app.owner()).await;
+    let mut conn = PgConnection::connect(&app.login_as(REVEALER).await.url)
         .await
         .unwrap();
     let id: i64 = sqlx::query_scalar(
@@ -716,7 +698,7 @@ async fn a_reveal_hands_out_the_rows_fixed_when_it_was_recorded() {
     .fetch_one(&mut conn)
     .await
     .unwrap();
-    logins_of(&db.owner, &["alice"]).await; // two more of alice's, after the request
+    logins_of(app.owner(), &["alice"]).await; // two more of alice's, after the request
     let fetch = "SELECT message_id FROM pii_vault_reveal_fetch($1) ORDER BY 1";
     let mut want: Vec<String> = seeded
         .alice
@@ -750,28 +732,28 @@ async fn a_reveal_hands_out_the_rows_fixed_when_it_was_recorded() {
     )
     .await;
     conn.close().await.ok();
-    db.finish(&[]).await;
+    app.finish().await;
 }
 
 /// Item 9: a NOTIFY anyone may send names no alarm; revealer and rotator
 /// take no numbers from the trail's sequence; forgetting a honeytoken's
 /// originals leaves the trap armed; even the owner cannot truncate the
 /// policy or the allow-list. (The trigger functions' hardening is checked
-/// with every other function in `roles::each_role_holds_exactly_…`.)
+/// with every other function in `roles::catalogue::each_role_holds_exactly_…`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smaller_holes_stay_closed() {
-    let Some(mut db) = Db::new().await else {
+    let Some(app) = TestApp::postgres().await else {
         return;
     };
-    seed(&db.owner).await;
-    logins_of(&db.owner, &["honey"]).await;
-    Owner::Pg(db.owner.pool()).add_honeytokens(&["honey"]).await;
-    let owner = db.owner.pool().clone();
+    seed(app.owner()).await;
+    logins_of(app.owner(), &["honey"]).await;
+    Owner::Pg(app.pool()).add_honeytokens(&["honey"]).await;
+    let owner = app.pool().clone();
     refused(&owner, "TRUNCATE reveal_policy", "PV009").await;
     refused(&owner, "TRUNCATE kms_allowlist", "PV008").await;
 
-    let revealer_url = db.login_as(REVEALER).await;
-    let rotator = db.store_as(ROTATOR).await;
+    let revealer_url = app.login_as(REVEALER).await.url;
+    let rotator = app.store_as(ROTATOR).await;
     let revealer = PgStore::connect(&revealer_url).await.unwrap();
     for pool in [revealer.pool(), rotator.pool()] {
         denied(
@@ -782,25 +764,10 @@ async fn smaller_holes_stay_closed() {
     }
 
     // The owner's watcher, listening.
-    let dir = tempfile::tempdir().unwrap();
-    let mut follow = tokio::process::Command::new(common::bin())
-        .args([
-            "audit",
-            "--alarms",
-            "--follow",
-            "--format",
-            "json",
-            "--key-dir",
-        ])
-        .arg(dir.path().join("keys"))
-        .current_dir(dir.path())
-        .env("DATABASE_URL", &db.fresh.url)
+    let mut follow = app
+        .bin()
         .env("PII_VAULT_LOG_FORMAT", "json")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+        .spawn(&["audit", "--alarms", "--follow", "--format", "json"]);
     common::wait_until(Duration::from_secs(30), "the watcher to LISTEN", || async {
         let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
@@ -814,7 +781,7 @@ async fn smaller_holes_stay_closed() {
     .await;
     // A forged notification, then a forget of the honeytoken's originals,
     // then a real reveal of it.
-    let analyst = db.store_as(ANALYST).await;
+    let analyst = app.store_as(ANALYST).await;
     sqlx::query("NOTIFY pii_vault_alarm, '424242'")
         .execute(analyst.pool())
         .await
@@ -864,5 +831,5 @@ async fn smaller_holes_stay_closed() {
     for s in [&revealer, &analyst] {
         s.pool().close().await;
     }
-    db.finish(&[&rotator]).await;
+    app.finish().await;
 }

@@ -2,68 +2,15 @@
 //! it: a JSON Lines file into an SQLite file with a local key file, then
 //! reveal. Each test proves one security property of the design.
 
-use crate::common;
+use crate::common::{self, app::TestApp};
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use pii_vault::domain::CanonicalIp;
-use sqlx::sqlite::SqlitePoolOptions;
-use sqlx::{Row, SqlitePool};
+use sqlx::Row;
 
 const SAMPLE: &str = include_str!("../../samples/logins.jsonl");
-
-struct Env {
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Self {
-        Env {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn cmd(&self, args: &[&str]) -> Output {
-        Command::new(common::bin())
-            .args(args)
-            .current_dir(self.dir.path())
-            .env_remove("DATABASE_URL")
-            .env_remove("PII_VAULT_KMS_KEY_ID")
-            .env("PII_VAULT_LOG", "debug,sqlx=warn")
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> Output {
-        let out = self.cmd(args);
-        assert!(
-            out.status.success(),
-            "{args:?} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    fn write_input(&self, name: &str, text: &str) -> String {
-        std::fs::write(self.path(name), text).unwrap();
-        name.to_string()
-    }
-
-    async fn db(&self) -> SqlitePool {
-        let url = format!("sqlite:{}", self.path("pii-vault.db").display());
-        SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect(&url)
-            .await
-            .unwrap()
-    }
-}
 
 /// The malformed lines of `samples/logins.jsonl` (204 lines), 0-based,
 /// pinned by reading the file, not derived from the parser under test:
@@ -94,9 +41,9 @@ fn valid_lines(text: &str) -> Vec<serde_json::Value> {
 
 #[tokio::test]
 async fn sample_file_runs_idempotently_and_stores_no_plaintext_pii() {
-    let env = Env::new();
-    let input = env.write_input("in.jsonl", SAMPLE);
-    let first = env.ok(&["run", "--from-file", &input]);
+    let app = TestApp::embedded();
+    let input = app.write("in.jsonl", SAMPLE);
+    let first = app.ok_output(&["run", "--from-file", &input]);
     let lines = SAMPLE.lines().filter(|l| !l.trim().is_empty()).count() as u64;
     let valid = valid_lines(SAMPLE).len() as u64;
     assert_eq!(common::summary(&first.stderr), (valid, 0, lines - valid));
@@ -105,7 +52,7 @@ async fn sample_file_runs_idempotently_and_stores_no_plaintext_pii() {
         "the sample should carry malformed lines"
     );
 
-    let second = env.ok(&["run", "--from-file", &input]);
+    let second = app.ok_output(&["run", "--from-file", &input]);
     assert_eq!(
         common::summary(&second.stderr),
         (0, lines, 0),
@@ -114,7 +61,7 @@ async fn sample_file_runs_idempotently_and_stores_no_plaintext_pii() {
 
     let raw = common::raw_pii(SAMPLE);
     assert!(raw.len() > 50);
-    let leaks = common::leaked(&common::files_bytes(env.dir.path(), "pii-vault.db"), &raw);
+    let leaks = common::leaked(&common::files_bytes(app.dir(), "pii-vault.db"), &raw);
     assert!(
         leaks.is_empty(),
         "database holds plaintext PII: {} values",
@@ -129,7 +76,7 @@ async fn sample_file_runs_idempotently_and_stores_no_plaintext_pii() {
         );
     }
 
-    let db = env.db().await;
+    let db = app.sqlite().await;
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins")
         .fetch_one(&db)
         .await
@@ -144,9 +91,9 @@ async fn sample_file_runs_idempotently_and_stores_no_plaintext_pii() {
 
 #[tokio::test]
 async fn tokens_join_equal_values_and_separate_different_ones() {
-    let env = Env::new();
-    let input = env.write_input("in.jsonl", SAMPLE);
-    env.ok(&["run", "--from-file", &input]);
+    let app = TestApp::embedded();
+    let input = app.write("in.jsonl", SAMPLE);
+    app.ok_output(&["run", "--from-file", &input]);
     let users: HashSet<String> = valid_lines(SAMPLE)
         .iter()
         .map(|v| v["user_id"].as_str().unwrap().to_string())
@@ -155,7 +102,7 @@ async fn tokens_join_equal_values_and_separate_different_ones() {
     let (mut dev_to_tok, mut tok_to_dev) = (HashMap::new(), HashMap::new());
     let mut rows = 0;
     for u in &users {
-        let out = env.ok(&[
+        let out = app.ok_output(&[
             "reveal",
             "--user-id",
             u,
@@ -205,7 +152,7 @@ const GOOD: &str = r#"{"user_id": "u-good", "app_version": "2.3.0", "device_type
 
 #[tokio::test]
 async fn each_kind_of_malformed_line_is_quarantined_with_its_reason() {
-    let env = Env::new();
+    let app = TestApp::embedded();
     let long_user = format!(
         r#"{{"user_id": "{}", "app_version": "1", "device_type": "ios", "ip": "203.0.113.9", "device_id": "555-11-2222"}}"#,
         "u".repeat(129)
@@ -229,14 +176,14 @@ async fn each_kind_of_malformed_line_is_quarantined_with_its_reason() {
         text.push_str(line);
         text.push('\n');
     }
-    let input = env.write_input("bad.jsonl", &text);
-    let out = env.ok(&["run", "--from-file", &input]);
+    let input = app.write("bad.jsonl", &text);
+    let out = app.ok_output(&["run", "--from-file", &input]);
     assert_eq!(
         common::summary(&out.stderr),
         (cases.len() as u64, 0, cases.len() as u64)
     );
 
-    let db = env.db().await;
+    let db = app.sqlite().await;
     let reasons: Vec<String> = sqlx::query_scalar("SELECT reason FROM quarantine")
         .fetch_all(&db)
         .await
@@ -265,21 +212,21 @@ async fn each_kind_of_malformed_line_is_quarantined_with_its_reason() {
         "203.0.113.9".to_string(),
         "203.0.113.77".to_string(),
     ];
-    assert!(common::leaked(&common::files_bytes(env.dir.path(), "pii-vault.db"), &raw).is_empty());
+    assert!(common::leaked(&common::files_bytes(app.dir(), "pii-vault.db"), &raw).is_empty());
 }
 
 #[tokio::test]
 async fn no_audit_row_means_nothing_is_revealed() {
-    let env = Env::new();
-    let input = env.write_input("in.jsonl", &format!("{GOOD}\n"));
-    env.ok(&["run", "--from-file", &input]);
-    let db = env.db().await;
+    let app = TestApp::embedded();
+    let input = app.write("in.jsonl", &format!("{GOOD}\n"));
+    app.ok_output(&["run", "--from-file", &input]);
+    let db = app.sqlite().await;
     sqlx::query("CREATE TRIGGER block_audit BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'audit down'); END")
         .execute(&db)
         .await
         .unwrap();
     db.close().await;
-    let out = env.cmd(&[
+    let out = app.run(&[
         "reveal",
         "--user-id",
         "u-good",
@@ -293,13 +240,13 @@ async fn no_audit_row_means_nothing_is_revealed() {
     assert!(common::leaked(&all, &["203.0.113.77".into(), "771-22-9931".into()]).is_empty());
     assert!(out.stdout.is_empty());
 
-    let db = env.db().await;
+    let db = app.sqlite().await;
     sqlx::query("DROP TRIGGER block_audit")
         .execute(&db)
         .await
         .unwrap();
     db.close().await;
-    let out = env.ok(&[
+    let out = app.ok_output(&[
         "reveal",
         "--user-id",
         "u-good",
@@ -313,7 +260,7 @@ async fn no_audit_row_means_nothing_is_revealed() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ip"], "203.0.113.77");
     assert_eq!(v["device_id"], "771-22-9931");
-    let audit = env.ok(&["audit", "--format", "json"]);
+    let audit = app.ok_output(&["audit", "--format", "json"]);
     let newest = String::from_utf8_lossy(&audit.stdout)
         .lines()
         .next()
@@ -335,14 +282,14 @@ async fn no_audit_row_means_nothing_is_revealed() {
 
 #[tokio::test]
 async fn ciphertexts_swapped_between_rows_do_not_decrypt() {
-    let env = Env::new();
+    let app = TestApp::embedded();
     let other = GOOD
         .replace("u-good", "u-other")
         .replace("203.0.113.77", "198.51.100.5")
         .replace("771-22-9931", "123-45-6789");
-    let input = env.write_input("in.jsonl", &format!("{GOOD}\n{other}\n"));
-    env.ok(&["run", "--from-file", &input]);
-    let db = env.db().await;
+    let input = app.write("in.jsonl", &format!("{GOOD}\n{other}\n"));
+    app.ok_output(&["run", "--from-file", &input]);
+    let db = app.sqlite().await;
     let rows = sqlx::query("SELECT message_id, nonce, ciphertext FROM vault ORDER BY user_id")
         .fetch_all(&db)
         .await
@@ -359,7 +306,7 @@ async fn ciphertexts_swapped_between_rows_do_not_decrypt() {
     }
     db.close().await;
     for user in ["u-good", "u-other"] {
-        let out = env.cmd(&[
+        let out = app.run(&[
             "reveal",
             "--user-id",
             user,
@@ -389,13 +336,13 @@ async fn ciphertexts_swapped_between_rows_do_not_decrypt() {
 
 #[tokio::test]
 async fn every_encryption_has_its_own_nonce_and_keys_are_stored_wrapped() {
-    let env = Env::new();
+    let app = TestApp::embedded();
     // The same event many times: equal plaintexts, which must still get distinct nonces.
     let text: String = (0..300).map(|_| format!("{GOOD}\n")).collect();
-    let input = env.write_input("same.jsonl", &text);
-    env.ok(&["run", "--from-file", &input]);
-    env.ok(&["run", "--from-file", &env.write_input("s.jsonl", SAMPLE)]);
-    let db = env.db().await;
+    let input = app.write("same.jsonl", &text);
+    app.ok_output(&["run", "--from-file", &input]);
+    app.ok_output(&["run", "--from-file", &app.write("s.jsonl", SAMPLE)]);
+    let db = app.sqlite().await;
     let nonces: Vec<Vec<u8>> =
         sqlx::query_scalar("SELECT nonce FROM vault UNION ALL SELECT nonce FROM quarantine")
             .fetch_all(&db)
@@ -424,10 +371,10 @@ async fn every_encryption_has_its_own_nonce_and_keys_are_stored_wrapped() {
 
 #[tokio::test]
 async fn reveal_by_token_and_helpful_errors() {
-    let env = Env::new();
-    let input = env.write_input("in.jsonl", &format!("{GOOD}\n"));
-    env.ok(&["run", "--from-file", &input]);
-    let out = env.ok(&[
+    let app = TestApp::embedded();
+    let input = app.write("in.jsonl", &format!("{GOOD}\n"));
+    app.ok_output(&["run", "--from-file", &input]);
+    let out = app.ok_output(&[
         "reveal",
         "--user-id",
         "u-good",
@@ -437,7 +384,7 @@ async fn reveal_by_token_and_helpful_errors() {
         "json",
     ]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let by_ip = env.ok(&[
+    let by_ip = app.ok_output(&[
         "reveal",
         "--masked-ip",
         v["masked_ip"].as_str().unwrap(),
@@ -450,7 +397,7 @@ async fn reveal_by_token_and_helpful_errors() {
         serde_json::from_slice::<serde_json::Value>(&by_ip.stdout).unwrap()["device_id"],
         "771-22-9931"
     );
-    let by_dev = env.ok(&[
+    let by_dev = app.ok_output(&[
         "reveal",
         "--masked-device-id",
         v["masked_device_id"].as_str().unwrap(),
@@ -463,7 +410,7 @@ async fn reveal_by_token_and_helpful_errors() {
         serde_json::from_slice::<serde_json::Value>(&by_dev.stdout).unwrap()["ip"],
         "203.0.113.77"
     );
-    let table = env.ok(&["reveal", "--user-id", "u-good", "--reason", "r"]);
+    let table = app.ok_output(&["reveal", "--user-id", "u-good", "--reason", "r"]);
     let t = String::from_utf8_lossy(&table.stdout);
     assert!(
         t.contains("203.0.113.77")
@@ -471,12 +418,12 @@ async fn reveal_by_token_and_helpful_errors() {
             && t.lines().next().unwrap().contains("device_id")
     );
 
-    let none = env.ok(&["reveal", "--user-id", "nobody", "--reason", "r"]);
+    let none = app.ok_output(&["reveal", "--user-id", "nobody", "--reason", "r"]);
     assert!(String::from_utf8_lossy(&none.stderr).contains("no logins match"));
-    let missing = env.cmd(&["run", "--from-file", "does-not-exist.jsonl"]);
+    let missing = app.run(&["run", "--from-file", "does-not-exist.jsonl"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot open does-not-exist.jsonl"));
-    let no_reason = env.cmd(&["reveal", "--user-id", "u-good"]);
+    let no_reason = app.run(&["reveal", "--user-id", "u-good"]);
     assert!(!no_reason.status.success());
     assert!(String::from_utf8_lossy(&no_reason.stderr).contains("--reason"));
 }
@@ -488,7 +435,7 @@ async fn reveal_by_token_and_helpful_errors() {
 #[tokio::test]
 async fn a_reveal_of_an_ip_shared_by_thousands_prints_every_original() {
     const N: usize = 3000;
-    let env = Env::new();
+    let app = TestApp::embedded();
     let device = |i: usize| {
         if i == N - 1 {
             format!("a-device-id-longer-than-any-before-it-{i}")
@@ -511,18 +458,18 @@ async fn a_reveal_of_an_ip_shared_by_thousands_prints_every_original() {
         );
         input.push('\n');
     }
-    let input = env.write_input("crowd.jsonl", &input);
-    let out = env.ok(&["run", "--from-file", &input]);
+    let input = app.write("crowd.jsonl", &input);
+    let out = app.ok_output(&["run", "--from-file", &input]);
     assert_eq!(common::summary(&out.stderr), (N as u64, 0, 0));
     let token: String = sqlx::query_scalar("SELECT DISTINCT masked_ip FROM user_logins")
-        .fetch_one(&env.db().await)
+        .fetch_one(&app.sqlite().await)
         .await
         .unwrap();
 
     let want: HashSet<(String, String)> = (0..N)
         .map(|i| (format!("u-crowd-{}", i % 7), device(i)))
         .collect();
-    let json = env.ok(&[
+    let json = app.ok_output(&[
         "reveal",
         "--masked-ip",
         &token,
@@ -555,7 +502,7 @@ async fn a_reveal_of_an_ip_shared_by_thousands_prints_every_original() {
         "{stderr}"
     );
 
-    let table = env.ok(&["reveal", "--masked-ip", &token, "--reason", "INC-crowd"]);
+    let table = app.ok_output(&["reveal", "--masked-ip", &token, "--reason", "INC-crowd"]);
     let text = String::from_utf8(table.stdout).unwrap();
     let rows: Vec<&str> = text.lines().skip(2).collect();
     assert_eq!(rows.len(), N);
@@ -575,7 +522,7 @@ async fn a_reveal_of_an_ip_shared_by_thousands_prints_every_original() {
 
     let counted: Vec<i64> =
         sqlx::query_scalar("SELECT row_count FROM audit_log WHERE action = 'reveal' ORDER BY id")
-            .fetch_all(&env.db().await)
+            .fetch_all(&app.sqlite().await)
             .await
             .unwrap();
     assert_eq!(counted, vec![N as i64, N as i64]);
@@ -584,11 +531,9 @@ async fn a_reveal_of_an_ip_shared_by_thousands_prints_every_original() {
 #[tokio::test]
 async fn stdin_input_and_the_key_file_is_private() {
     use std::io::Write;
-    let env = Env::new();
-    let mut child = Command::new(common::bin())
-        .args(["run", "--from-file", "-", "--source-id", "stdin-test"])
-        .current_dir(env.dir.path())
-        .env_remove("DATABASE_URL")
+    let app = TestApp::embedded();
+    let mut child = app
+        .command(&["run", "--from-file", "-", "--source-id", "stdin-test"])
         .stdin(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -610,7 +555,7 @@ async fn stdin_input_and_the_key_file_is_private() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(env.path("keys/local-kek.key"))
+        let mode = std::fs::metadata(app.path("keys/local-kek.key"))
             .unwrap()
             .permissions()
             .mode();
@@ -623,14 +568,14 @@ async fn stdin_input_and_the_key_file_is_private() {
 /// any value; with the KEK allowed again, the same reveal works.
 #[tokio::test]
 async fn reveal_refuses_keys_under_a_kek_off_the_allow_list() {
-    let env = Env::new();
-    let input = env.write_input(
+    let app = TestApp::embedded();
+    let input = app.write(
         "in.jsonl",
         r#"{"user_id": "u-kek", "app_version": "1.0", "device_type": "ios", "ip": "198.51.100.23", "locale": "EN", "device_id": "555-12-3456"}
 "#,
     );
-    env.ok(&["run", "--from-file", &input, "--no-progress"]);
-    let db = env.db().await;
+    app.ok_output(&["run", "--from-file", &input, "--no-progress"]);
+    let db = app.sqlite().await;
     let allowed: Vec<String> = sqlx::query_scalar("SELECT kek_id FROM kms_allowlist")
         .fetch_all(&db)
         .await
@@ -644,7 +589,7 @@ async fn reveal_refuses_keys_under_a_kek_off_the_allow_list() {
         .execute(&db)
         .await
         .unwrap();
-    let out = env.cmd(&[
+    let out = app.run(&[
         "reveal",
         "--user-id",
         "u-kek",
@@ -673,7 +618,7 @@ async fn reveal_refuses_keys_under_a_kek_off_the_allow_list() {
         .await
         .unwrap();
     db.close().await;
-    let out = env.ok(&[
+    let out = app.ok_output(&[
         "reveal",
         "--user-id",
         "u-kek",
@@ -690,19 +635,19 @@ async fn reveal_refuses_keys_under_a_kek_off_the_allow_list() {
 /// cannot approve; a honeytoken's reveal is served and leaves an alarm.
 #[tokio::test]
 async fn policy_and_honeytokens_on_the_embedded_default() {
-    let env = Env::new();
+    let app = TestApp::embedded();
     let shared = r#""ip": "198.51.100.7", "locale": "EN""#;
-    let input = env.write_input(
+    let input = app.write(
         "in.jsonl",
         &format!(
             "{{\"user_id\": \"u-1\", \"app_version\": \"1.0\", \"device_type\": \"ios\", {shared}, \"device_id\": \"111-22-3333\"}}\n\
              {{\"user_id\": \"u-2\", \"app_version\": \"1.0\", \"device_type\": \"ios\", {shared}, \"device_id\": \"444-55-6666\"}}\n"
         ),
     );
-    env.ok(&["run", "--from-file", &input, "--no-progress"]);
-    let out = env.ok(&["policy", "set", "--max-users-per-reveal", "1"]);
+    app.ok_output(&["run", "--from-file", &input, "--no-progress"]);
+    let out = app.ok_output(&["policy", "set", "--max-users-per-reveal", "1"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains('1'));
-    let shown = env.ok(&["policy", "show", "--format", "json"]);
+    let shown = app.ok_output(&["policy", "show", "--format", "json"]);
     let p: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
     assert_eq!(
         (
@@ -712,12 +657,12 @@ async fn policy_and_honeytokens_on_the_embedded_default() {
         (Some(1), Some(50))
     );
 
-    let db = env.db().await;
+    let db = app.sqlite().await;
     let token: String = sqlx::query_scalar("SELECT masked_ip FROM user_logins LIMIT 1")
         .fetch_one(&db)
         .await
         .unwrap();
-    let out = env.cmd(&[
+    let out = app.run(&[
         "reveal",
         "--masked-ip",
         &token,
@@ -737,29 +682,29 @@ async fn policy_and_honeytokens_on_the_embedded_default() {
         .fetch_one(&db)
         .await
         .unwrap();
-    let own = env.cmd(&["approve", &id.to_string(), "--reason", "me"]);
+    let own = app.run(&["approve", &id.to_string(), "--reason", "me"]);
     let stderr = String::from_utf8_lossy(&own.stderr);
     assert!(!own.status.success());
     assert!(
         stderr.contains("another login must approve it") && stderr.contains("Postgres"),
         "{stderr}"
     );
-    let early = env.cmd(&["reveal", "--request", &id.to_string()]);
+    let early = app.run(&["reveal", "--request", &id.to_string()]);
     assert!(!early.status.success());
     assert!(early.stdout.is_empty());
 
     // Honeytokens: planted, written by the next run among its events (its
     // summary counts only what the file held), served on reveal, recorded
     // as an alarm.
-    let out = env.ok(&["honeytoken", "plant", "--count", "2", "--over", "0"]);
+    let out = app.ok_output(&["honeytoken", "plant", "--count", "2", "--over", "0"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("planted 2 honeytoken user(s)"));
-    let more = env.write_input(
+    let more = app.write(
         "more.jsonl",
         // (A user id of another shape than u-N: the honeytokens' ids are
         // u-N too, and one could be this one.)
         "{\"user_id\": \"late-3\", \"app_version\": \"1.0\", \"device_type\": \"ios\", \"ip\": \"198.51.100.9\", \"locale\": \"EN\", \"device_id\": \"777-88-9999\"}\n",
     );
-    let run = env.ok(&["run", "--from-file", &more, "--no-progress"]);
+    let run = app.ok_output(&["run", "--from-file", &more, "--no-progress"]);
     assert_eq!(common::summary(&run.stderr), (1, 0, 0));
     let planted: Vec<(String, String, String, Option<String>, String)> = sqlx::query_as(
         "SELECT l.message_id, l.create_date, l.device_type, l.locale, l.app_version FROM user_logins l \
@@ -790,7 +735,7 @@ async fn policy_and_honeytokens_on_the_embedded_default() {
         );
     }
     db.close().await;
-    let out = env.ok(&[
+    let out = app.ok_output(&[
         "reveal",
         "--user-id",
         &trap,
@@ -800,7 +745,7 @@ async fn policy_and_honeytokens_on_the_embedded_default() {
         "json",
     ]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"ip\":\""));
-    let alarms = env.ok(&["audit", "--alarms", "--format", "json"]);
+    let alarms = app.ok_output(&["audit", "--alarms", "--format", "json"]);
     let a: serde_json::Value = serde_json::from_str(
         String::from_utf8_lossy(&alarms.stdout)
             .lines()
@@ -811,11 +756,11 @@ async fn policy_and_honeytokens_on_the_embedded_default() {
     assert_eq!(a["action"], "alarm");
     assert_eq!(a["target"], format!("user_id={trap}"));
     // --since and --actor narrow the trail.
-    let none = env.ok(&["audit", "--since", "2999-01-01", "--format", "json"]);
+    let none = app.ok_output(&["audit", "--since", "2999-01-01", "--format", "json"]);
     assert!(none.stdout.is_empty());
-    let mine = env.ok(&["audit", "--actor", "nobody-at-all", "--format", "json"]);
+    let mine = app.ok_output(&["audit", "--actor", "nobody-at-all", "--format", "json"]);
     assert!(mine.stdout.is_empty());
-    let all = env.ok(&["audit", "--since", "2000-01-01", "--format", "json"]);
+    let all = app.ok_output(&["audit", "--since", "2000-01-01", "--format", "json"]);
     assert!(String::from_utf8_lossy(&all.stdout).lines().count() >= 4);
 }
 
@@ -824,15 +769,19 @@ async fn policy_and_honeytokens_on_the_embedded_default() {
 /// Standard input needs a source id.
 #[tokio::test]
 async fn identical_files_are_both_stored_and_reruns_add_nothing() {
-    let env = Env::new();
+    let app = TestApp::embedded();
     let gen = common::gen_events_recorded(&["-n", "30", "--seed", "21"]);
     let events = gen.text.clone();
     let valid = gen.valid().len() as u64;
     assert!(valid > 0);
-    env.write_input("day1.jsonl", &events);
-    env.write_input("day2.jsonl", &events);
-    let run =
-        |f: &str| common::summary(&env.ok(&["run", "--from-file", f, "--no-progress"]).stderr);
+    app.write("day1.jsonl", &events);
+    app.write("day2.jsonl", &events);
+    let run = |f: &str| {
+        common::summary(
+            &app.ok_output(&["run", "--from-file", f, "--no-progress"])
+                .stderr,
+        )
+    };
     let first = run("day1.jsonl");
     assert_eq!(first.0, valid);
     let second = run("day2.jsonl");
@@ -842,7 +791,7 @@ async fn identical_files_are_both_stored_and_reruns_add_nothing() {
     );
     assert_eq!(run("day1.jsonl").0, 0);
     assert_eq!(run("day2.jsonl").0, 0);
-    let db = env.db().await;
+    let db = app.sqlite().await;
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins")
         .fetch_one(&db)
         .await
@@ -851,7 +800,7 @@ async fn identical_files_are_both_stored_and_reruns_add_nothing() {
     db.close().await;
 
     // A different source id for the same file is another input.
-    let out = env.ok(&[
+    let out = app.ok_output(&[
         "run",
         "--from-file",
         "day1.jsonl",
@@ -861,7 +810,7 @@ async fn identical_files_are_both_stored_and_reruns_add_nothing() {
     ]);
     assert_eq!(common::summary(&out.stderr).0, valid);
 
-    let stdin = env.cmd(&["run", "--from-file", "-", "--no-progress"]);
+    let stdin = app.run(&["run", "--from-file", "-", "--no-progress"]);
     assert!(!stdin.status.success());
     assert!(String::from_utf8_lossy(&stdin.stderr).contains("needs --source-id"));
 }
@@ -872,21 +821,21 @@ async fn identical_files_are_both_stored_and_reruns_add_nothing() {
 /// rows and leaves one audit row with the count.
 #[tokio::test]
 async fn retention_erases_originals_before_a_day_through_the_binary() {
-    let env = Env::new();
-    let input = env.write_input("logins.jsonl", SAMPLE);
-    env.ok(&["run", "--from-file", &input]);
+    let app = TestApp::embedded();
+    let input = app.write("logins.jsonl", SAMPLE);
+    app.ok_output(&["run", "--from-file", &input]);
     let tomorrow = (chrono::Utc::now().date_naive() + chrono::Days::new(1))
         .format("%Y-%m-%d")
         .to_string();
     let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).to_string();
 
-    let none = env.ok(&["forget", "--before", "2024-01-01", "--dry-run"]);
+    let none = app.ok_output(&["forget", "--before", "2024-01-01", "--dry-run"]);
     assert!(
         stderr(&none).contains("would erase 0 vault row(s) and 0 quarantined"),
         "{}",
         stderr(&none)
     );
-    let all = env.ok(&["forget", "--before", &tomorrow, "--dry-run"]);
+    let all = app.ok_output(&["forget", "--before", &tomorrow, "--dry-run"]);
     assert!(
         stderr(&all).contains("would erase 190 vault row(s) and 14 quarantined"),
         "{}",
@@ -916,12 +865,12 @@ async fn retention_erases_originals_before_a_day_through_the_binary() {
         ),
         (vec!["forget", "--reason", "r"], "--user-id"),
     ] {
-        let out = env.cmd(&args);
+        let out = app.run(&args);
         assert!(!out.status.success(), "{args:?} ran");
         assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
     }
 
-    let done = env.ok(&[
+    let done = app.ok_output(&[
         "forget",
         "--before",
         &tomorrow,
@@ -933,7 +882,7 @@ async fn retention_erases_originals_before_a_day_through_the_binary() {
         "{}",
         stderr(&done)
     );
-    let db = env.db().await;
+    let db = app.sqlite().await;
     let count = |t: &'static str| {
         let db = db.clone();
         async move {

@@ -16,11 +16,12 @@
 //! `PII_VAULT_SKIP_SERVICES=1`); see DEVELOPERS.md. A failing test shows
 //! what each worker logged; `PII_VAULT_FAULTS_SHOW_LOGS=1` shows it always.
 
-use crate::common::{self, aws as aws_helpers, faults as faults_helpers, pg};
+use crate::common::app::TestApp;
+use crate::common::aws::Queue;
+use crate::common::{self, aws as aws_helpers, faults as faults_helpers};
 
 use std::time::{Duration, Instant};
 
-use aws_sdk_sqs::Client as SqsClient;
 use faults_helpers::{
     db_counts, free_port, wait_until, DbCounts, Events, PrivatePg, Proxy, ProxyMode, Worker,
 };
@@ -30,121 +31,87 @@ use sqlx::Connection as _;
 /// in these tests (`run --visibility-timeout`), instead of the default 120 s.
 const VISIBILITY_SECS: &str = "5";
 
-/// One test's database, queue, KMS key and input.
-struct Setup {
-    dir: tempfile::TempDir,
-    db_url: String,
-    queue_url: String,
-    key_id: String,
-    sqs: SqsClient,
-    events: Events,
+/// One test's fixture in the cluster of `admin_url`, migrated by the binary
+/// with a fresh KMS key that every run of it then uses; a fresh queue; and
+/// `n` generated events (not sent yet).
+async fn setup(admin_url: &str, n: usize, seed: u64) -> (TestApp, Queue, Events) {
+    let queue = Queue::create().await;
+    let (key_id, _) = aws_helpers::create_key(&aws_helpers::kms().await).await;
+    let app = TestApp::postgres_on(admin_url).await.with_kms(&key_id);
+    // The binary's migrate allow-lists the key and creates the keys under it.
+    app.ok(&["migrate"]);
+    (app, queue, faults_helpers::gen_events(n, seed))
 }
 
-impl Setup {
-    /// A migrated database at `db_url`, a fresh queue and KMS key, and `n`
-    /// generated events (not sent yet).
-    async fn new(db_url: &str, n: usize, seed: u64) -> Setup {
-        let dir = tempfile::tempdir().unwrap();
-        let (sqs, kms) = (aws_helpers::sqs().await, aws_helpers::kms().await);
-        let queue_url = aws_helpers::create_queue(&sqs).await;
-        let (key_id, _) = aws_helpers::create_key(&kms).await;
-        faults_helpers::migrate(db_url, dir.path(), &key_id).await;
-        Setup {
-            dir,
-            db_url: db_url.to_string(),
-            queue_url,
-            key_id,
-            sqs,
-            events: faults_helpers::gen_events(n, seed),
-        }
+/// `pii-vault run --queue-url … --no-progress ARGS` as a worker process.
+fn worker(app: &TestApp, q: &Queue, name: &str, args: &[&str]) -> Worker {
+    worker_with_env(app, q, name, args, &[])
+}
+
+fn worker_with_env(
+    app: &TestApp,
+    q: &Queue,
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Worker {
+    let bin = env.iter().fold(app.bin(), |b, (k, v)| b.env(k, v));
+    let all = [&["run", "--queue-url", &q.url, "--no-progress"][..], args].concat();
+    Worker::spawn(name, bin.tokio_command(&all))
+}
+
+async fn counts(app: &TestApp) -> DbCounts {
+    db_counts(app.url()).await.expect("the database answers")
+}
+
+/// Whether the run is complete: every event stored or quarantined, and
+/// nothing left in the queue, visible or in flight.
+async fn complete(app: &TestApp, q: &Queue, ev: &Events) -> bool {
+    let want = ev.valid_count() + ev.malformed_count();
+    match db_counts(app.url()).await {
+        Some(c) if c.logins + c.quarantined >= want => q.counts().await == (0, 0),
+        _ => false,
     }
+}
 
-    /// Sends the events `range` to the queue (SendMessageBatch).
-    async fn send(&self, range: std::ops::Range<usize>) {
-        aws_helpers::send_all(&self.sqs, &self.queue_url, &self.events.bodies[range]).await;
-    }
+/// The end state every fault test must reach: exactly once, nothing
+/// left, no plaintext PII anywhere.
+async fn assert_exactly_once(app: &TestApp, q: &Queue, ev: &Events, workers: &[&Worker]) {
+    let c = counts(app).await;
+    let (valid, malformed) = (ev.valid_count(), ev.malformed_count());
+    assert_eq!(
+        c,
+        DbCounts {
+            logins: valid,
+            distinct_logins: valid,
+            vault: valid,
+            quarantined: malformed,
+            distinct_quarantined: malformed,
+        },
+        "want {valid} logins (each once, each with its vault row) and {malformed} quarantined"
+    );
+    assert!(
+        faults_helpers::stored_logins(app.url()).await == ev.valid,
+        "user_logins does not hold exactly the valid events of the input"
+    );
+    assert_eq!(q.counts().await, (0, 0), "the queue must be empty");
 
-    fn valid(&self) -> i64 {
-        self.events.valid.len() as i64
-    }
-
-    fn malformed(&self) -> i64 {
-        self.events.malformed as i64
-    }
-
-    /// `pii-vault run --queue-url … --no-progress ARGS` as a worker process.
-    fn worker(&self, name: &str, args: &[&str]) -> Worker {
-        self.worker_with_env(name, args, &[])
-    }
-
-    fn worker_with_env(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Worker {
-        let mut cmd = faults_helpers::worker_command(&self.db_url, &self.key_id, self.dir.path());
-        cmd.args(["run", "--queue-url", &self.queue_url, "--no-progress"])
-            .args(args);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Worker::spawn(name, cmd)
-    }
-
-    async fn counts(&self) -> DbCounts {
-        db_counts(&self.db_url).await.expect("the database answers")
-    }
-
-    /// `(visible, in flight)` messages of the queue.
-    async fn queue(&self) -> (u64, u64) {
-        aws_helpers::queue_counts(&self.sqs, &self.queue_url).await
-    }
-
-    /// Whether the run is complete: every event stored or quarantined, and
-    /// nothing left in the queue, visible or in flight.
-    async fn complete(&self) -> bool {
-        let want = self.valid() + self.malformed();
-        match db_counts(&self.db_url).await {
-            Some(c) if c.logins + c.quarantined >= want => self.queue().await == (0, 0),
-            _ => false,
-        }
-    }
-
-    /// The end state every fault test must reach: exactly once, nothing
-    /// left, no plaintext PII anywhere.
-    async fn assert_exactly_once(&self, workers: &[&Worker]) {
-        let c = self.counts().await;
-        let (valid, malformed) = (self.valid(), self.malformed());
-        assert_eq!(
-            c,
-            DbCounts {
-                logins: valid,
-                distinct_logins: valid,
-                vault: valid,
-                quarantined: malformed,
-                distinct_quarantined: malformed,
-            },
-            "want {valid} logins (each once, each with its vault row) and {malformed} quarantined"
-        );
-        assert!(
-            faults_helpers::stored_logins(&self.db_url).await == self.events.valid,
-            "user_logins does not hold exactly the valid events of the input"
-        );
-        assert_eq!(self.queue().await, (0, 0), "the queue must be empty");
-
-        let raw = &self.events.raw;
-        let db = faults_helpers::database_bytes(&self.db_url).await;
-        let leaks = common::leaked(&db, raw);
+    let raw = &ev.raw;
+    let db = faults_helpers::database_bytes(app.url()).await;
+    let leaks = common::leaked(&db, raw);
+    assert!(
+        leaks.is_empty(),
+        "the database holds {} plaintext values",
+        leaks.len()
+    );
+    for w in workers {
+        let leaks = common::leaked(&w.output_bytes(), raw);
         assert!(
             leaks.is_empty(),
-            "the database holds {} plaintext values",
+            "worker {} printed {} plaintext IPs or device ids",
+            w.name,
             leaks.len()
         );
-        for w in workers {
-            let leaks = common::leaked(&w.output_bytes(), raw);
-            assert!(
-                leaks.is_empty(),
-                "worker {} printed {} plaintext IPs or device ids",
-                w.name,
-                leaks.len()
-            );
-        }
     }
 }
 
@@ -164,11 +131,11 @@ fn services() -> Option<(String, String)> {
 }
 
 /// Waits until `user_logins` holds more than `than` rows and returns the counts.
-async fn rows_above(s: &Setup, than: i64, limit: Duration) -> DbCounts {
+async fn rows_above(app: &TestApp, than: i64, limit: Duration) -> DbCounts {
     wait_until(
         limit,
         &format!("more than {than} stored logins"),
-        || async { db_counts(&s.db_url).await.filter(|c| c.logins > than) },
+        || async { db_counts(app.url()).await.filter(|c| c.logins > than) },
     )
     .await
 }
@@ -188,22 +155,23 @@ async fn worker_survives_a_postgres_restart() {
     step(started, "private cluster");
     let pg = PrivatePg::start().await;
     step(started, "database, queue, key");
-    let db = pg::FreshDb::create(&pg.admin_url).await;
-    let s = Setup::new(&db.url, 1500, 101).await;
+    let (app, q, ev) = setup(&pg.admin_url, 1500, 101).await;
     step(started, "sending");
-    s.send(0..1500).await;
+    q.send(&ev.bodies[0..1500]).await;
     step(started, "worker");
 
-    let mut w = s.worker(
+    let mut w = worker(
+        &app,
+        &q,
         "w1",
         &["--until-empty", "--concurrency", "2", "--batch-size", "50"],
     );
-    let before = rows_above(&s, 0, Duration::from_secs(60)).await;
+    let before = rows_above(&app, 0, Duration::from_secs(60)).await;
     step(started, "stopping the database");
     pg.stop_fast().await;
     step(started, "stopped");
     assert!(
-        before.logins < s.valid(),
+        before.logins < ev.valid_count(),
         "the worker finished before the database went away; the test proves nothing"
     );
     // Longer than the store's acquire timeout (10 s): some write attempt
@@ -224,16 +192,16 @@ async fn worker_survives_a_postgres_restart() {
         log.contains("batch write failed, retrying"),
         "no database retry in the log:\n{log}"
     );
-    assert_eq!(stored as i64, s.valid(), "summary: {stored} stored");
+    assert_eq!(stored as i64, ev.valid_count(), "summary: {stored} stored");
     assert!(
-        rejected as i64 <= s.malformed() && stored + duplicates + rejected >= 1500,
+        rejected as i64 <= ev.malformed_count() && stored + duplicates + rejected >= 1500,
         "every message is counted in the summary (a redelivery as a duplicate): \
          {stored} stored, {duplicates} duplicates, {rejected} rejected"
     );
     step(started, "checking");
-    s.assert_exactly_once(&[&w]).await;
+    assert_exactly_once(&app, &q, &ev, &[&w]).await;
     step(started, "dropping");
-    db.drop_database().await;
+    app.finish().await;
     drop(pg);
     step(started, "done");
 }
@@ -250,14 +218,15 @@ async fn a_sigkilled_worker_loses_nothing_and_doubles_nothing() {
         return;
     };
     let started = Instant::now();
-    let db = pg::FreshDb::create(&shared_pg).await;
-    let s = Setup::new(&db.url, 1200, 202).await;
-    s.send(0..1200).await;
+    let (app, q, ev) = setup(&shared_pg, 1200, 202).await;
+    q.send(&ev.bodies[0..1200]).await;
 
     // A holds its messages for 15 s: longer than B needs for the rest, so
     // that B's drain has to wait for them.
     step(started, "worker A");
-    let mut a = s.worker(
+    let mut a = worker(
+        &app,
+        &q,
         "A",
         &[
             "--visibility-timeout",
@@ -268,15 +237,15 @@ async fn a_sigkilled_worker_loses_nothing_and_doubles_nothing() {
             "50",
         ],
     );
-    rows_above(&s, 0, Duration::from_secs(60)).await;
+    rows_above(&app, 0, Duration::from_secs(60)).await;
     step(started, "SIGKILL A");
     a.kill9().await;
-    let after_kill = s.counts().await;
+    let after_kill = counts(&app).await;
     assert!(
-        after_kill.logins < s.valid(),
+        after_kill.logins < ev.valid_count(),
         "worker A finished before it was killed; the test proves nothing"
     );
-    let (_, in_flight) = s.queue().await;
+    let (_, in_flight) = q.counts().await;
     assert!(
         in_flight > 0,
         "worker A held no messages when it was killed"
@@ -284,7 +253,9 @@ async fn a_sigkilled_worker_loses_nothing_and_doubles_nothing() {
 
     // B drains the queue, A's messages included once they are visible again.
     step(started, "worker B");
-    let mut b = s.worker(
+    let mut b = worker(
+        &app,
+        &q,
         "B",
         &["--until-empty", "--visibility-timeout", VISIBILITY_SECS],
     );
@@ -297,12 +268,12 @@ async fn a_sigkilled_worker_loses_nothing_and_doubles_nothing() {
     );
     assert_eq!(
         stored as i64,
-        s.valid() - after_kill.logins,
+        ev.valid_count() - after_kill.logins,
         "B stores exactly what A had not committed"
     );
     assert!(duplicates + rejected + stored <= 1200);
-    s.assert_exactly_once(&[&a, &b]).await;
-    db.drop_database().await;
+    assert_exactly_once(&app, &q, &ev, &[&a, &b]).await;
+    app.finish().await;
     step(
         started,
         &format!("done (B: {stored} stored, {duplicates} duplicates, {rejected} rejected)"),
@@ -325,14 +296,15 @@ async fn worker_survives_sqs_and_kms_outages() {
     let upstream = faults_helpers::endpoint_addr(&endpoint);
     let sqs_proxy = Proxy::start(upstream).await;
     let kms_proxy = Proxy::start(upstream).await;
-    let db = pg::FreshDb::create(&shared_pg).await;
-    let s = Setup::new(&db.url, 800, 303).await;
+    let (app, q, ev) = setup(&shared_pg, 800, 303).await;
     let half = 400;
 
     let port = free_port();
     let metrics_addr = format!("127.0.0.1:{port}");
     let (sqs_url, kms_url) = (sqs_proxy.url(), kms_proxy.url());
-    let mut w = s.worker_with_env(
+    let mut w = worker_with_env(
+        &app,
+        &q,
         "w",
         &[
             "--visibility-timeout",
@@ -360,7 +332,7 @@ async fn worker_survives_sqs_and_kms_outages() {
     step(started, "KMS away");
     kms_proxy.set(ProxyMode::Refuse);
     let outage = Instant::now();
-    s.send(0..half).await;
+    q.send(&ev.bodies[0..half]).await;
     wait_until(
         Duration::from_secs(60),
         "a KMS retry in the log",
@@ -373,14 +345,14 @@ async fn worker_survives_sqs_and_kms_outages() {
     .await;
     tokio::time::sleep(Duration::from_secs(5).saturating_sub(outage.elapsed())).await;
     w.assert_running("while KMS was unreachable");
-    assert_eq!(s.counts().await.logins, 0, "stored without a data key?");
+    assert_eq!(counts(&app).await.logins, 0, "stored without a data key?");
     step(started, "KMS back");
     kms_proxy.set(ProxyMode::Forward);
     wait_until(
         Duration::from_secs(60),
         "the first half written",
         || async {
-            db_counts(&s.db_url)
+            db_counts(app.url())
                 .await
                 .filter(|c| c.logins + c.quarantined >= half as i64)
         },
@@ -391,7 +363,7 @@ async fn worker_survives_sqs_and_kms_outages() {
     step(started, "SQS away");
     sqs_proxy.set(ProxyMode::Refuse);
     let outage = Instant::now();
-    s.send(half..800).await;
+    q.send(&ev.bodies[half..800]).await;
     wait_until(
         Duration::from_secs(60),
         "an SQS retry in the log",
@@ -404,7 +376,7 @@ async fn worker_survives_sqs_and_kms_outages() {
     .await;
     tokio::time::sleep(Duration::from_secs(5).saturating_sub(outage.elapsed())).await;
     w.assert_running("while SQS was unreachable");
-    let during = s.counts().await;
+    let during = counts(&app).await;
     assert!(
         during.logins + during.quarantined <= half as i64,
         "received while SQS was unreachable?"
@@ -413,15 +385,15 @@ async fn worker_survives_sqs_and_kms_outages() {
     sqs_proxy.set(ProxyMode::Forward);
 
     wait_until(Duration::from_secs(90), "the queue drained", || async {
-        s.complete().await.then_some(())
+        complete(&app, &q, &ev).await.then_some(())
     })
     .await;
     w.signal("TERM");
     let (stored, duplicates, rejected) = w.wait_success(Duration::from_secs(30)).await;
-    assert_eq!(stored as i64, s.valid());
-    assert_eq!(rejected as i64, s.malformed());
-    s.assert_exactly_once(&[&w]).await;
-    db.drop_database().await;
+    assert_eq!(stored as i64, ev.valid_count());
+    assert_eq!(rejected as i64, ev.malformed_count());
+    assert_exactly_once(&app, &q, &ev, &[&w]).await;
+    app.finish().await;
     step(started, &format!("done ({duplicates} duplicates)"));
 }
 
@@ -438,14 +410,15 @@ async fn worker_recovers_from_a_network_blackhole() {
     };
     let started = Instant::now();
     let proxy = Proxy::start(faults_helpers::endpoint_addr(&endpoint)).await;
-    let db = pg::FreshDb::create(&shared_pg).await;
     let n = 1000;
-    let s = Setup::new(&db.url, n, 606).await;
-    s.send(0..n).await;
+    let (app, q, ev) = setup(&shared_pg, n, 606).await;
+    q.send(&ev.bodies[0..n]).await;
 
     step(started, "worker");
     let url = proxy.url();
-    let mut w = s.worker_with_env(
+    let mut w = worker_with_env(
+        &app,
+        &q,
         "w",
         &[
             "--until-empty",
@@ -458,11 +431,11 @@ async fn worker_recovers_from_a_network_blackhole() {
         ],
         &[("AWS_ENDPOINT_URL", &url)],
     );
-    let before = rows_above(&s, 0, Duration::from_secs(60)).await;
+    let before = rows_above(&app, 0, Duration::from_secs(60)).await;
     step(started, "blackhole");
     proxy.set(ProxyMode::Blackhole);
     assert!(
-        before.logins < s.valid(),
+        before.logins < ev.valid_count(),
         "the worker finished before the blackhole; the test proves nothing"
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -472,13 +445,16 @@ async fn worker_recovers_from_a_network_blackhole() {
 
     let (stored, _, rejected) = w.wait_success(Duration::from_secs(120)).await;
     step(started, "checking");
-    assert_eq!((stored as i64, rejected as i64), (s.valid(), s.malformed()));
+    assert_eq!(
+        (stored as i64, rejected as i64),
+        (ev.valid_count(), ev.malformed_count())
+    );
     assert!(
         proxy.swallowed() > 0,
         "no connection went silent; the test proves nothing"
     );
-    s.assert_exactly_once(&[&w]).await;
-    db.drop_database().await;
+    assert_exactly_once(&app, &q, &ev, &[&w]).await;
+    app.finish().await;
     step(started, "done");
 }
 
@@ -495,13 +471,12 @@ async fn acknowledgements_outlast_an_sqs_outage() {
     };
     let started = Instant::now();
     let proxy = Proxy::start(faults_helpers::endpoint_addr(&endpoint)).await;
-    let db = pg::FreshDb::create(&shared_pg).await;
     let n = 300;
-    let s = Setup::new(&db.url, n, 505).await;
-    s.send(0..n).await;
+    let (app, q, ev) = setup(&shared_pg, n, 505).await;
+    q.send(&ev.bodies[0..n]).await;
 
     // Hold back every insert into user_logins until the lock is released.
-    let mut locker = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut locker = sqlx::PgConnection::connect(app.url()).await.unwrap();
     let mut lock = locker.begin().await.unwrap();
     sqlx::query("LOCK TABLE user_logins IN EXCLUSIVE MODE")
         .execute(&mut *lock)
@@ -510,7 +485,9 @@ async fn acknowledgements_outlast_an_sqs_outage() {
 
     step(started, "worker");
     let url = proxy.url();
-    let mut w = s.worker_with_env(
+    let mut w = worker_with_env(
+        &app,
+        &q,
         "w",
         &[
             "--until-empty",
@@ -526,17 +503,17 @@ async fn acknowledgements_outlast_an_sqs_outage() {
     wait_until(
         Duration::from_secs(60),
         "every message received and held",
-        || async { (s.queue().await == (0, n as u64)).then_some(()) },
+        || async { (q.counts().await == (0, n as u64)).then_some(()) },
     )
     .await;
-    assert_eq!(s.counts().await.logins, 0, "written through the lock?");
+    assert_eq!(counts(&app).await.logins, 0, "written through the lock?");
 
     step(started, "SQS away; commits released");
     proxy.set(ProxyMode::Refuse);
     let outage = Instant::now();
     lock.rollback().await.unwrap();
     wait_until(Duration::from_secs(30), "the batches committed", || async {
-        db_counts(&s.db_url)
+        db_counts(app.url())
             .await
             .filter(|c| c.logins + c.quarantined >= n as i64)
     })
@@ -544,7 +521,7 @@ async fn acknowledgements_outlast_an_sqs_outage() {
     tokio::time::sleep(Duration::from_secs(5).saturating_sub(outage.elapsed())).await;
     w.assert_running("while its acknowledgements could not be sent");
     assert_eq!(
-        s.queue().await,
+        q.counts().await,
         (0, n as u64),
         "deleted while SQS was unreachable?"
     );
@@ -555,10 +532,10 @@ async fn acknowledgements_outlast_an_sqs_outage() {
     step(started, "checking");
     assert_eq!(
         (stored as i64, duplicates, rejected as i64),
-        (s.valid(), 0, s.malformed())
+        (ev.valid_count(), 0, ev.malformed_count())
     );
-    s.assert_exactly_once(&[&w]).await;
-    db.drop_database().await;
+    assert_exactly_once(&app, &q, &ev, &[&w]).await;
+    app.finish().await;
     step(started, "done");
 }
 
@@ -575,9 +552,8 @@ async fn combined_kill_restart_and_stop_keep_every_event_exactly_once() {
     }
     let started = Instant::now();
     let pg = PrivatePg::start().await;
-    let db = pg::FreshDb::create(&pg.admin_url).await;
     let n = 1600;
-    let s = Setup::new(&db.url, n, 404).await;
+    let (app, q, ev) = setup(&pg.admin_url, n, 404).await;
     let parts = [0..500, 500..900, 900..1300, 1300..n];
     let daemon = [
         "--visibility-timeout",
@@ -589,19 +565,19 @@ async fn combined_kill_restart_and_stop_keep_every_event_exactly_once() {
     ];
 
     step(started, "workers A and B");
-    s.send(parts[0].clone()).await;
-    let mut a = s.worker("A", &daemon);
-    let mut b = s.worker("B", &daemon);
+    q.send(&ev.bodies[parts[0].clone()]).await;
+    let mut a = worker(&app, &q, "A", &daemon);
+    let mut b = worker(&app, &q, "B", &daemon);
 
     // SIGKILL A once work is under way.
-    rows_above(&s, 0, Duration::from_secs(60)).await;
+    rows_above(&app, 0, Duration::from_secs(60)).await;
     step(started, "SIGKILL A");
     a.kill9().await;
-    let killed = s.counts().await;
-    s.send(parts[1].clone()).await;
+    let killed = counts(&app).await;
+    q.send(&ev.bodies[parts[1].clone()]).await;
 
     // Restart the database under B once it writes the new messages.
-    let seen = rows_above(&s, killed.logins, Duration::from_secs(60)).await;
+    let seen = rows_above(&app, killed.logins, Duration::from_secs(60)).await;
     step(started, "stopping the database");
     pg.stop_fast().await;
     let outage = Instant::now();
@@ -614,10 +590,10 @@ async fn combined_kill_restart_and_stop_keep_every_event_exactly_once() {
     b.assert_running("after the database came back");
 
     // SIGTERM B as soon as it writes again: it finishes its batch and exits 0.
-    let restarted = s.counts().await;
+    let restarted = counts(&app).await;
     assert!(restarted.logins >= seen.logins);
-    s.send(parts[2].clone()).await;
-    rows_above(&s, restarted.logins, Duration::from_secs(60)).await;
+    q.send(&ev.bodies[parts[2].clone()]).await;
+    rows_above(&app, restarted.logins, Duration::from_secs(60)).await;
     step(started, "SIGTERM B");
     b.signal("TERM");
     let b_summary = b.wait_success(Duration::from_secs(60)).await;
@@ -628,17 +604,19 @@ async fn combined_kill_restart_and_stop_keep_every_event_exactly_once() {
 
     // C finishes the queue; its metrics agree with its summary.
     step(started, "worker C");
-    s.send(parts[3].clone()).await;
+    q.send(&ev.bodies[parts[3].clone()]).await;
     let port = free_port();
     let metrics_addr = format!("127.0.0.1:{port}");
-    let mut c = s.worker(
+    let mut c = worker(
+        &app,
+        &q,
         "C",
         &[&daemon[..], &["--metrics-addr", &metrics_addr]].concat(),
     );
     wait_until(
         Duration::from_secs(120),
         "the queue drained by C",
-        || async { s.complete().await.then_some(()) },
+        || async { complete(&app, &q, &ev).await.then_some(()) },
     )
     .await;
     let body = wait_until(Duration::from_secs(30), "C's /metrics", || {
@@ -658,20 +636,22 @@ async fn combined_kill_restart_and_stop_keep_every_event_exactly_once() {
         "C's summary (stored, duplicates, rejected) and its /metrics disagree"
     );
     assert!(c_summary.0 > 0, "C stored nothing: {c_summary:?}");
-    let leaks = common::leaked(body.as_bytes(), &s.events.raw);
+    let leaks = common::leaked(body.as_bytes(), &ev.raw);
     assert!(leaks.is_empty(), "/metrics holds plaintext PII");
 
     // A final drain finds nothing left.
     step(started, "worker D");
-    let mut d = s.worker(
+    let mut d = worker(
+        &app,
+        &q,
         "D",
         &["--until-empty", "--visibility-timeout", VISIBILITY_SECS],
     );
     assert_eq!(d.wait_success(Duration::from_secs(60)).await, (0, 0, 0));
 
     step(started, "checking");
-    s.assert_exactly_once(&[&a, &b, &c, &d]).await;
-    db.drop_database().await;
+    assert_exactly_once(&app, &q, &ev, &[&a, &b, &c, &d]).await;
+    app.finish().await;
     drop(pg);
     step(started, &format!("done (B {b_summary:?}, C {c_summary:?})"));
 }

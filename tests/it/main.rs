@@ -2,9 +2,11 @@
 //! instead of once per file is most of what a test build costs.
 //!
 //! Each module is a group of scenarios; `common` holds the one set of
-//! helpers they share (services from the environment, the event generator,
-//! leak scans, a Postgres database per test, LocalStack clients, the fault
-//! injectors). Run one group with `scripts/test.sh -E 'test(/^roles::/)'`.
+//! helpers they share: the fixture every test starts from
+//! (`common::app::TestApp`: a database with role logins, the binary's one
+//! runner), services from the environment, the event generator, leak scans,
+//! LocalStack clients, the fault injectors. Run one group with
+//! `scripts/test.sh -E 'test(/^roles::/)'`.
 
 mod common;
 

@@ -4,7 +4,7 @@
 //! the KMS quota (this one with LocalStack), clean shutdown on SIGTERM, JSON
 //! logs that tie each line to its batch, and no PII in any of it.
 
-use crate::common::{self, aws as aws_helpers};
+use crate::common::{self, app::TestApp, aws as aws_helpers};
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -175,13 +175,13 @@ fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
     panic!("timed out waiting for {what}");
 }
 
-fn spawn_stdin_worker(dir: &std::path::Path, extra: &[&str]) -> Child {
-    Command::new(common::bin())
-        .args(["run", "--from-file", "-", "--source-id", "stdin-test"])
-        .args(extra)
-        .current_dir(dir)
-        .env_remove("DATABASE_URL")
-        .env_remove("PII_VAULT_KMS_KEY_ID")
+fn spawn_stdin_worker(app: &TestApp, extra: &[&str]) -> Child {
+    let args = [
+        &["run", "--from-file", "-", "--source-id", "stdin-test"][..],
+        extra,
+    ]
+    .concat();
+    app.command(&args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -191,13 +191,10 @@ fn spawn_stdin_worker(dir: &std::path::Path, extra: &[&str]) -> Child {
 
 #[test]
 fn metrics_agree_with_the_summary_and_sigterm_drains_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::embedded();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let mut worker = spawn_stdin_worker(
-        dir.path(),
-        &["--metrics-addr", &addr, "--log-format", "json"],
-    );
+    let mut worker = spawn_stdin_worker(&app, &["--metrics-addr", &addr, "--log-format", "json"]);
     let input = events(400, 5);
     let mut stdin = worker.stdin.take().unwrap();
     stdin.write_all(input.as_bytes()).unwrap();
@@ -345,40 +342,29 @@ fn metrics_agree_with_the_summary_and_sigterm_drains_cleanly() {
 
 #[test]
 fn a_taken_metrics_port_and_a_bad_database_url_are_one_line_errors() {
-    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::embedded();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let out = Command::new(common::bin())
-        .args([
-            "run",
-            "--from-file",
-            "-",
-            "--source-id",
-            "stdin-test",
-            "--metrics-addr",
-            &addr,
-        ])
-        .current_dir(dir.path())
-        .env_remove("DATABASE_URL")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = app.run(&[
+        "run",
+        "--from-file",
+        "-",
+        "--source-id",
+        "stdin-test",
+        "--metrics-addr",
+        &addr,
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot listen on --metrics-addr"), "{err}");
 
-    let out = Command::new(common::bin())
-        .args([
-            "--database-url",
-            "postgres://app:hunter2@127.0.0.1:1/db",
-            "run",
-            "--from-file",
-            "-",
-        ])
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = app.run(&[
+        "--database-url",
+        "postgres://app:hunter2@127.0.0.1:1/db",
+        "run",
+        "--from-file",
+        "-",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     let last = err.lines().last().unwrap();
@@ -388,24 +374,15 @@ fn a_taken_metrics_port_and_a_bad_database_url_are_one_line_errors() {
     );
     assert!(!err.contains("hunter2"), "password leaked: {err}");
 
-    let out = Command::new(common::bin())
-        .args(["--database-url", "mysql://x", "migrate"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
+    let out = app.run(&["--database-url", "mysql://x", "migrate"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported database URL scheme"));
 }
 
 #[test]
 fn piped_runs_show_no_progress_bar_and_help_explains() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("in.jsonl"), events(50, 0)).unwrap();
-    let out = Command::new(common::bin())
-        .args(["run", "--from-file", "in.jsonl"])
-        .current_dir(dir.path())
-        .env_remove("DATABASE_URL")
-        .output()
-        .unwrap();
+    let app = TestApp::embedded();
+    app.write("in.jsonl", &events(50, 0));
+    let out = app.run(&["run", "--from-file", "in.jsonl"]);
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -413,10 +390,7 @@ fn piped_runs_show_no_progress_bar_and_help_explains() {
         "terminal control codes in piped output"
     );
 
-    let help = Command::new(common::bin())
-        .args(["run", "--help"])
-        .output()
-        .unwrap();
+    let help = app.run(&["run", "--help"]);
     let h = String::from_utf8_lossy(&help.stdout);
     for needle in [
         "--queue-url",
@@ -443,14 +417,21 @@ fn readyz_calls_kms_at_most_once_per_interval() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (_, key_arn) =
         rt.block_on(async { aws_helpers::create_key(&aws_helpers::kms().await).await });
-    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::embedded();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let mut worker = Command::new(common::bin())
-        .args(["run", "--from-file", "-", "--source-id", "stdin-test"])
-        .args(["--metrics-addr", &addr, "--kms-key-id", &key_arn])
-        .current_dir(dir.path())
-        .env_remove("DATABASE_URL")
+    let mut worker = app
+        .command(&[
+            "run",
+            "--from-file",
+            "-",
+            "--source-id",
+            "stdin-test",
+            "--metrics-addr",
+            &addr,
+            "--kms-key-id",
+            &key_arn,
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -531,26 +512,18 @@ fn readyz_calls_kms_at_most_once_per_interval() {
 /// agree with each other and the batches add up to the input. No PII.
 #[test]
 fn json_logs_carry_the_batch_span() {
-    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::embedded();
     let input = events(300, 10);
-    std::fs::write(dir.path().join("in.jsonl"), &input).unwrap();
-    let out = Command::new(common::bin())
-        .args([
-            "run",
-            "--from-file",
-            "in.jsonl",
-            "--batch-size",
-            "40",
-            "--log-format",
-            "json",
-        ])
-        .current_dir(dir.path())
-        .env_remove("DATABASE_URL")
-        .env_remove("PII_VAULT_KMS_KEY_ID")
-        .env_remove("RUST_LOG")
-        .env("PII_VAULT_LOG", "debug,sqlx=warn")
-        .output()
-        .unwrap();
+    app.write("in.jsonl", &input);
+    let out = app.bin().env("PII_VAULT_LOG", "debug,sqlx=warn").run(&[
+        "run",
+        "--from-file",
+        "in.jsonl",
+        "--batch-size",
+        "40",
+        "--log-format",
+        "json",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     let (stored, duplicates, rejected) = common::summary(err.as_bytes());

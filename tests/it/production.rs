@@ -16,14 +16,15 @@
 //! `AWS_ENDPOINT_URL`), as set by `scripts/test.sh`; fails without them (skips
 //! under `PII_VAULT_SKIP_SERVICES=1`).
 
-use crate::common::{self, aws as aws_helpers, pg, production as prod};
+use crate::common::app::{Bin, TestApp};
+use crate::common::{self, aws as aws_helpers, production as prod};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
 use pii_vault::domain::{CanonicalIp, LoginEvent};
-use prod::{pii_vault, run_ok, Revealed, Spawned};
+use prod::{run_ok, Revealed, Spawned};
 
 /// Longest any single command may take before the test fails.
 const COMMAND_LIMIT: Duration = Duration::from_secs(60);
@@ -78,27 +79,17 @@ fn canonical(ip: &str) -> String {
 }
 
 /// `reveal --user-id USER --reason … --format json`.
-async fn reveal_user(
-    dir: &std::path::Path,
-    db: &str,
-    kms: &str,
-    user: &str,
-) -> (Vec<Revealed>, String) {
+async fn reveal_user(bin: &Bin, user: &str) -> (Vec<Revealed>, String) {
     let out = run_ok(
-        pii_vault(
-            dir,
-            db,
-            kms,
-            &[
-                "reveal",
-                "--user-id",
-                user,
-                "--reason",
-                "production e2e check",
-                "--format",
-                "json",
-            ],
-        ),
+        bin.tokio_command(&[
+            "reveal",
+            "--user-id",
+            user,
+            "--reason",
+            "production e2e check",
+            "--format",
+            "json",
+        ]),
         COMMAND_LIMIT,
         "reveal --user-id",
     )
@@ -162,15 +153,14 @@ async fn twenty_thousand_events_two_workers_exactly_once() {
         return;
     };
     let test_started = Instant::now();
-    let db = pg::FreshDb::create(&pg_url).await;
-    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::postgres_on(&pg_url).await;
     let (sqs, kms) = (aws_helpers::sqs().await, aws_helpers::kms().await);
     let queue = aws_helpers::create_queue(&sqs).await;
     let (key_id, _key_arn) = aws_helpers::create_key(&kms).await;
     let alias = aws_helpers::create_alias(&kms, &key_id).await;
 
     run_ok(
-        pii_vault(dir.path(), &db.url, &alias, &["migrate"]),
+        app.bin().kms(&alias).tokio_command(&["migrate"]),
         COMMAND_LIMIT,
         "migrate",
     )
@@ -178,19 +168,14 @@ async fn twenty_thousand_events_two_workers_exactly_once() {
     // The checks below reveal a shared address behind more users than the
     // default policy lets one login reveal without a second person.
     run_ok(
-        pii_vault(
-            dir.path(),
-            &db.url,
-            &alias,
-            &[
-                "policy",
-                "set",
-                "--max-users-per-reveal",
-                "100000",
-                "--max-reveals-per-day",
-                "100000",
-            ],
-        ),
+        app.bin().kms(&alias).tokio_command(&[
+            "policy",
+            "set",
+            "--max-users-per-reveal",
+            "100000",
+            "--max-reveals-per-day",
+            "100000",
+        ]),
         COMMAND_LIMIT,
         "policy set",
     )
@@ -226,13 +211,13 @@ async fn twenty_thousand_events_two_workers_exactly_once() {
     ];
     let consuming = Instant::now();
     let first = Spawned::spawn(
-        pii_vault(dir.path(), &db.url, &alias, &run),
-        dir.path(),
+        app.bin().kms(&alias).tokio_command(&run),
+        app.dir(),
         "worker-1",
     );
     let second = Spawned::spawn(
-        pii_vault(dir.path(), &db.url, &key_id, &run),
-        dir.path(),
+        app.bin().kms(&key_id).tokio_command(&run),
+        app.dir(),
         "worker-2",
     );
     let limit = Duration::from_secs(120);
@@ -267,7 +252,7 @@ async fn twenty_thousand_events_two_workers_exactly_once() {
     );
 
     // Exactly once in the database.
-    let pool = prod::pool(&db.url).await;
+    let pool = prod::pool(app.url()).await;
     assert_eq!(
         prod::count(&pool, "SELECT count(*) FROM user_logins").await,
         valid.len() as i64
@@ -305,7 +290,7 @@ async fn twenty_thousand_events_two_workers_exactly_once() {
         raw.len() > 5_000,
         "the input should have thousands of distinct IPs and devices"
     );
-    let dump = prod::pg_dump(&db.url, &dir.path().join("dump.sql")).await;
+    let dump = prod::pg_dump(app.url(), &app.dir().join("dump.sql")).await;
     assert!(
         dump.len() > 1_000_000,
         "the dump looks empty ({} bytes)",
@@ -344,20 +329,15 @@ async fn twenty_thousand_events_two_workers_exactly_once() {
     .unwrap();
     assert!(n > 1, "the input repeats IPs by construction");
     let shared = run_ok(
-        pii_vault(
-            dir.path(),
-            &db.url,
-            &alias,
-            &[
-                "reveal",
-                "--masked-ip",
-                &token,
-                "--reason",
-                "production e2e check",
-                "--format",
-                "json",
-            ],
-        ),
+        app.bin().kms(&alias).tokio_command(&[
+            "reveal",
+            "--masked-ip",
+            &token,
+            "--reason",
+            "production e2e check",
+            "--format",
+            "json",
+        ]),
         COMMAND_LIMIT,
         "reveal --masked-ip",
     )
@@ -383,7 +363,7 @@ async fn twenty_thousand_events_two_workers_exactly_once() {
     assert!(picked.len() >= 3);
     for user in picked {
         let want: Vec<&Original> = valid.iter().filter(|o| o.user_id == user).collect();
-        let (got, _) = reveal_user(dir.path(), &db.url, &key_id, user).await;
+        let (got, _) = reveal_user(&app.bin().kms(&key_id), user).await;
         assert_same_originals(&got, &want, user);
         // Within one user too: one token per canonical IP.
         let mut tok: HashMap<String, &str> = HashMap::new();
@@ -394,7 +374,7 @@ async fn twenty_thousand_events_two_workers_exactly_once() {
     }
 
     pool.close().await;
-    db.drop_database().await;
+    app.finish().await;
     eprintln!("test took {:.1}s", test_started.elapsed().as_secs_f64());
 }
 
@@ -404,33 +384,27 @@ async fn rotations_while_consuming_then_old_kms_key_disabled() {
         return;
     };
     let test_started = Instant::now();
-    let db = pg::FreshDb::create(&pg_url).await;
-    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::postgres_on(&pg_url).await;
     let (sqs, kms) = (aws_helpers::sqs().await, aws_helpers::kms().await);
     let queue = aws_helpers::create_queue(&sqs).await;
     let (key_a, arn_a) = aws_helpers::create_key(&kms).await;
     let (key_b, arn_b) = aws_helpers::create_key(&kms).await;
 
     run_ok(
-        pii_vault(dir.path(), &db.url, &key_a, &["migrate"]),
+        app.bin().kms(&key_a).tokio_command(&["migrate"]),
         COMMAND_LIMIT,
         "migrate",
     )
     .await;
     run_ok(
-        pii_vault(
-            dir.path(),
-            &db.url,
-            &key_a,
-            &[
-                "policy",
-                "set",
-                "--max-users-per-reveal",
-                "100000",
-                "--max-reveals-per-day",
-                "100000",
-            ],
-        ),
+        app.bin().kms(&key_a).tokio_command(&[
+            "policy",
+            "set",
+            "--max-users-per-reveal",
+            "100000",
+            "--max-reveals-per-day",
+            "100000",
+        ]),
         COMMAND_LIMIT,
         "policy set",
     )
@@ -457,12 +431,14 @@ async fn rotations_while_consuming_then_old_kms_key_disabled() {
     let valid: Vec<Original> = per_line.iter().flatten().cloned().collect();
     let waves: Vec<&[String]> = bodies.chunks(300).collect();
     assert_eq!(waves.len(), 6);
-    let pool = prod::pool(&db.url).await;
+    let pool = prod::pool(app.url()).await;
 
     // The worker runs as a daemon under key A until it is sent SIGTERM.
     let worker = Spawned::spawn(
-        pii_vault(dir.path(), &db.url, &key_a, &["run", "--queue-url", &queue]),
-        dir.path(),
+        app.bin()
+            .kms(&key_a)
+            .tokio_command(&["run", "--queue-url", &queue]),
+        app.dir(),
         "worker",
     );
     let mut sent = 0usize;
@@ -491,7 +467,7 @@ async fn rotations_while_consuming_then_old_kms_key_disabled() {
             .await
         }
     };
-    let rotate = |kms_key: &str, args: &[&str]| pii_vault(dir.path(), &db.url, kms_key, args);
+    let rotate = |kms_key: &str, args: &[&str]| app.bin().kms(kms_key).tokio_command(args);
     let mut rotator_output = Vec::new();
 
     // Wave 0 before any rotation: committed under key A, token key v1.
@@ -668,8 +644,8 @@ async fn rotations_while_consuming_then_old_kms_key_disabled() {
     }
     let reveals: Vec<(&str, Vec<Revealed>)> = stream::iter(by_user.keys().copied())
         .map(|user| {
-            let (dir, db, key_b) = (dir.path(), db.url.as_str(), key_b.as_str());
-            async move { (user, reveal_user(dir, db, key_b, user).await.0) }
+            let bin = app.bin().kms(&key_b);
+            async move { (user, reveal_user(&bin, user).await.0) }
         })
         .buffer_unordered(4)
         .collect()
@@ -727,7 +703,7 @@ async fn rotations_while_consuming_then_old_kms_key_disabled() {
 
     // The dump after all this holds no raw values; neither do the logs.
     let raw = common::raw_pii(&gen.text);
-    let dump = prod::pg_dump(&db.url, &dir.path().join("dump.sql")).await;
+    let dump = prod::pg_dump(app.url(), &app.dir().join("dump.sql")).await;
     prod::assert_no_leak(&dump, &raw, "the pg_dump after the rotations");
     prod::assert_no_leak(&worker.all_output(), &raw, "the worker's output");
     for out in &rotator_output {
@@ -749,23 +725,18 @@ async fn rotations_while_consuming_then_old_kms_key_disabled() {
         (users.next().unwrap(), users.next().unwrap())
     };
     run_ok(
-        pii_vault(
-            dir.path(),
-            &db.url,
-            &key_b,
-            &[
-                "forget",
-                "--user-id",
-                forgotten,
-                "--reason",
-                "erasure request e2e",
-            ],
-        ),
+        app.bin().kms(&key_b).tokio_command(&[
+            "forget",
+            "--user-id",
+            forgotten,
+            "--reason",
+            "erasure request e2e",
+        ]),
         COMMAND_LIMIT,
         "forget",
     )
     .await;
-    let (after, err) = reveal_user(dir.path(), &db.url, &key_b, forgotten).await;
+    let (after, err) = reveal_user(&app.bin().kms(&key_b), forgotten).await;
     assert_eq!(
         after.len(),
         by_user[forgotten].len(),
@@ -778,11 +749,11 @@ async fn rotations_while_consuming_then_old_kms_key_disabled() {
         "forgotten originals came back"
     );
     assert!(err.contains("no recoverable originals"), "{err}");
-    let (other, _) = reveal_user(dir.path(), &db.url, &key_b, kept).await;
+    let (other, _) = reveal_user(&app.bin().kms(&key_b), kept).await;
     assert_same_originals(&other, &by_user[kept], kept);
 
     pool.close().await;
-    db.drop_database().await;
+    app.finish().await;
     eprintln!("test took {:.1}s", test_started.elapsed().as_secs_f64());
 }
 

@@ -21,146 +21,43 @@
 //! that did the job (none by the worker), and no raw IP or device id in any
 //! process's output but what a reveal prints on stdout.
 //!
-//! Needs `PII_VAULT_TEST_PG` and LocalStack, like `production.rs`; login
-//! users are cluster-wide, so they are named after the test's database and
-//! dropped at the end.
+//! Needs `PII_VAULT_TEST_PG` and LocalStack, like `production.rs`. The
+//! database, its logins and the binary are the [`TestApp`]'s; every command
+//! claims to be [`ACTOR`], so an audit row's `actor` can only come from the
+//! database login.
 
-use crate::common::{self, aws as aws_helpers, pg, production as prod};
+use crate::common::app::{Bin, Login, TestApp, ACTOR, ANALYST, REVEALER, ROTATOR, WORKER};
+use crate::common::{self, aws as aws_helpers, production as prod};
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use pii_vault::domain::{CanonicalIp, LoginEvent};
 use prod::{Finished, Revealed, Spawned};
-use sqlx::{Connection, PgConnection, PgPool};
 
 /// Longest any single command may take before the test fails.
 const COMMAND_LIMIT: Duration = Duration::from_secs(60);
 
-/// What every command claims to be (`PII_VAULT_ACTOR`): the same for all,
-/// so that the audit trail's `actor` can only come from the database login.
-const CLAIMED: &str = "oncall@test";
+// ---------------------------------------------------------------- ledger
 
-const WORKER: &str = "pii_vault_worker";
-const ANALYST: &str = "pii_vault_analyst";
-const REVEALER: &str = "pii_vault_revealer";
-const ROTATOR: &str = "pii_vault_rotator";
-
-// ---------------------------------------------------------------- harness
-
-/// A database login: its name (what `session_user` and the audit trail
-/// say) and its connection URL.
-#[derive(Debug, Clone)]
-struct Login {
-    name: String,
-    url: String,
-}
-
-/// A fresh database, its owner, and the login users made for the test.
-struct Db {
-    admin_url: String,
-    fresh: pg::FreshDb,
-    owner: PgPool,
-    users: Vec<String>,
-}
-
-impl Db {
-    async fn new(admin_url: &str) -> Db {
-        let fresh = pg::FreshDb::create(admin_url).await;
-        let owner = prod::pool(&fresh.url).await;
-        Db {
-            admin_url: admin_url.to_string(),
-            fresh,
-            owner,
-            users: Vec::new(),
-        }
-    }
-
-    /// The owner as a login (the admin URL of the fresh database).
-    async fn owner_login(&self) -> Login {
-        let name: String = sqlx::query_scalar("SELECT session_user::text")
-            .fetch_one(&self.owner)
-            .await
-            .unwrap();
-        Login {
-            name,
-            url: self.fresh.url.clone(),
-        }
-    }
-
-    /// A new login user `<database>_<who>`, member of `role`, made as a
-    /// deployment would (after `migrate` created the roles).
-    async fn login_as(&mut self, role: &str, who: &str) -> Login {
-        let name = format!("{}_{who}", self.fresh.name);
-        let password = uuid::Uuid::new_v4().simple().to_string();
-        self.owner_exec(&format!("CREATE ROLE {name} LOGIN PASSWORD '{password}'"))
-            .await;
-        self.owner_exec(&format!("GRANT {role} TO {name}")).await;
-        self.users.push(name.clone());
-        Login {
-            url: with_user(&self.fresh.url, &name, &password),
-            name,
-        }
-    }
-
-    async fn owner_exec(&self, sql: &str) {
-        sqlx::query(sql)
-            .execute(&self.owner)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    }
-
-    async fn count(&self, sql: &str) -> i64 {
-        prod::count(&self.owner, sql).await
-    }
-
-    /// Drops the database, then the login users (roles outlive databases).
-    async fn finish(self) {
-        self.owner.close().await;
-        self.fresh.drop_database().await;
-        let mut conn = PgConnection::connect(&self.admin_url).await.unwrap();
-        for user in &self.users {
-            sqlx::query(&format!("DROP ROLE IF EXISTS {user}"))
-                .execute(&mut conn)
-                .await
-                .unwrap();
-        }
-        conn.close().await.ok();
-    }
-}
-
-/// `url` with its user and password replaced.
-fn with_user(url: &str, user: &str, password: &str) -> String {
-    let start = url.find("://").expect("a URL") + 3;
-    let rest = &url[start..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let host = match rest[..authority_end].rfind('@') {
-        Some(at) => &rest[at + 1..],
-        None => rest,
-    };
-    format!("{}{user}:{password}@{host}", &url[..start])
-}
-
-/// Runs the binary in one directory and keeps what every process printed,
-/// for the leak check at the end.
-struct Cli {
-    dir: tempfile::TempDir,
+/// Runs the fixture's binary as one login or another and keeps what every
+/// process printed, for the leak check at the end.
+struct Ledger<'a> {
+    app: &'a TestApp,
     /// (what, bytes to scan): every stream of every process, but the stdout
     /// of the reveals.
     outputs: Mutex<Vec<(String, Vec<u8>)>>,
 }
 
-impl Cli {
-    fn dir(&self) -> &Path {
-        self.dir.path()
+impl Ledger<'_> {
+    /// The binary as `login`, under KMS key `kms`.
+    fn bin(&self, login: &Login, kms: &str) -> Bin {
+        self.app.as_login(login).kms(kms)
     }
 
     fn cmd(&self, login: &Login, kms: &str, args: &[&str]) -> tokio::process::Command {
-        let mut c = prod::pii_vault(self.dir(), &login.url, kms, args);
-        c.env("PII_VAULT_ACTOR", CLAIMED);
-        c
+        self.bin(login, kms).tokio_command(args)
     }
 
     fn keep(&self, what: &str, bytes: Vec<u8>) {
@@ -324,9 +221,9 @@ async fn each_role_does_its_job_as_its_own_login_while_a_worker_writes() {
         return;
     };
     let started = Instant::now();
-    let mut db = Db::new(&pg_url).await;
-    let cli = Cli {
-        dir: tempfile::tempdir().unwrap(),
+    let app = TestApp::postgres_on(&pg_url).await;
+    let cli = Ledger {
+        app: &app,
         outputs: Mutex::new(Vec::new()),
     };
     let (sqs, kms) = (aws_helpers::sqs().await, aws_helpers::kms().await);
@@ -337,7 +234,7 @@ async fn each_role_does_its_job_as_its_own_login_while_a_worker_writes() {
     // The owner migrates (allow-listing A, creating the token and line-id
     // keys under it) and sets a policy under which a reveal of more than one
     // user needs a second person.
-    let owner = db.owner_login().await;
+    let owner = app.owner_login().await;
     cli.ok(&owner, &key_a, &["migrate"]).await;
     cli.ok(
         &owner,
@@ -346,11 +243,11 @@ async fn each_role_does_its_job_as_its_own_login_while_a_worker_writes() {
     )
     .await;
 
-    let worker = db.login_as(WORKER, "worker").await;
-    let analyst = db.login_as(ANALYST, "analyst").await;
-    let alice = db.login_as(REVEALER, "alice").await;
-    let bob = db.login_as(REVEALER, "bob").await;
-    let rotator = db.login_as(ROTATOR, "rotator").await;
+    let worker = app.login_as(WORKER).await;
+    let analyst = app.login_as(ANALYST).await;
+    let alice = app.login_as(REVEALER).await;
+    let bob = app.login_as(REVEALER).await;
+    let rotator = app.login_as(ROTATOR).await;
 
     // A revealer reads the policy, and cannot lift it.
     let shown = cli
@@ -399,7 +296,7 @@ async fn each_role_does_its_job_as_its_own_login_while_a_worker_writes() {
     );
     let waves: Vec<&[String]> = queued.chunks(200).collect();
     assert_eq!(waves.len(), 6);
-    std::fs::write(cli.dir().join("events.jsonl"), file_lines.join("\n") + "\n").unwrap();
+    std::fs::write(app.dir().join("events.jsonl"), file_lines.join("\n") + "\n").unwrap();
     let raw = common::raw_pii(&gen.text);
     assert!(!raw.is_empty());
 
@@ -420,7 +317,7 @@ async fn each_role_does_its_job_as_its_own_login_while_a_worker_writes() {
     };
 
     let committed = |n: usize| {
-        let pool = db.owner.clone();
+        let pool = app.pool().clone();
         async move {
             prod::wait_until(
                 Duration::from_secs(60),
@@ -448,7 +345,7 @@ async fn each_role_does_its_job_as_its_own_login_while_a_worker_writes() {
     // The worker login runs as a daemon under key A until SIGTERM.
     let daemon = Spawned::spawn(
         cli.cmd(&worker, &key_a, &["run", "--queue-url", &queue]),
-        cli.dir(),
+        app.dir(),
         "worker",
     );
     let mut sent = 0usize;
@@ -469,8 +366,8 @@ async fn each_role_does_its_job_as_its_own_login_while_a_worker_writes() {
         "the file run's summary"
     );
     committed(sent).await;
-    let before_reveals = db
-        .count(&format!(
+    let before_reveals = app
+        .scalar(&format!(
             "SELECT count(*) FROM user_logins WHERE user_id = '{u}'"
         ))
         .await;
@@ -601,7 +498,7 @@ async fn each_role_does_its_job_as_its_own_login_while_a_worker_writes() {
             let newest: Vec<(&str, &str, &str)> = trail[..4]
                 .iter()
                 .map(|e| {
-                    assert_eq!(e["claimed_actor"], CLAIMED, "{e}");
+                    assert_eq!(e["claimed_actor"], ACTOR, "{e}");
                     (
                         e["action"].as_str().unwrap(),
                         e["actor"].as_str().unwrap(),
@@ -703,22 +600,22 @@ async fn each_role_does_its_job_as_its_own_login_while_a_worker_writes() {
     // Exactly once: each valid line one login, each malformed one
     // quarantined (or erased from quarantine with U2).
     assert_eq!(
-        db.count("SELECT count(*) FROM user_logins").await,
+        app.scalar("SELECT count(*) FROM user_logins").await,
         valid.len() as i64
     );
     assert_eq!(
-        db.count("SELECT count(DISTINCT message_id) FROM user_logins")
+        app.scalar("SELECT count(DISTINCT message_id) FROM user_logins")
             .await,
         valid.len() as i64
     );
     assert_eq!(
-        db.count("SELECT count(*) FROM quarantine").await + forgot_quarantined,
+        app.scalar("SELECT count(*) FROM quarantine").await + forgot_quarantined,
         malformed as i64
     );
     // Every login re-tokenised or written under the new token key, and
     // every stored key now wrapped by B.
     assert_eq!(
-        db.count(
+        app.scalar(
             "SELECT count(*) FROM user_logins \
              WHERE masked_ip NOT LIKE 't2\\_%' OR masked_device_id NOT LIKE 't2\\_%'"
         )
@@ -726,7 +623,7 @@ async fn each_role_does_its_job_as_its_own_login_while_a_worker_writes() {
         0
     );
     assert_eq!(
-        db.count(&format!(
+        app.scalar(&format!(
             "SELECT count(*) FROM vault_keys WHERE state <> 'destroyed' AND kek_id <> '{arn_b}'"
         ))
         .await,
@@ -803,8 +700,8 @@ async fn each_role_does_its_job_as_its_own_login_while_a_worker_writes() {
     // Last, retention: everything is dated today, so a cut-off of
     // tomorrow (UTC) erases every original and every quarantined body.
     let (vault_rows, quarantined) = (
-        db.count("SELECT count(*) FROM vault").await,
-        db.count("SELECT count(*) FROM quarantine").await,
+        app.scalar("SELECT count(*) FROM vault").await,
+        app.scalar("SELECT count(*) FROM quarantine").await,
     );
     assert!(vault_rows > 0 && quarantined > 0);
     let tomorrow = (chrono::Utc::now().date_naive() + chrono::Days::new(1)).to_string();
@@ -823,10 +720,10 @@ async fn each_role_does_its_job_as_its_own_login_while_a_worker_writes() {
         .await;
     let erased = numbers_after(&retention.stderr_text(), "pii-vault: erased ");
     assert_eq!((erased[0], erased[1]), (vault_rows, quarantined));
-    assert_eq!(db.count("SELECT count(*) FROM vault").await, 0);
-    assert_eq!(db.count("SELECT count(*) FROM quarantine").await, 0);
+    assert_eq!(app.scalar("SELECT count(*) FROM vault").await, 0);
+    assert_eq!(app.scalar("SELECT count(*) FROM quarantine").await, 0);
     assert_eq!(
-        db.count("SELECT count(*) FROM user_logins").await,
+        app.scalar("SELECT count(*) FROM user_logins").await,
         valid.len() as i64,
         "masked logins stay"
     );
@@ -835,7 +732,7 @@ async fn each_role_does_its_job_as_its_own_login_while_a_worker_writes() {
     // the worker.
     let trail: Vec<(String, String, String, i64, i64)> =
         sqlx::query_as("SELECT action, actor, target, row_count, id FROM audit_log ORDER BY id")
-            .fetch_all(&db.owner)
+            .fetch_all(app.pool())
             .await
             .unwrap();
     let actions: Vec<(&str, &str)> = trail
@@ -893,6 +790,6 @@ async fn each_role_does_its_job_as_its_own_login_while_a_worker_writes() {
         prod::assert_no_leak(bytes, &raw, what);
     }
 
-    db.finish().await;
+    app.finish().await;
     eprintln!("test took {:.1}s", started.elapsed().as_secs_f64());
 }

@@ -1,26 +1,15 @@
 //! Key rotation and erasure on the embedded default, with a worker consuming
-//! while the rotations run.
+//! while the rotations run; and on Postgres at scale: rotations stopped,
+//! killed and resumed, parallel ranges, a worker writing meanwhile.
 
-use crate::common;
+use crate::common::{self, app::TestApp};
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use pii_vault::domain::CanonicalIp;
-use sqlx::sqlite::SqlitePoolOptions;
-
-fn cmd(dir: &Path, args: &[&str]) -> Output {
-    let out = cmd_any(dir, args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 /// Events from small pools of IPs, devices and users, so values repeat
 /// across the chunks fed before, during and after each rotation.
@@ -42,8 +31,8 @@ fn events(seed: u64, n: usize) -> String {
 /// Reveals every user and checks the originals, and that tokens are one
 /// version and consistent: equal values, equal tokens; different values,
 /// different tokens.
-fn check_reveals(dir: &Path, input: &str) -> usize {
-    let (rows, versions) = reveal_and_check(input, |args| cmd(dir, args));
+fn check_reveals(app: &TestApp, input: &str) -> usize {
+    let (rows, versions) = reveal_and_check(app, input);
     assert_eq!(
         versions.len(),
         1,
@@ -52,15 +41,11 @@ fn check_reveals(dir: &Path, input: &str) -> usize {
     rows
 }
 
-/// Reveals every user of `input` by running `reveal` with the arguments of
-/// a JSON `reveal --user-id`, which must succeed; checks that the originals
-/// are the user's and that tokens are consistent (equal IPs, equal tokens;
-/// different IPs, different tokens). Returns the rows revealed and the token
-/// versions seen.
-fn reveal_and_check(
-    input: &str,
-    reveal: impl Fn(&[&str]) -> Output,
-) -> (usize, std::collections::HashSet<String>) {
+/// Reveals every user of `input` with a JSON `reveal --user-id`, which must
+/// succeed; checks that the originals are the user's and that tokens are
+/// consistent (equal IPs, equal tokens; different IPs, different tokens).
+/// Returns the rows revealed and the token versions seen.
+fn reveal_and_check(app: &TestApp, input: &str) -> (usize, std::collections::HashSet<String>) {
     let mut want: HashMap<String, Vec<(String, String)>> = HashMap::new();
     for l in input.lines() {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
@@ -78,7 +63,7 @@ fn reveal_and_check(
     );
     let mut rows = 0;
     for (user, originals) in &want {
-        let out = reveal(&[
+        let out = app.ok_output(&[
             "reveal",
             "--user-id",
             user,
@@ -123,18 +108,15 @@ fn reveal_and_check(
 
 #[tokio::test]
 async fn rotations_while_a_worker_consumes_lose_nothing() {
-    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::embedded();
     // This test reveals every user after every step: more than a day's
     // worth of reveals under the default policy.
-    cmd(
-        dir.path(),
-        &["policy", "set", "--max-reveals-per-day", "100000"],
-    );
+    app.ok_output(&["policy", "set", "--max-reveals-per-day", "100000"]);
     let chunks: Vec<String> = (0..4).map(|i| events(100 + i, 150)).collect();
     let all: String = chunks.concat();
 
-    let mut worker = Command::new(common::bin())
-        .args([
+    let mut worker = app
+        .command(&[
             "run",
             "--from-file",
             "-",
@@ -143,21 +125,13 @@ async fn rotations_while_a_worker_consumes_lose_nothing() {
             "--batch-size",
             "20",
         ])
-        .current_dir(dir.path())
-        .env_remove("DATABASE_URL")
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut stdin = worker.stdin.take().unwrap();
-    let db = SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect(&format!(
-            "sqlite:{}?mode=rwc",
-            dir.path().join("pii-vault.db").display()
-        ))
-        .await
-        .unwrap();
+    // (The policy's `set` made the file.)
+    let db = app.sqlite().await;
     let rotations: [&[&str]; 3] = [
         &["rotate", "data-keys"],
         &["rotate", "token-key"],
@@ -188,7 +162,7 @@ async fn rotations_while_a_worker_consumes_lose_nothing() {
                         stdin
                     }
                 });
-                cmd(dir.path(), r);
+                app.ok_output(r);
                 stdin = writer.join().unwrap();
             }
             None => {
@@ -214,10 +188,10 @@ async fn rotations_while_a_worker_consumes_lose_nothing() {
     assert_eq!(common::summary(&out.stderr), (600, 0, 0), "{log}");
 
     // A final token rotation and data-key rotation with the worker stopped.
-    cmd(dir.path(), &["rotate", "token-key"]);
-    cmd(dir.path(), &["rotate", "data-keys"]);
+    app.ok_output(&["rotate", "token-key"]);
+    app.ok_output(&["rotate", "data-keys"]);
 
-    assert_eq!(check_reveals(dir.path(), &all), 600);
+    assert_eq!(check_reveals(&app, &all), 600);
 
     let dangling: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM vault v JOIN vault_keys k ON k.id = v.key_id WHERE k.state = 'destroyed' OR k.wrapped IS NULL",
@@ -255,12 +229,8 @@ async fn rotations_while_a_worker_consumes_lose_nothing() {
 
     // Re-running the same input (same source id) after the rotations
     // stores nothing new: every line is a duplicate.
-    let input = dir.path().join("all.jsonl");
-    std::fs::write(&input, &all).unwrap();
-    let again = cmd(
-        dir.path(),
-        &["run", "--from-file", "all.jsonl", "--source-id", "stream"],
-    );
+    app.write("all.jsonl", &all);
+    let again = app.ok_output(&["run", "--from-file", "all.jsonl", "--source-id", "stream"]);
     assert_eq!(common::summary(&again.stderr), (0, 600, 0));
     db.close().await;
 }
@@ -286,47 +256,34 @@ async fn wait_for_logins(db: &sqlx::SqlitePool, n: i64) {
 
 #[tokio::test]
 async fn forget_erases_originals_but_keeps_masked_rows() {
-    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::embedded();
     let input = events(7, 120);
-    std::fs::write(dir.path().join("in.jsonl"), &input).unwrap();
-    cmd(dir.path(), &["run", "--from-file", "in.jsonl"]);
+    app.write("in.jsonl", &input);
+    app.ok_output(&["run", "--from-file", "in.jsonl"]);
     let first: serde_json::Value = serde_json::from_str(input.lines().next().unwrap()).unwrap();
     let user = first["user_id"].as_str().unwrap();
 
-    let before = cmd(
-        dir.path(),
-        &[
-            "reveal",
-            "--user-id",
-            user,
-            "--reason",
-            "before",
-            "--format",
-            "json",
-        ],
-    );
+    let before = app.ok_output(&[
+        "reveal",
+        "--user-id",
+        user,
+        "--reason",
+        "before",
+        "--format",
+        "json",
+    ]);
     let n = String::from_utf8_lossy(&before.stdout).lines().count();
     assert!(n >= 1);
-    let f = cmd(
-        dir.path(),
-        &[
-            "forget",
-            "--user-id",
-            user,
-            "--reason",
-            "erasure request 42",
-        ],
-    );
+    let f = app.ok_output(&[
+        "forget",
+        "--user-id",
+        user,
+        "--reason",
+        "erasure request 42",
+    ]);
     assert!(String::from_utf8_lossy(&f.stderr).contains(&format!("erased {n} vault row(s)")));
     // Counted in the database, not taken from the product's own message.
-    let db = SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect(&format!(
-            "sqlite:{}",
-            dir.path().join("pii-vault.db").display()
-        ))
-        .await
-        .unwrap();
+    let db = app.sqlite().await;
     let count = |sql: &'static str| {
         let db = db.clone();
         let user = user.to_string();
@@ -362,18 +319,15 @@ async fn forget_erases_originals_but_keeps_masked_rows() {
     );
     db.close().await;
 
-    let after = cmd(
-        dir.path(),
-        &[
-            "reveal",
-            "--user-id",
-            user,
-            "--reason",
-            "after",
-            "--format",
-            "json",
-        ],
-    );
+    let after = app.ok_output(&[
+        "reveal",
+        "--user-id",
+        user,
+        "--reason",
+        "after",
+        "--format",
+        "json",
+    ]);
     for line in String::from_utf8_lossy(&after.stdout).lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         assert!(
@@ -394,32 +348,19 @@ async fn forget_erases_originals_but_keeps_masked_rows() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .find(|v| v["user_id"] != first["user_id"])
         .unwrap();
-    let o = cmd(
-        dir.path(),
-        &[
-            "reveal",
-            "--user-id",
-            other["user_id"].as_str().unwrap(),
-            "--reason",
-            "x",
-            "--format",
-            "json",
-        ],
-    );
+    let o = app.ok_output(&[
+        "reveal",
+        "--user-id",
+        other["user_id"].as_str().unwrap(),
+        "--reason",
+        "x",
+        "--format",
+        "json",
+    ]);
     assert!(String::from_utf8_lossy(&o.stdout).contains(other["device_id"].as_str().unwrap()));
-    let audit = cmd(dir.path(), &["audit", "--format", "json"]);
+    let audit = app.ok_output(&["audit", "--format", "json"]);
     assert!(String::from_utf8_lossy(&audit.stdout).contains("\"action\":\"forget\""));
     assert!(String::from_utf8_lossy(&audit.stdout).contains("erasure request 42"));
-}
-
-fn cmd_any(dir: &Path, args: &[&str]) -> Output {
-    Command::new(common::bin())
-        .args(args)
-        .current_dir(dir)
-        .env_remove("DATABASE_URL")
-        .env_remove("PII_VAULT_KMS_KEY_ID")
-        .output()
-        .unwrap()
 }
 
 /// A row a rotation cannot open (here: its ciphertext tampered with) is
@@ -428,22 +369,14 @@ fn cmd_any(dir: &Path, args: &[&str]) -> Output {
 /// in the audit trail before it ran.
 #[tokio::test]
 async fn rotations_skip_and_report_rows_they_cannot_open() {
-    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::embedded();
     let input = events(11, 60);
-    std::fs::write(dir.path().join("in.jsonl"), &input).unwrap();
-    let out = cmd(
-        dir.path(),
-        &["run", "--from-file", "in.jsonl", "--no-progress"],
-    );
+    app.write("in.jsonl", &input);
+    let out = app.ok_output(&["run", "--from-file", "in.jsonl", "--no-progress"]);
     let (stored, _, _) = common::summary(&out.stderr);
     assert!(stored > 10, "{stored}");
 
-    let url = format!("sqlite:{}", dir.path().join("pii-vault.db").display());
-    let db = SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect(&url)
-        .await
-        .unwrap();
+    let db = app.sqlite().await;
     let victim: String =
         sqlx::query_scalar("SELECT message_id FROM vault ORDER BY message_id LIMIT 1 OFFSET 3")
             .fetch_one(&db)
@@ -460,10 +393,7 @@ async fn rotations_skip_and_report_rows_they_cannot_open() {
         .await
         .unwrap();
 
-    let out = cmd_any(
-        dir.path(),
-        &["rotate", "data-keys", "--reason", "quarterly"],
-    );
+    let out = app.run(&["rotate", "data-keys", "--reason", "quarterly"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -492,7 +422,7 @@ async fn rotations_skip_and_report_rows_they_cannot_open() {
 
     // Token rotation: the same row cannot be re-tokenised; the rest are,
     // and the old token key stays retired rather than destroyed.
-    let out = cmd_any(dir.path(), &["rotate", "token-key"]);
+    let out = app.run(&["rotate", "token-key"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -534,153 +464,84 @@ async fn rotations_skip_and_report_rows_they_cannot_open() {
 
 // ------------------------------------------------- Postgres: at scale
 
-/// A Postgres database loaded with `events` by the binary, and a working
-/// directory holding its local key file.
-struct PgLoaded {
-    dir: tempfile::TempDir,
-    db: crate::common::pg::FreshDb,
-    pool: sqlx::PgPool,
+/// A fixture whose Postgres database the binary loaded with `events`, as
+/// the owner (`migrate`, a policy for the many reveals of the checks, a
+/// `run --from-file`); `None` (skip) without a test cluster.
+async fn loaded(events: &str) -> Option<TestApp> {
+    let app = TestApp::postgres().await?;
+    app.ok(&["migrate"]);
+    app.ok(&["policy", "set", "--max-reveals-per-day", "100000"]);
+    let name = format!("events-{}.jsonl", uuid::Uuid::new_v4().simple());
+    app.write(&name, events);
+    app.ok(&["run", "--from-file", &name, "--source-id", &name]);
+    Some(app)
 }
 
-impl PgLoaded {
-    async fn new(events: &str) -> Option<PgLoaded> {
-        let admin = common::service_env("PII_VAULT_TEST_PG")?;
-        let db = crate::common::pg::FreshDb::create(&admin).await;
-        let dir = tempfile::tempdir().unwrap();
-        let loaded = PgLoaded {
-            pool: sqlx::PgPool::connect(&db.url).await.unwrap(),
-            dir,
-            db,
-        };
-        loaded.ok(&["migrate"]);
-        loaded.ok(&["policy", "set", "--max-reveals-per-day", "100000"]);
-        loaded.feed(events);
-        Some(loaded)
+/// Runs pii-vault with `args` and SIGKILLs it once the open job has done
+/// `rows` rows (within a minute, before it ends by itself).
+async fn kill_once_done(app: &TestApp, args: &[&str], rows: i64) -> Output {
+    let mut child = app.command(args).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while rows_done(app).await < rows {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the rotation ended before it was killed"
+        );
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    child.kill().unwrap(); // SIGKILL
+    let out = child.wait_with_output().unwrap();
+    settle(app).await;
+    out
+}
 
-    fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(common::bin());
-        c.args(args)
-            .current_dir(self.dir.path())
-            .env("DATABASE_URL", &self.db.url)
-            .env_remove("PII_VAULT_KMS_KEY_ID")
-            .env_remove("PII_VAULT_TEST_STOP_AFTER_CHUNKS")
-            .env_remove("PII_VAULT_ROTATE_JOBS");
-        c
-    }
-
-    fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut c = self.command(args);
-        c.envs(env.iter().copied());
-        c.output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args, &[]);
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(out.status.success(), "{args:?}: {stderr}");
-        stderr
-    }
-
-    fn feed(&self, events: &str) {
-        let name = format!("events-{}.jsonl", uuid::Uuid::new_v4().simple());
-        std::fs::write(self.dir.path().join(&name), events).unwrap();
-        self.ok(&["run", "--from-file", &name, "--source-id", &name]);
-    }
-
-    async fn scalar(&self, sql: &str) -> i64 {
-        sqlx::query_scalar(sql)
-            .fetch_one(&self.pool)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-    }
-
-    async fn strings(&self, sql: &str) -> Vec<String> {
-        sqlx::query_scalar(sql)
-            .fetch_all(&self.pool)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-    }
-
-    /// Rows the open job's ranges say are done.
-    /// Runs pii-vault with `args` and SIGKILLs it once the open job has done
-    /// `rows` rows (within a minute, before it ends by itself).
-    async fn kill_once_done(&self, args: &[&str], rows: i64) -> Output {
-        let mut child = self.command(args).stderr(Stdio::piped()).spawn().unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while self.rows_done().await < rows {
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "the rotation ended before it was killed"
-            );
-            assert!(std::time::Instant::now() < deadline, "no progress");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        child.kill().unwrap(); // SIGKILL
-        let out = child.wait_with_output().unwrap();
-        self.settle().await;
-        out
-    }
-
-    /// Waits until no session of pii-vault is left on the database. A
-    /// chunk is one statement: one that a killed (or stopped) run had sent
-    /// still commits after the process is gone, so counts are read after.
-    async fn settle(&self) {
-        common::wait_until(
-            Duration::from_secs(30),
-            "the rotation's sessions to end",
-            || async {
-                let left: i64 = sqlx::query_scalar(
+/// Waits until no session of the binary is left working on the database.
+/// A chunk is one statement: one that a killed (or stopped) run had sent
+/// still commits after the process is gone, so counts are read after.
+/// (The fixture's owner store is a `pii-vault` session too, idle between
+/// the test's own queries: only sessions running a statement count.)
+async fn settle(app: &TestApp) {
+    common::wait_until(
+        Duration::from_secs(30),
+        "the rotation's sessions to end",
+        || async {
+            let left = app
+                .scalar(
                     "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND application_name = 'pii-vault'",
+                     WHERE datname = current_database() AND application_name = 'pii-vault' \
+                       AND state <> 'idle' AND pid <> pg_backend_pid()",
                 )
-                .fetch_one(&self.pool)
-                .await
-                .unwrap();
-                (left == 0).then_some(())
-            },
-        )
+                .await;
+            (left == 0).then_some(())
+        },
+    )
+    .await
+}
+
+/// Rows the open job's ranges have done, once its sessions are gone.
+async fn settled_rows_done(app: &TestApp) -> i64 {
+    settle(app).await;
+    rows_done(app).await
+}
+
+/// Rows the open job's ranges say are done.
+async fn rows_done(app: &TestApp) -> i64 {
+    app.scalar(
+        "SELECT coalesce(sum(r.rows_done), 0)::bigint FROM rotation_ranges r \
+         JOIN rotation_jobs j ON j.id = r.job_id WHERE j.finished_at IS NULL",
+    )
+    .await
+}
+
+async fn open_jobs(app: &TestApp) -> i64 {
+    app.scalar("SELECT count(*) FROM rotation_jobs WHERE finished_at IS NULL")
         .await
-    }
+}
 
-    /// Rows the open job's ranges have done, once its sessions are gone.
-    async fn settled_rows_done(&self) -> i64 {
-        self.settle().await;
-        self.rows_done().await
-    }
-
-    async fn rows_done(&self) -> i64 {
-        self.scalar(
-            "SELECT coalesce(sum(r.rows_done), 0)::bigint FROM rotation_ranges r \
-             JOIN rotation_jobs j ON j.id = r.job_id WHERE j.finished_at IS NULL",
-        )
-        .await
-    }
-
-    async fn open_jobs(&self) -> i64 {
-        self.scalar("SELECT count(*) FROM rotation_jobs WHERE finished_at IS NULL")
-            .await
-    }
-
-    /// Reveals every user of `input`; checks originals and token consistency
-    /// like [`check_reveals`]; returns the token versions seen.
-    fn check_reveals(&self, input: &str) -> std::collections::HashSet<String> {
-        reveal_and_check(input, |args| {
-            let out = self.run(args, &[]);
-            assert!(
-                out.status.success(),
-                "reveal: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            out
-        })
-        .1
-    }
-
-    async fn finish(self) {
-        self.pool.close().await;
-        self.db.drop_database().await;
-    }
+/// The token versions [`reveal_and_check`] saw.
+fn versions_revealed(app: &TestApp, input: &str) -> std::collections::HashSet<String> {
+    reveal_and_check(app, input).1
 }
 
 fn big_events(seed: u64, n: usize) -> String {
@@ -702,17 +563,20 @@ fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }
 
-/// The number in "re-encrypted N row(s)" / "re-tokenised N login(s)".
+/// The number in "re-encrypted N row(s)" / "re-tokenised N login(s)": the
+/// first `word` followed by a number (pii-vault's debug lines, which every
+/// run logs, name the word too, without one).
 fn count_after(stderr: &str, word: &str) -> i64 {
-    let at = stderr
-        .find(word)
-        .unwrap_or_else(|| panic!("no '{word}' in: {stderr}"));
-    stderr[at + word.len()..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+    stderr
+        .match_indices(word)
+        .find_map(|(at, _)| {
+            stderr[at + word.len()..]
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no '{word} N' in: {stderr}"))
 }
 
 /// A data-key rotation stopped after a few chunks, then SIGKILLed in the
@@ -723,7 +587,7 @@ fn count_after(stderr: &str, word: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_data_key_rotation_resumes_where_it_stopped() {
     let input = big_events(31, 6000);
-    let Some(pg) = PgLoaded::new(&input).await else {
+    let Some(pg) = loaded(&input).await else {
         return;
     };
     let total = pg.scalar("SELECT count(*) FROM vault").await;
@@ -733,18 +597,22 @@ async fn a_killed_data_key_rotation_resumes_where_it_stopped() {
         .await;
 
     // 1. Stopped by the test hook after 3 chunks of 100 rows.
-    let out = pg.run(
-        &["rotate", "data-keys", "--jobs", "2", "--chunk-rows", "100"],
-        &[("PII_VAULT_TEST_STOP_AFTER_CHUNKS", "3")],
-    );
+    let out = pg.bin().env("PII_VAULT_TEST_STOP_AFTER_CHUNKS", "3").run(&[
+        "rotate",
+        "data-keys",
+        "--jobs",
+        "2",
+        "--chunk-rows",
+        "100",
+    ]);
     assert!(!out.status.success());
     assert!(
         stderr_of(&out).contains("stopped after"),
         "{}",
         stderr_of(&out)
     );
-    assert_eq!(pg.open_jobs().await, 1);
-    let done1 = pg.settled_rows_done().await;
+    assert_eq!(open_jobs(&pg).await, 1);
+    let done1 = settled_rows_done(&pg).await;
     assert!(
         (300..=400).contains(&done1),
         "rows done after 3 chunks: {done1}"
@@ -754,26 +622,26 @@ async fn a_killed_data_key_rotation_resumes_where_it_stopped() {
         .await;
     let under_first: i64 = sqlx::query_scalar("SELECT count(*) FROM vault WHERE key_id = ANY($1)")
         .bind(&first_keys)
-        .fetch_one(&pg.pool)
+        .fetch_one(pg.pool())
         .await
         .unwrap();
     assert_eq!(under_first, done1, "each committed chunk moved its cursor");
 
     // 2. A real SIGKILL once it has made progress of its own.
-    let killed = pg
-        .kill_once_done(
-            &["rotate", "data-keys", "--jobs", "2", "--chunk-rows", "50"],
-            done1 + 500,
-        )
-        .await;
+    let killed = kill_once_done(
+        &pg,
+        &["rotate", "data-keys", "--jobs", "2", "--chunk-rows", "50"],
+        done1 + 500,
+    )
+    .await;
     assert!(!killed.status.success());
     assert!(
         stderr_of(&killed).contains("resuming rotate-data-keys job"),
         "{}",
         stderr_of(&killed)
     );
-    assert_eq!(pg.open_jobs().await, 1, "the killed job stays open");
-    let done2 = pg.settled_rows_done().await;
+    assert_eq!(open_jobs(&pg).await, 1, "the killed job stays open");
+    let done2 = settled_rows_done(&pg).await;
     assert!(done2 < total, "killed before the end: {done2}");
 
     // 3. The rerun finishes the rest, and only the rest.
@@ -781,25 +649,25 @@ async fn a_killed_data_key_rotation_resumes_where_it_stopped() {
     assert!(stderr.contains("resuming rotate-data-keys job"), "{stderr}");
     let resealed = count_after(&stderr, "re-encrypted");
     assert_eq!(done2 + resealed, total, "{stderr}");
-    assert_eq!(pg.open_jobs().await, 0);
+    assert_eq!(open_jobs(&pg).await, 0);
 
     // The first run's rows were not re-sealed again by the later runs.
     let still_first: i64 = sqlx::query_scalar("SELECT count(*) FROM vault WHERE key_id = ANY($1)")
         .bind(&first_keys)
-        .fetch_one(&pg.pool)
+        .fetch_one(pg.pool())
         .await
         .unwrap();
     assert_eq!(still_first, done1);
     let under_old: i64 = sqlx::query_scalar("SELECT count(*) FROM vault WHERE key_id = ANY($1)")
         .bind(&old)
-        .fetch_one(&pg.pool)
+        .fetch_one(pg.pool())
         .await
         .unwrap();
     assert_eq!(under_old, 0);
     let old_states: Vec<String> =
         sqlx::query_scalar("SELECT DISTINCT state FROM vault_keys WHERE id = ANY($1)")
             .bind(&old)
-            .fetch_all(&pg.pool)
+            .fetch_all(pg.pool())
             .await
             .unwrap();
     assert_eq!(old_states, ["destroyed"]);
@@ -811,7 +679,7 @@ async fn a_killed_data_key_rotation_resumes_where_it_stopped() {
         0,
         "no row under a destroyed key"
     );
-    assert_eq!(pg.check_reveals(&input).len(), 1);
+    assert_eq!(versions_revealed(&pg, &input).len(), 1);
     pg.finish().await;
 }
 
@@ -821,7 +689,7 @@ async fn a_killed_data_key_rotation_resumes_where_it_stopped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_token_key_rotation_keeps_its_version_and_resumes() {
     let input = big_events(32, 6000);
-    let Some(pg) = PgLoaded::new(&input).await else {
+    let Some(pg) = loaded(&input).await else {
         return;
     };
     let total = pg.scalar("SELECT count(*) FROM user_logins").await;
@@ -832,10 +700,10 @@ async fn a_killed_token_key_rotation_keeps_its_version_and_resumes() {
     assert_eq!(versions().await, ["1:active"]);
 
     for stop in ["2", "3"] {
-        let out = pg.run(
-            &["rotate", "token-key", "--jobs", "3", "--chunk-rows", "100"],
-            &[("PII_VAULT_TEST_STOP_AFTER_CHUNKS", stop)],
-        );
+        let out = pg
+            .bin()
+            .env("PII_VAULT_TEST_STOP_AFTER_CHUNKS", stop)
+            .run(&["rotate", "token-key", "--jobs", "3", "--chunk-rows", "100"]);
         assert!(!out.status.success());
         assert!(
             stderr_of(&out).contains("stopped after"),
@@ -850,7 +718,7 @@ async fn a_killed_token_key_rotation_keeps_its_version_and_resumes() {
     }
     // 2 + 3 chunks of 100, and at most one more per other range of each
     // run (the ranges run on their own tasks).
-    let done1 = pg.settled_rows_done().await;
+    let done1 = settled_rows_done(&pg).await;
     assert!((500..=900).contains(&done1), "{done1}");
     assert_eq!(
         pg.scalar("SELECT count(*) FROM user_logins WHERE masked_ip LIKE 't2\\_%'")
@@ -858,15 +726,15 @@ async fn a_killed_token_key_rotation_keeps_its_version_and_resumes() {
         done1
     );
 
-    let killed = pg
-        .kill_once_done(
-            &["rotate", "token-key", "--jobs", "2", "--chunk-rows", "50"],
-            done1 + 500,
-        )
-        .await;
+    let killed = kill_once_done(
+        &pg,
+        &["rotate", "token-key", "--jobs", "2", "--chunk-rows", "50"],
+        done1 + 500,
+    )
+    .await;
     assert!(stderr_of(&killed).contains("resuming rotate-token-key job"));
     assert_eq!(versions().await, ["1:retired", "2:active"]);
-    let done2 = pg.settled_rows_done().await;
+    let done2 = settled_rows_done(&pg).await;
     assert!(done2 < total);
 
     let stderr = pg.ok(&["rotate", "token-key"]);
@@ -883,18 +751,18 @@ async fn a_killed_token_key_rotation_keeps_its_version_and_resumes() {
             .await,
         0
     );
-    assert_eq!(pg.open_jobs().await, 0);
-    assert_eq!(pg.check_reveals(&input), ["t2".to_string()].into());
+    assert_eq!(open_jobs(&pg).await, 0);
+    assert_eq!(versions_revealed(&pg, &input), ["t2".to_string()].into());
     pg.finish().await;
 }
 
 /// How the tokens group the rows: what a token rotation must keep.
-async fn token_shape(pg: &PgLoaded) -> (i64, i64, i64, i64) {
+async fn token_shape(pg: &TestApp) -> (i64, i64, i64, i64) {
     sqlx::query_as(
         "SELECT count(*), count(DISTINCT masked_ip), count(DISTINCT masked_device_id), \
          count(DISTINCT (user_id, masked_ip, masked_device_id)) FROM user_logins",
     )
-    .fetch_one(&pg.pool)
+    .fetch_one(pg.pool())
     .await
     .unwrap()
 }
@@ -907,10 +775,10 @@ async fn token_shape(pg: &PgLoaded) -> (i64, i64, i64, i64) {
 async fn parallel_ranges_match_one_range_while_a_worker_writes() {
     let first = big_events(41, 3000);
     let later = big_events(42, 1500);
-    let Some(one) = PgLoaded::new(&first).await else {
+    let Some(one) = loaded(&first).await else {
         return;
     };
-    let four = PgLoaded::new(&first).await.unwrap();
+    let four = loaded(&first).await.unwrap();
     let before = token_shape(&one).await;
     assert_eq!(before, token_shape(&four).await);
 
@@ -934,13 +802,13 @@ async fn parallel_ranges_match_one_range_while_a_worker_writes() {
         5,
         "four vault ranges and the quarantine"
     );
-    one.check_reveals(&first);
-    four.check_reveals(&first);
+    versions_revealed(&one, &first);
+    versions_revealed(&four, &first);
     one.finish().await;
 
     // Online: a worker feeds more events while both rotations run.
     let name = "later.jsonl";
-    std::fs::write(four.dir.path().join(name), &later).unwrap();
+    std::fs::write(four.path(name), &later).unwrap();
     let worker = four
         .command(&[
             "run",
@@ -968,7 +836,7 @@ async fn parallel_ranges_match_one_range_while_a_worker_writes() {
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert_eq!(four.scalar("SELECT count(*) FROM user_logins").await, 4500);
     let all = first.clone() + &later;
-    assert_eq!(four.check_reveals(&all), ["t3".to_string()].into());
+    assert_eq!(versions_revealed(&four, &all), ["t3".to_string()].into());
     assert_eq!(
         four.scalar(
             "SELECT count(*) FROM vault v JOIN vault_keys k ON k.id = v.key_id WHERE k.state = 'destroyed'"
@@ -983,25 +851,18 @@ async fn parallel_ranges_match_one_range_while_a_worker_writes() {
 /// stopped halfway and run again keeps its version and finishes the rest.
 #[tokio::test]
 async fn an_interrupted_rotation_resumes_on_the_embedded_default() {
-    let dir = tempfile::tempdir().unwrap();
-    cmd(
-        dir.path(),
-        &["policy", "set", "--max-reveals-per-day", "100000"],
-    );
+    let app = TestApp::embedded();
+    app.ok_output(&["policy", "set", "--max-reveals-per-day", "100000"]);
     let input = events(51, 600);
-    std::fs::write(dir.path().join("in.jsonl"), &input).unwrap();
-    cmd(dir.path(), &["run", "--from-file", "in.jsonl"]);
+    app.write("in.jsonl", &input);
+    app.ok_output(&["run", "--from-file", "in.jsonl"]);
     for kind in ["token-key", "data-keys"] {
-        let out = Command::new(common::bin())
-            .args(["rotate", kind, "--chunk-rows", "100"])
-            .current_dir(dir.path())
-            .env_remove("DATABASE_URL")
-            .env_remove("PII_VAULT_KMS_KEY_ID")
+        let out = app
+            .bin()
             .env("PII_VAULT_TEST_STOP_AFTER_CHUNKS", "2")
-            .output()
-            .unwrap();
+            .run(&["rotate", kind, "--chunk-rows", "100"]);
         assert!(!out.status.success(), "{kind} stops");
-        let again = cmd(dir.path(), &["rotate", kind, "--chunk-rows", "100"]);
+        let again = app.ok_output(&["rotate", kind, "--chunk-rows", "100"]);
         let stderr = String::from_utf8_lossy(&again.stderr).to_string();
         assert!(
             stderr.contains(&format!("resuming rotate-{kind} job")),
@@ -1014,14 +875,7 @@ async fn an_interrupted_rotation_resumes_on_the_embedded_default() {
         };
         assert_eq!(count_after(&stderr, word), 400, "{stderr}");
     }
-    let db = SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect(&format!(
-            "sqlite:{}",
-            dir.path().join("pii-vault.db").display()
-        ))
-        .await
-        .unwrap();
+    let db = app.sqlite().await;
     let versions: Vec<(i64, String)> = sqlx::query_as(
         "SELECT version, state FROM vault_keys WHERE purpose = 'token' ORDER BY version",
     )
@@ -1034,5 +888,5 @@ async fn an_interrupted_rotation_resumes_on_the_embedded_default() {
         "one new token version"
     );
     db.close().await;
-    assert_eq!(check_reveals(dir.path(), &input), 600);
+    assert_eq!(check_reveals(&app, &input), 600);
 }

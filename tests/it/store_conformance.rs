@@ -7,6 +7,7 @@
 //! The store never decrypts, so nonces and ciphertexts are random bytes: what
 //! matters is that each comes back attached to the right row.
 
+use crate::common::app::TestApp;
 use crate::common::seed::Owner;
 use crate::common::{self, pg};
 
@@ -23,13 +24,21 @@ use pii_vault::store::{
 use rand::RngCore;
 use sqlx::{PgPool, SqlitePool};
 
-/// A store under test plus a raw connection to its database, for the few
-/// checks that need SQL outside the trait (row counts, tampering attempts).
+/// A store under test, as `dyn Store`, plus a raw connection to its
+/// database for the few checks that need SQL outside the trait (row
+/// counts, tampering attempts).
+///
+/// Why this stays beside [`TestApp`]: every check here is one function over
+/// `dyn Store` run on both backends, so it needs the store as a trait
+/// object, and raw SQL on whichever pool is under it. The fixture gives
+/// each flavour typed for its backend (the Postgres owner's `PgStore`, or
+/// the embedded directory); `Harness` is only that pair on top of it: the
+/// database, its migration and its cleanup are the fixture's.
 struct Harness {
+    app: TestApp,
     store: Arc<dyn Store>,
     url: String,
     raw: Raw,
-    cleanup: Cleanup,
 }
 
 enum Raw {
@@ -51,51 +60,41 @@ impl OwnerPool {
     }
 }
 
-enum Cleanup {
-    Sqlite(#[allow(dead_code)] tempfile::TempDir),
-    Pg(pg::FreshDb),
-}
-
 impl Harness {
+    /// The embedded fixture's SQLite file, migrated by a `SqliteStore`.
     async fn sqlite() -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite:{}", dir.path().join("store.db").display());
+        let app = TestApp::embedded();
+        let url = app.sqlite_url();
         let store = SqliteStore::connect(&url).await.unwrap();
         store.migrate().await.unwrap();
         Owner::Sqlite(store.pool()).allow_kek(KEK).await;
         let raw = Raw::Sqlite(store.pool().clone());
         Harness {
+            app,
             store: Arc::new(store),
             url,
             raw,
-            cleanup: Cleanup::Sqlite(dir),
         }
     }
 
-    /// `None` (skip) without a test cluster.
+    /// The Postgres fixture's owner store; `None` (skip) without a test
+    /// cluster.
     async fn postgres() -> Option<Harness> {
-        let admin = common::service_env("PII_VAULT_TEST_PG")?;
-        let db = pg::FreshDb::create(&admin).await;
-        let store = PgStore::connect(&db.url).await.unwrap();
-        store.migrate().await.unwrap();
-        Owner::Pg(store.pool()).allow_kek(KEK).await;
-        let raw = Raw::Pg(store.pool().clone());
+        let app = TestApp::postgres().await?;
+        Owner::Pg(app.pool()).allow_kek(KEK).await;
         Some(Harness {
-            store: Arc::new(store),
-            url: db.url.clone(),
-            raw,
-            cleanup: Cleanup::Pg(db),
+            store: app.owner_arc(),
+            url: app.url().to_string(),
+            raw: Raw::Pg(app.pool().clone()),
+            app,
         })
     }
 
     async fn finish(self) {
-        match &self.raw {
-            Raw::Sqlite(p) => p.close().await,
-            Raw::Pg(p) => p.close().await,
+        if let Raw::Sqlite(p) = &self.raw {
+            p.close().await;
         }
-        if let Cleanup::Pg(db) = self.cleanup {
-            db.drop_database().await;
-        }
+        self.app.finish().await;
     }
 
     async fn exec(&self, sql: &str) -> Result<u64, sqlx::Error> {

@@ -10,10 +10,10 @@
 //! Fails when `PII_VAULT_TEST_PG` or `PII_VAULT_TEST_PG_CA` is unset (skips
 //! under `PII_VAULT_SKIP_SERVICES=1`).
 
-use crate::common::{self, pg};
+use crate::common::{self, app::TestApp};
 
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use pii_vault::store::postgres::PgStore;
@@ -67,22 +67,17 @@ async fn session_is_tls(store: &PgStore) -> bool {
         .expect("pg_stat_ssl")
 }
 
-/// `pii-vault --database-url URL migrate`, run in `dir` with nothing from
-/// this process's environment that pii-vault (or libpq-style defaults in
-/// sqlx) would read; bounded in time.
-async fn migrate_with_binary(dir: &Path, url: &Url) -> Output {
-    let mut cmd = tokio::process::Command::new(common::bin());
-    cmd.args(["--database-url", url.as_str(), "migrate"])
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    for (name, _) in std::env::vars_os() {
-        let name_str = name.to_string_lossy();
-        if name_str.starts_with("PII_VAULT_") || name_str.starts_with("PG") {
-            cmd.env_remove(&name);
-        }
-    }
-    cmd.env_remove("DATABASE_URL").env_remove("RUST_LOG");
+/// `pii-vault --database-url URL migrate`, run by the fixture (whose
+/// environment policy removes whatever of this process's environment
+/// pii-vault, or libpq-style defaults in sqlx, would read; its
+/// `DATABASE_URL` is `url` too, so no other database is named anywhere);
+/// bounded in time.
+async fn migrate_with_binary(app: &TestApp, url: &Url) -> Output {
+    let mut cmd = app.bin().env("DATABASE_URL", url.as_str()).tokio_command(&[
+        "--database-url",
+        url.as_str(),
+        "migrate",
+    ]);
     tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await
         .expect("pii-vault migrate finished within 60 s")
@@ -157,9 +152,9 @@ async fn verify_full_with_the_cluster_ca_and_host_localhost_connects_over_tls() 
     let Some((admin, ca)) = services() else {
         return;
     };
-    let db = pg::FreshDb::create(&admin).await;
+    let app = TestApp::postgres_on(&admin).await;
     let url = tls_url(
-        &db.url,
+        app.url(),
         "localhost",
         &[("sslmode", "verify-full"), ("sslrootcert", path_str(&ca))],
     );
@@ -170,14 +165,13 @@ async fn verify_full_with_the_cluster_ca_and_host_localhost_connects_over_tls() 
     assert!(session_is_tls(&store).await, "the session is not TLS");
     store.pool().close().await;
 
-    let dir = tempfile::tempdir().unwrap();
     // verify-full cannot succeed without TLS: sqlx refuses a server that
     // declines it.
     assert_migrated(
-        &migrate_with_binary(dir.path(), &url).await,
+        &migrate_with_binary(&app, &url).await,
         "verify-full, localhost",
     );
-    db.drop_database().await;
+    app.finish().await;
 }
 
 #[tokio::test]
@@ -185,8 +179,8 @@ async fn require_connects_over_tls_and_disable_does_not() {
     let Some((admin, _)) = services() else {
         return;
     };
-    let db = pg::FreshDb::create(&admin).await;
-    let require = tls_url(&db.url, "127.0.0.1", &[("sslmode", "require")]);
+    let app = TestApp::postgres_on(&admin).await;
+    let require = tls_url(app.url(), "127.0.0.1", &[("sslmode", "require")]);
     let store = PgStore::connect(require.as_str())
         .await
         .unwrap_or_else(|e| panic!("sslmode=require: {e}"));
@@ -194,17 +188,16 @@ async fn require_connects_over_tls_and_disable_does_not() {
     store.pool().close().await;
 
     // The control: the same query tells a plain session apart.
-    let disable = tls_url(&db.url, "127.0.0.1", &[("sslmode", "disable")]);
+    let disable = tls_url(app.url(), "127.0.0.1", &[("sslmode", "disable")]);
     let plain = PgStore::connect(disable.as_str()).await.unwrap();
     assert!(!session_is_tls(&plain).await, "sslmode=disable is TLS");
     plain.pool().close().await;
 
-    let dir = tempfile::tempdir().unwrap();
     assert_migrated(
-        &migrate_with_binary(dir.path(), &require).await,
+        &migrate_with_binary(&app, &require).await,
         "sslmode=require",
     );
-    db.drop_database().await;
+    app.finish().await;
 }
 
 #[tokio::test]
@@ -212,10 +205,10 @@ async fn verify_full_refuses_a_host_name_the_certificate_does_not_name() {
     let Some((admin, ca)) = services() else {
         return;
     };
-    let db = pg::FreshDb::create(&admin).await;
+    let app = TestApp::postgres_on(&admin).await;
     // The certificate names localhost only, not 127.0.0.1.
     let url = tls_url(
-        &db.url,
+        app.url(),
         "127.0.0.1",
         &[("sslmode", "verify-full"), ("sslrootcert", path_str(&ca))],
     );
@@ -223,12 +216,11 @@ async fn verify_full_refuses_a_host_name_the_certificate_does_not_name() {
         Ok(_) => panic!("verify-full accepted a certificate for another name"),
         Err(e) => eprintln!("refused as expected: {e}"),
     }
-    let dir = tempfile::tempdir().unwrap();
     let started = Instant::now();
-    let out = migrate_with_binary(dir.path(), &url).await;
+    let out = migrate_with_binary(&app, &url).await;
     assert_refused(&out, started, "verify-full, 127.0.0.1");
 
-    db.drop_database().await;
+    app.finish().await;
 }
 
 /// verify-ca checks the chain against the CA. (It is meant to skip the
@@ -240,9 +232,9 @@ async fn verify_ca_with_the_cluster_ca_connects_over_tls() {
     let Some((admin, ca)) = services() else {
         return;
     };
-    let db = pg::FreshDb::create(&admin).await;
+    let app = TestApp::postgres_on(&admin).await;
     let url = tls_url(
-        &db.url,
+        app.url(),
         "localhost",
         &[("sslmode", "verify-ca"), ("sslrootcert", path_str(&ca))],
     );
@@ -251,9 +243,8 @@ async fn verify_ca_with_the_cluster_ca_connects_over_tls() {
         .unwrap_or_else(|e| panic!("verify-ca: {e}"));
     assert!(session_is_tls(&store).await, "the session is not TLS");
     store.pool().close().await;
-    let dir = tempfile::tempdir().unwrap();
-    assert_migrated(&migrate_with_binary(dir.path(), &url).await, "verify-ca");
-    db.drop_database().await;
+    assert_migrated(&migrate_with_binary(&app, &url).await, "verify-ca");
+    app.finish().await;
 }
 
 #[tokio::test]
@@ -261,12 +252,11 @@ async fn verify_ca_and_verify_full_refuse_a_server_signed_by_another_ca() {
     let Some((admin, _)) = services() else {
         return;
     };
-    let db = pg::FreshDb::create(&admin).await;
-    let dir = tempfile::tempdir().unwrap();
-    let other = another_ca(dir.path());
+    let app = TestApp::postgres_on(&admin).await;
+    let other = another_ca(app.dir());
     for mode in ["verify-ca", "verify-full"] {
         let url = tls_url(
-            &db.url,
+            app.url(),
             "localhost",
             &[("sslmode", mode), ("sslrootcert", path_str(&other))],
         );
@@ -274,10 +264,10 @@ async fn verify_ca_and_verify_full_refuse_a_server_signed_by_another_ca() {
             panic!("{mode} accepted a server certificate of another CA");
         }
         let started = Instant::now();
-        let out = migrate_with_binary(dir.path(), &url).await;
+        let out = migrate_with_binary(&app, &url).await;
         assert_refused(&out, started, mode);
     }
-    db.drop_database().await;
+    app.finish().await;
 }
 
 #[tokio::test]
@@ -285,9 +275,8 @@ async fn a_refused_certificate_is_reported_as_such_without_the_password() {
     let Some((admin, ca)) = services() else {
         return;
     };
-    let db = pg::FreshDb::create(&admin).await;
-    let dir = tempfile::tempdir().unwrap();
-    let other = another_ca(dir.path());
+    let app = TestApp::postgres_on(&admin).await;
+    let other = another_ca(app.dir());
     // Trust authentication ignores the password; it is there to be looked
     // for in the output.
     const PASSWORD: &str = "pw-4f1c9e07b2";
@@ -296,7 +285,7 @@ async fn a_refused_certificate_is_reported_as_such_without_the_password() {
         ("a certificate of another CA", "localhost", &other),
     ] {
         let mut url = tls_url(
-            &db.url,
+            app.url(),
             host,
             &[("sslmode", "verify-full"), ("sslrootcert", path_str(root))],
         );
@@ -322,7 +311,7 @@ async fn a_refused_certificate_is_reported_as_such_without_the_password() {
         );
 
         let started = Instant::now();
-        let out = migrate_with_binary(dir.path(), &url).await;
+        let out = migrate_with_binary(&app, &url).await;
         assert_refused(&out, started, what);
         let err = stderr(&out);
         assert!(
@@ -335,7 +324,7 @@ async fn a_refused_certificate_is_reported_as_such_without_the_password() {
             "{what}: pii-vault printed the password:\n{err}"
         );
     }
-    db.drop_database().await;
+    app.finish().await;
 }
 
 #[test]

@@ -46,6 +46,30 @@ pub async fn create_queue(sqs: &SqsClient) -> String {
     resp.queue_url.expect("CreateQueue returned a queue URL")
 }
 
+/// A fresh queue and the client that reaches it.
+pub struct Queue {
+    pub sqs: SqsClient,
+    pub url: String,
+}
+
+impl Queue {
+    pub async fn create() -> Queue {
+        let sqs = sqs().await;
+        let url = create_queue(&sqs).await;
+        Queue { sqs, url }
+    }
+
+    /// Sends `bodies` ([`send_all`]).
+    pub async fn send(&self, bodies: &[String]) {
+        send_all(&self.sqs, &self.url, bodies).await;
+    }
+
+    /// `(visible, in flight)` messages ([`queue_counts`]).
+    pub async fn counts(&self) -> (u64, u64) {
+        queue_counts(&self.sqs, &self.url).await
+    }
+}
+
 /// A fresh symmetric KMS key; returns `(key id, key ARN)`.
 pub async fn create_key(kms: &KmsClient) -> (String, String) {
     let resp = kms

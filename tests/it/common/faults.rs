@@ -1,11 +1,8 @@
-//! Helpers for the fault tests (`tests/faults.rs`): a private PostgreSQL
-//! cluster that a test may stop and start without disturbing the shared one,
-//! a TCP proxy that can cut the worker off from LocalStack, worker processes
-//! whose output is captured while they run, and the checks every fault test
-//! ends with.
-//!
-//! Included with `#[path = "common/faults.rs"] mod faults_helpers;`, next to
-//! `mod common;`, which it uses (`common::bin`, `common::raw_pii`).
+//! Helpers for the fault tests (`faults.rs`): a private PostgreSQL cluster
+//! that a test may stop and start without disturbing the shared one, a TCP
+//! proxy that can cut the worker off from LocalStack, worker processes
+//! (started from the fixture's command) whose output is captured while they
+//! run, and what the checks every fault test ends with read.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -331,6 +328,16 @@ pub fn gen_events(n: usize, seed: u64) -> Events {
     }
 }
 
+impl Events {
+    pub fn valid_count(&self) -> i64 {
+        self.valid.len() as i64
+    }
+
+    pub fn malformed_count(&self) -> i64 {
+        self.malformed as i64
+    }
+}
+
 // ------------------------------------------------------------------ workers
 
 /// A `pii-vault` process whose stdout and stderr are collected while it runs.
@@ -342,32 +349,15 @@ pub struct Worker {
     readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// The environment every worker process gets: only what the test gives it.
-pub fn worker_command(database_url: &str, kms_key_id: &str, dir: &Path) -> Command {
-    let mut cmd = Command::new(crate::common::bin());
-    cmd.current_dir(dir)
-        .env_remove("PII_VAULT_QUEUE_URL")
-        .env_remove("PII_VAULT_VISIBILITY_TIMEOUT")
-        .env_remove("PII_VAULT_METRICS_ADDR")
-        .env_remove("PII_VAULT_CONCURRENCY")
-        .env_remove("PII_VAULT_BATCH_SIZE")
-        .env_remove("PII_VAULT_LOG_FORMAT")
-        .env("DATABASE_URL", database_url)
-        .env("PII_VAULT_KMS_KEY_ID", kms_key_id)
-        // The product's own debug lines (where a value could slip into a
-        // log), without the AWS SDK's per-request chatter (megabytes, and
-        // no message bodies below trace level).
-        .env("PII_VAULT_LOG", "info,pii_vault=debug,sqlx=warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    cmd
-}
-
 impl Worker {
+    /// Starts `cmd` (the fixture's `Bin::tokio_command`, killed on drop)
+    /// with its stdout and stderr piped into the collected output.
     pub fn spawn(name: &str, mut cmd: Command) -> Worker {
-        let mut child = cmd.spawn().expect("spawn pii-vault");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn pii-vault");
         let output = Arc::new(Mutex::new(Vec::new()));
         let mut readers = Vec::new();
         let out = child.stdout.take().unwrap();
@@ -486,24 +476,6 @@ impl Drop for Worker {
             }
         }
     }
-}
-
-/// Runs `pii-vault migrate` against `database_url`, with the KMS key the
-/// workers will use (it allow-lists it and creates the keys under it).
-pub async fn migrate(database_url: &str, dir: &Path, kms_key_id: &str) {
-    let out = Command::new(crate::common::bin())
-        .arg("migrate")
-        .current_dir(dir)
-        .env("DATABASE_URL", database_url)
-        .env("PII_VAULT_KMS_KEY_ID", kms_key_id)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pii-vault migrate: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 // ------------------------------------------------------------------ metrics

@@ -1,4 +1,6 @@
-//! Shared helpers for integration tests.
+//! Shared helpers for integration tests. The fixture every test starts
+//! from (a database with role logins, the binary's runner) is
+//! [`app::TestApp`].
 //!
 //! Services come from the environment that `scripts/test.sh` sets up:
 //! - `PII_VAULT_TEST_PG`: admin URL of a throwaway Postgres cluster
@@ -10,6 +12,7 @@
 //!   (by default they fail, so a run without services cannot pass quietly).
 #![allow(dead_code)]
 
+pub mod app;
 pub mod aws;
 pub mod faults;
 pub mod pg;
@@ -18,7 +21,8 @@ pub mod seed;
 
 use std::path::PathBuf;
 
-/// The built binary under test.
+/// The built binary under test. Tests run it through
+/// [`app::TestApp`] / [`app::Bin`], which set its environment.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pii-vault"))
 }

@@ -1,16 +1,15 @@
-//! Helpers for the production scenarios of `tests/production.rs`: the real
-//! binary against Postgres and LocalStack (SQS + KMS), driven the way an
-//! operator would drive it (environment variables, `migrate` first, workers
-//! as separate processes, signals to stop them).
-//!
-//! Included with `#[path = "common/production.rs"] mod prod;` next to
-//! `mod common;` and `#[path = "common/aws.rs"] mod aws_helpers;`, whose
-//! helpers it uses.
+//! Helpers for the production scenarios of `production.rs` and
+//! `roles_e2e.rs`: the real binary against Postgres and LocalStack (SQS +
+//! KMS), driven the way an operator would drive it (environment variables,
+//! `migrate` first, workers as separate processes, signals to stop them).
+//! The commands are the fixture's ([`crate::common::app::Bin::tokio_command`]);
+//! these run them within a time limit, keep a daemon's output in files,
+//! feed SQS while they run, and check dumps and outputs for leaks.
 #![allow(dead_code)]
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::Duration;
 
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
@@ -34,32 +33,6 @@ pub fn services() -> Option<(String, String)> {
         );
     }
     Some((pg, aws))
-}
-
-/// Log filter for every process a scenario starts: all of pii-vault's own
-/// lines down to debug (so the leak checks see them), the default for the
-/// libraries.
-pub const LOG_FILTER: &str =
-    "info,pii_vault=debug,sqlx=warn,aws_config=warn,aws_smithy_runtime=warn";
-
-/// A `pii-vault` command configured through the environment only, as a
-/// deployment would: `DATABASE_URL` and `PII_VAULT_KMS_KEY_ID`. Nothing from
-/// the test runner's own environment that pii-vault reads leaks in.
-pub fn pii_vault(dir: &Path, database_url: &str, kms_key_id: &str, args: &[&str]) -> Command {
-    let mut c = Command::new(crate::common::bin());
-    c.args(args).current_dir(dir);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("PII_VAULT_") {
-            c.env_remove(name);
-        }
-    }
-    c.env_remove("RUST_LOG")
-        .env("DATABASE_URL", database_url)
-        .env("PII_VAULT_KMS_KEY_ID", kms_key_id)
-        .env("PII_VAULT_LOG", LOG_FILTER)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    c
 }
 
 /// What a finished command printed.
