@@ -9,7 +9,7 @@
 -- * a function's REVOKE and GRANT stand beside it; a function granted to
 --   nobody is called by other functions (SECURITY DEFINER) or triggers;
 -- * every function is SECURITY DEFINER with search_path fixed to the
---   schema and pg_temp last (tests/it/roles.rs reads pg_proc to check it);
+--   schema and pg_temp last (tests/it/roles/catalogue.rs reads pg_proc to check it);
 -- * a signature change needs a versioned migration that drops the old one
 --   first; versioned migrations never call these functions.
 --
