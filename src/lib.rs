@@ -41,4 +41,5 @@ pub mod rotation;
 pub mod source;
 pub mod store;
 pub mod telemetry;
+pub mod trail;
 pub mod vault;
