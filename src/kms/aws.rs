@@ -5,15 +5,23 @@
 //! KMS. Every call carries the encryption context `purpose=pii-vault:vault`
 //! or `purpose=pii-vault:token`, which KMS binds into the ciphertext and key
 //! policies can match on (see `keys/`).
+//!
+//! [`AwsSigner`]: an asymmetric key (`ECC_NIST_P256`, `SIGN_VERIFY`) that
+//! signs audit checkpoints with `Sign`; `GetPublicKey` hands out the public
+//! half that auditors verify with, offline.
 
 use async_trait::async_trait;
 use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
-use aws_sdk_kms::types::{DataKeySpec, KeyState};
+use aws_sdk_kms::types::KeyMetadata;
+use aws_sdk_kms::types::{
+    DataKeySpec, KeySpec, KeyState, KeyUsageType, MessageType, SigningAlgorithmSpec,
+};
 use aws_sdk_kms::Client;
 use zeroize::Zeroize;
 
 use crate::crypto::envelope::{KeyMaterial, KeyPurpose, KeyWrapper, WrapError, WrappedKey};
+use crate::crypto::signing::{Algorithm, Signer, VerifyingKey};
 
 /// The longest one attempt of a KMS call may take. The SDK sets no such
 /// limit by default, so a connection that goes silent (a network partition,
@@ -33,18 +41,8 @@ impl AwsKms {
     /// Resolves `key_id` (id, ARN or `alias/…`) to its ARN and checks that it
     /// is enabled, so a wrong id or a missing permission is one clear error.
     pub async fn connect(key_id: &str) -> Result<Self, WrapError> {
-        let conf = aws_config::load_from_env().await;
-        let client = Client::from_conf(
-            aws_sdk_kms::config::Builder::from(&conf)
-                .timeout_config(
-                    aws_sdk_kms::config::timeout::TimeoutConfig::builder()
-                        .operation_attempt_timeout(REQUEST_TIMEOUT)
-                        .build(),
-                )
-                .build(),
-        );
         let kms = AwsKms {
-            client,
+            client: client().await,
             key_arn: std::sync::RwLock::new(key_id.to_string()),
         };
         let arn = kms.describe(key_id).await?;
@@ -57,29 +55,48 @@ impl AwsKms {
     }
 
     async fn describe(&self, key_id: &str) -> Result<String, WrapError> {
-        count("DescribeKey");
-        let resp = self
-            .client
-            .describe_key()
-            .key_id(key_id)
-            .send()
-            .await
-            .map_err(|e| classify("DescribeKey", e))?;
-        let meta = resp.key_metadata.ok_or_else(|| {
-            WrapError::Permanent(format!(
-                "KMS key {key_id}: DescribeKey returned no metadata"
-            ))
-        })?;
-        if meta.key_state != Some(KeyState::Enabled) {
-            return Err(WrapError::Permanent(format!(
-                "KMS key {key_id} is {}, not Enabled",
-                meta.key_state
-                    .as_ref()
-                    .map_or("in an unknown state", |s| s.as_str())
-            )));
-        }
+        let meta = describe(&self.client, key_id).await?;
         Ok(meta.arn.unwrap_or_else(|| key_id.to_string()))
     }
+}
+
+/// A KMS client from the environment, with [`REQUEST_TIMEOUT`] per attempt.
+async fn client() -> Client {
+    let conf = aws_config::load_from_env().await;
+    Client::from_conf(
+        aws_sdk_kms::config::Builder::from(&conf)
+            .timeout_config(
+                aws_sdk_kms::config::timeout::TimeoutConfig::builder()
+                    .operation_attempt_timeout(REQUEST_TIMEOUT)
+                    .build(),
+            )
+            .build(),
+    )
+}
+
+/// The key's metadata, refused unless it is enabled.
+async fn describe(client: &Client, key_id: &str) -> Result<KeyMetadata, WrapError> {
+    count("DescribeKey");
+    let resp = client
+        .describe_key()
+        .key_id(key_id)
+        .send()
+        .await
+        .map_err(|e| classify("DescribeKey", e))?;
+    let meta = resp.key_metadata.ok_or_else(|| {
+        WrapError::Permanent(format!(
+            "KMS key {key_id}: DescribeKey returned no metadata"
+        ))
+    })?;
+    if meta.key_state != Some(KeyState::Enabled) {
+        return Err(WrapError::Permanent(format!(
+            "KMS key {key_id} is {}, not Enabled",
+            meta.key_state
+                .as_ref()
+                .map_or("in an unknown state", |s| s.as_str())
+        )));
+    }
+    Ok(meta)
 }
 
 /// Counts one call of `operation` (see [`super::requests`]).
@@ -235,5 +252,81 @@ impl KeyWrapper for AwsKms {
 
     async fn check(&self) -> Result<(), WrapError> {
         self.describe(&self.arn()).await.map(|_| ())
+    }
+}
+
+/// The KMS key that signs audit checkpoints: ECDSA P-256 over SHA-256 of
+/// the message (`ECDSA_SHA_256`, message type `RAW`). The private key
+/// never leaves KMS; a key policy that grants `kms:Sign` to the auditor's
+/// principal alone keeps the database's owner from signing.
+pub struct AwsSigner {
+    client: Client,
+    key_arn: String,
+}
+
+impl AwsSigner {
+    /// Resolves `key_id` and checks that it is an enabled P-256 signing
+    /// key, so that a symmetric key id passed by mistake is one clear error.
+    pub async fn connect(key_id: &str) -> Result<Self, WrapError> {
+        let client = client().await;
+        let meta = describe(&client, key_id).await?;
+        if meta.key_usage != Some(KeyUsageType::SignVerify)
+            || meta.key_spec != Some(KeySpec::EccNistP256)
+        {
+            return Err(WrapError::Permanent(format!(
+                "KMS key {key_id} is not an ECC_NIST_P256 key for SIGN_VERIFY: checkpoints need one \
+                 (aws kms create-key --key-spec ECC_NIST_P256 --key-usage SIGN_VERIFY)"
+            )));
+        }
+        Ok(AwsSigner {
+            client,
+            key_arn: meta.arn.unwrap_or_else(|| key_id.to_string()),
+        })
+    }
+}
+
+#[async_trait]
+impl Signer for AwsSigner {
+    fn key_id(&self) -> String {
+        self.key_arn.clone()
+    }
+
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::EcdsaP256Sha256
+    }
+
+    async fn sign(&self, message: &[u8]) -> Result<Vec<u8>, WrapError> {
+        count("Sign");
+        let resp = self
+            .client
+            .sign()
+            .key_id(&self.key_arn)
+            .message(Blob::new(message.to_vec()))
+            .message_type(MessageType::Raw)
+            .signing_algorithm(SigningAlgorithmSpec::EcdsaSha256)
+            .send()
+            .await
+            .map_err(|e| classify("Sign", e))?;
+        Ok(resp
+            .signature
+            .ok_or_else(|| WrapError::Permanent("KMS returned no signature".into()))?
+            .into_inner())
+    }
+
+    async fn verifying_key(&self) -> Result<VerifyingKey, WrapError> {
+        count("GetPublicKey");
+        let resp = self
+            .client
+            .get_public_key()
+            .key_id(&self.key_arn)
+            .send()
+            .await
+            .map_err(|e| classify("GetPublicKey", e))?;
+        let der = resp
+            .public_key
+            .ok_or_else(|| WrapError::Permanent("KMS returned no public key".into()))?
+            .into_inner();
+        VerifyingKey::from_der(&der)
+            .map_err(|e| WrapError::Permanent(format!("KMS key {}: {e}", self.key_arn)))
     }
 }

@@ -78,7 +78,7 @@ impl LocalKek {
 
 /// The key file opened for reading, without following a symbolic link, or
 /// `None` if there is none.
-fn open_key_file(path: &Path) -> anyhow::Result<Option<std::fs::File>> {
+pub(super) fn open_key_file(path: &Path) -> anyhow::Result<Option<std::fs::File>> {
     let mut opts = std::fs::OpenOptions::new();
     opts.read(true);
     #[cfg(unix)]
@@ -109,7 +109,7 @@ fn open_key_file(path: &Path) -> anyhow::Result<Option<std::fs::File>> {
 }
 
 /// Checks the opened key file (see [`check_opened`]) and reads the key.
-fn read_key_file(path: &Path, file: std::fs::File) -> anyhow::Result<KeyMaterial> {
+pub(super) fn read_key_file(path: &Path, file: std::fs::File) -> anyhow::Result<KeyMaterial> {
     use std::io::Read;
     check_opened(path, &file)?;
     // 64 hex digits and a newline; anything longer is not a key file, and
@@ -174,7 +174,7 @@ fn check_opened(_: &Path, _: &std::fs::File) -> anyhow::Result<()> {
 /// key and makes both the file and its directory entry durable, so that a
 /// crash right after the first keys are wrapped cannot lose the key that
 /// wrapped them.
-fn write_new_key_file(dir: &Path, path: &Path, kek: &KeyMaterial) -> anyhow::Result<()> {
+pub(super) fn write_new_key_file(dir: &Path, path: &Path, kek: &KeyMaterial) -> anyhow::Result<()> {
     let dir_existed = dir.is_dir();
     std::fs::create_dir_all(dir)
         .map_err(|e| anyhow::anyhow!("cannot create the key directory {}: {e}", dir.display()))?;

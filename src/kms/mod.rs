@@ -6,9 +6,14 @@
 //!   development and small single-node use.
 //! - [`aws`]: AWS KMS. The KEK never leaves KMS; IAM and key policies decide
 //!   who may wrap and unwrap which purpose.
+//!
+//! And of the key that signs audit checkpoints ([`crate::crypto::signing::Signer`]):
+//! an Ed25519 key file beside the local KEK ([`signing`]), or an asymmetric
+//! KMS key ([`aws::AwsSigner`]).
 
 pub mod aws;
 pub mod local;
+pub mod signing;
 
 use std::path::Path;
 use std::sync::{Arc, LazyLock};
@@ -25,6 +30,8 @@ pub const OPERATIONS: &[&str] = &[
     "Decrypt",
     "GenerateDataKey",
     "ReEncrypt",
+    "Sign",
+    "GetPublicKey",
 ];
 
 static REQUESTS: LazyLock<LabeledCounter> = LazyLock::new(|| {

@@ -6,21 +6,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::StoreError;
-
-/// An audit entry as stored.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct AuditRecord {
-    pub id: i64,
-    pub at: DateTime<Utc>,
-    /// The database login that wrote the entry (on SQLite, the operating
-    /// system user that ran the command).
-    pub actor: String,
-    pub claimed_actor: Option<String>,
-    pub action: String,
-    pub target: String,
-    pub reason: String,
-    pub row_count: i64,
-}
+use crate::trail::TrailEntry;
 
 /// Which audit entries to list.
 #[derive(Debug, Clone, Default)]
@@ -69,7 +55,7 @@ pub trait AlarmListener: Send {
 #[async_trait]
 pub trait Audit: Send + Sync {
     /// Entries, newest first.
-    async fn audit_trail(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError>;
+    async fn audit_trail(&self, filter: &AuditFilter) -> Result<Vec<TrailEntry>, StoreError>;
 
     /// Reveals that touched a honeytoken, newest first (owner only).
     async fn alarms(&self, filter: &AuditFilter) -> Result<Vec<Alarm>, StoreError>;

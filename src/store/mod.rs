@@ -3,8 +3,9 @@
 //!
 //! One small trait per capability, each in the file of its name: [`Ingest`]
 //! (a worker's batches), [`Keys`], [`Reveal`], [`Audit`] (the trail, alarms
-//! and honeytokens), [`Jobs`] (rotations: leases and jobs), [`Chunks`] (the
-//! rows a job reads and writes) and [`Erasure`]. [`Store`] is all
+//! and honeytokens), [`Trail`] (the hash chains, checkpoints, subject
+//! ledger and archive), [`Jobs`] (rotations: leases and jobs), [`Chunks`]
+//! (the rows a job reads and writes) and [`Erasure`]. [`Store`] is all
 //! of them, and what a backend is: [`postgres`] (production) and [`sqlite`]
 //! (the embedded default) each hold the same file names, each implementing
 //! the trait of that name, and run the same conformance suite
@@ -26,12 +27,13 @@ pub mod model;
 pub mod postgres;
 pub mod reveal;
 pub mod sqlite;
+pub mod trail;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use audit::{Alarm, AlarmListener, Audit, AuditFilter, AuditRecord, PlannedLogin};
+pub use audit::{Alarm, AlarmListener, Audit, AuditFilter, PlannedLogin};
 pub use chunks::Chunks;
 pub use erasure::{Erasure, Forgotten, Retained};
 pub use error::StoreError;
@@ -42,6 +44,7 @@ pub use model::{AuditEntry, KeyState, LoginRow, QuarantineRow, Requester, Stored
 pub use reveal::{
     RequestStatus, Reveal, RevealPolicy, RevealRequest, RevealedRow, RevealedRows, Selector,
 };
+pub use trail::{ArchivePoint, ChainHeads, LedgerEntry, Trail};
 
 /// What a backend is good for, so that commands choose their settings
 /// without naming it.
@@ -67,7 +70,9 @@ pub struct Profile {
 
 /// A backend: every capability, and its own upkeep.
 #[async_trait]
-pub trait Store: Ingest + Keys + Reveal + Audit + Jobs + Chunks + Erasure + Send + Sync {
+pub trait Store:
+    Ingest + Keys + Reveal + Audit + Trail + Jobs + Chunks + Erasure + Send + Sync
+{
     fn profile(&self) -> Profile;
 
     /// Applies pending migrations (and, on Postgres, the current functions

@@ -4,10 +4,17 @@
 SELECT set_config('search_path', format('%I, pg_temp', current_schema()), true);
 
 -- An audit trail that its subjects could edit would prove nothing: refuse
--- UPDATE, DELETE and TRUNCATE for every role short of disabling the trigger.
+-- UPDATE, DELETE and TRUNCATE for every role short of disabling the
+-- trigger, except the deletion of rows already archived (rows through the
+-- chain's base, which only pii_vault_audit_archive moves, after a signed
+-- checkpoint names it: see 15_audit_chain.sql).
 CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
+    IF TG_OP = 'DELETE' AND TG_TABLE_NAME = 'audit_log'
+       AND OLD.id <= (SELECT base_id FROM audit_chain WHERE chain = 'trail') THEN
+        RETURN OLD;
+    END IF;
     RAISE EXCEPTION USING ERRCODE = 'PV009', MESSAGE = format('%s is append-only', TG_TABLE_NAME);
 END
 $$;
@@ -17,22 +24,8 @@ CREATE OR REPLACE TRIGGER audit_log_no_update_delete BEFORE UPDATE OR DELETE ON 
 CREATE OR REPLACE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
     FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only();
 
--- Who, when and in which transaction, whoever inserts: the login, the time
--- of the call (not of the transaction's start, which a session could hold
--- open for an hour to backdate an entry), the transaction (to tell later
--- whether the row was committed before anything was read under it).
-CREATE OR REPLACE FUNCTION pii_vault_audit_stamp() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
-BEGIN
-    NEW.actor := session_user;
-    NEW.at := clock_timestamp();
-    NEW.xact := txid_current();
-    RETURN NEW;
-END
-$$;
-REVOKE ALL ON FUNCTION pii_vault_audit_stamp() FROM PUBLIC;
-CREATE OR REPLACE TRIGGER audit_log_stamp BEFORE INSERT ON audit_log
-    FOR EACH ROW EXECUTE FUNCTION pii_vault_audit_stamp();
+-- The stamp on every row (who, when, which transaction) and its link in
+-- the chain: pii_vault_audit_stamp in 15_audit_chain.sql.
 
 -- Refuses a call made in a transaction that began longer ago than the
 -- policy allows (PV014). Times on the record are the call's own; this

@@ -85,8 +85,11 @@ BEGIN
     VALUES (CASE st WHEN 'granted' THEN 'reveal' ELSE 'reveal-request' END, tgt, p_reason,
             left(p_claimed_actor, 256), n)
     RETURNING id INTO rid;
-    INSERT INTO reveal_requests (id, selector, value, requested_by, status, users, reason, requested_at, honeytokens)
-    VALUES (rid, p_selector, p_value, session_user, st, u, p_reason, clock_timestamp(), h);
+    -- The users it covers, fixed with its rows: the subject ledger's
+    -- answer to "who saw the data of user U", whatever the selector was.
+    INSERT INTO reveal_requests (id, selector, value, requested_by, status, users, reason, requested_at, honeytokens,
+                                 subjects)
+    VALUES (rid, p_selector, p_value, session_user, st, u, p_reason, clock_timestamp(), h, users);
     INSERT INTO reveal_request_rows (request_id, message_id) SELECT rid, unnest(ids);
     -- Every request notifies: the owner's watcher looks the id up in
     -- audit_alarms; a listener learns nothing from the notification itself.

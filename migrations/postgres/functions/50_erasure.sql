@@ -16,6 +16,8 @@ CREATE OR REPLACE FUNCTION pii_vault_forget(p_user_id text, p_reason text, p_cla
 RETURNS TABLE (vault_rows bigint, quarantined bigint, logins_kept bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 #variable_conflict use_column
+DECLARE
+    rid bigint;
 BEGIN
     PERFORM pii_vault_fresh_call();
     IF p_reason IS NULL OR btrim(p_reason) = '' THEN
@@ -30,7 +32,9 @@ BEGIN
     GET DIAGNOSTICS quarantined = ROW_COUNT;
     SELECT count(*) INTO logins_kept FROM user_logins WHERE user_id = p_user_id;
     INSERT INTO audit_log (action, target, reason, claimed_actor, row_count)
-    VALUES ('forget', 'user_id=' || p_user_id, p_reason, left(p_claimed_actor, 256), vault_rows + quarantined);
+    VALUES ('forget', 'user_id=' || p_user_id, p_reason, left(p_claimed_actor, 256), vault_rows + quarantined)
+    RETURNING id INTO rid;
+    INSERT INTO erasure_subjects (record, user_id, rows) VALUES (rid, p_user_id, vault_rows + quarantined);
     RETURN NEXT;
 END
 $$;
@@ -39,11 +43,18 @@ GRANT EXECUTE ON FUNCTION pii_vault_forget(text, text, text) TO pii_vault_rotato
 
 -- Every vault row of a login before `p_before` (UTC day) and every body
 -- quarantined before it; then the retired data keys left with nothing to
--- open are destroyed. One audit row (action `retention`) with the count.
+-- open are destroyed. One audit row (action `retention`) with the count,
+-- and the users it touched in erasure_subjects.
 CREATE OR REPLACE FUNCTION pii_vault_retention(p_before date, p_reason text, p_claimed_actor text)
 RETURNS TABLE (vault_rows bigint, quarantined bigint, undated_kept bigint, keys_destroyed text[])
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 #variable_conflict use_column
+DECLARE
+    rid bigint;
+    users text[];
+    counts bigint[];
+    q_users text[];
+    q_counts bigint[];
 BEGIN
     PERFORM pii_vault_fresh_call();
     IF p_reason IS NULL OR btrim(p_reason) = '' THEN
@@ -53,15 +64,26 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'PV013',
             MESSAGE = 'retention erases what is older than a day that has begun: the date is in the future';
     END IF;
-    DELETE FROM vault WHERE create_date < p_before;
-    GET DIAGNOSTICS vault_rows = ROW_COUNT;
-    DELETE FROM quarantine WHERE received_at < (p_before::timestamp AT TIME ZONE 'UTC');
-    GET DIAGNOSTICS quarantined = ROW_COUNT;
+    -- Which users lost what, for the subject ledger (user ids only).
+    WITH d AS (DELETE FROM vault WHERE create_date < p_before RETURNING user_id),
+         g AS (SELECT user_id, count(*) AS n FROM d GROUP BY user_id)
+    SELECT coalesce(sum(n), 0), coalesce(array_agg(user_id) FILTER (WHERE user_id IS NOT NULL), '{}'),
+           coalesce(array_agg(n) FILTER (WHERE user_id IS NOT NULL), '{}')
+    INTO vault_rows, users, counts FROM g;
+    WITH d AS (DELETE FROM quarantine WHERE received_at < (p_before::timestamp AT TIME ZONE 'UTC') RETURNING user_id),
+         g AS (SELECT user_id, count(*) AS n FROM d GROUP BY user_id)
+    SELECT coalesce(sum(n), 0), coalesce(array_agg(user_id) FILTER (WHERE user_id IS NOT NULL), '{}'),
+           coalesce(array_agg(n) FILTER (WHERE user_id IS NOT NULL), '{}')
+    INTO quarantined, q_users, q_counts FROM g;
     SELECT count(*) INTO undated_kept FROM vault WHERE create_date IS NULL;
     keys_destroyed := pii_vault_destroy_unreferenced_data_keys();
     INSERT INTO audit_log (action, target, reason, claimed_actor, row_count)
     VALUES ('retention', format('before=%s keys_destroyed=%s', p_before, cardinality(keys_destroyed)), p_reason,
-            left(p_claimed_actor, 256), vault_rows + quarantined);
+            left(p_claimed_actor, 256), vault_rows + quarantined)
+    RETURNING id INTO rid;
+    INSERT INTO erasure_subjects (record, user_id, rows)
+    SELECT rid, u, sum(n) FROM (SELECT * FROM unnest(users, counts) UNION ALL SELECT * FROM unnest(q_users, q_counts)) x(u, n)
+    GROUP BY u;
     RETURN NEXT;
 END
 $$;

@@ -41,3 +41,13 @@ GRANT SELECT ON user_logins, vault_keys, kms_allowlist, audit_log, reveal_policy
 GRANT SELECT ON user_logins, vault_keys, kms_allowlist TO pii_vault_rotator;
 GRANT SELECT (message_id, user_id, key_id) ON vault TO pii_vault_rotator;
 GRANT SELECT (message_id, reason_code, reason, user_id, key_id, received_at) ON quarantine TO pii_vault_rotator;
+
+-- ----------------------------------------------------------------- auditor
+-- The trail, both chains' heads, the checkpoints, the requests (alarms and
+-- the users each returned) and the erasures' users: everything `audit
+-- verify`, `export` and `checkpoint` read. No data, no tokens beyond the
+-- selectors named in the trail itself, no keys. Writes only through
+-- pii_vault_checkpoint_store and pii_vault_subject_ledger.
+GRANT SELECT ON audit_log, audit_chain, audit_checkpoints, reveal_requests, erasure_subjects, audit_alarms,
+      reveal_policy
+    TO pii_vault_auditor;

@@ -4,36 +4,24 @@ use async_trait::async_trait;
 use sqlx::Row;
 
 use super::PgStore;
-use crate::store::{
-    Alarm, AlarmListener, Audit, AuditFilter, AuditRecord, PlannedLogin, StoreError,
-};
+use crate::store::trail::{trail_entry_from_row, TRAIL_COLUMNS};
+use crate::store::{Alarm, AlarmListener, Audit, AuditFilter, PlannedLogin, StoreError};
+use crate::trail::TrailEntry;
 
 #[async_trait]
 impl Audit for PgStore {
-    async fn audit_trail(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, at, actor, claimed_actor, action, target, reason, row_count FROM audit_log \
-             WHERE ($2::timestamptz IS NULL OR at >= $2) AND ($3::text IS NULL OR actor = $3) \
-             ORDER BY id DESC LIMIT $1",
-        )
+    async fn audit_trail(&self, filter: &AuditFilter) -> Result<Vec<TrailEntry>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TRAIL_COLUMNS} FROM audit_log \
+             WHERE ($2::timestamptz IS NULL OR at >= $2) AND ($3::text IS NULL OR actor = $3) ORDER BY id DESC LIMIT $1"
+        ))
         .bind(filter.limit)
         .bind(filter.since)
         .bind(filter.actor.as_deref())
         .fetch_all(self.pool())
         .await?;
         rows.iter()
-            .map(|r| {
-                Ok(AuditRecord {
-                    id: r.try_get("id")?,
-                    at: r.try_get("at")?,
-                    actor: r.try_get("actor")?,
-                    claimed_actor: r.try_get("claimed_actor")?,
-                    action: r.try_get("action")?,
-                    target: r.try_get("target")?,
-                    reason: r.try_get("reason")?,
-                    row_count: r.try_get("row_count")?,
-                })
-            })
+            .map(|r| trail_entry_from_row(r, r.try_get("at")?))
             .collect()
     }
 

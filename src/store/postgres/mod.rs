@@ -11,6 +11,7 @@ mod ingest;
 mod jobs;
 mod keys;
 mod reveal;
+mod trail;
 
 use std::str::FromStr;
 use std::sync::atomic::AtomicBool;

@@ -37,7 +37,13 @@ impl Erasure for SqliteStore {
                 .bind(user_id)
                 .fetch_one(&mut *tx)
                 .await?;
-        insert_audit(&mut tx, &audit, (vault_rows + quarantined) as i64).await?;
+        let record = insert_audit(&mut tx, &audit, (vault_rows + quarantined) as i64).await?;
+        sqlx::query("INSERT INTO erasure_subjects (record, user_id, rows) VALUES ($1, $2, $3)")
+            .bind(record)
+            .bind(user_id)
+            .bind((vault_rows + quarantined) as i64)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         self.scrub().await;
         Ok(Forgotten {
@@ -54,6 +60,18 @@ impl Erasure for SqliteStore {
     ) -> Result<Retained, StoreError> {
         let day = before.format("%Y-%m-%d").to_string();
         let mut tx = self.pool.begin().await?;
+        // Which users lose what, for the subject ledger (user ids only),
+        // counted before the rows go.
+        let touched: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "SELECT user_id, sum(n) FROM ( \
+               SELECT user_id, count(*) AS n FROM vault WHERE {VAULT_BEFORE} GROUP BY user_id \
+               UNION ALL \
+               SELECT user_id, count(*) FROM quarantine WHERE {QUARANTINE_BEFORE} AND user_id IS NOT NULL GROUP BY user_id) \
+             GROUP BY user_id"
+        ))
+        .bind(&day)
+        .fetch_all(&mut *tx)
+        .await?;
         let vault_rows = sqlx::query(&format!("DELETE FROM vault WHERE {VAULT_BEFORE}"))
             .bind(&day)
             .execute(&mut *tx)
@@ -76,7 +94,15 @@ impl Erasure for SqliteStore {
             "retention",
             format!("before={day} keys_destroyed={}", keys_destroyed.len()),
         );
-        insert_audit(&mut tx, &audit, (vault_rows + quarantined) as i64).await?;
+        let record = insert_audit(&mut tx, &audit, (vault_rows + quarantined) as i64).await?;
+        for (user_id, n) in &touched {
+            sqlx::query("INSERT INTO erasure_subjects (record, user_id, rows) VALUES ($1, $2, $3)")
+                .bind(record)
+                .bind(user_id)
+                .bind(n)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         self.scrub().await;
         Ok(Retained {

@@ -17,12 +17,14 @@
 //! than through sqlx (`writer`).
 
 mod audit;
+mod chain;
 mod chunks;
 mod erasure;
 mod ingest;
 mod jobs;
 mod keys;
 mod reveal;
+mod trail;
 mod writer;
 
 use std::path::PathBuf;
@@ -32,10 +34,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
-use sqlx::{Sqlite, SqlitePool};
+use sqlx::SqlitePool;
 
-use super::{AuditEntry, Profile, Store, StoreError};
+use super::{Profile, Store, StoreError};
 use writer::{Writer, WriterSettings};
+
+use chain::insert_audit;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
@@ -164,27 +168,6 @@ pub(super) fn os_user() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// Writes an audit row with SQLite's clock and the process's user as the
-/// actor; returns its id.
-pub(super) async fn insert_audit(
-    tx: &mut sqlx::Transaction<'_, Sqlite>,
-    audit: &AuditEntry,
-    rows: i64,
-) -> Result<i64, StoreError> {
-    Ok(sqlx::query_scalar(&format!(
-        "INSERT INTO audit_log (at, actor, claimed_actor, action, target, reason, row_count) \
-         VALUES ({NOW}, $1, $2, $3, $4, $5, $6) RETURNING id"
-    ))
-    .bind(os_user())
-    .bind(&audit.claimed_actor)
-    .bind(&audit.action)
-    .bind(&audit.target)
-    .bind(&audit.reason)
-    .bind(rows)
-    .fetch_one(&mut **tx)
-    .await?)
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     fn profile(&self) -> Profile {
@@ -202,7 +185,7 @@ impl Store for SqliteStore {
 
     async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await.map_err(sqlx::Error::from)?;
-        Ok(())
+        chain::backfill(&self.pool).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

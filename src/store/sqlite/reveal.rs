@@ -5,12 +5,14 @@ use async_trait::async_trait;
 use chrono::Utc;
 use futures::StreamExt as _;
 
+use super::chain::{insert_request, now_ms};
 use super::{insert_audit, os_user, parse_time, SqliteStore, NOW};
 use crate::store::model::{login_from_row, sealed_beside};
 use crate::store::{
     AuditEntry, RequestStatus, Reveal, RevealPolicy, RevealRequest, RevealedRows, Selector,
     StoreError,
 };
+use crate::trail::RequestEntry;
 
 /// The logins of a recorded reveal, fixed when it was recorded, with their
 /// sealed originals where there are any.
@@ -37,11 +39,24 @@ impl Reveal for SqliteStore {
         sqlx::query("UPDATE reveal_policy SET singleton = singleton")
             .execute(&mut *tx)
             .await?;
-        let (row_count, users, honey): (i64, i64, i64) = sqlx::query_as(&format!(
-            "SELECT count(*), count(DISTINCT l.user_id), count(DISTINCT h.user_id) FROM user_logins l \
-             LEFT JOIN honeytokens h ON h.user_id = l.user_id WHERE l.{column} = $1"
+        let row_count: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM user_logins WHERE {column} = $1"
         ))
         .bind(value)
+        .fetch_one(&mut *tx)
+        .await?;
+        // The users it covers, fixed with its rows (the subject ledger).
+        let subjects: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT DISTINCT user_id FROM user_logins WHERE {column} = $1 AND user_id IS NOT NULL ORDER BY user_id"
+        ))
+        .bind(value)
+        .fetch_all(&mut *tx)
+        .await?;
+        let users = subjects.len() as i64;
+        let honey: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM honeytokens WHERE user_id IN (SELECT value FROM json_each($1))",
+        )
+        .bind(serde_json::to_string(&subjects).expect("user ids serialise"))
         .fetch_one(&mut *tx)
         .await?;
         let (max_users, max_per_day): (i64, i64) =
@@ -71,18 +86,27 @@ impl Reveal for SqliteStore {
             reason: reason.into(),
         };
         let id = insert_audit(&mut tx, &audit, row_count).await?;
-        sqlx::query(&format!(
-            "INSERT INTO reveal_requests (id, selector, value, requested_by, status, users, reason, requested_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, {NOW})"
-        ))
-        .bind(id)
-        .bind(column)
-        .bind(value)
-        .bind(&me)
-        .bind(if status == RequestStatus::Granted { "granted" } else { "pending" })
-        .bind(users)
-        .bind(reason)
-        .execute(&mut *tx)
+        insert_request(
+            &mut tx,
+            RequestEntry {
+                id,
+                requested_at: now_ms(),
+                requested_by: me.clone(),
+                selector: column.to_string(),
+                value: value.to_string(),
+                reason: reason.to_string(),
+                users,
+                honeytokens: honey,
+                subjects: Some(subjects),
+                prev_hash: Vec::new(),
+                hash: Vec::new(),
+            },
+            if status == RequestStatus::Granted {
+                "granted"
+            } else {
+                "pending"
+            },
+        )
         .await?;
         // The logins it covers, fixed now: a later fetch hands out these.
         sqlx::query(&format!(
@@ -93,18 +117,7 @@ impl Reveal for SqliteStore {
         .bind(value)
         .execute(&mut *tx)
         .await?;
-        if honey > 0 {
-            sqlx::query(
-                "INSERT INTO audit_alarms (actor, request_id, target, honeytokens) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(&me)
-            .bind(id)
-            .bind(selector.to_string())
-            .bind(honey)
-            .execute(&mut *tx)
-            .await?;
-        }
-        // No LISTEN/NOTIFY in SQLite: the alarm table is the signal
+        // No LISTEN/NOTIFY in SQLite: the alarms view is the signal
         // (`pii-vault audit --alarms`).
         tx.commit().await?;
         Ok(RevealRequest {

@@ -57,7 +57,8 @@ pub const WORKER: &str = "pii_vault_worker";
 pub const ANALYST: &str = "pii_vault_analyst";
 pub const REVEALER: &str = "pii_vault_revealer";
 pub const ROTATOR: &str = "pii_vault_rotator";
-pub const ROLES: [&str; 4] = [WORKER, ANALYST, REVEALER, ROTATOR];
+pub const AUDITOR: &str = "pii_vault_auditor";
+pub const ROLES: [&str; 5] = [WORKER, ANALYST, REVEALER, ROTATOR, AUDITOR];
 
 /// What every command claims to be (`PII_VAULT_ACTOR`): the same for all,
 /// so that an audit row's `actor` can only come from the database login.

@@ -5,7 +5,7 @@
 //! a non-superuser owns the database.
 
 use super::{dek_id, denied, login, new_key, random_bytes, TEST_KEK};
-use super::{ANALYST, REVEALER, ROLES, ROTATOR, WORKER};
+use super::{ANALYST, AUDITOR, REVEALER, ROLES, ROTATOR, WORKER};
 use crate::common::app::{with_user, TestApp};
 use crate::common::seed::Owner;
 use crate::common::{self, pg};
@@ -74,6 +74,38 @@ const EXPECTED: &[(&str, &str, &[&str])] = &[
     (REVEALER, "rotation_ranges", &[]),
     (ROTATOR, "rotation_jobs", &[]),
     (ROTATOR, "rotation_ranges", &[]),
+    // The auditor: the trail, both chains, the checkpoints, the alarms, the
+    // requests (with the users each returned) and the erasures' users;
+    // nothing of the data, the tokens or the keys.
+    (AUDITOR, "audit_log", &["SELECT"]),
+    (AUDITOR, "audit_chain", &["SELECT"]),
+    (AUDITOR, "audit_checkpoints", &["SELECT"]),
+    (AUDITOR, "reveal_requests", &["SELECT"]),
+    (AUDITOR, "erasure_subjects", &["SELECT"]),
+    (AUDITOR, "audit_alarms", &["SELECT"]),
+    (AUDITOR, "reveal_policy", &["SELECT"]),
+    (AUDITOR, "user_logins", &[]),
+    (AUDITOR, "vault", &[]),
+    (AUDITOR, "quarantine", &[]),
+    (AUDITOR, "vault_keys", &[]),
+    (AUDITOR, "kms_allowlist", &[]),
+    (AUDITOR, "honeytokens", &[]),
+    (AUDITOR, "pii_vault_pending_requests", &[]),
+    (AUDITOR, "rotation_jobs", &[]),
+    (AUDITOR, "rotation_ranges", &[]),
+    // The others hold nothing of the chains and checkpoints.
+    (WORKER, "audit_chain", &[]),
+    (ANALYST, "audit_chain", &[]),
+    (REVEALER, "audit_chain", &[]),
+    (ROTATOR, "audit_chain", &[]),
+    (WORKER, "audit_checkpoints", &[]),
+    (ANALYST, "audit_checkpoints", &[]),
+    (REVEALER, "audit_checkpoints", &[]),
+    (ROTATOR, "audit_checkpoints", &[]),
+    (WORKER, "erasure_subjects", &[]),
+    (ANALYST, "erasure_subjects", &[]),
+    (REVEALER, "erasure_subjects", &[]),
+    (ROTATOR, "erasure_subjects", &[]),
 ];
 
 /// Tables no role touches directly.
@@ -82,9 +114,7 @@ const OWNER_ONLY: &[&str] = &[
     "reveal_request_rows",
     "reveal_quota",
     "honeytoken_logins",
-    "reveal_requests",
     "honeytokens",
-    "audit_alarms",
     "rotation_jobs",
     "rotation_ranges",
 ];
@@ -97,6 +127,10 @@ const SEALED_COLUMNS: &[(&str, &str, &[&str])] = &[
     ("quarantine", "nonce", &[]),
     ("quarantine", "ciphertext", &[]),
     ("vault_keys", "wrapped", &[WORKER, REVEALER, ROTATOR]),
+    // A request's hash could be tested for "touched a honeytoken" by whoever
+    // knows its other fields: only the auditor reads the requests' chain.
+    ("reveal_requests", "hash", &[AUDITOR]),
+    ("reveal_requests", "honeytokens", &[AUDITOR]),
 ];
 
 const PRIVILEGES: [&str; 7] = [
@@ -172,6 +206,17 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
     ("pii_vault_forget(text,text,text)", &[ROTATOR]),
     ("pii_vault_retention(date,text,text)", &[ROTATOR]),
     ("pii_vault_retention_preview(date)", &[ROTATOR]),
+    ("pii_vault_checkpoint_store(bigint,timestamp with time zone,text)", &[AUDITOR]),
+    ("pii_vault_subject_ledger(text,text,text)", &[AUDITOR]),
+    // The archive: the owner only.
+    ("pii_vault_archive_plan(timestamp with time zone)", &[]),
+    ("pii_vault_audit_archive(bigint,bigint,text,text)", &[]),
+    ("pii_vault_archive_cut(bigint)", &[]),
+    ("pii_vault_archive_point(bigint)", &[]),
+    ("pii_vault_subject_rows(text)", &[]),
+    // The chains' encoding.
+    ("pii_vault_trail_bytes(audit_log)", &[]),
+    ("pii_vault_request_bytes(reveal_requests)", &[]),
     ("pii_vault_check_record(bigint,text[],interval)", &[]),
     ("pii_vault_fresh_call()", &[]),
     ("pii_vault_lease_live(job_leases)", &[]),
@@ -191,6 +236,7 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
     // Trigger functions.
     ("audit_log_append_only()", &[]),
     ("pii_vault_audit_stamp()", &[]),
+    ("pii_vault_request_chain()", &[]),
     ("pii_vault_policy_changed()", &[]),
     ("pii_vault_allowlist_guard()", &[]),
     ("pii_vault_keys_guard()", &[]),
@@ -218,7 +264,7 @@ async fn each_role_holds_exactly_its_privileges_and_none_may_alter_the_audit_tra
     .fetch_all(pool)
     .await
     .unwrap();
-    assert_eq!(logins.len(), 4, "every role exists: {logins:?}");
+    assert_eq!(logins.len(), ROLES.len(), "every role exists: {logins:?}");
     assert!(
         logins.iter().all(|(_, login)| !login),
         "group roles are NOLOGIN: {logins:?}"
@@ -371,6 +417,9 @@ async fn each_role_holds_exactly_its_privileges_and_none_may_alter_the_audit_tra
         "reveal_request_rows",
         "reveal_quota",
         "honeytoken_logins",
+        "audit_chain",
+        "audit_checkpoints",
+        "erasure_subjects",
         "_sqlx_migrations",
     ] {
         let public: Option<String> = sqlx::query_scalar(
