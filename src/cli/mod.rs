@@ -6,10 +6,16 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+mod audit;
 mod parse;
 
+pub use audit::{
+    ArchiveArgs, AuditArgs, AuditCommand, AuditListArgs, CheckpointArgs, ExportArgs, ExportFormat,
+    PublicKeyArgs, SigningArgs, SubjectArgs, VerifyArgs,
+};
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use parse::{non_blank, parse_day, parse_duration, parse_since};
+use parse::{non_blank, parse_day, parse_duration};
 
 /// Used when neither `--database-url` nor `DATABASE_URL` is given.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite:pii-vault.db";
@@ -89,8 +95,10 @@ pub enum Command {
     /// Inspect keys.
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// Show the audit trail (newest first): reveals, approvals, rotations,
-    /// erasures, policy changes; `--alarms` (owner) the honeytoken alarms.
+    /// The audit trail: show it (newest first; `--alarms`, the owner, the
+    /// honeytoken alarms), verify its hash chains against signed
+    /// checkpoints, sign a checkpoint, export it to a SIEM, a data
+    /// subject's ledger, archive old entries.
     Audit(AuditArgs),
     /// Approve another login's pending reveal request (the two-person rule).
     Approve(ApproveArgs),
@@ -372,34 +380,6 @@ pub enum KeysCommand {
 
 #[derive(Debug, Args)]
 pub struct FormatArgs {
-    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
-    pub format: OutputFormat,
-}
-
-#[derive(Debug, Args)]
-pub struct AuditArgs {
-    /// Most entries to show.
-    #[arg(long, default_value_t = 100)]
-    pub limit: i64,
-
-    /// Only entries at or after this time (RFC 3339, or a UTC date YYYY-MM-DD).
-    #[arg(long, value_name = "TIME", value_parser = parse_since)]
-    pub since: Option<chrono::DateTime<chrono::Utc>>,
-
-    /// Only entries written by this database login (the `actor` column).
-    #[arg(long, value_name = "LOGIN")]
-    pub actor: Option<String>,
-
-    /// The honeytoken alarms instead of the trail (the schema owner only).
-    #[arg(long)]
-    pub alarms: bool,
-
-    /// With --alarms on Postgres: keep running and report each new alarm as
-    /// it is raised (LISTEN pii_vault_alarm), as an ERROR log line and an
-    /// output line.
-    #[arg(long, requires = "alarms")]
-    pub follow: bool,
-
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
 }

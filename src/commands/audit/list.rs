@@ -1,14 +1,15 @@
-//! `pii-vault audit`: the trail of reveals, approvals, rotations, erasures
-//! and policy changes, newest first. `actor` is the database login that
-//! wrote each entry (set by the database); `claimed actor` is what the client
-//! said (`--actor`, `$USER`). `--alarms` lists the honeytoken alarms, which
-//! only the schema owner can read; `--follow` waits for new ones.
+//! `pii-vault audit` with no subcommand: the trail of reveals, approvals,
+//! rotations, erasures and policy changes, newest first. `actor` is the
+//! database login that wrote each entry (set by the database); `claimed
+//! actor` is what the client said (`--actor`, `$USER`). `--alarms` lists
+//! the honeytoken alarms, which only the schema owner and the auditor can
+//! read; `--follow` waits for new ones.
 
-use crate::cli::{AuditArgs, Cli, OutputFormat};
+use crate::cli::{AuditListArgs as AuditArgs, Cli, OutputFormat};
 use crate::output::table;
 use crate::store::{Alarm, AuditFilter};
 
-pub async fn audit(cli: &Cli, args: &AuditArgs) -> anyhow::Result<()> {
+pub async fn list(cli: &Cli, args: &AuditArgs) -> anyhow::Result<()> {
     let filter = AuditFilter {
         limit: args.limit,
         since: args.since,
@@ -17,7 +18,7 @@ pub async fn audit(cli: &Cli, args: &AuditArgs) -> anyhow::Result<()> {
     if args.alarms {
         return alarms(cli, args, &filter).await;
     }
-    let store = super::open_store(cli).await?;
+    let store = crate::commands::open_store(cli).await?;
     let records = store.audit_trail(&filter).await?;
     match args.format {
         OutputFormat::Json => {
@@ -63,7 +64,7 @@ pub async fn audit(cli: &Cli, args: &AuditArgs) -> anyhow::Result<()> {
 }
 
 async fn alarms(cli: &Cli, args: &AuditArgs, filter: &AuditFilter) -> anyhow::Result<()> {
-    let store = super::open_store(cli).await?;
+    let store = crate::commands::open_store(cli).await?;
     let mut listener = if args.follow {
         // Listening before the first read: nothing raised in between is missed.
         Some(store.listen_alarms().await?)
