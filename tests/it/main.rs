@@ -11,6 +11,7 @@
 mod common;
 
 mod architecture;
+mod audit_trail;
 mod aws;
 mod boundaries;
 mod cli_embedded;
