@@ -111,6 +111,9 @@ impl Pipeline {
         for _ in 0..writers {
             writer_tasks.spawn(this.clone().write_loop(batch_rx.clone(), cancel.clone()));
         }
+        // Only the writers hold the batches' receiver: once the last one
+        // stops, whatever still waits to hand them a batch is told so.
+        drop(batch_rx);
         let mut first_err = None;
         while let Some(r) = tasks.join_next().await {
             if let Err(e) = r.map_err(anyhow::Error::from).and_then(|x| x) {
@@ -171,6 +174,11 @@ impl Pipeline {
                 Err(e) => {
                     span.record("outcome", "failed");
                     tracing::warn!(parent: &span, "batch not committed; its messages stay in the source");
+                    // A writer that cannot go on stops the run: receivers
+                    // stop reading, the other writers finish the batch in
+                    // hand, and the run ends with this error.
+                    cancel.cancel();
+                    while ackers.join_next().await.is_some() {}
                     return Err(e);
                 }
             };
@@ -271,6 +279,7 @@ impl Pipeline {
                 cancel,
                 |e: &StoreError, n| {
                     stats.retry("database");
+                    stats.write_failed();
                     tracing::warn!(error = %e, attempt = n, "batch write failed, retrying");
                 },
                 || self.store.write_batch(&batch),
@@ -483,8 +492,11 @@ async fn receive_loop(
         let Some(msgs) = got else { return Ok(()) };
         stats.received.inc_by(msgs.len() as u64);
         for m in msgs {
-            if tx.send(m).await.is_err() {
-                return Ok(());
+            // Cancelled while the writers are full (or gone): what was not
+            // handed over stays in the source, unacknowledged.
+            tokio::select! {
+                sent = tx.send(m) => if sent.is_err() { return Ok(()) },
+                _ = cancel.cancelled() => return Ok(()),
             }
         }
     }

@@ -35,6 +35,18 @@ pub enum StoreError {
     Refused(String),
 }
 
+/// SQLite's disk is full: the transaction was rolled back whole, so a rerun
+/// of the same command stores what is missing and nothing twice.
+pub(super) const DISK_FULL: &str =
+    "the disk holding the SQLite database is full (SQLite error 13): \
+     the batch being written was not stored; free space, then run the same command again \
+     (what was stored is not stored twice)";
+
+/// The Postgres server's disk is full: writes fail until it has space again,
+/// so a worker holds its messages and retries.
+const PG_DISK_FULL: &str =
+    "the database server's disk is full (SQLSTATE 53100): nothing was written; retrying until it has space";
+
 impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Transient(_))
@@ -87,6 +99,13 @@ impl From<sqlx::Error> for StoreError {
             E::Database(db) if own_rule(db.as_ref()).is_some() => {
                 let (code, msg) = own_rule(db.as_ref()).expect("checked");
                 rule_error(&code, msg)
+            }
+            E::Database(db) if db.code().as_deref() == Some("53100") => {
+                StoreError::Transient(PG_DISK_FULL.into())
+            }
+            // SQLite's SQLITE_FULL, as sqlx reports it (the extended code).
+            E::Database(db) if db.code().as_deref() == Some("13") => {
+                StoreError::Permanent(DISK_FULL.into())
             }
             E::Database(db) => {
                 let code = db.code().map(|c| c.to_string()).unwrap_or_default();

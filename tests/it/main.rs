@@ -16,6 +16,7 @@ mod aws;
 mod boundaries;
 mod cli_embedded;
 mod compose;
+mod disk_full;
 mod faults;
 mod operations;
 mod production;

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
-use crate::store::error::{own_rule_text, rule_error};
+use crate::store::error::{own_rule_text, rule_error, DISK_FULL};
 use crate::store::{Batch, BatchOutcome, StoreError};
 
 /// How the writer's connection is set up.
@@ -227,6 +227,7 @@ fn store_error(e: rusqlite::Error) -> StoreError {
             let what = format!("SQLite error {} ({:?})", f.extended_code, f.code);
             match f.code {
                 ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => StoreError::Transient(what),
+                ErrorCode::DiskFull => StoreError::Permanent(DISK_FULL.into()),
                 _ => StoreError::Permanent(what),
             }
         }

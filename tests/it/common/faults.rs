@@ -26,7 +26,7 @@ pub use crate::common::{free_port, wait_until};
 
 /// Whether this process runs as root (PostgreSQL then has to run as the
 /// `postgres` user, as in `scripts/services.sh`).
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     std::process::Command::new("id")
         .arg("-u")
         .output()
