@@ -64,7 +64,10 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
             crate::metrics::serve(
                 addr,
                 stats.clone(),
-                store.clone(),
+                Arc::new(crate::pipeline::stats::DatabaseProbe {
+                    store: store.clone(),
+                    stats: stats.clone(),
+                }),
                 wrapper.clone(),
                 cancel.clone(),
             )

@@ -203,11 +203,15 @@ async fn respond(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>
             if r.database && r.kms {
                 text(StatusCode::OK, PLAIN_TEXT, "ready\n")
             } else {
-                let word = |ok| if ok { "ok" } else { "unreachable" };
+                let word = |ok, not| if ok { "ok" } else { not };
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     PLAIN_TEXT,
-                    format!("database: {}\nkms: {}\n", word(r.database), word(r.kms)),
+                    format!(
+                        "database: {}\nkms: {}\n",
+                        word(r.database, "unreachable or refusing writes"),
+                        word(r.kms, "unreachable")
+                    ),
                 )
             }
         }

@@ -2,6 +2,8 @@
 //! by the summary's checks). The registry they are encoded from, and the
 //! rules for labels, are in [`crate::metrics::registry`].
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -39,6 +41,10 @@ pub struct Stats {
     pub errors: LabeledCounter,
     pub batch_size: Histogram,
     pub batch_seconds: Histogram,
+    /// Whether the last attempt to commit a batch failed (and is being
+    /// retried): the database may answer a ping and still refuse writes
+    /// (its disk full, say), which `/readyz` must report.
+    writes_failing: AtomicBool,
     registry: Registry,
 }
 
@@ -141,6 +147,7 @@ impl Default for Stats {
             errors,
             batch_size,
             batch_seconds,
+            writes_failing: AtomicBool::new(false),
             registry,
         }
     }
@@ -154,6 +161,7 @@ impl Stats {
         reasons: &[&'static str],
         took: Duration,
     ) {
+        self.writes_failing.store(false, Ordering::Relaxed);
         self.stored.inc_by(o.stored);
         self.duplicates.inc_by(o.duplicates);
         self.rejected.inc_by(o.rejected);
@@ -173,6 +181,12 @@ impl Stats {
         self.retries
             .get_or_create(&[("dependency", dependency)])
             .inc();
+    }
+
+    /// A batch that could not be committed and is retried: not ready until
+    /// one commits.
+    pub fn write_failed(&self) {
+        self.writes_failing.store(true, Ordering::Relaxed);
     }
 
     /// A fault of `dependency` that was given up on.
@@ -200,11 +214,19 @@ impl AsRef<Registry> for Stats {
     }
 }
 
-/// The database, as `/readyz` checks it. Here, where the store and the
-/// metrics meet, because `metrics` sits below the store and cannot name it.
-impl Probe for dyn Store {
+/// The database, as `/readyz` checks it: it answers, and the last batch
+/// written to it was committed. Here, where the store and the metrics meet,
+/// because `metrics` sits below the store and cannot name it.
+pub struct DatabaseProbe {
+    pub store: Arc<dyn Store>,
+    pub stats: Arc<Stats>,
+}
+
+impl Probe for DatabaseProbe {
     fn answers(&self) -> BoxFuture<'_, bool> {
-        Box::pin(async move { self.ping().await.is_ok() })
+        Box::pin(async move {
+            !self.stats.writes_failing.load(Ordering::Relaxed) && self.store.ping().await.is_ok()
+        })
     }
 }
 
