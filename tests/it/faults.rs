@@ -8,16 +8,24 @@
 //! in `quarantine`; the queue is empty, nothing visible or in flight; and no
 //! raw IP or device id is in the database or in anything a worker printed.
 //!
-//! Tests that stop PostgreSQL use a private cluster of their own
-//! ([`faults_helpers::PrivatePg`]): the shared one serves the tests running
+//! Every process runs as its role's own database login, as in production:
+//! each worker as a worker login of its own (so that `pg_stat_activity`
+//! tells its sessions apart), rotations as a rotator login, reveals as a
+//! revealer login; only `migrate` runs as the schema owner.
+//!
+//! Tests that stop or crash PostgreSQL use a private cluster of their own,
+//! durable like production (`fsync`, `synchronous_commit`,
+//! `full_page_writes` on)
+//! ([`faults_helpers::PrivatePg`]); the shared one serves the tests running
 //! beside them. SQS and KMS are taken away by a TCP proxy
 //! ([`faults_helpers::Proxy`]) that the worker reaches LocalStack through.
 //! Without the services these tests fail (or skip, under
 //! `PII_VAULT_SKIP_SERVICES=1`); see DEVELOPERS.md. A failing test shows
 //! what each worker logged; `PII_VAULT_FAULTS_SHOW_LOGS=1` shows it always.
 
-use crate::common::app::TestApp;
+use crate::common::app::{TestApp, WORKER};
 use crate::common::aws::Queue;
+use crate::common::production::leaked_fast as leaked;
 use crate::common::{self, aws as aws_helpers, faults as faults_helpers};
 
 use std::time::{Duration, Instant};
@@ -43,21 +51,51 @@ async fn setup(admin_url: &str, n: usize, seed: u64) -> (TestApp, Queue, Events)
     (app, queue, faults_helpers::gen_events(n, seed))
 }
 
-/// `pii-vault run --queue-url … --no-progress ARGS` as a worker process.
-fn worker(app: &TestApp, q: &Queue, name: &str, args: &[&str]) -> Worker {
-    worker_with_env(app, q, name, args, &[])
+/// `pii-vault run --queue-url … --no-progress ARGS` as a worker process,
+/// under a worker login of its own.
+async fn worker(app: &TestApp, q: &Queue, name: &str, args: &[&str]) -> Worker {
+    worker_with_env(app, q, name, args, &[]).await
 }
 
-fn worker_with_env(
+async fn worker_with_env(
     app: &TestApp,
     q: &Queue,
     name: &str,
     args: &[&str],
     env: &[(&str, &str)],
 ) -> Worker {
-    let bin = env.iter().fold(app.bin(), |b, (k, v)| b.env(k, v));
+    let login = app.login_as(WORKER).await;
+    let bin = env
+        .iter()
+        .fold(app.as_login(&login), |b, (k, v)| b.env(k, v));
     let all = [&["run", "--queue-url", &q.url, "--no-progress"][..], args].concat();
-    Worker::spawn(name, bin.tokio_command(&all))
+    Worker::spawn_as(name, &login.name, bin.tokio_command(&all))
+}
+
+/// Times `needle` occurs in what `w` printed so far.
+fn occurrences(w: &Worker, needle: &str) -> usize {
+    w.output().matches(needle).count()
+}
+
+/// The line a worker logs when a write to the database fails and is retried.
+const DB_RETRY: &str = "batch write failed, retrying";
+
+/// Waits until `w` has logged more database retries than `before`: a write
+/// it tried while the database was away failed and will be tried again.
+/// It must keep running meanwhile.
+async fn retried_since(w: &mut Worker, before: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while occurrences(w, DB_RETRY) <= before {
+        w.assert_running("while the database was away");
+        assert!(
+            Instant::now() < deadline,
+            "{} retried no write within 60 s of the database going away; its output:\n{}",
+            w.name,
+            w.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    w.assert_running("while the database was away");
 }
 
 async fn counts(app: &TestApp) -> DbCounts {
@@ -98,14 +136,14 @@ async fn assert_exactly_once(app: &TestApp, q: &Queue, ev: &Events, workers: &[&
 
     let raw = &ev.raw;
     let db = faults_helpers::database_bytes(app.url()).await;
-    let leaks = common::leaked(&db, raw);
+    let leaks = leaked(&db, raw);
     assert!(
         leaks.is_empty(),
         "the database holds {} plaintext values",
         leaks.len()
     );
     for w in workers {
-        let leaks = common::leaked(&w.output_bytes(), raw);
+        let leaks = leaked(&w.output_bytes(), raw);
         assert!(
             leaks.is_empty(),
             "worker {} printed {} plaintext IPs or device ids",
@@ -165,23 +203,21 @@ async fn worker_survives_a_postgres_restart() {
         &q,
         "w1",
         &["--until-empty", "--concurrency", "2", "--batch-size", "50"],
-    );
+    )
+    .await;
     let before = rows_above(&app, 0, Duration::from_secs(60)).await;
     step(started, "stopping the database");
+    let retries = occurrences(&w, DB_RETRY);
     pg.stop_fast().await;
     step(started, "stopped");
     assert!(
         before.logins < ev.valid_count(),
         "the worker finished before the database went away; the test proves nothing"
     );
-    // Longer than the store's acquire timeout (10 s): some write attempt
-    // must fail and be retried, whatever the worker was doing at the stop.
-    let outage = Instant::now();
-    while outage.elapsed() < Duration::from_secs(12) {
-        w.assert_running("while the database was down");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    w.assert_running("while the database was down");
+    // Away until a write has failed and is being retried (the store gives
+    // up on a connection after its acquire timeout, 10 s): whatever the
+    // worker was doing at the stop, it has then met the outage.
+    retried_since(&mut w, retries).await;
     step(started, "starting the database");
     pg.start_again().await;
     step(started, "waiting for the worker");
@@ -189,7 +225,7 @@ async fn worker_survives_a_postgres_restart() {
     let (stored, duplicates, rejected) = w.wait_success(Duration::from_secs(90)).await;
     let log = w.output();
     assert!(
-        log.contains("batch write failed, retrying"),
+        log.contains(DB_RETRY),
         "no database retry in the log:\n{log}"
     );
     assert_eq!(stored as i64, ev.valid_count(), "summary: {stored} stored");
@@ -236,10 +272,14 @@ async fn a_sigkilled_worker_loses_nothing_and_doubles_nothing() {
             "--batch-size",
             "50",
         ],
-    );
+    )
+    .await;
     rows_above(&app, 0, Duration::from_secs(60)).await;
     step(started, "SIGKILL A");
     a.kill9().await;
+    // A statement A had sent may still commit until the server notices
+    // that A is gone: count once A's sessions have ended.
+    faults_helpers::wait_sessions_gone(app.url(), a.login(), Duration::from_secs(30)).await;
     let after_kill = counts(&app).await;
     assert!(
         after_kill.logins < ev.valid_count(),
@@ -258,7 +298,8 @@ async fn a_sigkilled_worker_loses_nothing_and_doubles_nothing() {
         &q,
         "B",
         &["--until-empty", "--visibility-timeout", VISIBILITY_SECS],
-    );
+    )
+    .await;
     let (stored, duplicates, rejected) = b.wait_success(Duration::from_secs(90)).await;
     step(started, "checking");
     assert!(
@@ -321,7 +362,8 @@ async fn worker_survives_sqs_and_kms_outages() {
             ("AWS_ENDPOINT_URL_SQS", &sqs_url),
             ("AWS_ENDPOINT_URL_KMS", &kms_url),
         ],
-    );
+    )
+    .await;
     // Up: it has unwrapped its token key and connected to the queue.
     wait_until(Duration::from_secs(60), "the worker's /metrics", || async {
         faults_helpers::scrape(port).await.map(|_| ())
@@ -430,7 +472,8 @@ async fn worker_recovers_from_a_network_blackhole() {
             "50",
         ],
         &[("AWS_ENDPOINT_URL", &url)],
-    );
+    )
+    .await;
     let before = rows_above(&app, 0, Duration::from_secs(60)).await;
     step(started, "blackhole");
     proxy.set(ProxyMode::Blackhole);
@@ -499,7 +542,8 @@ async fn acknowledgements_outlast_an_sqs_outage() {
             "50",
         ],
         &[("AWS_ENDPOINT_URL", &url)],
-    );
+    )
+    .await;
     wait_until(
         Duration::from_secs(60),
         "every message received and held",
@@ -566,25 +610,23 @@ async fn combined_kill_restart_and_stop_keep_every_event_exactly_once() {
 
     step(started, "workers A and B");
     q.send(&ev.bodies[parts[0].clone()]).await;
-    let mut a = worker(&app, &q, "A", &daemon);
-    let mut b = worker(&app, &q, "B", &daemon);
+    let mut a = worker(&app, &q, "A", &daemon).await;
+    let mut b = worker(&app, &q, "B", &daemon).await;
 
     // SIGKILL A once work is under way.
     rows_above(&app, 0, Duration::from_secs(60)).await;
     step(started, "SIGKILL A");
     a.kill9().await;
+    faults_helpers::wait_sessions_gone(app.url(), a.login(), Duration::from_secs(30)).await;
     let killed = counts(&app).await;
     q.send(&ev.bodies[parts[1].clone()]).await;
 
     // Restart the database under B once it writes the new messages.
     let seen = rows_above(&app, killed.logins, Duration::from_secs(60)).await;
     step(started, "stopping the database");
+    let retries = occurrences(&b, DB_RETRY);
     pg.stop_fast().await;
-    let outage = Instant::now();
-    while outage.elapsed() < Duration::from_secs(6) {
-        b.assert_running("while the database was down");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    retried_since(&mut b, retries).await;
     step(started, "starting the database");
     pg.start_again().await;
     b.assert_running("after the database came back");
@@ -612,7 +654,8 @@ async fn combined_kill_restart_and_stop_keep_every_event_exactly_once() {
         &q,
         "C",
         &[&daemon[..], &["--metrics-addr", &metrics_addr]].concat(),
-    );
+    )
+    .await;
     wait_until(
         Duration::from_secs(120),
         "the queue drained by C",
@@ -636,7 +679,7 @@ async fn combined_kill_restart_and_stop_keep_every_event_exactly_once() {
         "C's summary (stored, duplicates, rejected) and its /metrics disagree"
     );
     assert!(c_summary.0 > 0, "C stored nothing: {c_summary:?}");
-    let leaks = common::leaked(body.as_bytes(), &ev.raw);
+    let leaks = leaked(body.as_bytes(), &ev.raw);
     assert!(leaks.is_empty(), "/metrics holds plaintext PII");
 
     // A final drain finds nothing left.
@@ -646,7 +689,8 @@ async fn combined_kill_restart_and_stop_keep_every_event_exactly_once() {
         &q,
         "D",
         &["--until-empty", "--visibility-timeout", VISIBILITY_SECS],
-    );
+    )
+    .await;
     assert_eq!(d.wait_success(Duration::from_secs(60)).await, (0, 0, 0));
 
     step(started, "checking");
