@@ -1,6 +1,7 @@
 //! Faults survived: real worker processes (`pii-vault run`) against the real
 //! services (PostgreSQL, LocalStack SQS and KMS) while the database
-//! restarts, a worker is SIGKILLed, SQS or KMS become unreachable (refused,
+//! restarts or crashes (with a rotation and a reveal in flight too), a
+//! worker is SIGKILLed, SQS or KMS become unreachable (refused,
 //! or silent like a network partition), SQS goes away between commit and
 //! acknowledgement, and workers are stopped. Each test ends the same way:
 //! every valid event is in `user_logins` exactly once (by count, by distinct
@@ -23,7 +24,7 @@
 //! `PII_VAULT_SKIP_SERVICES=1`); see DEVELOPERS.md. A failing test shows
 //! what each worker logged; `PII_VAULT_FAULTS_SHOW_LOGS=1` shows it always.
 
-use crate::common::app::{TestApp, WORKER};
+use crate::common::app::{TestApp, REVEALER, ROTATOR, WORKER};
 use crate::common::aws::Queue;
 use crate::common::production::leaked_fast as leaked;
 use crate::common::{self, aws as aws_helpers, faults as faults_helpers};
@@ -698,4 +699,352 @@ async fn combined_kill_restart_and_stop_keep_every_event_exactly_once() {
     app.finish().await;
     drop(pg);
     step(started, &format!("done (B {b_summary:?}, C {c_summary:?})"));
+}
+
+// ------------------------------------------------------------------ 5. Postgres crash
+
+/// Rows of `vault` and `quarantine` still sealed under a data key that a
+/// finished data-key rotation retired, or under a destroyed key.
+async fn rows_under_retired_keys(app: &TestApp) -> i64 {
+    app.scalar(
+        "WITH retired AS ( \
+           SELECT unnest(old_keys) AS id FROM rotation_jobs \
+           WHERE kind = 'rotate-data-keys' AND finished_at IS NOT NULL \
+           UNION SELECT id FROM vault_keys WHERE state = 'destroyed') \
+         SELECT (SELECT count(*) FROM vault WHERE key_id IN (SELECT id FROM retired)) \
+              + (SELECT count(*) FROM quarantine WHERE key_id IN (SELECT id FROM retired))",
+    )
+    .await
+}
+
+/// Waits until `/readyz` on `port` answers `status` (the worker's checks
+/// are cached for up to 5 s, so this takes up to that long); a 503 must
+/// name the database as what is unreachable.
+async fn readyz_becomes(w: &mut Worker, port: u16, status: u16, when: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        w.assert_running(when);
+        let answer = faults_helpers::http_get(port, "/readyz").await;
+        let got = answer.as_ref().map(|(s, _)| *s);
+        if let Some((503, body)) = &answer {
+            assert!(
+                body.contains("database: unreachable"),
+                "{}'s /readyz: {body}",
+                w.name
+            );
+        }
+        if got == Some(status) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}'s /readyz still says {got:?}, not {status}, {when}",
+            w.name
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The postmaster and every backend are SIGKILLed at once (a crash of the
+/// database's machine or container) while two workers write, a data-key
+/// rotation is halfway (held by row locks on the rows it has yet to do) and
+/// a reveal waits for a lock inside its audited transaction; then the
+/// server starts again and runs crash recovery. The workers keep running
+/// and retry with backoff, `/readyz` says not ready while the database is
+/// away and ready again after; the reveal fails without printing a row (or,
+/// had it committed, printed what its committed audit row says); the
+/// rotation, run again, resumes its job and finishes it; and in the end
+/// every valid event is stored exactly once, none under a key the rotation
+/// retired, with no plaintext in any table, dump, process output or the
+/// server's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_rotation_and_reveal_survive_a_postgres_crash() {
+    if services().is_none() {
+        return;
+    }
+    let started = Instant::now();
+    let pg = PrivatePg::start().await;
+    let n = 3000;
+    let (app, q, ev) = setup(&pg.admin_url, n, 707).await;
+    let first = 1000;
+    let daemon = [
+        "--visibility-timeout",
+        VISIBILITY_SECS,
+        "--concurrency",
+        "2",
+        "--batch-size",
+        "20",
+    ];
+
+    step(started, "workers A and B, the first part");
+    let ports = [free_port(), free_port()];
+    let metrics = ports.map(|p| format!("127.0.0.1:{p}"));
+    let mut a = worker(
+        &app,
+        &q,
+        "A",
+        &[&daemon[..], &["--metrics-addr", &metrics[0]]].concat(),
+    )
+    .await;
+    let mut b = worker(
+        &app,
+        &q,
+        "B",
+        &[&daemon[..], &["--metrics-addr", &metrics[1]]].concat(),
+    )
+    .await;
+    q.send(&ev.bodies[0..first]).await;
+    wait_until(
+        Duration::from_secs(120),
+        "the first part written",
+        || async {
+            db_counts(app.url())
+                .await
+                .filter(|c| c.logins + c.quarantined >= first as i64)
+        },
+    )
+    .await;
+    readyz_becomes(&mut a, ports[0], 200, "before the crash").await;
+    readyz_becomes(&mut b, ports[1], 200, "before the crash").await;
+
+    // The rotation, under a rotator login, in small chunks; once it has
+    // committed some, the rows it has yet to do are locked (by the owner,
+    // skipping those its chunk in progress holds), so that it is halfway
+    // when the server dies.
+    step(started, "rotation");
+    let rotator = app.login_as(ROTATOR).await;
+    let rotate = ["rotate", "data-keys", "--jobs", "2", "--chunk-rows", "10"];
+    let mut rotation = Worker::spawn_as(
+        "rotation",
+        &rotator.name,
+        app.as_login(&rotator).tokio_command(&rotate),
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the rotation's first chunks",
+        || async {
+            let done = app
+                .scalar(
+                    "SELECT coalesce(sum(r.rows_done), 0)::bigint FROM rotation_ranges r \
+                 JOIN rotation_jobs j ON j.id = r.job_id WHERE j.finished_at IS NULL",
+                )
+                .await;
+            (done > 0).then_some(())
+        },
+    )
+    .await;
+    let mut holder = sqlx::PgConnection::connect(app.url()).await.unwrap();
+    let mut held = holder.begin().await.unwrap();
+    let locked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM vault WHERE key_id IN ( \
+           SELECT unnest(old_keys) FROM rotation_jobs \
+           WHERE kind = 'rotate-data-keys' AND finished_at IS NULL) \
+         FOR UPDATE OF vault SKIP LOCKED) held",
+    )
+    .fetch_one(&mut *held)
+    .await
+    .unwrap();
+    rotation.assert_running("before the crash");
+    assert!(
+        locked > 0,
+        "the rotation had nothing left to do; the test proves nothing"
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the rotation to wait for a row lock",
+        || async {
+            faults_helpers::sessions_of(app.url(), &rotator.name)
+                .await
+                .filter(|s| s.iter().any(|s| s.waits_for_a_lock()))
+        },
+    )
+    .await;
+
+    // The reveal, under a revealer login: its audited transaction waits for
+    // the row of its daily quota, which the owner's transaction holds.
+    step(started, "reveal");
+    let revealer = app.login_as(REVEALER).await;
+    let user: String = sqlx::query_scalar("SELECT user_id FROM user_logins LIMIT 1")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO reveal_quota (login, last_at) VALUES ($1, now()) \
+         ON CONFLICT (login) DO UPDATE SET last_at = excluded.last_at",
+    )
+    .bind(&revealer.name)
+    .execute(&mut *held)
+    .await
+    .unwrap();
+    let reveal_args = [
+        "reveal",
+        "--user-id",
+        &user,
+        "--reason",
+        "fault test",
+        "--format",
+        "json",
+    ];
+    let reveal = app
+        .as_login(&revealer)
+        .tokio_command(&reveal_args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reveal = tokio::spawn(reveal.wait_with_output());
+    wait_until(
+        Duration::from_secs(60),
+        "the reveal to wait for a lock",
+        || async {
+            faults_helpers::sessions_of(app.url(), &revealer.name)
+                .await
+                .filter(|s| s.iter().any(|s| s.waits_for_a_lock()))
+        },
+    )
+    .await;
+
+    // The second part, sent while the workers write it and the server dies.
+    let written = counts(&app).await;
+    let crash = async {
+        rows_above(&app, written.logins, Duration::from_secs(60)).await;
+        a.assert_running("before the crash");
+        b.assert_running("before the crash");
+        let before = counts(&app).await;
+        step(started, "crash");
+        pg.crash().await;
+        before
+    };
+    let ((), before_crash) = tokio::join!(q.send(&ev.bodies[first..n]), crash);
+    assert!(
+        before_crash.logins < ev.valid_count(),
+        "the workers had written everything before the crash; the test proves nothing"
+    );
+    drop(held);
+    drop(holder);
+
+    // While it is away: the workers keep running, retry, and are not ready.
+    step(started, "database away");
+    readyz_becomes(&mut a, ports[0], 503, "while the database was away").await;
+    readyz_becomes(&mut b, ports[1], 503, "while the database was away").await;
+    a.assert_running("while the database was away");
+    b.assert_running("while the database was away");
+
+    step(started, "restart: crash recovery");
+    pg.start_again().await;
+    readyz_becomes(&mut a, ports[0], 200, "after the database came back").await;
+    readyz_becomes(&mut b, ports[1], 200, "after the database came back").await;
+    let (retried_a, retried_b) = (occurrences(&a, DB_RETRY), occurrences(&b, DB_RETRY));
+    assert!(
+        retried_a + retried_b > 0,
+        "neither worker retried a write across the crash"
+    );
+
+    // The reveal in flight: nothing shown without its audit row committed.
+    let reveal = tokio::time::timeout(Duration::from_secs(120), reveal)
+        .await
+        .expect("the reveal still runs 120 s after the crash")
+        .unwrap()
+        .unwrap();
+    let revealed = String::from_utf8_lossy(&reveal.stdout).into_owned();
+    let audited = app
+        .scalar(&format!(
+            "SELECT count(*) FROM audit_log WHERE action = 'reveal' AND actor = '{}'",
+            revealer.name
+        ))
+        .await;
+    let reveal_outcome = if reveal.status.success() {
+        assert!(audited == 1 && revealed.contains("\"ip\""), "{revealed}");
+        "served"
+    } else {
+        assert!(revealed.is_empty(), "a failed reveal printed: {revealed}");
+        assert_eq!(audited, 0, "an audit row of a reveal that failed");
+        "failed"
+    };
+    // Run again, it is served and audited.
+    let out = app.as_login(&revealer).ok_output(&reveal_args);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"ip\""));
+    let reveal_stderr = [reveal.stderr, out.stderr].concat();
+
+    // The rotation: its run ends (it cannot hold a job across a crash of
+    // the database); run again, it resumes its job and finishes it.
+    step(started, "rotation again");
+    let status = rotation.wait(Duration::from_secs(120)).await;
+    let again = if status.success() {
+        None
+    } else {
+        assert!(
+            rotation
+                .output()
+                .contains("error: database unreachable or connection lost"),
+            "the rotation failed ({status}) for another reason: {}",
+            rotation.output()
+        );
+        let out = app.as_login(&rotator).ok_output(&rotate);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            stderr.contains("resuming rotate-data-keys job"),
+            "the rerun did not resume the job: {stderr}"
+        );
+        Some(stderr)
+    };
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM rotation_jobs WHERE finished_at IS NULL")
+            .await,
+        0,
+        "the rotation's job is still open"
+    );
+
+    step(started, "drain");
+    wait_until(Duration::from_secs(180), "the queue drained", || async {
+        complete(&app, &q, &ev).await.then_some(())
+    })
+    .await;
+    a.signal("TERM");
+    b.signal("TERM");
+    let sa = a.wait_success(Duration::from_secs(60)).await;
+    let sb = b.wait_success(Duration::from_secs(60)).await;
+    // A batch whose commit reached the disk but whose acknowledgement died
+    // with the server is written again, found there, and counted as a
+    // duplicate: the summaries add up to at least every message, and
+    // store no more than the valid ones.
+    let (stored, duplicates, rejected) = (sa.0 + sb.0, sa.1 + sb.1, sa.2 + sb.2);
+    assert!(
+        stored as i64 <= ev.valid_count() && stored + duplicates + rejected >= n as u64,
+        "the workers' summaries: A {sa:?}, B {sb:?}"
+    );
+
+    step(started, "checking");
+    assert_exactly_once(&app, &q, &ev, &[&a, &b, &rotation]).await;
+    assert_eq!(
+        rows_under_retired_keys(&app).await,
+        0,
+        "rows left under a key the finished rotation retired"
+    );
+    let dump = crate::common::production::pg_dump(app.url(), &app.path("dump.sql")).await;
+    let mut elsewhere = vec![
+        ("a pg_dump of the database", dump),
+        ("the server's log", pg.log().into_bytes()),
+        ("the reveals' stderr", reveal_stderr),
+    ];
+    if let Some(stderr) = again {
+        elsewhere.push(("the second rotation's output", stderr.into_bytes()));
+    }
+    for (what, bytes) in elsewhere {
+        let leaks = leaked(&bytes, &ev.raw);
+        assert!(
+            leaks.is_empty(),
+            "{what} holds {} plaintext values",
+            leaks.len()
+        );
+    }
+    app.finish().await;
+    drop(pg);
+    step(
+        started,
+        &format!(
+            "done (A {sa:?}, B {sb:?}, retries {retried_a} + {retried_b}, reveal {reveal_outcome}, \
+             rotation {status})"
+        ),
+    );
 }
