@@ -207,14 +207,18 @@ impl PrivatePg {
         // Some may be gone already (a backend whose client left): its
         // failure is no failure; that all are gone is checked below.
         let _ = kill.stderr(Stdio::null()).status().unwrap();
-        wait_until(Duration::from_secs(30), "every process of the cluster gone", || async {
-            let left: Vec<u32> = doomed.iter().copied().filter(|p| alive(*p)).collect();
-            if left.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("still alive: {left:?}"))
-            }
-        })
+        wait_until(
+            Duration::from_secs(30),
+            "every process of the cluster gone",
+            || async {
+                let left: Vec<u32> = doomed.iter().copied().filter(|p| alive(*p)).collect();
+                if left.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("still alive: {left:?}"))
+                }
+            },
+        )
         .await;
     }
 }
@@ -411,6 +415,9 @@ impl Session {
     }
 }
 
+/// `pid, state, wait_event_type, query` of `pg_stat_activity`.
+type SessionRow = (i32, Option<String>, Option<String>, Option<String>);
+
 /// The sessions of the login user `login` in the database of `url` (a
 /// superuser's or the owner's URL, who see every session's state); `None`
 /// while the database cannot be reached.
@@ -419,7 +426,7 @@ pub async fn sessions_of(url: &str, login: &str) -> Option<Vec<Session>> {
         .await
         .ok()?
         .ok()?;
-    let rows: Vec<(i32, Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+    let rows: Vec<SessionRow> = sqlx::query_as(
         "SELECT pid, state, wait_event_type, query FROM pg_stat_activity \
          WHERE datname = current_database() AND usename = $1",
     )
@@ -445,13 +452,17 @@ pub async fn sessions_of(url: &str, login: &str) -> Option<Vec<Session>> {
 /// backends only when it next reads from the dead connection, so a
 /// statement the process had sent may still commit until then.
 pub async fn wait_sessions_gone(url: &str, login: &str, limit: Duration) {
-    wait_until(limit, &format!("the sessions of {login} to end"), || async {
-        match sessions_of(url, login).await {
-            Some(s) if s.is_empty() => Ok(()),
-            Some(s) => Err(format!("{s:?}")),
-            None => Err("the database does not answer".into()),
-        }
-    })
+    wait_until(
+        limit,
+        &format!("the sessions of {login} to end"),
+        || async {
+            match sessions_of(url, login).await {
+                Some(s) if s.is_empty() => Ok(()),
+                Some(s) => Err(format!("{s:?}")),
+                None => Err("the database does not answer".into()),
+            }
+        },
+    )
     .await
 }
 
