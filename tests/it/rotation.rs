@@ -2,8 +2,8 @@
 //! while the rotations run; and on Postgres at scale: rotations stopped,
 //! killed and resumed, parallel ranges, a worker writing meanwhile.
 
-use crate::common::app::{Bin, TestApp, ROTATOR, WORKER};
 use crate::common;
+use crate::common::app::{Bin, TestApp, ROTATOR, WORKER};
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -712,9 +712,14 @@ async fn a_killed_token_key_rotation_keeps_its_version_and_resumes() {
 
     let rot = rotator(&pg).await;
     for stop in ["2", "3"] {
-        let out = rot
-            .env("PII_VAULT_TEST_STOP_AFTER_CHUNKS", stop)
-            .run(&["rotate", "token-key", "--jobs", "3", "--chunk-rows", "100"]);
+        let out = rot.env("PII_VAULT_TEST_STOP_AFTER_CHUNKS", stop).run(&[
+            "rotate",
+            "token-key",
+            "--jobs",
+            "3",
+            "--chunk-rows",
+            "100",
+        ]);
         assert!(!out.status.success());
         assert!(
             stderr_of(&out).contains("stopped after"),
@@ -818,10 +823,12 @@ async fn parallel_ranges_match_one_range_while_a_worker_writes() {
     versions_revealed(&four, &first);
     one.finish().await;
 
-    // Online: a worker feeds more events while both rotations run.
+    // Online: a worker login feeds more events while a rotator login runs
+    // both rotations.
     let name = "later.jsonl";
     std::fs::write(four.path(name), &later).unwrap();
     let worker = four
+        .as_login(&four.login_as(WORKER).await)
         .command(&[
             "run",
             "--from-file",
@@ -842,8 +849,9 @@ async fn parallel_ranges_match_one_range_while_a_worker_writes() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    four.ok(&["rotate", "token-key", "--jobs", "4", "--chunk-rows", "50"]);
-    four.ok(&["rotate", "data-keys", "--jobs", "4", "--chunk-rows", "50"]);
+    let rot = rotator(&four).await;
+    rot.ok(&["rotate", "token-key", "--jobs", "4", "--chunk-rows", "50"]);
+    rot.ok(&["rotate", "data-keys", "--jobs", "4", "--chunk-rows", "50"]);
     let out = worker.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert_eq!(four.scalar("SELECT count(*) FROM user_logins").await, 4500);
