@@ -35,6 +35,7 @@ use faults_helpers::{
     db_counts, free_port, wait_until, DbCounts, Events, PrivatePg, Proxy, ProxyMode, Worker,
 };
 use sqlx::Connection as _;
+use tokio::io::AsyncWriteExt as _;
 
 /// How long a message received by a worker stays invisible to the others
 /// in these tests (`run --visibility-timeout`), instead of the default 120 s.
@@ -746,12 +747,14 @@ async fn readyz_becomes(w: &mut Worker, port: u16, status: u16, when: &str) {
 }
 
 /// The postmaster and every backend are SIGKILLed at once (a crash of the
-/// database's machine or container) while two workers write, a data-key
-/// rotation is halfway (held by row locks on the rows it has yet to do) and
-/// a reveal waits for a lock inside its audited transaction; then the
-/// server starts again and runs crash recovery. The workers keep running
-/// and retry with backoff, `/readyz` says not ready while the database is
-/// away and ready again after; the reveal fails without printing a row (or,
+/// database's machine or container) while two SQS workers write, a file
+/// worker waits for more of its input (which comes while the database is
+/// away), a data-key rotation is halfway (held by row locks on the rows it
+/// has yet to do) and a reveal waits for a lock inside its audited
+/// transaction; then the server starts again and runs crash recovery. The
+/// workers keep running and retry with backoff (the file worker with the
+/// input it got meanwhile), the SQS workers' `/readyz` says not ready while
+/// the database is away and ready again after; the reveal fails without printing a row (or,
 /// had it committed, printed what its committed audit row says); the
 /// rotation, run again, resumes its job and finishes it; and in the end
 /// every valid event is stored exactly once, none under a key the rotation
@@ -764,9 +767,12 @@ async fn workers_rotation_and_reveal_survive_a_postgres_crash() {
     }
     let started = Instant::now();
     let pg = PrivatePg::start().await;
-    let n = 3000;
+    let n = 3600;
     let (app, q, ev) = setup(&pg.admin_url, n, 707).await;
-    let first = 1000;
+    // Through SQS: 0..first before the crash, first..sqs while it happens.
+    // Through a file worker's stdin: sqs..half before, half..n after.
+    let (first, sqs, half) = (1000, 3000, 3300);
+    let lines = |r: std::ops::Range<usize>| ev.bodies[r].join("\n") + "\n";
     let daemon = [
         "--visibility-timeout",
         VISIBILITY_SECS,
@@ -793,14 +799,35 @@ async fn workers_rotation_and_reveal_survive_a_postgres_crash() {
         &[&daemon[..], &["--metrics-addr", &metrics[1]]].concat(),
     )
     .await;
+    step(started, "file worker F");
+    let file_login = app.login_as(WORKER).await;
+    let mut f_cmd = app.as_login(&file_login).tokio_command(&[
+        "run",
+        "--from-file",
+        "-",
+        "--source-id",
+        "crash-stdin",
+        "--no-progress",
+        "--batch-size",
+        "20",
+    ]);
+    f_cmd.stdin(std::process::Stdio::piped());
+    let mut f = Worker::spawn_as("F", &file_login.name, f_cmd);
+    let mut f_input = f.take_stdin().expect("F's stdin");
+    f_input
+        .write_all(lines(sqs..half).as_bytes())
+        .await
+        .unwrap();
+    f_input.flush().await.unwrap();
     q.send(&ev.bodies[0..first]).await;
+    let before_part = (first + half - sqs) as i64;
     wait_until(
         Duration::from_secs(120),
         "the first part written",
         || async {
             db_counts(app.url())
                 .await
-                .filter(|c| c.logins + c.quarantined >= first as i64)
+                .filter(|c| c.logins + c.quarantined >= before_part)
         },
     )
     .await;
@@ -915,7 +942,7 @@ async fn workers_rotation_and_reveal_survive_a_postgres_crash() {
         pg.crash().await;
         before
     };
-    let ((), before_crash) = tokio::join!(q.send(&ev.bodies[first..n]), crash);
+    let ((), before_crash) = tokio::join!(q.send(&ev.bodies[first..sqs]), crash);
     assert!(
         before_crash.logins < ev.valid_count(),
         "the workers had written everything before the crash; the test proves nothing"
@@ -924,7 +951,12 @@ async fn workers_rotation_and_reveal_survive_a_postgres_crash() {
     drop(holder);
 
     // While it is away: the workers keep running, retry, and are not ready.
+    // F gets the rest of its input now, and must retry its writes.
     step(started, "database away");
+    let f_retries = occurrences(&f, DB_RETRY);
+    f_input.write_all(lines(half..n).as_bytes()).await.unwrap();
+    drop(f_input);
+    retried_since(&mut f, f_retries).await;
     readyz_becomes(&mut a, ports[0], 503, "while the database was away").await;
     readyz_becomes(&mut b, ports[1], 503, "while the database was away").await;
     a.assert_running("while the database was away");
@@ -1004,18 +1036,21 @@ async fn workers_rotation_and_reveal_survive_a_postgres_crash() {
     b.signal("TERM");
     let sa = a.wait_success(Duration::from_secs(60)).await;
     let sb = b.wait_success(Duration::from_secs(60)).await;
+    // F ends at the end of its input.
+    let sf = f.wait_success(Duration::from_secs(60)).await;
     // A batch whose commit reached the disk but whose acknowledgement died
     // with the server is written again, found there, and counted as a
     // duplicate: the summaries add up to at least every message, and
     // store no more than the valid ones.
-    let (stored, duplicates, rejected) = (sa.0 + sb.0, sa.1 + sb.1, sa.2 + sb.2);
+    let (stored, duplicates, rejected) =
+        (sa.0 + sb.0 + sf.0, sa.1 + sb.1 + sf.1, sa.2 + sb.2 + sf.2);
     assert!(
         stored as i64 <= ev.valid_count() && stored + duplicates + rejected >= n as u64,
-        "the workers' summaries: A {sa:?}, B {sb:?}"
+        "the workers' summaries: A {sa:?}, B {sb:?}, F {sf:?}"
     );
 
     step(started, "checking");
-    assert_exactly_once(&app, &q, &ev, &[&a, &b, &rotation]).await;
+    assert_exactly_once(&app, &q, &ev, &[&a, &b, &f, &rotation]).await;
     assert_eq!(
         rows_under_retired_keys(&app).await,
         0,
@@ -1043,8 +1078,8 @@ async fn workers_rotation_and_reveal_survive_a_postgres_crash() {
     step(
         started,
         &format!(
-            "done (A {sa:?}, B {sb:?}, retries {retried_a} + {retried_b}, reveal {reveal_outcome}, \
-             rotation {status})"
+            "done (A {sa:?}, B {sb:?}, F {sf:?}, retries {retried_a} + {retried_b}, \
+             reveal {reveal_outcome}, rotation {status})"
         ),
     );
 }

@@ -599,6 +599,12 @@ impl Worker {
             .unwrap_or_else(|| panic!("{} runs as no login of its own", self.name))
     }
 
+    /// Its stdin, when the command was given a piped one
+    /// (`run --from-file -`); dropping it is the end of the input.
+    pub fn take_stdin(&mut self) -> Option<tokio::process::ChildStdin> {
+        self.child.stdin.take()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id().expect("worker still running")
     }
