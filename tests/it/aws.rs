@@ -129,10 +129,18 @@ async fn kms_rewrap_moves_a_key_to_another_kms_key() {
         } else {
             KeyPurpose::Vault
         };
-        assert!(second.unwrap(other, &moved).await.is_err());
+        // KMS refuses the other purpose's encryption context as it would
+        // a tampered blob: InvalidCiphertextException.
+        let unwrapped = second.unwrap(other, &moved).await;
         assert!(
-            second.rewrap(other, &wrapped).await.is_err(),
-            "rewrap must check the source purpose"
+            matches!(unwrapped, Err(WrapError::Unwrap)),
+            "unwrap under the other purpose: {:?}",
+            unwrapped.map(|_| "a key")
+        );
+        let rewrapped = second.rewrap(other, &wrapped).await;
+        assert!(
+            matches!(rewrapped, Err(WrapError::Unwrap)),
+            "rewrap must check the source purpose: {rewrapped:?}"
         );
     }
 }
@@ -175,8 +183,18 @@ async fn kms_missing_or_disabled_key_is_one_clear_error() {
     assert!(text.contains("Disabled") && text.contains(&id), "{text}");
     assert!(!err.is_transient());
     // A worker already connected finds out at its next check.
-    assert!(wrapper.check().await.is_err());
-    assert!(wrapper.generate(KeyPurpose::Vault).await.is_err());
+    let disabled = |r: Result<(), WrapError>, what: &str| match r {
+        Err(e) => assert!(
+            !e.is_transient() && e.to_string().contains("Disabled"),
+            "{what}: refused, but not as a disabled key: {e}"
+        ),
+        Ok(()) => panic!("{what} with a disabled key succeeded"),
+    };
+    disabled(wrapper.check().await, "check");
+    disabled(
+        wrapper.generate(KeyPurpose::Vault).await.map(|_| ()),
+        "generate",
+    );
 }
 
 // ------------------------------------------------------------------- SQS

@@ -49,9 +49,17 @@ fn originals(gen: &common::Generated) -> (Vec<Option<Original>>, usize) {
         .enumerate()
         .map(|(i, line)| {
             if broken.contains(&i) {
+                // Rejected as an event, with a reason that names no value.
+                let Err(rejection) = LoginEvent::parse(line.as_bytes()) else {
+                    panic!("line {i}, broken by the generator, parses");
+                };
+                let raw = common::raw_pii(line);
+                let leaks = common::leaked(rejection.to_string().as_bytes(), &raw);
                 assert!(
-                    LoginEvent::parse(line.as_bytes()).is_err(),
-                    "line {i}, broken by the generator, parses"
+                    !rejection.code().is_empty() && leaks.is_empty(),
+                    "line {i}: rejection {} ({}) quotes a value",
+                    rejection.code(),
+                    leaks.len()
                 );
                 return None;
             }

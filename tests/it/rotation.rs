@@ -2,7 +2,8 @@
 //! while the rotations run; and on Postgres at scale: rotations stopped,
 //! killed and resumed, parallel ranges, a worker writing meanwhile.
 
-use crate::common::{self, app::TestApp};
+use crate::common;
+use crate::common::app::{Bin, TestApp, ROTATOR, WORKER};
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -464,23 +465,31 @@ async fn rotations_skip_and_report_rows_they_cannot_open() {
 
 // ------------------------------------------------- Postgres: at scale
 
-/// A fixture whose Postgres database the binary loaded with `events`, as
-/// the owner (`migrate`, a policy for the many reveals of the checks, a
-/// `run --from-file`); `None` (skip) without a test cluster.
+/// A fixture whose Postgres database the binary loaded with `events`: the
+/// owner runs `migrate` and sets a policy for the many reveals of the
+/// checks, a worker login runs `run --from-file`; `None` (skip) without a
+/// test cluster.
 async fn loaded(events: &str) -> Option<TestApp> {
     let app = TestApp::postgres().await?;
     app.ok(&["migrate"]);
     app.ok(&["policy", "set", "--max-reveals-per-day", "100000"]);
     let name = format!("events-{}.jsonl", uuid::Uuid::new_v4().simple());
     app.write(&name, events);
-    app.ok(&["run", "--from-file", &name, "--source-id", &name]);
+    let worker = app.login_as(WORKER).await;
+    app.as_login(&worker)
+        .ok(&["run", "--from-file", &name, "--source-id", &name]);
     Some(app)
 }
 
-/// Runs pii-vault with `args` and SIGKILLs it once the open job has done
-/// `rows` rows (within a minute, before it ends by itself).
-async fn kill_once_done(app: &TestApp, args: &[&str], rows: i64) -> Output {
-    let mut child = app.command(args).stderr(Stdio::piped()).spawn().unwrap();
+/// The binary as a rotator login of its own, as a rotation job runs.
+async fn rotator(app: &TestApp) -> Bin {
+    app.as_login(&app.login_as(ROTATOR).await)
+}
+
+/// Runs `bin` with `args` and SIGKILLs it once the open job of `app` has
+/// done `rows` rows (within a minute, before it ends by itself).
+async fn kill_once_done(app: &TestApp, bin: &Bin, args: &[&str], rows: i64) -> Output {
+    let mut child = bin.command(args).stderr(Stdio::piped()).spawn().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while rows_done(app).await < rows {
         assert!(
@@ -597,7 +606,8 @@ async fn a_killed_data_key_rotation_resumes_where_it_stopped() {
         .await;
 
     // 1. Stopped by the test hook after 3 chunks of 100 rows.
-    let out = pg.bin().env("PII_VAULT_TEST_STOP_AFTER_CHUNKS", "3").run(&[
+    let rot = rotator(&pg).await;
+    let out = rot.env("PII_VAULT_TEST_STOP_AFTER_CHUNKS", "3").run(&[
         "rotate",
         "data-keys",
         "--jobs",
@@ -630,6 +640,7 @@ async fn a_killed_data_key_rotation_resumes_where_it_stopped() {
     // 2. A real SIGKILL once it has made progress of its own.
     let killed = kill_once_done(
         &pg,
+        &rot,
         &["rotate", "data-keys", "--jobs", "2", "--chunk-rows", "50"],
         done1 + 500,
     )
@@ -645,7 +656,7 @@ async fn a_killed_data_key_rotation_resumes_where_it_stopped() {
     assert!(done2 < total, "killed before the end: {done2}");
 
     // 3. The rerun finishes the rest, and only the rest.
-    let stderr = pg.ok(&["rotate", "data-keys", "--jobs", "2", "--chunk-rows", "200"]);
+    let stderr = rot.ok(&["rotate", "data-keys", "--jobs", "2", "--chunk-rows", "200"]);
     assert!(stderr.contains("resuming rotate-data-keys job"), "{stderr}");
     let resealed = count_after(&stderr, "re-encrypted");
     assert_eq!(done2 + resealed, total, "{stderr}");
@@ -699,11 +710,16 @@ async fn a_killed_token_key_rotation_keeps_its_version_and_resumes() {
     };
     assert_eq!(versions().await, ["1:active"]);
 
+    let rot = rotator(&pg).await;
     for stop in ["2", "3"] {
-        let out = pg
-            .bin()
-            .env("PII_VAULT_TEST_STOP_AFTER_CHUNKS", stop)
-            .run(&["rotate", "token-key", "--jobs", "3", "--chunk-rows", "100"]);
+        let out = rot.env("PII_VAULT_TEST_STOP_AFTER_CHUNKS", stop).run(&[
+            "rotate",
+            "token-key",
+            "--jobs",
+            "3",
+            "--chunk-rows",
+            "100",
+        ]);
         assert!(!out.status.success());
         assert!(
             stderr_of(&out).contains("stopped after"),
@@ -728,6 +744,7 @@ async fn a_killed_token_key_rotation_keeps_its_version_and_resumes() {
 
     let killed = kill_once_done(
         &pg,
+        &rot,
         &["rotate", "token-key", "--jobs", "2", "--chunk-rows", "50"],
         done1 + 500,
     )
@@ -737,7 +754,7 @@ async fn a_killed_token_key_rotation_keeps_its_version_and_resumes() {
     let done2 = settled_rows_done(&pg).await;
     assert!(done2 < total);
 
-    let stderr = pg.ok(&["rotate", "token-key"]);
+    let stderr = rot.ok(&["rotate", "token-key"]);
     assert!(stderr.contains("resuming rotate-token-key job"), "{stderr}");
     assert!(stderr.contains("token key v2 is current"), "{stderr}");
     assert_eq!(
@@ -806,10 +823,12 @@ async fn parallel_ranges_match_one_range_while_a_worker_writes() {
     versions_revealed(&four, &first);
     one.finish().await;
 
-    // Online: a worker feeds more events while both rotations run.
+    // Online: a worker login feeds more events while a rotator login runs
+    // both rotations.
     let name = "later.jsonl";
     std::fs::write(four.path(name), &later).unwrap();
     let worker = four
+        .as_login(&four.login_as(WORKER).await)
         .command(&[
             "run",
             "--from-file",
@@ -830,8 +849,9 @@ async fn parallel_ranges_match_one_range_while_a_worker_writes() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    four.ok(&["rotate", "token-key", "--jobs", "4", "--chunk-rows", "50"]);
-    four.ok(&["rotate", "data-keys", "--jobs", "4", "--chunk-rows", "50"]);
+    let rot = rotator(&four).await;
+    rot.ok(&["rotate", "token-key", "--jobs", "4", "--chunk-rows", "50"]);
+    rot.ok(&["rotate", "data-keys", "--jobs", "4", "--chunk-rows", "50"]);
     let out = worker.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert_eq!(four.scalar("SELECT count(*) FROM user_logins").await, 4500);

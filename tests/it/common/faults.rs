@@ -1,8 +1,10 @@
 //! Helpers for the fault tests (`faults.rs`): a private PostgreSQL cluster
-//! that a test may stop and start without disturbing the shared one, a TCP
-//! proxy that can cut the worker off from LocalStack, worker processes
-//! (started from the fixture's command) whose output is captured while they
-//! run, and what the checks every fault test ends with read.
+//! at production settings that a test may stop, crash and start without
+//! disturbing the shared one, a TCP proxy that can cut the worker off from
+//! LocalStack, worker processes (started from the fixture's command) whose
+//! output is captured while they run, what the database says about the
+//! sessions of a login, and what the checks every fault test ends with
+//! read.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -38,8 +40,12 @@ pub fn is_root() -> bool {
 /// `scripts/services.sh`: `initdb` in a fresh temporary directory (owned by
 /// `postgres` when running as root), 127.0.0.1 only, its unix socket inside
 /// that directory, trust auth, settings in its `postgresql.conf` so that it
-/// comes back on the same port. Stopping it breaks nobody else's test.
-/// Dropped: stopped (`-m immediate`) and removed.
+/// comes back on the same port. Unlike the shared one it runs durable, as
+/// production does (`fsync`, `synchronous_commit` and `full_page_writes`
+/// on), so that a commit acknowledged before a crash is there after crash
+/// recovery, and one that was not acknowledged may be or may not. Stopping
+/// or crashing it breaks nobody else's test. Dropped: stopped (`-m
+/// immediate`) and removed.
 pub struct PrivatePg {
     dir: tempfile::TempDir,
     pub port: u16,
@@ -81,8 +87,8 @@ impl PrivatePg {
             let conf = format!(
                 "{base_conf}\n# pii-vault fault-test cluster\n\
                  listen_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\n\
-                 max_connections = 100\nfsync = off\nsynchronous_commit = off\n\
-                 full_page_writes = off\nlog_min_messages = warning\n",
+                 max_connections = 100\nfsync = on\nsynchronous_commit = on\n\
+                 full_page_writes = on\nlog_min_messages = warning\n",
                 pg.port,
                 pg.dir.path().display()
             );
@@ -90,6 +96,7 @@ impl PrivatePg {
             std::fs::write(data.join("postgresql.conf"), conf).unwrap();
             if pg.ctl(&["start"]).await.success() {
                 pg.admin_url = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
+                pg.assert_durable().await;
                 return pg;
             }
         }
@@ -133,10 +140,129 @@ impl PrivatePg {
         );
     }
 
-    /// Starts it again on the same port and waits until it accepts connections.
+    /// Starts it again on the same port and waits until it accepts connections
+    /// (after a crash: once crash recovery has replayed the WAL).
     pub async fn start_again(&self) {
-        assert!(self.ctl(&["start"]).await.success(), "pg_ctl start");
+        assert!(
+            self.ctl(&["start"]).await.success(),
+            "pg_ctl start; the server's log:\n{}",
+            self.log()
+        );
     }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    /// Asserts that the server runs with the durability settings of
+    /// production, as `SHOW` reports them (a later `postgresql.conf` line
+    /// or an override elsewhere would win over ours).
+    async fn assert_durable(&self) {
+        let mut c = PgConnection::connect(&self.admin_url).await.unwrap();
+        let settings: (String, String, String) = sqlx::query_as(
+            "SELECT current_setting('fsync'), current_setting('synchronous_commit'), \
+                    current_setting('full_page_writes')",
+        )
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+        c.close().await.ok();
+        assert_eq!(
+            settings,
+            ("on".into(), "on".into(), "on".into()),
+            "fsync, synchronous_commit, full_page_writes"
+        );
+    }
+
+    /// Crashes the server: SIGKILL to the postmaster and every process it
+    /// started (backends, checkpointer, WAL writer, …) at once, as when the
+    /// machine or the container dies: nothing is flushed, no backend says
+    /// goodbye to its client, and the next start runs crash recovery.
+    /// Returns once none of those processes is left.
+    pub async fn crash(&self) {
+        let pid_file = self.dir.path().join("data").join("postmaster.pid");
+        let postmaster: u32 = std::fs::read_to_string(&pid_file)
+            .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()))
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("the postmaster's pid on the first line of postmaster.pid");
+        let mut doomed = vec![postmaster];
+        doomed.extend(children_of(postmaster));
+        assert!(
+            doomed.len() > 2,
+            "the postmaster {postmaster} has no children: is the server running?"
+        );
+        // `pg_ctl start` makes the postmaster a session (and group) leader;
+        // its children stay in its group. One kill(2) to the group reaches
+        // them all at once; the list covers any that left it.
+        let group = process_group(postmaster);
+        let mut kill = std::process::Command::new("kill");
+        kill.arg("-KILL").arg("--");
+        if group == Some(postmaster) {
+            kill.arg(format!("-{postmaster}"));
+        }
+        kill.args(doomed.iter().map(u32::to_string));
+        // Some may be gone already (a backend whose client left): its
+        // failure is no failure; that all are gone is checked below.
+        let _ = kill.stderr(Stdio::null()).status().unwrap();
+        wait_until(
+            Duration::from_secs(30),
+            "every process of the cluster gone",
+            || async {
+                let left: Vec<u32> = doomed.iter().copied().filter(|p| alive(*p)).collect();
+                if left.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("still alive: {left:?}"))
+                }
+            },
+        )
+        .await;
+    }
+}
+
+/// The pids of the processes whose parent is `parent` (from `/proc`).
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if proc_stat(pid).is_some_and(|s| s.ppid == parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// What `/proc/PID/stat` says of a process: its state, parent and group.
+struct ProcStat {
+    state: char,
+    ppid: u32,
+    pgrp: u32,
+}
+
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "PID (COMM) STATE PPID PGRP …": COMM may hold spaces and parentheses.
+    let rest = &text[text.rfind(')')? + 2..];
+    let mut f = rest.split(' ');
+    Some(ProcStat {
+        state: f.next()?.chars().next()?,
+        ppid: f.next()?.parse().ok()?,
+        pgrp: f.next()?.parse().ok()?,
+    })
+}
+
+fn process_group(pid: u32) -> Option<u32> {
+    proc_stat(pid).map(|s| s.pgrp)
+}
+
+/// Whether `pid` is a process that has not exited (a zombie has).
+fn alive(pid: u32) -> bool {
+    proc_stat(pid).is_some_and(|s| s.state != 'Z' && s.state != 'X')
 }
 
 impl Drop for PrivatePg {
@@ -271,6 +397,75 @@ pub async fn database_bytes(url: &str) -> Vec<u8> {
     out
 }
 
+/// One session of a login, as `pg_stat_activity` shows it.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub pid: i32,
+    pub state: Option<String>,
+    /// `Lock` while it waits for a lock another session holds.
+    pub wait_event_type: Option<String>,
+    pub query: Option<String>,
+}
+
+impl Session {
+    /// Whether it is waiting for a lock (a heavyweight lock: a table, a
+    /// row's transaction, …).
+    pub fn waits_for_a_lock(&self) -> bool {
+        self.wait_event_type.as_deref() == Some("Lock")
+    }
+}
+
+/// `pid, state, wait_event_type, query` of `pg_stat_activity`.
+type SessionRow = (i32, Option<String>, Option<String>, Option<String>);
+
+/// The sessions of the login user `login` in the database of `url` (a
+/// superuser's or the owner's URL, who see every session's state); `None`
+/// while the database cannot be reached.
+pub async fn sessions_of(url: &str, login: &str) -> Option<Vec<Session>> {
+    let mut c = tokio::time::timeout(Duration::from_secs(5), PgConnection::connect(url))
+        .await
+        .ok()?
+        .ok()?;
+    let rows: Vec<SessionRow> = sqlx::query_as(
+        "SELECT pid, state, wait_event_type, query FROM pg_stat_activity \
+         WHERE datname = current_database() AND usename = $1",
+    )
+    .bind(login)
+    .fetch_all(&mut c)
+    .await
+    .ok()?;
+    c.close().await.ok();
+    Some(
+        rows.into_iter()
+            .map(|(pid, state, wait_event_type, query)| Session {
+                pid,
+                state,
+                wait_event_type,
+                query,
+            })
+            .collect(),
+    )
+}
+
+/// Waits until the login user `login` has no session left in the database
+/// of `url`: after its process was killed, the server ends each of its
+/// backends only when it next reads from the dead connection, so a
+/// statement the process had sent may still commit until then.
+pub async fn wait_sessions_gone(url: &str, login: &str, limit: Duration) {
+    wait_until(
+        limit,
+        &format!("the sessions of {login} to end"),
+        || async {
+            match sessions_of(url, login).await {
+                Some(s) if s.is_empty() => Ok(()),
+                Some(s) => Err(format!("{s:?}")),
+                None => Err("the database does not answer".into()),
+            }
+        },
+    )
+    .await
+}
+
 // ------------------------------------------------------------------ events
 
 /// A generated input: the message bodies and what a run must make of them.
@@ -344,6 +539,9 @@ impl Events {
 /// Dropped while still running: killed.
 pub struct Worker {
     pub name: String,
+    /// The database login it runs as, when it has one of its own
+    /// ([`Worker::spawn_as`]): whose sessions `pg_stat_activity` shows.
+    pub login: Option<String>,
     child: Child,
     output: Arc<Mutex<Vec<u8>>>,
     readers: Vec<tokio::task::JoinHandle<()>>,
@@ -379,10 +577,32 @@ impl Worker {
         }
         Worker {
             name: name.to_string(),
+            login: None,
             child,
             output,
             readers,
         }
+    }
+
+    /// [`Worker::spawn`] of a command that runs as the database login
+    /// `login` (the fixture's `as_login`), which no other process uses.
+    pub fn spawn_as(name: &str, login: &str, cmd: Command) -> Worker {
+        let mut w = Worker::spawn(name, cmd);
+        w.login = Some(login.to_string());
+        w
+    }
+
+    /// Its login ([`Worker::spawn_as`]).
+    pub fn login(&self) -> &str {
+        self.login
+            .as_deref()
+            .unwrap_or_else(|| panic!("{} runs as no login of its own", self.name))
+    }
+
+    /// Its stdin, when the command was given a piped one
+    /// (`run --from-file -`); dropping it is the end of the input.
+    pub fn take_stdin(&mut self) -> Option<tokio::process::ChildStdin> {
+        self.child.stdin.take()
     }
 
     pub fn pid(&self) -> u32 {
@@ -480,21 +700,37 @@ impl Drop for Worker {
 
 // ------------------------------------------------------------------ metrics
 
-/// The body of `GET /metrics` on 127.0.0.1:`port`, if it answers.
+/// The body of `GET /metrics` on 127.0.0.1:`port`, if it answers 200.
 pub async fn scrape(port: u16) -> Option<String> {
+    match http_get(port, "/metrics").await {
+        Some((200, body)) => Some(body),
+        _ => None,
+    }
+}
+
+/// The status of `GET /readyz` on 127.0.0.1:`port` (200 ready, 503 not),
+/// if it answers at all.
+pub async fn readyz(port: u16) -> Option<u16> {
+    http_get(port, "/readyz").await.map(|(status, _)| status)
+}
+
+/// `GET path` on 127.0.0.1:`port`: the status and the body, if it answers
+/// within 10 s (a `/readyz` check takes up to 3 s).
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use tokio::io::AsyncWriteExt;
     let fetch = async {
         let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
             .await
             .ok()?;
         let mut out = Vec::new();
         s.read_to_end(&mut out).await.ok()?;
         let text = String::from_utf8(out).ok()?;
         let (head, body) = text.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+        let status = head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+        Some((status, body.to_string()))
     };
-    tokio::time::timeout(Duration::from_secs(5), fetch)
+    tokio::time::timeout(Duration::from_secs(10), fetch)
         .await
         .ok()
         .flatten()

@@ -412,8 +412,23 @@ async fn a_reveal_touching_a_honeytoken_is_served_and_raises_an_alarm_only_the_o
         .bin()
         .env("PII_VAULT_LOG_FORMAT", "json")
         .spawn(&["audit", "--alarms", "--follow", "--format", "json"]);
-    // Give it the moment it needs to LISTEN.
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // Wait until it listens: a session of the binary whose last statement
+    // was its LISTEN (the test's own listener sets no application name).
+    common::wait_until(
+        std::time::Duration::from_secs(60),
+        "audit --follow to LISTEN",
+        || async {
+            let listening = app
+                .scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND application_name = 'pii-vault' \
+                       AND query LIKE 'LISTEN %pii_vault_alarm%'",
+                )
+                .await;
+            (listening > 0).then_some(())
+        },
+    )
+    .await;
 
     // The revealer is served as for any user, and told nothing.
     let reveal = [
