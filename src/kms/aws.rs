@@ -113,9 +113,9 @@ fn count(operation: &'static str) {
         .inc();
 }
 
-fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R>(
+fn classify<E: ProvideErrorMetadata + std::fmt::Debug>(
     op: &str,
-    e: SdkError<E, R>,
+    e: SdkError<E, aws_sdk_kms::config::http::HttpResponse>,
 ) -> WrapError {
     match &e {
         SdkError::TimeoutError(_) => WrapError::Transient(format!("KMS {op}: timed out")),
@@ -131,6 +131,10 @@ fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R>(
                 "KMS {op}: {code} ({})",
                 s.err().message().unwrap_or("no message")
             );
+            // A 5xx is KMS's (or a proxy's) fault whatever its body says.
+            if s.raw().status().is_server_error() {
+                return WrapError::Transient(msg);
+            }
             match code {
                 "ThrottlingException"
                 | "KMSInternalException"

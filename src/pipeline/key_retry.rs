@@ -82,3 +82,45 @@ impl Pipeline {
         }
     }
 }
+
+/// Runs `op` (a step that calls KMS: checking the key-encryption key,
+/// unwrapping the token key) until it succeeds, fails permanently, or
+/// `cancel` fires while waiting; transient faults are counted as retries of
+/// `kms` in `stats` and logged. For a worker's start-up, before the
+/// pipeline exists: meanwhile `/readyz` says not ready.
+pub async fn retry_kms<T, F, Fut>(
+    what: &str,
+    backoff: crate::retry::Backoff,
+    stats: &super::Stats,
+    cancel: &CancellationToken,
+    mut op: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        match op().await {
+            Ok(v) => {
+                if attempt > 0 {
+                    tracing::info!(attempts = attempt + 1, "{what}: KMS answers again");
+                }
+                return Ok(v);
+            }
+            Err(e) if keys::anyhow_is_transient(&e) => {
+                attempt += 1;
+                stats.retry("kms");
+                tracing::warn!(error = %format!("{e:#}"), attempt, "{what}: KMS does not answer, retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.delay(attempt)) => {}
+                    _ = cancel.cancelled() => return Err(e),
+                }
+            }
+            Err(e) => {
+                stats.error("kms");
+                return Err(e);
+            }
+        }
+    }
+}

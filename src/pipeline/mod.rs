@@ -16,6 +16,7 @@
 //! source (SQS makes it visible again after the visibility timeout).
 
 mod key_retry;
+pub use key_retry::retry_kms;
 pub mod keys;
 pub mod protect;
 pub mod stats;
