@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::io::Write;
 
+use anyhow::Context as _;
 use futures::{FutureExt as _, StreamExt as _};
 use serde::Serialize;
 
@@ -71,6 +72,16 @@ pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
         }
     };
     let wrapper = super::open_wrapper(cli).await?;
+    // Every key the rows need is unwrapped before the fetch marks the
+    // request fetched: a KMS fault fails the reveal here, with nothing
+    // shown and the request still unfetched (it can be fetched within the
+    // hour once KMS answers, `--request` for an approved one).
+    let mut reader = VaultReader::new(store.clone(), wrapper);
+    for key_id in store.reveal_keys(record).await? {
+        reader.data_key(&key_id).await.with_context(|| {
+            format!("nothing was revealed: the keys of {selector} cannot be unwrapped (record {record} stays unfetched)")
+        })?;
+    }
     let mut rows = Some(store.reveal_fetch(record).await?);
     // Read ahead a few rows before opening any: a small reveal is then
     // read to its end, so its connection can go back to the pool instead of
@@ -86,7 +97,6 @@ pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let mut reader = VaultReader::new(store.clone(), wrapper);
     let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
     let mut sink = match args.format {
         OutputFormat::Json => Sink::Json(stdout),

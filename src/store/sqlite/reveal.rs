@@ -182,6 +182,19 @@ impl Reveal for SqliteStore {
         RevealedRows::start(rows.boxed()).await
     }
 
+    async fn reveal_keys(&self, request_id: i64) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT v.key_id FROM reveal_requests r \
+             JOIN reveal_request_rows rr ON rr.request_id = r.id \
+             JOIN vault v ON v.message_id = rr.message_id \
+             WHERE ((r.id = $1 AND r.status = 'granted') OR (r.fetch_record = $1 AND r.status = 'approved')) \
+               AND r.fetched_at IS NULL",
+        )
+        .bind(request_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     async fn approve(
         &self,
         request_id: i64,

@@ -14,6 +14,7 @@
 
 pub mod app;
 pub mod aws;
+pub mod aws_proxy;
 pub mod faults;
 pub mod pg;
 pub mod production;
