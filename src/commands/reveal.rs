@@ -37,6 +37,9 @@ struct Revealed<'a> {
 pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
     let store = super::open_store(cli).await?;
     let claimed = super::claimed_actor(args.actor.as_deref());
+    // KMS is checked before anything is recorded: with KMS away, a reveal
+    // fails here and the trail gains no row.
+    let wrapper = super::open_wrapper(cli).await?;
     // Nothing is read, let alone decrypted, before the audit row committed.
     let (record, selector) = match args.request {
         Some(id) => (
@@ -71,7 +74,6 @@ pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
             (request.id, selector.to_string())
         }
     };
-    let wrapper = super::open_wrapper(cli).await?;
     // Every key the rows need is unwrapped before the fetch marks the
     // request fetched: a KMS fault fails the reveal here, with nothing
     // shown and the request still unfetched (it can be fetched within the

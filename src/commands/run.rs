@@ -37,12 +37,18 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     };
     let backoff = RunOptions::default().backoff;
     let kek = wrapper.kek_id();
-    retry_kms("checking the key-encryption key", backoff, &stats, &cancel, || async {
-        wrapper
-            .check()
-            .await
-            .with_context(|| format!("the key-encryption key {kek} cannot be used"))
-    })
+    retry_kms(
+        "checking the key-encryption key",
+        backoff,
+        &stats,
+        &cancel,
+        || async {
+            wrapper
+                .check()
+                .await
+                .with_context(|| format!("the key-encryption key {kek} cannot be used"))
+        },
+    )
     .await?;
     if profile.self_managed {
         // The embedded default has one user, who owns the file: the first
@@ -68,9 +74,13 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     let source: Arc<dyn MessageSource> = match (&args.from_file, &args.queue_url) {
         (Some(path), _) => {
             let source_id = FileSource::source_id(path, args.source_id.as_deref())?;
-            let ids = retry_kms("unwrapping the line-id key", backoff, &stats, &cancel, || {
-                crate::pipeline::keys::load_line_id_key(&*store, &*wrapper)
-            })
+            let ids = retry_kms(
+                "unwrapping the line-id key",
+                backoff,
+                &stats,
+                &cancel,
+                || crate::pipeline::keys::load_line_id_key(&*store, &*wrapper),
+            )
             .await?;
             let file = Arc::new(FileSource::open(path, source_id, ids).await?);
             if !args.no_progress && cli.log_format == LogFormat::Text {
