@@ -61,6 +61,8 @@ pub struct Plan {
     pub fault: Fault,
     pub only: Option<Vec<String>>,
     pub remaining: Option<usize>,
+    /// Matching requests passed before the fault starts.
+    pub skip: usize,
 }
 
 impl Plan {
@@ -69,6 +71,7 @@ impl Plan {
             fault,
             only: None,
             remaining: None,
+            skip: 0,
         }
     }
 
@@ -79,6 +82,7 @@ impl Plan {
             fault,
             only: Some(ops.iter().map(|s| s.to_string()).collect()),
             remaining: None,
+            skip: 0,
         }
     }
 
@@ -88,8 +92,18 @@ impl Plan {
         self
     }
 
-    fn applies(&self, op: &str) -> bool {
+    /// The same, after the next `n` matching requests passed.
+    pub fn after(mut self, n: usize) -> Plan {
+        self.skip = n;
+        self
+    }
+
+    fn matches(&self, op: &str) -> bool {
         self.remaining != Some(0) && self.only.as_ref().is_none_or(|o| o.iter().any(|x| x == op))
+    }
+
+    fn applies(&self, op: &str) -> bool {
+        self.skip == 0 && self.matches(op)
     }
 }
 
@@ -326,28 +340,18 @@ async fn serve(mut client: TcpStream, state: Arc<State>) {
             None => (String::new(), target.clone()),
         };
         let json: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
-        // The plan that applies, once it is not a hold.
+        // The fault for this request, taken from the plan (counting it),
+        // once it is not a hold.
         let mut plans = state.plan.subscribe();
-        let mut plan = plans.borrow_and_update().clone();
-        let index = record(&state, &service, &op, &json, &plan);
-        while plan.applies(&op) && plan.fault == Fault::Hold {
+        plans.borrow_and_update();
+        let mut fault = take(&state, &op);
+        let index = record(&state, &service, &op, &json, fault);
+        while fault == Fault::Hold {
             if plans.changed().await.is_err() {
                 return;
             }
-            plan = plans.borrow_and_update().clone();
+            fault = take(&state, &op);
         }
-        let fault = if plan.applies(&op) {
-            state.plan.send_modify(|p| {
-                if p.applies(&op) {
-                    if let Some(n) = p.remaining.as_mut() {
-                        *n -= 1;
-                    }
-                }
-            });
-            plan.fault
-        } else {
-            Fault::Pass
-        };
         let answer = match fault {
             Fault::Outage | Fault::Reset => None,
             Fault::Throttle => Some(error(
@@ -386,6 +390,30 @@ async fn serve(mut client: TcpStream, state: Arc<State>) {
     }
 }
 
+/// The fault the plan gives a request of `op` now, counted against the
+/// plan's `skip` and `remaining` (a hold counts once it is released).
+fn take(state: &State, op: &str) -> Fault {
+    let mut fault = Fault::Pass;
+    state.plan.send_if_modified(|p| {
+        if !p.matches(op) {
+            return false;
+        }
+        if p.skip > 0 {
+            p.skip -= 1;
+            return true;
+        }
+        fault = p.fault;
+        if fault == Fault::Hold {
+            return false;
+        }
+        if let Some(n) = p.remaining.as_mut() {
+            *n -= 1;
+        }
+        true
+    });
+    fault
+}
+
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
@@ -406,7 +434,7 @@ fn error(status: u16, kind: &str, message: &str) -> (u16, Vec<u8>) {
 }
 
 /// Records a call as it arrives; returns its index.
-fn record(state: &State, service: &str, op: &str, json: &Value, plan: &Plan) -> usize {
+fn record(state: &State, service: &str, op: &str, json: &Value, fault: Fault) -> usize {
     let text = |k: &str| json.get(k).and_then(Value::as_str).map(str::to_string);
     let context = |k: &str| -> BTreeMap<String, String> {
         json.get(k)
@@ -437,11 +465,7 @@ fn record(state: &State, service: &str, op: &str, json: &Value, plan: &Plan) -> 
         destination_key_id: text("DestinationKeyId"),
         destination_context: context("DestinationEncryptionContext"),
         request,
-        fault: if plan.applies(op) {
-            plan.fault
-        } else {
-            Fault::Pass
-        },
+        fault,
         status: None,
     };
     let mut calls = state.calls.lock().unwrap();
