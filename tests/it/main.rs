@@ -17,6 +17,7 @@ mod boundaries;
 mod cli_embedded;
 mod compose;
 mod faults;
+mod kms_faults;
 mod operations;
 mod production;
 mod roles;
