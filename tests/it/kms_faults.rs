@@ -445,7 +445,7 @@ async fn a_reveal_without_kms_shows_nothing_and_records_no_showing() {
     assert_refused(
         &failed,
         "a reveal whose keys cannot be unwrapped",
-        &["nothing was revealed", "KMS Decrypt"],
+        &["nothing was revealed", "KMS Decrypt: InternalFailure"],
     );
     assert_eq!(
         trail(app).await,
@@ -510,7 +510,9 @@ async fn waiting_backend(app: &TestApp, login: &Login) -> i32 {
 
 /// Another session holds the audit chain's head: the reveal's audit insert
 /// gives up at `lock_timeout` (55P03), or its connection is terminated
-/// while it waits. Either way nothing is recorded and nothing is shown.
+/// while it waits (57P01). Either way nothing is recorded and nothing is
+/// shown. A connection cut once the request committed loses nothing and
+/// shows nothing off the record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reveal_whose_audit_row_cannot_commit_shows_nothing() {
     let Some((pg, endpoint)) = services() else {
@@ -523,7 +525,7 @@ async fn a_reveal_whose_audit_row_cannot_commit_shows_nothing() {
     let loaded = fx
         .load_file(&worker, &wk, "logins.jsonl", &fx.ev.bodies)
         .await;
-    let (user, _) = some_user(&fx.ev);
+    let (user, logins) = some_user(&fx.ev);
     let kms = fx.proxy("revealer").await;
     let args = [
         "reveal",
@@ -582,6 +584,11 @@ async fn a_reveal_whose_audit_row_cannot_commit_shows_nothing() {
         !cut.output().contains("\"ip\""),
         "a reveal whose connection was cut printed rows"
     );
+    assert!(
+        cut.output().contains("connection lost: SQLSTATE 57P01"),
+        "the cut reveal names the lost connection:\n{}",
+        cut.output()
+    );
     assert_eq!(
         trail(app).await,
         before,
@@ -595,8 +602,56 @@ async fn a_reveal_whose_audit_row_cannot_commit_shows_nothing() {
         "reveal",
     )
     .await;
-    assert!(!prod::parse_reveal(&served.stdout_text()).is_empty());
+    assert_eq!(prod::parse_reveal(&served.stdout_text()).len(), logins);
     assert_eq!(trail(app).await, (before.0 + 1, before.1 + 1));
+
+    // 3. The connection is cut after the request committed, while the
+    // reveal waits on KMS (its first Decrypt held): the request is on the
+    // record, so the reveal may go on, on a fresh connection, and what it
+    // shows is what that record names, its fetch recorded.
+    let late_login = app.login_as(REVEALER).await;
+    kms.set(Plan::only(Fault::Hold, &["Decrypt"]));
+    let late = tokio::spawn(prod::output_within(
+        fx.via(&late_login, &kms).tokio_command(&args),
+        LIMIT,
+        "the reveal whose connection is cut after its request",
+    ));
+    kms.wait_for("the reveal's held Decrypt", LIMIT, |c| {
+        c.operation == "Decrypt" && c.fault == Fault::Hold
+    })
+    .await;
+    assert_eq!(
+        trail(app).await,
+        (before.0 + 2, before.1 + 2),
+        "the request committed"
+    );
+    let cut_after: i64 = sqlx::query_scalar(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1",
+    )
+    .bind(&late_login.name)
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert!(cut_after >= 1, "the reveal holds a connection");
+    kms.pass();
+    let late = late.await.unwrap();
+    late.assert_success("the reveal whose connection was cut after its request");
+    assert_eq!(
+        prod::parse_reveal(&late.stdout_text()).len(),
+        logins,
+        "the rows its record names"
+    );
+    assert_eq!(
+        trail(app).await,
+        (before.0 + 2, before.1 + 2),
+        "no other record"
+    );
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM reveal_requests WHERE fetched_at IS NOT NULL")
+            .await,
+        2,
+        "both served reveals are fetched"
+    );
     assert_end_state(
         app,
         &fx.ev,
@@ -606,6 +661,7 @@ async fn a_reveal_whose_audit_row_cannot_commit_shows_nothing() {
             ("the timed-out reveal".into(), timed_out.all_output()),
             ("the cut reveal".into(), cut.output_bytes()),
             ("the served reveal's stderr".into(), served.stderr.clone()),
+            ("the late reveal's stderr".into(), late.stderr.clone()),
         ],
     )
     .await;
