@@ -14,8 +14,9 @@
 //! test ([`AwsProxy::set`]), optionally for some operations only and for a
 //! number of requests only ([`Plan`]):
 //!
-//! - [`Fault::Pass`]: forwarded, the answer handed back (through the
-//!   rewrite hook, [`AwsProxy::rewrite`], if one is set);
+//! - [`Fault::Pass`]: forwarded (through the request hook,
+//!   [`AwsProxy::rewrite_request`], if one is set), the answer handed back
+//!   (through the answer hook, [`AwsProxy::rewrite`], if one is set);
 //! - [`Fault::Throttle`]: `400` with `ThrottlingException`;
 //! - [`Fault::ServerError`]: a `5xx` with `InternalFailure`;
 //! - [`Fault::Reset`]: the request is read, then the connection is reset;
@@ -26,7 +27,8 @@
 //! - [`Fault::Outage`]: every connection is reset as it is accepted, and
 //!   open ones at their next request: nothing reaches the service.
 //!
-//! Plain HTTP over loopback only; requests are read by `Content-Length`
+//! A rewritten request no longer matches its SigV4 signature: fine for
+//! LocalStack, which does not check signatures. Plain HTTP over loopback only; requests are read by `Content-Length`
 //! (the SDK sends no chunked bodies to these services); answers are read
 //! from a fresh upstream connection to its end, so chunked answers are
 //! decoded here and handed back with a `Content-Length`.
@@ -135,6 +137,10 @@ pub struct Call {
 /// the answer the client gets.
 pub type Rewrite = Arc<dyn Fn(&str, &Value, Value) -> Value + Send + Sync>;
 
+/// Rewrites a request before it is forwarded: `(operation, request JSON)` →
+/// what the service gets (the call is recorded as the client sent it).
+pub type RewriteRequest = Arc<dyn Fn(&str, Value) -> Value + Send + Sync>;
+
 struct State {
     upstream: SocketAddr,
     label: Mutex<String>,
@@ -143,6 +149,7 @@ struct State {
     /// Bumped at every recorded call (and status update), for waiters.
     seen: watch::Sender<usize>,
     rewrite: Mutex<Option<Rewrite>>,
+    rewrite_request: Mutex<Option<RewriteRequest>>,
 }
 
 /// The proxy; see the module documentation. Stops when dropped.
@@ -166,6 +173,7 @@ impl AwsProxy {
             calls: Mutex::new(Vec::new()),
             seen: watch::channel(0).0,
             rewrite: Mutex::new(None),
+            rewrite_request: Mutex::new(None),
         });
         let s = state.clone();
         let task = tokio::spawn(async move {
@@ -206,6 +214,11 @@ impl AwsProxy {
     /// Passed answers go through `f` (`None`: untouched).
     pub fn rewrite(&self, f: Option<Rewrite>) {
         *self.state.rewrite.lock().unwrap() = f;
+    }
+
+    /// Forwarded requests go through `f` first (`None`: untouched).
+    pub fn rewrite_request(&self, f: Option<RewriteRequest>) {
+        *self.state.rewrite_request.lock().unwrap() = f;
     }
 
     /// Every call so far, in the order they came.
@@ -371,12 +384,17 @@ async fn serve(mut client: TcpStream, state: Arc<State>) {
             Fault::Pass | Fault::Hold => forward(&state, &req, &op, &json).await,
         };
         settle(&state, index, fault, answer.as_ref().map(|a| a.0));
-        let Some((status, body)) = answer else {
+        let Some((status, content_type, body)) = answer else {
             drop(reset(client));
             return;
         };
+        let content_type = content_type.unwrap_or_else(|| {
+            req.header("content-type")
+                .unwrap_or("application/x-amz-json-1.1")
+                .to_string()
+        });
         let head = format!(
-            "HTTP/1.1 {status} {}\r\nContent-Type: application/x-amz-json-1.1\r\n\
+            "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\n\
              x-amzn-RequestId: {}\r\nContent-Length: {}\r\n\r\n",
             reason(status),
             uuid::Uuid::new_v4(),
@@ -426,9 +444,11 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-fn error(status: u16, kind: &str, message: &str) -> (u16, Vec<u8>) {
+/// An error answer (`None`: the request's own content type).
+fn error(status: u16, kind: &str, message: &str) -> (u16, Option<String>, Vec<u8>) {
     (
         status,
+        None,
         serde_json::to_vec(&serde_json::json!({"__type": kind, "message": message})).unwrap(),
     )
 }
@@ -484,25 +504,45 @@ fn settle(state: &State, index: usize, fault: Fault, status: Option<u16>) {
     state.seen.send_modify(|n| *n += 1);
 }
 
-/// Sends `req` upstream on a fresh connection; the answer's status and
-/// body, through the rewrite hook (`None`: upstream did not answer).
-async fn forward(state: &State, req: &Message, op: &str, json: &Value) -> Option<(u16, Vec<u8>)> {
+/// Sends `req` upstream (through the request hook) on a fresh connection;
+/// the answer's status, content type and body, through the answer hook
+/// (`None`: upstream did not answer).
+async fn forward(
+    state: &State,
+    req: &Message,
+    op: &str,
+    json: &Value,
+) -> Option<(u16, Option<String>, Vec<u8>)> {
     let mut up = TcpStream::connect(state.upstream).await.ok()?;
+    let request_hook = state.rewrite_request.lock().unwrap().clone();
+    let body = match request_hook {
+        Some(f) if !json.is_null() => serde_json::to_vec(&f(op, json.clone())).unwrap(),
+        _ => req.body.clone(),
+    };
     let mut head = format!("{}\r\n", req.start);
     for (n, v) in &req.headers {
-        if n.eq_ignore_ascii_case("connection") {
+        if n.eq_ignore_ascii_case("connection") || n.eq_ignore_ascii_case("content-length") {
             continue;
         }
         head.push_str(&format!("{n}: {v}\r\n"));
     }
-    head.push_str("Connection: close\r\n\r\n");
+    head.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    ));
     up.write_all(head.as_bytes()).await.ok()?;
-    up.write_all(&req.body).await.ok()?;
+    up.write_all(&body).await.ok()?;
     let mut raw = Vec::new();
     up.read_to_end(&mut raw).await.ok()?;
     let end = find(&raw, b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&raw[..end]).into_owned();
     let status: u16 = head.split(' ').nth(1)?.parse().ok()?;
+    let content_type = head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim()
+            .eq_ignore_ascii_case("content-type")
+            .then(|| v.trim().to_string())
+    });
     let chunked = head.lines().any(|l| {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
@@ -517,7 +557,7 @@ async fn forward(state: &State, req: &Message, op: &str, json: &Value) -> Option
             body = serde_json::to_vec(&f(op, json, answer)).unwrap();
         }
     }
-    Some((status, body))
+    Some((status, content_type, body))
 }
 
 fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
@@ -533,4 +573,101 @@ fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
         out.extend_from_slice(data.get(..size)?);
         data = data.get(size + 2..)?;
     }
+}
+
+/// The proxy in front of SQS (AWS JSON 1.0): calls recorded under the
+/// service's prefix; a throttled request retried by the SDK; a batch
+/// deletion whose request drops an entry and whose answer reports it
+/// failed, as a partial `DeleteMessageBatch` failure would: the message
+/// stays in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_throttles_records_and_rewrites_sqs_calls() {
+    let Some(endpoint) = crate::common::aws::endpoint() else {
+        return;
+    };
+    let proxy = AwsProxy::start(&endpoint, "client").await;
+    let conf = aws_config::from_env()
+        .endpoint_url(proxy.url())
+        .load()
+        .await;
+    let sqs = aws_sdk_sqs::Client::new(&conf);
+    let url = crate::common::aws::create_queue(&sqs).await;
+    let bodies: Vec<String> = (0..3).map(|i| format!("{{\"n\":{i}}}")).collect();
+    crate::common::aws::send_all(&sqs, &url, &bodies).await;
+    let created = proxy.calls_of("CreateQueue");
+    assert_eq!(created.len(), 1);
+    assert_eq!(created[0].service, "AmazonSQS");
+    assert_eq!(created[0].label, "client");
+
+    proxy.set(Plan::only(Fault::Throttle, &["ReceiveMessage"]).times(1));
+    let mut received = Vec::new();
+    while received.len() < bodies.len() {
+        let out = sqs
+            .receive_message()
+            .queue_url(&url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .expect("ReceiveMessage, retried by the SDK past one throttle");
+        received.extend(out.messages.unwrap_or_default());
+    }
+    let receives = proxy.calls_of("ReceiveMessage");
+    assert_eq!(
+        (receives[0].fault, receives[0].status),
+        (Fault::Throttle, Some(400))
+    );
+    assert_eq!(receives[1].status, Some(200));
+
+    // Entry "0" never reaches SQS and is reported failed.
+    proxy.rewrite_request(Some(Arc::new(|op: &str, mut req: Value| {
+        if op == "DeleteMessageBatch" {
+            if let Some(entries) = req["Entries"].as_array_mut() {
+                entries.retain(|e| e["Id"] != "0");
+            }
+        }
+        req
+    })));
+    proxy.rewrite(Some(Arc::new(
+        |op: &str, _req: &Value, mut answer: Value| {
+            if op == "DeleteMessageBatch" {
+                answer["Failed"] = serde_json::json!([{
+                    "Id": "0", "SenderFault": false, "Code": "InternalError", "Message": "injected"
+                }]);
+            }
+            answer
+        },
+    )));
+    let entries: Vec<_> = received
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(m.receipt_handle.clone().unwrap())
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let out = sqs
+        .delete_message_batch()
+        .queue_url(&url)
+        .set_entries(Some(entries))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.successful.len(), bodies.len() - 1);
+    assert_eq!(out.failed.len(), 1);
+    assert_eq!(out.failed[0].id, "0");
+    assert_eq!(
+        crate::common::aws::queue_counts(&sqs, &url).await,
+        (0, 1),
+        "the entry that failed is still in flight"
+    );
+    let sent = proxy.calls_of("DeleteMessageBatch");
+    assert_eq!(
+        sent[0].request["Entries"].as_array().map(Vec::len),
+        Some(bodies.len()),
+        "recorded as the client sent it"
+    );
 }
