@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::io::Write;
 
+use anyhow::Context as _;
 use futures::{FutureExt as _, StreamExt as _};
 use serde::Serialize;
 
@@ -36,6 +37,9 @@ struct Revealed<'a> {
 pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
     let store = super::open_store(cli).await?;
     let claimed = super::claimed_actor(args.actor.as_deref());
+    // KMS is checked before anything is recorded: with KMS away, a reveal
+    // fails here and the trail gains no row.
+    let wrapper = super::open_wrapper(cli).await?;
     // Nothing is read, let alone decrypted, before the audit row committed.
     let (record, selector) = match args.request {
         Some(id) => (
@@ -70,7 +74,16 @@ pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
             (request.id, selector.to_string())
         }
     };
-    let wrapper = super::open_wrapper(cli).await?;
+    // Every key the rows need is unwrapped before the fetch marks the
+    // request fetched: a KMS fault fails the reveal here, with nothing
+    // shown and the request still unfetched (it can be fetched within the
+    // hour once KMS answers, `--request` for an approved one).
+    let mut reader = VaultReader::new(store.clone(), wrapper);
+    for key_id in store.reveal_keys(record).await? {
+        reader.data_key(&key_id).await.with_context(|| {
+            format!("nothing was revealed: the keys of {selector} cannot be unwrapped (record {record} stays unfetched)")
+        })?;
+    }
     let mut rows = Some(store.reveal_fetch(record).await?);
     // Read ahead a few rows before opening any: a small reveal is then
     // read to its end, so its connection can go back to the pool instead of
@@ -86,7 +99,6 @@ pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let mut reader = VaultReader::new(store.clone(), wrapper);
     let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
     let mut sink = match args.format {
         OutputFormat::Json => Sink::Json(stdout),

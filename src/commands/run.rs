@@ -8,15 +8,51 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Cli, LogFormat, RunArgs};
-use crate::pipeline::{keys::load_token_key, Pipeline, RunOptions, Stats};
+use crate::pipeline::{keys::load_token_key, retry_kms, Pipeline, RunOptions, Stats};
 use crate::source::file::FileSource;
 use crate::source::MessageSource;
 use crate::store::BatchOutcome;
 
 pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     let store = super::open_store(cli).await?;
-    let wrapper = super::open_wrapper(cli).await?;
+    // No call to KMS yet: a worker that starts while KMS does not answer
+    // serves `/readyz` (not ready) and retries below, instead of exiting.
+    let wrapper = crate::kms::from_config_deferred(cli.kms_key_id.as_deref(), &cli.key_dir).await?;
     let profile = store.profile();
+    let stats = Arc::new(Stats::default());
+    let cancel = CancellationToken::new();
+    spawn_signal_handler(cancel.clone());
+    let metrics_server = match args.metrics_addr {
+        Some(addr) => Some(
+            crate::metrics::serve(
+                addr,
+                stats.clone(),
+                Arc::new(crate::pipeline::stats::DatabaseProbe {
+                    store: store.clone(),
+                    stats: stats.clone(),
+                }),
+                wrapper.clone(),
+                cancel.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let backoff = RunOptions::default().backoff;
+    let kek = wrapper.kek_id();
+    retry_kms(
+        "checking the key-encryption key",
+        backoff,
+        &stats,
+        &cancel,
+        || async {
+            wrapper
+                .check()
+                .await
+                .with_context(|| format!("the key-encryption key {kek} cannot be used"))
+        },
+    )
+    .await?;
     if profile.self_managed {
         // The embedded default has one user, who owns the file: the first
         // run sets up its keys, so one command is all it takes.
@@ -31,16 +67,24 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
             wrapper.kek_id()
         );
     }
-    let (token_key, token_key_id) = load_token_key(&*store, &*wrapper).await?;
-    let stats = Arc::new(Stats::default());
-    let cancel = CancellationToken::new();
-    spawn_signal_handler(cancel.clone());
+    let (token_key, token_key_id) =
+        retry_kms("unwrapping the token key", backoff, &stats, &cancel, || {
+            load_token_key(&*store, &*wrapper)
+        })
+        .await?;
 
     let mut progress = None;
     let source: Arc<dyn MessageSource> = match (&args.from_file, &args.queue_url) {
         (Some(path), _) => {
             let source_id = FileSource::source_id(path, args.source_id.as_deref())?;
-            let ids = crate::pipeline::keys::load_line_id_key(&*store, &*wrapper).await?;
+            let ids = retry_kms(
+                "unwrapping the line-id key",
+                backoff,
+                &stats,
+                &cancel,
+                || crate::pipeline::keys::load_line_id_key(&*store, &*wrapper),
+            )
+            .await?;
             let file = Arc::new(FileSource::open(path, source_id, ids).await?);
             if !args.no_progress && cli.log_format == LogFormat::Text {
                 progress = crate::progress::for_file(file.clone(), cancel.clone());
@@ -57,23 +101,6 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot use the queue {url}"))?,
         ),
         (None, None) => unreachable!("clap requires an input"),
-    };
-
-    let metrics_server = match args.metrics_addr {
-        Some(addr) => Some(
-            crate::metrics::serve(
-                addr,
-                stats.clone(),
-                Arc::new(crate::pipeline::stats::DatabaseProbe {
-                    store: store.clone(),
-                    stats: stats.clone(),
-                }),
-                wrapper.clone(),
-                cancel.clone(),
-            )
-            .await?,
-        ),
-        None => None,
     };
 
     let opts = RunOptions {

@@ -41,13 +41,20 @@ impl AwsKms {
     /// Resolves `key_id` (id, ARN or `alias/…`) to its ARN and checks that it
     /// is enabled, so a wrong id or a missing permission is one clear error.
     pub async fn connect(key_id: &str) -> Result<Self, WrapError> {
-        let kms = AwsKms {
+        let kms = AwsKms::deferred(key_id).await;
+        kms.check().await?;
+        Ok(kms)
+    }
+
+    /// The client for `key_id`, without a call to KMS yet: [`KeyWrapper::check`]
+    /// resolves the key to its ARN and checks it. For a worker that starts
+    /// while KMS does not answer: it serves `/readyz` (not ready) and retries
+    /// the check with backoff instead of exiting.
+    pub async fn deferred(key_id: &str) -> Self {
+        AwsKms {
             client: client().await,
             key_arn: std::sync::RwLock::new(key_id.to_string()),
-        };
-        let arn = kms.describe(key_id).await?;
-        *kms.key_arn.write().expect("kek lock") = arn;
-        Ok(kms)
+        }
     }
 
     fn arn(&self) -> String {
@@ -106,9 +113,9 @@ fn count(operation: &'static str) {
         .inc();
 }
 
-fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R>(
+fn classify<E: ProvideErrorMetadata + std::fmt::Debug>(
     op: &str,
-    e: SdkError<E, R>,
+    e: SdkError<E, aws_sdk_kms::config::http::HttpResponse>,
 ) -> WrapError {
     match &e {
         SdkError::TimeoutError(_) => WrapError::Transient(format!("KMS {op}: timed out")),
@@ -124,6 +131,10 @@ fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R>(
                 "KMS {op}: {code} ({})",
                 s.err().message().unwrap_or("no message")
             );
+            // A 5xx is KMS's (or a proxy's) fault whatever its body says.
+            if s.raw().status().is_server_error() {
+                return WrapError::Transient(msg);
+            }
             match code {
                 "ThrottlingException"
                 | "KMSInternalException"
@@ -251,7 +262,15 @@ impl KeyWrapper for AwsKms {
     }
 
     async fn check(&self) -> Result<(), WrapError> {
-        self.describe(&self.arn()).await.map(|_| ())
+        let asked = self.arn();
+        let arn = self.describe(&asked).await?;
+        // The configured id (an alias, say) becomes the ARN, unless
+        // `follow` moved to another KEK while this check ran.
+        let mut current = self.key_arn.write().expect("kek lock");
+        if *current == asked {
+            *current = arn;
+        }
+        Ok(())
     }
 }
 

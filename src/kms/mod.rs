@@ -72,3 +72,16 @@ pub async fn from_config(
         None => Ok(Arc::new(local::LocalKek::open_or_create(key_dir)?)),
     }
 }
+
+/// [`from_config`] without a call to KMS: an AWS KMS key is resolved and
+/// checked by the wrapper's first [`KeyWrapper::check`] (see
+/// [`aws::AwsKms::deferred`]). The local key file is opened (or created) now.
+pub async fn from_config_deferred(
+    kms_key_id: Option<&str>,
+    key_dir: &Path,
+) -> anyhow::Result<Arc<dyn KeyWrapper>> {
+    match kms_key_id {
+        Some(id) => Ok(Arc::new(aws::AwsKms::deferred(id).await)),
+        None => Ok(Arc::new(local::LocalKek::open_or_create(key_dir)?)),
+    }
+}

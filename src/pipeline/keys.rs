@@ -62,10 +62,12 @@ pub async fn load_token_key(
          as the schema owner or a rotator first",
     )?;
     keyring::ensure_allowed(store, &k).await?;
+    // The wrapper's error stays in the chain, so that a transient one is
+    // retried (`anyhow_is_transient`).
     let material = wrapper
         .unwrap(KeyPurpose::Token, &k.wrapped)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot unwrap token key v{} ({}): {e}", k.version, k.id))?;
+        .with_context(|| format!("cannot unwrap token key v{} ({})", k.version, k.id))?;
     Ok((Arc::new(TokenKey::new(k.version as u32, &material)), k.id))
 }
 
@@ -88,7 +90,10 @@ pub async fn load_line_id_key(
          as the schema owner or a rotator first",
     )?;
     keyring::ensure_allowed(store, &k).await?;
-    let material = wrapper.unwrap(KeyPurpose::LineIds, &k.wrapped).await?;
+    let material = wrapper
+        .unwrap(KeyPurpose::LineIds, &k.wrapped)
+        .await
+        .with_context(|| format!("cannot unwrap the line-id key ({})", k.id))?;
     Ok(Arc::new(TokenKey::new(0, &material)))
 }
 

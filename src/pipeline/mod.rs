@@ -15,6 +15,8 @@
 //! and acknowledges what it already holds, and the rest is left to the
 //! source (SQS makes it visible again after the visibility timeout).
 
+mod key_retry;
+pub use key_retry::retry_kms;
 pub mod keys;
 pub mod protect;
 pub mod stats;
@@ -295,8 +297,7 @@ impl Pipeline {
                     keys.dek = None;
                 }
                 Err(StoreError::KeyRetired(id)) => {
-                    let (token, token_id) =
-                        keys::load_token_key(&*self.store, &*self.wrapper).await?;
+                    let (token, token_id) = self.token_key(cancel).await?;
                     tracing::info!(old = %id, new = %token_id, version = token.version(), "token key rotated; switching to the new version");
                     keys.token = token;
                     keys.token_id = token_id;
@@ -308,43 +309,6 @@ impl Pipeline {
             }
         }
         anyhow::bail!("keys kept changing under this batch; is a rotation looping?")
-    }
-
-    /// The current data key id, generating a fresh key when needed; KMS
-    /// hiccups are retried with backoff.
-    async fn data_key(
-        &self,
-        keys: &mut WorkerKeys,
-        need: u64,
-        cancel: &CancellationToken,
-    ) -> anyhow::Result<String> {
-        let mut attempt = 0;
-        loop {
-            match keys::data_key_for(
-                &mut keys.dek,
-                need,
-                &self.opts.dek_policy,
-                &*self.store,
-                &*self.wrapper,
-            )
-            .await
-            {
-                Ok(k) => return Ok(k.id.clone()),
-                Err(e) if keys::anyhow_is_transient(&e) => {
-                    attempt += 1;
-                    self.stats.retry("kms");
-                    tracing::warn!(error = %e, attempt, "cannot get a data key, retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(self.opts.backoff.delay(attempt)) => {}
-                        _ = cancel.cancelled() => return Err(e),
-                    }
-                }
-                Err(e) => {
-                    self.stats.error("kms");
-                    return Err(e);
-                }
-            }
-        }
     }
 }
 

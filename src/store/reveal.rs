@@ -159,6 +159,13 @@ pub trait Reveal: Send + Sync {
     /// hour.
     async fn reveal_fetch<'a>(&'a self, request_id: i64) -> Result<RevealedRows<'a>, StoreError>;
 
+    /// The data keys the rows of a committed reveal request are sealed
+    /// under, without fetching it: the request stays unfetched. A reveal
+    /// unwraps these first, so that a key it cannot unwrap (KMS away) fails
+    /// it before the fetch marks it fetched. The same checks as
+    /// [`Reveal::reveal_fetch`] apply.
+    async fn reveal_keys(&self, request_id: i64) -> Result<Vec<String>, StoreError>;
+
     /// Approves another login's pending request (the second person).
     async fn approve(
         &self,

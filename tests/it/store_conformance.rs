@@ -174,6 +174,7 @@ conformance!(
     reveal_returns_logins_without_a_vault_row,
     audit_log_is_append_only,
     a_reveal_request_is_fetched_once,
+    a_reveals_keys_are_named_without_fetching_it,
     a_reveal_of_a_token_shared_by_thousands_streams_every_row_once,
     keys_only_go_under_an_allowed_kek,
     a_job_of_a_kind_runs_once_at_a_time,
@@ -883,6 +884,41 @@ async fn a_reveal_request_is_fetched_once(h: &Harness) {
     }
     assert!(matches!(
         h.store.reveal_fetch(req.id + 1000).await,
+        Err(StoreError::Refused(_))
+    ));
+}
+
+/// The data keys of a request's rows, named before its fetch (a reveal
+/// unwraps them first): asking leaves the request unfetched; once fetched,
+/// refused like a second fetch.
+async fn a_reveals_keys_are_named_without_fetching_it(h: &Harness) {
+    seed_keys(h).await;
+    h.insert_key(&data_key("k2")).await;
+    let batch = Batch {
+        logins: vec![
+            login("m-1", "alice", "t1_ipA", "t1_devA", 3, "k1"),
+            login("m-2", "alice", "t1_ipB", "t1_devB", 4, "k2"),
+            login("m-3", "alice", "t1_ipC", "t1_devC", 5, "k2"),
+            login("m-4", "bob", "t1_ipD", "t1_devD", 5, "k2"),
+        ],
+        ..Batch::default()
+    };
+    h.store.write_batch(&batch).await.unwrap();
+    let sel = Selector::UserId("alice".into());
+    let req = h.store.reveal_request(&sel, "me", "INC-1").await.unwrap();
+    for _ in 0..2 {
+        let mut keys = h.store.reveal_keys(req.id).await.unwrap();
+        keys.sort();
+        assert_eq!(keys, ["k1", "k2"]);
+    }
+    let rows = h.store.reveal_fetch(req.id).await.unwrap();
+    assert_eq!(rows.collect_all().await.unwrap().len(), 3);
+    match h.store.reveal_keys(req.id).await {
+        Err(StoreError::Refused(m)) => assert!(m.contains("already fetched"), "{m}"),
+        other => panic!("the keys of a fetched request must be refused, got {other:?}"),
+    }
+    assert!(matches!(
+        h.store.reveal_keys(req.id + 1000).await,
         Err(StoreError::Refused(_))
     ));
 }

@@ -58,6 +58,21 @@ impl Reveal for PgStore {
         RevealedRows::start(rows.boxed()).await
     }
 
+    async fn reveal_keys(&self, request_id: i64) -> Result<Vec<String>, StoreError> {
+        // The fetch function, with its checks, in a transaction that is
+        // rolled back: the request's mark as fetched goes with it, and only
+        // the key ids leave the database.
+        let mut tx = self.pool().begin().await?;
+        let keys: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT key_id FROM pii_vault_reveal_fetch($1) WHERE key_id IS NOT NULL",
+        )
+        .bind(request_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.rollback().await?;
+        Ok(keys)
+    }
+
     async fn approve(
         &self,
         request_id: i64,

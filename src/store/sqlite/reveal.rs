@@ -182,6 +182,40 @@ impl Reveal for SqliteStore {
         RevealedRows::start(rows.boxed()).await
     }
 
+    async fn reveal_keys(&self, request_id: i64) -> Result<Vec<String>, StoreError> {
+        // The checks of `reveal_fetch`, without marking the request.
+        let found: Option<(i64, Option<String>, String)> = sqlx::query_as(
+            "SELECT r.id, r.fetched_at, a.at FROM reveal_requests r \
+             JOIN audit_log a ON a.id = $1 \
+             WHERE (r.id = $1 AND r.status = 'granted') OR (r.fetch_record = $1 AND r.status = 'approved')",
+        )
+        .bind(request_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((id, fetched, at)) = found else {
+            return Err(StoreError::Refused(format!(
+                "reveal request {request_id} does not exist or is not granted"
+            )));
+        };
+        if fetched.is_some() {
+            return Err(StoreError::Refused(format!(
+                "reveal request {request_id} was already fetched"
+            )));
+        }
+        if Utc::now() - parse_time(&at)? > chrono::Duration::hours(1) {
+            return Err(StoreError::Refused(format!(
+                "audit record {request_id} has expired"
+            )));
+        }
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT v.key_id FROM reveal_request_rows rr \
+             JOIN vault v ON v.message_id = rr.message_id WHERE rr.request_id = $1",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     async fn approve(
         &self,
         request_id: i64,

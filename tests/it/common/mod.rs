@@ -14,7 +14,9 @@
 
 pub mod app;
 pub mod aws;
+pub mod aws_proxy;
 pub mod faults;
+pub mod kms_policy;
 pub mod pg;
 pub mod production;
 pub mod seed;
