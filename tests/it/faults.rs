@@ -44,7 +44,7 @@ const VISIBILITY_SECS: &str = "5";
 /// One test's fixture in the cluster of `admin_url`, migrated by the binary
 /// with a fresh KMS key that every run of it then uses; a fresh queue; and
 /// `n` generated events (not sent yet).
-async fn setup(admin_url: &str, n: usize, seed: u64) -> (TestApp, Queue, Events) {
+pub(crate) async fn setup(admin_url: &str, n: usize, seed: u64) -> (TestApp, Queue, Events) {
     let queue = Queue::create().await;
     let (key_id, _) = aws_helpers::create_key(&aws_helpers::kms().await).await;
     let app = TestApp::postgres_on(admin_url).await.with_kms(&key_id);
@@ -55,11 +55,11 @@ async fn setup(admin_url: &str, n: usize, seed: u64) -> (TestApp, Queue, Events)
 
 /// `pii-vault run --queue-url … --no-progress ARGS` as a worker process,
 /// under a worker login of its own.
-async fn worker(app: &TestApp, q: &Queue, name: &str, args: &[&str]) -> Worker {
+pub(crate) async fn worker(app: &TestApp, q: &Queue, name: &str, args: &[&str]) -> Worker {
     worker_with_env(app, q, name, args, &[]).await
 }
 
-async fn worker_with_env(
+pub(crate) async fn worker_with_env(
     app: &TestApp,
     q: &Queue,
     name: &str,
@@ -100,13 +100,13 @@ async fn retried_since(w: &mut Worker, before: usize) {
     w.assert_running("while the database was away");
 }
 
-async fn counts(app: &TestApp) -> DbCounts {
+pub(crate) async fn counts(app: &TestApp) -> DbCounts {
     db_counts(app.url()).await.expect("the database answers")
 }
 
 /// Whether the run is complete: every event stored or quarantined, and
 /// nothing left in the queue, visible or in flight.
-async fn complete(app: &TestApp, q: &Queue, ev: &Events) -> bool {
+pub(crate) async fn complete(app: &TestApp, q: &Queue, ev: &Events) -> bool {
     let want = ev.valid_count() + ev.malformed_count();
     match db_counts(app.url()).await {
         Some(c) if c.logins + c.quarantined >= want => q.counts().await == (0, 0),
@@ -116,7 +116,12 @@ async fn complete(app: &TestApp, q: &Queue, ev: &Events) -> bool {
 
 /// The end state every fault test must reach: exactly once, nothing
 /// left, no plaintext PII anywhere.
-async fn assert_exactly_once(app: &TestApp, q: &Queue, ev: &Events, workers: &[&Worker]) {
+pub(crate) async fn assert_exactly_once(
+    app: &TestApp,
+    q: &Queue,
+    ev: &Events,
+    workers: &[&Worker],
+) {
     let c = counts(app).await;
     let (valid, malformed) = (ev.valid_count(), ev.malformed_count());
     assert_eq!(
@@ -157,13 +162,13 @@ async fn assert_exactly_once(app: &TestApp, q: &Queue, ev: &Events, workers: &[&
 
 /// Notes the time since `t0` and what happens next on stderr (shown by the
 /// test runner when a test fails), so a failure shows where time went.
-fn step(t0: Instant, what: &str) {
+pub(crate) fn step(t0: Instant, what: &str) {
     eprintln!("[{:>6.1}s] {what}", t0.elapsed().as_secs_f64());
 }
 
 /// Whether both the database and the AWS services of the test run are
 /// there (a failure otherwise; a skip under `PII_VAULT_SKIP_SERVICES=1`).
-fn services() -> Option<(String, String)> {
+pub(crate) fn services() -> Option<(String, String)> {
     let pg = common::service_env("PII_VAULT_TEST_PG")?;
     common::service_env("PII_VAULT_TEST_AWS")?;
     let aws = aws_helpers::endpoint()?;

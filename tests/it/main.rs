@@ -25,5 +25,6 @@ mod roles;
 mod roles_e2e;
 mod rotation;
 mod schema;
+mod sqs_faults;
 mod store_conformance;
 mod tls;
