@@ -13,6 +13,10 @@ pub enum StoreError {
     Transient(String),
     #[error("database error: {0}")]
     Permanent(String),
+    /// The server answers but cannot write for now (its disk is full):
+    /// retried like a lost connection, and said as what it is.
+    #[error("{0}")]
+    Unavailable(String),
     /// The batch was protected with a key that a rotation has retired
     /// meanwhile; protect it again with the current keys.
     #[error("key {0} was retired by a rotation")]
@@ -44,12 +48,12 @@ pub(super) const DISK_FULL: &str =
 
 /// The Postgres server's disk is full: writes fail until it has space again,
 /// so a worker holds its messages and retries.
-const PG_DISK_FULL: &str =
-    "the database server's disk is full (SQLSTATE 53100): nothing was written; retrying until it has space";
+const PG_DISK_FULL: &str = "the database server's disk is full (SQLSTATE 53100): nothing was written; \
+     free space on the server (a worker retries by itself; run any other command again)";
 
 impl StoreError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Transient(_))
+        matches!(self, StoreError::Transient(_) | StoreError::Unavailable(_))
     }
 }
 
@@ -101,7 +105,7 @@ impl From<sqlx::Error> for StoreError {
                 rule_error(&code, msg)
             }
             E::Database(db) if db.code().as_deref() == Some("53100") => {
-                StoreError::Transient(PG_DISK_FULL.into())
+                StoreError::Unavailable(PG_DISK_FULL.into())
             }
             // SQLite's SQLITE_FULL, as sqlx reports it (the extended code).
             E::Database(db) if db.code().as_deref() == Some("13") => {

@@ -42,8 +42,13 @@ impl Tmpfs {
 
     /// Gives the filesystem `mib` MiB: the operator freeing space.
     fn resize(&self, mib: u32) {
+        self.resize_bytes(u64::from(mib) * 1024 * 1024);
+    }
+
+    /// Sets the filesystem's size in bytes (rounded up to pages).
+    fn resize_bytes(&self, bytes: u64) {
         let ok = Command::new("mount")
-            .args(["-o", &format!("remount,size={mib}m")])
+            .args(["-o", &format!("remount,size={bytes}")])
             .arg(&self.path)
             .status()
             .unwrap()
@@ -210,4 +215,125 @@ async fn sqlite_disk_full_stops_cleanly_and_the_same_command_finishes_after() {
         );
     }
     drop(disk);
+}
+
+/// The Postgres server's disk fills under a running worker (the test's
+/// tables live in a tablespace on a small tmpfs; the server's log stays on
+/// its own disk, as it would on a separate WAL volume): commits fail with
+/// SQLSTATE 53100, the worker holds the batch and retries, its messages
+/// stay in SQS, `/readyz` says not ready; once the operator makes room the
+/// worker finishes, `/readyz` is ready again, and every event is stored
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_disk_full_holds_messages_not_ready_and_finishes_after() {
+    use crate::faults::{assert_exactly_once, complete, services, setup, step, worker};
+    use faults_helpers::{readyz, wait_until};
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::{Duration, Instant};
+
+    let Some((shared_pg, _)) = services() else {
+        return;
+    };
+    let started = Instant::now();
+    // The server (user postgres) must reach the mount point.
+    let base = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let Some(disk) = Tmpfs::mount(&base.path().join("ts"), 64) else {
+        return;
+    };
+    let chown = Command::new("chown")
+        .args(["postgres:postgres"])
+        .arg(&disk.path)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let (app, q, ev) = setup(&shared_pg, 3000, 4501).await;
+    let space = format!("ts_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(&shared_pg).await.unwrap();
+    sqlx::query(&format!(
+        "CREATE TABLESPACE {space} LOCATION '{}'",
+        disk.path.display()
+    ))
+    .execute(&admin)
+    .await
+    .unwrap();
+    app.exec(&format!(
+        "ALTER TABLE ALL IN TABLESPACE pg_default SET TABLESPACE {space}"
+    ))
+    .await;
+    app.exec(&format!(
+        "ALTER INDEX ALL IN TABLESPACE pg_default SET TABLESPACE {space}"
+    ))
+    .await;
+    let used: i64 = app
+        .scalar(&format!("SELECT pg_tablespace_size('{space}')"))
+        .await;
+    // Room for what is there and about a third of the load.
+    disk.resize_bytes(used as u64 + 1024 * 1024);
+
+    let port = faults_helpers::free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut w = worker(
+        &app,
+        &q,
+        "w",
+        &[
+            "--visibility-timeout",
+            "30",
+            "--batch-size",
+            "100",
+            "--metrics-addr",
+            &metrics,
+        ],
+    )
+    .await;
+    q.send(&ev.bodies).await;
+    step(started, "waiting for the disk to fill");
+    wait_until(
+        Duration::from_secs(120),
+        "a write refused for want of space",
+        || async {
+            w.output()
+                .contains("the database server's disk is full (SQLSTATE 53100)")
+                .then_some(())
+        },
+    )
+    .await;
+    wait_until(Duration::from_secs(60), "/readyz not ready", || async {
+        (readyz(port).await == Some(503)).then_some(())
+    })
+    .await;
+    w.assert_running("while the disk was full");
+    let (visible, in_flight) = q.counts().await;
+    assert!(
+        visible + in_flight > 0,
+        "the messages of uncommitted batches must stay in the queue"
+    );
+    let stored = app.count("user_logins").await;
+    assert!(
+        stored < ev.valid_count(),
+        "the disk filled too late to prove anything"
+    );
+
+    step(started, "room made");
+    disk.resize(256);
+    wait_until(
+        Duration::from_secs(180),
+        "every event stored, the queue empty",
+        || async { complete(&app, &q, &ev).await.then_some(()) },
+    )
+    .await;
+    wait_until(Duration::from_secs(60), "/readyz ready again", || async {
+        (readyz(port).await == Some(200)).then_some(())
+    })
+    .await;
+    w.signal("TERM");
+    w.wait_success(Duration::from_secs(60)).await;
+    assert_exactly_once(&app, &q, &ev, &[&w]).await;
+    app.finish().await;
+    sqlx::query(&format!("DROP TABLESPACE {space}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    step(started, "done");
 }
