@@ -36,7 +36,6 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use sqlx::Connection as _;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The longest any one wait or command may take before the test fails.
 const LIMIT: Duration = Duration::from_secs(90);
@@ -98,32 +97,9 @@ impl Fixture {
     }
 }
 
-/// The status of `GET /readyz` on 127.0.0.1:`port`, if it answers.
-async fn readyz(port: u16) -> Option<u16> {
-    let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
-        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            .await
-            .ok()?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.ok()?;
-        String::from_utf8_lossy(&out)
-            .split(' ')
-            .nth(1)?
-            .parse()
-            .ok()
-    };
-    tokio::time::timeout(Duration::from_secs(10), fetch)
-        .await
-        .ok()
-        .flatten()
-}
-
 async fn wait_ready(port: u16, want: u16, what: &str) {
     wait_until(LIMIT, what, || async {
-        match readyz(port).await {
+        match crate::common::faults::readyz(port).await {
             Some(s) if s == want => Ok(()),
             other => Err(format!("/readyz {other:?}")),
         }
