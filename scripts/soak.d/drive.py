@@ -326,6 +326,7 @@ class Monitor:
         self.prev_metrics = None
         self.prev_sent = 0
         self.prev_t = T0
+        self.prev_bound = T0
         self.first_metrics = None
 
     def warn_lines(self):
@@ -346,7 +347,11 @@ class Monitor:
             self.rss_max = max(self.rss_max, r)
         return r
 
-    def row(self, label, t_end):
+    def row(self, label, t_end, bound=None):
+        """One report line for (prev_t, t_end]; events are those logged up
+        to `bound` (the nominal end of the minute), so that an action
+        scheduled on a minute boundary counts in the minute it starts."""
+        bound = t_end if bound is None else bound
         m = scrape(self.a.metrics_url)
         if self.first_metrics is None:
             self.first_metrics = m
@@ -354,7 +359,7 @@ class Monitor:
         rss_now = self.poll_rss()
         with LOCK:
             sent_total = self.producer.sent
-            evs = [t for ts, t in self.events if self.prev_t < ts <= t_end]
+            evs = [t for ts, t in self.events if self.prev_bound < ts <= bound]
         warns, errors = self.warn_lines()
         secs = max(1e-6, t_end - self.prev_t)
         mm = m if m is not None else self.prev_metrics  # unanswered: no deltas this minute
@@ -396,6 +401,7 @@ class Monitor:
             self.prev_metrics = m
         self.prev_sent = sent_total
         self.prev_t = t_end
+        self.prev_bound = bound
         self.rss_max = rss_now or 0
         return row
 
@@ -451,7 +457,7 @@ def main():
     print(HEADER, flush=True)
     for minute in range(1, a.minutes + 1):
         monitor.wait_until(T0 + minute * 60)
-        monitor.row(str(minute), time.monotonic())
+        monitor.row(str(minute), time.monotonic(), T0 + minute * 60)
     stop.set()
     producer.join()
     sent_total = producer.sent
