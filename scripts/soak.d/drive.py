@@ -392,11 +392,12 @@ class Monitor:
         ev = "; ".join(evs)
         if m is None:
             ev = ("/metrics did not answer; " + ev).strip("; ")
-        print("%5s %7d %7d %5d %5d %7.0f %6s %6s %7.1f %7s %5d %5s  %s" % (
+        line = "%5s %7d %7d %5d %5d %7.0f %6s %6s %7.1f %7s %5d %5s  %s" % (
             label, row["sent"], row["stored"], row["dup"], row["quar"], row["acked"] / secs,
             fmt_ms(row["p50"]), fmt_ms(row["p99"]), self.rss_max / 1024.0,
             "?" if row["backlog"] is None else row["backlog"], row["db_retries"],
-            "%d%s" % (warns, "+%dE" % errors if errors else ""), ev), flush=True)
+            "%d%s" % (warns, "+%dE" % errors if errors else ""), ev)
+        print(line.rstrip(), flush=True)
         if m is not None:
             self.prev_metrics = m
         self.prev_sent = sent_total
