@@ -25,6 +25,16 @@
 
 #![forbid(unsafe_code)]
 
+/// Every `eprintln!` in this crate goes through [`telemetry::stderr_line`]
+/// (a `macro_rules!` in scope takes precedence over the standard one): the
+/// same text, or under `--log-format json` one JSON object per line, so
+/// that no line on stderr escapes the log format an operator asked for.
+macro_rules! eprintln {
+    ($($arg:tt)*) => {
+        $crate::telemetry::stderr_line(format_args!($($arg)*))
+    };
+}
+
 pub mod cli;
 pub mod commands;
 pub mod crypto;

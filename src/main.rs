@@ -1,13 +1,18 @@
-use clap::Parser;
 use pii_vault::cli::Cli;
+use pii_vault::telemetry::{is_broken_pipe, stderr_line};
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse_args() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     pii_vault::telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("pii-vault: error: cannot start the async runtime: {e}");
+            stderr_line(format_args!(
+                "pii-vault: error: cannot start the async runtime: {e}"
+            ));
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -17,17 +22,45 @@ fn main() -> std::process::ExitCode {
     runtime.shutdown_background();
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The reader of stdout has gone (`| head -1`): it had what it wanted.
+        Err(e) if is_broken_pipe(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => match e.downcast_ref::<pii_vault::commands::Exit>() {
             // Not a failure, but not success either (a reveal waiting for
-            // approval): its own message and exit status.
+            // approval, a file run stopped by a signal): its own message and
+            // exit status.
             Some(exit) => {
-                eprintln!("pii-vault: {}", exit.message);
+                stderr_line(format_args!("pii-vault: {}", exit.message));
                 std::process::ExitCode::from(exit.code)
             }
             None => {
-                eprintln!("pii-vault: error: {e:#}");
+                stderr_line(format_args!("pii-vault: error: {e:#}"));
                 std::process::ExitCode::FAILURE
             }
         },
     }
+}
+
+/// A command line clap refuses (status 2), or `--help` / `--version` (0).
+/// Under `--log-format json` (or `PII_VAULT_LOG_FORMAT=json`) a refusal is
+/// one JSON line too, like every other line on stderr.
+fn usage_error(e: clap::Error) -> std::process::ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+        || !pii_vault::cli::json_logs_requested()
+    {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let first = text
+        .lines()
+        .next()
+        .unwrap_or("invalid command line")
+        .trim_start_matches("error: ");
+    let mut fields = serde_json::Map::new();
+    fields.insert("detail".into(), text.trim_end().into());
+    eprintln!(
+        "{}",
+        pii_vault::telemetry::json_line(&format!("error: {first}"), Some(fields))
+    );
+    std::process::ExitCode::from(2)
 }

@@ -2,7 +2,8 @@
 //! `reveal --format json`). Nothing logged anywhere carries a field value of
 //! an event: the pipeline logs message ids, counts and reason codes only.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write as _};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::filter::Targets;
@@ -13,7 +14,7 @@ use tracing_subscriber::{fmt, EnvFilter, Layer};
 use crate::cli::LogFormat;
 
 /// The filter when neither `PII_VAULT_LOG` nor `RUST_LOG` holds a valid one.
-const DEFAULT_FILTER: &str = "info,sqlx=warn,aws_config=warn,aws_smithy_runtime=warn";
+const DEFAULT_FILTER: &str = "info,sqlx=warn,aws_config=error,aws_smithy_runtime=warn";
 
 /// Libraries whose debug and trace output can hold what pii-vault must never
 /// log: the HTTP, HTTP/2 and TLS layers and the AWS SDK dump request and
@@ -38,7 +39,13 @@ pub const CAPPED_TARGETS: &[&str] = &[
     "sqlx",
 ];
 
+/// Whether stderr carries JSON lines (`--log-format json`): set once by
+/// [`init`], read by [`stderr_line`].
+static JSON_LINES: AtomicBool = AtomicBool::new(false);
+
 pub fn init(format: LogFormat) {
+    JSON_LINES.store(format == LogFormat::Json, Ordering::Relaxed);
+    install_panic_hook();
     let filter = EnvFilter::try_from_env("PII_VAULT_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
@@ -50,6 +57,96 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => registry.with(layer.compact()).init(),
         LogFormat::Json => registry.with(layer.json().flatten_event(true)).init(),
     }
+}
+
+/// One message for the operator on stderr that is not a tracing event (a
+/// command's result line, `run`'s summary, the final error): the text as
+/// it is, or under `--log-format json` one JSON object on one line
+/// (`timestamp`, `level`, `message`, `target`), so that a log shipper reads
+/// every line of stderr the same way. The crate's `eprintln!` is this (see
+/// `lib.rs`). The level is `ERROR` for a line that starts `pii-vault:
+/// error:`, `WARN` for `pii-vault: warning:`, else `INFO`; in JSON the
+/// `pii-vault: ` prefix is left out.
+pub fn stderr_line(args: std::fmt::Arguments<'_>) {
+    stderr_line_with(&args.to_string(), None);
+}
+
+/// [`stderr_line`] with `fields` added to the JSON object (ignored in text).
+pub fn stderr_line_with(text: &str, fields: Option<serde_json::Map<String, serde_json::Value>>) {
+    let mut err = std::io::stderr().lock();
+    // A closed stderr is no reason to fail (or panic) on the way out.
+    let _ = if JSON_LINES.load(Ordering::Relaxed) {
+        writeln!(err, "{}", json_line(text, fields))
+    } else {
+        writeln!(err, "{text}")
+    };
+}
+
+/// The JSON object [`stderr_line`] writes for `text`.
+pub fn json_line(text: &str, fields: Option<serde_json::Map<String, serde_json::Value>>) -> String {
+    let body = text.strip_prefix("pii-vault: ").unwrap_or(text);
+    let (level, message) = if let Some(m) = body.strip_prefix("error: ") {
+        ("ERROR", m)
+    } else if let Some(m) = body.strip_prefix("warning: ") {
+        ("WARN", m)
+    } else {
+        ("INFO", body)
+    };
+    let mut obj = serde_json::Map::new();
+    obj.insert(
+        "timestamp".into(),
+        chrono::Utc::now()
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            .into(),
+    );
+    obj.insert("level".into(), level.into());
+    obj.insert("message".into(), message.into());
+    obj.insert("target".into(), "pii_vault".into());
+    if let Some(fields) = fields {
+        obj.extend(fields);
+    }
+    serde_json::Value::Object(obj).to_string()
+}
+
+/// Whether `e` (or what it wraps) is a write to a closed pipe: the reader
+/// of stdout went away (`pii-vault audit | head -1`), which is how such a
+/// pipeline ends, not a failure.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::BrokenPipe;
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == BrokenPipe)
+            || c.downcast_ref::<serde_json::Error>()
+                .is_some_and(|j| j.io_error_kind() == Some(BrokenPipe))
+    })
+}
+
+/// `println!` panics when stdout is a closed pipe; that is a reader that
+/// has seen enough (`| head -1`), so the process ends quietly with status
+/// 0, as `ls | head` does. Any other panic keeps the default report (one
+/// JSON line under `--log-format json`).
+fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if text.starts_with("failed printing to stdout") && text.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        if JSON_LINES.load(Ordering::Relaxed) {
+            let at = info
+                .location()
+                .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            stderr_line(format_args!("pii-vault: error: panic{at}: {text}"));
+        } else {
+            default(info);
+        }
+    }));
 }
 
 /// `filter`, but never below `info` for [`CAPPED_TARGETS`]: a filtering

@@ -51,7 +51,7 @@ pub struct AuditListArgs {
     #[arg(long, requires = "alarms")]
     pub follow: bool,
 
-    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    #[arg(long, value_enum, env = "PII_VAULT_FORMAT", default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
 }
 
@@ -128,7 +128,7 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "checkpoints")]
     pub archive: Option<PathBuf>,
 
-    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    #[arg(long, value_enum, env = "PII_VAULT_FORMAT", default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
 }
 
@@ -174,7 +174,7 @@ pub struct SubjectArgs {
     #[arg(long, env = "PII_VAULT_ACTOR")]
     pub actor: Option<String>,
 
-    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    #[arg(long, value_enum, env = "PII_VAULT_FORMAT", default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
 }
 

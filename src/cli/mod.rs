@@ -55,6 +55,27 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// The command line of this process, as `Cli::try_parse` reads it, with
+    /// one rule clap cannot say: a flag typed wins over the environment.
+    /// `run --from-file F` reads the file even when `PII_VAULT_QUEUE_URL`
+    /// is set (a worker's environment); typing both inputs is refused.
+    pub fn try_parse_args() -> Result<Cli, clap::Error> {
+        use clap::parser::ValueSource;
+        use clap::{CommandFactory, FromArgMatches};
+        let mut cmd = Cli::command();
+        let matches = cmd.try_get_matches_from_mut(std::env::args_os())?;
+        if let Some(("run", run)) = matches.subcommand() {
+            let typed = |id: &str| run.value_source(id) == Some(ValueSource::CommandLine);
+            if typed("queue_url") && typed("from_file") {
+                return Err(cmd.error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "--queue-url and --from-file cannot be used together: give one input",
+                ));
+            }
+        }
+        Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
+    }
+
     pub fn database_url(&self) -> &str {
         self.database_url.as_deref().unwrap_or(DEFAULT_DATABASE_URL)
     }
@@ -64,6 +85,20 @@ impl Cli {
         use std::io::IsTerminal;
         self.log_format == LogFormat::Text && std::io::stderr().is_terminal()
     }
+}
+
+/// Whether this process's command line or environment asks for JSON logs,
+/// read without the parser (for a command line that does not parse).
+pub fn json_logs_requested() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    let typed = args.iter().enumerate().find_map(|(i, a)| {
+        a.strip_prefix("--log-format=")
+            .map(str::to_string)
+            .or_else(|| (a == "--log-format").then(|| args.get(i + 1).cloned().unwrap_or_default()))
+    });
+    typed
+        .or_else(|| std::env::var("PII_VAULT_LOG_FORMAT").ok())
+        .is_some_and(|f| f.eq_ignore_ascii_case("json"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -156,6 +191,8 @@ pub enum HoneytokenCommand {
         /// batch, `90m`, `12h`, `7d`).
         #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_duration)]
         over: std::time::Duration,
+        #[arg(long, value_enum, env = "PII_VAULT_FORMAT", default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
     },
 }
 
@@ -168,7 +205,7 @@ pub struct MigrateArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("input").required(true).args(["queue_url", "from_file"])))]
+#[command(group(clap::ArgGroup::new("input").required(true).multiple(true).args(["queue_url", "from_file"])))]
 pub struct RunArgs {
     /// SQS queue URL to consume.
     #[arg(long, env = "PII_VAULT_QUEUE_URL")]
@@ -261,12 +298,15 @@ pub struct RevealArgs {
     #[arg(long, env = "PII_VAULT_ACTOR")]
     pub actor: Option<String>,
 
-    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    #[arg(long, value_enum, env = "PII_VAULT_FORMAT", default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
+    /// For people (`text` is the same; PII_VAULT_FORMAT sets the default
+    /// for every command that prints results).
+    #[value(alias = "text")]
     Table,
     /// One JSON object per line.
     Json,
@@ -375,12 +415,12 @@ pub enum KeysCommand {
     /// does this too).
     Init,
     /// The KMS allow-list: the key-encryption keys stored keys may be wrapped under.
-    Allowed,
+    Allowed(FormatArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct FormatArgs {
-    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    #[arg(long, value_enum, env = "PII_VAULT_FORMAT", default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
 }
 

@@ -1,11 +1,25 @@
 //! `pii-vault honeytoken plant --count N [--over DURATION]`.
 
-use crate::cli::{Cli, HoneytokenCommand};
+use crate::cli::{Cli, HoneytokenCommand, OutputFormat};
 
 pub async fn honeytoken(cli: &Cli, cmd: &HoneytokenCommand) -> anyhow::Result<()> {
-    let HoneytokenCommand::Plant { count, over } = cmd;
+    let HoneytokenCommand::Plant {
+        count,
+        over,
+        format,
+    } = cmd;
     let store = super::open_store(cli).await?;
     let planted = crate::honeytoken::plant(store, usize::from(*count), *over).await?;
+    if *format == OutputFormat::Json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "planted_users": planted.users.len(),
+                "logins": planted.logins,
+                "over_seconds": over.as_secs(),
+            })
+        );
+    }
     // The ids are not printed: they are as secret as the trap itself, and
     // the owner can read them in `honeytokens`.
     eprintln!(

@@ -14,10 +14,13 @@ pub async fn keys(cli: &Cli, cmd: &KeysCommand) -> anyhow::Result<()> {
             let wrapper = super::open_wrapper(cli).await?;
             init(&*store, &*wrapper).await
         }
-        KeysCommand::Allowed => {
+        KeysCommand::Allowed(args) => {
             let store = super::open_store(cli).await?;
             for kek in store.allowed_keks().await? {
-                println!("{kek}");
+                match args.format {
+                    OutputFormat::Json => println!("{}", serde_json::json!({ "kek_id": kek })),
+                    OutputFormat::Table => println!("{kek}"),
+                }
             }
             Ok(())
         }

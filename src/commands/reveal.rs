@@ -56,6 +56,21 @@ pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
             let reason = args.reason.as_deref().expect("clap requires a reason");
             let request = store.reveal_request(&selector, &claimed, reason).await?;
             if request.status != RequestStatus::Granted {
+                if args.format == OutputFormat::Json {
+                    // A script reading stdout learns what happened and
+                    // what to run next, not just an exit status.
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "status": "pending_approval",
+                            "request_id": request.id,
+                            "logins": request.row_count,
+                            "revealed": 0,
+                            "approve": format!("pii-vault approve {} --reason TEXT", request.id),
+                            "fetch": format!("pii-vault reveal --request {}", request.id),
+                        })
+                    );
+                }
                 return Err(super::Exit::new(
                     3,
                     format!(

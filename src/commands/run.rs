@@ -21,7 +21,8 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     let profile = store.profile();
     let stats = Arc::new(Stats::default());
     let cancel = CancellationToken::new();
-    spawn_signal_handler(cancel.clone());
+    let stopped_by = Arc::new(std::sync::OnceLock::new());
+    spawn_signal_handler(cancel.clone(), stopped_by.clone());
     let metrics_server = match args.metrics_addr {
         Some(addr) => Some(
             crate::metrics::serve(
@@ -74,6 +75,7 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         .await?;
 
     let mut progress = None;
+    let mut file_source = None;
     let source: Arc<dyn MessageSource> = match (&args.from_file, &args.queue_url) {
         (Some(path), _) => {
             let source_id = FileSource::source_id(path, args.source_id.as_deref())?;
@@ -86,6 +88,12 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
             )
             .await?;
             let file = Arc::new(FileSource::open(path, source_id, ids).await?);
+            tracing::debug!(path = %path.display(), "reading the file");
+            // Standard input is a stream: a signal is how it ends, as for
+            // a queue; a named file can be run again to finish it.
+            if path != std::path::Path::new("-") {
+                file_source = Some(file.clone());
+            }
             if !args.no_progress && cli.log_format == LogFormat::Text {
                 progress = crate::progress::for_file(file.clone(), cancel.clone());
             }
@@ -145,7 +153,29 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         server.stopped().await;
     }
     let outcome = result?;
-    eprintln!("{}", summary(&outcome, started.elapsed()));
+    let took = started.elapsed();
+    let mut counts = serde_json::Map::new();
+    counts.insert("stored".into(), outcome.stored.into());
+    counts.insert("duplicates".into(), outcome.duplicates.into());
+    counts.insert("rejected".into(), outcome.rejected.into());
+    counts.insert("seconds".into(), took.as_secs_f64().into());
+    crate::telemetry::stderr_line_with(&summary(&outcome, took), Some(counts));
+    // A signal is the normal way to stop a queue worker (exit 0 once the
+    // batch in hand is stored); a file it stopped short of its end is not
+    // done, and a script must not take it for done.
+    if let (Some(signal), Some(file)) = (stopped_by.get(), &file_source) {
+        if !file.finished().await {
+            return Err(super::Exit::new(
+                signal.exit_code(),
+                format!(
+                    "stopped by {}: the file is unfinished: run the same command again to finish it \
+                     (nothing is stored twice)",
+                    signal.name()
+                ),
+            )
+            .into());
+        }
+    }
     Ok(())
 }
 
@@ -164,37 +194,68 @@ pub fn summary(o: &BatchOutcome, took: Duration) -> String {
     )
 }
 
-/// First SIGINT/SIGTERM: stop receiving, finish the batch in hand, exit 0.
-/// Second: exit at once (uncommitted messages return to the queue).
-fn spawn_signal_handler(cancel: CancellationToken) {
+/// The signal that stopped a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopSignal {
+    Interrupt,
+    Terminate,
+}
+
+impl StopSignal {
+    fn name(self) -> &'static str {
+        match self {
+            StopSignal::Interrupt => "SIGINT",
+            StopSignal::Terminate => "SIGTERM",
+        }
+    }
+
+    /// The shell's convention: 128 + the signal's number.
+    fn exit_code(self) -> u8 {
+        match self {
+            StopSignal::Interrupt => 130,
+            StopSignal::Terminate => 143,
+        }
+    }
+}
+
+/// First SIGINT/SIGTERM: stop receiving, finish the batch in hand (and say
+/// which signal it was in `stopped_by`). Second: exit at once (uncommitted
+/// messages return to the queue; a file's are read again by a rerun).
+fn spawn_signal_handler(
+    cancel: CancellationToken,
+    stopped_by: Arc<std::sync::OnceLock<StopSignal>>,
+) {
     tokio::spawn(async move {
         let mut count = 0;
         loop {
-            wait_for_signal().await;
+            let signal = wait_for_signal().await;
             count += 1;
             if count == 1 {
+                let _ = stopped_by.set(signal);
                 tracing::info!(
+                    signal = signal.name(),
                     "shutting down: finishing the batch in hand (signal again to exit at once)"
                 );
                 cancel.cancel();
             } else {
-                std::process::exit(130);
+                std::process::exit(signal.exit_code().into());
             }
         }
     });
 }
 
 #[cfg(unix)]
-async fn wait_for_signal() {
+async fn wait_for_signal() -> StopSignal {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => StopSignal::Interrupt,
+        _ = term.recv() => StopSignal::Terminate,
     }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signal() {
+async fn wait_for_signal() -> StopSignal {
     let _ = tokio::signal::ctrl_c().await;
+    StopSignal::Interrupt
 }

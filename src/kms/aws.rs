@@ -83,6 +83,9 @@ async fn client() -> Client {
 
 /// The key's metadata, refused unless it is enabled.
 async fn describe(client: &Client, key_id: &str) -> Result<KeyMetadata, WrapError> {
+    if client.config().region().is_none() {
+        return Err(WrapError::Permanent(NO_REGION.into()));
+    }
     count("DescribeKey");
     let resp = client
         .describe_key()
@@ -105,6 +108,11 @@ async fn describe(client: &Client, key_id: &str) -> Result<KeyMetadata, WrapErro
     }
     Ok(meta)
 }
+
+/// Without a region the SDK cannot even name KMS's endpoint; said before
+/// any call, rather than as a failed connection.
+const NO_REGION: &str = "no AWS region is configured for KMS: set AWS_REGION (e.g. eu-west-1), \
+     or a region in the AWS profile in use";
 
 /// Counts one call of `operation` (see [`super::requests`]).
 fn count(operation: &'static str) {
@@ -146,6 +154,9 @@ fn classify<E: ProvideErrorMetadata + std::fmt::Debug>(
                 _ => WrapError::Permanent(msg),
             }
         }
+        SdkError::ConstructionFailure(_) => WrapError::Permanent(format!(
+            "KMS {op}: the request could not be built (is AWS_REGION set?)"
+        )),
         _ => WrapError::Permanent(format!("KMS {op}: invalid request")),
     }
 }

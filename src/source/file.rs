@@ -98,6 +98,11 @@ impl FileSource {
         }
     }
 
+    /// Whether the whole input has been read (its end was reached).
+    pub async fn finished(&self) -> bool {
+        self.inner.lock().await.done
+    }
+
     /// Bytes consumed so far, for progress reporting.
     pub async fn position(&self) -> u64 {
         self.inner.lock().await.bytes_read

@@ -99,6 +99,14 @@ impl SqsSource {
             .as_secs()
             .clamp(1, MAX_VISIBILITY_TIMEOUT_SECS as u64) as i32;
         let conf = aws_config::load_from_env().await;
+        // Without a region the SDK cannot even name the endpoint: said
+        // before any call, rather than as a failed connection.
+        if conf.region().is_none() {
+            anyhow::bail!(
+                "no AWS region is configured for SQS: set AWS_REGION (e.g. eu-west-1), \
+                 or a region in the AWS profile in use"
+            );
+        }
         let client = Client::from_conf(
             aws_sdk_sqs::config::Builder::from(&conf)
                 .timeout_config(attempt_timeout(REQUEST_TIMEOUT))
@@ -149,7 +157,9 @@ fn describe<E: ProvideErrorMetadata + std::fmt::Debug, R>(e: &SdkError<E, R>) ->
             "SQS: cannot connect (check AWS_ENDPOINT_URL / network)".into()
         }
         SdkError::ResponseError(_) => "SQS: unreadable response".into(),
-        SdkError::ConstructionFailure(_) => "SQS: invalid request".into(),
+        SdkError::ConstructionFailure(_) => {
+            "SQS: the request could not be built (is AWS_REGION set?)".into()
+        }
         _ => "SQS: unknown error".into(),
     }
 }

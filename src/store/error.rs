@@ -29,6 +29,11 @@ pub enum StoreError {
     /// allow-list, or the database refused to store one.
     #[error("{0}")]
     KekNotAllowed(String),
+    /// A connection could not be opened for a reason a retry will not fix
+    /// (a wrong user, password or database name; a file that cannot be
+    /// created): said as what is wrong and what to do.
+    #[error("{0}")]
+    Connect(String),
     /// Another job of the same kind holds its lock.
     #[error("{0}")]
     Busy(String),
@@ -141,6 +146,132 @@ impl From<sqlx::Error> for StoreError {
             E::Configuration(_) => StoreError::Permanent("invalid database URL or options".into()),
             other => StoreError::Permanent(format!("{:?}", std::mem::discriminant(&other))),
         }
+    }
+}
+
+/// A failed attempt to open a connection to Postgres at `at` (`HOST:PORT`,
+/// or the socket path), said as what is wrong and what to do. The server's
+/// own texts name the user or the database; only their gist is kept here,
+/// so that the message holds nothing but the address (which is
+/// configuration, not data; a password never is part of it).
+pub fn pg_connect_error(e: sqlx::Error, at: &str) -> StoreError {
+    use sqlx::Error as E;
+    match e {
+        E::Io(err) => match err.kind() {
+            std::io::ErrorKind::ConnectionRefused => StoreError::Unavailable(format!(
+                "connection refused at {at} — is Postgres running there, on that port? \
+                 (check the host and port in the database URL)"
+            )),
+            _ if err.to_string().contains("lookup address") => StoreError::Unavailable(format!(
+                "the database host of {at} is not known (DNS cannot resolve it): \
+                 check the host in the database URL"
+            )),
+            std::io::ErrorKind::TimedOut => StoreError::Unavailable(format!(
+                "no answer from {at} (timed out): check the host and port in the database URL, \
+                 and that no firewall drops the connection"
+            )),
+            std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable => {
+                StoreError::Unavailable(format!(
+                    "{at} cannot be reached ({}): check the host in the database URL and the network",
+                    err.kind()
+                ))
+            }
+            std::io::ErrorKind::NotFound => StoreError::Unavailable(format!(
+                "no Postgres socket at {at}: is Postgres running, with its socket in that directory?"
+            )),
+            _ => match StoreError::from(E::Io(err)) {
+                StoreError::Transient(m) => {
+                    StoreError::Unavailable(format!("cannot connect to {at}: {m}"))
+                }
+                other => other,
+            },
+        },
+        E::Tls(msg) if msg.to_string().contains("does not support TLS") => StoreError::Connect(format!(
+            "the server at {at} does not offer TLS, and the database URL requires it (sslmode=require, \
+             verify-ca or verify-full): enable ssl on the server, or change sslmode"
+        )),
+        E::Database(db) => {
+            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            let msg = db.message();
+            let said = match code.as_str() {
+                "28000" if msg.contains("does not exist") => {
+                    "the user in the database URL does not exist on the server (SQLSTATE 28000): \
+                     fix the user name, or create that login (CREATE ROLE … LOGIN) and grant it \
+                     the pii_vault_* role this command needs"
+                }
+                "28000" if msg.contains("not permitted to log in") => {
+                    "the user in the database URL is a role that may not log in (NOLOGIN, SQLSTATE 28000): \
+                     connect as a login user granted that role (CREATE ROLE … LOGIN IN ROLE …)"
+                }
+                "28000" if msg.contains("no encryption") => {
+                    "the server accepts this connection only over TLS (pg_hba.conf, SQLSTATE 28000): \
+                     add sslmode=require (or verify-full) to the database URL"
+                }
+                "28000" if msg.contains("pg_hba.conf") => {
+                    "the server's pg_hba.conf allows no connection for this host, user, database and \
+                     TLS mode (SQLSTATE 28000): check the database URL, or ask the DBA to allow it"
+                }
+                "28000" => {
+                    "the server refused this login (SQLSTATE 28000): check the user in the database URL"
+                }
+                "28P01" => {
+                    "password authentication failed for the user in the database URL (SQLSTATE 28P01): \
+                     check the password (in the URL or its password= parameter)"
+                }
+                "3D000" => {
+                    "the database named in the URL does not exist on the server (SQLSTATE 3D000): \
+                     fix the name, or create it (createdb) and run `pii-vault migrate` as its owner"
+                }
+                "53300" => {
+                    return StoreError::Unavailable(
+                        "the server has no free connection slots (SQLSTATE 53300, too many connections): \
+                         try again later, run fewer workers or --writers, or raise max_connections"
+                            .into(),
+                    )
+                }
+                "57P03" => {
+                    return StoreError::Unavailable(
+                        "the server is starting up or shutting down (SQLSTATE 57P03): try again in a moment"
+                            .into(),
+                    )
+                }
+                _ => return StoreError::from(E::Database(db)),
+            };
+            StoreError::Connect(said.into())
+        }
+        E::PoolTimedOut => StoreError::Unavailable(format!(
+            "no answer from {at} (timed out): check the host and port in the database URL"
+        )),
+        other => StoreError::from(other),
+    }
+}
+
+/// A failed attempt to open the SQLite file at `path`, said as what to do.
+pub fn sqlite_open_error(e: sqlx::Error, path: &std::path::Path) -> StoreError {
+    let code = match &e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.to_string()),
+        _ => None,
+    };
+    // SQLite's extended codes keep the primary code in the low byte.
+    let primary = code
+        .as_deref()
+        .and_then(|c| c.parse::<u32>().ok())
+        .map(|c| c & 0xff);
+    let path = path.display();
+    match primary {
+        Some(14) => StoreError::Connect(format!(
+            "cannot create or open the SQLite file {path} (SQLite error 14): its directory must exist \
+             and be writable by this user (SQLite writes journal files beside it); run from another \
+             directory or set --database-url sqlite:PATH"
+        )),
+        Some(8) => StoreError::Connect(format!(
+            "the SQLite file {path} is read-only for this user (SQLite error 8): make it and its \
+             directory writable, or set --database-url sqlite:PATH"
+        )),
+        Some(26) => StoreError::Connect(format!(
+            "{path} is not an SQLite database (SQLite error 26): point --database-url at pii-vault's file"
+        )),
+        _ => StoreError::from(e),
     }
 }
 

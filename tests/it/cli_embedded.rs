@@ -673,7 +673,10 @@ async fn policy_and_honeytokens_on_the_embedded_default() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(out.stdout.is_empty());
+    // Nothing revealed: stdout holds the request, for a script.
+    let pending: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(pending["status"], "pending_approval");
+    assert_eq!(pending["revealed"], 0);
     assert!(
         stderr.contains("pii-vault approve") && stderr.contains("Nothing was revealed"),
         "{stderr}"

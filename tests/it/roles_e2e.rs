@@ -435,9 +435,14 @@ async fn each_role_does_its_job_as_its_own_login_while_a_worker_writes() {
                 .await;
             let err = out.stderr_text();
             assert_eq!(out.status.code(), Some(3), "{err}");
-            assert!(out.stdout.is_empty(), "a pending reveal printed rows");
+            // No rows: stdout holds the request, for a script.
+            let pending: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|_| panic!("a pending reveal printed rows"));
+            assert_eq!(pending["status"], "pending_approval");
+            assert_eq!(pending["revealed"], 0);
             assert!(err.contains("is over the reveal policy"), "{err}");
             let id = numbers_after(&err, "Request ")[0];
+            assert_eq!(pending["request_id"].as_i64(), Some(id));
             let n = numbers_after(&err, "this reveal (")[0];
             assert!(
                 err.contains(&format!("pii-vault approve {id} --reason TEXT"))

@@ -41,6 +41,21 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// reporting a transient error that the pipeline retries with backoff.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a pool may take to open its first connection before a direct
+/// attempt is made to say why it cannot (see [`PgStore::connect`]).
+const DIAGNOSE_AFTER: Duration = Duration::from_millis(200);
+
+/// Where `opts` connect to, for messages: `HOST:PORT`, or the Unix socket.
+fn address(opts: &PgConnectOptions) -> String {
+    match opts.get_socket() {
+        Some(dir) => format!("{}/.s.PGSQL.{}", dir.display(), opts.get_port()),
+        None if opts.get_host().contains(':') => {
+            format!("[{}]:{}", opts.get_host(), opts.get_port())
+        }
+        None => format!("{}:{}", opts.get_host(), opts.get_port()),
+    }
+}
+
 pub struct PgStore {
     pub(super) pool: PgPool,
     /// Set when a batch met a message id already stored: the next batches
@@ -51,14 +66,44 @@ pub struct PgStore {
 
 impl PgStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        use sqlx::{ConnectOptions as _, Connection as _};
         let opts = PgConnectOptions::from_str(url)?.application_name("pii-vault");
+        let at = address(&opts);
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(opts);
-        let pool = tokio::time::timeout(CONNECT_TIMEOUT, pool)
+            .connect_with(opts.clone());
+        // The pool retries a refused connection (and "too many
+        // connections") until its deadline, which turns a stopped server
+        // into a wait and then "timed out". A pool still without a
+        // connection after a moment is asked once more, directly, whose
+        // error says what is wrong at once; a healthy server costs nothing.
+        let diagnose = async {
+            tokio::time::sleep(DIAGNOSE_AFTER).await;
+            match opts.connect().await {
+                Ok(conn) => {
+                    let _ = conn.close().await;
+                    std::future::pending::<sqlx::Error>().await
+                }
+                Err(e) => e,
+            }
+        };
+        let attempt = async {
+            tokio::select! {
+                pool = pool => pool,
+                e = diagnose => Err(e),
+            }
+        };
+        let pool = tokio::time::timeout(CONNECT_TIMEOUT, attempt)
             .await
-            .map_err(|_| StoreError::Transient("timed out connecting to the database".into()))??;
+            .map_err(|_| {
+                StoreError::Unavailable(format!(
+                    "no answer from {at} within {} s: check the host and port in the database URL, \
+                     and that no firewall drops the connection",
+                    CONNECT_TIMEOUT.as_secs()
+                ))
+            })?
+            .map_err(|e| super::error::pg_connect_error(e, &at))?;
         Ok(PgStore {
             pool,
             expect_duplicates: AtomicBool::new(false),

@@ -108,7 +108,8 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(opts.clone())
-            .await?;
+            .await
+            .map_err(|e| super::error::sqlite_open_error(e, &path))?;
         // The pool has created and opened the file; the writer opens it too.
         let writer = Writer::open(
             &path,

@@ -103,6 +103,15 @@ pub fn summary(stderr: &[u8]) -> (u64, u64, u64) {
 
 /// [`summary`] of text that may not hold one yet (a worker still running).
 pub fn try_summary(output: &str) -> Option<(u64, u64, u64)> {
+    // Under `--log-format json`, the summary's counts are fields.
+    let json = output.lines().find_map(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        let n = |k: &str| v.get(k)?.as_u64();
+        Some((n("stored")?, n("duplicates")?, n("rejected")?))
+    });
+    if json.is_some() {
+        return json;
+    }
     let line = output
         .lines()
         .find(|l| l.starts_with("pii-vault: ") && l.contains(" stored, "))?;
