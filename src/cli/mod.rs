@@ -23,7 +23,7 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite:pii-vault.db";
 #[derive(Debug, Parser)]
 #[command(
     name = "pii-vault",
-    version,
+    version = crate::metrics::build::LONG_VERSION,
     about = "Mask the PII in login events with keyed tokens; keep the originals in an encrypted vault.",
     long_about = "pii-vault reads user-login events (from AWS SQS or a JSON Lines file), replaces the IP \
 address and device id with deterministic keyed tokens in `user_logins` (equal values give equal tokens, \
