@@ -7,12 +7,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 mod audit;
+mod ops;
 mod parse;
 
 pub use audit::{
     ArchiveArgs, AuditArgs, AuditCommand, AuditListArgs, CheckpointArgs, ExportArgs, ExportFormat,
     PublicKeyArgs, SigningArgs, SubjectArgs, VerifyArgs,
 };
+
+pub use ops::HealthcheckArgs;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use parse::{non_blank, parse_day, parse_duration};
@@ -108,6 +111,24 @@ pub enum Command {
     /// Honeytokens: synthetic users whose reveal raises an alarm.
     #[command(subcommand)]
     Honeytoken(HoneytokenCommand),
+    /// Ask a running worker's /readyz (for container healthchecks: the
+    /// image has no curl). Exit status 0: ready; 1: not ready; 2: nothing
+    /// answered (no worker, wrong address, timeout).
+    Healthcheck(HealthcheckArgs),
+    /// Print a shell completion script on stdout (bash, zsh, fish,
+    /// elvish, powershell).
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout, or, with --dir, write one page
+    /// per command into that directory.
+    Man {
+        /// Write pii-vault.1, pii-vault-run.1, … here instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -3,7 +3,9 @@
 
 pub mod approve;
 pub mod audit;
+pub mod docs;
 pub mod forget;
+pub mod healthcheck;
 pub mod honeytoken;
 pub mod keys;
 pub mod migrate;
@@ -32,6 +34,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Approve(args) => approve::approve(&cli, args).await,
         Command::Policy(cmd) => policy::policy(&cli, cmd).await,
         Command::Honeytoken(cmd) => honeytoken::honeytoken(&cli, cmd).await,
+        Command::Healthcheck(args) => healthcheck::healthcheck(args).await,
+        Command::Completions { shell } => docs::completions(*shell),
+        Command::Man { dir } => docs::man(dir.as_deref()),
     }
 }
 
