@@ -186,6 +186,15 @@ pub struct MigrateArgs {
     /// rights; a rotator then runs `pii-vault keys init`).
     #[arg(long)]
     pub schema_only: bool,
+
+    /// List every migration as applied or pending; change nothing.
+    #[arg(long, conflicts_with_all = ["dry_run", "schema_only"])]
+    pub status: bool,
+
+    /// Show the migrations that would be applied; change nothing (and
+    /// create no SQLite file).
+    #[arg(long, conflicts_with = "schema_only")]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
