@@ -259,6 +259,12 @@ pub struct RunArgs {
     /// Never show a progress bar.
     #[arg(long)]
     pub no_progress: bool,
+
+    /// With --from-file: parse and validate every line and print what
+    /// would be stored and rejected; store nothing, open no database and
+    /// use no key.
+    #[arg(long, requires = "from_file")]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
