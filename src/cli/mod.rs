@@ -40,6 +40,20 @@ pub struct Cli {
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
 
+    /// Read the database URL from this file (a mounted secret), so that the
+    /// password need not sit in the environment; surrounding whitespace and
+    /// the final newline are ignored. Not together with --database-url /
+    /// DATABASE_URL. (Or leave the password out of the URL: Postgres
+    /// passwords are also read from PGPASSFILE, default ~/.pgpass.)
+    #[arg(
+        long,
+        env = "DATABASE_URL_FILE",
+        global = true,
+        help_heading = "Global options",
+        value_name = "PATH"
+    )]
+    pub database_url_file: Option<PathBuf>,
+
     /// AWS KMS key (id, ARN or alias/NAME) that wraps data and token keys.
     /// Without it, a local key file in --key-dir is used (with a warning).
     #[arg(long, env = "PII_VAULT_KMS_KEY_ID", global = true)]

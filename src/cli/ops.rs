@@ -1,6 +1,9 @@
-//! The options of the operations commands (`healthcheck`).
+//! The options of the operations commands (`healthcheck`), and reading
+//! the database URL from a file.
 
 use clap::Args;
+
+use super::Cli;
 
 #[derive(Debug, Args)]
 pub struct HealthcheckArgs {
@@ -13,4 +16,36 @@ pub struct HealthcheckArgs {
     #[arg(long, value_name = "SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub timeout: u64,
+}
+
+impl Cli {
+    /// With --database-url-file / DATABASE_URL_FILE: reads the URL from
+    /// that file into `database_url`. Both given is an error: which one
+    /// wins would be a guess.
+    pub fn read_database_url_file(&mut self) -> anyhow::Result<()> {
+        let Some(path) = &self.database_url_file else {
+            return Ok(());
+        };
+        if self.database_url.is_some() {
+            anyhow::bail!(
+                "both a database URL (--database-url / DATABASE_URL) and a file to read it from \
+                 (--database-url-file / DATABASE_URL_FILE) are given: keep one"
+            );
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the database URL from {} (--database-url-file / DATABASE_URL_FILE): {e}",
+                path.display()
+            )
+        })?;
+        let url = text.trim();
+        if url.is_empty() {
+            anyhow::bail!(
+                "{} (--database-url-file / DATABASE_URL_FILE) is empty",
+                path.display()
+            );
+        }
+        self.database_url = Some(url.to_string());
+        Ok(())
+    }
 }

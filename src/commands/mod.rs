@@ -22,7 +22,8 @@ use crate::cli::{Cli, Command};
 use crate::crypto::KeyWrapper;
 use crate::store::Store;
 
-pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+pub async fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
+    cli.read_database_url_file()?;
     match &cli.command {
         Command::Migrate(args) => migrate::migrate(&cli, args).await,
         Command::Run(args) => run::run(&cli, args).await,
