@@ -270,7 +270,8 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=43200))]
     pub visibility_timeout: u32,
 
-    /// Never show a progress bar.
+    /// Never draw a progress bar (a file run then logs a progress line
+    /// every 10 seconds, as it does when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
 

@@ -89,9 +89,22 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
             )
             .await?;
             let file = Arc::new(FileSource::open(path, source_id, ids).await?);
-            if !args.no_progress && cli.log_format == LogFormat::Text {
-                progress = crate::progress::for_file(file.clone(), cancel.clone());
-            }
+            let counts = {
+                let stats = stats.clone();
+                Arc::new(move || {
+                    (
+                        stats.stored.get(),
+                        stats.duplicates.get(),
+                        stats.rejected.get(),
+                    )
+                })
+            };
+            progress = crate::progress::for_file(
+                file.clone(),
+                cancel.clone(),
+                !args.no_progress && cli.log_format == LogFormat::Text,
+                counts,
+            );
             file
         }
         (None, Some(url)) => Arc::new(
