@@ -37,7 +37,13 @@ in the working directory: fine to try it out and for small single-node use."
 )]
 pub struct Cli {
     /// Database: postgres://user:pass@host/db, or sqlite:PATH [default: sqlite:pii-vault.db]
-    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        global = true,
+        help_heading = "Global options",
+        hide_env_values = true
+    )]
     pub database_url: Option<String>,
 
     /// Read the database URL from this file (a mounted secret), so that the
@@ -56,15 +62,26 @@ pub struct Cli {
 
     /// AWS KMS key (id, ARN or alias/NAME) that wraps data and token keys.
     /// Without it, a local key file in --key-dir is used (with a warning).
-    #[arg(long, env = "PII_VAULT_KMS_KEY_ID", global = true)]
+    #[arg(
+        long,
+        env = "PII_VAULT_KMS_KEY_ID",
+        global = true,
+        help_heading = "Global options"
+    )]
     pub kms_key_id: Option<String>,
 
     /// Directory of the local key-encryption key (used when no KMS key is given).
-    #[arg(long, env = "PII_VAULT_KEY_DIR", global = true, default_value = "keys")]
+    #[arg(
+        long,
+        env = "PII_VAULT_KEY_DIR",
+        global = true,
+        help_heading = "Global options",
+        default_value = "keys"
+    )]
     pub key_dir: PathBuf,
 
     /// Log format on stderr.
-    #[arg(long, env = "PII_VAULT_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = "PII_VAULT_LOG_FORMAT", global = true, help_heading = "Global options", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
     #[command(subcommand)]
@@ -185,6 +202,7 @@ pub enum HoneytokenCommand {
     /// reveal that touches one is served as usual and raises an alarm that
     /// only the owner sees (`audit --alarms`).
     Plant {
+        /// How many synthetic users to plant.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=10000))]
         count: u16,
         /// The period over which their logins fall due (`0` for the next
@@ -312,12 +330,14 @@ pub struct RevealArgs {
     #[arg(long, env = "PII_VAULT_ACTOR")]
     pub actor: Option<String>,
 
+    /// Output: a table for people, or JSON Lines for programs.
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
+    /// Aligned columns.
     Table,
     /// One JSON object per line.
     Json,
@@ -431,6 +451,7 @@ pub enum KeysCommand {
 
 #[derive(Debug, Args)]
 pub struct FormatArgs {
+    /// Output: a table for people, or JSON Lines for programs.
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
 }
