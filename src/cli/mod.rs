@@ -15,7 +15,7 @@ pub use audit::{
     PublicKeyArgs, SigningArgs, SubjectArgs, VerifyArgs,
 };
 
-pub use ops::HealthcheckArgs;
+pub use ops::{HealthcheckArgs, MigrateArgs};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use parse::{non_blank, parse_day, parse_duration};
@@ -210,23 +210,6 @@ pub enum HoneytokenCommand {
         #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_duration)]
         over: std::time::Duration,
     },
-}
-
-#[derive(Debug, Args)]
-pub struct MigrateArgs {
-    /// Only the schema: no allow-list entry, no keys (for a DBA without KMS
-    /// rights; a rotator then runs `pii-vault keys init`).
-    #[arg(long)]
-    pub schema_only: bool,
-
-    /// List every migration as applied or pending; change nothing.
-    #[arg(long, conflicts_with_all = ["dry_run", "schema_only"])]
-    pub status: bool,
-
-    /// Show the migrations that would be applied; change nothing (and
-    /// create no SQLite file).
-    #[arg(long, conflicts_with = "schema_only")]
-    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

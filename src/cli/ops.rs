@@ -1,9 +1,26 @@
-//! The options of the operations commands (`healthcheck`), and reading
-//! the database URL from a file.
+//! The options of the operations commands (`migrate`, `healthcheck`), and
+//! reading the database URL from a file.
 
 use clap::Args;
 
 use super::Cli;
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Only the schema: no allow-list entry, no keys (for a DBA without KMS
+    /// rights; a rotator then runs `pii-vault keys init`).
+    #[arg(long)]
+    pub schema_only: bool,
+
+    /// List every migration as applied or pending; change nothing.
+    #[arg(long, conflicts_with_all = ["dry_run", "schema_only"])]
+    pub status: bool,
+
+    /// Show the migrations that would be applied; change nothing (and
+    /// create no SQLite file).
+    #[arg(long, conflicts_with = "schema_only")]
+    pub dry_run: bool,
+}
 
 #[derive(Debug, Args)]
 pub struct HealthcheckArgs {
