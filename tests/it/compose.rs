@@ -178,8 +178,13 @@ fn each_role_runs_under_its_own_login() {
             users.contains(&format!("'{user}'")),
             "{name}: db-users does not create {user}"
         );
+        // Directly, or after a worker that is healthy only once it has
+        // connected with its own login (which db-users made).
+        let after_worker = name != "worker"
+            && service["depends_on"]["worker"]["condition"] == "service_healthy"
+            && depends_on(&services_map["worker"], "db-users");
         assert!(
-            depends_on(service, "db-users"),
+            depends_on(service, "db-users") || after_worker,
             "{name} starts before its login exists"
         );
         roles_seen.insert(role);
