@@ -31,9 +31,16 @@ RUN mkdir -p src benches \
 # (sqlx::migrate!); the bench is declared in Cargo.toml, so cargo wants its
 # file to exist. `touch` makes cargo rebuild over the dummy's artifacts even
 # where the copied files are older than them.
+# build.rs lists migrations/postgres/functions for the binary and stamps
+# the commit.
+COPY build.rs build.rs
 COPY migrations migrations
 COPY benches benches
 COPY src src
+# The commit for `--version` and pii_vault_build_info (the build context has
+# no .git): `docker build --build-arg PII_VAULT_COMMIT=$(git rev-parse --short HEAD)`.
+# Without it, "unknown".
+ARG PII_VAULT_COMMIT
 RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked --bin pii-vault
 

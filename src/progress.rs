@@ -1,5 +1,6 @@
-//! A progress bar for long file runs: only on a terminal, only with text
-//! logs, never when stderr is piped.
+//! Progress of long runs: a bar on a terminal with text logs; otherwise a
+//! log line every 10 seconds, so that a run under a scheduler or with its
+//! stderr in a file still shows how far it is.
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -11,9 +12,45 @@ use tokio_util::sync::CancellationToken;
 
 use crate::source::file::FileSource;
 
-pub fn for_file(file: Arc<FileSource>, done: CancellationToken) -> Option<JoinHandle<()>> {
-    if !std::io::stderr().is_terminal() {
-        return None;
+/// `(stored, duplicates, rejected)` so far, for the log lines.
+pub type Counts = Arc<dyn Fn() -> (u64, u64, u64) + Send + Sync>;
+
+/// Progress of a file run: a bar when `bar` is allowed and stderr is a
+/// terminal; otherwise (a pipe, a log file, JSON logs) an INFO line every
+/// 10 seconds with the bytes read and the counts so far.
+pub fn for_file(
+    file: Arc<FileSource>,
+    done: CancellationToken,
+    bar: bool,
+    counts: Counts,
+) -> Option<JoinHandle<()>> {
+    if !(bar && std::io::stderr().is_terminal()) {
+        return Some(tokio::spawn(async move {
+            let start = std::time::Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(LOG_EVERY) => {}
+                    _ = done.cancelled() => break,
+                }
+                // A read blocked on a quiet stdin holds the reader: never
+                // wait for it past the end of the run.
+                let read = tokio::select! {
+                    read = file.position() => read,
+                    _ = done.cancelled() => break,
+                };
+                let (stored, duplicates, rejected) = counts();
+                let of = file.len.map(|len| format!(" of {len}")).unwrap_or_default();
+                tracing::info!(
+                    bytes_read = read,
+                    bytes_total = file.len,
+                    stored,
+                    duplicates,
+                    rejected,
+                    elapsed_s = start.elapsed().as_secs(),
+                    "progress: {read}{of} bytes read; {stored} stored, {duplicates} duplicates, {rejected} rejected"
+                );
+            }
+        }));
     }
     let bar = match file.len {
         Some(len) => ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr())
@@ -40,7 +77,7 @@ pub fn for_file(file: Arc<FileSource>, done: CancellationToken) -> Option<JoinHa
     }))
 }
 
-/// How often a rotation without a terminal logs its progress.
+/// How often a file run or a rotation without a terminal logs its progress.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Progress of a long job over a known number of rows: a bar with ETA on a

@@ -51,6 +51,7 @@ pub struct AuditListArgs {
     #[arg(long, requires = "alarms")]
     pub follow: bool,
 
+    /// Output: a table for people, or JSON Lines for programs.
     #[arg(long, value_enum, env = "PII_VAULT_FORMAT", default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
 }
@@ -128,6 +129,7 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "checkpoints")]
     pub archive: Option<PathBuf>,
 
+    /// Output: a report for people, or JSON for programs.
     #[arg(long, value_enum, env = "PII_VAULT_FORMAT", default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
 }
@@ -155,6 +157,7 @@ pub struct ExportArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
     pub poll: std::time::Duration,
 
+    /// Output: JSON Lines, or CEF lines for a SIEM.
     #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
     pub format: ExportFormat,
 }
@@ -174,6 +177,7 @@ pub struct SubjectArgs {
     #[arg(long, env = "PII_VAULT_ACTOR")]
     pub actor: Option<String>,
 
+    /// Output: a table for people, or JSON Lines for programs.
     #[arg(long, value_enum, env = "PII_VAULT_FORMAT", default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
 }

@@ -7,12 +7,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 mod audit;
+mod ops;
 mod parse;
 
 pub use audit::{
     ArchiveArgs, AuditArgs, AuditCommand, AuditListArgs, CheckpointArgs, ExportArgs, ExportFormat,
     PublicKeyArgs, SigningArgs, SubjectArgs, VerifyArgs,
 };
+
+pub use ops::{HealthcheckArgs, MigrateArgs};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use parse::{non_blank, parse_day, parse_duration};
@@ -23,7 +26,7 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite:pii-vault.db";
 #[derive(Debug, Parser)]
 #[command(
     name = "pii-vault",
-    version,
+    version = crate::metrics::build::LONG_VERSION,
     about = "Mask the PII in login events with keyed tokens; keep the originals in an encrypted vault.",
     long_about = "pii-vault reads user-login events (from AWS SQS or a JSON Lines file), replaces the IP \
 address and device id with deterministic keyed tokens in `user_logins` (equal values give equal tokens, \
@@ -34,20 +37,51 @@ in the working directory: fine to try it out and for small single-node use."
 )]
 pub struct Cli {
     /// Database: postgres://user:pass@host/db, or sqlite:PATH [default: sqlite:pii-vault.db]
-    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        global = true,
+        help_heading = "Global options",
+        hide_env_values = true
+    )]
     pub database_url: Option<String>,
+
+    /// Read the database URL from this file (a mounted secret), so that the
+    /// password need not sit in the environment; surrounding whitespace and
+    /// the final newline are ignored. Not together with --database-url /
+    /// DATABASE_URL. (Or leave the password out of the URL: Postgres
+    /// passwords are also read from PGPASSFILE, default ~/.pgpass.)
+    #[arg(
+        long,
+        env = "DATABASE_URL_FILE",
+        global = true,
+        help_heading = "Global options",
+        value_name = "PATH"
+    )]
+    pub database_url_file: Option<PathBuf>,
 
     /// AWS KMS key (id, ARN or alias/NAME) that wraps data and token keys.
     /// Without it, a local key file in --key-dir is used (with a warning).
-    #[arg(long, env = "PII_VAULT_KMS_KEY_ID", global = true)]
+    #[arg(
+        long,
+        env = "PII_VAULT_KMS_KEY_ID",
+        global = true,
+        help_heading = "Global options"
+    )]
     pub kms_key_id: Option<String>,
 
     /// Directory of the local key-encryption key (used when no KMS key is given).
-    #[arg(long, env = "PII_VAULT_KEY_DIR", global = true, default_value = "keys")]
+    #[arg(
+        long,
+        env = "PII_VAULT_KEY_DIR",
+        global = true,
+        help_heading = "Global options",
+        default_value = "keys"
+    )]
     pub key_dir: PathBuf,
 
     /// Log format on stderr.
-    #[arg(long, env = "PII_VAULT_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = "PII_VAULT_LOG_FORMAT", global = true, help_heading = "Global options", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
     #[command(subcommand)]
@@ -143,6 +177,24 @@ pub enum Command {
     /// Honeytokens: synthetic users whose reveal raises an alarm.
     #[command(subcommand)]
     Honeytoken(HoneytokenCommand),
+    /// Ask a running worker's /readyz (for container healthchecks: the
+    /// image has no curl). Exit status 0: ready; 1: not ready; 2: nothing
+    /// answered (no worker, wrong address, timeout).
+    Healthcheck(HealthcheckArgs),
+    /// Print a shell completion script on stdout (bash, zsh, fish,
+    /// elvish, powershell).
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout, or, with --dir, write one page
+    /// per command into that directory.
+    Man {
+        /// Write pii-vault.1, pii-vault-run.1, … here instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -185,6 +237,7 @@ pub enum HoneytokenCommand {
     /// reveal that touches one is served as usual and raises an alarm that
     /// only the owner sees (`audit --alarms`).
     Plant {
+        /// How many synthetic users to plant.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=10000))]
         count: u16,
         /// The period over which their logins fall due (`0` for the next
@@ -194,14 +247,6 @@ pub enum HoneytokenCommand {
         #[arg(long, value_enum, env = "PII_VAULT_FORMAT", default_value_t = OutputFormat::Table)]
         format: OutputFormat,
     },
-}
-
-#[derive(Debug, Args)]
-pub struct MigrateArgs {
-    /// Only the schema: no allow-list entry, no keys (for a DBA without KMS
-    /// rights; a rotator then runs `pii-vault keys init`).
-    #[arg(long)]
-    pub schema_only: bool,
 }
 
 #[derive(Debug, Args)]
@@ -263,9 +308,16 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=43200))]
     pub visibility_timeout: u32,
 
-    /// Never show a progress bar.
+    /// Never draw a progress bar (a file run then logs a progress line
+    /// every 10 seconds, as it does when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
+
+    /// With --from-file: parse and validate every line and print what
+    /// would be stored and rejected; store nothing, open no database and
+    /// use no key.
+    #[arg(long, requires = "from_file")]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -298,6 +350,7 @@ pub struct RevealArgs {
     #[arg(long, env = "PII_VAULT_ACTOR")]
     pub actor: Option<String>,
 
+    /// Output: a table for people, or JSON Lines for programs.
     #[arg(long, value_enum, env = "PII_VAULT_FORMAT", default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
 }
@@ -420,6 +473,7 @@ pub enum KeysCommand {
 
 #[derive(Debug, Args)]
 pub struct FormatArgs {
+    /// Output: a table for people, or JSON Lines for programs.
     #[arg(long, value_enum, env = "PII_VAULT_FORMAT", default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
 }

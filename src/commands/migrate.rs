@@ -3,6 +3,9 @@
 use crate::cli::{Cli, MigrateArgs};
 
 pub async fn migrate(cli: &Cli, args: &MigrateArgs) -> anyhow::Result<()> {
+    if args.status || args.dry_run {
+        return status(cli, args.dry_run).await;
+    }
     let store = super::open_store(cli).await?;
     store.migrate().await?;
     eprintln!(
@@ -12,6 +15,51 @@ pub async fn migrate(cli: &Cli, args: &MigrateArgs) -> anyhow::Result<()> {
     if !args.schema_only {
         let wrapper = super::open_wrapper(cli).await?;
         super::keys::init(&*store, &*wrapper).await?;
+    }
+    Ok(())
+}
+
+/// `--status`: every migration, applied or pending. `--dry-run`: the
+/// pending ones only, as what `migrate` would apply. Neither changes
+/// anything nor opens the store (which would migrate an SQLite file).
+async fn status(cli: &Cli, dry_run: bool) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let url = cli.database_url();
+    let shown = super::redact_url(url);
+    let status = crate::store::migration_status(url)
+        .await
+        .with_context(|| format!("cannot read the migrations of the database {shown}"))?;
+    let pending: Vec<_> = status.migrations.iter().filter(|m| !m.applied).collect();
+    if !status.exists {
+        println!("database {shown} does not exist yet (nothing was created)");
+    }
+    if dry_run {
+        if pending.is_empty() {
+            println!("nothing to apply: database {shown} is up to date");
+        } else {
+            println!("would apply {} migration(s) to {shown}:", pending.len());
+            for m in &pending {
+                println!("  {:04} {}", m.version, m.description);
+            }
+        }
+        if !status.reapplied.is_empty() {
+            println!(
+                "would re-apply {} function file(s) (every migrate does): {}",
+                status.reapplied.len(),
+                status.reapplied.join(", ")
+            );
+        }
+        println!("dry run: nothing changed");
+    } else {
+        for m in &status.migrations {
+            let state = if m.applied { "applied" } else { "pending" };
+            println!("{:04} {state:<8} {}", m.version, m.description);
+        }
+        println!(
+            "{} applied, {} pending",
+            status.migrations.len() - pending.len(),
+            pending.len()
+        );
     }
     Ok(())
 }

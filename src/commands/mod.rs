@@ -3,7 +3,9 @@
 
 pub mod approve;
 pub mod audit;
+pub mod docs;
 pub mod forget;
+pub mod healthcheck;
 pub mod honeytoken;
 pub mod keys;
 pub mod migrate;
@@ -20,7 +22,8 @@ use crate::cli::{Cli, Command};
 use crate::crypto::KeyWrapper;
 use crate::store::Store;
 
-pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+pub async fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
+    cli.read_database_url_file()?;
     match &cli.command {
         Command::Migrate(args) => migrate::migrate(&cli, args).await,
         Command::Run(args) => run::run(&cli, args).await,
@@ -32,6 +35,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Approve(args) => approve::approve(&cli, args).await,
         Command::Policy(cmd) => policy::policy(&cli, cmd).await,
         Command::Honeytoken(cmd) => honeytoken::honeytoken(&cli, cmd).await,
+        Command::Healthcheck(args) => healthcheck::healthcheck(args).await,
+        Command::Completions { shell } => docs::completions(*shell),
+        Command::Man { dir } => docs::man(dir.as_deref()),
     }
 }
 

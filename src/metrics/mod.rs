@@ -26,6 +26,7 @@
 //! This module names neither the pipeline nor the store (both depend on it):
 //! what to encode comes as a [`Registry`], and the database as a [`Probe`].
 
+pub mod build;
 pub mod process;
 pub mod registry;
 

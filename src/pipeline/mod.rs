@@ -252,6 +252,7 @@ impl Pipeline {
                 ..Batch::default()
             };
             let mut reasons = Vec::new();
+            let mut rejects = Vec::new();
             let mut neighbours = Vec::new();
             for (i, m) in msgs.iter().enumerate() {
                 match protect(m, &keys.token, &key_id, &lease.sealer)? {
@@ -260,7 +261,7 @@ impl Pipeline {
                         batch.logins.push((l, v));
                     }
                     Protected::Rejected(q, why) => {
-                        tracing::info!(message_id = %m.id, line = m.line, reason = %why, "rejected message quarantined");
+                        rejects.push((i, why.to_string()));
                         reasons.push(why.code());
                         batch.quarantined.push(q);
                     }
@@ -289,6 +290,7 @@ impl Pipeline {
             .await;
             match written {
                 Ok(outcome) => {
+                    log_rejects(msgs, &rejects, outcome.rejected);
                     stats.record_batch(&outcome, msgs.len(), &reasons, started.elapsed());
                     return Ok(outcome);
                 }
@@ -309,6 +311,24 @@ impl Pipeline {
             }
         }
         anyhow::bail!("keys kept changing under this batch; is a rotation looping?")
+    }
+}
+
+/// Logs a batch's rejected messages once it has committed, by what the
+/// commit did: `newly` of them were quarantined now, the others already
+/// were (a re-run of a file, a redelivery), which is no news: debug only.
+fn log_rejects(msgs: &[Message], rejects: &[(usize, String)], newly: u64) {
+    let all_new = newly as usize >= rejects.len();
+    for (i, why) in rejects {
+        let m = &msgs[*i];
+        if all_new {
+            tracing::info!(message_id = %m.id, line = m.line, reason = %why, "rejected message quarantined");
+        } else if newly == 0 {
+            tracing::debug!(message_id = %m.id, line = m.line, reason = %why, "rejected message already quarantined");
+        } else {
+            // Which ones are new the batch's outcome does not say.
+            tracing::info!(message_id = %m.id, line = m.line, reason = %why, "rejected message quarantined (now or before)");
+        }
     }
 }
 

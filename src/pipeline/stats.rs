@@ -9,7 +9,7 @@ use std::time::Duration;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 
 use futures::future::BoxFuture;
@@ -41,6 +41,10 @@ pub struct Stats {
     pub errors: LabeledCounter,
     pub batch_size: Histogram,
     pub batch_seconds: Histogram,
+    /// When a batch was last committed (Unix seconds; 0 before the first):
+    /// `time() - pii_vault_last_batch_committed_timestamp_seconds` is how
+    /// long this worker has stored nothing.
+    pub last_batch_committed: Gauge,
     /// Whether the last attempt to commit a batch failed (and is being
     /// retried): the database may answer a ping and still refuse writes
     /// (its disk full, say), which `/readyz` must report.
@@ -61,6 +65,7 @@ impl Default for Stats {
         let errors = LabeledCounter::default();
         let batch_size = Histogram::new(BATCH_SIZE_BUCKETS.iter().copied());
         let batch_seconds = Histogram::new(BATCH_SECONDS_BUCKETS.iter().copied());
+        let last_batch_committed = Gauge::default();
         // Every series exists from the start (at 0), so that a rate() over
         // the first increment sees it.
         preset(
@@ -129,6 +134,12 @@ impl Default for Stats {
                 "Time to protect and commit one batch",
                 batch_seconds.clone(),
             );
+            r.register(
+                "last_batch_committed_timestamp_seconds",
+                "When this process last committed a batch (Unix time; 0 before the first)",
+                last_batch_committed.clone(),
+            );
+            r.register_collector(Box::new(crate::metrics::build::BuildInfo));
             r.register_collector(Box::new(InFlight {
                 received: received.clone(),
                 acked: acked.clone(),
@@ -147,6 +158,7 @@ impl Default for Stats {
             errors,
             batch_size,
             batch_seconds,
+            last_batch_committed,
             writes_failing: AtomicBool::new(false),
             registry,
         }
@@ -174,6 +186,8 @@ impl Stats {
         }
         self.batch_size.observe(size as f64);
         self.batch_seconds.observe(took.as_secs_f64());
+        self.last_batch_committed
+            .set(chrono::Utc::now().timestamp());
     }
 
     /// A retry after a transient fault of `dependency` (one of [`DEPENDENCIES`]).
@@ -297,12 +311,25 @@ mod tests {
             "pii_vault_batch_seconds_bucket{le=\"0.005\"} 0",
             "# TYPE pii_vault_batch_seconds histogram",
             "# TYPE pii_vault_in_flight gauge",
+            "# TYPE pii_vault_build_info gauge",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
                 "no line {line:?} in:\n{text}"
             );
         }
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("pii_vault_build_info{version=\"")
+                    && l.contains(",commit=\"")
+                    && l.ends_with("} 1")),
+            "{text}"
+        );
+        let at = text
+            .lines()
+            .find_map(|l| l.strip_prefix("pii_vault_last_batch_committed_timestamp_seconds "))
+            .expect("the last-batch gauge");
+        assert!(at.parse::<i64>().unwrap() > 1_700_000_000, "{at}");
         let om = s.registry().render_openmetrics();
         assert!(om.ends_with("# EOF\n"), "{om}");
     }

@@ -21,6 +21,9 @@ use crate::crypto::TokenKey;
 use crate::domain::event::MAX_BODY_BYTES;
 use crate::domain::{Ack, Message};
 
+/// The UTF-8 byte order mark.
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// How long to wait for more lines before handing over a partial batch.
 const STREAM_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -172,6 +175,11 @@ impl MessageSource for FileSource {
             if line.last() == Some(&b'\r') {
                 line.pop();
             }
+            // A UTF-8 byte order mark (editors on Windows write one) is
+            // not part of the first line's JSON.
+            if r.line_no == 1 && line.starts_with(UTF8_BOM) {
+                line.drain(..UTF8_BOM.len());
+            }
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
@@ -230,6 +238,13 @@ mod tests {
         let msgs = read_all(b"{\"a\":1}\r\n\n  \n{\"b\":2}\n{\"c\":3}").await;
         let bodies: Vec<&[u8]> = msgs.iter().map(|m| &m.body[..]).collect();
         assert_eq!(bodies, vec![&b"{\"a\":1}"[..], b"{\"b\":2}", b"{\"c\":3}"]);
+    }
+
+    #[tokio::test]
+    async fn a_byte_order_mark_is_dropped_from_the_first_line_only() {
+        let msgs = read_all(b"\xEF\xBB\xBF{\"a\":1}\n\xEF\xBB\xBF{\"b\":2}\n").await;
+        assert_eq!(&msgs[0].body[..], b"{\"a\":1}");
+        assert_eq!(&msgs[1].body[..], b"\xEF\xBB\xBF{\"b\":2}");
     }
 
     #[tokio::test]

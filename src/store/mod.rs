@@ -112,6 +112,47 @@ pub async fn connect(url: &str) -> anyhow::Result<Arc<dyn Store>> {
     })
 }
 
+/// One versioned migration of this build, and whether the database has it.
+#[derive(Debug, Clone)]
+pub struct MigrationState {
+    pub version: i64,
+    pub description: String,
+    pub applied: bool,
+}
+
+/// What `migrate` would do to a database (`migrate --status`, `--dry-run`).
+#[derive(Debug, Clone)]
+pub struct MigrationStatus {
+    /// False for an SQLite file that does not exist yet (it is not created).
+    pub exists: bool,
+    pub migrations: Vec<MigrationState>,
+    /// Files every `migrate` re-applies whatever is pending (Postgres: the
+    /// functions, views and grants).
+    pub reapplied: Vec<&'static str>,
+}
+
+/// The migrations of this build against the database `url` names, read
+/// without changing anything: no migration, no lock, no file created.
+pub async fn migration_status(url: &str) -> anyhow::Result<MigrationStatus> {
+    Ok(match Backend::of(url)? {
+        Backend::Postgres => postgres::migration_status(url).await?,
+        Backend::Sqlite => sqlite::migration_status(url).await?,
+    })
+}
+
+/// The states of `migrator`'s migrations given the versions applied.
+fn states(migrator: &sqlx::migrate::Migrator, applied: &[i64]) -> Vec<MigrationState> {
+    migrator
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .map(|m| MigrationState {
+            version: m.version,
+            description: m.description.to_string(),
+            applied: applied.contains(&m.version),
+        })
+        .collect()
+}
+
 /// Whether `url` names a store this build can open (its scheme), without
 /// opening it.
 pub fn check_url(url: &str) -> anyhow::Result<()> {

@@ -178,8 +178,13 @@ fn each_role_runs_under_its_own_login() {
             users.contains(&format!("'{user}'")),
             "{name}: db-users does not create {user}"
         );
+        // Directly, or after a worker that is healthy only once it has
+        // connected with its own login (which db-users made).
+        let after_worker = name != "worker"
+            && service["depends_on"]["worker"]["condition"] == "service_healthy"
+            && depends_on(&services_map["worker"], "db-users");
         assert!(
-            depends_on(service, "db-users"),
+            depends_on(service, "db-users") || after_worker,
             "{name} starts before its login exists"
         );
         roles_seen.insert(role);
@@ -307,4 +312,81 @@ fn the_image_exposes_the_workers_metrics_port_from_pinned_bases() {
         .position(|l| l.starts_with("COPY Cargo.toml Cargo.lock"))
         .unwrap();
     assert!(manifest < deps && deps < src, "no cached dependency layer");
+}
+
+#[test]
+fn the_worker_is_checked_by_the_healthcheck_subcommand_on_its_own_port() {
+    let compose = compose();
+    let worker = &services(&compose)["worker"];
+    let test: Vec<&str> = worker["healthcheck"]["test"]
+        .as_array()
+        .expect("the worker has a healthcheck test list")
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    assert_eq!(test[0], "CMD", "exec form, no shell in the image: {test:?}");
+    assert!(
+        test[1] == "pii-vault" || test[1] == "/usr/local/bin/pii-vault",
+        "{test:?}"
+    );
+    let cli = Cli::try_parse_from(&test[1..]).unwrap_or_else(|e| panic!("{test:?}: {e}"));
+    let pii_vault::cli::Command::Healthcheck(args) = cli.command else {
+        panic!("{test:?} is not `pii-vault healthcheck`");
+    };
+    let words = command(worker);
+    let metrics: SocketAddr = words
+        .iter()
+        .position(|w| w == "--metrics-addr")
+        .and_then(|i| words.get(i + 1))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let url = args.url.expect("an explicit --url");
+    assert_eq!(
+        url,
+        format!("http://127.0.0.1:{}/readyz", metrics.port()),
+        "the healthcheck asks another port than the worker serves"
+    );
+}
+
+#[test]
+fn examples_wait_for_the_worker_not_the_one_shots_and_ports_and_tags_are_set() {
+    let compose = compose();
+    let all = services(&compose);
+    for name in ["reveal", "rotate"] {
+        let deps = all[name]["depends_on"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{name}: depends_on as a map"));
+        assert_eq!(
+            deps.keys().collect::<Vec<_>>(),
+            ["worker"],
+            "{name} would re-run the init chain"
+        );
+        assert_eq!(deps["worker"]["condition"], "service_healthy", "{name}");
+    }
+    for (name, var) in [
+        ("worker", "PII_VAULT_METRICS_PORT"),
+        ("postgres", "PII_VAULT_POSTGRES_PORT"),
+        ("localstack", "PII_VAULT_LOCALSTACK_PORT"),
+    ] {
+        let ports = all[name]["ports"].to_string();
+        assert!(
+            ports.contains(&format!("127.0.0.1:${{{var}:-")),
+            "{name}: host port not from {var}: {ports}"
+        );
+    }
+    for (name, service) in all {
+        let Some(image) = service["image"].as_str() else {
+            continue;
+        };
+        if image == "pii-vault:local" {
+            continue;
+        }
+        let tag = image.split_once(':').map(|(_, t)| t).unwrap_or("");
+        let version = tag.split('-').next().unwrap();
+        assert!(
+            version.split('.').count() >= 2 && version.split('.').all(|n| n.parse::<u32>().is_ok()),
+            "{name}: {image} floats (no release tag)"
+        );
+    }
 }

@@ -19,6 +19,7 @@ mod compose;
 mod disk_full;
 mod faults;
 mod first_hour_cli;
+mod first_hour_ops;
 mod kms_faults;
 mod operations;
 mod production;

@@ -116,6 +116,31 @@ impl PgStore {
     }
 }
 
+/// `migrate --status`: one connection, reads only.
+pub(super) async fn migration_status(url: &str) -> Result<super::MigrationStatus, StoreError> {
+    use sqlx::Connection as _;
+    let opts = PgConnectOptions::from_str(url)?.application_name("pii-vault");
+    let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, sqlx::PgConnection::connect_with(&opts))
+        .await
+        .map_err(|_| StoreError::Transient("timed out connecting to the database".into()))??;
+    let table: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(&mut conn)
+        .await?;
+    let applied: Vec<i64> = if table {
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(&mut conn)
+            .await?
+    } else {
+        Vec::new()
+    };
+    let _ = conn.close().await;
+    Ok(super::MigrationStatus {
+        exists: true,
+        migrations: super::states(&MIGRATOR, &applied),
+        reapplied: FUNCTIONS.iter().map(|(name, _)| *name).collect(),
+    })
+}
+
 #[async_trait]
 impl Store for PgStore {
     fn profile(&self) -> Profile {

@@ -96,8 +96,12 @@ impl Chunks for SqliteStore {
                 )
             }));
         let mut changed = 0;
+        // Encryptions per new data key, counted into `usage_count` as a
+        // worker's batches are (and as Postgres's fence trigger counts a
+        // re-seal), so that `keys list` shows a rotation's keys in use.
+        let mut uses: std::collections::BTreeMap<&String, i64> = Default::default();
         for (table, id, key, nonce, ct, old) in rows {
-            changed += sqlx::query(&format!(
+            let n = sqlx::query(&format!(
                 "UPDATE {table} SET key_id = $1, nonce = $2, ciphertext = $3 WHERE message_id = $4 AND key_id = $5"
             ))
             .bind(key)
@@ -108,6 +112,15 @@ impl Chunks for SqliteStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+            changed += n;
+            *uses.entry(key).or_default() += n as i64;
+        }
+        for (key, n) in uses.into_iter().filter(|(_, n)| *n > 0) {
+            sqlx::query("UPDATE vault_keys SET usage_count = usage_count + $1 WHERE id = $2")
+                .bind(n)
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
         }
         advance(&mut tx, job.id, no, cursor, changed as i64).await?;
         tx.commit().await?;

@@ -169,6 +169,44 @@ pub(super) fn os_user() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// `migrate --status`: reads the file if it exists, creates nothing.
+pub(super) async fn migration_status(url: &str) -> Result<super::MigrationStatus, StoreError> {
+    use sqlx::Connection as _;
+    // Not `read_only`: a read-only connection to a WAL file whose `-shm`
+    // is gone cannot always open it. Nothing here writes.
+    let opts = SqliteConnectOptions::from_str(url)?
+        .create_if_missing(false)
+        .busy_timeout(BUSY_TIMEOUT);
+    let path = opts.get_filename();
+    let in_memory = path.as_os_str().is_empty() || path.as_os_str() == ":memory:";
+    if in_memory || !path.exists() {
+        return Ok(super::MigrationStatus {
+            exists: false,
+            migrations: super::states(&MIGRATOR, &[]),
+            reapplied: Vec::new(),
+        });
+    }
+    let mut conn = sqlx::SqliteConnection::connect_with(&opts).await?;
+    let table: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    let applied: Vec<i64> = if table {
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(&mut conn)
+            .await?
+    } else {
+        Vec::new()
+    };
+    let _ = conn.close().await;
+    Ok(super::MigrationStatus {
+        exists: true,
+        migrations: super::states(&MIGRATOR, &applied),
+        reapplied: Vec::new(),
+    })
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     fn profile(&self) -> Profile {
