@@ -58,10 +58,13 @@ impl Transient for WrapError {
 }
 
 /// The wrapper the command line asks for: AWS KMS with a key id, otherwise
-/// the local key file (created on first use, with a warning).
+/// the local key file. `create`: make the key file when it is missing (with
+/// a warning), for the commands that set a store up (`run`, `migrate`,
+/// `keys init`); every other command fails instead, naming the file.
 pub async fn from_config(
     kms_key_id: Option<&str>,
     key_dir: &Path,
+    create: bool,
 ) -> anyhow::Result<Arc<dyn KeyWrapper>> {
     match kms_key_id {
         Some(id) => Ok(Arc::new(
@@ -69,7 +72,8 @@ pub async fn from_config(
                 .await
                 .map_err(|e| anyhow::anyhow!("KMS key {id}: {e}"))?,
         )),
-        None => Ok(Arc::new(local::LocalKek::open_or_create(key_dir)?)),
+        None if create => Ok(Arc::new(local::LocalKek::open_or_create(key_dir)?)),
+        None => Ok(Arc::new(local::LocalKek::open(key_dir)?)),
     }
 }
 

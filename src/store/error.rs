@@ -37,6 +37,10 @@ pub enum StoreError {
     /// fixed key field): the message says which, never a value.
     #[error("refused by the database: {0}")]
     Refused(String),
+    /// An SQLite file that a command which must not create one was asked
+    /// to open does not exist (the path, as given).
+    #[error("no database file at {0}")]
+    Missing(String),
 }
 
 /// SQLite's disk is full: the transaction was rolled back whole, so a rerun
@@ -48,7 +52,8 @@ pub(super) const DISK_FULL: &str =
 
 /// The Postgres server's disk is full: writes fail until it has space again,
 /// so a worker holds its messages and retries.
-const PG_DISK_FULL: &str = "the database server's disk is full (SQLSTATE 53100): nothing was written; \
+const PG_DISK_FULL: &str =
+    "the database server's disk is full (SQLSTATE 53100): nothing was written; \
      free space on the server (a worker retries by itself; run any other command again)";
 
 impl StoreError {
