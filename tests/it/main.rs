@@ -18,6 +18,7 @@ mod cli_embedded;
 mod compose;
 mod disk_full;
 mod faults;
+mod first_hour_state;
 mod kms_faults;
 mod operations;
 mod production;
