@@ -68,7 +68,7 @@ fn check_input_file(args: &RunArgs) -> anyhow::Result<()> {
     });
     readable.map_err(|e| {
         anyhow::anyhow!(
-            "cannot read the input file {}: {e}; nothing was created or stored \
+            "cannot open {} (the input file): {e}; nothing was created or stored \
              (check --from-file; `-` reads stdin)",
             path.display()
         )

@@ -109,7 +109,7 @@ fn a_mistyped_input_file_creates_nothing() {
     let out = app.run(&["run", "--from-file", "typo.jsonl", "--no-progress"]);
     let err = assert_failed(&out, "run --from-file typo.jsonl");
     assert!(
-        err.contains("cannot read the input file typo.jsonl")
+        err.contains("cannot open typo.jsonl (the input file)")
             && err.contains("nothing was created"),
         "{err}"
     );
