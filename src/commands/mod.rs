@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, KeysCommand, RunArgs};
 use crate::crypto::KeyWrapper;
 use crate::store::Store;
 
@@ -26,7 +26,10 @@ pub async fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
     cli.read_database_url_file()?;
     match &cli.command {
         Command::Migrate(args) => migrate::migrate(&cli, args).await,
-        Command::Run(args) => run::run(&cli, args).await,
+        Command::Run(args) => {
+            check_input_file(args)?;
+            run::run(&cli, args).await
+        }
         Command::Reveal(args) => reveal::reveal(&cli, args).await,
         Command::Forget(args) => forget::forget(&cli, args).await,
         Command::Rotate(cmd) => rotate::rotate(&cli, cmd).await,
@@ -41,19 +44,80 @@ pub async fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Whether this command sets a store up: `run`, `migrate` and `keys init`
+/// create the SQLite file and the local key file when they are missing.
+/// Every other command reads or acts on a store that exists, so that one
+/// run in the wrong directory (or with a mistyped path) says so instead of
+/// leaving an empty database and a new key behind.
+fn creates_state(cli: &Cli) -> bool {
+    matches!(
+        cli.command,
+        Command::Run(_) | Command::Migrate(_) | Command::Keys(KeysCommand::Init)
+    )
+}
+
+/// `run --from-file PATH`: the file is opened before anything else, so that
+/// a mistyped path fails with nothing created.
+fn check_input_file(args: &RunArgs) -> anyhow::Result<()> {
+    let Some(path) = args.from_file.as_deref() else {
+        return Ok(());
+    };
+    if path == std::path::Path::new("-") {
+        return Ok(());
+    }
+    let readable = std::fs::File::open(path).and_then(|f| {
+        if f.metadata()?.is_dir() {
+            Err(std::io::Error::other("it is a directory"))
+        } else {
+            Ok(())
+        }
+    });
+    readable.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open {} (the input file): {e}; nothing was created or stored \
+             (check --from-file; `-` reads stdin)",
+            path.display()
+        )
+    })
+}
+
 /// Opens the database. A self-managed store (the embedded SQLite default)
 /// migrates itself, so the first command on a fresh machine just works; a
 /// server store is migrated by `pii-vault migrate` (run by an owner role),
 /// so workers need no DDL rights. What a login may do is the database's to
 /// decide, not this function's.
+///
+/// Only the commands that set a store up ([`creates_state`]) create a
+/// missing SQLite file; the others fail, naming the file they looked for.
 pub async fn open_store(cli: &Cli) -> anyhow::Result<Arc<dyn Store>> {
     let url = cli.database_url();
-    let store = crate::store::connect(url).await.with_context(|| {
-        format!(
-            "cannot open the database {} (check --database-url / DATABASE_URL)",
-            redact_url(url)
-        )
-    })?;
+    let connected = if creates_state(cli) {
+        crate::store::connect(url).await
+    } else {
+        crate::store::connect_existing(url).await
+    };
+    let store = match connected {
+        Ok(store) => store,
+        Err(e) => {
+            if let Some(crate::store::StoreError::Missing(file)) =
+                e.downcast_ref::<crate::store::StoreError>()
+            {
+                let dir = std::env::current_dir()
+                    .map(|d| format!(" (looked in {})", d.display()))
+                    .unwrap_or_default();
+                anyhow::bail!(
+                    "no database at {}: the file {file} does not exist{dir}. Run from the directory \
+                     that holds it, or pass --database-url / DATABASE_URL; `pii-vault run` or \
+                     `pii-vault migrate` creates one. Nothing was created or recorded.",
+                    redact_url(url)
+                );
+            }
+            return Err(e.context(format!(
+                "cannot open the database {} (check --database-url / DATABASE_URL)",
+                redact_url(url)
+            )));
+        }
+    };
     store
         .ping()
         .await
@@ -104,7 +168,9 @@ pub fn claimed_actor(explicit: Option<&str>) -> String {
 }
 
 pub async fn open_wrapper(cli: &Cli) -> anyhow::Result<Arc<dyn KeyWrapper>> {
-    let wrapper = crate::kms::from_config(cli.kms_key_id.as_deref(), &cli.key_dir).await?;
+    let wrapper =
+        crate::kms::from_config(cli.kms_key_id.as_deref(), &cli.key_dir, creates_state(cli))
+            .await?;
     wrapper
         .check()
         .await

@@ -10,14 +10,17 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use futures::{FutureExt as _, StreamExt as _};
 use serde::Serialize;
 
 use crate::cli::{Cli, OutputFormat, RevealArgs};
+use crate::crypto::token::Token;
+use crate::crypto::{KeyPurpose, KeyWrapper};
 use crate::output::TableWriter;
-use crate::store::{LoginRow, RequestStatus, Selector};
+use crate::store::{KeyState, LoginRow, RequestStatus, Selector, Store};
 use crate::vault::{VaultPlaintext, VaultReader};
 
 #[derive(Serialize)]
@@ -35,24 +38,35 @@ struct Revealed<'a> {
 }
 
 pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
+    let selector = match (&args.user_id, &args.masked_ip, &args.masked_device_id) {
+        (Some(u), _, _) => Some(Selector::UserId(u.clone())),
+        (_, Some(t), _) => Some(Selector::MaskedIp(t.clone())),
+        (_, _, Some(t)) => Some(Selector::MaskedDeviceId(t.clone())),
+        _ => None,
+    };
+    // A token selector that is not a token (a raw IP or device id pasted
+    // by mistake) is refused before anything is opened: the audit target,
+    // which every revealer reads, must not become a copy of the PII.
+    if let Some(selector) = &selector {
+        check_token_shape(selector)?;
+    }
     let store = super::open_store(cli).await?;
     let claimed = super::claimed_actor(args.actor.as_deref());
-    // KMS is checked before anything is recorded: with KMS away, a reveal
-    // fails here and the trail gains no row.
-    let wrapper = super::open_wrapper(cli).await?;
+    if let Some(selector) = &selector {
+        check_token_version(&*store, selector).await?;
+    }
+    // The key-encryption keys are the ones the stored data keys name (and
+    // the allow-list trusts), opened and checked before anything is
+    // recorded: with KMS away or the local key file missing, a reveal fails
+    // here and the trail gains no row.
+    let wrapper = stored_keks(cli, &*store).await?;
     // Nothing is read, let alone decrypted, before the audit row committed.
-    let (record, selector) = match args.request {
-        Some(id) => (
+    let (record, selector) = match (args.request, selector) {
+        (Some(id), _) => (
             store.reveal_claim(id, &claimed).await?,
             format!("request {id}"),
         ),
-        None => {
-            let selector = match (&args.user_id, &args.masked_ip, &args.masked_device_id) {
-                (Some(u), _, _) => Selector::UserId(u.clone()),
-                (_, Some(t), _) => Selector::MaskedIp(t.clone()),
-                (_, _, Some(t)) => Selector::MaskedDeviceId(t.clone()),
-                _ => unreachable!("clap requires one selector"),
-            };
+        (None, Some(selector)) => {
             let reason = args.reason.as_deref().expect("clap requires a reason");
             let request = store.reveal_request(&selector, &claimed, reason).await?;
             if request.status != RequestStatus::Granted {
@@ -88,6 +102,7 @@ pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
             }
             (request.id, selector.to_string())
         }
+        (None, None) => unreachable!("clap requires one selector"),
     };
     // Every key the rows need is unwrapped before the fetch marks the
     // request fetched: a KMS fault fails the reveal here, with nothing
@@ -161,6 +176,79 @@ pub async fn reveal(cli: &Cli, args: &RevealArgs) -> anyhow::Result<()> {
         eprintln!("pii-vault: {unrecoverable} login(s) have no recoverable originals (erased by `forget` or key destruction)");
     }
     Ok(())
+}
+
+/// Refuses a `--masked-ip` / `--masked-device-id` that does not have the
+/// shape of a token (`t<version>_<43 base64url characters>`, see
+/// [`Token::version_of`]), without repeating it: what was given may be the
+/// very IP or device id the vault protects.
+fn check_token_shape(selector: &Selector) -> anyhow::Result<()> {
+    let (flag, value) = match selector {
+        Selector::UserId(_) => return Ok(()),
+        Selector::MaskedIp(v) => ("--masked-ip", v),
+        Selector::MaskedDeviceId(v) => ("--masked-device-id", v),
+    };
+    if Token::version_of(value).is_none() {
+        anyhow::bail!(
+            "{flag} takes a token as stored in user_logins (t<version>_ and 43 more characters), \
+             and what was given is not one (it is not repeated here: it may be an original value). \
+             Take the token from user_logins, or reveal by --user-id. Nothing was recorded."
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a token of a token-key version that no stored login carries any
+/// more (a completed token-key rotation destroys the old version and
+/// re-tokenises every login), saying which versions there are: a token
+/// copied before the rotation would otherwise match nothing, on the record.
+async fn check_token_version(store: &dyn Store, selector: &Selector) -> anyhow::Result<()> {
+    let value = match selector {
+        Selector::UserId(_) => return Ok(()),
+        Selector::MaskedIp(v) | Selector::MaskedDeviceId(v) => v,
+    };
+    let Some(version) = Token::version_of(value) else {
+        return Ok(());
+    };
+    let keys = store.list_keys().await?;
+    let mut live: Vec<i64> = keys
+        .iter()
+        .filter(|k| k.purpose == KeyPurpose::Token && k.state != KeyState::Destroyed)
+        .map(|k| k.version)
+        .collect();
+    live.sort_unstable();
+    live.dedup();
+    if live.is_empty() || live.contains(&i64::from(version)) {
+        return Ok(());
+    }
+    let versions = live
+        .iter()
+        .map(|v| format!("v{v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    anyhow::bail!(
+        "this token is of token-key version {version}, which no stored login carries any more: \
+         the token key was rotated, and the logins are now tokenised under {versions}. \
+         Take the current token from user_logins (or reveal by --user-id). Nothing was recorded."
+    )
+}
+
+/// The homes of the key-encryption keys that wrap the stored data keys
+/// (those on the allow-list; a key under any other is refused when read),
+/// opened now: see [`crate::kms::for_stored`].
+async fn stored_keks(cli: &Cli, store: &dyn Store) -> anyhow::Result<Arc<dyn KeyWrapper>> {
+    let allowed = store.allowed_keks().await?;
+    let mut keks: Vec<String> = Vec::new();
+    for key in store.list_keys().await? {
+        if key.purpose == KeyPurpose::Vault
+            && key.state != KeyState::Destroyed
+            && allowed.contains(&key.wrapped.kek_id)
+            && !keks.contains(&key.wrapped.kek_id)
+        {
+            keks.push(key.wrapped.kek_id);
+        }
+    }
+    crate::kms::for_stored(&keks, &cli.key_dir).await
 }
 
 /// Rows read before the first is opened, and the rows a table takes its

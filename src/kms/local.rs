@@ -51,6 +51,25 @@ impl LocalKek {
         Ok(LocalKek { kek, kek_id, path })
     }
 
+    /// Opens `dir/local-kek.key`, which must exist: for every command but
+    /// those that set a store up (`run`, `migrate`, `keys init`), a missing
+    /// key file means the wrong directory or `--key-dir`, and a new key
+    /// would wrap nothing that is stored.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(KEK_FILE);
+        let Some(file) = open_key_file(&path)? else {
+            anyhow::bail!(
+                "no local key file at {} (run from the directory that holds keys/, or pass --key-dir / \
+                 PII_VAULT_KEY_DIR, or --kms-key-id for AWS KMS; `pii-vault run`, `migrate` or `keys init` \
+                 creates one); nothing was created or recorded",
+                path.display()
+            );
+        };
+        let kek = read_key_file(&path, file)?;
+        let kek_id = format!("local:{}", fingerprint(&kek));
+        Ok(LocalKek { kek, kek_id, path })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -42,6 +42,10 @@ pub enum StoreError {
     /// fixed key field): the message says which, never a value.
     #[error("refused by the database: {0}")]
     Refused(String),
+    /// An SQLite file that a command which must not create one was asked
+    /// to open does not exist (the path, as given).
+    #[error("no database file at {0}")]
+    Missing(String),
 }
 
 /// SQLite's disk is full: the transaction was rolled back whole, so a rerun

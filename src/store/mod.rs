@@ -153,6 +153,16 @@ fn states(migrator: &sqlx::migrate::Migrator, applied: &[i64]) -> Vec<MigrationS
         .collect()
 }
 
+/// Opens the store a URL names, which must already exist: an SQLite file
+/// that does not is [`StoreError::Missing`] and is not created. For the
+/// commands that read or act on a store but never set one up.
+pub async fn connect_existing(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match Backend::of(url)? {
+        Backend::Postgres => Arc::new(postgres::PgStore::connect(url).await?),
+        Backend::Sqlite => Arc::new(sqlite::SqliteStore::connect_existing(url).await?),
+    })
+}
+
 /// Whether `url` names a store this build can open (its scheme), without
 /// opening it.
 pub fn check_url(url: &str) -> anyhow::Result<()> {

@@ -24,6 +24,35 @@ impl Selector {
             .find(|c| *c == name)
     }
 
+    /// Whether a token selector's value has the shape of a token
+    /// (`t<version>_` and base64url characters; a user id selector always
+    /// passes): the store's own refusal of a raw IP or device id, which
+    /// would otherwise be kept in the audit target. The same rule as
+    /// `pii_vault_reveal_request` on Postgres.
+    pub fn is_token_shaped(&self) -> bool {
+        let value = match self {
+            Selector::UserId(_) => return true,
+            Selector::MaskedIp(v) | Selector::MaskedDeviceId(v) => v,
+        };
+        let Some((version, mac)) = value
+            .strip_prefix('t')
+            .and_then(|rest| rest.split_once('_'))
+        else {
+            return false;
+        };
+        !version.is_empty()
+            && version.bytes().all(|b| b.is_ascii_digit())
+            && !mac.is_empty()
+            && mac
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    }
+
+    /// The refusal of a selector that is not [`Self::is_token_shaped`]:
+    /// never the value.
+    pub const NOT_A_TOKEN: &'static str =
+        "a reveal by masked_ip or masked_device_id takes a token (t<version>_...), not an original value";
+
     /// The `user_logins` column it selects on, and the value.
     pub fn parts(&self) -> (&'static str, &str) {
         match self {
@@ -189,4 +218,31 @@ pub trait Reveal: Send + Sync {
         max_users_per_reveal: Option<i64>,
         max_reveals_per_day: Option<i64>,
     ) -> Result<RevealPolicy, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Selector;
+
+    #[test]
+    fn only_token_shaped_values_pass_as_token_selectors() {
+        let ip = |v: &str| Selector::MaskedIp(v.into()).is_token_shaped();
+        let dev = |v: &str| Selector::MaskedDeviceId(v.into()).is_token_shaped();
+        assert!(ip("t1_abcDEF-_09") && dev("t12_x"));
+        for raw in [
+            "203.0.113.7",
+            "2001:db8::7",
+            "::ffff:203.0.113.7",
+            "593-47-5928",
+            "t_abc",
+            "t1_",
+            "x1_abc",
+            "t1_a.b",
+            "t1_a b",
+            "",
+        ] {
+            assert!(!ip(raw) && !dev(raw), "{raw:?} passed");
+        }
+        assert!(Selector::UserId("203.0.113.7".into()).is_token_shaped());
+    }
 }

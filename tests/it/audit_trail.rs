@@ -872,6 +872,8 @@ async fn a_kms_signed_checkpoint_verifies_with_an_independent_implementation() {
     let arn = created.key_metadata.unwrap().arn.unwrap();
     let app = TestApp::embedded();
     let bin = app.bin();
+    // `audit` reads an existing database; `migrate` makes the embedded one.
+    bin.ok(&["migrate"]);
     bin.ok(&[
         "audit",
         "subject",

@@ -20,6 +20,7 @@ mod disk_full;
 mod faults;
 mod first_hour_cli;
 mod first_hour_ops;
+mod first_hour_state;
 mod kms_faults;
 mod operations;
 mod production;

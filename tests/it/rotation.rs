@@ -110,6 +110,8 @@ fn reveal_and_check(app: &TestApp, input: &str) -> (usize, std::collections::Has
 #[tokio::test]
 async fn rotations_while_a_worker_consumes_lose_nothing() {
     let app = TestApp::embedded();
+    // Only run, migrate and keys init create the embedded database.
+    app.ok(&["migrate"]);
     // This test reveals every user after every step: more than a day's
     // worth of reveals under the default policy.
     app.ok_output(&["policy", "set", "--max-reveals-per-day", "100000"]);
@@ -872,6 +874,7 @@ async fn parallel_ranges_match_one_range_while_a_worker_writes() {
 #[tokio::test]
 async fn an_interrupted_rotation_resumes_on_the_embedded_default() {
     let app = TestApp::embedded();
+    app.ok(&["migrate"]);
     app.ok_output(&["policy", "set", "--max-reveals-per-day", "100000"]);
     let input = events(51, 600);
     app.write("in.jsonl", &input);

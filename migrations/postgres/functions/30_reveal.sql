@@ -58,6 +58,14 @@ BEGIN
     IF p_value IS NULL OR length(p_value) > 256 THEN
         RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'a reveal needs a value of at most 256 characters';
     END IF;
+    -- A token selector takes a token (t<version>_ and base64url, as
+    -- pii-vault makes them): a raw IP or device id given by mistake would
+    -- otherwise be kept in the audit target, which every revealer reads.
+    -- Refused before anything is written, without repeating the value.
+    IF p_selector <> 'user_id' AND p_value !~ '^t[0-9]+_[A-Za-z0-9_-]+$' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'a reveal by masked_ip or masked_device_id takes a token (t<version>_...), not an original value';
+    END IF;
     IF p_reason IS NULL OR btrim(p_reason) = '' OR length(p_reason) > 1000 THEN
         RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'a reveal needs a reason (at most 1000 characters)';
     END IF;

@@ -97,14 +97,29 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// Opens the file `url` names, creating it if missing.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::open(url, true).await
+    }
+
+    /// Opens the file `url` names, which must exist: [`StoreError::Missing`]
+    /// (naming the file) when it does not, and nothing is created.
+    pub async fn connect_existing(url: &str) -> Result<Self, StoreError> {
+        Self::open(url, false).await
+    }
+
+    async fn open(url: &str, create: bool) -> Result<Self, StoreError> {
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
         let mut opts = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
+            .create_if_missing(create || in_memory)
             .busy_timeout(BUSY_TIMEOUT);
         for (name, value) in file_pragmas() {
             opts = opts.pragma(name, value);
         }
         let path = opts.get_filename().to_path_buf();
+        if !create && !in_memory && !path.exists() {
+            return Err(StoreError::Missing(path.display().to_string()));
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(opts.clone())

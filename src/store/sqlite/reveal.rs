@@ -31,6 +31,9 @@ impl Reveal for SqliteStore {
         claimed_actor: &str,
         reason: &str,
     ) -> Result<RevealRequest, StoreError> {
+        if !selector.is_token_shaped() {
+            return Err(StoreError::Refused(Selector::NOT_A_TOKEN.into()));
+        }
         let (column, value) = selector.parts();
         let me = os_user();
         // BEGIN IMMEDIATE in effect: the first statement writes, so two
