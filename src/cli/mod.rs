@@ -8,10 +8,14 @@ use std::path::PathBuf;
 
 mod audit;
 mod parse;
+mod quarantine;
 
 pub use audit::{
     ArchiveArgs, AuditArgs, AuditCommand, AuditListArgs, CheckpointArgs, ExportArgs, ExportFormat,
     PublicKeyArgs, SigningArgs, SubjectArgs, VerifyArgs,
+};
+pub use quarantine::{
+    QuarantineCommand, QuarantineListArgs, QuarantineReplayArgs, QuarantineShowArgs,
 };
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -108,6 +112,10 @@ pub enum Command {
     /// Honeytokens: synthetic users whose reveal raises an alarm.
     #[command(subcommand)]
     Honeytoken(HoneytokenCommand),
+    /// Rejected messages: list them (never a body), show one (an audited
+    /// reveal), replay them after a fix (stored once each).
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
 }
 
 #[derive(Debug, Args)]

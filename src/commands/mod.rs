@@ -8,6 +8,7 @@ pub mod honeytoken;
 pub mod keys;
 pub mod migrate;
 pub mod policy;
+pub mod quarantine;
 pub mod reveal;
 pub mod rotate;
 pub mod run;
@@ -32,6 +33,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Approve(args) => approve::approve(&cli, args).await,
         Command::Policy(cmd) => policy::policy(&cli, cmd).await,
         Command::Honeytoken(cmd) => honeytoken::honeytoken(&cli, cmd).await,
+        Command::Quarantine(cmd) => quarantine::quarantine(&cli, cmd).await,
     }
 }
 
