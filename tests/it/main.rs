@@ -21,6 +21,7 @@ mod faults;
 mod kms_faults;
 mod operations;
 mod production;
+mod quarantine;
 mod roles;
 mod roles_e2e;
 mod rotation;
