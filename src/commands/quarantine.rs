@@ -55,13 +55,21 @@ async fn list(cli: &Cli, args: &QuarantineListArgs) -> anyhow::Result<()> {
         OutputFormat::Table => {
             let mut t = TableWriter::new(
                 out,
-                &["message_id", "received_at", "source", "line", "reason_code", "reason"],
+                &[
+                    "message_id",
+                    "received_at",
+                    "source",
+                    "line",
+                    "reason_code",
+                    "reason",
+                ],
                 entries.len().max(1),
             );
             for e in &entries {
                 t.row(&[
                     e.message_id.clone(),
-                    e.received_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    e.received_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                     e.source.clone().unwrap_or_default(),
                     e.line.map(|l| l.to_string()).unwrap_or_default(),
                     e.reason_code.clone(),
@@ -83,14 +91,25 @@ async fn show(cli: &Cli, args: &QuarantineShowArgs) -> anyhow::Result<()> {
     let record = store
         .quarantine_show_request(&args.id, &claimed, &args.reason)
         .await?;
-    let row = store.quarantine_show_fetch(record).await?.with_context(|| {
-        format!("message {} is no longer quarantined (audit record {record})", args.id)
-    })?;
+    let row = store
+        .quarantine_show_fetch(record)
+        .await?
+        .with_context(|| {
+            format!(
+                "message {} is no longer quarantined (audit record {record})",
+                args.id
+            )
+        })?;
     let mut reader = VaultReader::new(store.clone(), wrapper);
     let body = reader
         .open_quarantined(&row)
         .await
-        .with_context(|| format!("cannot open quarantined message {} (audit record {record})", row.message_id))?
+        .with_context(|| {
+            format!(
+                "cannot open quarantined message {} (audit record {record})",
+                row.message_id
+            )
+        })?
         .with_context(|| {
             format!(
                 "the body of {} was erased: its data key was destroyed (audit record {record})",
@@ -103,7 +122,8 @@ async fn show(cli: &Cli, args: &QuarantineShowArgs) -> anyhow::Result<()> {
         row.reason_code,
         row.reason,
         where_from(&row),
-        row.received_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        row.received_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     );
     let mut out = std::io::stdout().lock();
     out.write_all(&body)?;

@@ -42,10 +42,8 @@ pub use error::StoreError;
 pub use ingest::{Batch, BatchOutcome, DueHoneytoken, Ingest};
 pub use jobs::{Job, JobKind, JobStart, Jobs, Lease, RotationRange};
 pub use keys::{Initialised, Keys};
-pub use quarantine::{
-    Quarantine, QuarantineEntry, QuarantineFilter, ReplayRequest, ReplayStored,
-};
 pub use model::{AuditEntry, KeyState, LoginRow, QuarantineRow, Requester, StoredKey, VaultRow};
+pub use quarantine::{Quarantine, QuarantineEntry, QuarantineFilter, ReplayRequest, ReplayStored};
 pub use reveal::{
     RequestStatus, Reveal, RevealPolicy, RevealRequest, RevealedRow, RevealedRows, Selector,
 };

@@ -42,7 +42,10 @@ async fn quarantine_legacy(store: &dyn Store, key_dir: &std::path::Path, n: usiz
         let user = format!("legacy-{i}");
         let sealed = lease
             .sealer
-            .seal(&quarantine_aad(&id, Some(&user), &lease.id), legacy_body(i).as_bytes())
+            .seal(
+                &quarantine_aad(&id, Some(&user), &lease.id),
+                legacy_body(i).as_bytes(),
+            )
             .unwrap();
         batch.quarantined.push(QuarantineRow {
             message_id: id,
@@ -60,7 +63,11 @@ async fn quarantine_legacy(store: &dyn Store, key_dir: &std::path::Path, n: usiz
     batch.key_usage = vec![(lease.id.clone(), n as i64)];
     let out = store.write_batch(&batch).await.unwrap();
     assert_eq!(out.rejected, n as u64);
-    batch.quarantined.iter().map(|q| q.message_id.clone()).collect()
+    batch
+        .quarantined
+        .iter()
+        .map(|q| q.message_id.clone())
+        .collect()
 }
 
 fn listed(stdout: &[u8]) -> Vec<serde_json::Value> {
@@ -81,13 +88,10 @@ fn malformed_by_line(gen: &Generated) -> BTreeMap<i64, String> {
 }
 
 fn stored_of(stderr: &str) -> u64 {
-    let at = stderr.find(" stored,").unwrap_or_else(|| panic!("no summary in {stderr}"));
-    stderr[..at]
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+    let at = stderr
+        .find(" stored,")
+        .unwrap_or_else(|| panic!("no summary in {stderr}"));
+    stderr[..at].rsplit(' ').next().unwrap().parse().unwrap()
 }
 
 /// The file rejects as `list --format json` shows them: their source and
@@ -105,17 +109,30 @@ fn check_listing(entries: &[serde_json::Value], gen: &Generated, raw: &[String],
         "every rejected line, by its number"
     );
     for e in got.values() {
-        assert!(e["message_id"].as_str().unwrap().starts_with("line-"), "{e}");
+        assert!(
+            e["message_id"].as_str().unwrap().starts_with("line-"),
+            "{e}"
+        );
         assert!(!e["reason_code"].as_str().unwrap().is_empty());
         let mut keys: Vec<&str> = e.as_object().unwrap().keys().map(String::as_str).collect();
         keys.sort_unstable();
         assert_eq!(
             keys,
-            ["line", "message_id", "reason", "reason_code", "received_at", "source"],
+            [
+                "line",
+                "message_id",
+                "reason",
+                "reason_code",
+                "received_at",
+                "source"
+            ],
             "no body, key or user id"
         );
     }
-    assert!(common::leaked(out, raw).is_empty(), "a value in the listing");
+    assert!(
+        common::leaked(out, raw).is_empty(),
+        "a value in the listing"
+    );
 }
 
 #[tokio::test]
@@ -124,8 +141,12 @@ async fn embedded_list_show_and_replay_exactly_once() {
     let gen = common::gen_events_recorded(&["-n", "200", "--malformed-pct", "10", "--seed", "23"]);
     let input = app.write("logins.jsonl", &gen.text);
     let raw = common::raw_pii(&gen.text);
-    let (stored, _, rejected) = common::summary(&app.ok_output(&["run", "--from-file", &input]).stderr);
-    assert_eq!((stored, rejected), (gen.valid().len() as u64, gen.malformed.len() as u64));
+    let (stored, _, rejected) =
+        common::summary(&app.ok_output(&["run", "--from-file", &input]).stderr);
+    assert_eq!(
+        (stored, rejected),
+        (gen.valid().len() as u64, gen.malformed.len() as u64)
+    );
 
     let out = app.ok_output(&["quarantine", "list", "--format", "json"]);
     let entries = listed(&out.stdout);
@@ -134,35 +155,51 @@ async fn embedded_list_show_and_replay_exactly_once() {
 
     // Filters: by reason code, by time.
     let code = entries[0]["reason_code"].as_str().unwrap().to_string();
-    let same = entries.iter().filter(|e| e["reason_code"] == code.as_str()).count();
+    let same = entries
+        .iter()
+        .filter(|e| e["reason_code"] == code.as_str())
+        .count();
     let out = app.ok_output(&["quarantine", "list", "--reason", &code, "--format", "json"]);
     assert_eq!(listed(&out.stdout).len(), same);
-    let out = app.ok_output(&["quarantine", "list", "--since", "2999-01-01", "--format", "json"]);
+    let out = app.ok_output(&[
+        "quarantine",
+        "list",
+        "--since",
+        "2999-01-01",
+        "--format",
+        "json",
+    ]);
     assert!(listed(&out.stdout).is_empty());
     let table = app.ok_output(&["quarantine", "list"]);
     assert!(String::from_utf8_lossy(&table.stdout).contains("logins.jsonl"));
 
     // Show: the body exactly as it was in the file, after its audit row.
     let (line, body) = malformed_by_line(&gen).into_iter().next().unwrap();
-    let id = entries
-        .iter()
-        .find(|e| e["line"] == line)
-        .unwrap()["message_id"]
+    let id = entries.iter().find(|e| e["line"] == line).unwrap()["message_id"]
         .as_str()
         .unwrap()
         .to_string();
-    let out = app.ok_output(&["quarantine", "show", &id, "--reason", "INC-23: why rejected"]);
+    let out = app.ok_output(&[
+        "quarantine",
+        "show",
+        &id,
+        "--reason",
+        "INC-23: why rejected",
+    ]);
     assert_eq!(out.stdout, format!("{body}\n").into_bytes());
     let db = app.sqlite().await;
-    let (action, target, reason): (String, String, String) = sqlx::query_as(
-        "SELECT action, target, reason FROM audit_log ORDER BY id DESC LIMIT 1",
-    )
-    .fetch_one(&db)
-    .await
-    .unwrap();
+    let (action, target, reason): (String, String, String) =
+        sqlx::query_as("SELECT action, target, reason FROM audit_log ORDER BY id DESC LIMIT 1")
+            .fetch_one(&db)
+            .await
+            .unwrap();
     assert_eq!(
         (action.as_str(), target, reason.as_str()),
-        ("quarantine-show", format!("message_id={id}"), "INC-23: why rejected")
+        (
+            "quarantine-show",
+            format!("message_id={id}"),
+            "INC-23: why rejected"
+        )
     );
     // A show without a reason is refused by the command line.
     assert!(!app.run(&["quarantine", "show", &id]).status.success());
@@ -175,7 +212,10 @@ async fn embedded_list_show_and_replay_exactly_once() {
     drop(store);
     let err = app.ok(&["quarantine", "replay", "--all"]);
     assert_eq!(stored_of(&err), 3, "{err}");
-    assert!(err.contains(&format!("{} still rejected", gen.malformed.len())), "{err}");
+    assert!(
+        err.contains(&format!("{} still rejected", gen.malformed.len())),
+        "{err}"
+    );
     let err = app.ok(&["quarantine", "replay", "--all"]);
     assert_eq!(stored_of(&err), 0, "a second replay stores nothing: {err}");
     let err = app.ok(&["quarantine", "replay", &legacy[0]]);
@@ -194,19 +234,35 @@ async fn embedded_list_show_and_replay_exactly_once() {
     .fetch_one(&db)
     .await
     .unwrap();
-    assert_eq!(replayed, 3, "under their original message ids, with their originals");
+    assert_eq!(
+        replayed, 3,
+        "under their original message ids, with their originals"
+    );
     drop(db);
     let out = app.ok_output(&["quarantine", "list", "--format", "json"]);
     let entries = listed(&out.stdout);
-    assert_eq!(entries.len(), gen.malformed.len(), "the replayed ones are gone");
+    assert_eq!(
+        entries.len(),
+        gen.malformed.len(),
+        "the replayed ones are gone"
+    );
     check_listing(&entries, &gen, &raw, &out.stdout);
 
     // The replayed logins reveal with their originals.
-    let out = app.ok_output(&["reveal", "--user-id", "legacy-2", "--reason", "check", "--format", "json"]);
+    let out = app.ok_output(&[
+        "reveal",
+        "--user-id",
+        "legacy-2",
+        "--reason",
+        "check",
+        "--format",
+        "json",
+    ]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("198.51.100.2"));
 
     // The same file again: nothing new, nothing quarantined twice.
-    let (stored, dups, rejected) = common::summary(&app.ok_output(&["run", "--from-file", &input]).stderr);
+    let (stored, dups, rejected) =
+        common::summary(&app.ok_output(&["run", "--from-file", &input]).stderr);
     assert_eq!((stored, rejected), (0, 0), "dups {dups}");
     app.ok(&["audit", "verify"]);
 }
@@ -229,7 +285,9 @@ async fn postgres_roles_list_show_and_replay() {
 
     // List: any operator's login; no body.
     for login in [&worker, &revealer, &rotator] {
-        let out = app.as_login(login).ok_output(&["quarantine", "list", "--format", "json"]);
+        let out = app
+            .as_login(login)
+            .ok_output(&["quarantine", "list", "--format", "json"]);
         let entries = listed(&out.stdout);
         assert_eq!(entries.len(), gen.malformed.len());
         check_listing(&entries, &gen, &raw, &out.stdout);
@@ -240,17 +298,27 @@ async fn postgres_roles_list_show_and_replay() {
 
     // Show: the revealer only.
     let (line, body) = malformed_by_line(&gen).into_iter().next().unwrap();
-    let id: String = sqlx::query_scalar("SELECT message_id FROM quarantine WHERE source = 'logins.jsonl' AND line = $1")
-        .bind(line)
-        .fetch_one(app.pool())
-        .await
-        .unwrap();
+    let id: String = sqlx::query_scalar(
+        "SELECT message_id FROM quarantine WHERE source = 'logins.jsonl' AND line = $1",
+    )
+    .bind(line)
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
     for login in [&worker, &analyst, &rotator] {
-        let out = app.as_login(login).run(&["quarantine", "show", &id, "--reason", "INC-23"]);
+        let out = app
+            .as_login(login)
+            .run(&["quarantine", "show", &id, "--reason", "INC-23"]);
         assert!(!out.status.success());
-        assert!(String::from_utf8_lossy(&out.stderr).contains("42501"), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("42501"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    let out = app.as_login(&revealer).ok_output(&["quarantine", "show", &id, "--reason", "INC-23"]);
+    let out = app
+        .as_login(&revealer)
+        .ok_output(&["quarantine", "show", &id, "--reason", "INC-23"]);
     assert_eq!(out.stdout, format!("{body}\n").into_bytes());
     let (actor, target): (String, String) = sqlx::query_as(
         "SELECT actor, target FROM audit_log WHERE action = 'quarantine-show' ORDER BY id DESC LIMIT 1",
@@ -258,7 +326,10 @@ async fn postgres_roles_list_show_and_replay() {
     .fetch_one(app.pool())
     .await
     .unwrap();
-    assert_eq!((actor, target), (revealer.name.clone(), format!("message_id={id}")));
+    assert_eq!(
+        (actor, target),
+        (revealer.name.clone(), format!("message_id={id}"))
+    );
 
     // Plain SQL as each role's own login: no body without a committed
     // audit row; no body at all for the others.
@@ -267,7 +338,11 @@ async fn postgres_roles_list_show_and_replay() {
         crate::roles::denied(&pool, "SELECT ciphertext FROM quarantine").await;
         if login.name != revealer.name {
             crate::roles::denied(&pool, "SELECT * FROM pii_vault_quarantine_show_fetch(1)").await;
-            crate::roles::denied(&pool, "SELECT pii_vault_quarantine_show_request('x', 'r', 'a')").await;
+            crate::roles::denied(
+                &pool,
+                "SELECT pii_vault_quarantine_show_request('x', 'r', 'a')",
+            )
+            .await;
         }
         if login.name != rotator.name {
             crate::roles::denied(&pool, "SELECT * FROM pii_vault_quarantine_replay_fetch(1)").await;
@@ -284,33 +359,47 @@ async fn postgres_roles_list_show_and_replay() {
         // audit row is not committed yet.
         let pool = sqlx::PgPool::connect(&revealer.url).await.unwrap();
         let mut tx = pool.begin().await.unwrap();
-        let rid: i64 = sqlx::query_scalar("SELECT pii_vault_quarantine_show_request($1, 'INC-23', 'me')")
-            .bind(&id)
-            .fetch_one(&mut *tx)
-            .await
-            .unwrap();
+        let rid: i64 =
+            sqlx::query_scalar("SELECT pii_vault_quarantine_show_request($1, 'INC-23', 'me')")
+                .bind(&id)
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
         let e = sqlx::query("SELECT * FROM pii_vault_quarantine_show_fetch($1)")
             .bind(rid)
             .fetch_all(&mut *tx)
             .await
             .unwrap_err();
-        assert!(matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("PV005")), "{e}");
+        assert!(
+            matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("PV005")),
+            "{e}"
+        );
         drop(tx);
         pool.close().await;
     }
 
     // Replay: the rotator; a worker cannot.
-    let worker_store = pii_vault::store::postgres::PgStore::connect(&worker.url).await.unwrap();
+    let worker_store = pii_vault::store::postgres::PgStore::connect(&worker.url)
+        .await
+        .unwrap();
     let legacy = quarantine_legacy(&worker_store, &app.path("keys"), 4).await;
     worker_store.pool().close().await;
-    let out = app.as_login(&worker).run(&["quarantine", "replay", "--all"]);
+    let out = app
+        .as_login(&worker)
+        .run(&["quarantine", "replay", "--all"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("42501"));
-    let err = app.as_login(&rotator).ok(&["quarantine", "replay", "--all"]);
+    let err = app
+        .as_login(&rotator)
+        .ok(&["quarantine", "replay", "--all"]);
     assert_eq!(stored_of(&err), 4, "{err}");
-    let err = app.as_login(&rotator).ok(&["quarantine", "replay", "--all"]);
+    let err = app
+        .as_login(&rotator)
+        .ok(&["quarantine", "replay", "--all"]);
     assert_eq!(stored_of(&err), 0, "{err}");
-    let err = app.as_login(&rotator).ok(&["quarantine", "replay", &legacy[1]]);
+    let err = app
+        .as_login(&rotator)
+        .ok(&["quarantine", "replay", &legacy[1]]);
     assert_eq!(stored_of(&err), 0, "{err}");
     assert_eq!(
         app.count("user_logins").await,
@@ -318,20 +407,26 @@ async fn postgres_roles_list_show_and_replay() {
         "exactly once"
     );
     assert_eq!(
-        app.scalar("SELECT count(*) FROM vault WHERE message_id LIKE 'legacy-msg-%'").await,
+        app.scalar("SELECT count(*) FROM vault WHERE message_id LIKE 'legacy-msg-%'")
+            .await,
         4
     );
     assert_eq!(
-        app.scalar("SELECT count(*) FROM quarantine WHERE replayed_at IS NULL").await,
+        app.scalar("SELECT count(*) FROM quarantine WHERE replayed_at IS NULL")
+            .await,
         gen.malformed.len() as i64
     );
     assert_eq!(
-        app.scalar("SELECT count(*) FROM quarantine WHERE replayed_at IS NOT NULL AND ciphertext IS NULL").await,
+        app.scalar(
+            "SELECT count(*) FROM quarantine WHERE replayed_at IS NOT NULL AND ciphertext IS NULL"
+        )
+        .await,
         4,
         "replayed rows keep only their ids"
     );
     assert_eq!(
-        app.scalar("SELECT count(*) FROM audit_log WHERE action = 'quarantine-replay'").await,
+        app.scalar("SELECT count(*) FROM audit_log WHERE action = 'quarantine-replay'")
+            .await,
         3
     );
     // The replays' data keys are retired when they end.
@@ -344,8 +439,11 @@ async fn postgres_roles_list_show_and_replay() {
         0
     );
     // A worker redelivering what was replayed (the same file) adds nothing.
-    let (stored, _, rejected) =
-        common::summary(&app.as_login(&worker).ok_output(&["run", "--from-file", &input]).stderr);
+    let (stored, _, rejected) = common::summary(
+        &app.as_login(&worker)
+            .ok_output(&["run", "--from-file", &input])
+            .stderr,
+    );
     assert_eq!((stored, rejected), (0, 0));
     app.ok(&["audit", "verify"]);
     app.finish().await;

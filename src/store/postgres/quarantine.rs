@@ -120,9 +120,13 @@ impl Quarantine for PgStore {
             return Ok(ReplayStored::default());
         }
         let locale: Vec<Option<&str>> = logins.iter().map(|(l, _)| l.locale.as_deref()).collect();
-        let create_date: Vec<Option<NaiveDate>> = logins.iter().map(|(l, _)| l.create_date).collect();
+        let create_date: Vec<Option<NaiveDate>> =
+            logins.iter().map(|(l, _)| l.create_date).collect();
         let nonce: Vec<&[u8]> = logins.iter().map(|(_, v)| v.nonce.as_slice()).collect();
-        let ciphertext: Vec<&[u8]> = logins.iter().map(|(_, v)| v.ciphertext.as_slice()).collect();
+        let ciphertext: Vec<&[u8]> = logins
+            .iter()
+            .map(|(_, v)| v.ciphertext.as_slice())
+            .collect();
         let (stored, already): (i64, i64) = sqlx::query_as(
             "SELECT stored, already FROM pii_vault_quarantine_replay_store($1, $2, $3, $4, $5, $6, $7, $8, \
              $9::date[], $10, $11)",

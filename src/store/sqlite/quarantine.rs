@@ -178,23 +178,23 @@ impl Quarantine for SqliteStore {
         reason: &str,
     ) -> Result<ReplayRequest, StoreError> {
         if reason.trim().is_empty() || reason.chars().count() > 1000 {
-            return Err(refused(
-                "a replay needs a reason (at most 1000 characters)",
-            ));
+            return Err(refused("a replay needs a reason (at most 1000 characters)"));
         }
         self.register_data_key(key_id, wrapped).await?;
         let ids_json = ids.map(|i| serde_json::to_string(i).expect("strings serialise"));
         let covered = "replayed_at IS NULL AND ($1 IS NULL OR message_id IN (SELECT value FROM json_each($1)))";
         let mut tx = self.pool.begin().await?;
-        let n: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM quarantine WHERE {covered}"
-        ))
-        .bind(&ids_json)
-        .fetch_one(&mut *tx)
-        .await?;
+        let n: i64 =
+            sqlx::query_scalar(&format!("SELECT count(*) FROM quarantine WHERE {covered}"))
+                .bind(&ids_json)
+                .fetch_one(&mut *tx)
+                .await?;
         let target = match ids {
             None => "all".to_string(),
-            Some(ids) => format!("message_id={}", ids.join(",")).chars().take(512).collect(),
+            Some(ids) => format!("message_id={}", ids.join(","))
+                .chars()
+                .take(512)
+                .collect(),
         };
         let audit = AuditEntry {
             claimed_actor: claimed_actor.into(),
@@ -309,9 +309,7 @@ impl SqliteStore {
             None => Err(refused(format!(
                 "record {record} is not a quarantine replay"
             ))),
-            Some((_, Some(_))) => Err(refused(format!(
-                "quarantine replay {record} is finished"
-            ))),
+            Some((_, Some(_))) => Err(refused(format!("quarantine replay {record} is finished"))),
             Some((key, None)) => Ok(key),
         }
     }
