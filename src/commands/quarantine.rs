@@ -10,7 +10,6 @@
 use std::io::Write as _;
 
 use anyhow::Context as _;
-use serde::Serialize;
 
 use crate::cli::{
     Cli, OutputFormat, QuarantineCommand, QuarantineListArgs, QuarantineReplayArgs,

@@ -48,7 +48,8 @@ pub(super) const DISK_FULL: &str =
 
 /// The Postgres server's disk is full: writes fail until it has space again,
 /// so a worker holds its messages and retries.
-const PG_DISK_FULL: &str = "the database server's disk is full (SQLSTATE 53100): nothing was written; \
+const PG_DISK_FULL: &str =
+    "the database server's disk is full (SQLSTATE 53100): nothing was written; \
      free space on the server (a worker retries by itself; run any other command again)";
 
 impl StoreError {

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use chrono::Utc;
 use pii_vault::crypto::KeyWrapper;
 use pii_vault::kms::local::LocalKek;
-use pii_vault::store::{Batch, Ingest as _, QuarantineRow, Store};
+use pii_vault::store::{Batch, QuarantineRow, Store};
 use pii_vault::vault::quarantine_aad;
 
 use crate::common::app::{TestApp, ANALYST, REVEALER, ROTATOR, WORKER};
