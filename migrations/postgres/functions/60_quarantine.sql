@@ -180,8 +180,10 @@ GRANT EXECUTE ON FUNCTION pii_vault_quarantine_replay_fetch(bigint) TO pii_vault
 -- Step three: the logins that now pass, each under its original message
 -- id, with its originals sealed under the replay's data key. A message id
 -- already in user_logins is not stored again (exactly once); either way
--- its quarantine row goes. Only messages the replay covers, only under its
--- key. Returns how many were stored and how many were there already.
+-- its quarantine row becomes a tombstone (replayed_at set; body, key and
+-- user id gone). Only messages the replay covers, only under its key; one
+-- that another replay handled meanwhile is skipped. Returns how many were
+-- stored and how many were there already.
 CREATE OR REPLACE FUNCTION pii_vault_quarantine_replay_store(p_record bigint, p_message_id text[], p_user_id text[],
         p_device_type text[], p_masked_ip text[], p_masked_device_id text[], p_locale text[], p_app_version text[],
         p_create_date date[], p_nonce bytea[], p_ciphertext bytea[])
@@ -190,28 +192,32 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 #variable_conflict use_column
 DECLARE
     r quarantine_replays;
+    live text[];
     ins text[];
-    n bigint;
 BEGIN
     r := pii_vault_quarantine_replay_check(p_record);
-    n := cardinality(p_message_id);
-    IF n IS NULL OR n = 0 THEN
+    IF coalesce(cardinality(p_message_id), 0) = 0 THEN
         RETURN QUERY SELECT 0::bigint, 0::bigint;
         RETURN;
     END IF;
     IF EXISTS (SELECT 1 FROM unnest(p_message_id) m(id)
                WHERE NOT EXISTS (SELECT 1 FROM quarantine_replay_rows rr
-                                 JOIN quarantine q ON q.message_id = rr.message_id
-                                 WHERE rr.record = p_record AND rr.message_id = m.id
-                                   AND q.replayed_at IS NULL)) THEN
+                                 WHERE rr.record = p_record AND rr.message_id = m.id)) THEN
         RAISE EXCEPTION USING ERRCODE = 'PV004',
-            MESSAGE = format('quarantine replay %s: a message id it does not cover, or no longer quarantined', p_record);
+            MESSAGE = format('quarantine replay %s: a message id it does not cover', p_record);
     END IF;
+    -- The ones still quarantined, locked: a replay running beside this one
+    -- waits here, then finds them replayed and skips them.
+    SELECT coalesce(array_agg(s.message_id), '{}') INTO live
+    FROM (SELECT q.message_id FROM quarantine q
+          WHERE q.message_id = ANY (p_message_id) AND q.replayed_at IS NULL
+          FOR UPDATE) s;
     WITH i AS (
         INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, locale, app_version,
                                  create_date)
-        SELECT * FROM unnest(p_message_id, p_user_id, p_device_type, p_masked_ip, p_masked_device_id, p_locale,
-                             p_app_version, p_create_date)
+        SELECT u.* FROM unnest(p_message_id, p_user_id, p_device_type, p_masked_ip, p_masked_device_id, p_locale,
+                               p_app_version, p_create_date) AS u(m, uid, dt, ip, dev, loc, ver, d)
+        WHERE u.m = ANY (live)
         ON CONFLICT (message_id) DO NOTHING
         RETURNING message_id
     )
@@ -224,8 +230,8 @@ BEGIN
     -- still there so that a redelivery stays a duplicate.
     UPDATE quarantine q SET replayed_at = clock_timestamp(), key_id = NULL, nonce = NULL, ciphertext = NULL,
                             user_id = NULL
-    WHERE q.message_id = ANY (p_message_id);
-    RETURN QUERY SELECT cardinality(ins)::bigint, n - cardinality(ins);
+    WHERE q.message_id = ANY (live);
+    RETURN QUERY SELECT cardinality(ins)::bigint, (cardinality(live) - cardinality(ins))::bigint;
 END
 $$;
 REVOKE ALL ON FUNCTION pii_vault_quarantine_replay_store(bigint, text[], text[], text[], text[], text[], text[], text[],
