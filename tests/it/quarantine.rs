@@ -264,6 +264,18 @@ async fn embedded_list_show_and_replay_exactly_once() {
     let (stored, dups, rejected) =
         common::summary(&app.ok_output(&["run", "--from-file", &input]).stderr);
     assert_eq!((stored, rejected), (0, 0), "dups {dups}");
+
+    // A show counts against the reveal policy's daily limit, with reveals:
+    // one show and one reveal so far today.
+    app.ok(&["policy", "set", "--max-reveals-per-day", "3"]);
+    app.ok(&["quarantine", "show", &id, "--reason", "third"]);
+    let out = app.run(&["quarantine", "show", &id, "--reason", "fourth"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("daily limit"), "{err}");
+    assert!(out.stdout.is_empty(), "nothing shown over the limit");
+    let out = app.run(&["reveal", "--user-id", "legacy-1", "--reason", "over"]);
+    assert_eq!(out.status.code(), Some(3), "a reveal over the limit waits");
     app.ok(&["audit", "verify"]);
 }
 
