@@ -48,6 +48,7 @@ fn benches(c: &mut Criterion) {
         sent_at: Utc::now(),
         ack: Ack::None,
         line: None,
+        source: None,
     };
     g.bench_function("protect_event", |b| {
         b.iter(|| protect(black_box(&msg), &token_key, "dek-0", &sealer).unwrap())

@@ -141,6 +141,7 @@ pub fn inject(due: &DueHoneytoken, neighbour: &Message, like: &LoginRow) -> Opti
         sent_at: neighbour.sent_at,
         ack: Ack::None,
         line: None,
+        source: None,
     })
 }
 
@@ -240,6 +241,7 @@ mod tests {
             sent_at: sent,
             ack: Ack::None,
             line: Some(4),
+            source: None,
         };
         let like = LoginRow {
             message_id: neighbour.id.clone(),

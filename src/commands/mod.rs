@@ -10,6 +10,7 @@ pub mod honeytoken;
 pub mod keys;
 pub mod migrate;
 pub mod policy;
+pub mod quarantine;
 pub mod reveal;
 pub mod rotate;
 pub mod run;
@@ -41,6 +42,7 @@ pub async fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
         Command::Healthcheck(args) => healthcheck::healthcheck(args).await,
         Command::Completions { shell } => docs::completions(*shell),
         Command::Man { dir } => docs::man(dir.as_deref()),
+        Command::Quarantine(cmd) => quarantine::quarantine(&cli, cmd).await,
     }
 }
 

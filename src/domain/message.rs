@@ -21,6 +21,9 @@ pub struct Message {
     pub ack: Ack,
     /// Line number in the input file, to point a user at a rejected line.
     pub line: Option<u64>,
+    /// The input's source id (a file name or `--source-id`; not PII), kept
+    /// with a rejected line beside its number. `None` for SQS.
+    pub source: Option<std::sync::Arc<str>>,
 }
 
 impl std::fmt::Debug for Message {

@@ -66,6 +66,8 @@ pub fn protect(
                 nonce: sealed.nonce.to_vec(),
                 ciphertext: sealed.ciphertext,
                 received_at: msg.sent_at,
+                source: msg.source.as_deref().map(str::to_string),
+                line: msg.line.and_then(|l| i64::try_from(l).ok()),
             };
             Ok(Protected::Rejected(row, why))
         }

@@ -31,6 +31,8 @@ pub struct FileSource {
     inner: Mutex<Reader>,
     ids: Arc<TokenKey>,
     source_id: String,
+    /// The same, shared by every message of this input.
+    source: Arc<str>,
     /// Total size in bytes, when known, for progress reporting.
     pub len: Option<u64>,
 }
@@ -96,6 +98,7 @@ impl FileSource {
                 done: false,
             }),
             ids,
+            source: Arc::from(source_id.as_str()),
             source_id,
             len,
         }
@@ -189,6 +192,7 @@ impl MessageSource for FileSource {
                 sent_at: now,
                 ack: Ack::None,
                 line: Some(r.line_no),
+                source: Some(self.source.clone()),
             });
         }
         if out.is_empty() && r.done {

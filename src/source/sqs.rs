@@ -249,6 +249,7 @@ impl MessageSource for SqsSource {
                     sent_at,
                     ack: Ack::Sqs { receipt_handle },
                     line: None,
+                    source: None,
                 })
             })
             .collect();

@@ -5,7 +5,8 @@
 //! (a worker's batches), [`Keys`], [`Reveal`], [`Audit`] (the trail, alarms
 //! and honeytokens), [`Trail`] (the hash chains, checkpoints, subject
 //! ledger and archive), [`Jobs`] (rotations: leases and jobs), [`Chunks`]
-//! (the rows a job reads and writes) and [`Erasure`]. [`Store`] is all
+//! (the rows a job reads and writes), [`Erasure`] and [`Quarantine`]
+//! (listing, showing and replaying rejected messages). [`Store`] is all
 //! of them, and what a backend is: [`postgres`] (production) and [`sqlite`]
 //! (the embedded default) each hold the same file names, each implementing
 //! the trait of that name, and run the same conformance suite
@@ -25,6 +26,7 @@ pub mod jobs;
 pub mod keys;
 pub mod model;
 pub mod postgres;
+pub mod quarantine;
 pub mod reveal;
 pub mod sqlite;
 pub mod trail;
@@ -41,6 +43,7 @@ pub use ingest::{Batch, BatchOutcome, DueHoneytoken, Ingest};
 pub use jobs::{Job, JobKind, JobStart, Jobs, Lease, RotationRange};
 pub use keys::{Initialised, Keys};
 pub use model::{AuditEntry, KeyState, LoginRow, QuarantineRow, Requester, StoredKey, VaultRow};
+pub use quarantine::{Quarantine, QuarantineEntry, QuarantineFilter, ReplayRequest, ReplayStored};
 pub use reveal::{
     RequestStatus, Reveal, RevealPolicy, RevealRequest, RevealedRow, RevealedRows, Selector,
 };
@@ -71,7 +74,7 @@ pub struct Profile {
 /// A backend: every capability, and its own upkeep.
 #[async_trait]
 pub trait Store:
-    Ingest + Keys + Reveal + Audit + Trail + Jobs + Chunks + Erasure + Send + Sync
+    Ingest + Keys + Reveal + Audit + Trail + Jobs + Chunks + Erasure + Quarantine + Send + Sync
 {
     fn profile(&self) -> Profile;
 

@@ -57,6 +57,10 @@ pub struct QuarantineRow {
     pub nonce: Vec<u8>,
     pub ciphertext: Vec<u8>,
     pub received_at: DateTime<Utc>,
+    /// Where a file reject came from: the input's source id (a file name,
+    /// not PII) and line number. `None` for SQS messages.
+    pub source: Option<String>,
+    pub line: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,6 +258,7 @@ where
     String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     Ok(QuarantineRow {
         message_id: r.try_get("message_id")?,
@@ -264,5 +269,8 @@ where
         nonce: r.try_get("nonce")?,
         ciphertext: r.try_get("ciphertext")?,
         received_at,
+        // Not every query selects them (the rotations' chunks do not).
+        source: r.try_get("source").unwrap_or(None),
+        line: r.try_get("line").unwrap_or(None),
     })
 }

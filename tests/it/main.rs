@@ -24,6 +24,7 @@ mod first_hour_state;
 mod kms_faults;
 mod operations;
 mod production;
+mod quarantine;
 mod roles;
 mod roles_e2e;
 mod rotation;

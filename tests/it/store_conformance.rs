@@ -262,6 +262,8 @@ fn quarantined(message_id: &str, user_id: Option<&str>, key_id: &str) -> Quarant
         nonce: random_bytes(12),
         ciphertext: random_bytes(80),
         received_at: at(5),
+        source: None,
+        line: None,
     }
 }
 

@@ -82,9 +82,14 @@ BEGIN
     h := pii_vault_honeytokens_among(users);
 
     SELECT * INTO pol FROM reveal_policy;
-    SELECT count(*) INTO today FROM reveal_requests r
-    WHERE r.requested_by = session_user AND r.status = 'granted'
-      AND r.requested_at > clock_timestamp() - interval '24 hours';
+    -- The day's granted reveals and shown quarantined bodies
+    -- (functions/60_quarantine.sql) count against one limit.
+    SELECT (SELECT count(*) FROM reveal_requests r
+            WHERE r.requested_by = session_user AND r.status = 'granted'
+              AND r.requested_at > clock_timestamp() - interval '24 hours')
+         + (SELECT count(*) FROM quarantine_reveals s
+            WHERE s.requested_by = session_user AND s.requested_at > clock_timestamp() - interval '24 hours')
+    INTO today;
     IF u > pol.max_users_per_reveal OR today >= pol.max_reveals_per_day THEN
         st := 'pending';
     END IF;

@@ -242,6 +242,8 @@ impl Ingest for PgStore {
             let nonce: Vec<&[u8]> = chunk.iter().map(|r| r.nonce.as_slice()).collect();
             let ciphertext: Vec<&[u8]> = chunk.iter().map(|r| r.ciphertext.as_slice()).collect();
             let received_at: Vec<DateTime<Utc>> = chunk.iter().map(|r| r.received_at).collect();
+            let source: Vec<Option<&str>> = chunk.iter().map(|r| r.source.as_deref()).collect();
+            let line: Vec<Option<i64>> = chunk.iter().map(|r| r.line).collect();
             // DO NOTHING also skips a repeat within this very statement, so
             // rows affected is the number of newly quarantined messages. No
             // conflict target (the primary key on message_id is the only
@@ -249,9 +251,9 @@ impl Ingest for PgStore {
             // which the worker role must not have.
             let done = sqlx::query(
                 "INSERT INTO quarantine (message_id, reason_code, reason, user_id, key_id, nonce, \
-                 ciphertext, received_at) \
+                 ciphertext, received_at, source, line) \
                  SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-                 $6::bytea[], $7::bytea[], $8::timestamptz[]) \
+                 $6::bytea[], $7::bytea[], $8::timestamptz[], $9::text[], $10::int8[]) \
                  ON CONFLICT DO NOTHING",
             )
             .bind(&message_id)
@@ -262,6 +264,8 @@ impl Ingest for PgStore {
             .bind(&nonce)
             .bind(&ciphertext)
             .bind(&received_at)
+            .bind(&source)
+            .bind(&line)
             .execute(&mut *tx)
             .await?
             .rows_affected();

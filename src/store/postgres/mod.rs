@@ -10,6 +10,7 @@ mod erasure;
 mod ingest;
 mod jobs;
 mod keys;
+mod quarantine;
 mod reveal;
 mod trail;
 

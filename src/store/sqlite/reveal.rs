@@ -66,9 +66,12 @@ impl Reveal for SqliteStore {
             sqlx::query_as("SELECT max_users_per_reveal, max_reveals_per_day FROM reveal_policy")
                 .fetch_one(&mut *tx)
                 .await?;
+        // Shown quarantined bodies count against the same daily limit.
         let today: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM reveal_requests WHERE requested_by = $1 AND status = 'granted' \
-             AND requested_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day')",
+            "SELECT (SELECT count(*) FROM reveal_requests WHERE requested_by = $1 AND status = 'granted' \
+               AND requested_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day')) \
+             + (SELECT count(*) FROM quarantine_reveals WHERE requested_by = $1 \
+               AND requested_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day'))",
         )
         .bind(&me)
         .fetch_one(&mut *tx)

@@ -176,7 +176,7 @@ fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<BatchOutcome, Sto
         let mut q = tx
             .prepare_cached(
                 "INSERT INTO quarantine (message_id, reason_code, reason, user_id, key_id, nonce, \
-                 ciphertext, received_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                 ciphertext, received_at, source, line) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
                  ON CONFLICT (message_id) DO NOTHING",
             )
             .map_err(store_error)?;
@@ -190,7 +190,9 @@ fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<BatchOutcome, Sto
                     r.key_id,
                     r.nonce,
                     r.ciphertext,
-                    r.received_at.to_rfc3339()
+                    r.received_at.to_rfc3339(),
+                    r.source,
+                    r.line
                 ])
                 .map_err(store_error)?;
             if done == 1 {

@@ -106,6 +106,12 @@ const EXPECTED: &[(&str, &str, &[&str])] = &[
     (ANALYST, "erasure_subjects", &[]),
     (REVEALER, "erasure_subjects", &[]),
     (ROTATOR, "erasure_subjects", &[]),
+    // `quarantine list`: the rejects without bodies, for the operators.
+    (WORKER, "pii_vault_quarantine_list", &["SELECT"]),
+    (REVEALER, "pii_vault_quarantine_list", &["SELECT"]),
+    (ROTATOR, "pii_vault_quarantine_list", &["SELECT"]),
+    (ANALYST, "pii_vault_quarantine_list", &[]),
+    (AUDITOR, "pii_vault_quarantine_list", &[]),
 ];
 
 /// Tables no role touches directly.
@@ -117,6 +123,9 @@ const OWNER_ONLY: &[&str] = &[
     "honeytokens",
     "rotation_jobs",
     "rotation_ranges",
+    "quarantine_reveals",
+    "quarantine_replays",
+    "quarantine_replay_rows",
 ];
 
 /// Columns holding ciphertext or wrapped keys, and who may read them
@@ -219,6 +228,21 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
     ("pii_vault_request_bytes(reveal_requests)", &[]),
     ("pii_vault_check_record(bigint,text[],interval)", &[]),
     ("pii_vault_fresh_call()", &[]),
+    // Quarantine tools: a body shown under a committed record (revealer),
+    // bodies replayed under one (rotator).
+    ("pii_vault_quarantine_show_request(text,text,text)", &[REVEALER]),
+    ("pii_vault_quarantine_show_fetch(bigint)", &[REVEALER]),
+    (
+        "pii_vault_quarantine_replay_request(text[],text,text,bytea,text,text)",
+        &[ROTATOR],
+    ),
+    ("pii_vault_quarantine_replay_check(bigint)", &[]),
+    ("pii_vault_quarantine_replay_fetch(bigint)", &[ROTATOR]),
+    (
+        "pii_vault_quarantine_replay_store(bigint,text[],text[],text[],text[],text[],text[],text[],date[],bytea[],bytea[])",
+        &[ROTATOR],
+    ),
+    ("pii_vault_quarantine_replay_finish(bigint)", &[ROTATOR]),
     ("pii_vault_lease_live(job_leases)", &[]),
     ("pii_vault_check_lease(text,bigint)", &[]),
     ("pii_vault_rotation_job_check(bigint,bigint)", &[]),
@@ -420,6 +444,10 @@ async fn each_role_holds_exactly_its_privileges_and_none_may_alter_the_audit_tra
         "audit_chain",
         "audit_checkpoints",
         "erasure_subjects",
+        "quarantine_reveals",
+        "quarantine_replays",
+        "quarantine_replay_rows",
+        "pii_vault_quarantine_list",
         "_sqlx_migrations",
     ] {
         let public: Option<String> = sqlx::query_scalar(

@@ -162,6 +162,8 @@ pub(crate) fn quarantined(user_id: Option<&str>, key_id: &str) -> QuarantineRow 
         nonce: random_bytes(12),
         ciphertext: random_bytes(90),
         received_at: Utc::now(),
+        source: None,
+        line: None,
     }
 }
 
