@@ -254,6 +254,7 @@ pub enum HoneytokenCommand {
         /// batch, `90m`, `12h`, `7d`).
         #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_duration)]
         over: std::time::Duration,
+        /// Output: a table for people, or JSON for programs.
         #[arg(long, value_enum, env = "PII_VAULT_FORMAT", default_value_t = OutputFormat::Table)]
         format: OutputFormat,
     },

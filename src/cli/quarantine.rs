@@ -38,7 +38,8 @@ pub struct QuarantineListArgs {
     #[arg(long, value_name = "CODE")]
     pub reason: Option<String>,
 
-    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    /// Output: a table for people, or JSON Lines for programs.
+    #[arg(long, value_enum, env = "PII_VAULT_FORMAT", default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
 }
 

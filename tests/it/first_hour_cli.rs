@@ -166,8 +166,7 @@ fn an_sqlite_file_that_cannot_be_created_says_where_and_why() {
     let out = app.run(&[
         "--database-url",
         &format!("sqlite:{}", missing.display()),
-        "keys",
-        "list",
+        "migrate",
     ]);
     assert_eq!(out.status.code(), Some(1));
     let line = last_line(&out);
@@ -312,8 +311,7 @@ fn with_json_logs_every_stderr_line_is_a_json_object() {
     let out = app.bin().env("PII_VAULT_LOG_FORMAT", "json").run(&[
         "--database-url",
         "sqlite:/no/such/dir/x.db",
-        "keys",
-        "list",
+        "migrate",
     ]);
     assert_eq!(out.status.code(), Some(1));
     let lines = parse_all(&out.stderr);
