@@ -98,7 +98,8 @@ impl Cli {
     /// The command line of this process, as `Cli::try_parse` reads it, with
     /// one rule clap cannot say: a flag typed wins over the environment.
     /// `run --from-file F` reads the file even when `PII_VAULT_QUEUE_URL`
-    /// is set (a worker's environment); typing both inputs is refused.
+    /// is set (a worker's environment); typing both inputs is refused; and
+    /// `PII_VAULT_SOURCE_ID` in a queue worker's environment is ignored.
     pub fn try_parse_args() -> Result<Cli, clap::Error> {
         use clap::parser::ValueSource;
         use clap::{CommandFactory, FromArgMatches};
@@ -110,6 +111,14 @@ impl Cli {
                 return Err(cmd.error(
                     clap::error::ErrorKind::ArgumentConflict,
                     "--queue-url and --from-file cannot be used together: give one input",
+                ));
+            }
+            // Typed, it must go with a file; from the environment (a file
+            // loader's settings) it does not stop a queue worker.
+            if typed("source_id") && !run.contains_id("from_file") {
+                return Err(cmd.error(
+                    clap::error::ErrorKind::MissingRequiredArgument,
+                    "--source-id names the source of a file: it goes with --from-file",
                 ));
             }
         }
@@ -277,12 +286,7 @@ pub struct RunArgs {
     /// [default: the file's name; required for stdin]. An empty value gives
     /// the ids of earlier versions, which had no source id (to re-run a file
     /// that one of them loaded).
-    #[arg(
-        long,
-        value_name = "ID",
-        env = "PII_VAULT_SOURCE_ID",
-        requires = "from_file"
-    )]
+    #[arg(long, value_name = "ID", env = "PII_VAULT_SOURCE_ID")]
     pub source_id: Option<String>,
 
     /// Exit 0 once the queue is empty instead of waiting for more (batch jobs, tests).

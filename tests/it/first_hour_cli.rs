@@ -501,3 +501,32 @@ fn a_typed_input_wins_over_the_queue_url_in_the_environment() {
     let out = app.run(&["run"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `PII_VAULT_SOURCE_ID` (a file loader's setting) in a queue worker's
+/// environment does not make `run --queue-url` a usage error; typed
+/// without `--from-file`, `--source-id` is one.
+#[test]
+fn a_source_id_in_the_environment_does_not_stop_a_queue_worker() {
+    let app = TestApp::embedded();
+    // Nothing listens on port 1: the run gets as far as the queue and
+    // fails there (exit 1), past the parsing of its command line.
+    let out = app.bin().env("PII_VAULT_SOURCE_ID", "nightly").run(&[
+        "run",
+        "--queue-url",
+        "http://127.0.0.1:1/000000000000/q",
+        "--until-empty",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("source-id"), "{stderr}");
+
+    let out = app.run(&[
+        "run",
+        "--queue-url",
+        "http://127.0.0.1:1/000000000000/q",
+        "--source-id",
+        "nightly",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("goes with --from-file"));
+}
