@@ -6,8 +6,10 @@
 //! event stored once, every malformed one quarantined, the queue empty, no
 //! plaintext in the database or in what the worker printed.
 
+use crate::common::app::TestApp;
+use crate::common::aws::Queue;
 use crate::common::aws_proxy::{AwsProxy, Fault, Plan};
-use crate::common::faults::wait_until;
+use crate::common::faults::{wait_until, Events, Worker};
 use crate::faults::{assert_exactly_once, services, setup, step, worker_with_env};
 
 use std::collections::HashSet;
@@ -83,6 +85,26 @@ impl FailingDeletes {
     }
 }
 
+/// A draining worker (`run --until-empty`, a worker login of its own) that
+/// reaches SQS through `proxy`, with `args` added.
+async fn drain_through(app: &TestApp, q: &Queue, proxy: &AwsProxy, args: &[&str]) -> Worker {
+    let url = proxy.url();
+    let all = [&["--until-empty"][..], args].concat();
+    worker_with_env(app, q, "w", &all, &[("AWS_ENDPOINT_URL_SQS", &url)]).await
+}
+
+/// Waits for `w` to end with status 0 and a summary that counts every
+/// valid event of `ev` stored and every malformed one rejected; returns
+/// the duplicates it counted.
+async fn all_stored(w: &mut Worker, ev: &Events, limit: Duration) -> u64 {
+    let (stored, duplicates, rejected) = w.wait_success(limit).await;
+    assert_eq!(
+        (stored as i64, rejected as i64),
+        (ev.valid_count(), ev.malformed_count())
+    );
+    duplicates
+}
+
 /// `DeleteMessageBatch` answers with some entries failed (every other entry
 /// of a request, for the first 20 messages): the worker retries them once,
 /// then reports the acknowledgement failed; SQS hands those messages out
@@ -105,29 +127,17 @@ async fn partly_failed_deletions_come_back_as_duplicates_never_stored_twice() {
     q.send(&ev.bodies).await;
 
     step(started, "worker");
-    let url = proxy.url();
-    let mut w = worker_with_env(
+    let mut w = drain_through(
         &app,
         &q,
-        "w",
-        &[
-            "--until-empty",
-            "--visibility-timeout",
-            "5",
-            "--batch-size",
-            "50",
-        ],
-        &[("AWS_ENDPOINT_URL_SQS", &url)],
+        &proxy,
+        &["--visibility-timeout", "5", "--batch-size", "50"],
     )
     .await;
-    let (stored, duplicates, rejected) = w.wait_success(Duration::from_secs(120)).await;
+    let duplicates = all_stored(&mut w, &ev, Duration::from_secs(120)).await;
     step(started, "checking");
     let doomed = failing.count();
     assert_eq!(doomed, 20, "the proxy failed fewer deletions than planned");
-    assert_eq!(
-        (stored as i64, rejected as i64),
-        (ev.valid_count(), ev.malformed_count())
-    );
     // Each failed deletion is one more delivery of its message (more if a
     // batch outlived the 5 s visibility timeout), each found already there.
     assert!(
@@ -161,13 +171,11 @@ async fn failed_and_timed_out_receives_are_retried_and_lose_nothing() {
     proxy.set(Plan::only(Fault::ServerError(500), receive).times(6));
 
     step(started, "worker under 5xx");
-    let url = proxy.url();
-    let mut w = worker_with_env(
+    let mut w = drain_through(
         &app,
         &q,
-        "w",
+        &proxy,
         &[
-            "--until-empty",
             "--visibility-timeout",
             "5",
             "--batch-size",
@@ -175,7 +183,6 @@ async fn failed_and_timed_out_receives_are_retried_and_lose_nothing() {
             "--concurrency",
             "1",
         ],
-        &[("AWS_ENDPOINT_URL_SQS", &url)],
     )
     .await;
     let faulted = |fault: Fault| {
@@ -209,12 +216,8 @@ async fn failed_and_timed_out_receives_are_retried_and_lose_nothing() {
     step(started, "slow");
     let slow = Fault::Latency(Duration::from_secs(12));
     proxy.set(Plan::only(slow, receive).times(3));
-    let (stored, _, rejected) = w.wait_success(Duration::from_secs(180)).await;
+    all_stored(&mut w, &ev, Duration::from_secs(180)).await;
     step(started, "checking");
-    assert_eq!(
-        (stored as i64, rejected as i64),
-        (ev.valid_count(), ev.malformed_count())
-    );
     let out = w.output();
     assert!(out.contains("receive failed, retrying"), "no retry logged");
     assert!(
@@ -313,27 +316,15 @@ async fn a_message_received_past_max_receive_count_lands_in_the_dlq() {
     )));
 
     step(started, "worker");
-    let url = proxy.url();
-    let mut w = worker_with_env(
+    let mut w = drain_through(
         &app,
         &q,
-        "w",
-        &[
-            "--until-empty",
-            "--visibility-timeout",
-            "2",
-            "--batch-size",
-            "20",
-        ],
-        &[("AWS_ENDPOINT_URL_SQS", &url)],
+        &proxy,
+        &["--visibility-timeout", "2", "--batch-size", "20"],
     )
     .await;
-    let (stored, duplicates, rejected) = w.wait_success(Duration::from_secs(180)).await;
+    let duplicates = all_stored(&mut w, &ev, Duration::from_secs(180)).await;
     step(started, "checking");
-    assert_eq!(
-        (stored as i64, rejected as i64),
-        (ev.valid_count(), ev.malformed_count())
-    );
     let deliveries = poisoned_handles.lock().unwrap().len();
     assert_eq!(
         deliveries, 3,
