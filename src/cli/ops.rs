@@ -20,6 +20,15 @@ pub struct MigrateArgs {
     /// create no SQLite file).
     #[arg(long, conflicts_with = "schema_only")]
     pub dry_run: bool,
+
+    /// Postgres: name this database's roles PREFIX_worker, PREFIX_revealer,
+    /// … instead of pii_vault_worker, …. Roles belong to the cluster: give
+    /// each vault on a shared cluster its own prefix, or a login granted
+    /// one vault's role can use the others. Fixed at the first migrate
+    /// (later runs keep it; a different one is refused). Needs CREATEROLE.
+    #[arg(long, env = "PII_VAULT_ROLE_PREFIX", value_name = "PREFIX",
+          conflicts_with_all = ["status", "dry_run"])]
+    pub role_prefix: Option<crate::store::RolePrefix>,
 }
 
 #[derive(Debug, Args)]

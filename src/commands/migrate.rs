@@ -7,7 +7,10 @@ pub async fn migrate(cli: &Cli, args: &MigrateArgs) -> anyhow::Result<()> {
         return status(cli, args.dry_run).await;
     }
     let store = super::open_store(cli).await?;
-    store.migrate().await?;
+    let options = crate::store::MigrateOptions {
+        role_prefix: args.role_prefix.clone(),
+    };
+    store.migrate_with(&options).await?;
     eprintln!(
         "pii-vault: database {} is up to date",
         super::redact_url(cli.database_url())
@@ -32,6 +35,9 @@ async fn status(cli: &Cli, dry_run: bool) -> anyhow::Result<()> {
     let pending: Vec<_> = status.migrations.iter().filter(|m| !m.applied).collect();
     if !status.exists {
         println!("database {shown} does not exist yet (nothing was created)");
+    }
+    if let Some(prefix) = &status.role_prefix {
+        println!("roles: {prefix}_worker, {prefix}_analyst, {prefix}_revealer, {prefix}_rotator, {prefix}_auditor");
     }
     if dry_run {
         if pending.is_empty() {

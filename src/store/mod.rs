@@ -28,6 +28,7 @@ pub mod model;
 pub mod postgres;
 pub mod quarantine;
 pub mod reveal;
+pub mod roles;
 pub mod sqlite;
 pub mod trail;
 
@@ -47,6 +48,7 @@ pub use quarantine::{Quarantine, QuarantineEntry, QuarantineFilter, ReplayReques
 pub use reveal::{
     RequestStatus, Reveal, RevealPolicy, RevealRequest, RevealedRow, RevealedRows, Selector,
 };
+pub use roles::{MigrateOptions, RolePrefix};
 pub use trail::{ArchivePoint, ChainHeads, LedgerEntry, Trail};
 
 /// What a backend is good for, so that commands choose their settings
@@ -79,8 +81,13 @@ pub trait Store:
     fn profile(&self) -> Profile;
 
     /// Applies pending migrations (and, on Postgres, the current functions
-    /// and grants).
-    async fn migrate(&self) -> Result<(), StoreError>;
+    /// and grants) under the role names the database already has.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        self.migrate_with(&MigrateOptions::default()).await
+    }
+
+    /// [`Store::migrate`], with what `pii-vault migrate`'s flags ask for.
+    async fn migrate_with(&self, options: &MigrateOptions) -> Result<(), StoreError>;
 
     /// Cheap liveness query, for start-up checks and `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
@@ -132,6 +139,8 @@ pub struct MigrationStatus {
     /// Files every `migrate` re-applies whatever is pending (Postgres: the
     /// functions, views and grants).
     pub reapplied: Vec<&'static str>,
+    /// Postgres: the prefix of the database's role names, once migrated.
+    pub role_prefix: Option<RolePrefix>,
 }
 
 /// The migrations of this build against the database `url` names, read

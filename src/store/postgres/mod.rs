@@ -12,6 +12,7 @@ mod jobs;
 mod keys;
 mod quarantine;
 mod reveal;
+mod roles;
 mod trail;
 
 use std::str::FromStr;
@@ -21,7 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::{Profile, Store, StoreError};
+use super::{MigrateOptions, Profile, Store, StoreError};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -134,11 +135,13 @@ pub(super) async fn migration_status(url: &str) -> Result<super::MigrationStatus
     } else {
         Vec::new()
     };
+    let role_prefix = roles::recorded_on(&mut conn).await?;
     let _ = conn.close().await;
     Ok(super::MigrationStatus {
         exists: true,
         migrations: super::states(&MIGRATOR, &applied),
         reapplied: FUNCTIONS.iter().map(|(name, _)| *name).collect(),
+        role_prefix,
     })
 }
 
@@ -158,8 +161,14 @@ impl Store for PgStore {
         }
     }
 
-    async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool).await.map_err(sqlx::Error::from)?;
+    async fn migrate_with(&self, options: &MigrateOptions) -> Result<(), StoreError> {
+        let prefix = roles::settle(&self.pool, options.role_prefix.as_ref()).await?;
+        roles::migrator(&MIGRATOR, &prefix)
+            .await?
+            .run(&self.pool)
+            .await
+            .map_err(sqlx::Error::from)?;
+        roles::confirm(&self.pool, &prefix).await?;
         // One transaction: the roles never see half of the boundary. The
         // lock keeps two owners migrating at once apart (only a role that
         // may change the policy can take it).
@@ -168,10 +177,13 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await?;
         for (name, sql) in FUNCTIONS {
-            sqlx::Executor::execute(&mut *tx, *sql).await.map_err(|e| {
-                let e = StoreError::from(e);
-                StoreError::Permanent(format!("migrations/postgres/functions/{name}: {e}"))
-            })?;
+            let sql = roles::rename_roles(sql, &prefix);
+            sqlx::Executor::execute(&mut *tx, &*sql)
+                .await
+                .map_err(|e| {
+                    let e = StoreError::from(e);
+                    StoreError::Permanent(format!("migrations/postgres/functions/{name}: {e}"))
+                })?;
         }
         tx.commit().await?;
         Ok(())

@@ -37,7 +37,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use sqlx::SqlitePool;
 
-use super::{Profile, Store, StoreError};
+use super::{MigrateOptions, Profile, Store, StoreError};
 use writer::{Writer, WriterSettings};
 
 use chain::insert_audit;
@@ -200,6 +200,7 @@ pub(super) async fn migration_status(url: &str) -> Result<super::MigrationStatus
             exists: false,
             migrations: super::states(&MIGRATOR, &[]),
             reapplied: Vec::new(),
+            role_prefix: None,
         });
     }
     let mut conn = sqlx::SqliteConnection::connect_with(&opts).await?;
@@ -220,6 +221,7 @@ pub(super) async fn migration_status(url: &str) -> Result<super::MigrationStatus
         exists: true,
         migrations: super::states(&MIGRATOR, &applied),
         reapplied: Vec::new(),
+        role_prefix: None,
     })
 }
 
@@ -238,7 +240,18 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn migrate(&self) -> Result<(), StoreError> {
+    async fn migrate_with(&self, options: &MigrateOptions) -> Result<(), StoreError> {
+        if options
+            .role_prefix
+            .as_ref()
+            .is_some_and(|p| !p.is_default())
+        {
+            return Err(StoreError::Permanent(
+                "--role-prefix names Postgres roles; an SQLite file has no roles (its file \
+                 permissions decide who may use it): leave it out"
+                    .into(),
+            ));
+        }
         MIGRATOR.run(&self.pool).await.map_err(sqlx::Error::from)?;
         chain::backfill(&self.pool).await
     }

@@ -449,6 +449,7 @@ async fn each_role_holds_exactly_its_privileges_and_none_may_alter_the_audit_tra
         "quarantine_replay_rows",
         "pii_vault_quarantine_list",
         "_sqlx_migrations",
+        "vault_settings",
     ] {
         let public: Option<String> = sqlx::query_scalar(
             "SELECT string_agg(a.privilege_type, ',') FROM pg_class c, aclexplode(c.relacl) a \
@@ -461,13 +462,16 @@ async fn each_role_holds_exactly_its_privileges_and_none_may_alter_the_audit_tra
         assert_eq!(public, None, "PUBLIC on {table}");
     }
     for role in ROLES {
-        let any: bool =
-            sqlx::query_scalar("SELECT has_any_column_privilege($1, '_sqlx_migrations', 'SELECT')")
-                .bind(role)
-                .fetch_one(pool)
-                .await
-                .unwrap();
-        assert!(!any, "{role} reads _sqlx_migrations");
+        for table in ["_sqlx_migrations", "vault_settings"] {
+            let any: bool =
+                sqlx::query_scalar("SELECT has_any_column_privilege($1, $2::regclass, 'SELECT')")
+                    .bind(role)
+                    .bind(table)
+                    .fetch_one(pool)
+                    .await
+                    .unwrap();
+            assert!(!any, "{role} reads {table}");
+        }
     }
     app.finish().await;
 }

@@ -22,6 +22,7 @@
 mod analyst;
 mod binary;
 mod catalogue;
+mod prefix;
 mod revealer;
 mod rotator;
 mod worker;
