@@ -3,7 +3,7 @@
 //! stderr in a file still shows how far it is.
 
 use std::io::IsTerminal;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -11,6 +11,33 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::source::file::FileSource;
+
+/// The bar on screen, if any: log lines and operator messages are written
+/// through [`suspend`], which clears it, writes, and draws it again below,
+/// instead of tearing it (a line written over a half-drawn bar).
+static ON_SCREEN: Mutex<Option<ProgressBar>> = Mutex::new(None);
+
+/// Runs `write` (something that writes to stderr) with the bar on screen,
+/// if any, cleared for it.
+pub fn suspend<R>(write: impl FnOnce() -> R) -> R {
+    let bar = ON_SCREEN.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    match bar {
+        Some(bar) => bar.suspend(write),
+        None => write(),
+    }
+}
+
+/// `bar` is now on screen (until [`off_screen`]).
+fn on_screen(bar: &ProgressBar) {
+    *ON_SCREEN.lock().unwrap_or_else(|e| e.into_inner()) = Some(bar.clone());
+}
+
+/// Clears `bar` and forgets it.
+fn off_screen(bar: &ProgressBar) {
+    let mut current = ON_SCREEN.lock().unwrap_or_else(|e| e.into_inner());
+    bar.finish_and_clear();
+    *current = None;
+}
 
 /// `(stored, duplicates, rejected)` so far, for the log lines.
 pub type Counts = Arc<dyn Fn() -> (u64, u64, u64) + Send + Sync>;
@@ -65,6 +92,7 @@ pub fn for_file(
                 .expect("valid template"),
         ),
     };
+    on_screen(&bar);
     Some(tokio::spawn(async move {
         loop {
             bar.set_position(file.position().await);
@@ -73,7 +101,7 @@ pub fn for_file(
                 _ = done.cancelled() => break,
             }
         }
-        bar.finish_and_clear();
+        off_screen(&bar);
     }))
 }
 
@@ -103,6 +131,7 @@ impl JobProgress {
                 ))
                 .expect("valid template"),
             );
+            on_screen(&pb);
             return JobProgress {
                 bar: pb,
                 what,
@@ -171,11 +200,7 @@ impl JobProgress {
 
     /// A message for the operator on stderr, above the bar if there is one.
     pub fn note(&self, message: &str) {
-        if self.visible {
-            self.bar.suspend(|| eprintln!("pii-vault: {message}"));
-        } else {
-            eprintln!("pii-vault: {message}");
-        }
+        eprintln!("pii-vault: {message}");
     }
 
     pub fn finish(mut self) {
@@ -183,7 +208,11 @@ impl JobProgress {
         if let Some(t) = self.ticker.take() {
             t.abort();
         }
-        self.bar.finish_and_clear();
+        if self.visible {
+            off_screen(&self.bar);
+        } else {
+            self.bar.finish_and_clear();
+        }
         tracing::debug!(what = self.what, done = self.bar.position(), "job finished");
     }
 }
@@ -191,6 +220,9 @@ impl JobProgress {
 impl Drop for JobProgress {
     fn drop(&mut self) {
         self.stop.cancel();
+        if self.visible && !self.bar.is_finished() {
+            off_screen(&self.bar);
+        }
     }
 }
 

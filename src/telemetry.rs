@@ -50,7 +50,7 @@ pub fn init(format: LogFormat) {
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let layer = fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(|| BarAware)
         .with_ansi(std::io::stderr().is_terminal());
     let registry = tracing_subscriber::registry().with(capped(filter));
     match format {
@@ -73,13 +73,32 @@ pub fn stderr_line(args: std::fmt::Arguments<'_>) {
 
 /// [`stderr_line`] with `fields` added to the JSON object (ignored in text).
 pub fn stderr_line_with(text: &str, fields: Option<serde_json::Map<String, serde_json::Value>>) {
-    let mut err = std::io::stderr().lock();
-    // A closed stderr is no reason to fail (or panic) on the way out.
-    let _ = if JSON_LINES.load(Ordering::Relaxed) {
-        writeln!(err, "{}", json_line(text, fields))
+    let line = if JSON_LINES.load(Ordering::Relaxed) {
+        json_line(text, fields)
     } else {
-        writeln!(err, "{text}")
+        text.to_string()
     };
+    // A closed stderr is no reason to fail (or panic) on the way out.
+    let _ = crate::progress::suspend(|| writeln!(std::io::stderr().lock(), "{line}"));
+}
+
+/// stderr for log lines: each line is written with the progress bar (if
+/// one is on screen) cleared and then drawn again below it, so that a log
+/// line never lands in the middle of the bar.
+struct BarAware;
+
+impl std::io::Write for BarAware {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        crate::progress::suspend(|| std::io::stderr().write(buf))
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        crate::progress::suspend(|| std::io::stderr().lock().write_all(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 /// The JSON object [`stderr_line`] writes for `text`.

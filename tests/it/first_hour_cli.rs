@@ -530,3 +530,100 @@ fn a_source_id_in_the_environment_does_not_stop_a_queue_worker() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("goes with --from-file"));
 }
+
+/// On a terminal, log lines written while the progress bar is drawn each
+/// start on a line of their own: the bar is cleared first (`\r`, erase
+/// line) and drawn again below, never torn by a line written over it. Run
+/// under `script`, which gives the binary a pseudo-terminal and records
+/// every byte it writes there.
+#[test]
+fn log_lines_never_tear_the_progress_bar_on_a_terminal() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("`script` (util-linux) is needed to give the binary a terminal");
+    }
+    let app = TestApp::embedded();
+    // Malformed lines make a WARN line each, spread over the whole file.
+    let text = common::gen_events(&["-n", "30000", "--seed", "29", "--malformed-pct", "2"]);
+    app.write("events.jsonl", &text);
+    let typescript = app.path("terminal.out");
+    let out = std::process::Command::new("script")
+        .arg("-qec")
+        .arg(format!(
+            "{} run --from-file events.jsonl",
+            common::bin().display()
+        ))
+        .arg(&typescript)
+        .current_dir(app.dir())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("PII_VAULT_LOG", "info")
+        .env("TERM", "xterm")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let screen = std::fs::read(&typescript).unwrap();
+    let count = |needle: &[u8]| {
+        screen
+            .windows(needle.len())
+            .filter(|w| *w == needle)
+            .count()
+    };
+    let bars = count(b"[00:00:");
+    let warnings = count(b"rejected message quarantined");
+    assert!(
+        bars >= 2 && warnings >= 100,
+        "bar drawn {bars} times, {warnings} warnings"
+    );
+    // Every log line (they start with a dimmed timestamp) follows a newline
+    // or the erase-line sequence of a cleared bar.
+    let starts = (0..screen.len()).filter(|&i| screen[i..].starts_with(b"\x1b[2m20"));
+    let mut cleared = 0;
+    for at in starts {
+        let before = &screen[..at];
+        if before.ends_with(b"\x1b[2K") {
+            cleared += 1;
+        } else {
+            assert!(
+                before.is_empty() || before.ends_with(b"\n"),
+                "a log line written over the bar: …{}",
+                String::from_utf8_lossy(&before[before.len().saturating_sub(120)..])
+            );
+        }
+    }
+    assert!(
+        cleared >= 1,
+        "no log line was written while the bar was on screen"
+    );
+}
+
+/// `--role-prefix` is for Postgres roles: an SQLite file has none, and a
+/// prefix that would need quoting is a usage error.
+#[test]
+fn a_role_prefix_is_refused_where_it_means_nothing_or_is_malformed() {
+    let app = TestApp::embedded();
+    let out = app.run(&["migrate", "--role-prefix", "acme_vault"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        last_line(&out).contains("an SQLite file has no roles"),
+        "{}",
+        last_line(&out)
+    );
+    for bad in ["Acme", "acme-vault", "pg_vault", "acme_"] {
+        let out = app.run(&["migrate", "--role-prefix", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("role"),
+            "{bad}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
