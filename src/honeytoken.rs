@@ -249,6 +249,7 @@ mod tests {
             device_type: "tablet".into(),
             masked_ip: String::new(),
             masked_device_id: String::new(),
+            masked_ip_net: None,
             locale: None,
             app_version: "9.9.9".into(),
             create_date: None,

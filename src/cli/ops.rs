@@ -29,6 +29,17 @@ pub struct MigrateArgs {
     #[arg(long, env = "PII_VAULT_ROLE_PREFIX", value_name = "PREFIX",
           conflicts_with_all = ["status", "dry_run"])]
     pub role_prefix: Option<crate::store::RolePrefix>,
+
+    /// Stop writing masked_ip_net (the token of each login's /24 or /48
+    /// network), empty it, and have the database refuse it: for
+    /// deployments whose policy forbids grouping logins by network.
+    #[arg(long, conflicts_with_all = ["status", "dry_run", "network_tokens"])]
+    pub no_network_tokens: bool,
+
+    /// Turn network tokens back on (the default of a new database); a
+    /// `rotate token-key` then fills the logins stored without one.
+    #[arg(long, conflicts_with_all = ["status", "dry_run"])]
+    pub network_tokens: bool,
 }
 
 #[derive(Debug, Args)]

@@ -9,12 +9,28 @@ pub async fn migrate(cli: &Cli, args: &MigrateArgs) -> anyhow::Result<()> {
     let store = super::open_store(cli).await?;
     let options = crate::store::MigrateOptions {
         role_prefix: args.role_prefix.clone(),
+        network_tokens: match (args.network_tokens, args.no_network_tokens) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
     };
     store.migrate_with(&options).await?;
     eprintln!(
         "pii-vault: database {} is up to date",
         super::redact_url(cli.database_url())
     );
+    match options.network_tokens {
+        Some(false) => eprintln!(
+            "pii-vault: network tokens are off: masked_ip_net was emptied and the database now \
+             refuses it; restart running workers"
+        ),
+        Some(true) => eprintln!(
+            "pii-vault: network tokens are on: restart running workers, then run `pii-vault \
+             rotate token-key` to fill masked_ip_net on the logins stored without it"
+        ),
+        None => {}
+    }
     if !args.schema_only {
         let wrapper = super::open_wrapper(cli).await?;
         super::keys::init(&*store, &*wrapper).await?;

@@ -145,6 +145,7 @@ async fn replay(cli: &Cli, args: &QuarantineReplayArgs) -> anyhow::Result<()> {
     let claimed = super::claimed_actor(args.actor.as_deref());
     let wrapper = super::open_wrapper(cli).await?;
     let (token, _token_id) = crate::pipeline::keys::load_token_key(&*store, &*wrapper).await?;
+    let network = store.network_tokens().await?;
     // A data key of the replay's own: registered with its record, retired
     // when it ends.
     let (material, wrapped) = wrapper
@@ -181,7 +182,7 @@ async fn replay(cli: &Cli, args: &QuarantineReplayArgs) -> anyhow::Result<()> {
                 line: row.line.and_then(|l| u64::try_from(l).ok()),
                 source: row.source.as_deref().map(Into::into),
             };
-            match protect(&msg, &token, &key_id, &sealer)? {
+            match protect(&msg, &token, network, &key_id, &sealer)? {
                 Protected::Login(l, v) => logins.push((l, v)),
                 Protected::Rejected(_, why) => {
                     still += 1;

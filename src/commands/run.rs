@@ -127,7 +127,12 @@ pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         (None, None) => unreachable!("clap requires an input"),
     };
 
+    let network_tokens = store
+        .network_tokens()
+        .await
+        .context("cannot read whether network tokens are on")?;
     let opts = RunOptions {
+        network_tokens,
         concurrency: args.concurrency as usize,
         // From a file, larger transactions: into SQLite most of all, since
         // each commit writes every index page it touched, however few of its

@@ -26,6 +26,8 @@ type HmacSha256 = Hmac<Sha256>;
 pub enum TokenField {
     Ip,
     DeviceId,
+    /// The /24 or /48 network of the IP (`masked_ip_net`).
+    IpNet,
 }
 
 impl TokenField {
@@ -33,6 +35,7 @@ impl TokenField {
         match self {
             TokenField::Ip => b"pii-vault/token/v1/ip\0",
             TokenField::DeviceId => b"pii-vault/token/v1/device_id\0",
+            TokenField::IpNet => b"pii-vault/token/v1/ip-net\0",
         }
     }
 }

@@ -52,6 +52,8 @@ pub struct RunOptions {
     pub writers: usize,
     pub dek_policy: DekPolicy,
     pub backoff: Backoff,
+    /// Write `masked_ip_net` (the database's setting, read at start).
+    pub network_tokens: bool,
 }
 
 impl Default for RunOptions {
@@ -63,6 +65,7 @@ impl Default for RunOptions {
             writers: 1,
             dek_policy: DekPolicy::default(),
             backoff: Backoff::default(),
+            network_tokens: true,
         }
     }
 }
@@ -242,6 +245,7 @@ impl Pipeline {
         };
         let taken = TakenHoneytokens::take(due, room as usize);
         let due = &taken.0;
+        let net = self.opts.network_tokens;
         for _ in 0..5 {
             let started = std::time::Instant::now();
             let need = (msgs.len() + due.len()) as u64;
@@ -255,7 +259,7 @@ impl Pipeline {
             let mut rejects = Vec::new();
             let mut neighbours = Vec::new();
             for (i, m) in msgs.iter().enumerate() {
-                match protect(m, &keys.token, &key_id, &lease.sealer)? {
+                match protect(m, &keys.token, net, &key_id, &lease.sealer)? {
                     Protected::Login(l, v) => {
                         neighbours.push((i, batch.logins.len()));
                         batch.logins.push((l, v));
@@ -271,7 +275,7 @@ impl Pipeline {
                 due,
                 msgs,
                 &neighbours,
-                (&keys.token, &key_id, &lease.sealer),
+                (&keys.token, net, &key_id, &lease.sealer),
                 &mut batch,
             )?;
             lease.record_use(need);
@@ -372,7 +376,7 @@ fn plant_due(
     due: &[crate::store::DueHoneytoken],
     msgs: &[Message],
     neighbours: &[(usize, usize)],
-    (token, key_id, sealer): (&TokenKey, &str, &crate::crypto::aead::Sealer),
+    (token, net, key_id, sealer): (&TokenKey, bool, &str, &crate::crypto::aead::Sealer),
     batch: &mut Batch,
 ) -> anyhow::Result<()> {
     use rand::seq::SliceRandom;
@@ -387,7 +391,7 @@ fn plant_due(
         let Some(msg) = crate::honeytoken::inject(d, &msgs[m], &batch.logins[l].0) else {
             continue;
         };
-        if let Protected::Login(login, vault) = protect(&msg, token, key_id, sealer)? {
+        if let Protected::Login(login, vault) = protect(&msg, token, net, key_id, sealer)? {
             planted.push((login, vault));
         }
     }

@@ -20,6 +20,7 @@ pub enum Protected {
 pub fn protect(
     msg: &Message,
     token_key: &TokenKey,
+    network_tokens: bool,
     key_id: &str,
     sealer: &Sealer,
 ) -> Result<Protected, crate::crypto::CryptoError> {
@@ -38,6 +39,11 @@ pub fn protect(
                 masked_device_id: token_key
                     .token(TokenField::DeviceId, ev.device_id.expose())
                     .to_string(),
+                masked_ip_net: network_tokens.then(|| {
+                    token_key
+                        .token(TokenField::IpNet, ev.ip.network().expose())
+                        .to_string()
+                }),
                 user_id: ev.user_id.clone(),
                 device_type: ev.device_type.clone(),
                 locale: ev.locale.clone(),

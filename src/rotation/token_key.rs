@@ -12,7 +12,7 @@ use crate::crypto::{KeyPurpose, KeyWrapper, TokenField, TokenKey};
 use crate::domain::CanonicalIp;
 use crate::keyring;
 use crate::progress::JobProgress;
-use crate::store::{Job, JobKind, JobStart, KeyState, Requester, RotationRange, Store};
+use crate::store::{Job, JobKind, JobStart, KeyState, NewTokens, Requester, RotationRange, Store};
 use crate::vault::{VaultPlaintext, VaultReader};
 
 /// Rows re-tokenised per transaction by the final sweep.
@@ -69,6 +69,9 @@ pub async fn rotate_token_key(
         .token_version
         .context("a token-key rotation job without its version")?;
     let token_key = TokenKey::new(version as u32, &material);
+    // Network tokens are written (and filled on rows stored before they
+    // existed) unless the database turned them off.
+    let network = store.network_tokens().await?;
     let left = if resumed {
         Some(store.count_stale_tokens(version).await?)
     } else {
@@ -85,7 +88,7 @@ pub async fn rotate_token_key(
     for (n, skipped) in run
         .ranges(ranges, |run, r| {
             let key = token_key.clone();
-            async move { retokenise_range(&run, &key, &r).await }
+            async move { retokenise_range(&run, &key, network, &r).await }
         })
         .await?
     {
@@ -155,8 +158,10 @@ async fn next_token_version(store: &dyn Store) -> anyhow::Result<i64> {
 
 fn tokens_of(
     key: &TokenKey,
+    network: bool,
+    id: i64,
     plain: anyhow::Result<Option<VaultPlaintext>>,
-) -> anyhow::Result<(String, String)> {
+) -> anyhow::Result<NewTokens> {
     let plain = match plain {
         Ok(Some(p)) => p,
         Ok(None) => anyhow::bail!("its data key was destroyed"),
@@ -164,11 +169,17 @@ fn tokens_of(
     };
     let ip = CanonicalIp::parse(&plain.ip)
         .ok_or_else(|| anyhow::anyhow!("its vault row holds an IP that no longer parses"))?;
-    Ok((
-        key.token(TokenField::Ip, ip.expose()).to_string(),
-        key.token(TokenField::DeviceId, &plain.device_id)
+    Ok(NewTokens {
+        id,
+        masked_ip: key.token(TokenField::Ip, ip.expose()).to_string(),
+        masked_device_id: key
+            .token(TokenField::DeviceId, &plain.device_id)
             .to_string(),
-    ))
+        masked_ip_net: network.then(|| {
+            key.token(TokenField::IpNet, ip.network().expose())
+                .to_string()
+        }),
+    })
 }
 
 /// One key range of `rotate token-key`: (re-tokenised, skipped). Ranges
@@ -178,6 +189,7 @@ fn tokens_of(
 async fn retokenise_range(
     run: &Run,
     key: &TokenKey,
+    network: bool,
     range: &RotationRange,
 ) -> anyhow::Result<(u64, Skipped)> {
     let hi = range.hi.as_deref();
@@ -194,13 +206,13 @@ async fn retokenise_range(
         let last = last.message_id.clone();
         let mut updates = Vec::with_capacity(rows.len());
         for (id, vault) in &rows {
-            match tokens_of(key, reader.open(vault).await) {
-                Ok((ip, dev)) => updates.push((*id, ip, dev)),
+            match tokens_of(key, network, *id, reader.open(vault).await) {
+                Ok(tokens) => updates.push(tokens),
                 Err(e) => skipped.add(&vault.message_id, &e),
             }
         }
         // In id order, as the rows lie in the table.
-        updates.sort_unstable_by_key(|u| u.0);
+        updates.sort_unstable_by_key(|u| u.id);
         run.store
             .tokens_chunk(&run.job, Some((range.no, &last)), &updates)
             .await?;
@@ -223,6 +235,7 @@ async fn retokenise(
     out: &mut TokenKeyRotated,
 ) -> anyhow::Result<()> {
     let version = key.version() as i64;
+    let network = store.network_tokens().await?;
     let mut reader = VaultReader::new(store.clone(), wrapper);
     let mut skipped: HashSet<String> = HashSet::new();
     for _pass in 0..10 {
@@ -238,8 +251,8 @@ async fn retokenise(
                 if skipped.contains(&vault.message_id) {
                     continue;
                 }
-                match tokens_of(key, reader.open(vault).await) {
-                    Ok((ip, dev)) => updates.push((*id, ip, dev)),
+                match tokens_of(key, network, *id, reader.open(vault).await) {
+                    Ok(tokens) => updates.push(tokens),
                     Err(e) => {
                         out.skipped.add(&vault.message_id, &e);
                         skipped.insert(vault.message_id.clone());

@@ -64,14 +64,14 @@ pub trait Chunks: Send + Sync {
         limit: i64,
     ) -> Result<Vec<(i64, VaultRow)>, StoreError>;
 
-    /// Sets new tokens `(id, masked_ip, masked_device_id)`, of the job's
-    /// version, and moves range `no`'s cursor to `cursor` in the same
-    /// transaction (`None`: the final sweep, no range). Returns rows changed.
+    /// Sets new tokens, of the job's version, and moves range `no`'s
+    /// cursor to `cursor` in the same transaction (`None`: the final sweep,
+    /// no range). Returns rows changed.
     async fn tokens_chunk(
         &self,
         job: &Job,
         range: Option<(i32, &str)>,
-        rows: &[(i64, String, String)],
+        rows: &[NewTokens],
     ) -> Result<u64, StoreError>;
 
     /// Stores key `key_id` re-wrapped under the job's target; `false` when it
@@ -85,4 +85,15 @@ pub trait Chunks: Send + Sync {
 
     /// Retires every active data key (a KEK rotation's nudge to workers).
     async fn retire_data_keys(&self, job: &Job) -> Result<u64, StoreError>;
+}
+
+/// A login's tokens under a token-key rotation's version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTokens {
+    /// The login's row id.
+    pub id: i64,
+    pub masked_ip: String,
+    pub masked_device_id: String,
+    /// `None` where network tokens are turned off.
+    pub masked_ip_net: Option<String>,
 }

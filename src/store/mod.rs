@@ -37,7 +37,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use audit::{Alarm, AlarmListener, Audit, AuditFilter, PlannedLogin};
-pub use chunks::Chunks;
+pub use chunks::{Chunks, NewTokens};
 pub use erasure::{Erasure, Forgotten, Retained};
 pub use error::StoreError;
 pub use ingest::{Batch, BatchOutcome, DueHoneytoken, Ingest};
@@ -91,6 +91,10 @@ pub trait Store:
 
     /// Cheap liveness query, for start-up checks and `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Whether logins carry `masked_ip_net` (`migrate --no-network-tokens`
+    /// turns it off). Any role may ask: the answer is in the catalogue.
+    async fn network_tokens(&self) -> Result<bool, StoreError>;
 }
 
 /// The database backends, told apart once from the URL's scheme.

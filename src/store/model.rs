@@ -15,6 +15,10 @@ pub struct LoginRow {
     pub device_type: String,
     pub masked_ip: String,
     pub masked_device_id: String,
+    /// The token of the IP's /24 or /48 network; `None` where network
+    /// tokens are turned off, or on rows stored before they existed (until
+    /// a token-key rotation fills them).
+    pub masked_ip_net: Option<String>,
     pub locale: Option<String>,
     pub app_version: String,
     /// `None` only on rows converted from the legacy table that had no date.
@@ -193,6 +197,11 @@ where
         device_type: text("device_type")?,
         masked_ip: text("masked_ip")?,
         masked_device_id: text("masked_device_id")?,
+        // Read paths that predate the column do not select it.
+        masked_ip_net: match r.try_get("masked_ip_net") {
+            Err(sqlx::Error::ColumnNotFound(_)) => None,
+            other => other?,
+        },
         locale: r.try_get("locale")?,
         app_version: text("app_version")?,
         create_date: r.try_get("create_date")?,

@@ -77,6 +77,9 @@ pub struct MigrateOptions {
     /// `--role-prefix`: the role names for a database migrated for the
     /// first time; for one already migrated, it must match what it has.
     pub role_prefix: Option<RolePrefix>,
+    /// `--network-tokens` (`Some(true)`) / `--no-network-tokens`
+    /// (`Some(false)`); `None` leaves the setting as it is.
+    pub network_tokens: Option<bool>,
 }
 
 #[cfg(test)]

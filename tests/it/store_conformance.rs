@@ -234,6 +234,7 @@ fn login(
             device_type: "android".into(),
             masked_ip: ip.into(),
             masked_device_id: device.into(),
+            masked_ip_net: None,
             locale: if d.is_multiple_of(2) {
                 Some("RU".into())
             } else {

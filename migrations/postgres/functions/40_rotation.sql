@@ -471,11 +471,14 @@ $$;
 REVOKE ALL ON FUNCTION pii_vault_rotation_sweep_chunk(bigint, bigint, bigint, int) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pii_vault_rotation_sweep_chunk(bigint, bigint, bigint, int) TO pii_vault_rotator;
 
--- Writes new tokens (login id, masked_ip, masked_device_id) and, for a
--- range (`p_no` not NULL; NULL for the final sweep), moves its cursor.
--- Every token must be of the job's version. Returns the rows changed.
+-- Writes new tokens (login id, masked_ip, masked_device_id, masked_ip_net)
+-- and, for a range (`p_no` not NULL; NULL for the final sweep), moves its
+-- cursor. Every token must be of the job's version; a network token may be
+-- NULL (network tokens turned off: the CHECK constraint then refuses any
+-- other). Returns the rows changed.
 CREATE OR REPLACE FUNCTION pii_vault_rotation_tokens(p_record bigint, p_job bigint, p_no int, p_cursor text,
-                                                     p_ids bigint[], p_ips text[], p_devs text[]) RETURNS bigint
+                                                     p_ids bigint[], p_ips text[], p_devs text[], p_nets text[])
+RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     j rotation_jobs := pii_vault_rotation_job_check(p_record, p_job);
@@ -483,14 +486,15 @@ DECLARE
 BEGIN
     PERFORM pii_vault_rotation_job_is(j, 'rotate-token-key');
     IF EXISTS (
-        SELECT 1 FROM (SELECT DISTINCT left(t, strpos(t, '_')) FROM unnest(p_ips || p_devs) t) s(prefix)
+        SELECT 1 FROM (SELECT DISTINCT left(t, strpos(t, '_'))
+                       FROM unnest(p_ips || p_devs || array_remove(p_nets, NULL)) t) s(prefix)
         WHERE s.prefix IS DISTINCT FROM 't' || j.token_version || '_'
-    ) THEN
+    ) OR cardinality(p_nets) IS DISTINCT FROM cardinality(p_ids) THEN
         RAISE EXCEPTION USING ERRCODE = 'PV003',
             MESSAGE = format('tokens written by rotation job %s carry its version (t%s_…)', p_job, j.token_version);
     END IF;
-    UPDATE user_logins SET masked_ip = u.ip, masked_device_id = u.dev
-    FROM unnest(p_ids, p_ips, p_devs) AS u(id, ip, dev)
+    UPDATE user_logins SET masked_ip = u.ip, masked_device_id = u.dev, masked_ip_net = u.net
+    FROM unnest(p_ids, p_ips, p_devs, p_nets) AS u(id, ip, dev, net)
     WHERE user_logins.id = u.id;
     GET DIAGNOSTICS changed = ROW_COUNT;
     IF p_no IS NOT NULL THEN
@@ -499,8 +503,9 @@ BEGIN
     RETURN changed;
 END
 $$;
-REVOKE ALL ON FUNCTION pii_vault_rotation_tokens(bigint, bigint, int, text, bigint[], text[], text[]) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION pii_vault_rotation_tokens(bigint, bigint, int, text, bigint[], text[], text[])
+REVOKE ALL ON FUNCTION pii_vault_rotation_tokens(bigint, bigint, int, text, bigint[], text[], text[], text[])
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pii_vault_rotation_tokens(bigint, bigint, int, text, bigint[], text[], text[], text[])
     TO pii_vault_rotator;
 
 -- ------------------------------------------------------------------- kek

@@ -185,8 +185,8 @@ GRANT EXECUTE ON FUNCTION pii_vault_quarantine_replay_fetch(bigint) TO pii_vault
 -- that another replay handled meanwhile is skipped. Returns how many were
 -- stored and how many were there already.
 CREATE OR REPLACE FUNCTION pii_vault_quarantine_replay_store(p_record bigint, p_message_id text[], p_user_id text[],
-        p_device_type text[], p_masked_ip text[], p_masked_device_id text[], p_locale text[], p_app_version text[],
-        p_create_date date[], p_nonce bytea[], p_ciphertext bytea[])
+        p_device_type text[], p_masked_ip text[], p_masked_device_id text[], p_masked_ip_net text[], p_locale text[],
+        p_app_version text[], p_create_date date[], p_nonce bytea[], p_ciphertext bytea[])
 RETURNS TABLE (stored bigint, already bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 #variable_conflict use_column
@@ -213,10 +213,11 @@ BEGIN
           WHERE q.message_id = ANY (p_message_id) AND q.replayed_at IS NULL
           FOR UPDATE) s;
     WITH i AS (
-        INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, locale, app_version,
-                                 create_date)
-        SELECT u.* FROM unnest(p_message_id, p_user_id, p_device_type, p_masked_ip, p_masked_device_id, p_locale,
-                               p_app_version, p_create_date) AS u(m, uid, dt, ip, dev, loc, ver, d)
+        INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, masked_ip_net, locale,
+                                 app_version, create_date)
+        SELECT u.* FROM unnest(p_message_id, p_user_id, p_device_type, p_masked_ip, p_masked_device_id,
+                               p_masked_ip_net, p_locale, p_app_version, p_create_date)
+                        AS u(m, uid, dt, ip, dev, net, loc, ver, d)
         WHERE u.m = ANY (live)
         ON CONFLICT (message_id) DO NOTHING
         RETURNING message_id
@@ -235,9 +236,9 @@ BEGIN
 END
 $$;
 REVOKE ALL ON FUNCTION pii_vault_quarantine_replay_store(bigint, text[], text[], text[], text[], text[], text[], text[],
-    date[], bytea[], bytea[]) FROM PUBLIC;
+    text[], date[], bytea[], bytea[]) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pii_vault_quarantine_replay_store(bigint, text[], text[], text[], text[], text[], text[], text[],
-    date[], bytea[], bytea[]) TO pii_vault_rotator;
+    text[], date[], bytea[], bytea[]) TO pii_vault_rotator;
 
 -- The end of a replay: its data key retired (nothing more is sealed under
 -- it), the replay finished.

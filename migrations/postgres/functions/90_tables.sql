@@ -11,7 +11,8 @@ SELECT set_config('search_path', format('%I, pg_temp', current_schema()), true);
 -- (message_id) … RETURNING message_id needs it, and the tokens stay
 -- unreadable (a worker holds the token key, which with the tokens would
 -- invert them by enumerating IPs). No id: the sequence numbers logins.
-GRANT INSERT (message_id, user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date),
+GRANT INSERT (message_id, user_id, device_type, masked_ip, masked_device_id, masked_ip_net, locale, app_version,
+              create_date),
       SELECT (message_id)
     ON user_logins TO pii_vault_worker;
 DO $$

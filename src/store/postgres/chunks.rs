@@ -7,7 +7,7 @@ use sqlx::{FromRow, Row};
 use super::PgStore;
 use crate::crypto::WrappedKey;
 use crate::store::model::{id_and_vault_row, quarantine_from_row};
-use crate::store::{Chunks, Job, QuarantineRow, StoreError, VaultRow};
+use crate::store::{Chunks, Job, NewTokens, QuarantineRow, StoreError, VaultRow};
 
 impl PgStore {
     /// One chunk of a rotation range from the job-checking function `f`
@@ -150,13 +150,15 @@ impl Chunks for PgStore {
         &self,
         job: &Job,
         range: Option<(i32, &str)>,
-        rows: &[(i64, String, String)],
+        rows: &[NewTokens],
     ) -> Result<u64, StoreError> {
-        let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
-        let ips: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
-        let devs: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let ips: Vec<&str> = rows.iter().map(|r| r.masked_ip.as_str()).collect();
+        let devs: Vec<&str> = rows.iter().map(|r| r.masked_device_id.as_str()).collect();
+        let nets: Vec<Option<&str>> = rows.iter().map(|r| r.masked_ip_net.as_deref()).collect();
         let changed: i64 = sqlx::query_scalar(
-            "SELECT pii_vault_rotation_tokens($1, $2, $3, $4, $5::bigint[], $6::text[], $7::text[])",
+            "SELECT pii_vault_rotation_tokens($1, $2, $3, $4, $5::bigint[], $6::text[], $7::text[], \
+             $8::text[])",
         )
         .bind(job.record)
         .bind(job.id)
@@ -165,6 +167,7 @@ impl Chunks for PgStore {
         .bind(&ids)
         .bind(&ips)
         .bind(&devs)
+        .bind(&nets)
         .fetch_one(self.pool())
         .await?;
         Ok(changed as u64)

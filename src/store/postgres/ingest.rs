@@ -52,12 +52,13 @@ async fn copy_logins(
 ) -> Result<(), sqlx::Error> {
     let mut rows = copy::CopyRows::new(logins.len() * 200);
     for (l, _) in logins {
-        rows.row(8)
+        rows.row(9)
             .text(&l.message_id)
             .text(&l.user_id)
             .text(&l.device_type)
             .text(&l.masked_ip)
             .text(&l.masked_device_id)
+            .opt_text(l.masked_ip_net.as_deref())
             .opt_text(l.locale.as_deref())
             .text(&l.app_version)
             .date(l.create_date);
@@ -65,7 +66,7 @@ async fn copy_logins(
     let mut copy = tx
         .copy_in_raw(
             "COPY user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, \
-             locale, app_version, create_date) FROM STDIN (FORMAT binary)",
+             masked_ip_net, locale, app_version, create_date) FROM STDIN (FORMAT binary)",
         )
         .await?;
     copy.send(rows.finish()).await?;
@@ -108,6 +109,7 @@ async fn insert_logins(
         let mut device_type = Vec::with_capacity(chunk.len());
         let mut masked_ip = Vec::with_capacity(chunk.len());
         let mut masked_device_id = Vec::with_capacity(chunk.len());
+        let mut masked_ip_net = Vec::with_capacity(chunk.len());
         let mut locale = Vec::with_capacity(chunk.len());
         let mut app_version = Vec::with_capacity(chunk.len());
         let mut create_date: Vec<Option<NaiveDate>> = Vec::with_capacity(chunk.len());
@@ -117,15 +119,16 @@ async fn insert_logins(
             device_type.push(l.device_type.as_str());
             masked_ip.push(l.masked_ip.as_str());
             masked_device_id.push(l.masked_device_id.as_str());
+            masked_ip_net.push(l.masked_ip_net.as_deref());
             locale.push(l.locale.as_deref());
             app_version.push(l.app_version.as_str());
             create_date.push(l.create_date);
         }
         let inserted: HashSet<String> = sqlx::query_scalar(
             "INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, \
-             locale, app_version, create_date) \
+             masked_ip_net, locale, app_version, create_date) \
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-             $6::text[], $7::text[], $8::date[]) \
+             $6::text[], $7::text[], $8::text[], $9::date[]) \
              ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
         )
         .bind(&message_id)
@@ -133,6 +136,7 @@ async fn insert_logins(
         .bind(&device_type)
         .bind(&masked_ip)
         .bind(&masked_device_id)
+        .bind(&masked_ip_net)
         .bind(&locale)
         .bind(&app_version)
         .bind(&create_date)

@@ -185,6 +185,28 @@ impl Store for PgStore {
                     StoreError::Permanent(format!("migrations/postgres/functions/{name}: {e}"))
                 })?;
         }
+        match options.network_tokens {
+            // The CHECK constraint is the setting: Postgres refuses a
+            // network token from any writer, an old worker's included.
+            Some(false) => {
+                for sql in [
+                    "UPDATE user_logins SET masked_ip_net = NULL WHERE masked_ip_net IS NOT NULL",
+                    "ALTER TABLE user_logins DROP CONSTRAINT IF EXISTS user_logins_no_network_tokens",
+                    "ALTER TABLE user_logins ADD CONSTRAINT user_logins_no_network_tokens \
+                     CHECK (masked_ip_net IS NULL)",
+                ] {
+                    sqlx::query(sql).execute(&mut *tx).await?;
+                }
+            }
+            Some(true) => {
+                sqlx::query(
+                    "ALTER TABLE user_logins DROP CONSTRAINT IF EXISTS user_logins_no_network_tokens",
+                )
+                .execute(&mut *tx)
+                .await?;
+            }
+            None => {}
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -192,5 +214,14 @@ impl Store for PgStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn network_tokens(&self) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_constraint \
+             WHERE conrelid = 'user_logins'::regclass AND conname = 'user_logins_no_network_tokens')",
+        )
+        .fetch_one(&self.pool)
+        .await?)
     }
 }

@@ -120,6 +120,10 @@ impl Quarantine for PgStore {
             return Ok(ReplayStored::default());
         }
         let locale: Vec<Option<&str>> = logins.iter().map(|(l, _)| l.locale.as_deref()).collect();
+        let nets: Vec<Option<&str>> = logins
+            .iter()
+            .map(|(l, _)| l.masked_ip_net.as_deref())
+            .collect();
         let create_date: Vec<Option<NaiveDate>> =
             logins.iter().map(|(l, _)| l.create_date).collect();
         let nonce: Vec<&[u8]> = logins.iter().map(|(_, v)| v.nonce.as_slice()).collect();
@@ -129,7 +133,7 @@ impl Quarantine for PgStore {
             .collect();
         let (stored, already): (i64, i64) = sqlx::query_as(
             "SELECT stored, already FROM pii_vault_quarantine_replay_store($1, $2, $3, $4, $5, $6, $7, $8, \
-             $9::date[], $10, $11)",
+             $9, $10::date[], $11, $12)",
         )
         .bind(record)
         .bind(column(logins, |l| &l.message_id))
@@ -137,6 +141,7 @@ impl Quarantine for PgStore {
         .bind(column(logins, |l| &l.device_type))
         .bind(column(logins, |l| &l.masked_ip))
         .bind(column(logins, |l| &l.masked_device_id))
+        .bind(&nets)
         .bind(&locale)
         .bind(column(logins, |l| &l.app_version))
         .bind(&create_date)

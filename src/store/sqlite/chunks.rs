@@ -9,7 +9,7 @@ use super::{parse_time, SqliteStore};
 use crate::crypto::WrappedKey;
 use crate::store::jobs::token_like;
 use crate::store::model::{id_and_vault_row, quarantine_from_row};
-use crate::store::{Chunks, Job, QuarantineRow, StoreError, VaultRow};
+use crate::store::{Chunks, Job, NewTokens, QuarantineRow, StoreError, VaultRow};
 
 impl SqliteStore {
     /// The `LIKE` pattern of the tokens of `job`'s version.
@@ -174,17 +174,19 @@ impl Chunks for SqliteStore {
         &self,
         job: &Job,
         range: Option<(i32, &str)>,
-        rows: &[(i64, String, String)],
+        rows: &[NewTokens],
     ) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut changed = 0;
-        for (id, ip, dev) in rows {
+        for row in rows {
             changed += sqlx::query(
-                "UPDATE user_logins SET masked_ip = $1, masked_device_id = $2 WHERE id = $3",
+                "UPDATE user_logins SET masked_ip = $1, masked_device_id = $2, masked_ip_net = $3 \
+                 WHERE id = $4",
             )
-            .bind(ip)
-            .bind(dev)
-            .bind(id)
+            .bind(&row.masked_ip)
+            .bind(&row.masked_device_id)
+            .bind(&row.masked_ip_net)
+            .bind(row.id)
             .execute(&mut *tx)
             .await?
             .rows_affected();

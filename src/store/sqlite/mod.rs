@@ -253,11 +253,45 @@ impl Store for SqliteStore {
             ));
         }
         MIGRATOR.run(&self.pool).await.map_err(sqlx::Error::from)?;
-        chain::backfill(&self.pool).await
+        chain::backfill(&self.pool).await?;
+        if let Some(on) = options.network_tokens {
+            // The triggers are the setting, as Postgres's CHECK constraint is.
+            let mut tx = self.pool.begin().await?;
+            let mut sql = vec![
+                "DROP TRIGGER IF EXISTS user_logins_no_network_tokens",
+                "DROP TRIGGER IF EXISTS user_logins_no_network_tokens_update",
+            ];
+            if !on {
+                sql.extend([
+                    "UPDATE user_logins SET masked_ip_net = NULL WHERE masked_ip_net IS NOT NULL",
+                    "CREATE TRIGGER user_logins_no_network_tokens BEFORE INSERT ON user_logins \
+                     WHEN NEW.masked_ip_net IS NOT NULL \
+                     BEGIN SELECT RAISE(ABORT, 'network tokens are turned off'); END",
+                    "CREATE TRIGGER user_logins_no_network_tokens_update \
+                     BEFORE UPDATE OF masked_ip_net ON user_logins \
+                     WHEN NEW.masked_ip_net IS NOT NULL \
+                     BEGIN SELECT RAISE(ABORT, 'network tokens are turned off'); END",
+                ]);
+            }
+            for s in sql {
+                sqlx::query(s).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+        }
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn network_tokens(&self) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT NOT EXISTS (SELECT 1 FROM sqlite_master \
+             WHERE type = 'trigger' AND name = 'user_logins_no_network_tokens')",
+        )
+        .fetch_one(&self.pool)
+        .await?)
     }
 }

@@ -129,7 +129,8 @@ fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<BatchOutcome, Sto
         let mut login = tx
             .prepare_cached(
                 "INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, \
-                 locale, app_version, create_date) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                 masked_ip_net, locale, app_version, create_date) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
                  ON CONFLICT (message_id) DO NOTHING",
             )
             .map_err(store_error)?;
@@ -150,6 +151,7 @@ fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<BatchOutcome, Sto
                     l.device_type,
                     l.masked_ip,
                     l.masked_device_id,
+                    l.masked_ip_net,
                     l.locale,
                     l.app_version,
                     date

@@ -203,7 +203,7 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
         &[ROTATOR],
     ),
     (
-        "pii_vault_rotation_tokens(bigint,bigint,integer,text,bigint[],text[],text[])",
+        "pii_vault_rotation_tokens(bigint,bigint,integer,text,bigint[],text[],text[],text[])",
         &[ROTATOR],
     ),
     (
@@ -239,7 +239,7 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
     ("pii_vault_quarantine_replay_check(bigint)", &[]),
     ("pii_vault_quarantine_replay_fetch(bigint)", &[ROTATOR]),
     (
-        "pii_vault_quarantine_replay_store(bigint,text[],text[],text[],text[],text[],text[],text[],date[],bytea[],bytea[])",
+        "pii_vault_quarantine_replay_store(bigint,text[],text[],text[],text[],text[],text[],text[],text[],date[],bytea[],bytea[])",
         &[ROTATOR],
     ),
     ("pii_vault_quarantine_replay_finish(bigint)", &[ROTATOR]),

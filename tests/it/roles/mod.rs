@@ -139,6 +139,7 @@ pub(crate) fn login(user_id: &str, key_id: &str) -> (LoginRow, VaultRow) {
             device_type: "android".into(),
             masked_ip: token(1),
             masked_device_id: token(1),
+            masked_ip_net: Some(token(1)),
             locale: Some("RU".into()),
             app_version: "2.3.0".into(),
             create_date: NaiveDate::from_ymd_opt(2024, 3, 1),

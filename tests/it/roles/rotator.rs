@@ -13,7 +13,7 @@ use chrono::Utc;
 use pii_vault::crypto::{KeyPurpose, WrappedKey};
 use pii_vault::store::{
     Batch, Chunks, Erasure, Forgotten, Ingest, Job, JobKind, JobStart, Jobs, KeyState, Keys,
-    QuarantineRow, StoreError, StoredKey, VaultRow,
+    NewTokens, QuarantineRow, StoreError, StoredKey, VaultRow,
 };
 
 /// The rotator's whole job through `PgStore`, each write through a function
@@ -266,19 +266,25 @@ async fn rotator_reads_and_writes_only_under_its_committed_leased_job() {
     let stale = rotator.logins_chunk(&started, "", None, 100).await.unwrap();
     assert_eq!(stale.len(), 3);
     let last = stale.last().unwrap().1.message_id.clone();
-    // Tokens of another version than the job's are refused.
-    let bad: Vec<_> = stale
-        .iter()
-        .map(|(id, _)| (*id, token(1), token(1)))
-        .collect();
-    assert!(matches!(
-        rotator.tokens_chunk(&started, Some((0, &last)), &bad).await,
-        Err(e) if matches!(pg_code(&e), Some("PV003"))
-    ));
-    let updates: Vec<_> = stale
-        .iter()
-        .map(|(id, _)| (*id, token(2), token(2)))
-        .collect();
+    // Tokens of another version than the job's are refused, a network
+    // token's too.
+    let tokens = |id: i64, ip: i64, dev: i64, net: i64| NewTokens {
+        id,
+        masked_ip: token(ip),
+        masked_device_id: token(dev),
+        masked_ip_net: Some(token(net)),
+    };
+    for (ip, dev, net) in [(1, 1, 1), (2, 2, 1), (2, 1, 2)] {
+        let bad: Vec<_> = stale
+            .iter()
+            .map(|(id, _)| tokens(*id, ip, dev, net))
+            .collect();
+        assert!(matches!(
+            rotator.tokens_chunk(&started, Some((0, &last)), &bad).await,
+            Err(e) if matches!(pg_code(&e), Some("PV003"))
+        ));
+    }
+    let updates: Vec<_> = stale.iter().map(|(id, _)| tokens(*id, 2, 2, 2)).collect();
     assert_eq!(
         rotator
             .tokens_chunk(&started, Some((0, &last)), &updates)
