@@ -22,7 +22,8 @@
 #     pii-vault actually writes. Prints rows/s of each and the ratios. The
 #     same load is also run into a database whose rotation fences (the
 #     statement triggers of migration 0003) are switched off, to show what
-#     they cost.
+#     they cost, and into one with network tokens off (`migrate
+#     --no-network-tokens`), to show what `masked_ip_net` costs.
 #
 # Starts and stops its own PostgreSQL (with fsync on) and LocalStack through
 # scripts/services.sh, and builds with `cargo build --release`. Not part of
@@ -166,11 +167,29 @@ if [ "$STORE" = postgres ]; then
         run --from-file "$work/file-events.jsonl" --no-progress
     t11="$(now)"
 
+    # The same load with network tokens turned off (no masked_ip_net): what
+    # the network token costs, in the same run.
+    NONET_DB="$(new_pg_db bench_nonet)"
+    "$BIN" --database-url "$NONET_DB" --kms-key-id "$KEY" migrate --no-network-tokens \
+        >"$work/migrate3.out" 2>&1 || {
+        cat "$work/migrate3.out" >&2
+        exit 1
+    }
+    t12="$(now)"
+    run_measured nonet "$BIN" --database-url "$NONET_DB" --kms-key-id "$KEY" \
+        run --from-file "$work/file-events.jsonl" --no-progress
+    t13="$(now)"
+
     # Equivalent rows: the same columns with values of the same shapes (a
     # 37-character line id, 46-character tokens), made before the clock starts.
     python3 - "$work/file-events.jsonl" "$work/rows.csv" "$work/vault.csv" <<'EOF'
-import base64, csv, datetime, hashlib, json, os, sys
+import base64, csv, datetime, hashlib, ipaddress, json, os, sys
 today = datetime.date.today().isoformat()
+def net(ip):
+    a = ipaddress.ip_address(ip.strip().strip("[]"))
+    if a.version == 6 and a.ipv4_mapped:
+        a = a.ipv4_mapped
+    return str(ipaddress.ip_network(f"{a}/{24 if a.version == 4 else 48}", strict=False))
 def tok(field, v):
     d = hashlib.sha256(f"{field}\0{v}".encode()).digest()
     return "t1_" + base64.urlsafe_b64encode(d).decode().rstrip("=")
@@ -182,7 +201,7 @@ with open(sys.argv[1]) as f, open(sys.argv[2], "w", newline="") as out, open(sys
         mid = "line-" + hashlib.md5(f"{i}:{line}".encode()).hexdigest()
         w.writerow([
             mid, e["user_id"], e["device_type"],
-            tok("ip", e["ip"]), tok("device_id", e["device_id"]),
+            tok("ip", e["ip"]), tok("device_id", e["device_id"]), tok("ip-net", net(e["ip"])),
             e["locale"] if e["locale"] is not None else "", str(e["app_version"]), today,
         ])
         # A vault row: the sealed {"ip":...,"device_id":...} is its JSON length + 16.
@@ -199,6 +218,7 @@ CREATE TABLE user_logins (
     device_type      varchar(32),
     masked_ip        varchar(256),
     masked_device_id varchar(256),
+    masked_ip_net    text,
     locale           varchar(32),
     app_version      text,
     create_date      date
@@ -209,7 +229,7 @@ CREATE INDEX ON user_logins (masked_device_id);
 EOF
     t6="$(now)"
     timeout "$STEP_TIMEOUT" psql "$RAW_DB" -qX -v ON_ERROR_STOP=1 -c "\\copy user_logins \
-(message_id, user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date) \
+(message_id, user_id, device_type, masked_ip, masked_device_id, masked_ip_net, locale, app_version, create_date) \
 FROM '$work/rows.csv' WITH (FORMAT csv)" >/dev/null
     t7="$(now)"
     copied="$(psql "$RAW_DB" -qXtA -c 'SELECT count(*) FROM user_logins')"
@@ -224,6 +244,7 @@ CREATE TABLE user_logins (
     device_type      varchar(32),
     masked_ip        varchar(256),
     masked_device_id varchar(256),
+    masked_ip_net    text,
     locale           varchar(32),
     app_version      text,
     create_date      date
@@ -244,7 +265,7 @@ EOF
     t8="$(now)"
     timeout "$STEP_TIMEOUT" psql "$RAW2_DB" -qX -v ON_ERROR_STOP=1 >/dev/null <<EOF
 BEGIN;
-\copy user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date) FROM '$work/rows.csv' WITH (FORMAT csv)
+\copy user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, masked_ip_net, locale, app_version, create_date) FROM '$work/rows.csv' WITH (FORMAT csv)
 \copy vault (message_id, user_id, key_id, nonce, ciphertext) FROM '$work/vault.csv' WITH (FORMAT csv)
 COMMIT;
 EOF
@@ -266,6 +287,8 @@ if [ "$STORE" = postgres ]; then
     line "pii-vault run --from-file ($FILE_N events):" "$(rate "$FILE_N" "$t4" "$t5"), peak RSS $((file_rss_kb / 1024)) MiB"
     line "same, database fences switched off:" "$(rate "$FILE_N" "$t10" "$t11")"
     line "with fences / without:" "$(ratio "$(per_sec "$FILE_N" "$t4" "$t5")" "$(per_sec "$FILE_N" "$t10" "$t11")")"
+    line "same, network tokens off:" "$(rate "$FILE_N" "$t12" "$t13")"
+    line "with network tokens / without:" "$(ratio "$(per_sec "$FILE_N" "$t4" "$t5")" "$(per_sec "$FILE_N" "$t12" "$t13")")"
     line "psql \\copy, user_logins only ($copied rows):" "$(rate "$copied" "$t6" "$t7")"
     line "pii-vault / copy (user_logins only):" "$(ratio "$(per_sec "$FILE_N" "$t4" "$t5")" "$(per_sec "$copied" "$t6" "$t7")")"
     line "psql \\copy, user_logins + vault ($copied2):" "$(rate "$copied2" "$t8" "$t9")"
