@@ -12,6 +12,7 @@ mod jobs;
 mod keys;
 mod quarantine;
 mod reveal;
+mod search;
 mod trail;
 
 use std::str::FromStr;

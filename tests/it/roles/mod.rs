@@ -41,7 +41,7 @@ use pii_vault::store::{
 use rand::RngCore;
 use sqlx::PgPool;
 
-pub(crate) use crate::common::app::{ANALYST, AUDITOR, REVEALER, ROLES, ROTATOR, WORKER};
+pub(crate) use crate::common::app::{ANALYST, AUDITOR, REVEALER, ROLES, ROTATOR, SEARCHER, WORKER};
 
 /// The KEK the test keys claim to be wrapped under; the owner allow-lists it.
 pub(crate) const TEST_KEK: &str = "local:test";
