@@ -58,7 +58,7 @@ pub async fn live_token_keys(
         "the database holds no token key: run `pii-vault migrate` (or `pii-vault keys init`) \
          as the schema owner or a rotator first"
     );
-    keys.sort_by(|a, b| b.version.cmp(&a.version));
+    keys.sort_by_key(|k| std::cmp::Reverse(k.version));
     let allowed = store.allowed_keks().await?;
     let mut out = Vec::with_capacity(keys.len());
     for k in keys {

@@ -24,6 +24,7 @@ mod binary;
 mod catalogue;
 mod revealer;
 mod rotator;
+mod searcher;
 mod worker;
 
 use crate::common::seed::Owner;
