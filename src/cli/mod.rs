@@ -174,8 +174,7 @@ pub enum Command {
     Run(RunArgs),
     /// Show the original IP and device id of logins, recording who asked and why.
     Reveal(RevealArgs),
-    /// The tokens an IP or device id has in user_logins, to find its logins
-    /// without revealing anyone (searcher role; audited, daily limit).
+    // About and long about: on TokenizeArgs.
     Tokenize(TokenizeArgs),
     /// Erase recoverable originals (vault rows and quarantined bodies): one
     /// user's, or all older than a retention date.
@@ -196,7 +195,7 @@ pub enum Command {
     /// The reveal policy: users per reveal, reveals and searches per login per 24 h.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Honeytokens: synthetic users whose reveal raises an alarm.
+    /// Honeytokens: synthetic users whose reveal or search raises an alarm.
     #[command(subcommand)]
     Honeytoken(HoneytokenCommand),
     /// Ask a running worker's /readyz (for container healthchecks: the

@@ -8,6 +8,8 @@ use super::OutputFormat;
 #[derive(Debug, Args)]
 #[command(
     group(clap::ArgGroup::new("value").required(true).args(["ip", "device_id"])),
+    about = "The tokens an IP or device id has in user_logins, to find its logins without revealing \
+anyone (searcher role; audited, daily limit)",
     long_about = "Print the token(s) an IP address or a device id has in user_logins, and a SELECT that \
 finds its logins, without revealing anyone: the token is computed here, from the value you already \
 have, with the token key (unwrapped through KMS, or the local key file). During a token-key rotation \

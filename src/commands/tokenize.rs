@@ -88,8 +88,8 @@ pub async fn tokenize(cli: &Cli, args: &TokenizeArgs) -> anyhow::Result<()> {
             return Err(super::Exit::new(
                 3,
                 format!(
-                    "refused: {why}. Nothing was printed. `pii-vault policy show` shows the limit; \
-                     the schema owner changes it with `pii-vault policy set --max-searches-per-day N`."
+                    "refused: {why}. `pii-vault policy show` shows the limit; the schema owner \
+                     changes it with `pii-vault policy set --max-searches-per-day N`."
                 ),
             )
             .into())
