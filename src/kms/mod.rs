@@ -112,7 +112,7 @@ pub async fn for_stored(kek_ids: &[String], key_dir: &Path) -> anyhow::Result<Ar
                 None => {
                     let kek = Arc::new(local::LocalKek::open(key_dir).map_err(|e| {
                         anyhow::anyhow!(
-                            "the stored data keys are wrapped by the local key-encryption key {id}: {e:#}"
+                            "the stored keys are wrapped by the local key-encryption key {id}: {e:#}"
                         )
                     })?);
                     local_kek = Some(kek.clone());
@@ -121,7 +121,7 @@ pub async fn for_stored(kek_ids: &[String], key_dir: &Path) -> anyhow::Result<Ar
             };
             if kek.kek_id() != *id {
                 anyhow::bail!(
-                    "the local key file {} is key-encryption key {}, but the stored data keys are wrapped \
+                    "the local key file {} is key-encryption key {}, but the stored keys are wrapped \
                      by {id}: pass the --key-dir that holds the key that wrapped them; nothing was recorded",
                     kek.path().display(),
                     kek.kek_id()
@@ -131,7 +131,7 @@ pub async fn for_stored(kek_ids: &[String], key_dir: &Path) -> anyhow::Result<Ar
         } else {
             Arc::new(aws::AwsKms::connect(id).await.map_err(|e| {
                 anyhow::anyhow!(
-                    "the stored data keys are wrapped by KMS key {id}, which cannot be used: {e}; \
+                    "the stored keys are wrapped by KMS key {id}, which cannot be used: {e}; \
                      nothing was recorded"
                 )
             })?)
