@@ -91,7 +91,8 @@ pub async fn from_config_deferred(
 }
 
 /// The homes of the key-encryption keys that stored keys name, for reading
-/// them back (`reveal`): a stored key's `kek_id` says what wrapped it, so
+/// them back (`reveal`'s data keys, `tokenize`'s token keys): a stored
+/// key's `kek_id` says what wrapped it, so
 /// the reader follows it instead of the configured `--kms-key-id`. An AWS
 /// KMS ARN is opened (and checked with `DescribeKey`, so an unreachable or
 /// disabled key fails here) without `PII_VAULT_KMS_KEY_ID`; a `local:…` id
