@@ -13,8 +13,9 @@
 //! are shaped like a sample of the real ones. What is made up is only what
 //! nobody but a revealer ever sees in the clear: the IP and the device id.
 //!
-//! A reveal that touches one is served as usual; the database keeps the
-//! alarm where only the owner reads it (`audit_alarms`).
+//! A reveal that touches one is served as usual, and so is a search
+//! (`tokenize`) for one's IP or device id; the database keeps the alarm
+//! where only the owner reads it (`audit_alarms`).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -13,7 +13,7 @@
 
 use chrono::Utc;
 
-use crate::crypto::{KeyPurpose, KeyWrapper};
+use crate::crypto::{KeyPurpose, KeyWrapper, TokenKey};
 use crate::store::{KeyState, Store, StoredKey};
 
 /// Fails, naming the key (never its wrapping), unless `key`'s KEK is on the
@@ -37,6 +37,42 @@ pub fn check_allowed(allowed: &[String], key: &StoredKey) -> anyhow::Result<()> 
 }
 
 pub use crate::store::Initialised;
+
+/// Every token key that logins may still carry tokens of (not destroyed),
+/// unwrapped, newest version first: one normally, two while a token-key
+/// rotation is under way (or after one that left logins it could not
+/// re-tokenise). For `tokenize`, which must find a value's logins whichever
+/// version tokenised them. Each key must be under an allowed KEK.
+pub async fn live_token_keys(
+    store: &dyn Store,
+    wrapper: &dyn KeyWrapper,
+) -> anyhow::Result<Vec<TokenKey>> {
+    let mut keys: Vec<StoredKey> = store
+        .list_keys()
+        .await?
+        .into_iter()
+        .filter(|k| k.purpose == KeyPurpose::Token && k.state != KeyState::Destroyed)
+        .collect();
+    anyhow::ensure!(
+        !keys.is_empty(),
+        "the database holds no token key: run `pii-vault migrate` (or `pii-vault keys init`) \
+         as the schema owner or a rotator first"
+    );
+    keys.sort_by_key(|k| std::cmp::Reverse(k.version));
+    let allowed = store.allowed_keks().await?;
+    let mut out = Vec::with_capacity(keys.len());
+    for k in keys {
+        check_allowed(&allowed, &k)?;
+        let version = u32::try_from(k.version)
+            .map_err(|_| anyhow::anyhow!("token key {} has no valid version", k.id))?;
+        let material = wrapper
+            .unwrap(KeyPurpose::Token, &k.wrapped)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot unwrap token key v{version} ({}): {e}", k.id))?;
+        out.push(TokenKey::new(version, &material));
+    }
+    Ok(out)
+}
 
 /// Puts the KEK of `wrapper` on the allow-list and creates token key v1 and
 /// the line-id key if the database has none. Idempotent; the store records

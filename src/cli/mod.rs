@@ -9,8 +9,10 @@ use std::path::PathBuf;
 mod audit;
 mod ops;
 mod parse;
+mod policy;
 mod quarantine;
 mod rotate;
+mod tokenize;
 
 pub use audit::{
     ArchiveArgs, AuditArgs, AuditCommand, AuditListArgs, CheckpointArgs, ExportArgs, ExportFormat,
@@ -21,7 +23,9 @@ pub use quarantine::{
 };
 
 pub use ops::{HealthcheckArgs, MigrateArgs};
+pub use policy::PolicyCommand;
 pub use rotate::{JobArgs, RotateCommand, ScaleArgs};
+pub use tokenize::TokenizeArgs;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use parse::{non_blank, parse_day, parse_duration};
@@ -170,6 +174,8 @@ pub enum Command {
     Run(RunArgs),
     /// Show the original IP and device id of logins, recording who asked and why.
     Reveal(RevealArgs),
+    // About and long about: on TokenizeArgs.
+    Tokenize(TokenizeArgs),
     /// Erase recoverable originals (vault rows and quarantined bodies): one
     /// user's, or all older than a retention date.
     Forget(ForgetArgs),
@@ -186,10 +192,10 @@ pub enum Command {
     Audit(AuditArgs),
     /// Approve another login's pending reveal request (the two-person rule).
     Approve(ApproveArgs),
-    /// The reveal policy: users per reveal, reveals per login per 24 h.
+    /// The reveal policy: users per reveal, reveals and searches per login per 24 h.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Honeytokens: synthetic users whose reveal raises an alarm.
+    /// Honeytokens: synthetic users whose reveal or search raises an alarm.
     #[command(subcommand)]
     Honeytoken(HoneytokenCommand),
     /// Ask a running worker's /readyz (for container healthchecks: the
@@ -230,21 +236,6 @@ pub struct ApproveArgs {
     /// [default: $USER].
     #[arg(long, env = "PII_VAULT_ACTOR")]
     pub actor: Option<String>,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum PolicyCommand {
-    /// Change the limits (the schema owner only; audited by the database).
-    Set {
-        /// Most distinct users one reveal may cover without approval.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
-        max_users_per_reveal: Option<i64>,
-        /// Most reveals one login may make in 24 hours without approval.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
-        max_reveals_per_day: Option<i64>,
-    },
-    /// Show the limits.
-    Show(FormatArgs),
 }
 
 #[derive(Debug, Subcommand)]

@@ -14,6 +14,7 @@ pub mod quarantine;
 pub mod reveal;
 pub mod rotate;
 pub mod run;
+pub mod tokenize;
 
 use std::sync::Arc;
 
@@ -32,6 +33,7 @@ pub async fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
             run::run(&cli, args).await
         }
         Command::Reveal(args) => reveal::reveal(&cli, args).await,
+        Command::Tokenize(args) => tokenize::tokenize(&cli, args).await,
         Command::Forget(args) => forget::forget(&cli, args).await,
         Command::Rotate(cmd) => rotate::rotate(&cli, cmd).await,
         Command::Keys(cmd) => keys::keys(&cli, cmd).await,

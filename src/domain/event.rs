@@ -200,6 +200,24 @@ impl LoginEvent {
     }
 }
 
+impl LoginEvent {
+    /// An IP address given on its own (`tokenize --ip`), under the rules an
+    /// event's `ip` passes, in the canonical form its token is made of: a
+    /// value the worker stored gets the token it stored.
+    pub fn parse_ip(raw: &str) -> Result<CanonicalIp, Rejection> {
+        check_text(raw, Field::Ip, MAX_IP_TEXT)?;
+        CanonicalIp::parse(raw).ok_or(Rejection::InvalidIp)
+    }
+
+    /// A device id given on its own (`tokenize --device-id`), under the
+    /// rules an event's `device_id` passes; kept as given, as the worker
+    /// keeps it.
+    pub fn parse_device_id(raw: &str) -> Result<Pii<String>, Rejection> {
+        check_text(raw, Field::DeviceId, MAX_DEVICE_ID)?;
+        Ok(Pii::new(raw.to_string()))
+    }
+}
+
 fn required_string(v: Option<Value>, field: Field, max: usize) -> Result<String, Rejection> {
     match v {
         None | Some(Value::Null) => Err(Rejection::Missing(field)),

@@ -91,7 +91,8 @@ pub async fn from_config_deferred(
 }
 
 /// The homes of the key-encryption keys that stored keys name, for reading
-/// them back (`reveal`): a stored key's `kek_id` says what wrapped it, so
+/// them back (`reveal`'s data keys, `tokenize`'s token keys): a stored
+/// key's `kek_id` says what wrapped it, so
 /// the reader follows it instead of the configured `--kms-key-id`. An AWS
 /// KMS ARN is opened (and checked with `DescribeKey`, so an unreachable or
 /// disabled key fails here) without `PII_VAULT_KMS_KEY_ID`; a `local:…` id
@@ -112,7 +113,7 @@ pub async fn for_stored(kek_ids: &[String], key_dir: &Path) -> anyhow::Result<Ar
                 None => {
                     let kek = Arc::new(local::LocalKek::open(key_dir).map_err(|e| {
                         anyhow::anyhow!(
-                            "the stored data keys are wrapped by the local key-encryption key {id}: {e:#}"
+                            "the stored keys are wrapped by the local key-encryption key {id}: {e:#}"
                         )
                     })?);
                     local_kek = Some(kek.clone());
@@ -121,7 +122,7 @@ pub async fn for_stored(kek_ids: &[String], key_dir: &Path) -> anyhow::Result<Ar
             };
             if kek.kek_id() != *id {
                 anyhow::bail!(
-                    "the local key file {} is key-encryption key {}, but the stored data keys are wrapped \
+                    "the local key file {} is key-encryption key {}, but the stored keys are wrapped \
                      by {id}: pass the --key-dir that holds the key that wrapped them; nothing was recorded",
                     kek.path().display(),
                     kek.kek_id()
@@ -131,7 +132,7 @@ pub async fn for_stored(kek_ids: &[String], key_dir: &Path) -> anyhow::Result<Ar
         } else {
             Arc::new(aws::AwsKms::connect(id).await.map_err(|e| {
                 anyhow::anyhow!(
-                    "the stored data keys are wrapped by KMS key {id}, which cannot be used: {e}; \
+                    "the stored keys are wrapped by KMS key {id}, which cannot be used: {e}; \
                      nothing was recorded"
                 )
             })?)

@@ -42,6 +42,10 @@ pub enum StoreError {
     /// fixed key field): the message says which, never a value.
     #[error("refused by the database: {0}")]
     Refused(String),
+    /// A daily limit of the reveal policy is reached (searches per login,
+    /// PV018): said as the database says it, with the limit.
+    #[error("{0}")]
+    OverLimit(String),
     /// An SQLite file that a command which must not create one was asked
     /// to open does not exist (the path, as given).
     #[error("no database file at {0}")]
@@ -324,6 +328,7 @@ pub(super) fn rule_error(code: &str, msg: String) -> StoreError {
         "PV002" => StoreError::KekNotAllowed(msg),
         "PV010" => StoreError::UnknownKey(key(&msg)),
         "PV007" => StoreError::Busy(msg),
+        "PV018" => StoreError::OverLimit(msg),
         _ => StoreError::Refused(format!("{msg} (SQLSTATE {code})")),
     }
 }

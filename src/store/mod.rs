@@ -6,7 +6,8 @@
 //! and honeytokens), [`Trail`] (the hash chains, checkpoints, subject
 //! ledger and archive), [`Jobs`] (rotations: leases and jobs), [`Chunks`]
 //! (the rows a job reads and writes), [`Erasure`] and [`Quarantine`]
-//! (listing, showing and replaying rejected messages). [`Store`] is all
+//! (listing, showing and replaying rejected messages), [`Search`] (the
+//! record of each `tokenize`). [`Store`] is all
 //! of them, and what a backend is: [`postgres`] (production) and [`sqlite`]
 //! (the embedded default) each hold the same file names, each implementing
 //! the trait of that name, and run the same conformance suite
@@ -29,6 +30,7 @@ pub mod postgres;
 pub mod quarantine;
 pub mod reveal;
 pub mod roles;
+pub mod search;
 pub mod sqlite;
 pub mod trail;
 
@@ -46,9 +48,11 @@ pub use keys::{Initialised, Keys};
 pub use model::{AuditEntry, KeyState, LoginRow, QuarantineRow, Requester, StoredKey, VaultRow};
 pub use quarantine::{Quarantine, QuarantineEntry, QuarantineFilter, ReplayRequest, ReplayStored};
 pub use reveal::{
-    RequestStatus, Reveal, RevealPolicy, RevealRequest, RevealedRow, RevealedRows, Selector,
+    PolicyChange, RequestStatus, Reveal, RevealPolicy, RevealRequest, RevealedRow, RevealedRows,
+    Selector,
 };
 pub use roles::{MigrateOptions, RolePrefix};
+pub use search::{Search, SearchKind};
 pub use trail::{ArchivePoint, ChainHeads, LedgerEntry, Trail};
 
 /// What a backend is good for, so that commands choose their settings
@@ -76,7 +80,7 @@ pub struct Profile {
 /// A backend: every capability, and its own upkeep.
 #[async_trait]
 pub trait Store:
-    Ingest + Keys + Reveal + Audit + Trail + Jobs + Chunks + Erasure + Quarantine + Send + Sync
+    Ingest + Keys + Reveal + Search + Audit + Trail + Jobs + Chunks + Erasure + Quarantine + Send + Sync
 {
     fn profile(&self) -> Profile;
 

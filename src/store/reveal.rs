@@ -111,8 +111,19 @@ impl RequestStatus {
 pub struct RevealPolicy {
     pub max_users_per_reveal: i64,
     pub max_reveals_per_day: i64,
+    /// Searches (`tokenize`) one login may make in 24 hours; over it they
+    /// are refused.
+    pub max_searches_per_day: i64,
     pub changed_at: DateTime<Utc>,
     pub changed_by: String,
+}
+
+/// The limits a `policy set` changes; `None` keeps one as it is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyChange {
+    pub max_users_per_reveal: Option<i64>,
+    pub max_reveals_per_day: Option<i64>,
+    pub max_searches_per_day: Option<i64>,
 }
 
 /// A login with its sealed originals as a reveal returns it: `None` where
@@ -213,11 +224,7 @@ pub trait Reveal: Send + Sync {
 
     /// Changes the reveal policy (owner only on Postgres; the database
     /// writes the audit row). `None` keeps a limit as it is.
-    async fn set_policy(
-        &self,
-        max_users_per_reveal: Option<i64>,
-        max_reveals_per_day: Option<i64>,
-    ) -> Result<RevealPolicy, StoreError>;
+    async fn set_policy(&self, change: &PolicyChange) -> Result<RevealPolicy, StoreError>;
 }
 
 #[cfg(test)]

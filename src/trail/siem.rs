@@ -36,7 +36,7 @@ fn severity(action: &str) -> u8 {
     match action {
         "audit-archive" => 8,
         "forget" | "retention" | "policy-set" => 6,
-        "reveal" | "reveal-request" | "approve" | "subject-access" => 5,
+        "reveal" | "reveal-request" | "approve" | "subject-access" | "search" => 5,
         _ => 3,
     }
 }

@@ -18,7 +18,9 @@ use sqlx::{Connection, PgConnection, Row};
 use crate::common::app::TestApp;
 use crate::common::seed::Owner;
 use crate::common::{self};
-use crate::roles::{denied, login, refused, seed, who, ANALYST, REVEALER, ROTATOR, WORKER};
+use crate::roles::{
+    denied, login, refused, seed, who, ANALYST, REVEALER, ROTATOR, SEARCHER, WORKER,
+};
 
 /// Two logins each for `users`, written by the owner under the seed's keys.
 async fn logins_of(owner: &PgStore, users: &[&str]) {
@@ -218,6 +220,151 @@ async fn a_revealers_session_sees_the_same_for_a_honeytoken_as_for_a_real_user()
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42501") => {}
             other => panic!("{sql}: expected 42501, got {other:?}"),
         }
+    }
+    conn.close().await.ok();
+    listener.unlisten_all().await.ok();
+    app.finish().await;
+}
+
+/// What a searcher's session sees of a search it records and rolls back.
+async fn search_probe(conn: &mut PgConnection, token: &str) -> Observed {
+    let mut tx = conn.begin().await.unwrap();
+    let before = own_stats(&mut tx).await;
+    let id: i64 =
+        sqlx::query_scalar("SELECT pii_vault_search_record('ip', ARRAY[$1], 'probe', 'me')")
+            .bind(token)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    let after = own_stats(&mut tx).await;
+    let stats = after
+        .into_iter()
+        .map(|(t, a)| {
+            let b = before.get(&t).cloned().unwrap_or_else(|| vec![0; a.len()]);
+            (t, a.iter().zip(&b).map(|(x, y)| x - y).collect())
+        })
+        .collect();
+    let locks: Vec<(String, String, String, bool)> = sqlx::query_as(
+        "SELECT locktype, coalesce(relation::regclass::text, ''), mode, granted FROM pg_locks \
+         WHERE pid = pg_backend_pid() AND locktype NOT IN ('virtualxid', 'transactionid') \
+         ORDER BY 1, 2, 3",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    let functions: Vec<(String, i64)> =
+        sqlx::query_as("SELECT funcname::text, calls FROM pg_stat_xact_user_functions ORDER BY 1")
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+    tx.rollback().await.unwrap();
+    Observed {
+        // The record's id differs from call to call; that it is one is
+        // what the session learns.
+        answer: (i64::from(id > 0), String::new()),
+        stats,
+        locks,
+        functions,
+        xid_assigned: true,
+    }
+}
+
+/// A searcher that searches for a honeytoken's token and looks before it
+/// commits (its own statistics, locks, the answer) sees the same as for a
+/// real user's token carried by as many logins; rolled back, no trace;
+/// committed, both notify alike and only the owner sees the alarm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_searchers_session_sees_the_same_for_a_honeytokens_token_as_for_a_real_one() {
+    let Some(app) = TestApp::postgres().await else {
+        return;
+    };
+    seed(app.owner()).await;
+    let (honey_ip, carol_ip, other_ip) = (
+        format!("t1_{}", "H".repeat(43)),
+        format!("t1_{}", "C".repeat(43)),
+        format!("t1_{}", "O".repeat(43)),
+    );
+    let logins = [
+        ("honey", &honey_ip),
+        ("carol", &carol_ip),
+        ("dave", &other_ip),
+    ]
+    .into_iter()
+    .flat_map(|(u, ip)| {
+        (0..2).map(move |_| {
+            let mut l = login(u, "dek-1");
+            l.0.masked_ip = ip.clone();
+            l
+        })
+    })
+    .collect();
+    app.owner()
+        .write_batch(&Batch {
+            logins,
+            token_key_id: "tok-1".into(),
+            ..Batch::default()
+        })
+        .await
+        .unwrap();
+    Owner::Pg(app.pool())
+        .add_honeytokens(&["honey", "ghost-1", "ghost-2"])
+        .await;
+    let url = app.login_as(SEARCHER).await.url;
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    // The login's quota row exists, and the session's caches are warm.
+    sqlx::query("SELECT pii_vault_search_record('ip', ARRAY[$1], 'warm-up', 'me')")
+        .bind(&other_ip)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    search_probe(&mut conn, &other_ip).await;
+    let trail = app.count("audit_log").await;
+    for _ in 0..3 {
+        let honey = search_probe(&mut conn, &honey_ip).await;
+        let carol = search_probe(&mut conn, &carol_ip).await;
+        assert_eq!(
+            honey.stats.get("searches").map(|c| c[4]),
+            Some(1),
+            "the probe must see what the search wrote: {:?}",
+            honey.stats
+        );
+        assert_eq!(
+            honey, carol,
+            "what the session sees differs for a honeytoken"
+        );
+    }
+    assert_eq!(app.count("audit_log").await, trail);
+    assert_eq!(app.count("audit_alarms").await, 0);
+
+    let mut listener = sqlx::postgres::PgListener::connect(&url).await.unwrap();
+    listener.listen("pii_vault_alarm").await.unwrap();
+    let mut ids = Vec::new();
+    for token in [&honey_ip, &carol_ip] {
+        let id: i64 =
+            sqlx::query_scalar("SELECT pii_vault_search_record('ip', ARRAY[$1], 'why', 'me')")
+                .bind(token)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        let note = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+            .await
+            .expect("a NOTIFY for every search")
+            .unwrap();
+        assert_eq!(note.payload(), id.to_string());
+        ids.push(id);
+    }
+    let alarms: Vec<i64> = sqlx::query_scalar("SELECT request_id FROM audit_alarms")
+        .fetch_all(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(alarms, [ids[0]]);
+    for sql in [
+        "SELECT * FROM audit_alarms",
+        "SELECT honeytokens FROM searches",
+        "SELECT * FROM honeytokens",
+        "SELECT * FROM audit_log",
+    ] {
+        refused_on(&mut conn, sql, "42501").await;
     }
     conn.close().await.ok();
     listener.unlisten_all().await.ok();

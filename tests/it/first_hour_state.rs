@@ -75,8 +75,9 @@ async fn sqlite_audit_rows(app: &TestApp) -> i64 {
 #[test]
 fn read_only_and_privileged_commands_in_the_wrong_directory_create_nothing() {
     let app = TestApp::embedded();
-    let commands: [&[&str]; 9] = [
+    let commands: [&[&str]; 10] = [
         &["reveal", "--user-id", "u-first", "--reason", "INC-1"],
+        &["tokenize", "--ip", "198.51.100.23", "--reason", "INC-1"],
         &["reveal", "--request", "1"],
         &["audit"],
         &["audit", "verify"],
@@ -139,6 +140,24 @@ async fn a_reveal_with_the_wrong_key_dir_records_nothing_and_creates_no_key() {
         "{err}"
     );
     assert!(!err.contains("back it up"), "no key may be created: {err}");
+    assert_eq!(entries(app.dir()), files, "nothing created");
+    assert_eq!(sqlite_audit_rows(&app).await, before, "nothing recorded");
+    // So does a search: its token key is under the same local key.
+    let out = app.run(&[
+        "--key-dir",
+        "elsewhere",
+        "tokenize",
+        "--ip",
+        "198.51.100.23",
+        "--reason",
+        "INC-2",
+    ]);
+    let err = assert_failed(&out, "tokenize --key-dir elsewhere");
+    assert!(
+        err.contains("no local key file at elsewhere/local-kek.key"),
+        "{err}"
+    );
+    assert!(!err.contains("198.51.100.23"), "{err}");
     assert_eq!(entries(app.dir()), files, "nothing created");
     assert_eq!(sqlite_audit_rows(&app).await, before, "nothing recorded");
 

@@ -24,7 +24,7 @@
 //! plaintext IP or device id in any table or in any process's output but a
 //! served reveal's stdout, and, where SQS is used, the queue empty.
 
-use crate::common::app::{Bin, Login, TestApp, REVEALER, ROTATOR, WORKER};
+use crate::common::app::{Bin, Login, TestApp, REVEALER, ROTATOR, SEARCHER, WORKER};
 use crate::common::aws::Queue;
 use crate::common::aws_proxy::{AwsProxy, Call, Fault, Plan};
 use crate::common::faults::{self as fh, db_counts, wait_until, Events, Worker};
@@ -854,6 +854,7 @@ async fn every_kms_call_of_a_run_is_allowed_by_its_roles_policy_and_nothing_more
     let worker = app.login_as(WORKER).await;
     let revealer = app.login_as(REVEALER).await;
     let rotator = app.login_as(ROTATOR).await;
+    let searcher = app.login_as(SEARCHER).await;
     let (key_b, _) = aws_helpers::create_key(&aws_helpers::kms().await).await;
     let mut proxies = Vec::new();
     let mut outputs = Vec::new();
@@ -898,6 +899,47 @@ async fn every_kms_call_of_a_run_is_allowed_by_its_roles_policy_and_nothing_more
     outputs.push(("reveal's stderr".to_string(), out.stderr.clone()));
     proxies.push(p);
 
+    // The searcher: the token key's tokens of an address, one version now,
+    // two while the token-key rotation below is under way.
+    let ip = serde_json::from_str::<serde_json::Value>(&fx.ev.bodies[0]).unwrap()["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tokenize = |proxy: &AwsProxy| {
+        fx.via(&searcher, proxy).tokio_command(&[
+            "tokenize",
+            "--ip",
+            &ip,
+            "--reason",
+            "policy replay",
+            "--format",
+            "json",
+        ])
+    };
+    let tokens_of = |stdout: &str| -> Vec<String> {
+        serde_json::from_str::<serde_json::Value>(stdout.trim()).unwrap()["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["token"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let logins_with = |tokens: Vec<String>| async move {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM user_logins WHERE masked_ip = ANY($1)")
+            .bind(tokens)
+            .fetch_one(app.pool())
+            .await
+            .unwrap()
+    };
+    let p = fx.proxy("searcher").await;
+    let out = prod::run_ok(tokenize(&p), LIMIT, "tokenize").await;
+    let tokens = tokens_of(&out.stdout_text());
+    assert_eq!(tokens.len(), 1);
+    let at_ip = logins_with(tokens).await;
+    assert!(at_ip >= 1);
+    outputs.push(("tokenize".to_string(), out.all_output()));
+    proxies.push(p);
+
     let tomorrow = (chrono::Utc::now().date_naive() + chrono::Days::new(1)).to_string();
     for (args, kms_key) in [
         (vec!["rotate", "data-keys"], &fx.key_id),
@@ -933,6 +975,17 @@ async fn every_kms_call_of_a_run_is_allowed_by_its_roles_policy_and_nothing_more
             ));
             p.pass();
             proxies.push(p);
+            let p = fx.proxy("searcher").await;
+            let out = prod::run_ok(tokenize(&p), LIMIT, "tokenize during a rotation").await;
+            let tokens = tokens_of(&out.stdout_text());
+            assert_eq!(tokens.len(), 2, "both versions' tokens");
+            assert_eq!(
+                logins_with(tokens).await,
+                at_ip,
+                "the same logins, either version"
+            );
+            outputs.push(("tokenize during a rotation".to_string(), out.all_output()));
+            proxies.push(p);
         }
         let p = fx.proxy("rotator").await;
         let out = prod::run_ok(
@@ -963,7 +1016,7 @@ async fn every_kms_call_of_a_run_is_allowed_by_its_roles_policy_and_nothing_more
                 .collect::<Vec<_>>(),
         )
     };
-    let (w, rv, rt) = (of("worker"), of("revealer"), of("rotator"));
+    let (w, rv, rt, sr) = (of("worker"), of("revealer"), of("rotator"), of("searcher"));
     fn every(op: &'static str) -> Vec<(&'static str, Option<&'static str>)> {
         PURPOSES.iter().map(|p| (op, *p)).collect()
     }
@@ -1001,6 +1054,24 @@ async fn every_kms_call_of_a_run_is_allowed_by_its_roles_policy_and_nothing_more
     }
     let policy = check_role("revealer", &rv, &forbidden);
     assert_allows_exactly("revealer", &policy, &rv, &[]);
+
+    // The searcher: the token key only, nothing made or moved.
+    let mut forbidden = vec![
+        ("Decrypt", Some("pii-vault:vault")),
+        ("Decrypt", Some("pii-vault:line-ids")),
+        ("Decrypt", None),
+    ];
+    for op in [
+        "GenerateDataKey",
+        "Encrypt",
+        "ReEncryptFrom",
+        "ReEncryptTo",
+        "Sign",
+    ] {
+        forbidden.extend(every(op));
+    }
+    let policy = check_role("searcher", &sr, &forbidden);
+    assert_allows_exactly("searcher", &policy, &sr, &[]);
 
     // The rotator: pii-vault's purposes only, never a signature.
     let mut forbidden = vec![

@@ -30,6 +30,7 @@ mod roles;
 mod roles_e2e;
 mod rotation;
 mod schema;
+mod search;
 mod sqs_faults;
 mod store_conformance;
 mod tls;

@@ -18,8 +18,8 @@ use pii_vault::crypto::{KeyPurpose, WrappedKey};
 use pii_vault::store::postgres::PgStore;
 use pii_vault::store::sqlite::SqliteStore;
 use pii_vault::store::{
-    Batch, BatchOutcome, Erasure, Ingest, JobKind, KeyState, LoginRow, QuarantineRow, Requester,
-    Retained, Selector, Store, StoreError, StoredKey, VaultRow,
+    Batch, BatchOutcome, Erasure, Ingest, JobKind, KeyState, LoginRow, PolicyChange, QuarantineRow,
+    Requester, Retained, SearchKind, Selector, Store, StoreError, StoredKey, VaultRow,
 };
 use rand::RngCore;
 use sqlx::{PgPool, SqlitePool};
@@ -179,6 +179,7 @@ conformance!(
     keys_only_go_under_an_allowed_kek,
     a_job_of_a_kind_runs_once_at_a_time,
     retention_erases_originals_before_a_day_and_keeps_logins,
+    a_search_is_recorded_limited_and_alarmed,
 );
 
 // ---------------------------------------------------------------- builders
@@ -1125,6 +1126,103 @@ async fn audit_log_is_append_only(h: &Harness) {
     assert_eq!(after.len(), 1);
     assert_eq!(after[0].reason, before[0].reason);
     assert_eq!(after[0].id, before[0].id);
+}
+
+/// A token of the shape pii-vault makes, `t<version>_` and 43 characters.
+fn whole_token(version: u32, c: char) -> String {
+    format!("t{version}_{}", c.to_string().repeat(43))
+}
+
+/// A search: an audit row holding the tokens and the reason; refused with
+/// nothing recorded over the daily limit (200 by default) and for anything
+/// that is not a token; a honeytoken's token raises the alarm.
+async fn a_search_is_recorded_limited_and_alarmed(h: &Harness) {
+    seed_keys(h).await;
+    let (trap_ip, real_ip) = (whole_token(1, 'T'), whole_token(1, 'R'));
+    let batch = Batch {
+        logins: vec![
+            login("m-a", "alice", &real_ip, "t1_devA", 2, "k1"),
+            login("m-t", "trap", &trap_ip, "t1_devT", 3, "k1"),
+        ],
+        ..Batch::default()
+    };
+    h.store.write_batch(&batch).await.unwrap();
+    h.owner().add_honeytokens(&["trap"]).await;
+    assert_eq!(h.store.policy().await.unwrap().max_searches_per_day, 200);
+
+    let tokens = vec![whole_token(2, 'N'), real_ip.clone()];
+    let id = h
+        .store
+        .search_record(SearchKind::Ip, &tokens, "analyst@test", "FRAUD-1")
+        .await
+        .unwrap();
+    let trail = h
+        .store
+        .audit_trail(&pii_vault::store::AuditFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let e = trail.iter().find(|e| e.id == id).expect("its audit row");
+    assert_eq!(e.action, "search");
+    assert_eq!(e.target, format!("masked_ip={}", tokens.join(",")));
+    assert_eq!((e.reason.as_str(), e.row_count), ("FRAUD-1", 0));
+    let no_alarm = pii_vault::store::AuditFilter {
+        limit: 10,
+        ..Default::default()
+    };
+    assert!(h.store.alarms(&no_alarm).await.unwrap().is_empty());
+
+    // Anything that is not a whole token is refused, nothing recorded.
+    for bad in ["198.51.100.23", "593-47-5928", "t1_short"] {
+        let err = h
+            .store
+            .search_record(SearchKind::DeviceId, &[bad.to_string()], "a", "why")
+            .await
+            .expect_err("a raw value");
+        assert!(!err.to_string().contains(bad), "{err}");
+    }
+    assert_eq!(h.count("searches").await, 1);
+
+    // A honeytoken's token: recorded as any search, and an alarm.
+    let trapped = h
+        .store
+        .search_record(
+            SearchKind::Ip,
+            std::slice::from_ref(&trap_ip),
+            "analyst@test",
+            "FRAUD-2",
+        )
+        .await
+        .unwrap();
+    let alarms = h.store.alarms(&no_alarm).await.unwrap();
+    assert_eq!(alarms.len(), 1);
+    assert_eq!(alarms[0].request_id, trapped);
+    assert_eq!(alarms[0].target, format!("masked_ip={trap_ip}"));
+
+    // The limit: two made, a limit of three allows one more.
+    h.store
+        .set_policy(&PolicyChange {
+            max_searches_per_day: Some(3),
+            ..PolicyChange::default()
+        })
+        .await
+        .unwrap();
+    h.store
+        .search_record(SearchKind::DeviceId, &[whole_token(1, 'D')], "a", "why")
+        .await
+        .unwrap();
+    let err = h
+        .store
+        .search_record(SearchKind::DeviceId, &[whole_token(1, 'D')], "a", "why")
+        .await
+        .expect_err("over the limit");
+    assert!(
+        matches!(&err, StoreError::OverLimit(m) if m.contains("daily limit of 3 searches")),
+        "{err:?}"
+    );
+    assert_eq!(h.count("searches").await, 3);
 }
 
 // ---------------------------------------------------------- Postgres only

@@ -21,7 +21,8 @@ SELECT set_config('search_path', format('%I, pg_temp', current_schema()), true);
 DO $$
 DECLARE
     s constant text := quote_ident(current_schema());
-    roles constant text := 'PUBLIC, pii_vault_worker, pii_vault_analyst, pii_vault_revealer, pii_vault_rotator, pii_vault_auditor';
+    roles constant text := 'PUBLIC, pii_vault_worker, pii_vault_analyst, pii_vault_revealer, pii_vault_rotator, '
+        || 'pii_vault_auditor, pii_vault_searcher';
 BEGIN
     EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA %s FROM %s', s, roles);
     EXECUTE format('REVOKE ALL ON ALL SEQUENCES IN SCHEMA %s FROM %s', s, roles);

@@ -87,10 +87,12 @@ BEGIN
     NEW.changed_by := session_user;
     INSERT INTO audit_log (action, target, reason, row_count)
     VALUES ('policy-set',
-            format('max_users_per_reveal=%s max_reveals_per_day=%s max_transaction_seconds=%s',
-                   NEW.max_users_per_reveal, NEW.max_reveals_per_day, NEW.max_transaction_seconds),
-            format('was max_users_per_reveal=%s max_reveals_per_day=%s max_transaction_seconds=%s',
-                   OLD.max_users_per_reveal, OLD.max_reveals_per_day, OLD.max_transaction_seconds),
+            format('max_users_per_reveal=%s max_reveals_per_day=%s max_transaction_seconds=%s max_searches_per_day=%s',
+                   NEW.max_users_per_reveal, NEW.max_reveals_per_day, NEW.max_transaction_seconds,
+                   NEW.max_searches_per_day),
+            format('was max_users_per_reveal=%s max_reveals_per_day=%s max_transaction_seconds=%s max_searches_per_day=%s',
+                   OLD.max_users_per_reveal, OLD.max_reveals_per_day, OLD.max_transaction_seconds,
+                   OLD.max_searches_per_day),
             0);
     RETURN NEW;
 END

@@ -235,12 +235,19 @@ CREATE OR REPLACE VIEW pii_vault_pending_requests WITH (security_barrier) AS
     WHERE r.status IN ('pending', 'approved') AND r.requested_at > clock_timestamp() - interval '24 hours';
 GRANT SELECT ON pii_vault_pending_requests TO pii_vault_revealer;
 
--- The alarms, for the owner: every request that touched a honeytoken.
+-- The alarms, for the owner: every request that touched a honeytoken, and
+-- every search (functions/70_search.sql) for a honeytoken's IP or device id.
 CREATE OR REPLACE VIEW audit_alarms AS
     SELECT r.id, r.requested_at AS at, r.requested_by AS actor, r.id AS request_id,
            r.selector || '=' || r.value AS target, r.honeytokens
     FROM reveal_requests r
-    WHERE r.honeytokens > 0;
+    WHERE r.honeytokens > 0
+    UNION ALL
+    SELECT s.record, s.requested_at, s.requested_by, s.record,
+           CASE s.kind WHEN 'ip' THEN 'masked_ip' ELSE 'masked_device_id' END || '=' || array_to_string(s.tokens, ','),
+           s.honeytokens
+    FROM searches s
+    WHERE s.honeytokens > 0;
 
 -- ------------------------------------------------------------ honeytokens
 -- A worker's batch takes the honeytoken logins that are due and not yet

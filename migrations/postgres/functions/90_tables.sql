@@ -52,3 +52,10 @@ GRANT SELECT (message_id, reason_code, reason, user_id, key_id, received_at) ON 
 GRANT SELECT ON audit_log, audit_chain, audit_checkpoints, reveal_requests, erasure_subjects, audit_alarms,
       reveal_policy
     TO pii_vault_auditor;
+
+-- ---------------------------------------------------------------- searcher
+-- The wrapped token keys and the allow-list, to unwrap the token key
+-- (`tokenize`); its KMS policy lets it unwrap that key and no other.
+-- Searches are recorded only through pii_vault_search_record. No logins,
+-- no vault, no quarantine, no trail.
+GRANT SELECT ON vault_keys, kms_allowlist TO pii_vault_searcher;

@@ -13,6 +13,7 @@ mod keys;
 mod quarantine;
 mod reveal;
 mod roles;
+mod search;
 mod trail;
 
 use std::str::FromStr;

@@ -9,8 +9,8 @@ use sqlx::postgres::PgRow;
 use super::PgStore;
 use crate::store::model::{login_from_row, sealed_beside};
 use crate::store::{
-    RequestStatus, Reveal, RevealPolicy, RevealRequest, RevealedRow, RevealedRows, Selector,
-    StoreError,
+    PolicyChange, RequestStatus, Reveal, RevealPolicy, RevealRequest, RevealedRow, RevealedRows,
+    Selector, StoreError,
 };
 
 /// A row of `pii_vault_reveal_fetch`: the login, and its sealed originals
@@ -97,37 +97,38 @@ impl Reveal for PgStore {
     }
 
     async fn policy(&self) -> Result<RevealPolicy, StoreError> {
-        let (max_users_per_reveal, max_reveals_per_day, changed_at, changed_by): (
+        let (max_users_per_reveal, max_reveals_per_day, max_searches_per_day, changed_at, changed_by): (
+            i32,
             i32,
             i32,
             DateTime<Utc>,
             String,
         ) = sqlx::query_as(
-            "SELECT max_users_per_reveal, max_reveals_per_day, changed_at, changed_by FROM reveal_policy",
+            "SELECT max_users_per_reveal, max_reveals_per_day, max_searches_per_day, changed_at, changed_by \
+             FROM reveal_policy",
         )
         .fetch_one(self.pool())
         .await?;
         Ok(RevealPolicy {
             max_users_per_reveal: max_users_per_reveal.into(),
             max_reveals_per_day: max_reveals_per_day.into(),
+            max_searches_per_day: max_searches_per_day.into(),
             changed_at,
             changed_by,
         })
     }
 
-    async fn set_policy(
-        &self,
-        max_users_per_reveal: Option<i64>,
-        max_reveals_per_day: Option<i64>,
-    ) -> Result<RevealPolicy, StoreError> {
+    async fn set_policy(&self, change: &PolicyChange) -> Result<RevealPolicy, StoreError> {
         // The database stamps who and when, and writes the audit row.
         sqlx::query(
             "UPDATE reveal_policy SET \
              max_users_per_reveal = coalesce($1::integer, max_users_per_reveal), \
-             max_reveals_per_day = coalesce($2::integer, max_reveals_per_day)",
+             max_reveals_per_day = coalesce($2::integer, max_reveals_per_day), \
+             max_searches_per_day = coalesce($3::integer, max_searches_per_day)",
         )
-        .bind(max_users_per_reveal.map(|n| n as i32))
-        .bind(max_reveals_per_day.map(|n| n as i32))
+        .bind(change.max_users_per_reveal.map(|n| n as i32))
+        .bind(change.max_reveals_per_day.map(|n| n as i32))
+        .bind(change.max_searches_per_day.map(|n| n as i32))
         .execute(self.pool())
         .await?;
         self.policy().await

@@ -9,8 +9,8 @@ use super::chain::{insert_request, now_ms};
 use super::{insert_audit, os_user, parse_time, SqliteStore, NOW};
 use crate::store::model::{login_from_row, sealed_beside};
 use crate::store::{
-    AuditEntry, RequestStatus, Reveal, RevealPolicy, RevealRequest, RevealedRows, Selector,
-    StoreError,
+    AuditEntry, PolicyChange, RequestStatus, Reveal, RevealPolicy, RevealRequest, RevealedRows,
+    Selector, StoreError,
 };
 use crate::trail::RequestEntry;
 
@@ -347,52 +347,59 @@ impl Reveal for SqliteStore {
     }
 
     async fn policy(&self) -> Result<RevealPolicy, StoreError> {
-        let (max_users_per_reveal, max_reveals_per_day, changed_at, changed_by): (
+        let (max_users_per_reveal, max_reveals_per_day, max_searches_per_day, changed_at, changed_by): (
+            i64,
             i64,
             i64,
             String,
             String,
         ) = sqlx::query_as(
-            "SELECT max_users_per_reveal, max_reveals_per_day, changed_at, changed_by FROM reveal_policy",
+            "SELECT max_users_per_reveal, max_reveals_per_day, max_searches_per_day, changed_at, changed_by \
+             FROM reveal_policy",
         )
         .fetch_one(&self.pool)
         .await?;
         Ok(RevealPolicy {
             max_users_per_reveal,
             max_reveals_per_day,
+            max_searches_per_day,
             changed_at: parse_time(&changed_at)?,
             changed_by,
         })
     }
 
-    async fn set_policy(
-        &self,
-        max_users_per_reveal: Option<i64>,
-        max_reveals_per_day: Option<i64>,
-    ) -> Result<RevealPolicy, StoreError> {
+    async fn set_policy(&self, change: &PolicyChange) -> Result<RevealPolicy, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let (old_users, old_day): (i64, i64) =
-            sqlx::query_as("SELECT max_users_per_reveal, max_reveals_per_day FROM reveal_policy")
-                .fetch_one(&mut *tx)
-                .await?;
-        let (users, day) = (
-            max_users_per_reveal.unwrap_or(old_users),
-            max_reveals_per_day.unwrap_or(old_day),
+        let (old_users, old_day, old_search): (i64, i64, i64) = sqlx::query_as(
+            "SELECT max_users_per_reveal, max_reveals_per_day, max_searches_per_day FROM reveal_policy",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let (users, day, search) = (
+            change.max_users_per_reveal.unwrap_or(old_users),
+            change.max_reveals_per_day.unwrap_or(old_day),
+            change.max_searches_per_day.unwrap_or(old_search),
         );
         sqlx::query(&format!(
             "UPDATE reveal_policy SET max_users_per_reveal = $1, max_reveals_per_day = $2, \
-             changed_at = {NOW}, changed_by = $3"
+             max_searches_per_day = $3, changed_at = {NOW}, changed_by = $4"
         ))
         .bind(users)
         .bind(day)
+        .bind(search)
         .bind(os_user())
         .execute(&mut *tx)
         .await?;
         let audit = AuditEntry {
             claimed_actor: os_user(),
             action: "policy-set".into(),
-            target: format!("max_users_per_reveal={users} max_reveals_per_day={day}"),
-            reason: format!("was max_users_per_reveal={old_users} max_reveals_per_day={old_day}"),
+            target: format!(
+                "max_users_per_reveal={users} max_reveals_per_day={day} max_searches_per_day={search}"
+            ),
+            reason: format!(
+                "was max_users_per_reveal={old_users} max_reveals_per_day={old_day} \
+                 max_searches_per_day={old_search}"
+            ),
         };
         insert_audit(&mut tx, &audit, 0).await?;
         tx.commit().await?;

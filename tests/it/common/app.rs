@@ -58,7 +58,8 @@ pub const ANALYST: &str = "pii_vault_analyst";
 pub const REVEALER: &str = "pii_vault_revealer";
 pub const ROTATOR: &str = "pii_vault_rotator";
 pub const AUDITOR: &str = "pii_vault_auditor";
-pub const ROLES: [&str; 5] = [WORKER, ANALYST, REVEALER, ROTATOR, AUDITOR];
+pub const SEARCHER: &str = "pii_vault_searcher";
+pub const ROLES: [&str; 6] = [WORKER, ANALYST, REVEALER, ROTATOR, AUDITOR, SEARCHER];
 
 /// What every command claims to be (`PII_VAULT_ACTOR`): the same for all,
 /// so that an audit row's `actor` can only come from the database login.

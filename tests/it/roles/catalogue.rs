@@ -5,7 +5,7 @@
 //! a non-superuser owns the database.
 
 use super::{dek_id, denied, login, new_key, random_bytes, TEST_KEK};
-use super::{ANALYST, AUDITOR, REVEALER, ROLES, ROTATOR, WORKER};
+use super::{ANALYST, AUDITOR, REVEALER, ROLES, ROTATOR, SEARCHER, WORKER};
 use crate::common::app::{with_user, TestApp};
 use crate::common::seed::Owner;
 use crate::common::{self, pg};
@@ -112,6 +112,33 @@ const EXPECTED: &[(&str, &str, &[&str])] = &[
     (ROTATOR, "pii_vault_quarantine_list", &["SELECT"]),
     (ANALYST, "pii_vault_quarantine_list", &[]),
     (AUDITOR, "pii_vault_quarantine_list", &[]),
+    // The searcher: the wrapped token keys and the allow-list, to unwrap
+    // the token key (`tokenize`); searches only through
+    // pii_vault_search_record. Nothing of the data, the tokens or the trail.
+    (SEARCHER, "vault_keys", &["SELECT"]),
+    (SEARCHER, "kms_allowlist", &["SELECT"]),
+    (SEARCHER, "user_logins", &[]),
+    (SEARCHER, "vault", &[]),
+    (SEARCHER, "quarantine", &[]),
+    (SEARCHER, "audit_log", &[]),
+    (SEARCHER, "reveal_requests", &[]),
+    (SEARCHER, "reveal_policy", &[]),
+    (SEARCHER, "pii_vault_pending_requests", &[]),
+    (SEARCHER, "honeytokens", &[]),
+    (SEARCHER, "audit_alarms", &[]),
+    (SEARCHER, "audit_chain", &[]),
+    (SEARCHER, "audit_checkpoints", &[]),
+    (SEARCHER, "erasure_subjects", &[]),
+    (SEARCHER, "rotation_jobs", &[]),
+    (SEARCHER, "rotation_ranges", &[]),
+    (SEARCHER, "pii_vault_quarantine_list", &[]),
+    // Which search matched a honeytoken: the owner's (through audit_alarms,
+    // the auditor's too), no other role's.
+    (WORKER, "searches", &[]),
+    (ANALYST, "searches", &[]),
+    (REVEALER, "searches", &[]),
+    (ROTATOR, "searches", &[]),
+    (AUDITOR, "searches", &[]),
 ];
 
 /// Tables no role touches directly.
@@ -126,6 +153,7 @@ const OWNER_ONLY: &[&str] = &[
     "quarantine_reveals",
     "quarantine_replays",
     "quarantine_replay_rows",
+    "searches",
 ];
 
 /// Columns holding ciphertext or wrapped keys, and who may read them
@@ -135,7 +163,11 @@ const SEALED_COLUMNS: &[(&str, &str, &[&str])] = &[
     ("vault", "ciphertext", &[]),
     ("quarantine", "nonce", &[]),
     ("quarantine", "ciphertext", &[]),
-    ("vault_keys", "wrapped", &[WORKER, REVEALER, ROTATOR]),
+    (
+        "vault_keys",
+        "wrapped",
+        &[WORKER, REVEALER, ROTATOR, SEARCHER],
+    ),
     // A request's hash could be tested for "touched a honeytoken" by whoever
     // knows its other fields: only the auditor reads the requests' chain.
     ("reveal_requests", "hash", &[AUDITOR]),
@@ -243,6 +275,8 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
         &[ROTATOR],
     ),
     ("pii_vault_quarantine_replay_finish(bigint)", &[ROTATOR]),
+    // Searches (`tokenize`): recorded before the tokens are printed.
+    ("pii_vault_search_record(text,text[],text,text)", &[SEARCHER]),
     ("pii_vault_lease_live(job_leases)", &[]),
     ("pii_vault_check_lease(text,bigint)", &[]),
     ("pii_vault_rotation_job_check(bigint,bigint)", &[]),
@@ -448,6 +482,7 @@ async fn each_role_holds_exactly_its_privileges_and_none_may_alter_the_audit_tra
         "quarantine_replays",
         "quarantine_replay_rows",
         "pii_vault_quarantine_list",
+        "searches",
         "_sqlx_migrations",
         "vault_settings",
     ] {

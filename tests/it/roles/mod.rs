@@ -25,6 +25,7 @@ mod catalogue;
 mod prefix;
 mod revealer;
 mod rotator;
+mod searcher;
 mod worker;
 
 use crate::common::seed::Owner;
@@ -42,7 +43,7 @@ use pii_vault::store::{
 use rand::RngCore;
 use sqlx::PgPool;
 
-pub(crate) use crate::common::app::{ANALYST, AUDITOR, REVEALER, ROLES, ROTATOR, WORKER};
+pub(crate) use crate::common::app::{ANALYST, AUDITOR, REVEALER, ROLES, ROTATOR, SEARCHER, WORKER};
 
 /// The KEK the test keys claim to be wrapped under; the owner allow-lists it.
 pub(crate) const TEST_KEK: &str = "local:test";

@@ -9,7 +9,7 @@ use crate::common::{self, app::TestApp};
 
 use chrono::Utc;
 use pii_vault::store::postgres::PgStore;
-use pii_vault::store::{Audit, Batch, Ingest, Reveal, Selector, StoreError};
+use pii_vault::store::{Audit, Batch, Ingest, PolicyChange, Reveal, Selector, StoreError};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revealer_gets_ciphertext_only_for_a_committed_audit_row_of_its_own() {
@@ -321,8 +321,12 @@ async fn the_daily_limit_counts_per_login_and_only_the_owner_sets_the_policy() {
         .await;
         denied(pool, "DELETE FROM reveal_policy").await;
     }
-    store_denied(alice.set_policy(None, Some(100_000)).await, "set_policy");
-    let p = app.owner().set_policy(None, Some(2)).await.unwrap();
+    let change = |day: i64| PolicyChange {
+        max_reveals_per_day: Some(day),
+        ..PolicyChange::default()
+    };
+    store_denied(alice.set_policy(&change(100_000)).await, "set_policy");
+    let p = app.owner().set_policy(&change(2)).await.unwrap();
     assert_eq!((p.max_users_per_reveal, p.max_reveals_per_day), (10, 2));
     assert_eq!(alice.policy().await.unwrap(), p, "revealers may read it");
     let change: (String, String) =
@@ -332,7 +336,7 @@ async fn the_daily_limit_counts_per_login_and_only_the_owner_sets_the_policy() {
             .unwrap();
     assert_eq!(
         change.1,
-        "max_users_per_reveal=10 max_reveals_per_day=2 max_transaction_seconds=60"
+        "max_users_per_reveal=10 max_reveals_per_day=2 max_transaction_seconds=60 max_searches_per_day=200"
     );
 
     let sel = Selector::UserId("alice".into());
