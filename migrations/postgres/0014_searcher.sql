@@ -52,7 +52,7 @@ CREATE TABLE searches (
     -- The id of its audit row (action `search`). No foreign key: `audit
     -- archive` deletes old trail rows, and a search's alarm outlives them.
     record        bigint PRIMARY KEY,
-    kind          text NOT NULL CHECK (kind IN ('ip', 'device_id')),
+    kind          text NOT NULL CHECK (kind IN ('ip', 'ip_net', 'device_id')),
     tokens        text[] NOT NULL,
     requested_by  text NOT NULL,
     requested_at  timestamptz NOT NULL,

@@ -8,7 +8,7 @@ ALTER TABLE reveal_policy ADD COLUMN max_searches_per_day INTEGER NOT NULL DEFAU
 
 CREATE TABLE searches (
     record        INTEGER PRIMARY KEY,
-    kind          TEXT NOT NULL CHECK (kind IN ('ip', 'device_id')),
+    kind          TEXT NOT NULL CHECK (kind IN ('ip', 'ip_net', 'device_id')),
     -- A JSON array of the tokens, newest version first.
     tokens        TEXT NOT NULL,
     requested_by  TEXT NOT NULL,
@@ -29,7 +29,7 @@ CREATE VIEW audit_alarms AS
     WHERE r.honeytokens > 0
     UNION ALL
     SELECT s.record, s.requested_at, s.requested_by, s.record,
-           CASE s.kind WHEN 'ip' THEN 'masked_ip' ELSE 'masked_device_id' END || '='
+           CASE s.kind WHEN 'ip' THEN 'masked_ip' WHEN 'ip_net' THEN 'masked_ip_net' ELSE 'masked_device_id' END || '='
                || (SELECT group_concat(value, ',') FROM json_each(s.tokens)),
            s.honeytokens
     FROM searches s

@@ -7,7 +7,7 @@ use super::OutputFormat;
 
 #[derive(Debug, Args)]
 #[command(
-    group(clap::ArgGroup::new("value").required(true).args(["ip", "device_id"])),
+    group(clap::ArgGroup::new("value").required(true).args(["ip", "ip_net", "device_id"])),
     about = "The tokens an IP or device id has in user_logins, to find its logins without revealing \
 anyone (searcher role; audited, daily limit)",
     long_about = "Print the token(s) an IP address or a device id has in user_logins, and a SELECT that \
@@ -21,7 +21,8 @@ max_searches_per_day times in 24 hours (`pii-vault policy show`; 200 unless chan
 for a honeytoken's value raises the alarm. Reading the logins the SELECT finds needs the analyst role.",
     after_help = "Examples:\n  \
         pii-vault tokenize --ip 198.51.100.23 --reason 'FRAUD-1234: logins from the reported address'\n  \
-        pii-vault tokenize --device-id 593-47-5928 --reason 'FRAUD-1234' --format json\n\n\
+        pii-vault tokenize --device-id 593-47-5928 --reason 'FRAUD-1234' --format json\n  \
+        pii-vault tokenize --ip-net 198.51.100.0/24 --reason 'FRAUD-1234: the reported network'\n\n\
         IPv4, IPv4-mapped IPv6 (::ffff:198.51.100.23) and any spelling of an IPv6 address give the \
         token the worker stored for that address."
 )]
@@ -29,6 +30,11 @@ pub struct TokenizeArgs {
     /// The IP address (IPv4 or IPv6, any spelling) to find.
     #[arg(long, value_name = "ADDR")]
     pub ip: Option<String>,
+
+    /// The network to find (`masked_ip_net`): a /24 of IPv4
+    /// (198.51.100.0/24) or a /48 of IPv6 (2001:db8:1::/48).
+    #[arg(long, value_name = "NET")]
+    pub ip_net: Option<String>,
 
     /// The device id to find, exactly as the events carry it.
     #[arg(long, value_name = "ID")]

@@ -39,8 +39,17 @@ struct VersionedToken {
 pub async fn tokenize(cli: &Cli, args: &TokenizeArgs) -> anyhow::Result<()> {
     // Parsed before anything is opened: a value that is not one is refused
     // with nothing recorded, and without being repeated.
-    let (kind, field, value) = match (&args.ip, &args.device_id) {
-        (Some(ip), _) => {
+    let (kind, field, value) = match (&args.ip, &args.ip_net, &args.device_id) {
+        (None, Some(net), _) => {
+            let net = crate::domain::CanonicalIp::parse_network(net).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--ip-net: not a /24 of IPv4 or a /48 of IPv6 in CIDR form (A.B.C.0/24 or \
+                     X:Y:Z::/48; the value is not repeated here); nothing was recorded"
+                )
+            })?;
+            (SearchKind::IpNet, TokenField::IpNet, net.expose().clone())
+        }
+        (Some(ip), _, _) => {
             let ip = LoginEvent::parse_ip(ip).map_err(|why| {
                 anyhow::anyhow!(
                     "--ip: {why} (the value is not repeated here); nothing was recorded"
@@ -48,7 +57,7 @@ pub async fn tokenize(cli: &Cli, args: &TokenizeArgs) -> anyhow::Result<()> {
             })?;
             (SearchKind::Ip, TokenField::Ip, ip.expose().to_string())
         }
-        (None, Some(id)) => {
+        (None, None, Some(id)) => {
             let id = LoginEvent::parse_device_id(id).map_err(|why| {
                 anyhow::anyhow!(
                     "--device-id: {why} (the value is not repeated here); nothing was recorded"
@@ -60,10 +69,16 @@ pub async fn tokenize(cli: &Cli, args: &TokenizeArgs) -> anyhow::Result<()> {
                 id.expose().clone(),
             )
         }
-        (None, None) => unreachable!("clap requires --ip or --device-id"),
+        (None, None, None) => unreachable!("clap requires --ip, --ip-net or --device-id"),
     };
     let value = zeroize::Zeroizing::new(value);
     let store = super::open_store(cli).await?;
+    if kind == SearchKind::IpNet && !store.network_tokens().await? {
+        anyhow::bail!(
+            "network tokens are turned off in this database (`migrate --no-network-tokens`): \
+             masked_ip_net is empty, so there is nothing to search; nothing was recorded"
+        );
+    }
     let wrapper = token_keks(cli, &*store).await?;
     let keys = keyring::live_token_keys(&*store, &*wrapper).await?;
     let tokens: Vec<VersionedToken> = keys

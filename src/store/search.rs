@@ -13,6 +13,8 @@ use super::StoreError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SearchKind {
     Ip,
+    /// An IP's /24 or /48 network (`masked_ip_net`).
+    IpNet,
     DeviceId,
 }
 
@@ -21,6 +23,7 @@ impl SearchKind {
     pub fn name(self) -> &'static str {
         match self {
             SearchKind::Ip => "ip",
+            SearchKind::IpNet => "ip_net",
             SearchKind::DeviceId => "device_id",
         }
     }
@@ -29,6 +32,7 @@ impl SearchKind {
     pub fn column(self) -> &'static str {
         match self {
             SearchKind::Ip => "masked_ip",
+            SearchKind::IpNet => "masked_ip_net",
             SearchKind::DeviceId => "masked_device_id",
         }
     }

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use crate::common::app::{TestApp, ROTATOR, WORKER};
+use crate::common::app::{TestApp, ROTATOR, SEARCHER, WORKER};
 use crate::common::{self, app::Bin};
 
 /// Logins with unique user ids (so that a stored row names its original),
@@ -176,8 +176,62 @@ async fn postgres_network_tokens_group_as_networks_through_rotation_and_backfill
         .await;
     assert_eq!(analyst_view, 6);
 
-    // Off again: emptied, and the next rotation writes none.
+    // A searcher finds a network's logins by the network, however spelled,
+    // and the trail keeps its token, never the network.
+    let searcher = app.as_login(&app.login_as(SEARCHER).await);
+    for (net, spellings) in [
+        ("198.51.100", ["198.51.100.0/24", "198.51.100.77/24"]),
+        ("2001:db8:1", ["2001:db8:1::/48", "2001:DB8:0001:ff::1/48"]),
+    ] {
+        let expected: BTreeSet<&String> = originals
+            .iter()
+            .filter(|(_, ip)| network(ip) == net)
+            .map(|(u, _)| u)
+            .collect();
+        assert!(!expected.is_empty());
+        for spelled in spellings {
+            let out = searcher.ok_output(&[
+                "tokenize", "--ip-net", spelled, "--reason", "FRAUD-9", "--format", "json",
+            ]);
+            let found: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(found["column"], "masked_ip_net");
+            let token = found["tokens"][0]["token"].as_str().unwrap().to_string();
+            let users: Vec<String> = sqlx::query_scalar(
+                "SELECT DISTINCT user_id FROM user_logins WHERE masked_ip_net = $1",
+            )
+            .bind(&token)
+            .fetch_all(app.pool())
+            .await
+            .unwrap();
+            assert_eq!(users.iter().collect::<BTreeSet<_>>(), expected, "{spelled}");
+        }
+    }
+    let trail = app
+        .strings("SELECT target FROM audit_log WHERE action = 'search'")
+        .await;
+    assert_eq!(trail.len(), 4);
+    for t in &trail {
+        assert!(t.starts_with("masked_ip_net=t2_"), "{t}");
+        assert!(
+            !t.contains("198.51") && !t.to_lowercase().contains("db8"),
+            "{t}"
+        );
+    }
+    let refused = searcher.run(&["tokenize", "--ip-net", "198.51.0.0/16", "--reason", "x"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(!String::from_utf8_lossy(&refused.stderr).contains("198.51"));
+
+    // Off again: emptied, and the next rotation writes none; a search for
+    // a network is refused before anything is recorded.
     app.ok(&["migrate", "--no-network-tokens"]);
+    let off = searcher.run(&["tokenize", "--ip-net", "198.51.100.0/24", "--reason", "x"]);
+    assert_eq!(off.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&off.stderr).contains("network tokens are turned off"));
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM audit_log WHERE action = 'search'")
+            .await,
+        4
+    );
     assert_eq!(
         app.scalar("SELECT count(masked_ip_net) FROM user_logins")
             .await,

@@ -43,8 +43,8 @@ BEGIN
     IF NOT pg_has_role(session_user, 'pii_vault_searcher', 'USAGE') THEN
         RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = 'a search needs a login with the pii_vault_searcher role';
     END IF;
-    IF p_kind IS NULL OR p_kind NOT IN ('ip', 'device_id') THEN
-        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'a search is of kind ip or device_id';
+    IF p_kind IS NULL OR p_kind NOT IN ('ip', 'ip_net', 'device_id') THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'a search is of kind ip, ip_net or device_id';
     END IF;
     IF p_tokens IS NULL OR cardinality(p_tokens) NOT BETWEEN 1 AND 4 THEN
         RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'a search records between one and four tokens';
@@ -72,7 +72,7 @@ BEGIN
                              'recorded or shown; try again once its oldest search of the last 24 hours is older than that',
                              pol.max_searches_per_day);
     END IF;
-    col := CASE p_kind WHEN 'ip' THEN 'masked_ip' ELSE 'masked_device_id' END;
+    col := CASE p_kind WHEN 'ip' THEN 'masked_ip' WHEN 'ip_net' THEN 'masked_ip_net' ELSE 'masked_device_id' END;
     -- Honeytokens among the users whose logins carry these tokens: once a
     -- worker has written a trap's logins, its IP and device id have tokens
     -- like anyone's.
