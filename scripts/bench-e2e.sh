@@ -283,6 +283,31 @@ COMMIT;
 EOF
     t9="$(now)"
     copied2="$(psql "$RAW2_DB" -qXtA -c 'SELECT count(*) FROM vault')"
+
+    # (3) The same, on two connections at once (each its half of the rows,
+    # both tables, one transaction): the machine's ceiling for these rows,
+    # as pii-vault's writers load on several connections.
+    RAW3_DB="$(new_pg_db bench_raw3)"
+    pg_dump --schema-only "$RAW2_DB" | psql "$RAW3_DB" -qX -v ON_ERROR_STOP=1 >/dev/null
+    half=$(((FILE_N + 1) / 2))
+    head -n "$half" "$work/rows.csv" >"$work/rows.1.csv"
+    head -n "$half" "$work/vault.csv" >"$work/vault.1.csv"
+    tail -n +"$((half + 1))" "$work/rows.csv" >"$work/rows.2.csv"
+    tail -n +"$((half + 1))" "$work/vault.csv" >"$work/vault.2.csv"
+    copies=()
+    t14="$(now)"
+    for part in 1 2; do
+        printf '%s\n' "BEGIN;" \
+            "\\copy user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, masked_ip_net, locale, app_version, create_date) FROM '$work/rows.$part.csv' WITH (FORMAT csv)" \
+            "\\copy vault (message_id, user_id, key_id, nonce, ciphertext) FROM '$work/vault.$part.csv' WITH (FORMAT csv)" \
+            "COMMIT;" |
+            timeout "$STEP_TIMEOUT" psql "$RAW3_DB" -qX -v ON_ERROR_STOP=1 >/dev/null &
+        copies+=($!)
+    done
+    # Only the two copies: LocalStack runs in the background of this shell.
+    wait "${copies[@]}"
+    t15="$(now)"
+    copied3="$(psql "$RAW3_DB" -qXtA -c 'SELECT count(*) FROM vault')"
 fi
 
 # ------------------------------------------------------------------ report
@@ -306,6 +331,8 @@ if [ "$STORE" = postgres ]; then
     line "pii-vault / copy (user_logins only):" "$(ratio "$(per_sec "$FILE_N" "$t4" "$t5")" "$(per_sec "$copied" "$t6" "$t7")")"
     line "psql \\copy, user_logins + vault ($copied2):" "$(rate "$copied2" "$t8" "$t9")"
     line "pii-vault / copy (both tables):" "$(ratio "$(per_sec "$FILE_N" "$t4" "$t5")" "$(per_sec "$copied2" "$t8" "$t9")")"
+    line "psql \\copy, both tables, 2 connections ($copied3):" "$(rate "$copied3" "$t14" "$t15")"
+    line "pii-vault / copy (both tables, 2 conn.):" "$(ratio "$(per_sec "$FILE_N" "$t4" "$t5")" "$(per_sec "$copied3" "$t14" "$t15")")"
     line "worker's summary:" "$file_summary"
 else
     echo "(b) skipped: the Postgres store does not work yet"

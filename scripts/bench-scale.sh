@@ -9,7 +9,8 @@
 #    `pii-vault run --from-file` (local key file, fsync on), then copies the
 #    very rows it wrote into a database with the same two tables and the same
 #    indexes (no triggers, no foreign keys) with a raw binary `COPY`, one
-#    transaction: the ceiling of the write path. Prints both rates, the
+#    transaction, and again on two connections (each half the rows): the
+#    ceilings of the write path. Prints both rates, the
 #    ratio and the worker's peak RSS.
 # 2. Runs the parts in scripts/bench-scale.d/*.sh in name order, each against
 #    the loaded database (or a database of its own), each printing its figure
@@ -165,10 +166,38 @@ copied="$(psql "$RAW_URL" -qXtA -c 'SELECT count(*) FROM user_logins')"
 psql "$PII_VAULT_TEST_PG" -qX -c "DROP DATABASE scale_raw_copy" >/dev/null
 rm -f "$work/user_logins.bin" "$work/vault.bin"
 
+# The same on two connections at once, each its half of the rows (split by
+# message id, so that each login's vault row is in the same half), each one
+# transaction: pii-vault loads on several connections too.
+echo "== (load) ceiling: raw COPY of the same rows on two connections" >&2
+RAW2_URL="$(new_raw_copy_db scale_raw_copy2)"
+for half in 0 1; do
+    psql "$PG_URL" -qX -v ON_ERROR_STOP=1 \
+        -c "\\copy (SELECT $ul_cols FROM user_logins WHERE abs(hashtext(message_id)) % 2 = $half ORDER BY id) TO '$work/user_logins.$half.bin' WITH (FORMAT binary)" \
+        -c "\\copy (SELECT * FROM vault WHERE abs(hashtext(message_id)) % 2 = $half) TO '$work/vault.$half.bin' WITH (FORMAT binary)" >/dev/null
+done
+copies=()
+t2b="$(now)"
+for half in 0 1; do
+    printf '%s\n' "BEGIN;" \
+        "\\copy user_logins ($ul_cols) FROM '$work/user_logins.$half.bin' WITH (FORMAT binary)" \
+        "\\copy vault FROM '$work/vault.$half.bin' WITH (FORMAT binary)" \
+        "COMMIT;" |
+        timeout "$STEP_TIMEOUT" psql "$RAW2_URL" -qX -v ON_ERROR_STOP=1 >/dev/null &
+    copies+=($!)
+done
+wait "${copies[@]}"
+t3b="$(now)"
+copied2="$(psql "$RAW2_URL" -qXtA -c 'SELECT count(*) FROM user_logins')"
+psql "$PII_VAULT_TEST_PG" -qX -c "DROP DATABASE scale_raw_copy2" >/dev/null
+rm -f "$work"/user_logins.?.bin "$work"/vault.?.bin
+
 section "load: file -> Postgres ($ROWS events, fsync on, shared_buffers $(psql "$PII_VAULT_TEST_PG" -qXtA -c 'SHOW shared_buffers'), local key)"
 report "pii-vault run --from-file:" "$(rate "$ROWS" "$t0" "$t1"), peak RSS $((load_rss_kb / 1024)) MiB"
 report "raw COPY of the same rows, both tables ($copied):" "$(rate "$copied" "$t2" "$t3")"
 report "pii-vault / COPY:" "$(ratio "$(per_sec "$ROWS" "$t0" "$t1")" "$(per_sec "$copied" "$t2" "$t3")")"
+report "raw COPY, both tables, 2 connections ($copied2):" "$(rate "$copied2" "$t2b" "$t3b")"
+report "pii-vault / COPY on 2 connections:" "$(ratio "$(per_sec "$ROWS" "$t0" "$t1")" "$(per_sec "$copied2" "$t2b" "$t3b")")"
 report "worker's summary:" "$(grep ' stored, ' "$work/load.err" || true)"
 
 # Sizes as loaded (random message ids leave btree pages partly filled, as
