@@ -43,8 +43,9 @@ fn main() -> std::process::ExitCode {
 /// A command line clap refuses (status 2), or `--help` / `--version` (0).
 /// Under `--log-format json` (or `PII_VAULT_LOG_FORMAT=json`) a refusal is
 /// one JSON line too, like every other line on stderr.
-fn usage_error(e: clap::Error) -> std::process::ExitCode {
+fn usage_error(mut e: clap::Error) -> std::process::ExitCode {
     use clap::error::ErrorKind;
+    pii_vault::cli::redact_usage_error(&mut e);
     if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
         || !pii_vault::cli::json_logs_requested()
     {

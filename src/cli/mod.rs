@@ -28,6 +28,7 @@ pub use rotate::{JobArgs, RotateCommand, ScaleArgs};
 pub use tokenize::TokenizeArgs;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+pub use parse::redact_usage_error;
 use parse::{non_blank, parse_day, parse_duration};
 
 /// Used when neither `--database-url` nor `DATABASE_URL` is given.

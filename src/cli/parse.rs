@@ -50,3 +50,60 @@ pub(super) fn non_blank(s: &str) -> Result<String, String> {
         Ok(s.to_string())
     }
 }
+
+/// Takes out of a refused command line's error whatever the user typed as
+/// a value or a stray argument: clap quotes it ("invalid value
+/// '198.51.100.23' for '--concurrency'"), and what was typed may be an
+/// original IP or device id put in the wrong place. The flag, the reason
+/// and the usage stay.
+pub fn redact_usage_error(e: &mut clap::Error) {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    const NOT_SHOWN: &str = "…";
+    if e.get(ContextKind::InvalidValue).is_some() {
+        e.insert(
+            ContextKind::InvalidValue,
+            ContextValue::String(NOT_SHOWN.into()),
+        );
+    }
+    // These kinds' InvalidArg / InvalidSubcommand is the typed text itself,
+    // not a flag's name.
+    if matches!(e.kind(), ErrorKind::UnknownArgument) && e.get(ContextKind::InvalidArg).is_some() {
+        e.insert(ContextKind::InvalidArg, ContextValue::String(NOT_SHOWN.into()));
+    }
+    if e.get(ContextKind::InvalidSubcommand).is_some() {
+        e.insert(
+            ContextKind::InvalidSubcommand,
+            ContextValue::String(NOT_SHOWN.into()),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_usage_error;
+    use crate::cli::Cli;
+    use clap::Parser as _;
+
+    fn refused(args: &[&str]) -> String {
+        let mut e = Cli::try_parse_from(args).unwrap_err();
+        redact_usage_error(&mut e);
+        e.render().to_string()
+    }
+
+    #[test]
+    fn refused_command_lines_do_not_repeat_what_was_typed() {
+        let ip = "198.51.100.23";
+        for args in [
+            vec!["pii-vault", "reveal", ip, "--reason", "x"],
+            vec!["pii-vault", "run", "--concurrency", ip],
+            vec!["pii-vault", ip],
+            vec!["pii-vault", "reveal", "--user-id", "u", "--reason", "x", "--format", ip],
+            vec!["pii-vault", "keys", ip],
+        ] {
+            let text = refused(&args);
+            assert!(!text.contains(ip), "{args:?}: {text}");
+            assert!(text.contains("Usage") || text.contains("--help"), "{args:?}: {text}");
+        }
+        assert!(refused(&["pii-vault", "run", "--concurrency", "x"]).contains("--concurrency"));
+    }
+}
