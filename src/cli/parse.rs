@@ -68,7 +68,10 @@ pub fn redact_usage_error(e: &mut clap::Error) {
     // These kinds' InvalidArg / InvalidSubcommand is the typed text itself,
     // not a flag's name.
     if matches!(e.kind(), ErrorKind::UnknownArgument) && e.get(ContextKind::InvalidArg).is_some() {
-        e.insert(ContextKind::InvalidArg, ContextValue::String(NOT_SHOWN.into()));
+        e.insert(
+            ContextKind::InvalidArg,
+            ContextValue::String(NOT_SHOWN.into()),
+        );
     }
     if e.get(ContextKind::InvalidSubcommand).is_some() {
         e.insert(
@@ -97,12 +100,24 @@ mod tests {
             vec!["pii-vault", "reveal", ip, "--reason", "x"],
             vec!["pii-vault", "run", "--concurrency", ip],
             vec!["pii-vault", ip],
-            vec!["pii-vault", "reveal", "--user-id", "u", "--reason", "x", "--format", ip],
+            vec![
+                "pii-vault",
+                "reveal",
+                "--user-id",
+                "u",
+                "--reason",
+                "x",
+                "--format",
+                ip,
+            ],
             vec!["pii-vault", "keys", ip],
         ] {
             let text = refused(&args);
             assert!(!text.contains(ip), "{args:?}: {text}");
-            assert!(text.contains("Usage") || text.contains("--help"), "{args:?}: {text}");
+            assert!(
+                text.contains("Usage") || text.contains("--help"),
+                "{args:?}: {text}"
+            );
         }
         assert!(refused(&["pii-vault", "run", "--concurrency", "x"]).contains("--concurrency"));
     }

@@ -460,3 +460,95 @@ async fn postgres_roles_list_show_and_replay() {
     app.ok(&["audit", "verify"]);
     app.finish().await;
 }
+
+/// Two replays of the same messages, the second storing after the first
+/// did (as two `quarantine replay --all` run at once do): the second skips
+/// what the first took (neither stored nor "already stored" by it);
+/// nothing is stored twice, neither fails.
+async fn replays_side_by_side_store_each_message_once(
+    writer: &dyn Store,
+    store: &dyn Store,
+    key_dir: &std::path::Path,
+) {
+    use pii_vault::crypto::KeyPurpose;
+    use pii_vault::store::{LoginRow, VaultRow};
+    let ids = quarantine_legacy(writer, key_dir, 4).await;
+    let kek = LocalKek::open_or_create(key_dir).unwrap();
+    let mut requests = Vec::new();
+    for _ in 0..2 {
+        let (_material, wrapped) = kek.generate(KeyPurpose::Vault).await.unwrap();
+        let key_id = format!("dek-{}", uuid::Uuid::new_v4());
+        let request = store
+            .replay_request(None, &key_id, &wrapped, "oncall@test", "fixed the parser")
+            .await
+            .unwrap();
+        assert_eq!(request.row_count, 4);
+        requests.push((request.record, key_id));
+    }
+    let rows = |key_id: &str| -> Vec<(LoginRow, VaultRow)> {
+        ids.iter()
+            .map(|id| {
+                let login = LoginRow {
+                    message_id: id.clone(),
+                    user_id: format!("user-of-{id}"),
+                    device_type: "android".into(),
+                    masked_ip: format!("t1_{}", "a".repeat(43)),
+                    masked_device_id: format!("t1_{}", "b".repeat(43)),
+                    masked_ip_net: None,
+                    locale: None,
+                    app_version: "2.3.0".into(),
+                    create_date: None,
+                };
+                let vault = VaultRow::of(&login, key_id.to_string(), vec![0; 12], vec![1; 40]);
+                (login, vault)
+            })
+            .collect()
+    };
+    // Both fetched before either stored.
+    for (record, _) in &requests {
+        assert_eq!(store.replay_fetch(*record).await.unwrap().len(), 4);
+    }
+    let first = store
+        .replay_store(requests[0].0, &rows(&requests[0].1))
+        .await
+        .unwrap();
+    assert_eq!((first.stored, first.already), (4, 0));
+    let second = store
+        .replay_store(requests[1].0, &rows(&requests[1].1))
+        .await
+        .unwrap();
+    assert_eq!((second.stored, second.already), (0, 0));
+    for (record, _) in &requests {
+        store.replay_finish(*record).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn embedded_replays_side_by_side_store_each_message_once() {
+    let app = TestApp::embedded();
+    app.ok(&["migrate"]);
+    let store = pii_vault::store::sqlite::SqliteStore::connect(&app.sqlite_url())
+        .await
+        .unwrap();
+    replays_side_by_side_store_each_message_once(&store, &store, &app.path("keys")).await;
+    let db = app.sqlite().await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(n, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replays_side_by_side_store_each_message_once() {
+    let Some(app) = TestApp::postgres().await else {
+        return;
+    };
+    // The owner's migrate allow-lists the local key file of the app's dir.
+    app.ok(&["migrate"]);
+    let rotator = app.store_as(ROTATOR).await;
+    let worker = app.store_as(WORKER).await;
+    replays_side_by_side_store_each_message_once(&worker, &rotator, &app.path("keys")).await;
+    assert_eq!(app.count("user_logins").await, 4);
+    app.finish().await;
+}

@@ -247,8 +247,8 @@ impl Quarantine for SqliteStore {
         let ids: Vec<&str> = logins.iter().map(|(l, _)| l.message_id.as_str()).collect();
         let ids_json = serde_json::to_string(&ids).expect("strings serialise");
         let covered: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM quarantine_replay_rows rr JOIN quarantine q ON q.message_id = rr.message_id \
-             WHERE rr.record = $1 AND q.replayed_at IS NULL AND rr.message_id IN (SELECT value FROM json_each($2))",
+            "SELECT count(*) FROM quarantine_replay_rows rr \
+             WHERE rr.record = $1 AND rr.message_id IN (SELECT value FROM json_each($2))",
         )
         .bind(record)
         .bind(&ids_json)
@@ -256,24 +256,44 @@ impl Quarantine for SqliteStore {
         .await?;
         if covered != ids.len() as i64 || logins.iter().any(|(_, v)| v.key_id != key) {
             return Err(refused(format!(
-                "quarantine replay {record}: a message id it does not cover, or no longer quarantined"
+                "quarantine replay {record}: a message id it does not cover"
             )));
         }
+        // The ones another replay (run beside this one) has not taken
+        // meanwhile: the rest are skipped, counted neither as stored nor as
+        // already stored by this replay, as on Postgres.
+        let live: std::collections::HashSet<String> = sqlx::query_scalar(
+            "SELECT message_id FROM quarantine \
+             WHERE replayed_at IS NULL AND message_id IN (SELECT value FROM json_each($1))",
+        )
+        .bind(&ids_json)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .collect();
+        let todo: Vec<(LoginRow, VaultRow)> = logins
+            .iter()
+            .filter(|(l, _)| live.contains(&l.message_id))
+            .cloned()
+            .collect();
         // Exactly once by message id, as a worker's batch: a message id
         // already stored is counted as a duplicate and not written again.
         // A crash between this and the tombstones below leaves the rows
         // quarantined; the next replay finds them stored and only marks them.
-        let out = self
-            .writer
-            .write(&Batch {
-                logins: logins.to_vec(),
-                key_usage: vec![(key, logins.len() as i64)],
-                ..Batch::default()
-            })
-            .await?;
+        let out = if todo.is_empty() {
+            crate::store::BatchOutcome::default()
+        } else {
+            self.writer
+                .write(&Batch {
+                    key_usage: vec![(key, todo.len() as i64)],
+                    logins: todo,
+                    ..Batch::default()
+                })
+                .await?
+        };
         sqlx::query(&format!(
             "UPDATE quarantine SET replayed_at = {NOW}, key_id = NULL, nonce = NULL, ciphertext = NULL, \
-             user_id = NULL WHERE message_id IN (SELECT value FROM json_each($1))"
+             user_id = NULL WHERE replayed_at IS NULL AND message_id IN (SELECT value FROM json_each($1))"
         ))
         .bind(&ids_json)
         .execute(&self.pool)
