@@ -90,6 +90,19 @@ async fn show(cli: &Cli, args: &QuarantineShowArgs) -> anyhow::Result<()> {
     let record = store
         .quarantine_show_request(&args.id, &claimed, &args.reason)
         .await?;
+    // The key is unwrapped before the fetch uses the record up: a KMS
+    // fault then shows nothing, and the trail says so (requested, never
+    // fetched) instead of recording a showing that did not happen.
+    let mut reader = VaultReader::new(store.clone(), wrapper);
+    if let Some(key_id) = store.quarantine_show_key(record).await? {
+        reader.data_key(&key_id).await.with_context(|| {
+            format!(
+                "nothing was shown: the data key of message {} cannot be unwrapped \
+                 (audit record {record} stays unfetched)",
+                args.id
+            )
+        })?;
+    }
     let row = store
         .quarantine_show_fetch(record)
         .await?
@@ -99,7 +112,6 @@ async fn show(cli: &Cli, args: &QuarantineShowArgs) -> anyhow::Result<()> {
                 args.id
             )
         })?;
-    let mut reader = VaultReader::new(store.clone(), wrapper);
     let body = reader
         .open_quarantined(&row)
         .await

@@ -69,6 +69,10 @@ pub trait Quarantine: Send + Sync {
         reason: &str,
     ) -> Result<i64, StoreError>;
 
+    /// The data key of a committed show record's body (`None`: no longer
+    /// quarantined), to unwrap before step two uses the record up.
+    async fn quarantine_show_key(&self, record: i64) -> Result<Option<String>, StoreError>;
+
     /// Step two: the sealed body of a committed show record of this
     /// login's, once. `None` when the message is no longer quarantined.
     async fn quarantine_show_fetch(&self, record: i64)

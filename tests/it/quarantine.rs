@@ -552,3 +552,39 @@ async fn postgres_replays_side_by_side_store_each_message_once() {
     assert_eq!(app.count("user_logins").await, 4);
     app.finish().await;
 }
+
+/// A show whose data key cannot be unwrapped (here: its wrapped bytes
+/// damaged, as a KMS that refuses would leave it) prints nothing, and the
+/// trail says so: the show is recorded, never fetched.
+#[tokio::test]
+async fn a_show_whose_key_cannot_be_unwrapped_shows_nothing_and_stays_unfetched() {
+    let app = TestApp::embedded();
+    let gen = common::gen_events_recorded(&["-n", "40", "--malformed-pct", "20", "--seed", "31"]);
+    let input = app.write("logins.jsonl", &gen.text);
+    app.ok(&["run", "--from-file", &input]);
+    let out = app.ok_output(&["quarantine", "list", "--format", "json"]);
+    let id = listed(&out.stdout)[0]["message_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let db = app.sqlite().await;
+    sqlx::query(
+        "UPDATE vault_keys SET wrapped = zeroblob(length(wrapped)) \
+         WHERE id = (SELECT key_id FROM quarantine WHERE message_id = $1)",
+    )
+    .bind(&id)
+    .execute(&db)
+    .await
+    .unwrap();
+    let out = app.run(&["quarantine", "show", &id, "--reason", "INC-31"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert!(stderr.contains("nothing was shown"), "{stderr}");
+    let (shows, fetched): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(fetched_at) FROM quarantine_reveals")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!((shows, fetched), (1, 0));
+}

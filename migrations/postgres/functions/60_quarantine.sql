@@ -95,6 +95,26 @@ $$;
 REVOKE ALL ON FUNCTION pii_vault_quarantine_show_fetch(bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pii_vault_quarantine_show_fetch(bigint) TO pii_vault_revealer;
 
+-- Between steps one and two: the data key the body is sealed under, so
+-- that the caller unwraps it before the fetch uses the record up (a KMS
+-- fault then shows nothing and leaves the record unfetched). Key ids are
+-- not secret: a revealer reads vault_keys.
+CREATE OR REPLACE FUNCTION pii_vault_quarantine_show_key(p_record bigint) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    s quarantine_reveals;
+BEGIN
+    PERFORM pii_vault_check_record(p_record, ARRAY['quarantine-show'], interval '1 hour');
+    SELECT * INTO s FROM quarantine_reveals r WHERE r.record = p_record;
+    IF NOT FOUND OR s.requested_by <> session_user THEN
+        RAISE EXCEPTION USING ERRCODE = 'PV004', MESSAGE = format('record %s is not a quarantine show of this login', p_record);
+    END IF;
+    RETURN (SELECT q.key_id FROM quarantine q WHERE q.message_id = s.message_id AND q.replayed_at IS NULL);
+END
+$$;
+REVOKE ALL ON FUNCTION pii_vault_quarantine_show_key(bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pii_vault_quarantine_show_key(bigint) TO pii_vault_revealer;
+
 -- ----------------------------------------------------------- replay
 -- A rotator's operation: it opens sealed bodies (as `rotate data-keys`
 -- does) and writes logins, which a worker must never be able to read back.

@@ -70,6 +70,15 @@ impl Quarantine for PgStore {
         )
     }
 
+    async fn quarantine_show_key(&self, record: i64) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT pii_vault_quarantine_show_key($1)")
+                .bind(record)
+                .fetch_one(self.pool())
+                .await?,
+        )
+    }
+
     async fn quarantine_show_fetch(
         &self,
         record: i64,

@@ -130,6 +130,22 @@ impl Quarantine for SqliteStore {
         Ok(id)
     }
 
+    async fn quarantine_show_key(&self, record: i64) -> Result<Option<String>, StoreError> {
+        let key: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT q.key_id FROM quarantine_reveals s \
+             JOIN audit_log a ON a.id = s.record AND a.action = 'quarantine-show' \
+             LEFT JOIN quarantine q ON q.message_id = s.message_id AND q.replayed_at IS NULL \
+             WHERE s.record = $1",
+        )
+        .bind(record)
+        .fetch_optional(&self.pool)
+        .await?;
+        match key {
+            None => Err(refused(format!("record {record} is not a quarantine show"))),
+            Some(key) => Ok(key),
+        }
+    }
+
     async fn quarantine_show_fetch(
         &self,
         record: i64,

@@ -264,6 +264,7 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
     // bodies replayed under one (rotator).
     ("pii_vault_quarantine_show_request(text,text,text)", &[REVEALER]),
     ("pii_vault_quarantine_show_fetch(bigint)", &[REVEALER]),
+    ("pii_vault_quarantine_show_key(bigint)", &[REVEALER]),
     (
         "pii_vault_quarantine_replay_request(text[],text,text,bytea,text,text)",
         &[ROTATOR],
