@@ -588,3 +588,72 @@ async fn a_show_whose_key_cannot_be_unwrapped_shows_nothing_and_stays_unfetched(
             .unwrap();
     assert_eq!((shows, fetched), (1, 0));
 }
+
+/// A data subject's ledger (`audit subject`) lists each showing of a
+/// quarantined body of theirs, fetched or not, and still does after the
+/// user was forgotten (which clears the quarantined row's user id).
+async fn the_ledger_lists_quarantine_shows(app: &TestApp) {
+    let gen = common::gen_events_recorded(&["-n", "60", "--malformed-pct", "30", "--seed", "37"]);
+    let input = app.write("logins.jsonl", &gen.text);
+    app.ok(&["run", "--from-file", &input]);
+    let out = app.ok_output(&["quarantine", "list", "--format", "json"]);
+    let entries = listed(&out.stdout);
+    // A reject whose user id could be salvaged from its body.
+    let (id, user) = entries
+        .iter()
+        .find_map(|e| {
+            let line = e["line"].as_i64()? as usize;
+            let body: serde_json::Value = serde_json::from_str(gen.lines()[line - 1]).ok()?;
+            let user = body.get("user_id")?.as_str()?.to_string();
+            (user.len() < 100).then(|| (e["message_id"].as_str().unwrap().to_string(), user))
+        })
+        .expect("a reject with a user id");
+    app.ok(&["quarantine", "show", &id, "--reason", "INC-37"]);
+    let ledger = |when: &str| -> Vec<serde_json::Value> {
+        let out = app.ok_output(&[
+            "audit",
+            "subject",
+            "--user-id",
+            &user,
+            "--reason",
+            when,
+            "--format",
+            "json",
+        ]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let shows = |entries: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        entries
+            .iter()
+            .filter(|e| e["action"] == "quarantine-show")
+            .cloned()
+            .collect()
+    };
+    let before = shows(&ledger("DSAR-1"));
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0]["message_ids"], serde_json::json!([id]));
+    assert_eq!(before[0]["row_count"], 1);
+    app.ok(&["forget", "--user-id", &user, "--reason", "DSAR-2 erasure"]);
+    let after = ledger("DSAR-3");
+    assert_eq!(shows(&after), before, "{after:?}");
+    assert!(after.iter().any(|e| e["action"] == "forget"), "{after:?}");
+}
+
+#[tokio::test]
+async fn embedded_the_ledger_lists_quarantine_shows() {
+    let app = TestApp::embedded();
+    the_ledger_lists_quarantine_shows(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_the_ledger_lists_quarantine_shows() {
+    let Some(app) = TestApp::postgres().await else {
+        return;
+    };
+    app.ok(&["migrate"]);
+    the_ledger_lists_quarantine_shows(&app).await;
+    app.finish().await;
+}

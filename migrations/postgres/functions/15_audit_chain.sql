@@ -262,6 +262,13 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
     SELECT a.id, a.at, a.actor, a.claimed_actor, a.action, NULL, a.reason, NULL, NULL, NULL, NULL, e.rows, NULL
     FROM erasure_subjects e JOIN audit_log a ON a.id = e.record
     WHERE e.user_id = p_user_id
+    UNION ALL
+    -- Each quarantined body of the user's that was shown (row_count 0:
+    -- recorded, never fetched).
+    SELECT a.id, a.at, a.actor, a.claimed_actor, a.action, 'message_id', a.reason, NULL, NULL, NULL,
+           s.fetched_at, (s.fetched_at IS NOT NULL)::int::bigint, ARRAY[s.message_id]
+    FROM quarantine_reveals s JOIN audit_log a ON a.id = s.record
+    WHERE s.user_id = p_user_id
 $$;
 REVOKE ALL ON FUNCTION pii_vault_subject_rows(text) FROM PUBLIC;
 

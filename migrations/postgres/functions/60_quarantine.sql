@@ -59,8 +59,9 @@ BEGIN
     INSERT INTO audit_log (action, target, reason, claimed_actor, row_count)
     VALUES ('quarantine-show', 'message_id=' || p_message_id, p_reason, left(p_claimed_actor, 256), 1)
     RETURNING id INTO rid;
-    INSERT INTO quarantine_reveals (record, message_id, requested_by, requested_at)
-    VALUES (rid, p_message_id, session_user, clock_timestamp());
+    INSERT INTO quarantine_reveals (record, message_id, requested_by, requested_at, user_id)
+    VALUES (rid, p_message_id, session_user, clock_timestamp(),
+            (SELECT q.user_id::text FROM quarantine q WHERE q.message_id = p_message_id));
     RETURN rid;
 END
 $$;

@@ -118,8 +118,8 @@ impl Quarantine for SqliteStore {
         };
         let id = insert_audit(&mut tx, &audit, 1).await?;
         sqlx::query(&format!(
-            "INSERT INTO quarantine_reveals (record, message_id, requested_by, requested_at) \
-             VALUES ($1, $2, $3, {NOW})"
+            "INSERT INTO quarantine_reveals (record, message_id, requested_by, requested_at, user_id) \
+             VALUES ($1, $2, $3, {NOW}, (SELECT user_id FROM quarantine WHERE message_id = $2))"
         ))
         .bind(id)
         .bind(message_id)

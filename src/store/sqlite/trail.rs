@@ -220,6 +220,32 @@ impl Trail for SqliteStore {
                 message_ids: None,
             });
         }
+        // Each quarantined body of the user's that was shown.
+        let shows = sqlx::query(
+            "SELECT a.id, a.at, a.actor, a.claimed_actor, a.action, a.reason, s.fetched_at, s.message_id \
+             FROM quarantine_reveals s JOIN audit_log a ON a.id = s.record WHERE s.user_id = $1",
+        )
+        .bind(user_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        for r in &shows {
+            let fetched_at = opt_time(r.try_get("fetched_at")?)?;
+            out.push(LedgerEntry {
+                record: r.try_get("id")?,
+                at: parse_time(&r.try_get::<String, _>("at")?)?,
+                actor: r.try_get("actor")?,
+                claimed_actor: r.try_get("claimed_actor")?,
+                action: r.try_get("action")?,
+                selector: Some("message_id".into()),
+                reason: r.try_get("reason")?,
+                status: None,
+                approved_by: None,
+                approved_at: None,
+                row_count: i64::from(fetched_at.is_some()),
+                fetched_at,
+                message_ids: Some(vec![r.try_get("message_id")?]),
+            });
+        }
         out.sort_by_key(|e| (e.at, e.record));
         let audit = AuditEntry::new(who, "subject-access", format!("user_id={user_id}"));
         insert_audit(&mut tx, &audit, out.len() as i64).await?;
