@@ -23,6 +23,20 @@ SET search_path FROM CURRENT AS $$
 $$;
 REVOKE ALL ON FUNCTION pii_vault_honeytokens_among(text[]) FROM PUBLIC;
 
+-- What counts against this login's daily reveal limit: its granted
+-- reveals and its shown quarantined bodies (functions/60_quarantine.sql)
+-- of the last 24 hours. Called by the definer functions after they took
+-- the login's reveal_quota row.
+CREATE OR REPLACE FUNCTION pii_vault_reveals_today() RETURNS bigint
+LANGUAGE sql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT (SELECT count(*) FROM reveal_requests r
+            WHERE r.requested_by = session_user AND r.status = 'granted'
+              AND r.requested_at > clock_timestamp() - interval '24 hours')
+         + (SELECT count(*) FROM quarantine_reveals s
+            WHERE s.requested_by = session_user AND s.requested_at > clock_timestamp() - interval '24 hours')
+$$;
+REVOKE ALL ON FUNCTION pii_vault_reveals_today() FROM PUBLIC;
+
 -- Step one of a reveal. The logins it covers are fixed here
 -- (reveal_request_rows): a later fetch hands out exactly these, whenever
 -- it runs. Within the policy: granted (audit action `reveal`). Over it
@@ -82,14 +96,7 @@ BEGIN
     h := pii_vault_honeytokens_among(users);
 
     SELECT * INTO pol FROM reveal_policy;
-    -- The day's granted reveals and shown quarantined bodies
-    -- (functions/60_quarantine.sql) count against one limit.
-    SELECT (SELECT count(*) FROM reveal_requests r
-            WHERE r.requested_by = session_user AND r.status = 'granted'
-              AND r.requested_at > clock_timestamp() - interval '24 hours')
-         + (SELECT count(*) FROM quarantine_reveals s
-            WHERE s.requested_by = session_user AND s.requested_at > clock_timestamp() - interval '24 hours')
-    INTO today;
+    today := pii_vault_reveals_today();
     IF u > pol.max_users_per_reveal OR today >= pol.max_reveals_per_day THEN
         st := 'pending';
     END IF;

@@ -45,12 +45,7 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'PV004', MESSAGE = 'no quarantined message has this id';
     END IF;
     SELECT * INTO pol FROM reveal_policy;
-    SELECT (SELECT count(*) FROM reveal_requests r
-            WHERE r.requested_by = session_user AND r.status = 'granted'
-              AND r.requested_at > clock_timestamp() - interval '24 hours')
-         + (SELECT count(*) FROM quarantine_reveals s
-            WHERE s.requested_by = session_user AND s.requested_at > clock_timestamp() - interval '24 hours')
-    INTO today;
+    today := pii_vault_reveals_today();
     IF today >= pol.max_reveals_per_day THEN
         RAISE EXCEPTION USING ERRCODE = 'PV017',
             MESSAGE = format('this login reached the daily limit of %s reveals (quarantine show counts as one); nothing was shown',

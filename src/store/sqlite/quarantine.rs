@@ -95,15 +95,7 @@ impl Quarantine for SqliteStore {
         let max_per_day: i64 = sqlx::query_scalar("SELECT max_reveals_per_day FROM reveal_policy")
             .fetch_one(&mut *tx)
             .await?;
-        let today: i64 = sqlx::query_scalar(
-            "SELECT (SELECT count(*) FROM reveal_requests WHERE requested_by = $1 AND status = 'granted' \
-               AND requested_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day')) \
-             + (SELECT count(*) FROM quarantine_reveals WHERE requested_by = $1 \
-               AND requested_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day'))",
-        )
-        .bind(&me)
-        .fetch_one(&mut *tx)
-        .await?;
+        let today = super::reveal::reveals_today(&mut tx, &me).await?;
         if today >= max_per_day {
             return Err(refused(format!(
                 "this login reached the daily limit of {max_per_day} reveals \

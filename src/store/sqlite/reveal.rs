@@ -66,16 +66,7 @@ impl Reveal for SqliteStore {
             sqlx::query_as("SELECT max_users_per_reveal, max_reveals_per_day FROM reveal_policy")
                 .fetch_one(&mut *tx)
                 .await?;
-        // Shown quarantined bodies count against the same daily limit.
-        let today: i64 = sqlx::query_scalar(
-            "SELECT (SELECT count(*) FROM reveal_requests WHERE requested_by = $1 AND status = 'granted' \
-               AND requested_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day')) \
-             + (SELECT count(*) FROM quarantine_reveals WHERE requested_by = $1 \
-               AND requested_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day'))",
-        )
-        .bind(&me)
-        .fetch_one(&mut *tx)
-        .await?;
+        let today = reveals_today(&mut tx, &me).await?;
         let status = if users > max_users || today >= max_per_day {
             RequestStatus::Pending
         } else {
@@ -405,4 +396,22 @@ impl Reveal for SqliteStore {
         tx.commit().await?;
         self.policy().await
     }
+}
+
+/// What counts against `login`'s daily reveal limit: its granted reveals
+/// and its shown quarantined bodies of the last 24 hours (as
+/// `pii_vault_reveals_today` on Postgres).
+pub(super) async fn reveals_today(
+    conn: &mut sqlx::SqliteConnection,
+    login: &str,
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM reveal_requests WHERE requested_by = $1 AND status = 'granted' \
+           AND requested_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day')) \
+         + (SELECT count(*) FROM quarantine_reveals WHERE requested_by = $1 \
+           AND requested_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day'))",
+    )
+    .bind(login)
+    .fetch_one(conn)
+    .await?)
 }

@@ -291,6 +291,7 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
         &[],
     ),
     ("pii_vault_honeytokens_among(text[])", &[]),
+    ("pii_vault_reveals_today()", &[]),
     ("pii_vault_destroy_unreferenced_data_keys()", &[]),
     // Trigger functions.
     ("audit_log_append_only()", &[]),
