@@ -53,10 +53,7 @@ async fn status(cli: &Cli, dry_run: bool) -> anyhow::Result<()> {
         println!("database {shown} does not exist yet (nothing was created)");
     }
     if let Some(prefix) = &status.role_prefix {
-        println!(
-            "roles: {prefix}_worker, {prefix}_analyst, {prefix}_revealer, {prefix}_rotator, \
-             {prefix}_auditor, {prefix}_searcher"
-        );
+        println!("roles: {}", prefix.role_names().join(", "));
     }
     if dry_run {
         if pending.is_empty() {

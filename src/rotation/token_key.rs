@@ -104,6 +104,7 @@ pub async fn rotate_token_key(
             &store,
             wrapper.clone(),
             &token_key,
+            network,
             &job,
             progress,
             &mut out,
@@ -230,12 +231,12 @@ async fn retokenise(
     store: &Arc<dyn Store>,
     wrapper: Arc<dyn KeyWrapper>,
     key: &TokenKey,
+    network: bool,
     job: &Job,
     progress: &JobProgress,
     out: &mut TokenKeyRotated,
 ) -> anyhow::Result<()> {
     let version = key.version() as i64;
-    let network = store.network_tokens().await?;
     let mut reader = VaultReader::new(store.clone(), wrapper);
     let mut skipped: HashSet<String> = HashSet::new();
     for _pass in 0..10 {

@@ -10,6 +10,14 @@ use std::str::FromStr;
 /// what a database migrated without `--role-prefix` keeps.
 pub const DEFAULT_ROLE_PREFIX: &str = "pii_vault";
 
+/// The roles the migration files create and grant to, after the prefix.
+/// `migrate --role-prefix` rewrites each of these names and nothing else
+/// (functions, tables and the alarm channel keep their `pii_vault_` names:
+/// they are per database already).
+pub const ROLE_SUFFIXES: &[&str] = &[
+    "worker", "analyst", "revealer", "rotator", "auditor", "searcher",
+];
+
 /// Room for the longest role name (`<prefix>_revealer`) within Postgres's
 /// 63-byte identifiers.
 const MAX_LEN: usize = 40;
@@ -26,6 +34,14 @@ impl RolePrefix {
 
     pub fn is_default(&self) -> bool {
         self.0 == DEFAULT_ROLE_PREFIX
+    }
+
+    /// The database's role names under this prefix.
+    pub fn role_names(&self) -> Vec<String> {
+        ROLE_SUFFIXES
+            .iter()
+            .map(|r| format!("{}_{r}", self.0))
+            .collect()
     }
 }
 

@@ -11,15 +11,8 @@ use std::borrow::Cow;
 use sqlx::migrate::{Migration, MigrationSource, Migrator};
 use sqlx::{PgConnection, PgPool};
 
-use crate::store::roles::{RolePrefix, DEFAULT_ROLE_PREFIX};
+use crate::store::roles::{RolePrefix, DEFAULT_ROLE_PREFIX, ROLE_SUFFIXES};
 use crate::store::StoreError;
-
-/// The roles the files create and grant to, after the prefix. Every name
-/// here is rewritten; nothing else is (functions, tables and the alarm
-/// channel keep their `pii_vault_` names: they are per database already).
-const ROLE_SUFFIXES: &[&str] = &[
-    "worker", "analyst", "revealer", "rotator", "auditor", "searcher",
-];
 
 /// `sql` with every whole-word `pii_vault_<role>` renamed to
 /// `<prefix>_<role>`; borrowed as it is for the default prefix.
