@@ -36,6 +36,7 @@ macro_rules! eprintln {
 }
 
 pub mod cli;
+pub mod clock;
 pub mod commands;
 pub mod crypto;
 pub mod domain;

@@ -55,6 +55,13 @@ pub async fn forget(cli: &Cli, args: &ForgetArgs) -> anyhow::Result<()> {
                 e.quarantined,
                 e.keys_destroyed.len()
             );
+            if !e.partitions_dropped.is_empty() {
+                eprintln!(
+                    "pii-vault: {} monthly vault partition(s) dropped whole: {}",
+                    e.partitions_dropped.len(),
+                    e.partitions_dropped.join(", ")
+                );
+            }
             if e.undated_kept > 0 {
                 eprintln!(
                     "pii-vault: {} vault row(s) have no date (legacy rows without a login) and are never erased by date; \

@@ -14,6 +14,7 @@ use crate::source::MessageSource;
 use crate::store::BatchOutcome;
 
 pub async fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
+    crate::clock::from_env().map_err(anyhow::Error::msg)?;
     if args.dry_run {
         return dry_run(args).await;
     }

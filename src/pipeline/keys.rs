@@ -37,6 +37,10 @@ pub struct DataKeyLease {
     pub id: String,
     pub sealer: Sealer,
     created: Instant,
+    /// The month (by [`crate::clock`]) the key was made in: it is replaced
+    /// when the month turns, so that each data key seals about one monthly
+    /// partition's rows and retention can destroy it with that partition.
+    month: i32,
     used: u64,
 }
 
@@ -46,7 +50,9 @@ impl DataKeyLease {
     }
 
     fn exhausted(&self, policy: &DekPolicy, need: u64) -> bool {
-        self.used + need > policy.max_uses || self.created.elapsed() >= policy.max_age
+        self.used + need > policy.max_uses
+            || self.created.elapsed() >= policy.max_age
+            || self.month != this_month()
     }
 }
 
@@ -121,8 +127,15 @@ pub async fn new_data_key(
         id,
         sealer: Sealer::new(&material),
         created: Instant::now(),
+        month: this_month(),
         used: 0,
     })
+}
+
+fn this_month() -> i32 {
+    use chrono::Datelike;
+    let today = crate::clock::today();
+    today.year() * 12 + today.month0() as i32
 }
 
 /// The data key to seal the next `need` values with, replaced first if the

@@ -207,6 +207,14 @@ impl Pipeline {
             });
         }
         while ackers.join_next().await.is_some() {}
+        // Done with its data key: retired, so that retention destroys it
+        // once the rows it sealed are erased (an active key never is).
+        // Best effort, as when a key reaches its cap.
+        if let Some(k) = keys.dek.take() {
+            if let Err(e) = self.store.retire_data_key(&k.id).await {
+                tracing::warn!(key_id = %k.id, error = %e, "could not retire this writer's data key at the end of the run");
+            }
+        }
         Ok(total)
     }
 

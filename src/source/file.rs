@@ -5,13 +5,15 @@
 //! [`crate::crypto::TokenKey::line_id`]): running the same file twice
 //! stores nothing new, another file with the same lines (the next day's
 //! export) is stored in full, and the id says nothing about the PII in the
-//! line. `create_date` is the day the line is read.
+//! line. `create_date` is the day the line is read ([`crate::clock`]); on
+//! Postgres, a line loaded again on a later day keeps the day it was first
+//! stored (the `line_dates` table), so it lands in the same monthly
+//! partition and stays a duplicate.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::Utc;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use tokio::sync::Mutex;
 use zeroize::Zeroizing;
@@ -156,7 +158,7 @@ impl MessageSource for FileSource {
             return Ok(None);
         }
         let mut out = Vec::with_capacity(max);
-        let now = Utc::now();
+        let now = crate::clock::now();
         while out.len() < max {
             // Wait as long as it takes for the first line; after that, hand
             // over what has arrived, so a slow stream (`tail -f | pii-vault run

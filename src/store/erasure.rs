@@ -24,6 +24,9 @@ pub struct Retained {
     pub undated_kept: u64,
     /// Retired data keys that sealed nothing any more, destroyed.
     pub keys_destroyed: Vec<String>,
+    /// Monthly vault partitions wholly before the day, dropped instead of
+    /// deleted from (Postgres; SQLite has none).
+    pub partitions_dropped: Vec<String>,
 }
 
 /// Erasing originals, each with its audit row in the same transaction.

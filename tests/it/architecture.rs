@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 /// use modules of its own layer and of the layers below it.
 const LAYERS: &[&[&str]] = &[
     // Values and primitives: no I/O of their own.
-    &["domain", "crypto", "retry", "output", "trail"],
+    &["domain", "crypto", "retry", "output", "trail", "clock"],
     // Adapters: where bytes come from and go to.
     &["metrics", "kms", "source", "store"],
     // What the adapters' rows mean: keys and the sealed-row format.

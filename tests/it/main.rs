@@ -24,6 +24,7 @@ mod first_hour_state;
 mod kms_faults;
 mod network_tokens;
 mod operations;
+mod partitions;
 mod production;
 mod quarantine;
 mod roles;

@@ -45,16 +45,35 @@ GRANT EXECUTE ON FUNCTION pii_vault_forget(text, text, text) TO pii_vault_rotato
 -- quarantined before it; then the retired data keys left with nothing to
 -- open are destroyed. One audit row (action `retention`) with the count,
 -- and the users it touched in erasure_subjects.
+--
+-- Whole months go by partition (migration 0017): each vault partition that
+-- ends on or before `p_before` is counted by user (one read, for the
+-- subject ledger), then detached and dropped, which leaves no dead tuples
+-- and takes no time per row; only the partition the day cuts, and the
+-- default partition, are deleted from. Each partition to drop is locked
+-- against writes first (SHARE: a late redelivery into that month waits),
+-- so what is counted is what is dropped. DETACH takes ACCESS EXCLUSIVE on
+-- `vault` for the moment of the metadata change at the end; `lock_timeout`
+-- keeps it from queueing behind a long transaction (the call then fails,
+-- having changed nothing, and can be run again). Not DETACH … CONCURRENTLY:
+-- that cannot run inside a function, and a function is what lets the
+-- rotator erase without holding any right on the tables.
 CREATE OR REPLACE FUNCTION pii_vault_retention(p_before date, p_reason text, p_claimed_actor text)
-RETURNS TABLE (vault_rows bigint, quarantined bigint, undated_kept bigint, keys_destroyed text[])
+RETURNS TABLE (vault_rows bigint, quarantined bigint, undated_kept bigint, keys_destroyed text[],
+               partitions_dropped text[])
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 #variable_conflict use_column
 DECLARE
     rid bigint;
-    users text[];
-    counts bigint[];
+    users text[] := '{}';
+    counts bigint[] := '{}';
+    part_users text[];
+    part_counts bigint[];
+    n bigint;
+    cut bigint;
     q_users text[];
     q_counts bigint[];
+    part record;
 BEGIN
     PERFORM pii_vault_fresh_call();
     IF p_reason IS NULL OR btrim(p_reason) = '' THEN
@@ -64,25 +83,58 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'PV013',
             MESSAGE = 'retention erases what is older than a day that has begun: the date is in the future';
     END IF;
-    -- Which users lost what, for the subject ledger (user ids only).
-    WITH d AS (DELETE FROM vault WHERE create_date < p_before RETURNING user_id),
-         g AS (SELECT user_id, count(*) AS n FROM d GROUP BY user_id)
-    SELECT coalesce(sum(n), 0), coalesce(array_agg(user_id) FILTER (WHERE user_id IS NOT NULL), '{}'),
-           coalesce(array_agg(n) FILTER (WHERE user_id IS NOT NULL), '{}')
-    INTO vault_rows, users, counts FROM g;
+    vault_rows := 0;
+    partitions_dropped := '{}';
+    -- Whole partitions: which users lost what (user ids only), then drop.
+    FOR part IN SELECT * FROM pii_vault_partitions('vault') WHERE hi <= p_before ORDER BY hi LOOP
+        EXECUTE format('LOCK TABLE %I IN SHARE MODE', part.name);
+        EXECUTE format('SELECT coalesce(sum(n), 0), coalesce(array_agg(user_id), ''{}''), coalesce(array_agg(n), ''{}'') '
+                       'FROM (SELECT user_id, count(*) AS n FROM %I GROUP BY user_id) g', part.name)
+            INTO n, part_users, part_counts;
+        vault_rows := vault_rows + n;
+        users := users || part_users;
+        counts := counts || part_counts;
+        partitions_dropped := partitions_dropped || part.name;
+    END LOOP;
+    -- The partition the day cuts, and dated rows waiting in the default one.
+    FOR part IN
+        SELECT p.name FROM pii_vault_partitions('vault') p WHERE p.hi > p_before AND coalesce(p.lo, '-infinity') < p_before
+        UNION ALL SELECT 'vault_undated'
+    LOOP
+        EXECUTE format('WITH d AS (DELETE FROM %I WHERE create_date < %L RETURNING user_id) '
+                       'SELECT coalesce(sum(n), 0), coalesce(array_agg(user_id), ''{}''), coalesce(array_agg(n), ''{}'') '
+                       'FROM (SELECT user_id, count(*) AS n FROM d GROUP BY user_id) g', part.name, p_before)
+            INTO cut, part_users, part_counts;
+        vault_rows := vault_rows + cut;
+        users := users || part_users;
+        counts := counts || part_counts;
+    END LOOP;
     WITH d AS (DELETE FROM quarantine WHERE received_at < (p_before::timestamp AT TIME ZONE 'UTC') RETURNING user_id),
          g AS (SELECT user_id, count(*) AS n FROM d GROUP BY user_id)
     SELECT coalesce(sum(n), 0), coalesce(array_agg(user_id) FILTER (WHERE user_id IS NOT NULL), '{}'),
            coalesce(array_agg(n) FILTER (WHERE user_id IS NOT NULL), '{}')
     INTO quarantined, q_users, q_counts FROM g;
-    SELECT count(*) INTO undated_kept FROM vault WHERE create_date IS NULL;
+    -- File lines first loaded before the day: their logins' originals are
+    -- gone, so a load of them again has nothing to keep apart from.
+    DELETE FROM line_dates WHERE create_date < p_before;
+    IF cardinality(partitions_dropped) > 0 THEN
+        PERFORM set_config('lock_timeout', '10s', true);
+        FOR part IN SELECT unnest(partitions_dropped) AS name LOOP
+            EXECUTE format('ALTER TABLE vault DETACH PARTITION %I', part.name);
+            EXECUTE format('DROP TABLE %I', part.name);
+        END LOOP;
+    END IF;
+    SELECT count(*) INTO undated_kept FROM vault_undated WHERE create_date IS NULL;
     keys_destroyed := pii_vault_destroy_unreferenced_data_keys();
     INSERT INTO audit_log (action, target, reason, claimed_actor, row_count)
-    VALUES ('retention', format('before=%s keys_destroyed=%s', p_before, cardinality(keys_destroyed)), p_reason,
-            left(p_claimed_actor, 256), vault_rows + quarantined)
+    VALUES ('retention', format('before=%s keys_destroyed=%s', p_before, cardinality(keys_destroyed))
+                         || CASE WHEN cardinality(partitions_dropped) > 0
+                                 THEN format(' partitions_dropped=%s', cardinality(partitions_dropped)) ELSE '' END,
+            p_reason, left(p_claimed_actor, 256), vault_rows + quarantined)
     RETURNING id INTO rid;
     INSERT INTO erasure_subjects (record, user_id, rows)
     SELECT rid, u, sum(n) FROM (SELECT * FROM unnest(users, counts) UNION ALL SELECT * FROM unnest(q_users, q_counts)) x(u, n)
+    WHERE u IS NOT NULL
     GROUP BY u;
     RETURN NEXT;
 END

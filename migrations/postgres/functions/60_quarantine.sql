@@ -235,7 +235,7 @@ BEGIN
                                p_masked_ip_net, p_locale, p_app_version, p_create_date)
                         AS u(m, uid, dt, ip, dev, net, loc, ver, d)
         WHERE u.m = ANY (live)
-        ON CONFLICT (message_id) DO NOTHING
+        ON CONFLICT (message_id, create_date) DO NOTHING
         RETURNING message_id
     )
     SELECT coalesce(array_agg(message_id), '{}') INTO ins FROM i;

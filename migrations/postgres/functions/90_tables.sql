@@ -7,13 +7,14 @@
 SELECT set_config('search_path', format('%I, pg_temp', current_schema()), true);
 
 -- ------------------------------------------------------------------ worker
--- Appends only. SELECT on message_id alone: INSERT … ON CONFLICT
--- (message_id) … RETURNING message_id needs it, and the tokens stay
+-- Appends only. SELECT on message_id and create_date alone: INSERT … ON
+-- CONFLICT (message_id, create_date) … RETURNING message_id needs them (the
+-- conflict target's columns), and the tokens stay
 -- unreadable (a worker holds the token key, which with the tokens would
 -- invert them by enumerating IPs). No id: the sequence numbers logins.
 GRANT INSERT (message_id, user_id, device_type, masked_ip, masked_device_id, masked_ip_net, locale, app_version,
               create_date),
-      SELECT (message_id)
+      SELECT (message_id, create_date)
     ON user_logins TO pii_vault_worker;
 DO $$
 BEGIN
@@ -26,6 +27,9 @@ $$;
 -- target needs SELECT on its columns). Keys only through
 -- pii_vault_register_data_key / pii_vault_retire_data_key.
 GRANT INSERT ON vault, quarantine TO pii_vault_worker;
+-- The first-load day of file lines (migration 0017): written by COPY with
+-- the logins, read back only through pii_vault_line_dates.
+GRANT INSERT ON line_dates TO pii_vault_worker;
 GRANT SELECT ON vault_keys, kms_allowlist TO pii_vault_worker;
 
 -- ----------------------------------------------------------------- analyst

@@ -30,21 +30,27 @@ impl Erasure for PgStore {
     }
 
     async fn retention(&self, before: NaiveDate, who: &Requester) -> Result<Retained, StoreError> {
-        let (vault_rows, quarantined, undated_kept, keys_destroyed): (i64, i64, i64, Vec<String>) =
-            sqlx::query_as(
-                "SELECT vault_rows, quarantined, undated_kept, keys_destroyed \
+        let (vault_rows, quarantined, undated_kept, keys_destroyed, partitions_dropped): (
+            i64,
+            i64,
+            i64,
+            Vec<String>,
+            Vec<String>,
+        ) = sqlx::query_as(
+            "SELECT vault_rows, quarantined, undated_kept, keys_destroyed, partitions_dropped \
                  FROM pii_vault_retention($1, $2, $3)",
-            )
-            .bind(before)
-            .bind(&who.reason)
-            .bind(&who.claimed_actor)
-            .fetch_one(self.pool())
-            .await?;
+        )
+        .bind(before)
+        .bind(&who.reason)
+        .bind(&who.claimed_actor)
+        .fetch_one(self.pool())
+        .await?;
         Ok(Retained {
             vault_rows: vault_rows as u64,
             quarantined: quarantined as u64,
             undated_kept: undated_kept as u64,
             keys_destroyed,
+            partitions_dropped,
         })
     }
 

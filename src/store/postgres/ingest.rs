@@ -8,13 +8,18 @@
 //! the rows as parallel arrays (`UNNEST($1::text[], …)`) and `ON CONFLICT
 //! DO NOTHING`, so a redelivered message that another replica already
 //! committed is counted as a duplicate. Exactly-once effect rests on the
-//! unique `message_id` either way.
+//! unique `(message_id, create_date)` either way (both tables are
+//! partitioned by month of `create_date`, migration 0017): a message keeps
+//! its date when delivered again, an SQS message by its `SentTimestamp`, a
+//! file line by the `line_dates` row of its first load, which the fast
+//! lane writes beside it (and whose unique violation sends a file loaded
+//! again to the careful lane, which reads the first day back).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 
 use super::copy;
 use super::PgStore;
@@ -90,7 +95,61 @@ async fn copy_logins(
         .await?;
     copy.send(rows.finish()).await?;
     copy.finish().await?;
+
+    let lines: Vec<_> = logins.iter().filter_map(|(l, _)| first_load(l)).collect();
+    if !lines.is_empty() {
+        let mut rows = copy::CopyRows::new(lines.len() * 60);
+        for (id, day) in &lines {
+            rows.row(2).text(id).date(Some(*day));
+        }
+        let mut copy = tx
+            .copy_in_raw("COPY line_dates (message_id, create_date) FROM STDIN (FORMAT binary)")
+            .await?;
+        copy.send(rows.finish()).await?;
+        copy.finish().await?;
+    }
     Ok(())
+}
+
+/// A file line's message id and the day it is read, for `line_dates`.
+/// File lines are the `line-…` ids of [`crate::crypto::TokenKey::line_id`];
+/// SQS message ids are UUIDs and carry their own date.
+fn first_load(l: &LoginRow) -> Option<(&str, NaiveDate)> {
+    if !l.message_id.starts_with("line-") {
+        return None;
+    }
+    l.create_date.map(|d| (l.message_id.as_str(), d))
+}
+
+/// The careful lane's dates for file lines: records this load's day for
+/// lines never stored (`ON CONFLICT DO NOTHING` waits for a load of the
+/// same lines that is committing and then skips them), then reads back the
+/// day of every line's first load. The logins and their vault rows are
+/// written with those days, so a line loaded again next month lands in its
+/// first month's partition and meets itself there.
+async fn first_load_days(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    chunk: &[&(LoginRow, VaultRow)],
+) -> Result<HashMap<String, NaiveDate>, sqlx::Error> {
+    let (ids, days): (Vec<&str>, Vec<NaiveDate>) =
+        chunk.iter().filter_map(|(l, _)| first_load(l)).unzip();
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    sqlx::query(
+        "INSERT INTO line_dates (message_id, create_date) \
+         SELECT * FROM UNNEST($1::text[], $2::date[]) ON CONFLICT DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&days)
+    .execute(&mut **tx)
+    .await?;
+    let stored: Vec<(String, NaiveDate)> =
+        sqlx::query_as("SELECT message_id, create_date FROM pii_vault_line_dates($1)")
+            .bind(&ids)
+            .fetch_all(&mut **tx)
+            .await?;
+    Ok(stored.into_iter().collect())
 }
 
 /// The lane for batches that may hold redeliveries: `ON CONFLICT DO
@@ -104,6 +163,8 @@ async fn insert_logins(
 ) -> Result<usize, StoreError> {
     let mut fresh = 0;
     for chunk in logins.chunks(CHUNK) {
+        let first = first_load_days(tx, chunk).await?;
+        let day = |l: &LoginRow| first.get(&l.message_id).copied().or(l.create_date);
         let mut message_id = Vec::with_capacity(chunk.len());
         let mut user_id = Vec::with_capacity(chunk.len());
         let mut device_type = Vec::with_capacity(chunk.len());
@@ -122,14 +183,14 @@ async fn insert_logins(
             masked_ip_net.push(l.masked_ip_net.as_deref());
             locale.push(l.locale.as_deref());
             app_version.push(l.app_version.as_str());
-            create_date.push(l.create_date);
+            create_date.push(day(l));
         }
         let inserted: HashSet<String> = sqlx::query_scalar(
             "INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, \
              masked_ip_net, locale, app_version, create_date) \
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
              $6::text[], $7::text[], $8::text[], $9::date[]) \
-             ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
+             ON CONFLICT (message_id, create_date) DO NOTHING RETURNING message_id",
         )
         .bind(&message_id)
         .bind(&user_id)
@@ -176,7 +237,7 @@ async fn insert_logins(
         let key_id: Vec<&str> = new.iter().map(|(_, v)| v.key_id.as_str()).collect();
         let nonce: Vec<&[u8]> = new.iter().map(|(_, v)| v.nonce.as_slice()).collect();
         let ciphertext: Vec<&[u8]> = new.iter().map(|(_, v)| v.ciphertext.as_slice()).collect();
-        let create_date: Vec<Option<NaiveDate>> = new.iter().map(|(l, _)| l.create_date).collect();
+        let create_date: Vec<Option<NaiveDate>> = new.iter().map(|(l, _)| day(l)).collect();
         sqlx::query(
             "INSERT INTO vault (message_id, user_id, key_id, nonce, ciphertext, create_date) \
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::bytea[], $6::date[])",
@@ -191,6 +252,102 @@ async fn insert_logins(
         .await?;
     }
     Ok(fresh)
+}
+
+/// The monthly partitions a worker knows of (from its last call of
+/// `pii_vault_partitions_ensure`), and the months it asked for that the
+/// database would not make (beyond 14 months ahead, before 10 years ago, or
+/// after a failure), not asked for again by this process.
+#[derive(Default)]
+pub(super) struct KnownPartitions {
+    ranges: Vec<(NaiveDate, NaiveDate)>,
+    asked: HashSet<NaiveDate>,
+}
+
+fn month_of(d: NaiveDate) -> NaiveDate {
+    d.with_day(1).expect("every month has a first day")
+}
+
+impl KnownPartitions {
+    fn covers(&self, month: NaiveDate) -> bool {
+        self.asked.contains(&month)
+            || self
+                .ranges
+                .iter()
+                .any(|(lo, hi)| *lo <= month && month < *hi)
+    }
+
+    fn end(&self) -> Option<NaiveDate> {
+        self.ranges.iter().map(|(_, hi)| *hi).max()
+    }
+
+    /// The months of `days` that need a partition made, and whether the
+    /// partitions end within a month of `newest`.
+    fn missing(&self, days: &[NaiveDate], newest: NaiveDate) -> (Vec<NaiveDate>, bool) {
+        let mut months: Vec<NaiveDate> = days.iter().map(|d| month_of(*d)).collect();
+        months.sort_unstable();
+        months.dedup();
+        months.retain(|m| !self.covers(*m));
+        let near_end = self
+            .end()
+            .is_none_or(|end| newest + chrono::Days::new(31) >= end);
+        (months, near_end)
+    }
+}
+
+impl PgStore {
+    /// Creates the monthly partitions a batch is about to need: the month
+    /// of each of its days that has none, and two months past its newest
+    /// day (or today) once the partitions end within a month of it. Once
+    /// per process, then about once a month, or when a backfill brings an
+    /// old month; every other batch looks its few months up in memory. A
+    /// failure costs nothing but a warning: a row whose month has no
+    /// partition is stored in the default one, and moved out when the
+    /// partition is made.
+    async fn partitions_ahead(&self, logins: &[&(LoginRow, VaultRow)]) {
+        let today = crate::clock::today();
+        let days: Vec<NaiveDate> = logins.iter().filter_map(|(l, _)| l.create_date).collect();
+        let newest = days
+            .iter()
+            .copied()
+            .max()
+            .map_or(today, |d| d.max(today))
+            .min(today + chrono::Days::new(400));
+        let (months, near_end) = self
+            .partitions
+            .lock()
+            .expect("never poisoned: no panics while held")
+            .missing(&days, newest);
+        if months.is_empty() && !near_end {
+            return;
+        }
+        let made: Result<Vec<(NaiveDate, NaiveDate)>, _> =
+            sqlx::query_as("SELECT lo, hi FROM pii_vault_partitions_ensure($1, $2)")
+                .bind(&months[..months.len().min(120)])
+                .bind(newest + chrono::Days::new(62))
+                .fetch_all(&self.pool)
+                .await;
+        let mut known = self.partitions.lock().expect("never poisoned");
+        match made {
+            Ok(ranges) => known.ranges = ranges,
+            Err(e) => tracing::warn!(
+                error = %StoreError::from(e),
+                "could not create the monthly partitions a batch needs; rows of a month without one are kept in the default partition"
+            ),
+        }
+        // Not asked for again by this process, made or not.
+        known.asked.extend(months);
+        if near_end
+            && known
+                .end()
+                .is_none_or(|end| newest + chrono::Days::new(31) >= end)
+        {
+            // Capped or failed: ask again only for a later newest day.
+            known
+                .ranges
+                .push((month_of(newest), newest + chrono::Days::new(32)));
+        }
+    }
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
@@ -208,6 +365,9 @@ impl Ingest for PgStore {
         // and usage counting are the database's: statement triggers of
         // migrations/postgres/0003_trust_boundaries.sql check every insert
         // and COPY below, so `key_usage` and `token_key_id` need no query here.
+        if !logins.is_empty() {
+            self.partitions_ahead(&logins).await;
+        }
         let mut tx = self.pool.begin().await?;
         if !logins.is_empty() {
             if self.expect_duplicates.load(Ordering::Relaxed) {

@@ -65,6 +65,10 @@ pub struct PgStore {
     /// skip the `COPY` fast lane (which would fail and be redone) until one
     /// of them is all new again, e.g. while a file loaded before is re-run.
     pub(super) expect_duplicates: AtomicBool,
+    /// The monthly partitions as this process knows them: a batch with a
+    /// day in a month not among them, or within a month of their end, has
+    /// the partitions it needs created first (ingest.rs).
+    partitions: std::sync::Mutex<ingest::KnownPartitions>,
 }
 
 impl PgStore {
@@ -110,6 +114,7 @@ impl PgStore {
         Ok(PgStore {
             pool,
             expect_duplicates: AtomicBool::new(false),
+            partitions: Default::default(),
         })
     }
 
@@ -208,6 +213,14 @@ impl Store for PgStore {
             }
             None => {}
         }
+        // Three months of partitions ahead, and one for each month that has
+        // rows waiting in a default partition (see functions/80_partitions.sql).
+        sqlx::query(
+            "SELECT count(*) FROM pii_vault_partitions_ensure('{}', \
+             (clock_timestamp() AT TIME ZONE 'UTC')::date + 92)",
+        )
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }

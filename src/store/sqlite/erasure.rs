@@ -110,6 +110,7 @@ impl Erasure for SqliteStore {
             quarantined,
             undated_kept: undated_kept as u64,
             keys_destroyed,
+            partitions_dropped: Vec::new(),
         })
     }
 

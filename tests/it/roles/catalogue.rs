@@ -139,6 +139,14 @@ const EXPECTED: &[(&str, &str, &[&str])] = &[
     (REVEALER, "searches", &[]),
     (ROTATOR, "searches", &[]),
     (AUDITOR, "searches", &[]),
+    // The first-load day of file lines: the worker appends, reads back only
+    // through pii_vault_line_dates.
+    (WORKER, "line_dates", &["INSERT"]),
+    (ANALYST, "line_dates", &[]),
+    (REVEALER, "line_dates", &[]),
+    (ROTATOR, "line_dates", &[]),
+    (AUDITOR, "line_dates", &[]),
+    (SEARCHER, "line_dates", &[]),
 ];
 
 /// Tables no role touches directly.
@@ -293,6 +301,13 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
     ("pii_vault_honeytokens_among(text[])", &[]),
     ("pii_vault_reveals_today()", &[]),
     ("pii_vault_destroy_unreferenced_data_keys()", &[]),
+    // Monthly partitions: made ahead of need by migrate, workers (their
+    // next months) and rotators; listed and added by those only.
+    ("pii_vault_partitions_ensure(date[],date)", &[WORKER, ROTATOR]),
+    ("pii_vault_undated_months(text)", &[]),
+    ("pii_vault_partitions(text)", &[]),
+    ("pii_vault_partition_add(text,date)", &[]),
+    ("pii_vault_line_dates(text[])", &[WORKER]),
     // Trigger functions.
     ("audit_log_append_only()", &[]),
     ("pii_vault_audit_stamp()", &[]),
@@ -442,6 +457,39 @@ async fn each_role_holds_exactly_its_privileges_and_none_may_alter_the_audit_tra
             }
         }
     }
+    // Partitions are reached through their parent only, whose statement
+    // triggers are the fences: no role holds anything on a partition, and
+    // the ones `migrate` made ahead (and the default) are there.
+    let partitions: Vec<String> = sqlx::query_scalar(
+        "SELECT inhrelid::regclass::text FROM pg_inherits \
+         WHERE inhparent IN ('vault'::regclass, 'user_logins'::regclass) ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(
+        partitions.len() >= 10,
+        "a default and four months ahead per table: {partitions:?}"
+    );
+    assert!(partitions.contains(&"vault_undated".to_string()));
+    assert!(partitions.contains(&"user_logins_undated".to_string()));
+    for table in &partitions {
+        for role in ROLES {
+            for privilege in PRIVILEGES {
+                let has: bool = sqlx::query_scalar(
+                    "SELECT CASE WHEN $3 IN ('SELECT', 'INSERT', 'UPDATE', 'REFERENCES') \
+                     THEN has_any_column_privilege($1, $2, $3) ELSE has_table_privilege($1, $2, $3) END",
+                )
+                .bind(role)
+                .bind(table)
+                .bind(privilege)
+                .fetch_one(pool)
+                .await
+                .unwrap();
+                assert!(!has, "{role} {privilege} on partition {table}");
+            }
+        }
+    }
     // No role takes numbers from a sequence of the trail or the jobs (gaps
     // at will); the worker numbers the logins it inserts.
     let sequences: Vec<(String, String)> = sqlx::query_as(
@@ -485,6 +533,7 @@ async fn each_role_holds_exactly_its_privileges_and_none_may_alter_the_audit_tra
         "quarantine_replay_rows",
         "pii_vault_quarantine_list",
         "searches",
+        "line_dates",
         "_sqlx_migrations",
         "vault_settings",
     ] {

@@ -1,0 +1,528 @@
+//! The monthly partitions of `vault` and `user_logins` (migration 0017):
+//! made ahead of need, a month without one still stored, exactly-once
+//! across months with the clock moved (`PII_VAULT_CLOCK`), retention that
+//! drops whole months and cuts one, reveal and erasure across months, and
+//! a database of the single-table layout partitioned in place.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use chrono::{Datelike, Months, NaiveDate, Utc};
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use sqlx::migrate::{Migration, MigrationSource, Migrator};
+
+use crate::common::app::{Bin, TestApp, REVEALER, ROTATOR, WORKER};
+use crate::common::{self, pg::with_database};
+
+fn month_start(d: NaiveDate) -> NaiveDate {
+    d.with_day(1).unwrap()
+}
+
+fn partition(table: &str, d: NaiveDate) -> String {
+    format!("{table}_y{}m{:02}", d.year(), d.month())
+}
+
+/// `n` events whose user ids are `<tag>-<i>`, and the first line's user
+/// replaced by `span` when given (a user that appears in several loads).
+fn events(tag: &str, n: usize, seed: u64, span: Option<&str>) -> String {
+    let base = common::gen_events(&["-n", &n.to_string(), "--seed", &seed.to_string()]);
+    let mut text = String::new();
+    for (i, line) in base.lines().enumerate() {
+        let mut ev: serde_json::Value = serde_json::from_str(line).unwrap();
+        ev["user_id"] = match (i, span) {
+            (0, Some(s)) => s.to_string(),
+            _ => format!("{tag}-{i}"),
+        }
+        .into();
+        text.push_str(&ev.to_string());
+        text.push('\n');
+    }
+    text
+}
+
+/// Loads `file` as the worker `bin` on `day` (the worker's clock set to it);
+/// returns (stored, duplicates, rejected).
+fn load_on(bin: &Bin, file: &str, day: NaiveDate) -> (u64, u64, u64) {
+    let stderr = bin.env("PII_VAULT_CLOCK", &day.to_string()).ok(&[
+        "run",
+        "--from-file",
+        file,
+        "--no-progress",
+    ]);
+    common::try_summary(&stderr).unwrap_or_else(|| panic!("no summary: {stderr}"))
+}
+
+/// Rows per partition of `table`.
+async fn by_partition(app: &TestApp, table: &str) -> BTreeMap<String, i64> {
+    sqlx::query_as(&format!(
+        "SELECT tableoid::regclass::text, count(*) FROM {table} GROUP BY 1"
+    ))
+    .fetch_all(app.pool())
+    .await
+    .unwrap()
+    .into_iter()
+    .collect()
+}
+
+async fn partitions(app: &TestApp, table: &str) -> Vec<String> {
+    app.strings(&format!(
+        "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = '{table}'::regclass ORDER BY 1"
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn months_get_partitions_ahead_and_a_file_loaded_again_later_is_stored_once() {
+    let Some(app) = TestApp::postgres().await else {
+        return;
+    };
+    app.ok(&["migrate"]);
+    let today = Utc::now().date_naive();
+    let this_month = month_start(today);
+    // `migrate` made this month and three ahead, and the default partition.
+    let made = partitions(&app, "vault").await;
+    for m in 0..4 {
+        let want = partition("vault", this_month + Months::new(m));
+        assert!(made.contains(&want), "{want} in {made:?}");
+    }
+    assert!(made.contains(&"vault_undated".to_string()));
+    assert!(!made.contains(&partition("vault", this_month + Months::new(5))));
+
+    let worker = app.as_login(&app.login_as(WORKER).await);
+    let first = events("once", 200, 61, None);
+    let file = app.write("export.jsonl", &first);
+    assert_eq!(load_on(&worker, &file, today), (200, 0, 0));
+    let home = partition("user_logins", this_month);
+    assert_eq!(
+        by_partition(&app, "user_logins").await,
+        BTreeMap::from([(home.clone(), 200)])
+    );
+
+    // The same file five months later: the worker (its clock moved) makes
+    // the partitions it will need, and every line is a duplicate of its
+    // first load, found in its first month.
+    let later = today + Months::new(5);
+    assert_eq!(load_on(&worker, &file, later), (0, 200, 0));
+    assert_eq!(app.count("user_logins").await, 200);
+    assert_eq!(app.count("vault").await, 200);
+    let made = partitions(&app, "user_logins").await;
+    for m in 5..8 {
+        let want = partition("user_logins", this_month + Months::new(m));
+        assert!(
+            made.contains(&want),
+            "made ahead of need: {want} in {made:?}"
+        );
+    }
+
+    // New lines appended: only they are stored, dated that later day, in
+    // that month's partition; the old lines stay duplicates.
+    let file = app.write(
+        "export.jsonl",
+        &format!("{first}{}", events("more", 50, 62, None)),
+    );
+    assert_eq!(load_on(&worker, &file, later), (50, 200, 0));
+    let parts = by_partition(&app, "user_logins").await;
+    assert_eq!(parts[&home], 200);
+    assert_eq!(parts[&partition("user_logins", later)], 50);
+    assert_eq!(
+        by_partition(&app, "vault").await[&partition("vault", later)],
+        50
+    );
+
+    // A month no partition will be made for yet (beyond 14 months ahead):
+    // stored, in the default partition, not lost and not an error.
+    let far = today + Months::new(20);
+    let file = app.write("far.jsonl", &events("far", 30, 63, None));
+    assert_eq!(load_on(&worker, &file, far), (30, 0, 0));
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM user_logins_undated WHERE create_date IS NOT NULL")
+            .await,
+        30
+    );
+    assert_eq!(app.scalar("SELECT count(*) FROM vault_undated").await, 30);
+    // Loaded again that day: still once.
+    assert_eq!(load_on(&worker, &file, far), (0, 30, 0));
+
+    // The worker's login reaches the partitions only through their parent,
+    // and the first-load days only through the function.
+    let login = app.login_as(WORKER).await;
+    let pool = sqlx::PgPool::connect(&login.url).await.unwrap();
+    for sql in [
+        format!("INSERT INTO {home} (message_id, create_date) VALUES ('m-x', '{today}')"),
+        format!("SELECT count(*) FROM {home}"),
+        "SELECT count(*) FROM user_logins_undated".to_string(),
+        "SELECT count(*) FROM line_dates".to_string(),
+        format!(
+            "ALTER TABLE vault DETACH PARTITION {}",
+            partition("vault", this_month)
+        ),
+        format!("DROP TABLE {}", partition("vault", this_month)),
+    ] {
+        crate::roles::refused(&pool, &sql, "42501").await;
+    }
+    let n: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pii_vault_line_dates(ARRAY['line-none'])")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(n, 0);
+    pool.close().await;
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_whole_months_cuts_one_and_reveal_and_forget_reach_every_month() {
+    let Some(app) = TestApp::postgres().await else {
+        return;
+    };
+    app.ok(&["migrate"]);
+    let worker = app.as_login(&app.login_as(WORKER).await);
+    let rotator = app.as_login(&app.login_as(ROTATOR).await);
+    let revealer = app.as_login(&app.login_as(REVEALER).await);
+    let this_month = month_start(Utc::now().date_naive());
+    // Four past months, 100 logins each, loaded (backfilled) on the 10th;
+    // "span" has a login in each of them.
+    let months: Vec<NaiveDate> = (1..=4).rev().map(|k| this_month - Months::new(k)).collect();
+    for (i, m) in months.iter().enumerate() {
+        let file = app.write(
+            &format!("m{i}.jsonl"),
+            &events(&format!("m{i}"), 100, 70 + i as u64, Some("span")),
+        );
+        assert_eq!(
+            load_on(&worker, &file, *m + chrono::Days::new(9)),
+            (100, 0, 0)
+        );
+    }
+    let parts = by_partition(&app, "vault").await;
+    for m in &months {
+        assert_eq!(parts[&partition("vault", *m)], 100, "{parts:?}");
+    }
+
+    // Reveal reaches every month: four logins of "span", one per month.
+    let out = revealer.ok_output(&[
+        "reveal",
+        "--user-id",
+        "span",
+        "--reason",
+        "ticket 22",
+        "--format",
+        "json",
+    ]);
+    let days: Vec<NaiveDate> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert!(v["ip"].as_str().is_some(), "{v}");
+            v["create_date"].as_str().unwrap().parse().unwrap()
+        })
+        .collect();
+    let mut seen: Vec<NaiveDate> = days.iter().map(|d| month_start(*d)).collect();
+    seen.sort();
+    assert_eq!(seen, months);
+
+    // Retention before the 20th of the third month: the two months wholly
+    // before it are dropped, the third is cut (its logins are of the 10th).
+    let before = months[2] + chrono::Days::new(19);
+    let out = rotator.ok(&[
+        "forget",
+        "--before",
+        &before.to_string(),
+        "--reason",
+        "retention",
+    ]);
+    assert!(out.contains("erased 300 vault row(s)"), "{out}");
+    assert!(
+        out.contains("2 monthly vault partition(s) dropped whole"),
+        "{out}"
+    );
+    let left = partitions(&app, "vault").await;
+    assert!(!left.contains(&partition("vault", months[0])), "{left:?}");
+    assert!(!left.contains(&partition("vault", months[1])), "{left:?}");
+    let parts = by_partition(&app, "vault").await;
+    assert_eq!(
+        parts.get(&partition("vault", months[2])),
+        None,
+        "cut: {parts:?}"
+    );
+    assert_eq!(parts[&partition("vault", months[3])], 100);
+    assert!(
+        left.contains(&partition("vault", months[2])),
+        "the cut month stays"
+    );
+    // The analysts' table is not retention's: all 400 logins stay.
+    assert_eq!(app.count("user_logins").await, 400);
+    // Audited with the count, each user's share in the subject ledger.
+    let (target, rows): (String, i64) =
+        sqlx::query_as("SELECT target, row_count FROM audit_log WHERE action = 'retention'")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert!(target.ends_with("partitions_dropped=2"), "{target}");
+    assert_eq!(rows, 300);
+    assert_eq!(
+        app.scalar(
+            "SELECT sum(rows)::bigint FROM erasure_subjects s JOIN audit_log a ON a.id = s.record \
+             WHERE a.action = 'retention'"
+        )
+        .await,
+        300
+    );
+    assert_eq!(
+        app.scalar(
+            "SELECT rows FROM erasure_subjects s JOIN audit_log a ON a.id = s.record \
+             WHERE a.action = 'retention' AND s.user_id = 'span'"
+        )
+        .await,
+        3
+    );
+    // The data keys that sealed only the dropped months are destroyed; the
+    // one the kept month still needs is not.
+    let destroyed = app
+        .scalar("SELECT count(*) FROM vault_keys WHERE purpose = 'vault' AND state = 'destroyed'")
+        .await;
+    let referenced_destroyed = app
+        .scalar(
+            "SELECT count(*) FROM vault_keys k WHERE k.state = 'destroyed' \
+             AND EXISTS (SELECT 1 FROM vault v WHERE v.key_id = k.id)",
+        )
+        .await;
+    assert_eq!(referenced_destroyed, 0);
+    assert!(
+        destroyed >= 3,
+        "the first three loads' keys sealed nothing left: {destroyed}"
+    );
+
+    // forget --user-id reaches the month that is left.
+    let out = rotator.ok(&["forget", "--user-id", "span", "--reason", "GDPR 17"]);
+    assert!(out.contains("1 vault row"), "{out}");
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM vault WHERE user_id = 'span'")
+            .await,
+        0
+    );
+    app.finish().await;
+}
+
+/// Migrations 0001–0016: the single-table layout of the previous release.
+#[derive(Debug)]
+struct Before(Vec<Migration>);
+
+impl MigrationSource<'static> for Before {
+    fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
+        Box::pin(async move { Ok(self.0) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_table_database_is_partitioned_in_place_without_a_rewrite() {
+    let Some(admin) = common::service_env("PII_VAULT_TEST_PG") else {
+        return;
+    };
+    let source = TestApp::postgres_on(&admin).await;
+    // `old`: a database of the previous release, in the same cluster, run
+    // from the same directory (the same local KEK).
+    let fresh = crate::common::pg::FreshDb::create(&admin).await;
+    let pool = sqlx::PgPool::connect(&fresh.url).await.unwrap();
+    let on_old = |login: &str| with_database(login, &fresh.name);
+    let shipped: Migrator = sqlx::migrate!("migrations/postgres");
+    let before: Vec<Migration> = shipped
+        .iter()
+        .filter(|m| m.version <= 16)
+        .map(|m| Migration {
+            sql: Cow::Owned(m.sql.to_string()),
+            ..m.clone()
+        })
+        .collect();
+    Migrator::new(Before(before))
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    let kind: String =
+        sqlx::query_scalar("SELECT relkind::text FROM pg_class WHERE relname = 'vault'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(kind, "r");
+
+    // Its rows as that release wrote them: sealed and tokenised under the
+    // same keys, spread over three months, and legacy logins without a
+    // date or a vault row.
+    let text = events("up", 300, 81, Some("span-up"));
+    let file = source.write("up.jsonl", &text);
+    source.ok(&["migrate"]);
+    source.ok(&["run", "--from-file", &file, "--no-progress"]);
+    for table in ["kms_allowlist", "vault_keys", "user_logins", "vault"] {
+        let cols = source
+            .strings(&format!(
+                "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute \
+                 WHERE attrelid = '{table}'::regclass AND attnum > 0 AND NOT attisdropped"
+            ))
+            .await
+            .remove(0);
+        let mut from = source.pool().acquire().await.unwrap();
+        let mut out = from
+            .copy_out_raw(&format!(
+                "COPY (SELECT {cols} FROM {table}) TO STDOUT (FORMAT binary)"
+            ))
+            .await
+            .unwrap();
+        let mut data = Vec::new();
+        while let Some(chunk) = out.next().await {
+            data.extend_from_slice(&chunk.unwrap());
+        }
+        drop(out);
+        // Copied as it stands, its triggers off: the loading worker has
+        // retired its data key since, which the fence would refuse.
+        let mut to = pool.acquire().await.unwrap();
+        sqlx::query("SET session_replication_role = replica")
+            .execute(&mut *to)
+            .await
+            .unwrap();
+        let mut copy = to
+            .copy_in_raw(&format!("COPY {table} ({cols}) FROM STDIN (FORMAT binary)"))
+            .await
+            .unwrap();
+        copy.send(data).await.unwrap();
+        copy.finish().await.unwrap();
+        sqlx::query("RESET session_replication_role")
+            .execute(&mut *to)
+            .await
+            .unwrap();
+    }
+    sqlx::query("SELECT setval(pg_get_serial_sequence('user_logins', 'id'), (SELECT max(id) FROM user_logins))")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let this_month = month_start(Utc::now().date_naive());
+    // History rewritten by hand, the same way.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for (share, day) in [
+        (0, this_month - Months::new(2)),
+        (1, this_month - Months::new(1)),
+    ] {
+        for sql in [
+            format!("UPDATE user_logins SET create_date = '{day}' WHERE id % 3 = {share}"),
+            "UPDATE vault v SET create_date = l.create_date FROM user_logins l \
+             WHERE l.message_id = v.message_id AND v.create_date IS DISTINCT FROM l.create_date"
+                .to_string(),
+        ] {
+            sqlx::query(&sql).execute(&mut *tx).await.unwrap();
+        }
+    }
+    tx.commit().await.unwrap();
+    sqlx::query(
+        "INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, app_version) \
+         SELECT 'legacy-' || g, 'legacy-user', 'web', 't1_x', 't1_y', '1' FROM generate_series(1, 3) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let files: BTreeMap<String, i64> = sqlx::query_as(
+        "SELECT relname::text, relfilenode::bigint FROM pg_class WHERE relname IN ('user_logins', 'vault')",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    let columns_sql = "SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute \
+                       WHERE attrelid = 'user_logins'::regclass AND attnum > 0 AND NOT attisdropped";
+    let columns: String = sqlx::query_scalar(columns_sql)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+
+    // The upgrade: this release's migrate, as the owner.
+    source
+        .bin()
+        .env("DATABASE_URL", &fresh.url)
+        .ok(&["migrate"]);
+    let cutoff = this_month + Months::new(1);
+    let rows_by_partition = |table: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, i64)>(&format!(
+                "SELECT tableoid::regclass::text, count(*) FROM {table} GROUP BY 1"
+            ))
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect::<BTreeMap<String, i64>>()
+        }
+    };
+    for table in ["user_logins", "vault"] {
+        let kept = partition(&format!("{table}_before"), cutoff);
+        let (kind, file): (String, i64) = sqlx::query_as(&format!(
+            "SELECT relkind::text, relfilenode::bigint FROM pg_class WHERE relname = '{kept}'"
+        ))
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{kept}: {e}"));
+        assert_eq!(kind, "r");
+        assert_eq!(
+            file, files[table],
+            "{table} attached as it was, not rewritten"
+        );
+        let parts = rows_by_partition(table).await;
+        assert_eq!(parts[&kept], 300, "{parts:?}");
+    }
+    assert_eq!(
+        rows_by_partition("user_logins").await["user_logins_undated"],
+        3,
+        "the undated legacy logins"
+    );
+    let after: String = sqlx::query_scalar(columns_sql)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        after, columns,
+        "select * reads the same columns in the same order"
+    );
+
+    // Loaded again today by a worker: every line a duplicate, found in the
+    // month it was stored in (the first-load days came from the old table).
+    let worker = source
+        .bin()
+        .env("DATABASE_URL", &on_old(&source.login_as(WORKER).await.url));
+    assert_eq!(
+        load_on(&worker, &file, Utc::now().date_naive()),
+        (0, 300, 0)
+    );
+    // The revealer opens what the previous release sealed.
+    let revealer = source.bin().env(
+        "DATABASE_URL",
+        &on_old(&source.login_as(REVEALER).await.url),
+    );
+    let out = revealer.ok_output(&[
+        "reveal",
+        "--user-id",
+        "span-up",
+        "--reason",
+        "ticket 23",
+        "--format",
+        "json",
+    ]);
+    let revealed: serde_json::Value = serde_json::from_str(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let original: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(revealed["device_id"], original["device_id"]);
+    pool.close().await;
+    fresh.drop_database().await;
+    source.finish().await;
+}
