@@ -85,7 +85,10 @@ $$;
 
 -- Unique keys and indexes on the parents: created on every partition, and
 -- matched to an equal index where the old table has one.
-ALTER TABLE user_logins ADD CONSTRAINT user_logins_message_id_key UNIQUE NULLS NOT DISTINCT (message_id, create_date);
+-- Unique indexes rather than constraints: ATTACH adopts an equal index
+-- that `migrate --prepare-partitions` built online, and ON CONFLICT needs
+-- no more.
+CREATE UNIQUE INDEX user_logins_message_id_key ON user_logins (message_id, create_date) NULLS NOT DISTINCT;
 CREATE INDEX user_logins_user_id ON user_logins (user_id);
 -- What the primary key on id gave: `rotate token-key` writes tokens by login
 -- id, and its final sweep reads in id order.
@@ -93,7 +96,7 @@ CREATE INDEX user_logins_id ON user_logins (id);
 CREATE INDEX user_logins_masked_ip ON user_logins (masked_ip);
 CREATE INDEX user_logins_masked_device_id ON user_logins (masked_device_id);
 
-ALTER TABLE vault ADD CONSTRAINT vault_message_id_key UNIQUE NULLS NOT DISTINCT (message_id, create_date);
+CREATE UNIQUE INDEX vault_message_id_key ON vault (message_id, create_date) NULLS NOT DISTINCT;
 CREATE INDEX vault_user_id ON vault (user_id);
 CREATE INDEX vault_key_id ON vault (key_id);
 

@@ -40,8 +40,8 @@ rot_settle() {
 echo "== (rotation) scratch copy of the rows for the raw ceiling" >&2
 rot_raw_url="$(new_raw_copy_db scale_rot_raw)"
 psql "$PG_URL" -qX -v ON_ERROR_STOP=1 \
-    -c "\\copy user_logins TO '$work/rot-logins.bin' WITH (FORMAT binary)" \
-    -c "\\copy vault TO '$work/rot-vault.bin' WITH (FORMAT binary)" >/dev/null
+    -c "\\copy (SELECT * FROM user_logins) TO '$work/rot-logins.bin' WITH (FORMAT binary)" \
+    -c "\\copy (SELECT * FROM vault) TO '$work/rot-vault.bin' WITH (FORMAT binary)" >/dev/null
 psql "$rot_raw_url" -qX -v ON_ERROR_STOP=1 \
     -c "\\copy user_logins FROM '$work/rot-logins.bin' WITH (FORMAT binary)" \
     -c "\\copy vault FROM '$work/rot-vault.bin' WITH (FORMAT binary)" >/dev/null

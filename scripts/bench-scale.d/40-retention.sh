@@ -3,18 +3,24 @@
 #
 # The loaded rows all carry today's date (a file has no send time), so they
 # are first spread over the past 365 days in load order, as a year of
-# logins would lie, and the vault is rewritten compactly (VACUUM FULL) so
-# that its physical order is that of a table filled over a year. Only the
+# logins would lie (each month in its partition), and the vault is rewritten
+# compactly (VACUUM FULL) so that its physical order is that of a table filled
+# over a year. Only the
 # vault's dates are changed (retention reads no other); this is the last
 # part, so nothing after it sees the difference. Untimed. Then:
-#   * the ceiling: a copy of the vault with the same indexes (no triggers),
-#     `DELETE ... WHERE create_date < cut-off`, one statement;
+#   * the ceiling: a copy of the vault in one table with the same indexes (no
+#     triggers), `DELETE ... WHERE create_date < cut-off`, one statement;
 #   * `pii-vault forget --before cut-off --reason ...` as a whole process
-#     (function call, audit row, destroying keys left with nothing).
+#     (function call, each user's count for the subject ledger, partitions
+#     wholly before the cut-off dropped, the one it cuts deleted from, audit
+#     row, destroying keys left with nothing).
 # The cut-off is 30 days ago: about 92% of the rows go.
 
 echo "== retention: dating the vault over the past 365 days (untimed)" >&2
 psql "$PG_URL" -qX -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
+-- The year's monthly partitions, as the workers would have made them.
+SELECT count(*) FROM pii_vault_partitions_ensure(
+    ARRAY(SELECT (current_date - 28 * g)::date FROM generate_series(0, 14) g), current_date + 92);
 SET session_replication_role = replica; -- the owner's fixture, not a worker's write: no fences
 CREATE TEMP TABLE dated AS
 SELECT message_id,

@@ -16,6 +16,14 @@ pub struct MigrateArgs {
     #[arg(long, conflicts_with_all = ["dry_run", "schema_only"])]
     pub status: bool,
 
+    /// Postgres, before the migrate that partitions a large single-table
+    /// database by month: build the indexes it needs online (CREATE INDEX
+    /// CONCURRENTLY, writers go on), so that the migrate itself only checks.
+    /// Resumable: run it again after an interruption. Changes nothing else.
+    #[arg(long, conflicts_with_all = ["status", "dry_run", "schema_only", "role_prefix",
+          "no_network_tokens", "network_tokens"])]
+    pub prepare_partitions: bool,
+
     /// Show the migrations that would be applied; change nothing (and
     /// create no SQLite file).
     #[arg(long, conflicts_with = "schema_only")]

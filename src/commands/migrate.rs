@@ -6,6 +6,18 @@ pub async fn migrate(cli: &Cli, args: &MigrateArgs) -> anyhow::Result<()> {
     if args.status || args.dry_run {
         return status(cli, args.dry_run).await;
     }
+    if args.prepare_partitions {
+        let url = cli.database_url();
+        let built =
+            crate::store::prepare_partitions(url, &mut |step| eprintln!("pii-vault: {step}"))
+                .await?;
+        eprintln!(
+            "pii-vault: {} ready for the migrate that partitions it ({built} index(es) built now); \
+             run `pii-vault migrate`",
+            super::redact_url(url)
+        );
+        return Ok(());
+    }
     let store = super::open_store(cli).await?;
     let options = crate::store::MigrateOptions {
         role_prefix: args.role_prefix.clone(),

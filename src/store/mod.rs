@@ -160,6 +160,22 @@ pub async fn migration_status(url: &str) -> anyhow::Result<MigrationStatus> {
     })
 }
 
+/// `migrate --prepare-partitions`: on a Postgres database of the
+/// single-table layout, builds online the indexes migration 0017 needs, and
+/// reports each step to `say`. Returns how many it built (0: nothing to
+/// prepare, already partitioned or already prepared).
+pub async fn prepare_partitions(
+    url: &str,
+    say: &mut (dyn FnMut(&str) + Send),
+) -> anyhow::Result<u32> {
+    match Backend::of(url)? {
+        Backend::Postgres => Ok(postgres::prepare_partitions(url, say).await?),
+        Backend::Sqlite => anyhow::bail!(
+            "--prepare-partitions is for Postgres: an SQLite database has no partitions"
+        ),
+    }
+}
+
 /// The states of `migrator`'s migrations given the versions applied.
 fn states(migrator: &sqlx::migrate::Migrator, applied: &[i64]) -> Vec<MigrationState> {
     migrator

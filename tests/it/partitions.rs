@@ -440,11 +440,44 @@ async fn a_single_table_database_is_partitioned_in_place_without_a_rewrite() {
         .await
         .unwrap();
 
-    // The upgrade: this release's migrate, as the owner.
-    source
-        .bin()
-        .env("DATABASE_URL", &fresh.url)
-        .ok(&["migrate"]);
+    // The upgrade: the indexes built online first (twice: the second run
+    // finds them), then this release's migrate, as the owner.
+    let owner = source.bin().env("DATABASE_URL", &fresh.url);
+    let out = owner.ok(&["migrate", "--prepare-partitions"]);
+    assert!(out.contains("(3 index(es) built now)"), "{out}");
+    let out = owner.ok(&["migrate", "--prepare-partitions"]);
+    assert!(out.contains("(0 index(es) built now)"), "{out}");
+    let prepared: BTreeMap<String, i64> = sqlx::query_as(
+        "SELECT relname::text, relfilenode::bigint FROM pg_class \
+         WHERE relname IN ('user_logins_dated_key', 'vault_dated_key', 'user_logins_by_id')",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    assert_eq!(prepared.len(), 3);
+    owner.ok(&["migrate"]);
+    // Adopted as they were by the partitioned tables' indexes, not built again.
+    let adopted: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT c.relfilenode::bigint, i.inhparent::regclass::text FROM pg_class c \
+         JOIN pg_inherits i ON i.inhrelid = c.oid WHERE c.relfilenode = ANY($1) ORDER BY 2",
+    )
+    .bind(prepared.values().copied().collect::<Vec<_>>())
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        adopted.iter().map(|a| a.1.as_str()).collect::<Vec<_>>(),
+        [
+            "user_logins_id",
+            "user_logins_message_id_key",
+            "vault_message_id_key"
+        ],
+        "{adopted:?}"
+    );
+    let out = owner.ok(&["migrate", "--prepare-partitions"]);
+    assert!(out.contains("partitioned already"), "{out}");
     let cutoff = this_month + Months::new(1);
     let rows_by_partition = |table: &'static str| {
         let pool = pool.clone();

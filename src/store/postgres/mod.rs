@@ -10,6 +10,7 @@ mod erasure;
 mod ingest;
 mod jobs;
 mod keys;
+mod prepare;
 mod quarantine;
 mod reveal;
 mod roles;
@@ -125,6 +126,8 @@ impl PgStore {
 }
 
 /// `migrate --status`: one connection, reads only.
+pub(super) use prepare::prepare_partitions;
+
 pub(super) async fn migration_status(url: &str) -> Result<super::MigrationStatus, StoreError> {
     use sqlx::Connection as _;
     let opts = PgConnectOptions::from_str(url)?.application_name("pii-vault");
