@@ -100,15 +100,17 @@ CREATE OR REPLACE FUNCTION pii_vault_destroy_unreferenced_data_keys() RETURNS te
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     gone text[];
+    k text;
 BEGIN
-    WITH d AS (
-        UPDATE vault_keys k SET state = 'destroyed'
-        WHERE k.purpose = 'vault' AND k.state = 'retired'
-          AND NOT EXISTS (SELECT 1 FROM vault v WHERE v.key_id = k.id)
-          AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.key_id = k.id)
-        RETURNING k.id
-    )
-    SELECT coalesce(array_agg(id ORDER BY id), '{}') INTO gone FROM d;
+    -- One index probe per retired key (its key_id index, in each monthly
+    -- partition): a join here may be planned as one read of the whole vault.
+    gone := '{}';
+    FOR k IN SELECT id FROM vault_keys WHERE purpose = 'vault' AND state = 'retired' ORDER BY id LOOP
+        CONTINUE WHEN EXISTS (SELECT 1 FROM vault v WHERE v.key_id = k)
+                   OR EXISTS (SELECT 1 FROM quarantine q WHERE q.key_id = k);
+        UPDATE vault_keys SET state = 'destroyed' WHERE id = k;
+        gone := gone || k;
+    END LOOP;
     RETURN gone;
 END
 $$;

@@ -84,18 +84,23 @@ BEGIN
             MESSAGE = 'retention erases what is older than a day that has begun: the date is in the future';
     END IF;
     vault_rows := 0;
-    partitions_dropped := '{}';
-    -- Whole partitions: which users lost what (user ids only), then drop.
-    FOR part IN SELECT * FROM pii_vault_partitions('vault') WHERE hi <= p_before ORDER BY hi LOOP
-        EXECUTE format('LOCK TABLE %I IN SHARE MODE', part.name);
+    -- The per-user counts below hash every erased row's user id once: in
+    -- memory, not spilled in batches to disk.
+    PERFORM set_config('work_mem', '64MB', true);
+    -- Whole partitions: locked against late writes, then which users lost
+    -- what (user ids only), read once over all of them; dropped at the end.
+    SELECT coalesce(array_agg(p.name ORDER BY p.hi), '{}') INTO partitions_dropped
+    FROM pii_vault_partitions('vault') p WHERE p.hi <= p_before;
+    IF cardinality(partitions_dropped) > 0 THEN
+        EXECUTE format('LOCK TABLE %s IN SHARE MODE',
+                       (SELECT string_agg(quote_ident(x), ', ') FROM unnest(partitions_dropped) x));
         EXECUTE format('SELECT coalesce(sum(n), 0), coalesce(array_agg(user_id), ''{}''), coalesce(array_agg(n), ''{}'') '
-                       'FROM (SELECT user_id, count(*) AS n FROM %I GROUP BY user_id) g', part.name)
-            INTO n, part_users, part_counts;
-        vault_rows := vault_rows + n;
-        users := users || part_users;
-        counts := counts || part_counts;
-        partitions_dropped := partitions_dropped || part.name;
-    END LOOP;
+                       'FROM (SELECT user_id, count(*) AS n FROM (%s) r GROUP BY user_id) g',
+                       (SELECT string_agg(format('SELECT user_id FROM %I', x), ' UNION ALL ')
+                        FROM unnest(partitions_dropped) x))
+            INTO n, users, counts;
+        vault_rows := n;
+    END IF;
     -- The partition the day cuts, and dated rows waiting in the default one.
     FOR part IN
         SELECT p.name FROM pii_vault_partitions('vault') p WHERE p.hi > p_before AND coalesce(p.lo, '-infinity') < p_before
