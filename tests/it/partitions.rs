@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use futures::StreamExt;
 use sqlx::migrate::{Migration, MigrationSource, Migrator};
 
-use crate::common::app::{Bin, TestApp, REVEALER, ROTATOR, WORKER};
+use crate::common::app::{Bin, TestApp, ANALYST, REVEALER, ROTATOR, WORKER};
 use crate::common::{self, pg::with_database};
 
 fn month_start(d: NaiveDate) -> NaiveDate {
@@ -167,7 +167,91 @@ async fn months_get_partitions_ahead_and_a_file_loaded_again_later_is_stored_onc
             .await
             .unwrap();
     assert_eq!(n, 0);
+
+    // Two sessions of one worker login making the same new month at once:
+    // the second waits for the first (an advisory lock), then finds it made;
+    // one partition, no error. A session that rolls back leaves none.
+    let month = this_month - Months::new(30);
+    let ensure = "SELECT count(*) FROM pii_vault_partitions_ensure(ARRAY[$1::date], $1::date)";
+    let mut undone = pool.begin().await.unwrap();
+    sqlx::query(ensure)
+        .bind(month)
+        .execute(&mut *undone)
+        .await
+        .unwrap();
+    undone.rollback().await.unwrap();
+    assert!(!partitions(&app, "vault")
+        .await
+        .contains(&partition("vault", month)));
+    let mut first = pool.begin().await.unwrap();
+    sqlx::query(ensure)
+        .bind(month)
+        .execute(&mut *first)
+        .await
+        .unwrap();
+    let second = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            sqlx::query_scalar::<_, i64>(ensure)
+                .bind(month)
+                .fetch_one(&pool)
+                .await
+        })
+    };
+    crate::common::wait_until(
+        std::time::Duration::from_secs(30),
+        "the second session waits",
+        || {
+            let app = &app;
+            async move {
+                let waiting = app
+                    .scalar(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                         AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+                    )
+                    .await;
+                (waiting == 1).then_some(())
+            }
+        },
+    )
+    .await;
+    first.commit().await.unwrap();
+    second.await.unwrap().unwrap();
+    let made = partitions(&app, "vault").await;
+    assert_eq!(
+        made.iter()
+            .filter(|p| **p == partition("vault", month))
+            .count(),
+        1
+    );
     pool.close().await;
+
+    // The analyst reads the months through user_logins, never one directly.
+    let analyst = sqlx::PgPool::connect(&app.login_as(ANALYST).await.url)
+        .await
+        .unwrap();
+    crate::roles::refused(&analyst, &format!("SELECT count(*) FROM {home}"), "42501").await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM user_logins WHERE create_date >= $1")
+        .bind(later)
+        .fetch_one(&analyst)
+        .await
+        .unwrap();
+    assert_eq!(n, 80, "50 logins of the later month and 30 of the far one");
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT count(*) FROM user_logins WHERE create_date >= $1 AND create_date < $2",
+    )
+    .bind(month_start(later))
+    .bind(month_start(later) + Months::new(1))
+    .fetch_all(&analyst)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains(&partition("user_logins", later)), "{plan}");
+    assert!(
+        !plan.contains(&home),
+        "a query by date reads only its months: {plan}"
+    );
+    analyst.close().await;
     app.finish().await;
 }
 
