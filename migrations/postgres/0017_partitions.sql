@@ -139,3 +139,7 @@ SELECT message_id, create_date FROM user_logins WHERE message_id LIKE 'line-%' A
 -- the erasure functions, in the transaction of the audit row they name
 -- (functions/50_erasure.sql); no role writes the table.
 ALTER TABLE erasure_subjects DROP CONSTRAINT erasure_subjects_record_fkey;
+
+-- A reveal's rows keep each login's day, so that its fetch reads one
+-- partition per login (functions/30_reveal.sql).
+ALTER TABLE reveal_request_rows ADD COLUMN create_date date;

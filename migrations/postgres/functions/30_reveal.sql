@@ -55,6 +55,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 #variable_conflict use_column
 DECLARE
     ids text[];
+    days date[];
     users text[];
     n bigint;
     u bigint;
@@ -87,10 +88,10 @@ BEGIN
     ON CONFLICT (login) DO UPDATE SET last_at = excluded.last_at;
 
     EXECUTE format(
-        'SELECT coalesce(array_agg(l.message_id), ''{}''), '
+        'SELECT coalesce(array_agg(l.message_id), ''{}''), coalesce(array_agg(l.create_date), ''{}''), '
         'coalesce(array_agg(DISTINCT l.user_id::text) FILTER (WHERE l.user_id IS NOT NULL), ''{}'') '
         'FROM user_logins l WHERE l.%I = $1', p_selector)
-        INTO ids, users USING p_value;
+        INTO ids, days, users USING p_value;
     n := cardinality(ids);
     u := cardinality(users);
     h := pii_vault_honeytokens_among(users);
@@ -110,7 +111,9 @@ BEGIN
     INSERT INTO reveal_requests (id, selector, value, requested_by, status, users, reason, requested_at, honeytokens,
                                  subjects)
     VALUES (rid, p_selector, p_value, session_user, st, u, p_reason, clock_timestamp(), h, users);
-    INSERT INTO reveal_request_rows (request_id, message_id) SELECT rid, unnest(ids);
+    -- With each login's day: the fetch then finds it in its own month's
+    -- partition (migration 0017), not by probing every month.
+    INSERT INTO reveal_request_rows (request_id, message_id, create_date) SELECT rid, m, d FROM unnest(ids, days) u(m, d);
     -- Every request notifies: the owner's watcher looks the id up in
     -- audit_alarms; a listener learns nothing from the notification itself.
     PERFORM pg_notify('pii_vault_alarm', rid::text);
@@ -220,14 +223,30 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'PV006', MESSAGE = format('reveal request %s was already fetched', p_request);
     END IF;
     UPDATE reveal_requests SET fetched_at = clock_timestamp() WHERE id = r.id;
+    -- Each login and its vault row by message id and day: one partition
+    -- each, pruned while the join runs. Rows without a day (undated logins,
+    -- and requests recorded before migration 0017) by message id alone.
     RETURN QUERY
-        SELECT l.message_id, l.user_id::text, l.device_type::text, l.masked_ip::text, l.masked_device_id::text,
-               l.locale::text, l.app_version, l.create_date, v.key_id, v.nonce, v.ciphertext
-        FROM reveal_request_rows rr
-        JOIN user_logins l ON l.message_id = rr.message_id
-        LEFT JOIN vault v ON v.message_id = l.message_id
-        WHERE rr.request_id = r.id
-        ORDER BY l.create_date, l.id;
+        SELECT x.message_id, x.user_id, x.device_type, x.masked_ip, x.masked_device_id, x.locale, x.app_version,
+               x.create_date, x.key_id, x.nonce, x.ciphertext
+        FROM (
+            SELECT l.message_id, l.user_id::text, l.device_type::text, l.masked_ip::text,
+                   l.masked_device_id::text, l.locale::text, l.app_version, l.create_date, v.key_id, v.nonce,
+                   v.ciphertext, l.id
+            FROM reveal_request_rows rr
+            JOIN user_logins l ON l.message_id = rr.message_id AND l.create_date = rr.create_date
+            LEFT JOIN vault v ON v.message_id = l.message_id AND v.create_date = l.create_date
+            WHERE rr.request_id = r.id AND rr.create_date IS NOT NULL
+            UNION ALL
+            SELECT l.message_id, l.user_id::text, l.device_type::text, l.masked_ip::text,
+                   l.masked_device_id::text, l.locale::text, l.app_version, l.create_date, v.key_id, v.nonce,
+                   v.ciphertext, l.id
+            FROM reveal_request_rows rr
+            JOIN user_logins l ON l.message_id = rr.message_id
+            LEFT JOIN vault v ON v.message_id = l.message_id AND v.create_date IS NOT DISTINCT FROM l.create_date
+            WHERE rr.request_id = r.id AND rr.create_date IS NULL
+        ) x
+        ORDER BY x.create_date, x.id;
 END
 $$;
 REVOKE ALL ON FUNCTION pii_vault_reveal_fetch(bigint) FROM PUBLIC;
