@@ -254,7 +254,10 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
     JOIN audit_log a ON a.id = r.id
     CROSS JOIN LATERAL (
         SELECT coalesce(array_agg(rr.message_id ORDER BY rr.message_id), '{}') AS ids
-        FROM reveal_request_rows rr JOIN user_logins l ON l.message_id = rr.message_id
+        FROM reveal_request_rows rr
+        -- By day too where the request kept it: one partition per login.
+        JOIN user_logins l ON l.message_id = rr.message_id
+                          AND (rr.create_date IS NULL OR l.create_date = rr.create_date)
         WHERE rr.request_id = r.id AND l.user_id = p_user_id) m
     WHERE r.subjects @> ARRAY[p_user_id]
        OR (r.subjects IS NULL AND r.selector = 'user_id' AND r.value = p_user_id)
