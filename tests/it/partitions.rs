@@ -643,3 +643,80 @@ async fn a_single_table_database_is_partitioned_in_place_without_a_rewrite() {
     fresh.drop_database().await;
     source.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_waiting_in_the_default_partition_move_into_their_month_when_it_is_made() {
+    let Some(app) = TestApp::postgres().await else {
+        return;
+    };
+    app.ok(&["migrate"]);
+    let worker = app.as_login(&app.login_as(WORKER).await);
+    let this_month = month_start(Utc::now().date_naive());
+    let file = app.write("now.jsonl", &events("now", 40, 91, None));
+    assert_eq!(load_on(&worker, &file, Utc::now().date_naive()), (40, 0, 0));
+    // Rows of a month that has no partition, as a worker whose call to make
+    // it failed would have left them (moved there by the owner here, with
+    // the fences off: the fixture, not a worker's write).
+    let old = this_month - Months::new(40);
+    let mut tx = app.pool().begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for table in ["user_logins", "vault"] {
+        sqlx::query(&format!(
+            "UPDATE {table} SET create_date = $1 WHERE message_id IN \
+             (SELECT message_id FROM user_logins ORDER BY message_id LIMIT 15)"
+        ))
+        .bind(old + chrono::Days::new(3))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(by_partition(&app, "vault").await["vault_undated"], 15);
+    assert_eq!(
+        by_partition(&app, "user_logins").await["user_logins_undated"],
+        15
+    );
+
+    // The next call for any month (here a worker's, for this month) makes
+    // the waiting rows' month and moves them in.
+    let login = app.login_as(WORKER).await;
+    let pool = sqlx::PgPool::connect(&login.url).await.unwrap();
+    sqlx::query(
+        "SELECT count(*) FROM pii_vault_partitions_ensure(ARRAY[current_date], current_date)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    for table in ["user_logins", "vault"] {
+        let parts = by_partition(&app, table).await;
+        assert_eq!(parts.get(&format!("{table}_undated")), None, "{parts:?}");
+        assert_eq!(parts[&partition(table, old)], 15, "{parts:?}");
+        assert_eq!(parts.values().sum::<i64>(), 40);
+    }
+    // And a reveal still finds them (their vault rows moved with them).
+    let revealer = app.as_login(&app.login_as(REVEALER).await);
+    let moved: String = sqlx::query_scalar(
+        "SELECT user_id FROM user_logins WHERE create_date = $1 ORDER BY message_id LIMIT 1",
+    )
+    .bind(old + chrono::Days::new(3))
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    let out = revealer.ok_output(&[
+        "reveal",
+        "--user-id",
+        &moved,
+        "--reason",
+        "ticket 24",
+        "--format",
+        "json",
+    ]);
+    let line = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    assert!(v["ip"].as_str().is_some(), "{v}");
+    app.finish().await;
+}
