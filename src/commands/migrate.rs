@@ -94,6 +94,9 @@ async fn status(cli: &Cli, dry_run: bool) -> anyhow::Result<()> {
             status.migrations.len() - pending.len(),
             pending.len()
         );
+        if let Some(partitions) = &status.partitions {
+            println!("vault and user_logins: {partitions}");
+        }
     }
     Ok(())
 }

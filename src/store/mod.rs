@@ -149,6 +149,9 @@ pub struct MigrationStatus {
     pub reapplied: Vec<&'static str>,
     /// Postgres: the prefix of the database's role names, once migrated.
     pub role_prefix: Option<RolePrefix>,
+    /// Postgres, once partitioned: the monthly partitions of the vault and
+    /// what waits in its default partition, in one line.
+    pub partitions: Option<String>,
 }
 
 /// The migrations of this build against the database `url` names, read

@@ -88,6 +88,13 @@ async fn months_get_partitions_ahead_and_a_file_loaded_again_later_is_stored_onc
     }
     assert!(made.contains(&"vault_undated".to_string()));
     assert!(!made.contains(&partition("vault", this_month + Months::new(5))));
+    let status = String::from_utf8(app.ok_output(&["migrate", "--status"]).stdout).unwrap();
+    let want = format!(
+        "vault and user_logins: 4 monthly partitions, {} to {}; 0 vault row(s) waiting in the default partition",
+        this_month.format("%Y-%m"),
+        (this_month + Months::new(3)).format("%Y-%m")
+    );
+    assert!(status.contains(&want), "{status}");
 
     let worker = app.as_login(&app.login_as(WORKER).await);
     let first = events("once", 200, 61, None);

@@ -145,13 +145,41 @@ pub(super) async fn migration_status(url: &str) -> Result<super::MigrationStatus
         Vec::new()
     };
     let role_prefix = roles::recorded_on(&mut conn).await?;
+    let partitions = partitions_summary(&mut conn).await?;
     let _ = conn.close().await;
     Ok(super::MigrationStatus {
         exists: true,
         migrations: super::states(&MIGRATOR, &applied),
         reapplied: FUNCTIONS.iter().map(|(name, _)| *name).collect(),
         role_prefix,
+        partitions,
     })
+}
+
+/// "16 monthly partitions, 2025-11 to 2027-03; 0 rows waiting in the
+/// default partition" once migration 0017 partitioned the vault.
+async fn partitions_summary(conn: &mut sqlx::PgConnection) -> Result<Option<String>, StoreError> {
+    let partitioned: bool = sqlx::query_scalar(
+        "SELECT coalesce((SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass('vault')), false) \
+         AND to_regprocedure('pii_vault_partitions(text)') IS NOT NULL",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if !partitioned {
+        return Ok(None);
+    }
+    let (n, lo, hi, waiting): (i64, Option<String>, Option<String>, i64) = sqlx::query_as(
+        "SELECT count(*), to_char(min(coalesce(lo, hi - 1)), 'YYYY-MM'), to_char(max(hi) - 1, 'YYYY-MM'), \
+                (SELECT count(*) FROM (SELECT 1 FROM vault_undated LIMIT 1000000) w) \
+         FROM pii_vault_partitions('vault')",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Some(format!(
+        "{n} monthly partitions, {} to {}; {waiting} vault row(s) waiting in the default partition",
+        lo.unwrap_or_default(),
+        hi.unwrap_or_default()
+    )))
 }
 
 #[async_trait]

@@ -202,6 +202,7 @@ pub(super) async fn migration_status(url: &str) -> Result<super::MigrationStatus
             migrations: super::states(&MIGRATOR, &[]),
             reapplied: Vec::new(),
             role_prefix: None,
+            partitions: None,
         });
     }
     let mut conn = sqlx::SqliteConnection::connect_with(&opts).await?;
@@ -223,6 +224,7 @@ pub(super) async fn migration_status(url: &str) -> Result<super::MigrationStatus
         migrations: super::states(&MIGRATOR, &applied),
         reapplied: Vec::new(),
         role_prefix: None,
+        partitions: None,
     })
 }
 
