@@ -12,6 +12,7 @@ mod jobs;
 mod keys;
 mod quarantine;
 mod reveal;
+mod rewrite;
 mod roles;
 mod search;
 mod trail;

@@ -1,0 +1,86 @@
+//! Closed partitions rewritten, not updated: what both rotations that
+//! change rows share.
+//!
+//! Updating every row of a month in place leaves a dead version of each
+//! behind (the month twice its size until VACUUM has read all of it) and
+//! pays for new index entries row by row. A closed month, which only late
+//! redeliveries still write to, is instead read chunk by chunk, re-sealed
+//! or re-tokenised here, and written into a new table that the database
+//! indexes afterwards in one pass each and then swaps in for the old
+//! partition under a short lock. Open partitions are rotated in place, as
+//! before. Each partition is resumable on its own: a rerun skips those
+//! swapped and starts the others over from a new table.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::job::Run;
+use super::Skipped;
+use crate::store::{RewriteState, StoreError};
+
+/// Attempts at a swap that its lock timeout or a deadlock refused (the
+/// database rolled the attempt back whole; a worker's long transaction on
+/// the table is the usual cause).
+const SWAP_ATTEMPTS: u32 = 10;
+
+/// How one rotation fills the new table of a partition.
+#[async_trait]
+pub(super) trait Fill: Send {
+    /// Reads `partition`'s rows in chunks and writes them, rotated, into its
+    /// new table: (rows rotated, rows that could not be opened, which go
+    /// in as they are).
+    async fn fill(&mut self, run: &Run, partition: &str) -> anyhow::Result<(u64, Skipped)>;
+}
+
+/// Rewrites every closed partition of the job not swapped yet, oldest
+/// first: (rows rotated, skipped).
+pub(super) async fn rewrite_closed(
+    run: &Run,
+    fill: &mut dyn Fill,
+) -> anyhow::Result<(u64, Skipped)> {
+    let mut done = 0;
+    let mut skipped = Skipped::default();
+    for rewrite in run.store.rewrites(&run.job).await? {
+        if rewrite.state != RewriteState::Pending {
+            continue;
+        }
+        let partition = rewrite.partition.as_str();
+        run.store.rewrite_begin(&run.job, partition).await?;
+        let (n, s) = fill.fill(run, partition).await?;
+        run.store.rewrite_index(&run.job, partition).await?;
+        let late = swap(run, partition).await?;
+        tracing::info!(
+            partition,
+            rows = n,
+            late,
+            "closed partition rewritten and swapped in"
+        );
+        done += n;
+        skipped.merge(s);
+    }
+    Ok((done, skipped))
+}
+
+/// The swap, tried again while a lock it waits for times out or a deadlock
+/// ends it.
+async fn swap(run: &Run, partition: &str) -> anyhow::Result<u64> {
+    let mut attempt = 1;
+    loop {
+        match run.store.rewrite_swap(&run.job, partition).await {
+            Ok(n) => return Ok(n),
+            Err(e) if attempt < SWAP_ATTEMPTS && lock_refused(&e) => {
+                tracing::warn!(partition, attempt, error = %e, "swap refused for now; trying again");
+                tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A lock timeout (SQLSTATE 55P03), a deadlock or a lost connection: worth
+/// another attempt.
+fn lock_refused(e: &StoreError) -> bool {
+    e.is_transient() || e.to_string().contains("55P03")
+}
