@@ -46,7 +46,13 @@ pub(super) async fn rewrite_closed(
             continue;
         }
         let partition = rewrite.partition.as_str();
-        run.store.rewrite_begin(&run.job, partition).await?;
+        if !run.store.rewrite_begin(&run.job, partition).await? {
+            tracing::info!(
+                partition,
+                "closed partition dropped since the job started; nothing to rewrite"
+            );
+            continue;
+        }
         let (n, s) = fill.fill(run, partition).await?;
         run.store.rewrite_index(&run.job, partition).await?;
         let late = swap(run, partition).await?;

@@ -37,8 +37,9 @@ pub trait Rewrites: Send + Sync {
     async fn rewrites(&self, job: &Job) -> Result<Vec<Rewrite>, StoreError>;
 
     /// A new, empty table for `partition` (a half-filled one left by a
-    /// killed run is dropped first).
-    async fn rewrite_begin(&self, job: &Job, partition: &str) -> Result<(), StoreError>;
+    /// killed run is dropped first); `false` when the partition is gone
+    /// (retention dropped it), so there is nothing to rewrite.
+    async fn rewrite_begin(&self, job: &Job, partition: &str) -> Result<bool, StoreError>;
 
     /// Up to `limit` rows of vault partition `partition` under the job's
     /// old keys, message id above `after`, in message-id order.

@@ -111,8 +111,9 @@ REVOKE ALL ON FUNCTION pii_vault_rewrite_columns(text, text, text[]) FROM PUBLIC
 -- Starts (or starts over) the rewrite of `p_partition`: its new table,
 -- left half-filled by a killed run, is dropped and made again, empty, like
 -- the parent and without indexes (rows go in faster, and each index is
--- then built in one sorted pass).
-CREATE OR REPLACE FUNCTION pii_vault_rewrite_begin(p_record bigint, p_job bigint, p_partition text) RETURNS void
+-- then built in one sorted pass). False, with the partition marked `gone`,
+-- when retention dropped it since the job started.
+CREATE OR REPLACE FUNCTION pii_vault_rewrite_begin(p_record bigint, p_job bigint, p_partition text) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     w rotation_rewrites := pii_vault_rewrite_check(p_record, p_job, p_partition,
@@ -122,11 +123,17 @@ BEGIN
     IF to_regclass(quote_ident(new)) IS NOT NULL THEN
         EXECUTE format('DROP TABLE %I', new);
     END IF;
+    IF NOT EXISTS (SELECT 1 FROM pii_vault_partitions(w.parent) p
+                   WHERE p.name = p_partition AND p.lo IS NOT DISTINCT FROM w.lo AND p.hi = w.hi) THEN
+        UPDATE rotation_rewrites r SET state = 'gone' WHERE r.job_id = p_job AND r.partition = p_partition;
+        RETURN false;
+    END IF;
     EXECUTE format('CREATE TABLE %I (LIKE %I INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE)', new, w.parent);
     EXECUTE format('REVOKE ALL ON %I FROM PUBLIC, pii_vault_worker, pii_vault_analyst, pii_vault_revealer, '
                    'pii_vault_rotator, pii_vault_auditor, pii_vault_searcher', new);
     UPDATE rotation_rewrites r SET state = 'filling', rows_done = 0
     WHERE r.job_id = p_job AND r.partition = p_partition;
+    RETURN true;
 END
 $$;
 REVOKE ALL ON FUNCTION pii_vault_rewrite_begin(bigint, bigint, text) FROM PUBLIC;
@@ -316,8 +323,9 @@ GRANT EXECUTE ON FUNCTION pii_vault_rewrite_index(bigint, bigint, text) TO pii_v
 
 -- ------------------------------------------------------------------ swap
 -- Puts the new table of `p_partition` in its place, in one transaction:
--- * SHARE UPDATE EXCLUSIVE on the parent first (ATTACH takes it at the
---   end anyway; readers and writers go on), then SHARE on the partition:
+-- * SHARE UPDATE EXCLUSIVE on the parent alone first (ATTACH takes it at
+--   the end anyway; readers and writers go on; ONLY, so that VACUUM of
+--   other months goes on too), then SHARE on the partition:
 --   writes into that month (late redeliveries, erasures) wait from here;
 -- * the new table is made equal to the partition: rows the partition no
 --   longer has (erased since they were copied) are deleted, and rows it
@@ -354,7 +362,7 @@ BEGIN
         RETURN 0;
     END IF;
     SELECT * INTO j FROM rotation_jobs r WHERE r.id = p_job;
-    EXECUTE format('LOCK TABLE %I IN SHARE UPDATE EXCLUSIVE MODE', w.parent);
+    EXECUTE format('LOCK TABLE ONLY %I IN SHARE UPDATE EXCLUSIVE MODE', w.parent);
     IF NOT EXISTS (SELECT 1 FROM pii_vault_partitions(w.parent) p
                    WHERE p.name = p_partition AND p.lo IS NOT DISTINCT FROM w.lo AND p.hi = w.hi) THEN
         IF to_regclass(quote_ident(p_partition)) IS NOT NULL THEN

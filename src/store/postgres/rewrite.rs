@@ -45,9 +45,15 @@ impl Rewrites for PgStore {
             .collect()
     }
 
-    async fn rewrite_begin(&self, job: &Job, partition: &str) -> Result<(), StoreError> {
-        self.rewrite_step("pii_vault_rewrite_begin", job, partition)
-            .await
+    async fn rewrite_begin(&self, job: &Job, partition: &str) -> Result<bool, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT pii_vault_rewrite_begin($1, $2, $3)")
+                .bind(job.record)
+                .bind(job.id)
+                .bind(partition)
+                .fetch_one(self.pool())
+                .await?,
+        )
     }
 
     async fn rewrite_vault_chunk(

@@ -16,7 +16,7 @@ impl Rewrites for SqliteStore {
         Ok(Vec::new())
     }
 
-    async fn rewrite_begin(&self, _job: &Job, _partition: &str) -> Result<(), StoreError> {
+    async fn rewrite_begin(&self, _job: &Job, _partition: &str) -> Result<bool, StoreError> {
         Err(none())
     }
 
