@@ -24,6 +24,7 @@ mod binary;
 mod catalogue;
 mod prefix;
 mod revealer;
+mod rewrite;
 mod rotator;
 mod searcher;
 mod worker;
