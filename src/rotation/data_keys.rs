@@ -72,11 +72,10 @@ pub async fn rotate_data_keys(
     };
     // Closed partitions first, each into a new table; then the rest in
     // place (the in-place readers leave the rewritten partitions alone).
-    let mut closed = VaultRewrite::default();
-    let (rewritten, skipped) = rewrite_closed(&run, &mut closed).await?;
-    out.resealed += rewritten;
-    out.skipped.merge(skipped);
-    out.new_keys.extend(closed.keys.retire_all(&run).await?);
+    let closed = rewrite_closed(&run, || Box::new(VaultRewrite::default())).await?;
+    out.resealed += closed.rows;
+    out.skipped.merge(closed.skipped);
+    out.new_keys.extend(closed.keys);
     for (resealed, made, skipped) in run
         .ranges(ranges, |run, r| async move { reseal_range(&run, &r).await })
         .await?
@@ -211,7 +210,7 @@ impl RangeKeys {
     }
 }
 
-/// Fills the new tables of closed vault partitions: rows re-sealed under
+/// Fills the new table of a closed vault partition: rows re-sealed under
 /// keys of its own, rows it cannot open copied as they are (their keys are
 /// then kept, as in place).
 #[derive(Default)]
@@ -265,6 +264,10 @@ impl Fill for VaultRewrite {
             run.chunk_committed(sealed.len() as u64)?;
         }
         Ok((done, skipped))
+    }
+
+    async fn done(self: Box<Self>, run: &Run) -> anyhow::Result<Vec<String>> {
+        self.keys.retire_all(run).await
     }
 }
 

@@ -11,8 +11,10 @@
 //! before. Each partition is resumable on its own: a rerun skips those
 //! swapped and starts the others over from a new table.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use async_trait::async_trait;
 
 use super::job::Run;
@@ -20,52 +22,87 @@ use super::Skipped;
 use crate::store::{RewriteState, StoreError};
 
 /// Attempts at a swap that its lock timeout or a deadlock refused (the
-/// database rolled the attempt back whole; a worker's long transaction on
-/// the table is the usual cause).
+/// database rolled the attempt back whole; a long transaction on the table
+/// is the usual cause).
 const SWAP_ATTEMPTS: u32 = 10;
 
-/// How one rotation fills the new table of a partition.
+/// How one rotation fills the new table of a partition. Each partition gets
+/// a filler of its own, so a data-key rotation seals each month under keys
+/// of that month's alone.
 #[async_trait]
 pub(super) trait Fill: Send {
     /// Reads `partition`'s rows in chunks and writes them, rotated, into its
     /// new table: (rows rotated, rows that could not be opened, which go
     /// in as they are).
     async fn fill(&mut self, run: &Run, partition: &str) -> anyhow::Result<(u64, Skipped)>;
+
+    /// Once its partition is swapped: the data keys it made, retired.
+    async fn done(self: Box<Self>, run: &Run) -> anyhow::Result<Vec<String>>;
+}
+
+/// What the rewrites of a run did.
+#[derive(Default)]
+pub(super) struct Rewritten {
+    pub rows: u64,
+    pub skipped: Skipped,
+    pub keys: Vec<String>,
 }
 
 /// Rewrites every closed partition of the job not swapped yet, oldest
-/// first: (rows rotated, skipped).
-pub(super) async fn rewrite_closed(
-    run: &Run,
-    fill: &mut dyn Fill,
-) -> anyhow::Result<(u64, Skipped)> {
-    let mut done = 0;
-    let mut skipped = Skipped::default();
-    for rewrite in run.store.rewrites(&run.job).await? {
-        if rewrite.state != RewriteState::Pending {
-            continue;
+/// first, `jobs` at a time (their swaps take turns: each holds the
+/// parent's SHARE UPDATE EXCLUSIVE lock). The first error ends the others.
+pub(super) async fn rewrite_closed<F>(run: &Arc<Run>, make: F) -> anyhow::Result<Rewritten>
+where
+    F: Fn() -> Box<dyn Fill>,
+{
+    let mut left = run
+        .store
+        .rewrites(&run.job)
+        .await?
+        .into_iter()
+        .filter(|r| r.state == RewriteState::Pending)
+        .map(|r| r.partition);
+    let mut set = tokio::task::JoinSet::new();
+    for partition in left.by_ref().take(run.opts.jobs.max(1)) {
+        set.spawn(rewrite_one(run.clone(), make(), partition));
+    }
+    let mut out = Rewritten::default();
+    while let Some(done) = set.join_next().await {
+        let (rows, skipped, keys) = done.context("a partition rewrite failed")??;
+        out.rows += rows;
+        out.skipped.merge(skipped);
+        out.keys.extend(keys);
+        if let Some(partition) = left.next() {
+            set.spawn(rewrite_one(run.clone(), make(), partition));
         }
-        let partition = rewrite.partition.as_str();
-        if !run.store.rewrite_begin(&run.job, partition).await? {
-            tracing::info!(
-                partition,
-                "closed partition dropped since the job started; nothing to rewrite"
-            );
-            continue;
-        }
-        let (n, s) = fill.fill(run, partition).await?;
-        run.store.rewrite_index(&run.job, partition).await?;
-        let late = swap(run, partition).await?;
+    }
+    Ok(out)
+}
+
+/// One partition: a new table, filled, indexed, swapped in.
+async fn rewrite_one(
+    run: Arc<Run>,
+    mut fill: Box<dyn Fill>,
+    partition: String,
+) -> anyhow::Result<(u64, Skipped, Vec<String>)> {
+    let partition = partition.as_str();
+    if !run.store.rewrite_begin(&run.job, partition).await? {
         tracing::info!(
             partition,
-            rows = n,
-            late,
-            "closed partition rewritten and swapped in"
+            "closed partition dropped since the job started; nothing to rewrite"
         );
-        done += n;
-        skipped.merge(s);
+        return Ok((0, Skipped::default(), fill.done(&run).await?));
     }
-    Ok((done, skipped))
+    let (rows, skipped) = fill.fill(&run, partition).await?;
+    run.store.rewrite_index(&run.job, partition).await?;
+    let late = swap(&run, partition).await?;
+    tracing::info!(
+        partition,
+        rows,
+        late,
+        "closed partition rewritten and swapped in"
+    );
+    Ok((rows, skipped, fill.done(&run).await?))
 }
 
 /// The swap, tried again while a lock it waits for times out or a deadlock

@@ -88,12 +88,15 @@ pub async fn rotate_token_key(
     };
     // Closed partitions first, each into a new table; then the rest in
     // place (the in-place readers and the sweep leave those alone).
-    let mut closed = LoginsRewrite {
-        key: token_key.clone(),
-        network,
-    };
-    let (rewritten, closed_skipped) = rewrite_closed(&run, &mut closed).await?;
-    out.retokenised += rewritten;
+    let closed = rewrite_closed(&run, || {
+        Box::new(LoginsRewrite {
+            key: token_key.clone(),
+            network,
+        })
+    })
+    .await?;
+    let closed_skipped = closed.skipped;
+    out.retokenised += closed.rows;
     out.skipped.merge(closed_skipped.clone());
     for (n, skipped) in run
         .ranges(ranges, |run, r| {
@@ -194,7 +197,7 @@ fn tokens_of(
     })
 }
 
-/// Fills the new tables of closed user_logins partitions: logins
+/// Fills the new table of a closed user_logins partition: logins
 /// re-tokenised from their originals; those whose originals were erased or
 /// cannot be opened copied as they are (they keep their tokens, as in
 /// place).
@@ -241,6 +244,10 @@ impl Fill for LoginsRewrite {
             run.chunk_committed(tokens.len() as u64)?;
         }
         Ok((done, skipped))
+    }
+
+    async fn done(self: Box<Self>, _run: &Run) -> anyhow::Result<Vec<String>> {
+        Ok(Vec::new())
     }
 }
 
