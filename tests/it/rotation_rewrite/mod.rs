@@ -3,7 +3,10 @@
 //! `user_logins` (token key) is copied into a new table and swapped in,
 //! while this month's partition is updated in place; a run killed between
 //! two swaps resumes; a worker writing late rows into a closed month
-//! during the rewrite loses none.
+//! during the rewrite loses none (`race.rs`: nor one whose write meets the
+//! swap's locks).
+
+mod race;
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -17,7 +20,7 @@ use crate::rotation::reveal_and_check;
 
 /// Events from small pools of IPs, devices and users, so that tokens repeat
 /// across months.
-fn events(seed: u64, n: usize) -> String {
+pub(super) fn events(seed: u64, n: usize) -> String {
     common::gen_events(&[
         "-n",
         &n.to_string(),
@@ -34,22 +37,22 @@ fn events(seed: u64, n: usize) -> String {
 
 /// The database's loaded state: its events, the closed months' partition
 /// suffixes (oldest first) and this month's.
-struct Loaded {
-    app: TestApp,
-    worker: Login,
-    input: String,
-    closed: Vec<String>,
+pub(super) struct Loaded {
+    pub(super) app: TestApp,
+    pub(super) worker: Login,
+    pub(super) input: String,
+    pub(super) closed: Vec<String>,
     /// A day of each closed month.
-    days: Vec<NaiveDate>,
-    open: String,
+    pub(super) days: Vec<NaiveDate>,
+    pub(super) open: String,
 }
 
-fn suffix(d: NaiveDate) -> String {
+pub(super) fn suffix(d: NaiveDate) -> String {
     format!("y{}m{:02}", d.year(), d.month())
 }
 
 /// Loads `text` as the worker on `day` (its clock set to that day).
-fn load(bin: &Bin, app: &TestApp, text: &str, day: NaiveDate) {
+pub(super) fn load(bin: &Bin, app: &TestApp, text: &str, day: NaiveDate) {
     let name = format!("events-{}.jsonl", uuid::Uuid::new_v4().simple());
     let file = app.write(&name, text);
     bin.env("PII_VAULT_CLOCK", &day.to_string()).ok(&[
@@ -61,7 +64,7 @@ fn load(bin: &Bin, app: &TestApp, text: &str, day: NaiveDate) {
 }
 
 /// 60 events in each of three closed months and 60 in this month.
-async fn loaded() -> Option<Loaded> {
+pub(super) async fn loaded() -> Option<Loaded> {
     let app = TestApp::postgres().await?;
     app.ok(&["migrate"]);
     app.ok(&["policy", "set", "--max-reveals-per-day", "100000"]);
@@ -93,7 +96,7 @@ async fn loaded() -> Option<Loaded> {
 }
 
 /// Each partition of `table` with its oid.
-async fn oids(app: &TestApp, table: &str) -> BTreeMap<String, i64> {
+pub(super) async fn oids(app: &TestApp, table: &str) -> BTreeMap<String, i64> {
     sqlx::query_as(&format!(
         "SELECT inhrelid::regclass::text, inhrelid::oid::bigint FROM pg_inherits \
          WHERE inhparent = '{table}'::regclass"
@@ -106,7 +109,7 @@ async fn oids(app: &TestApp, table: &str) -> BTreeMap<String, i64> {
 }
 
 /// Rows per partition of `table`.
-async fn counts(app: &TestApp, table: &str) -> BTreeMap<String, i64> {
+pub(super) async fn counts(app: &TestApp, table: &str) -> BTreeMap<String, i64> {
     sqlx::query_as(&format!(
         "SELECT tableoid::regclass::text, count(*) FROM {table} GROUP BY 1"
     ))
@@ -122,7 +125,7 @@ async fn counts(app: &TestApp, table: &str) -> BTreeMap<String, i64> {
 /// only ever inserted into: once the rotator's sessions have flushed their
 /// statistics (when they end; the inserts counted prove it), they show no
 /// dead tuple, update or delete. This month's shows its updates.
-async fn check_rewritten(app: &TestApp, table: &str, closed: &[String], open: &str) {
+pub(super) async fn check_rewritten(app: &TestApp, table: &str, closed: &[String], open: &str) {
     let rows = counts(app, table).await;
     for s in closed {
         let p = format!("{table}_{s}");
@@ -175,7 +178,12 @@ async fn check_rewritten(app: &TestApp, table: &str, closed: &[String], open: &s
 
 /// Asserts which partitions of `table` changed oid from `before` to now:
 /// exactly the closed ones.
-async fn check_oids(app: &TestApp, table: &str, before: &BTreeMap<String, i64>, closed: &[String]) {
+pub(super) async fn check_oids(
+    app: &TestApp,
+    table: &str,
+    before: &BTreeMap<String, i64>,
+    closed: &[String],
+) {
     let after = oids(app, table).await;
     assert_eq!(
         before.keys().collect::<Vec<_>>(),
@@ -187,7 +195,7 @@ async fn check_oids(app: &TestApp, table: &str, before: &BTreeMap<String, i64>, 
     }
 }
 
-async fn rotator(app: &TestApp) -> (Bin, Login) {
+pub(super) async fn rotator(app: &TestApp) -> (Bin, Login) {
     let login = app.login_as(ROTATOR).await;
     (app.as_login(&login), login)
 }
@@ -252,7 +260,7 @@ async fn rotate_data_keys_rewrites_closed_months_and_updates_this_one_in_place()
 
 /// Login message ids grouped by `column`'s token, each group sorted: the
 /// same groups under any token-key version.
-async fn groups(app: &TestApp, column: &str) -> Vec<Vec<String>> {
+pub(super) async fn groups(app: &TestApp, column: &str) -> Vec<Vec<String>> {
     let mut by: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let rows: Vec<(String, String)> = sqlx::query_as(&format!(
         "SELECT {column}::text, message_id FROM user_logins"
@@ -315,7 +323,7 @@ async fn rotate_token_key_rewrites_closed_months_and_keeps_every_grouping() {
 }
 
 /// Waits until a session of `login` waits for a lock on `relation`.
-async fn waits_on(app: &TestApp, login: &Login, relation: &str) {
+pub(super) async fn waits_on(app: &TestApp, login: &Login, relation: &str) {
     let sql = format!(
         "SELECT count(*) FROM pg_locks k JOIN pg_stat_activity a ON a.pid = k.pid \
          WHERE NOT k.granted AND k.relation = '{relation}'::regclass AND a.usename = '{}'",
@@ -327,7 +335,7 @@ async fn waits_on(app: &TestApp, login: &Login, relation: &str) {
     .await;
 }
 
-async fn rewrite_states(app: &TestApp) -> Vec<String> {
+pub(super) async fn rewrite_states(app: &TestApp) -> Vec<String> {
     app.strings("SELECT partition || ' ' || state FROM rotation_rewrites ORDER BY hi")
         .await
 }
