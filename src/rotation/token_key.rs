@@ -87,7 +87,7 @@ pub async fn rotate_token_key(
         ..Default::default()
     };
     // Closed partitions first, each into a new table; then the rest in
-    // place (the in-place readers and the sweep leave those alone).
+    // place (the in-place ranges leave those alone).
     let closed = rewrite_closed(&run, || {
         Box::new(LoginsRewrite {
             key: token_key.clone(),
@@ -95,9 +95,8 @@ pub async fn rotate_token_key(
         })
     })
     .await?;
-    let closed_skipped = closed.skipped;
     out.retokenised += closed.rows;
-    out.skipped.merge(closed_skipped.clone());
+    out.skipped.merge(closed.skipped);
     for (n, skipped) in run
         .ranges(ranges, |run, r| {
             let key = token_key.clone();
@@ -111,9 +110,9 @@ pub async fn rotate_token_key(
     // Rows skipped here or by the run this one continues, or committed by a
     // worker in a way the ranges missed: one more sweep finds them.
     if store.count_stale_tokens(version).await? > out.skipped.count as i64 {
-        // The sweep meets every stale row of the open partitions again,
-        // skipped ones included; not those of the rewritten ones.
-        out.skipped = closed_skipped;
+        // The sweep meets every stale row again, skipped ones included
+        // (those the rewrites copied as they were too).
+        out.skipped = Skipped::default();
         retokenise(
             &store,
             wrapper.clone(),

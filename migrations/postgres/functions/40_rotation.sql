@@ -461,14 +461,14 @@ REVOKE ALL ON FUNCTION pii_vault_rotation_logins_by_message(bigint, bigint, text
 GRANT EXECUTE ON FUNCTION pii_vault_rotation_logins_by_message(bigint, bigint, text, text, int) TO pii_vault_rotator;
 
 -- The final sweep's read: stale logins with a vault row after login id
--- `p_after`, in id order, whatever range they fell in (outside the
--- partitions the job rewrites: their swap checks their rows).
+-- `p_after`, in id order, whatever range or partition they fell in (it
+-- runs after every rewrite is swapped in: it then meets only what the
+-- rewrites copied as it was, rows they could not open).
 CREATE OR REPLACE FUNCTION pii_vault_rotation_sweep_chunk(p_record bigint, p_job bigint, p_after bigint, p_limit int)
 RETURNS TABLE (id bigint, message_id text, user_id text, key_id text, nonce bytea, ciphertext bytea)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     j rotation_jobs := pii_vault_rotation_job_check(p_record, p_job);
-    rewritten oid[] := pii_vault_rewrite_oids(p_job);
     pat text;
 BEGIN
     PERFORM pii_vault_rotation_job_is(j, 'rotate-token-key');
@@ -476,7 +476,6 @@ BEGIN
     RETURN QUERY SELECT l.id, l.message_id, l.user_id::text, v.key_id, v.nonce, v.ciphertext
         FROM user_logins l JOIN vault v ON v.message_id = l.message_id
         WHERE l.id > p_after AND (l.masked_ip NOT LIKE pat OR l.masked_device_id NOT LIKE pat)
-          AND l.tableoid <> ALL (rewritten)
         ORDER BY l.id LIMIT p_limit;
 END
 $$;

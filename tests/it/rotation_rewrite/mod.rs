@@ -4,9 +4,10 @@
 //! while this month's partition is updated in place; a run killed between
 //! two swaps resumes; a worker writing late rows into a closed month
 //! during the rewrite loses none (`race.rs`: nor one whose write meets the
-//! swap's locks).
+//! swap's locks; `skipped.rs`: rows it cannot open).
 
 mod race;
+mod skipped;
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
