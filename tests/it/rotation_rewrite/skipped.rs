@@ -50,7 +50,7 @@ async fn a_row_a_rewrite_cannot_open_is_kept_as_it_was_with_its_key() {
     assert!(common::leaked(&out.stderr, &raw).is_empty());
     check_oids(app, "vault", &vault, &l.closed).await;
     assert_eq!(app.count("vault").await, total);
-    assert_eq!(app.strings(&key_of).await, [key.clone()], "as it was");
+    assert_eq!(app.strings(&key_of).await, [key.as_str()], "as it was");
     let state = app
         .strings(&format!("SELECT state FROM vault_keys WHERE id = '{key}'"))
         .await;
