@@ -6,6 +6,7 @@ use std::sync::Arc;
 use zeroize::Zeroizing;
 
 use super::job::{open_job, size_bar, Run};
+use super::rewrite::{rewrite_closed, Fill};
 use super::{DataKeysRotated, RotationOptions, Skipped};
 use crate::crypto::aead::Sealer;
 use crate::crypto::{Aad, KeyPurpose, KeyWrapper};
@@ -69,6 +70,12 @@ pub async fn rotate_data_keys(
         record_id: lease.record,
         ..Default::default()
     };
+    // Closed partitions first, each into a new table; then the rest in
+    // place (the in-place readers leave the rewritten partitions alone).
+    let closed = rewrite_closed(&run, || Box::new(VaultRewrite::default())).await?;
+    out.resealed += closed.rows;
+    out.skipped.merge(closed.skipped);
+    out.new_keys.extend(closed.keys);
     for (resealed, made, skipped) in run
         .ranges(ranges, |run, r| async move { reseal_range(&run, &r).await })
         .await?
@@ -200,6 +207,67 @@ impl RangeKeys {
         }
         self.retire_full(run).await?;
         Ok(self.made)
+    }
+}
+
+/// Fills the new table of a closed vault partition: rows re-sealed under
+/// keys of its own, rows it cannot open copied as they are (their keys are
+/// then kept, as in place).
+#[derive(Default)]
+struct VaultRewrite {
+    keys: RangeKeys,
+}
+
+#[async_trait::async_trait]
+impl Fill for VaultRewrite {
+    async fn fill(&mut self, run: &Run, partition: &str) -> anyhow::Result<(u64, Skipped)> {
+        let mut reader = run.reader();
+        let mut skipped = Skipped::default();
+        let (job, limit) = (&run.job, run.opts.chunk_rows);
+        let mut cursor = String::new();
+        let mut done = 0;
+        loop {
+            let rows = run
+                .store
+                .rewrite_vault_chunk(job, partition, &cursor, limit)
+                .await?;
+            let Some(last) = rows.last() else { break };
+            cursor = last.message_id.clone();
+            let mut sealed = Vec::with_capacity(rows.len());
+            let mut keep = Vec::new();
+            for r in rows {
+                let opened = reader.open(&r).await.map(|p| p.map(|p| p.encode()));
+                let table = Table::Vault(&r.user_id);
+                match self
+                    .keys
+                    .seal_again(run, &r.message_id, table, opened, &mut skipped)
+                    .await?
+                {
+                    Some((key_id, nonce, ciphertext)) => {
+                        let old = r.key_id.clone();
+                        let row = VaultRow {
+                            key_id,
+                            nonce,
+                            ciphertext,
+                            ..r
+                        };
+                        sealed.push((row, old));
+                    }
+                    None => keep.push(r.message_id),
+                }
+            }
+            run.store
+                .rewrite_vault_write(job, partition, &sealed, &keep)
+                .await?;
+            done += sealed.len() as u64;
+            self.keys.retire_full(run).await?;
+            run.chunk_committed(sealed.len() as u64)?;
+        }
+        Ok((done, skipped))
+    }
+
+    async fn done(self: Box<Self>, run: &Run) -> anyhow::Result<Vec<String>> {
+        self.keys.retire_all(run).await
     }
 }
 

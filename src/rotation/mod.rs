@@ -19,11 +19,14 @@
 //!
 //! - `job.rs`: what every rotation shares: resuming a job, its key ranges
 //!   worked on several connections, progress, the test hook that stops it;
+//! - `rewrite.rs`: closed partitions copied into new tables and swapped
+//!   in, rather than updated in place;
 //! - `kek.rs`, `data_keys.rs`, `token_key.rs`: one rotation each.
 
 mod data_keys;
 mod job;
 mod kek;
+mod rewrite;
 mod token_key;
 
 pub use data_keys::{rotate_data_keys, ROWS_PER_DATA_KEY};

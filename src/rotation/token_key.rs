@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 use super::job::{open_job, size_bar, Run};
+use super::rewrite::{rewrite_closed, Fill};
 use super::{RotationOptions, Skipped, TokenKeyRotated};
 use crate::crypto::{KeyPurpose, KeyWrapper, TokenField, TokenKey};
 use crate::domain::CanonicalIp;
@@ -85,6 +86,17 @@ pub async fn rotate_token_key(
         version,
         ..Default::default()
     };
+    // Closed partitions first, each into a new table; then the rest in
+    // place (the in-place ranges leave those alone).
+    let closed = rewrite_closed(&run, || {
+        Box::new(LoginsRewrite {
+            key: token_key.clone(),
+            network,
+        })
+    })
+    .await?;
+    out.retokenised += closed.rows;
+    out.skipped.merge(closed.skipped);
     for (n, skipped) in run
         .ranges(ranges, |run, r| {
             let key = token_key.clone();
@@ -98,7 +110,8 @@ pub async fn rotate_token_key(
     // Rows skipped here or by the run this one continues, or committed by a
     // worker in a way the ranges missed: one more sweep finds them.
     if store.count_stale_tokens(version).await? > out.skipped.count as i64 {
-        // The sweep meets every stale row again, skipped ones included.
+        // The sweep meets every stale row again, skipped ones included
+        // (those the rewrites copied as they were too).
         out.skipped = Skipped::default();
         retokenise(
             &store,
@@ -181,6 +194,60 @@ fn tokens_of(
                 .to_string()
         }),
     })
+}
+
+/// Fills the new table of a closed user_logins partition: logins
+/// re-tokenised from their originals; those whose originals were erased or
+/// cannot be opened copied as they are (they keep their tokens, as in
+/// place).
+struct LoginsRewrite {
+    key: Arc<TokenKey>,
+    network: bool,
+}
+
+#[async_trait::async_trait]
+impl Fill for LoginsRewrite {
+    async fn fill(&mut self, run: &Run, partition: &str) -> anyhow::Result<(u64, Skipped)> {
+        let mut reader = run.reader();
+        let mut skipped = Skipped::default();
+        let mut after = i64::MIN;
+        let mut done = 0;
+        loop {
+            let rows = run
+                .store
+                .rewrite_logins_chunk(&run.job, partition, after, run.opts.chunk_rows)
+                .await?;
+            let Some((last, _, _)) = rows.last() else {
+                break;
+            };
+            after = *last;
+            let mut tokens = Vec::with_capacity(rows.len());
+            let mut keep = Vec::new();
+            for (id, message_id, vault) in &rows {
+                let Some(vault) = vault else {
+                    keep.push(*id);
+                    continue;
+                };
+                match tokens_of(&self.key, self.network, *id, reader.open(vault).await) {
+                    Ok(t) => tokens.push(t),
+                    Err(e) => {
+                        skipped.add(message_id, &e);
+                        keep.push(*id);
+                    }
+                }
+            }
+            run.store
+                .rewrite_logins_write(&run.job, partition, &tokens, &keep)
+                .await?;
+            done += tokens.len() as u64;
+            run.chunk_committed(tokens.len() as u64)?;
+        }
+        Ok((done, skipped))
+    }
+
+    async fn done(self: Box<Self>, _run: &Run) -> anyhow::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 }
 
 /// One key range of `rotate token-key`: (re-tokenised, skipped). Ranges

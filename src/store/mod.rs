@@ -29,6 +29,7 @@ pub mod model;
 pub mod postgres;
 pub mod quarantine;
 pub mod reveal;
+pub mod rewrite;
 pub mod roles;
 pub mod search;
 pub mod sqlite;
@@ -51,6 +52,7 @@ pub use reveal::{
     PolicyChange, RequestStatus, Reveal, RevealPolicy, RevealRequest, RevealedRow, RevealedRows,
     Selector,
 };
+pub use rewrite::{Rewrite, RewriteState, Rewrites, StaleLogin};
 pub use roles::{MigrateOptions, RolePrefix};
 pub use search::{Search, SearchKind};
 pub use trail::{ArchivePoint, ChainHeads, LedgerEntry, Trail};
@@ -80,7 +82,19 @@ pub struct Profile {
 /// A backend: every capability, and its own upkeep.
 #[async_trait]
 pub trait Store:
-    Ingest + Keys + Reveal + Search + Audit + Trail + Jobs + Chunks + Erasure + Quarantine + Send + Sync
+    Ingest
+    + Keys
+    + Reveal
+    + Search
+    + Audit
+    + Trail
+    + Jobs
+    + Chunks
+    + Rewrites
+    + Erasure
+    + Quarantine
+    + Send
+    + Sync
 {
     fn profile(&self) -> Profile;
 

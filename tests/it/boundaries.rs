@@ -19,7 +19,7 @@ use crate::common::app::TestApp;
 use crate::common::seed::Owner;
 use crate::common::{self};
 use crate::roles::{
-    denied, login, refused, seed, who, ANALYST, REVEALER, ROTATOR, SEARCHER, WORKER,
+    denied, login, refused, seed, seed_on, who, ANALYST, REVEALER, ROTATOR, SEARCHER, WORKER,
 };
 
 /// Two logins each for `users`, written by the owner under the seed's keys.
@@ -654,7 +654,8 @@ async fn ciphertext_is_read_only_under_a_leased_job_that_no_other_role_can_block
     let Some(app) = TestApp::postgres().await else {
         return;
     };
-    seed(app.owner()).await;
+    // This month's: the in-place readers leave closed months to their rewrite.
+    seed_on(app.owner(), Some(chrono::Utc::now().date_naive())).await;
     // One rotator login, two sessions: the store's and a raw one.
     let url = app.login_as(ROTATOR).await.url;
     let rotator = PgStore::connect(&url).await.unwrap();

@@ -30,6 +30,7 @@ mod quarantine;
 mod roles;
 mod roles_e2e;
 mod rotation;
+mod rotation_rewrite;
 mod schema;
 mod search;
 mod sqs_faults;

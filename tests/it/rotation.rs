@@ -46,7 +46,10 @@ fn check_reveals(app: &TestApp, input: &str) -> usize {
 /// succeed; checks that the originals are the user's and that tokens are
 /// consistent (equal IPs, equal tokens; different IPs, different tokens).
 /// Returns the rows revealed and the token versions seen.
-fn reveal_and_check(app: &TestApp, input: &str) -> (usize, std::collections::HashSet<String>) {
+pub(crate) fn reveal_and_check(
+    app: &TestApp,
+    input: &str,
+) -> (usize, std::collections::HashSet<String>) {
     let mut want: HashMap<String, Vec<(String, String)>> = HashMap::new();
     for l in input.lines() {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();

@@ -175,6 +175,10 @@ BEGIN
     IF p_kind = 'rotate-data-keys' THEN
         INSERT INTO rotation_ranges (job_id, no, tbl, lo, hi, cursor) VALUES (jid, n, 'quarantine', '', NULL, '');
     END IF;
+    -- Closed partitions are rewritten, not updated (functions/45_rewrite.sql).
+    IF p_table IN ('vault', 'user_logins') THEN
+        PERFORM pii_vault_rewrite_plan(jid, p_table);
+    END IF;
     RETURN jid;
 END
 $$;
@@ -332,7 +336,8 @@ GRANT EXECUTE ON FUNCTION pii_vault_rotation_retire_key(bigint, bigint, text) TO
 -- rewrite) make the planner hash or sort whole tables for every chunk,
 -- which turns a rotation quadratic.
 
--- A chunk of vault rows under the job's old keys, in one range.
+-- A chunk of vault rows under the job's old keys, in one range, outside
+-- the partitions the job rewrites.
 CREATE OR REPLACE FUNCTION pii_vault_rotation_vault_chunk(p_record bigint, p_job bigint, p_after text, p_hi text, p_limit int)
 RETURNS TABLE (message_id text, user_id text, key_id text, nonce bytea, ciphertext bytea)
 LANGUAGE plpgsql SECURITY DEFINER
@@ -340,10 +345,12 @@ SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off SET m
 SET search_path FROM CURRENT AS $$
 DECLARE
     j rotation_jobs := pii_vault_rotation_job_check(p_record, p_job);
+    rewritten oid[] := pii_vault_rewrite_oids(p_job);
 BEGIN
     PERFORM pii_vault_rotation_job_is(j, 'rotate-data-keys');
     RETURN QUERY SELECT v.message_id, v.user_id::text, v.key_id, v.nonce, v.ciphertext FROM vault v
         WHERE v.message_id > p_after AND (p_hi IS NULL OR v.message_id <= p_hi) AND v.key_id = ANY (j.old_keys)
+          AND v.tableoid <> ALL (rewritten)
         ORDER BY v.message_id LIMIT p_limit;
 END
 $$;
@@ -415,7 +422,8 @@ GRANT EXECUTE ON FUNCTION pii_vault_rotation_reseal(bigint, bigint, int, text, t
 
 -- ------------------------------------------------------------- token key
 -- Stale logins with a vault row and a message id in (p_after, p_hi], in
--- message_id order, with their sealed originals: two index range scans in
+-- message_id order, outside the partitions the job rewrites, with their
+-- sealed originals: two index range scans in
 -- the same order, merged (migration 0009 has the measurements).
 CREATE OR REPLACE FUNCTION pii_vault_rotation_logins_by_message(p_record bigint, p_job bigint, p_after text, p_hi text,
                                                                 p_limit int)
@@ -426,6 +434,7 @@ SET enable_nestloop = off SET max_parallel_workers_per_gather = 0 SET jit = off
 SET search_path FROM CURRENT AS $$
 DECLARE
     j rotation_jobs := pii_vault_rotation_job_check(p_record, p_job);
+    rewritten oid[] := pii_vault_rewrite_oids(p_job);
     pat text;
 BEGIN
     PERFORM pii_vault_rotation_job_is(j, 'rotate-token-key');
@@ -436,14 +445,14 @@ BEGIN
         RETURN QUERY SELECT l.id, l.message_id, l.user_id::text, v.key_id, v.nonce, v.ciphertext
             FROM user_logins l JOIN vault v ON v.message_id = l.message_id
             WHERE l.message_id > p_after AND v.message_id > p_after
-              AND (l.masked_ip NOT LIKE pat OR l.masked_device_id NOT LIKE pat)
+              AND (l.masked_ip NOT LIKE pat OR l.masked_device_id NOT LIKE pat) AND l.tableoid <> ALL (rewritten)
             ORDER BY l.message_id LIMIT p_limit;
     ELSE
         RETURN QUERY SELECT l.id, l.message_id, l.user_id::text, v.key_id, v.nonce, v.ciphertext
             FROM user_logins l JOIN vault v ON v.message_id = l.message_id
             WHERE l.message_id > p_after AND l.message_id <= p_hi
               AND v.message_id > p_after AND v.message_id <= p_hi
-              AND (l.masked_ip NOT LIKE pat OR l.masked_device_id NOT LIKE pat)
+              AND (l.masked_ip NOT LIKE pat OR l.masked_device_id NOT LIKE pat) AND l.tableoid <> ALL (rewritten)
             ORDER BY l.message_id LIMIT p_limit;
     END IF;
 END
@@ -452,7 +461,9 @@ REVOKE ALL ON FUNCTION pii_vault_rotation_logins_by_message(bigint, bigint, text
 GRANT EXECUTE ON FUNCTION pii_vault_rotation_logins_by_message(bigint, bigint, text, text, int) TO pii_vault_rotator;
 
 -- The final sweep's read: stale logins with a vault row after login id
--- `p_after`, in id order, whatever range they fell in.
+-- `p_after`, in id order, whatever range or partition they fell in (it
+-- runs after every rewrite is swapped in: it then meets only what the
+-- rewrites copied as it was, rows they could not open).
 CREATE OR REPLACE FUNCTION pii_vault_rotation_sweep_chunk(p_record bigint, p_job bigint, p_after bigint, p_limit int)
 RETURNS TABLE (id bigint, message_id text, user_id text, key_id text, nonce bytea, ciphertext bytea)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
@@ -575,6 +586,11 @@ DECLARE
     pat text;
 BEGIN
     SELECT coalesce(sum(r.rows_done), 0) INTO done_rows FROM rotation_ranges r WHERE r.job_id = p_job;
+    done_rows := done_rows + (SELECT coalesce(sum(w.rows_done), 0) FROM rotation_rewrites w WHERE w.job_id = p_job);
+    IF EXISTS (SELECT 1 FROM rotation_rewrites w WHERE w.job_id = p_job AND w.state NOT IN ('swapped', 'gone')) THEN
+        RAISE EXCEPTION USING ERRCODE = 'PV011',
+            MESSAGE = format('rotation job %s: closed partitions remain to be rewritten', p_job);
+    END IF;
     IF j.kind = 'rotate-data-keys' THEN
         UPDATE vault_keys SET state = 'retired' WHERE id = ANY (j.new_keys) AND state = 'active';
         gone := pii_vault_destroy_unreferenced_data_keys();

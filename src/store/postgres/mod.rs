@@ -13,6 +13,7 @@ mod keys;
 mod prepare;
 mod quarantine;
 mod reveal;
+mod rewrite;
 mod roles;
 mod search;
 mod trail;

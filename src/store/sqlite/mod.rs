@@ -25,6 +25,7 @@ mod jobs;
 mod keys;
 mod quarantine;
 mod reveal;
+mod rewrite;
 mod search;
 mod trail;
 mod writer;

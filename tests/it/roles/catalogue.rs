@@ -74,6 +74,12 @@ const EXPECTED: &[(&str, &str, &[&str])] = &[
     (REVEALER, "rotation_ranges", &[]),
     (ROTATOR, "rotation_jobs", &[]),
     (ROTATOR, "rotation_ranges", &[]),
+    (WORKER, "rotation_rewrites", &[]),
+    (ANALYST, "rotation_rewrites", &[]),
+    (REVEALER, "rotation_rewrites", &[]),
+    (ROTATOR, "rotation_rewrites", &[]),
+    (AUDITOR, "rotation_rewrites", &[]),
+    (SEARCHER, "rotation_rewrites", &[]),
     // The auditor: the trail, both chains, the checkpoints, the alarms, the
     // requests (with the users each returned) and the erasures' users;
     // nothing of the data, the tokens or the keys.
@@ -158,6 +164,7 @@ const OWNER_ONLY: &[&str] = &[
     "honeytokens",
     "rotation_jobs",
     "rotation_ranges",
+    "rotation_rewrites",
     "quarantine_reveals",
     "quarantine_replays",
     "quarantine_replay_rows",
@@ -252,6 +259,27 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
     ),
     ("pii_vault_rotation_retire_data_keys(bigint,bigint)", &[ROTATOR]),
     ("pii_vault_rotation_finish(bigint,bigint)", &[ROTATOR]),
+    // Closed partitions rewritten by a rotation (functions/45_rewrite.sql).
+    ("pii_vault_rewrite_list(bigint,bigint)", &[ROTATOR]),
+    ("pii_vault_rewrite_begin(bigint,bigint,text)", &[ROTATOR]),
+    (
+        "pii_vault_rewrite_vault_chunk(bigint,bigint,text,text,integer)",
+        &[ROTATOR],
+    ),
+    (
+        "pii_vault_rewrite_vault_write(bigint,bigint,text,text[],text[],text[],bytea[],bytea[],text[])",
+        &[ROTATOR],
+    ),
+    (
+        "pii_vault_rewrite_logins_chunk(bigint,bigint,text,bigint,integer)",
+        &[ROTATOR],
+    ),
+    (
+        "pii_vault_rewrite_logins_write(bigint,bigint,text,bigint[],text[],text[],text[],bigint[])",
+        &[ROTATOR],
+    ),
+    ("pii_vault_rewrite_index(bigint,bigint,text)", &[ROTATOR]),
+    ("pii_vault_rewrite_swap(bigint,bigint,text)", &[ROTATOR]),
     ("pii_vault_forget(text,text,text)", &[ROTATOR]),
     ("pii_vault_retention(date,text,text)", &[ROTATOR]),
     ("pii_vault_retention_preview(date)", &[ROTATOR]),
@@ -301,6 +329,14 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
     ("pii_vault_honeytokens_among(text[])", &[]),
     ("pii_vault_reveals_today()", &[]),
     ("pii_vault_destroy_unreferenced_data_keys()", &[]),
+    ("pii_vault_rewrite_plan(bigint,text)", &[]),
+    ("pii_vault_rewrite_oids(bigint)", &[]),
+    ("pii_vault_rewrite_new_name(text)", &[]),
+    (
+        "pii_vault_rewrite_check(bigint,bigint,text,text[],text)",
+        &[],
+    ),
+    ("pii_vault_rewrite_columns(text,text,text[])", &[]),
     // Monthly partitions: made ahead of need by migrate, workers (their
     // next months) and rotators; listed and added by those only.
     ("pii_vault_partitions_ensure(date[],date)", &[WORKER, ROTATOR]),
@@ -521,6 +557,7 @@ async fn each_role_holds_exactly_its_privileges_and_none_may_alter_the_audit_tra
         "audit_alarms",
         "rotation_jobs",
         "rotation_ranges",
+        "rotation_rewrites",
         "job_leases",
         "reveal_request_rows",
         "reveal_quota",

@@ -24,6 +24,7 @@ mod binary;
 mod catalogue;
 mod prefix;
 mod revealer;
+mod rewrite;
 mod rotator;
 mod searcher;
 mod worker;
@@ -186,6 +187,12 @@ pub(crate) struct Seeded {
 }
 
 pub(crate) async fn seed(owner: &PgStore) -> Seeded {
+    seed_on(owner, None).await
+}
+
+/// [`seed`], the logins dated `day` instead (this month's: rotations
+/// update the open partitions in place and rewrite the closed ones).
+pub(crate) async fn seed_on(owner: &PgStore, day: Option<NaiveDate>) -> Seeded {
     let raw = Owner::Pg(owner.pool());
     raw.allow_kek(TEST_KEK).await;
     assert!(
@@ -196,9 +203,18 @@ pub(crate) async fn seed(owner: &PgStore) -> Seeded {
         raw.insert_key(&new_key("tok-1", KeyPurpose::Token, 1))
             .await
     );
-    let alice = vec![login("alice", "dek-1"), login("alice", "dek-1")];
+    let dated = |(mut l, v): (LoginRow, VaultRow)| {
+        if day.is_some() {
+            l.create_date = day;
+        }
+        (l, v)
+    };
+    let alice = vec![
+        dated(login("alice", "dek-1")),
+        dated(login("alice", "dek-1")),
+    ];
     let mut logins = alice.clone();
-    logins.push(login("bob", "dek-1"));
+    logins.push(dated(login("bob", "dek-1")));
     let batch = Batch {
         logins,
         quarantined: vec![

@@ -3,8 +3,8 @@
 //! transaction); the state of resumable rotations is its alone.
 
 use super::{
-    denied, fresh_dek, login, new_key, pg_code, random_bytes, refused, seed, token, who, ANALYST,
-    REVEALER, ROTATOR, TEST_KEK, WORKER,
+    denied, fresh_dek, login, new_key, pg_code, random_bytes, refused, seed, seed_on, token, who,
+    ANALYST, REVEALER, ROTATOR, TEST_KEK, WORKER,
 };
 use crate::common::app::TestApp;
 use crate::common::seed::Owner;
@@ -23,7 +23,8 @@ async fn rotator_reads_and_writes_only_under_its_committed_leased_job() {
     let Some(app) = TestApp::postgres().await else {
         return;
     };
-    seed(app.owner()).await;
+    // This month's: the in-place functions rotate the open partitions.
+    seed_on(app.owner(), Some(Utc::now().date_naive())).await;
     let rotator = app.store_as(ROTATOR).await;
     let second = app.store_as(ROTATOR).await;
     let raw = rotator.pool();
@@ -385,7 +386,8 @@ async fn rotation_jobs_are_the_rotators_alone() {
     let Some(app) = TestApp::postgres().await else {
         return;
     };
-    seed(app.owner()).await;
+    // This month's: the in-place functions rotate the open partitions.
+    seed_on(app.owner(), Some(Utc::now().date_naive())).await;
     let calls = [
         "SELECT * FROM rotation_jobs",
         "SELECT * FROM rotation_ranges",
