@@ -1,5 +1,7 @@
 # Part of scripts/bench-scale.sh (sourced, not run): the two rotations that
-# rewrite every row, beside their ceiling, measured in the same run.
+# rewrite every row, beside their ceiling, measured in the same run. The
+# rows are first spread over a year of monthly partitions (below), so the
+# rotations rewrite the closed months and update this one in place.
 #
 #   pii-vault rotate data-keys --jobs J   and   rotate token-key --jobs J
 #   on the loaded database PG_URL, against the ceiling: a copy of the same
@@ -35,6 +37,30 @@ rot_settle() {
     done
     psql "$PII_VAULT_TEST_PG" -qX -c CHECKPOINT >/dev/null
 }
+
+# A year of logins: the loaded rows all carry today's date, so both tables
+# are written again with their days spread over the past 365 days in load
+# order (the same days 40-retention gives the vault), each month in its
+# partition. Untimed. Most rows are then in closed months, which the
+# rotations rewrite; this month's are rotated in place.
+echo "== (rotation) dating the logins over the past 365 days (untimed)" >&2
+psql "$PG_URL" -qX -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
+SELECT count(*) FROM pii_vault_partitions_ensure(
+    ARRAY(SELECT (current_date - 28 * g)::date FROM generate_series(0, 14) g), current_date + 92);
+SET session_replication_role = replica; -- the owner's fixture, not a worker's write: no fences
+CREATE TEMP TABLE dated AS
+SELECT message_id,
+       current_date - 365 + (365 * (row_number() OVER (ORDER BY id) - 1) / count(*) OVER ())::int AS day
+FROM user_logins;
+CREATE TEMP TABLE logins_again AS SELECT * FROM user_logins;
+UPDATE logins_again l SET create_date = d.day FROM dated d WHERE d.message_id = l.message_id;
+CREATE TEMP TABLE vault_again AS SELECT * FROM vault;
+UPDATE vault_again v SET create_date = d.day FROM dated d WHERE d.message_id = v.message_id;
+TRUNCATE user_logins, vault;
+INSERT INTO user_logins SELECT * FROM logins_again ORDER BY create_date, id;
+INSERT INTO vault SELECT * FROM vault_again ORDER BY create_date, message_id;
+SQL
+psql "$PG_URL" -qX -v ON_ERROR_STOP=1 -c "VACUUM ANALYZE user_logins" -c "VACUUM ANALYZE vault" >/dev/null
 
 # The scratch copy of the rows: same tables and indexes as PG_URL.
 echo "== (rotation) scratch copy of the rows for the raw ceiling" >&2
@@ -153,7 +179,7 @@ for ((rot_round = 1; rot_round <= rot_rounds; rot_round++)); do
 done
 psql "$PII_VAULT_TEST_PG" -qX -c "DROP DATABASE scale_rot_raw" >/dev/null
 
-section "rotations: $rot_jobs connections each, in place, beside a raw parallel UPDATE … FROM ($rot_rounds rounds, each step alone)"
+section "rotations: $rot_jobs connections each, closed months rewritten and this month in place, beside a raw parallel UPDATE … FROM ($rot_rounds rounds, each step alone)"
 for i in "${!rot_data_lines[@]}"; do
     report "rotate data-keys, round $((i + 1)) ($vault_rows rows):" "${rot_data_lines[$i]}"
 done
