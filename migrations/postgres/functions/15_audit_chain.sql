@@ -247,7 +247,7 @@ CREATE OR REPLACE FUNCTION pii_vault_subject_rows(p_user_id text)
 RETURNS TABLE (record bigint, at timestamptz, actor text, claimed_actor text, action text, selector text,
                reason text, status text, approved_by text, approved_at timestamptz, fetched_at timestamptz,
                row_count bigint, message_ids text[])
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET jit = off SET search_path FROM CURRENT AS $$
     SELECT r.id, r.requested_at, r.requested_by, a.claimed_actor, a.action, r.selector, r.reason, r.status,
            r.approved_by, r.approved_at, r.fetched_at, cardinality(m.ids)::bigint, m.ids
     FROM reveal_requests r
