@@ -124,6 +124,46 @@ END
 $$;
 REVOKE ALL ON FUNCTION pii_vault_rotation_job_is(rotation_jobs, text) FROM PUBLIC;
 
+-- What a data-key rotation may write, in place or into a rewritten
+-- partition: rows moved from one of job `j`'s old keys to one of the keys
+-- it made, nothing else.
+CREATE OR REPLACE FUNCTION pii_vault_rotation_check_keys(j rotation_jobs, p_old text[], p_new text[]) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM (SELECT DISTINCT unnest(p_new)) k(id) WHERE k.id IS NULL OR NOT (k.id = ANY (j.new_keys))) THEN
+        RAISE EXCEPTION USING ERRCODE = 'PV011',
+            MESSAGE = format('rows re-sealed by rotation job %s go under data keys the job made', j.id);
+    END IF;
+    IF EXISTS (SELECT 1 FROM (SELECT DISTINCT unnest(p_old)) k(id) WHERE k.id IS NULL OR NOT (k.id = ANY (j.old_keys))) THEN
+        RAISE EXCEPTION USING ERRCODE = 'PV011',
+            MESSAGE = format('rotation job %s re-seals only rows under its old data keys', j.id);
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION pii_vault_rotation_check_keys(rotation_jobs, text[], text[]) FROM PUBLIC;
+
+-- What a token-key rotation may write, in place or into a rewritten
+-- partition: for each login id one token of each kind, every one of job
+-- `j`'s version (a network token may be NULL: network tokens turned off,
+-- where the CHECK constraint then refuses any other).
+CREATE OR REPLACE FUNCTION pii_vault_rotation_check_tokens(j rotation_jobs, p_ids bigint[], p_ips text[],
+                                                           p_devs text[], p_nets text[]) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    IF EXISTS (
+        SELECT 1 FROM (SELECT DISTINCT left(t, strpos(t, '_'))
+                       FROM unnest(p_ips || p_devs || array_remove(p_nets, NULL)) t) s(prefix)
+        WHERE s.prefix IS DISTINCT FROM 't' || j.token_version || '_'
+    ) OR cardinality(p_nets) IS DISTINCT FROM cardinality(p_ids)
+      OR cardinality(p_ips) IS DISTINCT FROM cardinality(p_ids)
+      OR cardinality(p_devs) IS DISTINCT FROM cardinality(p_ids) THEN
+        RAISE EXCEPTION USING ERRCODE = 'PV003',
+            MESSAGE = format('tokens written by rotation job %s carry its version (t%s_…)', j.id, j.token_version);
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION pii_vault_rotation_check_tokens(rotation_jobs, bigint[], text[], text[], text[]) FROM PUBLIC;
+
 -- A rerun takes over the open job of its kind, if there is one: the job now
 -- answers to the new record. The data keys the killed run made for itself
 -- are retired (their rows stay readable; the next rotation re-encrypts
@@ -393,14 +433,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'PV011', MESSAGE = format('range %s of rotation job %s is not open', p_no, p_job);
     END IF;
-    IF EXISTS (SELECT 1 FROM (SELECT DISTINCT unnest(p_new)) k(id) WHERE k.id IS NULL OR NOT (k.id = ANY (j.new_keys))) THEN
-        RAISE EXCEPTION USING ERRCODE = 'PV011',
-            MESSAGE = format('rows re-sealed by rotation job %s go under data keys the job made', p_job);
-    END IF;
-    IF EXISTS (SELECT 1 FROM (SELECT DISTINCT unnest(p_old)) k(id) WHERE k.id IS NULL OR NOT (k.id = ANY (j.old_keys))) THEN
-        RAISE EXCEPTION USING ERRCODE = 'PV011',
-            MESSAGE = format('rotation job %s re-seals only rows under its old data keys', p_job);
-    END IF;
+    PERFORM pii_vault_rotation_check_keys(j, p_old, p_new);
     IF t = 'vault' THEN
         UPDATE vault SET key_id = u.key_id, nonce = u.nonce, ciphertext = u.ciphertext
         FROM unnest(p_ids, p_old, p_new, p_nonces, p_cts) AS u(message_id, old_key, key_id, nonce, ciphertext)
@@ -496,14 +529,7 @@ DECLARE
     changed bigint := 0;
 BEGIN
     PERFORM pii_vault_rotation_job_is(j, 'rotate-token-key');
-    IF EXISTS (
-        SELECT 1 FROM (SELECT DISTINCT left(t, strpos(t, '_'))
-                       FROM unnest(p_ips || p_devs || array_remove(p_nets, NULL)) t) s(prefix)
-        WHERE s.prefix IS DISTINCT FROM 't' || j.token_version || '_'
-    ) OR cardinality(p_nets) IS DISTINCT FROM cardinality(p_ids) THEN
-        RAISE EXCEPTION USING ERRCODE = 'PV003',
-            MESSAGE = format('tokens written by rotation job %s carry its version (t%s_…)', p_job, j.token_version);
-    END IF;
+    PERFORM pii_vault_rotation_check_tokens(j, p_ids, p_ips, p_devs, p_nets);
     UPDATE user_logins SET masked_ip = u.ip, masked_device_id = u.dev, masked_ip_net = u.net
     FROM unnest(p_ids, p_ips, p_devs, p_nets) AS u(id, ip, dev, net)
     WHERE user_logins.id = u.id;

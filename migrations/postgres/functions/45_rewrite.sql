@@ -178,14 +178,7 @@ DECLARE
     kept bigint;
 BEGIN
     SELECT * INTO j FROM rotation_jobs r WHERE r.id = p_job;
-    IF EXISTS (SELECT 1 FROM (SELECT DISTINCT unnest(p_new)) k(id) WHERE k.id IS NULL OR NOT (k.id = ANY (j.new_keys))) THEN
-        RAISE EXCEPTION USING ERRCODE = 'PV011',
-            MESSAGE = format('rows re-sealed by rotation job %s go under data keys the job made', p_job);
-    END IF;
-    IF EXISTS (SELECT 1 FROM (SELECT DISTINCT unnest(p_old)) k(id) WHERE k.id IS NULL OR NOT (k.id = ANY (j.old_keys))) THEN
-        RAISE EXCEPTION USING ERRCODE = 'PV011',
-            MESSAGE = format('rotation job %s re-seals only rows under its old data keys', p_job);
-    END IF;
+    PERFORM pii_vault_rotation_check_keys(j, p_old, p_new);
     EXECUTE format('INSERT INTO %I SELECT %s FROM %I v '
                    'JOIN unnest($1, $2, $3, $4, $5) AS u(message_id, old_key, key_id, nonce, ciphertext) '
                    'ON v.message_id = u.message_id AND v.key_id = u.old_key',
@@ -243,21 +236,12 @@ CREATE OR REPLACE FUNCTION pii_vault_rewrite_logins_write(p_record bigint, p_job
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     w rotation_rewrites := pii_vault_rewrite_check(p_record, p_job, p_partition, ARRAY['filling'], 'user_logins');
-    version bigint := (SELECT j.token_version FROM rotation_jobs j WHERE j.id = p_job);
+    j rotation_jobs := (SELECT r FROM rotation_jobs r WHERE r.id = p_job);
     new text := pii_vault_rewrite_new_name(p_partition);
     n bigint;
     kept bigint;
 BEGIN
-    IF EXISTS (
-        SELECT 1 FROM (SELECT DISTINCT left(t, strpos(t, '_'))
-                       FROM unnest(p_ips || p_devs || array_remove(p_nets, NULL)) t) s(prefix)
-        WHERE s.prefix IS DISTINCT FROM 't' || version || '_'
-    ) OR cardinality(p_nets) IS DISTINCT FROM cardinality(p_ids)
-      OR cardinality(p_ips) IS DISTINCT FROM cardinality(p_ids)
-      OR cardinality(p_devs) IS DISTINCT FROM cardinality(p_ids) THEN
-        RAISE EXCEPTION USING ERRCODE = 'PV003',
-            MESSAGE = format('tokens written by rotation job %s carry its version (t%s_…)', p_job, version);
-    END IF;
+    PERFORM pii_vault_rotation_check_tokens(j, p_ids, p_ips, p_devs, p_nets);
     EXECUTE format('INSERT INTO %I SELECT %s FROM %I l '
                    'JOIN unnest($1, $2, $3, $4) AS u(id, masked_ip, masked_device_id, masked_ip_net) ON l.id = u.id',
                    new, pii_vault_rewrite_columns('user_logins', 'l',
