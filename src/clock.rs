@@ -50,6 +50,13 @@ pub fn today() -> NaiveDate {
     now().date_naive()
 }
 
+/// The first day of `day`'s month: the month a row's monthly partition is
+/// named by, and a data key's month.
+pub fn month_of(day: NaiveDate) -> NaiveDate {
+    use chrono::Datelike as _;
+    day.with_day(1).expect("every month has a first day")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use chrono::NaiveDate;
 
+use crate::clock;
 use crate::crypto::aead::Sealer;
 use crate::crypto::{KeyPurpose, KeyWrapper, TokenKey};
 use crate::keyring;
@@ -40,7 +42,7 @@ pub struct DataKeyLease {
     /// The month (by [`crate::clock`]) the key was made in: it is replaced
     /// when the month turns, so that each data key seals about one monthly
     /// partition's rows and retention can destroy it with that partition.
-    month: i32,
+    month: NaiveDate,
     used: u64,
 }
 
@@ -52,7 +54,7 @@ impl DataKeyLease {
     fn exhausted(&self, policy: &DekPolicy, need: u64) -> bool {
         self.used + need > policy.max_uses
             || self.created.elapsed() >= policy.max_age
-            || self.month != this_month()
+            || self.month != clock::month_of(clock::today())
     }
 }
 
@@ -127,15 +129,9 @@ pub async fn new_data_key(
         id,
         sealer: Sealer::new(&material),
         created: Instant::now(),
-        month: this_month(),
+        month: clock::month_of(clock::today()),
         used: 0,
     })
-}
-
-fn this_month() -> i32 {
-    use chrono::Datelike;
-    let today = crate::clock::today();
-    today.year() * 12 + today.month0() as i32
 }
 
 /// The data key to seal the next `need` values with, replaced first if the

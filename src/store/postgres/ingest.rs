@@ -19,10 +19,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 
 use super::copy;
 use super::PgStore;
+use crate::clock::month_of;
 use crate::store::{Batch, BatchOutcome, DueHoneytoken, Ingest, LoginRow, StoreError, VaultRow};
 
 /// Rows per statement. Arrays have no parameter limit; this only bounds the
@@ -264,10 +265,6 @@ pub(super) struct KnownPartitions {
     asked: HashSet<NaiveDate>,
 }
 
-fn month_of(d: NaiveDate) -> NaiveDate {
-    d.with_day(1).expect("every month has a first day")
-}
-
 impl KnownPartitions {
     fn covers(&self, month: NaiveDate) -> bool {
         self.asked.contains(&month)
@@ -277,8 +274,11 @@ impl KnownPartitions {
                 .any(|(lo, hi)| *lo <= month && month < *hi)
     }
 
-    fn end(&self) -> Option<NaiveDate> {
-        self.ranges.iter().map(|(_, hi)| *hi).max()
+    /// Whether the partitions known end within a month of `newest` (or
+    /// none is known).
+    fn near_end(&self, newest: NaiveDate) -> bool {
+        let end = self.ranges.iter().map(|(_, hi)| *hi).max();
+        end.is_none_or(|end| newest + chrono::Days::new(31) >= end)
     }
 
     /// The months of `days` that need a partition made, and whether the
@@ -288,10 +288,7 @@ impl KnownPartitions {
         months.sort_unstable();
         months.dedup();
         months.retain(|m| !self.covers(*m));
-        let near_end = self
-            .end()
-            .is_none_or(|end| newest + chrono::Days::new(31) >= end);
-        (months, near_end)
+        (months, self.near_end(newest))
     }
 }
 
@@ -337,11 +334,7 @@ impl PgStore {
         }
         // Not asked for again by this process, made or not.
         known.asked.extend(months);
-        if near_end
-            && known
-                .end()
-                .is_none_or(|end| newest + chrono::Days::new(31) >= end)
-        {
+        if near_end && known.near_end(newest) {
             // Capped or failed: ask again only for a later newest day.
             known
                 .ranges
