@@ -15,7 +15,7 @@ use crate::progress::JobProgress;
 use crate::store::{
     JobKind, JobStart, KeyState, QuarantineRow, Requester, RotationRange, Store, VaultRow,
 };
-use crate::vault::{quarantine_aad, vault_aad};
+use crate::vault::{quarantine_aad, vault_aad, VaultReader};
 
 /// Rows one rotation data key seals before the rotation takes another: the
 /// same cap workers apply (random 96-bit nonces stay far from collision),
@@ -192,6 +192,35 @@ impl RangeKeys {
         )))
     }
 
+    /// Vault row `r` opened and sealed again by [`RangeKeys::seal_again`],
+    /// with the key it was under; `None` when it could not be opened (then
+    /// counted in `skipped`). The same for a range in place and for a
+    /// closed partition's rewrite.
+    async fn reseal_vault(
+        &mut self,
+        run: &Run,
+        reader: &mut VaultReader,
+        r: VaultRow,
+        skipped: &mut Skipped,
+    ) -> anyhow::Result<Option<(VaultRow, String)>> {
+        let opened = reader.open(&r).await.map(|p| p.map(|p| p.encode()));
+        let table = Table::Vault(&r.user_id);
+        let Some((key_id, nonce, ciphertext)) = self
+            .seal_again(run, &r.message_id, table, opened, skipped)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let old = r.key_id.clone();
+        let row = VaultRow {
+            key_id,
+            nonce,
+            ciphertext,
+            ..r
+        };
+        Ok(Some((row, old)))
+    }
+
     async fn retire_full(&mut self, run: &Run) -> anyhow::Result<()> {
         for id in self.full.drain(..) {
             run.store.job_retire_key(&run.job, &id).await?;
@@ -236,24 +265,14 @@ impl Fill for VaultRewrite {
             let mut sealed = Vec::with_capacity(rows.len());
             let mut keep = Vec::new();
             for r in rows {
-                let opened = reader.open(&r).await.map(|p| p.map(|p| p.encode()));
-                let table = Table::Vault(&r.user_id);
+                let id = r.message_id.clone();
                 match self
                     .keys
-                    .seal_again(run, &r.message_id, table, opened, &mut skipped)
+                    .reseal_vault(run, &mut reader, r, &mut skipped)
                     .await?
                 {
-                    Some((key_id, nonce, ciphertext)) => {
-                        let old = r.key_id.clone();
-                        let row = VaultRow {
-                            key_id,
-                            nonce,
-                            ciphertext,
-                            ..r
-                        };
-                        sealed.push((row, old));
-                    }
-                    None => keep.push(r.message_id),
+                    Some(resealed) => sealed.push(resealed),
+                    None => keep.push(id),
                 }
             }
             run.store
@@ -298,20 +317,8 @@ async fn reseal_range(
         };
         let mut v_updates = Vec::with_capacity(vault.len());
         for r in vault {
-            let opened = reader.open(&r).await.map(|p| p.map(|p| p.encode()));
-            let table = Table::Vault(&r.user_id);
-            if let Some((key_id, nonce, ciphertext)) = keys
-                .seal_again(run, &r.message_id, table, opened, &mut skipped)
-                .await?
-            {
-                let old = r.key_id.clone();
-                let row = VaultRow {
-                    key_id,
-                    nonce,
-                    ciphertext,
-                    ..r
-                };
-                v_updates.push((row, old));
+            if let Some(resealed) = keys.reseal_vault(run, &mut reader, r, &mut skipped).await? {
+                v_updates.push(resealed);
             }
         }
         let mut q_updates = Vec::with_capacity(quarantine.len());
