@@ -341,6 +341,24 @@ pub(super) async fn rewrite_states(app: &TestApp) -> Vec<String> {
         .await
 }
 
+/// Holds SHARE UPDATE EXCLUSIVE on `table`'s second closed month, which
+/// its swap's SHARE lock waits behind (reading the partition does not):
+/// its name, and the transaction that holds the lock until it ends.
+pub(super) async fn hold_second_month(
+    l: &Loaded,
+    table: &str,
+) -> (String, sqlx::Transaction<'static, sqlx::Postgres>) {
+    let second = format!("{table}_{}", l.closed[1]);
+    let mut hold = l.app.pool().begin().await.unwrap();
+    sqlx::query(&format!(
+        "LOCK TABLE {second} IN SHARE UPDATE EXCLUSIVE MODE"
+    ))
+    .execute(&mut *hold)
+    .await
+    .unwrap();
+    (second, hold)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_killed_between_two_swaps_resumes_and_loses_nothing() {
     let Some(l) = loaded().await else {
@@ -351,18 +369,10 @@ async fn a_rotation_killed_between_two_swaps_resumes_and_loses_nothing() {
     let rows = counts(app, "vault").await;
     let old = live_data_keys(app).await;
     let (bin, login) = rotator(app).await;
-    // The second closed month's swap waits behind this lock (it conflicts
-    // with the swap's SHARE lock, not with reading the partition): with one
-    // partition at a time, the first month is swapped by then, the second
-    // filled and indexed, the third not started.
-    let second = format!("vault_{}", l.closed[1]);
-    let mut hold = app.pool().begin().await.unwrap();
-    sqlx::query(&format!(
-        "LOCK TABLE {second} IN SHARE UPDATE EXCLUSIVE MODE"
-    ))
-    .execute(&mut *hold)
-    .await
-    .unwrap();
+    // With one partition at a time, the first month is swapped by the time
+    // the second's swap waits, the second filled and indexed, the third not
+    // started.
+    let (second, hold) = hold_second_month(&l, "vault").await;
     let mut child = bin
         .command(&["rotate", "data-keys", "--jobs", "1", "--reason", "killed"])
         .stderr(Stdio::null())

@@ -25,14 +25,7 @@ async fn a_worker_writing_into_a_month_being_swapped_loses_nothing() {
     let (bin, login) = rotator(app).await;
     // The second closed month's swap waits behind this lock (one partition
     // at a time: the first is swapped by then).
-    let second = format!("user_logins_{}", l.closed[1]);
-    let mut hold = app.pool().begin().await.unwrap();
-    sqlx::query(&format!(
-        "LOCK TABLE {second} IN SHARE UPDATE EXCLUSIVE MODE"
-    ))
-    .execute(&mut *hold)
-    .await
-    .unwrap();
+    let (second, hold) = super::hold_second_month(&l, "user_logins").await;
     let rotation = bin
         .command(&["rotate", "token-key", "--jobs", "1", "--reason", "race"])
         .stderr(Stdio::piped())
