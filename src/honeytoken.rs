@@ -254,6 +254,7 @@ mod tests {
             locale: None,
             app_version: "9.9.9".into(),
             create_date: None,
+            line: None,
         };
         let m = inject(&due, &neighbour, &like).unwrap();
         assert_eq!(m.id, due.line_id);

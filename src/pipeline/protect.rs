@@ -7,7 +7,7 @@ use serde::Deserialize;
 use crate::crypto::aead::Sealer;
 use crate::crypto::{TokenField, TokenKey};
 use crate::domain::{LoginEvent, Message, Rejection};
-use crate::store::{LoginRow, QuarantineRow, VaultRow};
+use crate::store::{LoginRow, QuarantineRow, SourceLine, VaultRow};
 use crate::vault::{quarantine_aad, vault_aad, VaultPlaintext};
 
 pub enum Protected {
@@ -49,6 +49,11 @@ pub fn protect(
                 locale: ev.locale.clone(),
                 app_version: ev.app_version.clone(),
                 create_date: Some(msg.sent_at.date_naive()),
+                line: msg
+                    .source
+                    .clone()
+                    .zip(msg.line)
+                    .map(|(source, line)| SourceLine { source, line }),
             };
             let vault = VaultRow {
                 message_id: msg.id.clone(),

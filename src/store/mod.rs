@@ -46,7 +46,9 @@ pub use error::StoreError;
 pub use ingest::{Batch, BatchOutcome, DueHoneytoken, Ingest};
 pub use jobs::{Job, JobKind, JobStart, Jobs, Lease, RotationRange};
 pub use keys::{Initialised, Keys};
-pub use model::{AuditEntry, KeyState, LoginRow, QuarantineRow, Requester, StoredKey, VaultRow};
+pub use model::{
+    AuditEntry, KeyState, LoginRow, QuarantineRow, Requester, SourceLine, StoredKey, VaultRow,
+};
 pub use quarantine::{Quarantine, QuarantineEntry, QuarantineFilter, ReplayRequest, ReplayStored};
 pub use reveal::{
     PolicyChange, RequestStatus, Reveal, RevealPolicy, RevealRequest, RevealedRow, RevealedRows,

@@ -23,6 +23,18 @@ pub struct LoginRow {
     pub app_version: String,
     /// `None` only on rows converted from the legacy table that had no date.
     pub create_date: Option<NaiveDate>,
+    /// Where a file line was read, for the store that dates a line by its
+    /// first load (Postgres, by ranges of line numbers: migration 0019).
+    /// Not a column: `None` on rows read back, and on SQS messages.
+    #[serde(skip)]
+    pub line: Option<SourceLine>,
+}
+
+/// A file line's input (its source id) and line number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceLine {
+    pub source: std::sync::Arc<str>,
+    pub line: u64,
 }
 
 /// One vault row: the sealed originals of a login, bound (by the AEAD's
@@ -205,6 +217,7 @@ where
         locale: r.try_get("locale")?,
         app_version: text("app_version")?,
         create_date: r.try_get("create_date")?,
+        line: None,
     })
 }
 

@@ -160,6 +160,9 @@ async fn months_get_partitions_ahead_and_a_file_loaded_again_later_is_stored_onc
         format!("SELECT count(*) FROM {home}"),
         "SELECT count(*) FROM user_logins_undated".to_string(),
         "SELECT count(*) FROM line_dates".to_string(),
+        "SELECT count(*) FROM line_ranges".to_string(),
+        format!("INSERT INTO line_ranges VALUES ('export.jsonl', 1, 9, '{today}')"),
+        "DELETE FROM line_ranges".to_string(),
         format!(
             "ALTER TABLE vault DETACH PARTITION {}",
             partition("vault", this_month)
@@ -168,12 +171,7 @@ async fn months_get_partitions_ahead_and_a_file_loaded_again_later_is_stored_onc
     ] {
         crate::roles::refused(&pool, &sql, "42501").await;
     }
-    let n: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM pii_vault_line_dates(ARRAY['line-none'])")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(n, 0);
+    first_load_days_race_and_roll_back(&app, &pool, today).await;
 
     // Two sessions of one worker login making the same new month at once:
     // the second waits for the first (an advisory lock), then finds it made;
@@ -262,6 +260,90 @@ async fn months_get_partitions_ahead_and_a_file_loaded_again_later_is_stored_onc
     app.finish().await;
 }
 
+/// The ranges `pii_vault_line_days` answers for lines `lines` of `source`
+/// read on `day`, as (first, last, day), in order.
+async fn line_days<'c>(
+    on: impl sqlx::PgExecutor<'c>,
+    source: &str,
+    lines: impl IntoIterator<Item = i64>,
+    day: NaiveDate,
+) -> Result<Vec<(i64, i64, NaiveDate)>, sqlx::Error> {
+    let mut got: Vec<(i64, i64, NaiveDate)> = sqlx::query_as(
+        "SELECT range_first, range_last, first_day FROM pii_vault_line_days($1, $2, NULL, $3)",
+    )
+    .bind(source)
+    .bind(lines.into_iter().collect::<Vec<i64>>())
+    .bind(day)
+    .fetch_all(on)
+    .await?;
+    got.sort_unstable();
+    Ok(got)
+}
+
+/// As the worker's own login: the first-load days of file lines, by
+/// ranges. A range rolled back is gone; two sessions loading one input at
+/// once are serialised (the second waits, then gets the first's days);
+/// lines past the stored ranges start a new one; bad calls are refused.
+async fn first_load_days_race_and_roll_back(app: &TestApp, pool: &sqlx::PgPool, today: NaiveDate) {
+    let later = today + Months::new(2);
+    let mut undone = pool.begin().await.unwrap();
+    let got = line_days(&mut *undone, "race.jsonl", 1..=10, later)
+        .await
+        .unwrap();
+    assert_eq!(got, vec![(1, 10, later)]);
+    undone.rollback().await.unwrap();
+
+    let mut first = pool.begin().await.unwrap();
+    let got = line_days(&mut *first, "race.jsonl", 1..=10, today)
+        .await
+        .unwrap();
+    assert_eq!(got, vec![(1, 10, today)], "the rolled-back range is gone");
+    let second = {
+        let pool = pool.clone();
+        tokio::spawn(async move { line_days(&pool, "race.jsonl", 5..=15, later).await })
+    };
+    crate::common::wait_until(
+        std::time::Duration::from_secs(30),
+        "the second load of the input waits",
+        || async move {
+            let waiting = app
+                .scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+                )
+                .await;
+            (waiting == 1).then_some(())
+        },
+    )
+    .await;
+    first.commit().await.unwrap();
+    assert_eq!(
+        second.await.unwrap().unwrap(),
+        vec![(1, 10, today), (11, 15, later)],
+        "lines 5-10 keep the first load's day; 11-15 are new"
+    );
+    // Another input's same line numbers are its own.
+    assert_eq!(
+        line_days(pool, "other.jsonl", 1..=3, later).await.unwrap(),
+        vec![(1, 3, later)]
+    );
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM line_ranges WHERE source = 'race.jsonl'")
+            .await,
+        2
+    );
+    for (lines, why) in [(vec![0, 1, 2], "line 0"), (vec![], "no lines")] {
+        let err = line_days(pool, "race.jsonl", lines, today)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.as_database_error().and_then(|d| d.code()).as_deref(),
+            Some("22023"),
+            "{why}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_drops_whole_months_cuts_one_and_reveal_and_forget_reach_every_month() {
     let Some(app) = TestApp::postgres().await else {
@@ -342,6 +424,16 @@ async fn retention_drops_whole_months_cuts_one_and_reveal_and_forget_reach_every
         left.contains(&partition("vault", months[2])),
         "the cut month stays"
     );
+    // The first-load days of the erased lines go with them; the last
+    // month's load keeps its range.
+    assert_eq!(
+        app.scalar(&format!(
+            "SELECT count(*) FROM line_ranges WHERE create_date < '{before}'"
+        ))
+        .await,
+        0
+    );
+    assert!(app.scalar("SELECT count(*) FROM line_ranges").await > 0);
     // The analysts' table is not retention's: all 400 logins stay.
     assert_eq!(app.count("user_logins").await, 400);
     // Audited with the count, each user's share in the subject ledger.

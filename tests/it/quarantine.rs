@@ -498,6 +498,7 @@ async fn replays_side_by_side_store_each_message_once(
                     locale: None,
                     app_version: "2.3.0".into(),
                     create_date: None,
+                    line: None,
                 };
                 let vault = VaultRow::of(&login, key_id.to_string(), vec![0; 12], vec![1; 40]);
                 (login, vault)

@@ -243,6 +243,7 @@ fn login(
             },
             app_version: "2.3.0".into(),
             create_date: Some(day(d)),
+            line: None,
         },
         VaultRow {
             message_id: message_id.into(),

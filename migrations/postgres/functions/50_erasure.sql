@@ -121,6 +121,7 @@ BEGIN
     INTO quarantined, q_users, q_counts FROM g;
     -- File lines first loaded before the day: their logins' originals are
     -- gone, so a load of them again has nothing to keep apart from.
+    DELETE FROM line_ranges WHERE create_date < p_before;
     DELETE FROM line_dates WHERE create_date < p_before;
     IF cardinality(partitions_dropped) > 0 THEN
         PERFORM set_config('lock_timeout', '10s', true);

@@ -113,14 +113,80 @@ END
 $$;
 REVOKE ALL ON FUNCTION pii_vault_partition_add(text, date) FROM PUBLIC;
 
--- The first-load day of those of `p_ids` (file-line message ids) that a
--- load stored before. A worker loading a file again is told the day each
--- line was first stored, so that the line keeps its partition and stays a
--- duplicate. Ids and days only.
-CREATE OR REPLACE FUNCTION pii_vault_line_dates(p_ids text[])
-RETURNS TABLE (message_id text, create_date date)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
-    SELECT l.message_id, l.create_date FROM line_dates l WHERE l.message_id = ANY (p_ids)
+-- The first-load days of lines `p_lines` of input `p_source`, which a
+-- worker reads on `p_day` (migration 0019): the ranges of line numbers
+-- that cover them, those already stored (their day, the first load's) and
+-- those added now (p_day) for the lines in none; then, for the lines
+-- loaded before ranges existed, their day in line_dates by message id
+-- (`p_ids`; range_first NULL), which wins. A worker loading a file again
+-- is thus told the day each line was first stored, so that the line keeps
+-- its partition and stays a duplicate. Line numbers and days only.
+--
+-- One call per batch, not per line: in the common case (lines never
+-- loaded) one range is added. A per-source advisory lock, held to the end
+-- of the caller's transaction, keeps two loads of one input from both
+-- finding the same lines new (the second waits, then finds the first's
+-- ranges, or none if it rolled back), so ranges never overlap.
+CREATE OR REPLACE FUNCTION pii_vault_line_days(p_source text, p_lines bigint[], p_ids text[], p_day date)
+RETURNS TABLE (range_first bigint, range_last bigint, first_day date, legacy_id text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    lo bigint;
+    hi bigint;
+    r_first bigint[];
+    r_last bigint[];
+    r_day date[];
+BEGIN
+    IF p_source IS NULL OR length(p_source) > 1024 OR p_day IS NULL
+       OR coalesce(cardinality(p_lines), 0) NOT BETWEEN 1 AND 100000
+       OR array_position(p_lines, NULL) IS NOT NULL
+       OR coalesce(cardinality(p_ids), 0) > 100000 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'a source id of at most 1024 characters, 1 to 100000 line numbers and a day';
+    END IF;
+    SELECT min(x), max(x) INTO lo, hi FROM unnest(p_lines) x;
+    IF lo < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'line numbers start at 1';
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtext('pii_vault_line_days'), hashtext(p_source));
+    -- The ranges that meet lo..hi: those starting in it, and the last one
+    -- starting before it (two index probes, however many ranges there are).
+    SELECT coalesce(array_agg(n.first_line ORDER BY n.first_line), '{}'),
+           coalesce(array_agg(n.last_line ORDER BY n.first_line), '{}'),
+           coalesce(array_agg(n.create_date ORDER BY n.first_line), '{}')
+    INTO r_first, r_last, r_day
+    FROM (SELECT r.first_line, r.last_line, r.create_date FROM line_ranges r
+          WHERE r.source = p_source AND r.first_line BETWEEN lo AND hi
+          UNION ALL
+          (SELECT r.first_line, r.last_line, r.create_date FROM line_ranges r
+           WHERE r.source = p_source AND r.first_line < lo ORDER BY r.first_line DESC LIMIT 1)) n
+    WHERE n.last_line >= lo;
+    IF cardinality(r_first) = 0 THEN
+        INSERT INTO line_ranges (source, first_line, last_line, create_date) VALUES (p_source, lo, hi, p_day);
+        range_first := lo;
+        range_last := hi;
+        first_day := p_day;
+        RETURN NEXT;
+    ELSE
+        RETURN QUERY SELECT f, l, d, NULL::text FROM unnest(r_first, r_last, r_day) k(f, l, d);
+        -- The lines in no range, in runs that no stored range splits (a
+        -- run is the lines with as many ranges ending before them).
+        RETURN QUERY
+        WITH runs AS (
+            INSERT INTO line_ranges (source, first_line, last_line, create_date)
+            SELECT p_source, min(x), max(x), p_day
+            FROM (SELECT x, (SELECT count(*) FROM unnest(r_last) e WHERE e < x) AS seg
+                  FROM unnest(p_lines) x
+                  WHERE NOT EXISTS (SELECT 1 FROM unnest(r_first, r_last) c(f, l) WHERE x BETWEEN c.f AND c.l)) u
+            GROUP BY seg
+            RETURNING first_line, last_line, create_date)
+        SELECT first_line, last_line, create_date, NULL::text FROM runs;
+    END IF;
+    IF cardinality(p_ids) > 0 AND EXISTS (SELECT 1 FROM line_dates) THEN
+        RETURN QUERY SELECT NULL::bigint, NULL::bigint, d.create_date, d.message_id
+                     FROM line_dates d WHERE d.message_id = ANY (p_ids);
+    END IF;
+END
 $$;
-REVOKE ALL ON FUNCTION pii_vault_line_dates(text[]) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION pii_vault_line_dates(text[]) TO pii_vault_worker;
+REVOKE ALL ON FUNCTION pii_vault_line_days(text, bigint[], text[], date) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pii_vault_line_days(text, bigint[], text[], date) TO pii_vault_worker;

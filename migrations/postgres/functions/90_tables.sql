@@ -27,9 +27,9 @@ $$;
 -- target needs SELECT on its columns). Keys only through
 -- pii_vault_register_data_key / pii_vault_retire_data_key.
 GRANT INSERT ON vault, quarantine TO pii_vault_worker;
--- The first-load day of file lines (migration 0017): written by COPY with
--- the logins, read back only through pii_vault_line_dates.
-GRANT INSERT ON line_dates TO pii_vault_worker;
+-- The first-load days of file lines: line_ranges (0019) only through
+-- pii_vault_line_days; line_dates (0017), read-only since 0019, by nobody.
+REVOKE ALL ON line_dates, line_ranges FROM pii_vault_worker;
 GRANT SELECT ON vault_keys, kms_allowlist TO pii_vault_worker;
 
 -- ----------------------------------------------------------------- analyst

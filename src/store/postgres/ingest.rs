@@ -11,9 +11,8 @@
 //! unique `(message_id, create_date)` either way (both tables are
 //! partitioned by month of `create_date`, migration 0017): a message keeps
 //! its date when delivered again, an SQS message by its `SentTimestamp`, a
-//! file line by the `line_dates` row of its first load, which the fast
-//! lane writes beside it (and whose unique violation sends a file loaded
-//! again to the careful lane, which reads the first day back).
+//! file line by the day of its first load, which both lanes ask for first
+//! ([`line_days`]: one call per batch, by ranges of line numbers).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -55,6 +54,7 @@ fn first_of_each(logins: &[(LoginRow, VaultRow)]) -> Vec<&(LoginRow, VaultRow)> 
 async fn copy_logins(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     logins: &[&(LoginRow, VaultRow)],
+    days: &LineDays,
 ) -> Result<(), sqlx::Error> {
     let mut rows = copy::CopyRows::new(logins.len() * 200);
     for (l, _) in logins {
@@ -67,7 +67,7 @@ async fn copy_logins(
             .opt_text(l.masked_ip_net.as_deref())
             .opt_text(l.locale.as_deref())
             .text(&l.app_version)
-            .date(l.create_date);
+            .date(days.day(l));
     }
     let mut copy = tx
         .copy_in_raw(
@@ -86,7 +86,7 @@ async fn copy_logins(
             .text(&v.key_id)
             .bytes(&v.nonce)
             .bytes(&v.ciphertext)
-            .date(l.create_date);
+            .date(days.day(l));
     }
     let mut copy = tx
         .copy_in_raw(
@@ -97,60 +97,98 @@ async fn copy_logins(
     copy.send(rows.finish()).await?;
     copy.finish().await?;
 
-    let lines: Vec<_> = logins.iter().filter_map(|(l, _)| first_load(l)).collect();
-    if !lines.is_empty() {
-        let mut rows = copy::CopyRows::new(lines.len() * 60);
-        for (id, day) in &lines {
-            rows.row(2).text(id).date(Some(*day));
-        }
-        let mut copy = tx
-            .copy_in_raw("COPY line_dates (message_id, create_date) FROM STDIN (FORMAT binary)")
-            .await?;
-        copy.send(rows.finish()).await?;
-        copy.finish().await?;
-    }
     Ok(())
 }
 
-/// A file line's message id and the day it is read, for `line_dates`.
-/// File lines are the `line-…` ids of [`crate::crypto::TokenKey::line_id`];
-/// SQS message ids are UUIDs and carry their own date.
-fn first_load(l: &LoginRow) -> Option<(&str, NaiveDate)> {
-    if !l.message_id.starts_with("line-") {
-        return None;
+/// The day each file line of a batch was first loaded, by message id.
+#[derive(Default)]
+struct LineDays(HashMap<String, NaiveDate>);
+
+impl LineDays {
+    /// The day a login is stored with: its line's first load, or its own.
+    fn day(&self, l: &LoginRow) -> Option<NaiveDate> {
+        self.0.get(&l.message_id).copied().or(l.create_date)
     }
-    l.create_date.map(|d| (l.message_id.as_str(), d))
 }
 
-/// The careful lane's dates for file lines: records this load's day for
-/// lines never stored (`ON CONFLICT DO NOTHING` waits for a load of the
-/// same lines that is committing and then skips them), then reads back the
-/// day of every line's first load. The logins and their vault rows are
-/// written with those days, so a line loaded again next month lands in its
-/// first month's partition and meets itself there.
-async fn first_load_days(
+/// A row of `pii_vault_line_days`: a range of line numbers and its day, or
+/// (no range) a line's day by its message id, from before ranges existed.
+type LineDaysRow = (Option<i64>, Option<i64>, NaiveDate, Option<String>);
+
+/// Asks, for the file lines of a batch, the day each was first loaded
+/// (`pii_vault_line_days`, once per input and day read, normally once a
+/// batch): lines never loaded get the day they are read now, recorded as
+/// one range of line numbers; a line loaded before gets its first day, so
+/// that it lands in its first month's partition and meets itself there.
+/// Waits for a load of the same input that is committing (a per-input
+/// lock held to the end of this transaction).
+async fn line_days(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    chunk: &[&(LoginRow, VaultRow)],
-) -> Result<HashMap<String, NaiveDate>, sqlx::Error> {
-    let (ids, days): (Vec<&str>, Vec<NaiveDate>) =
-        chunk.iter().filter_map(|(l, _)| first_load(l)).unzip();
-    if ids.is_empty() {
-        return Ok(HashMap::new());
+    logins: &[&(LoginRow, VaultRow)],
+) -> Result<LineDays, sqlx::Error> {
+    // By input and day read, in a fixed order: two batches of two inputs
+    // take the inputs' locks in the same order.
+    let mut groups: Vec<((&str, NaiveDate), Vec<&LoginRow>)> = Vec::new();
+    for (l, _) in logins {
+        let (Some(line), Some(day)) = (&l.line, l.create_date) else {
+            continue;
+        };
+        let key = (&*line.source, day);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, g)) => g.push(l),
+            None => groups.push((key, vec![l])),
+        }
     }
-    sqlx::query(
-        "INSERT INTO line_dates (message_id, create_date) \
-         SELECT * FROM UNNEST($1::text[], $2::date[]) ON CONFLICT DO NOTHING",
-    )
-    .bind(&ids)
-    .bind(&days)
-    .execute(&mut **tx)
-    .await?;
-    let stored: Vec<(String, NaiveDate)> =
-        sqlx::query_as("SELECT message_id, create_date FROM pii_vault_line_dates($1)")
-            .bind(&ids)
-            .fetch_all(&mut **tx)
-            .await?;
-    Ok(stored.into_iter().collect())
+    groups.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut days = LineDays::default();
+    for ((source, day), lines) in groups {
+        let numbers: Vec<i64> = lines
+            .iter()
+            .filter_map(|l| l.line.as_ref().and_then(|p| i64::try_from(p.line).ok()))
+            .collect();
+        if numbers.is_empty() {
+            continue;
+        }
+        let ids: Vec<&str> = lines.iter().map(|l| l.message_id.as_str()).collect();
+        let found: Vec<LineDaysRow> = sqlx::query_as(
+            "SELECT range_first, range_last, first_day, legacy_id \
+             FROM pii_vault_line_days($1, $2, $3, $4)",
+        )
+        .bind(source)
+        .bind(&numbers)
+        .bind(&ids)
+        .bind(day)
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut ranges: Vec<(i64, i64, NaiveDate)> = Vec::new();
+        let mut legacy: HashMap<String, NaiveDate> = HashMap::new();
+        for (first, last, d, id) in found {
+            match (first, last, id) {
+                (Some(first), Some(last), _) => ranges.push((first, last, d)),
+                (_, _, Some(id)) => {
+                    legacy.insert(id, d);
+                }
+                _ => {}
+            }
+        }
+        ranges.sort_unstable();
+        for l in lines {
+            let Some(n) = l.line.as_ref().and_then(|p| i64::try_from(p.line).ok()) else {
+                continue;
+            };
+            // The range that starts at or before n; it covers n if it ends at or after it.
+            let at = ranges.partition_point(|(first, _, _)| *first <= n);
+            let ranged = at
+                .checked_sub(1)
+                .map(|i| ranges[i])
+                .filter(|(_, last, _)| *last >= n)
+                .map(|(_, _, d)| d);
+            if let Some(d) = legacy.get(&l.message_id).copied().or(ranged) {
+                days.0.insert(l.message_id.clone(), d);
+            }
+        }
+    }
+    Ok(days)
 }
 
 /// The lane for batches that may hold redeliveries: `ON CONFLICT DO
@@ -163,9 +201,9 @@ async fn insert_logins(
     out: &mut BatchOutcome,
 ) -> Result<usize, StoreError> {
     let mut fresh = 0;
+    let days = line_days(tx, logins).await?;
+    let day = |l: &LoginRow| days.day(l);
     for chunk in logins.chunks(CHUNK) {
-        let first = first_load_days(tx, chunk).await?;
-        let day = |l: &LoginRow| first.get(&l.message_id).copied().or(l.create_date);
         let mut message_id = Vec::with_capacity(chunk.len());
         let mut user_id = Vec::with_capacity(chunk.len());
         let mut device_type = Vec::with_capacity(chunk.len());
@@ -369,7 +407,11 @@ impl Ingest for PgStore {
                     self.expect_duplicates.store(false, Ordering::Relaxed);
                 }
             } else {
-                match copy_logins(&mut tx, &logins).await {
+                let copied = match line_days(&mut tx, &logins).await {
+                    Ok(days) => copy_logins(&mut tx, &logins, &days).await,
+                    Err(e) => Err(e),
+                };
+                match copied {
                     Ok(()) => {
                         out.stored += logins
                             .iter()

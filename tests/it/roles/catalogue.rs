@@ -145,14 +145,6 @@ const EXPECTED: &[(&str, &str, &[&str])] = &[
     (REVEALER, "searches", &[]),
     (ROTATOR, "searches", &[]),
     (AUDITOR, "searches", &[]),
-    // The first-load day of file lines: the worker appends, reads back only
-    // through pii_vault_line_dates.
-    (WORKER, "line_dates", &["INSERT"]),
-    (ANALYST, "line_dates", &[]),
-    (REVEALER, "line_dates", &[]),
-    (ROTATOR, "line_dates", &[]),
-    (AUDITOR, "line_dates", &[]),
-    (SEARCHER, "line_dates", &[]),
 ];
 
 /// Tables no role touches directly.
@@ -169,6 +161,10 @@ const OWNER_ONLY: &[&str] = &[
     "quarantine_replays",
     "quarantine_replay_rows",
     "searches",
+    // The first-load days of file lines: ranges only through
+    // pii_vault_line_days; the per-line table of 0017 is read-only.
+    "line_ranges",
+    "line_dates",
 ];
 
 /// Columns holding ciphertext or wrapped keys, and who may read them
@@ -348,7 +344,7 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
     ("pii_vault_undated_months(text)", &[]),
     ("pii_vault_partitions(text)", &[]),
     ("pii_vault_partition_add(text,date)", &[]),
-    ("pii_vault_line_dates(text[])", &[WORKER]),
+    ("pii_vault_line_days(text,bigint[],text[],date)", &[WORKER]),
     // Trigger functions.
     ("audit_log_append_only()", &[]),
     ("pii_vault_audit_stamp()", &[]),
@@ -561,6 +557,7 @@ async fn each_role_holds_exactly_its_privileges_and_none_may_alter_the_audit_tra
         "pii_vault_quarantine_list",
         "searches",
         "line_dates",
+        "line_ranges",
         "_sqlx_migrations",
         "vault_settings",
     ] {

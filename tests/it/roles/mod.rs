@@ -145,6 +145,7 @@ pub(crate) fn login(user_id: &str, key_id: &str) -> (LoginRow, VaultRow) {
             locale: Some("RU".into()),
             app_version: "2.3.0".into(),
             create_date: NaiveDate::from_ymd_opt(2024, 3, 1),
+            line: None,
         },
         VaultRow {
             message_id,
