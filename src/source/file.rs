@@ -7,7 +7,8 @@
 //! export) is stored in full, and the id says nothing about the PII in the
 //! line. `create_date` is the day the line is read ([`crate::clock`]); on
 //! Postgres, a line loaded again on a later day keeps the day it was first
-//! stored (the `line_dates` table), so it lands in the same monthly
+//! stored (the `line_ranges` table: ranges of line numbers of a source, by
+//! the day their first load read them), so it lands in the same monthly
 //! partition and stays a duplicate.
 
 use std::path::Path;

@@ -11,16 +11,17 @@
 //! unique `(message_id, create_date)` either way (both tables are
 //! partitioned by month of `create_date`, migration 0017): a message keeps
 //! its date when delivered again, an SQS message by its `SentTimestamp`, a
-//! file line by the day of its first load, which both lanes ask for first
+//! file line by the day of its first load, asked for before either lane
 //! ([`line_days`]: one call per batch, by ranges of line numbers).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 
 use super::copy;
+use super::line_days::{line_days, LineDays};
 use super::PgStore;
 use crate::clock::month_of;
 use crate::store::{Batch, BatchOutcome, DueHoneytoken, Ingest, LoginRow, StoreError, VaultRow};
@@ -100,108 +101,17 @@ async fn copy_logins(
     Ok(())
 }
 
-/// The day each file line of a batch was first loaded, by message id.
-#[derive(Default)]
-struct LineDays(HashMap<String, NaiveDate>);
-
-impl LineDays {
-    /// The day a login is stored with: its line's first load, or its own.
-    fn day(&self, l: &LoginRow) -> Option<NaiveDate> {
-        self.0.get(&l.message_id).copied().or(l.create_date)
-    }
-}
-
-/// A row of `pii_vault_line_days`: a range of line numbers and its day, or
-/// (no range) a line's day by its message id, from before ranges existed.
-type LineDaysRow = (Option<i64>, Option<i64>, NaiveDate, Option<String>);
-
-/// Asks, for the file lines of a batch, the day each was first loaded
-/// (`pii_vault_line_days`, once per input and day read, normally once a
-/// batch): lines never loaded get the day they are read now, recorded as
-/// one range of line numbers; a line loaded before gets its first day, so
-/// that it lands in its first month's partition and meets itself there.
-/// Waits for a load of the same input that is committing (a per-input
-/// lock held to the end of this transaction).
-async fn line_days(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    logins: &[&(LoginRow, VaultRow)],
-) -> Result<LineDays, sqlx::Error> {
-    // By input and day read, in a fixed order: two batches of two inputs
-    // take the inputs' locks in the same order.
-    let mut groups: Vec<((&str, NaiveDate), Vec<&LoginRow>)> = Vec::new();
-    for (l, _) in logins {
-        let (Some(line), Some(day)) = (&l.line, l.create_date) else {
-            continue;
-        };
-        let key = (&*line.source, day);
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, g)) => g.push(l),
-            None => groups.push((key, vec![l])),
-        }
-    }
-    groups.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut days = LineDays::default();
-    for ((source, day), lines) in groups {
-        let numbers: Vec<i64> = lines
-            .iter()
-            .filter_map(|l| l.line.as_ref().and_then(|p| i64::try_from(p.line).ok()))
-            .collect();
-        if numbers.is_empty() {
-            continue;
-        }
-        let ids: Vec<&str> = lines.iter().map(|l| l.message_id.as_str()).collect();
-        let found: Vec<LineDaysRow> = sqlx::query_as(
-            "SELECT range_first, range_last, first_day, legacy_id \
-             FROM pii_vault_line_days($1, $2, $3, $4)",
-        )
-        .bind(source)
-        .bind(&numbers)
-        .bind(&ids)
-        .bind(day)
-        .fetch_all(&mut **tx)
-        .await?;
-        let mut ranges: Vec<(i64, i64, NaiveDate)> = Vec::new();
-        let mut legacy: HashMap<String, NaiveDate> = HashMap::new();
-        for (first, last, d, id) in found {
-            match (first, last, id) {
-                (Some(first), Some(last), _) => ranges.push((first, last, d)),
-                (_, _, Some(id)) => {
-                    legacy.insert(id, d);
-                }
-                _ => {}
-            }
-        }
-        ranges.sort_unstable();
-        for l in lines {
-            let Some(n) = l.line.as_ref().and_then(|p| i64::try_from(p.line).ok()) else {
-                continue;
-            };
-            // The range that starts at or before n; it covers n if it ends at or after it.
-            let at = ranges.partition_point(|(first, _, _)| *first <= n);
-            let ranged = at
-                .checked_sub(1)
-                .map(|i| ranges[i])
-                .filter(|(_, last, _)| *last >= n)
-                .map(|(_, _, d)| d);
-            if let Some(d) = legacy.get(&l.message_id).copied().or(ranged) {
-                days.0.insert(l.message_id.clone(), d);
-            }
-        }
-    }
-    Ok(days)
-}
-
 /// The lane for batches that may hold redeliveries: `ON CONFLICT DO
 /// NOTHING` skips what is stored, and only the logins this statement
 /// inserted get vault rows. Returns how many were new.
 async fn insert_logins(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     logins: &[&(LoginRow, VaultRow)],
+    days: &LineDays,
     planted: &HashSet<String>,
     out: &mut BatchOutcome,
 ) -> Result<usize, StoreError> {
     let mut fresh = 0;
-    let days = line_days(tx, logins).await?;
     let day = |l: &LoginRow| days.day(l);
     for chunk in logins.chunks(CHUNK) {
         let mut message_id = Vec::with_capacity(chunk.len());
@@ -396,22 +306,21 @@ impl Ingest for PgStore {
         // and usage counting are the database's: statement triggers of
         // migrations/postgres/0003_trust_boundaries.sql check every insert
         // and COPY below, so `key_usage` and `token_key_id` need no query here.
+        let mut days = LineDays::default();
         if !logins.is_empty() {
             self.partitions_ahead(&logins).await;
+            days = line_days(&self.pool, &logins).await?;
         }
         let mut tx = self.pool.begin().await?;
         if !logins.is_empty() {
             if self.expect_duplicates.load(Ordering::Relaxed) {
-                let fresh = insert_logins(&mut tx, &logins, &batch.planted, &mut out).await?;
+                let fresh =
+                    insert_logins(&mut tx, &logins, &days, &batch.planted, &mut out).await?;
                 if fresh == logins.len() {
                     self.expect_duplicates.store(false, Ordering::Relaxed);
                 }
             } else {
-                let copied = match line_days(&mut tx, &logins).await {
-                    Ok(days) => copy_logins(&mut tx, &logins, &days).await,
-                    Err(e) => Err(e),
-                };
-                match copied {
+                match copy_logins(&mut tx, &logins, &days).await {
                     Ok(()) => {
                         out.stored += logins
                             .iter()
@@ -425,7 +334,7 @@ impl Ingest for PgStore {
                         self.expect_duplicates.store(true, Ordering::Relaxed);
                         tx.rollback().await?;
                         tx = self.pool.begin().await?;
-                        insert_logins(&mut tx, &logins, &batch.planted, &mut out).await?;
+                        insert_logins(&mut tx, &logins, &days, &batch.planted, &mut out).await?;
                     }
                     Err(e) => return Err(e.into()),
                 }

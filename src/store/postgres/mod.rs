@@ -10,6 +10,7 @@ mod erasure;
 mod ingest;
 mod jobs;
 mod keys;
+mod line_days;
 mod prepare;
 mod quarantine;
 mod reveal;
