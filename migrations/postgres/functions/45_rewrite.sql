@@ -139,6 +139,12 @@ $$;
 REVOKE ALL ON FUNCTION pii_vault_rewrite_begin(bigint, bigint, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pii_vault_rewrite_begin(bigint, bigint, text) TO pii_vault_rotator;
 
+-- The writers below join a chunk's arrays to the partition by key: one
+-- index probe a row. Left to itself, the planner, which knows the arrays'
+-- length, hashes the whole partition for every chunk instead (41 ms a chunk
+-- of 5,000 against 14 ms at 85,000 rows a month, and a rewrite quadratic in
+-- the month's size), hence their settings.
+
 -- ------------------------------------------------------------- data keys
 -- Up to `p_limit` rows of vault partition `p_partition` under the job's old
 -- keys with a message id above `p_after`, in message id order.
@@ -169,7 +175,9 @@ GRANT EXECUTE ON FUNCTION pii_vault_rewrite_vault_chunk(bigint, bigint, text, te
 CREATE OR REPLACE FUNCTION pii_vault_rewrite_vault_write(p_record bigint, p_job bigint, p_partition text,
                                                          p_ids text[], p_old text[], p_new text[], p_nonces bytea[],
                                                          p_cts bytea[], p_keep text[]) RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql SECURITY DEFINER
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET search_path FROM CURRENT AS $$
 DECLARE
     w rotation_rewrites := pii_vault_rewrite_check(p_record, p_job, p_partition, ARRAY['filling'], 'vault');
     j rotation_jobs;
@@ -201,7 +209,10 @@ GRANT EXECUTE ON FUNCTION pii_vault_rewrite_vault_write(bigint, bigint, text, te
 -- ------------------------------------------------------------- token key
 -- Up to `p_limit` logins of user_logins partition `p_partition` with a login
 -- id above `p_after` and tokens not of the job's version, in id order, with
--- their sealed originals (NULL where the vault row is gone: erased).
+-- their sealed originals (NULL where the vault row is gone: erased). The
+-- vault row is looked up by day too: one probe into its month's partition
+-- (pruned as each login is read), not one into every month's (47 ms a
+-- chunk of 5,000 against 13 ms, over 18 monthly partitions).
 CREATE OR REPLACE FUNCTION pii_vault_rewrite_logins_chunk(p_record bigint, p_job bigint, p_partition text,
                                                           p_after bigint, p_limit int)
 RETURNS TABLE (id bigint, message_id text, user_id text, key_id text, nonce bytea, ciphertext bytea)
@@ -216,7 +227,7 @@ BEGIN
     RETURN QUERY EXECUTE format(
         'SELECT l.id, l.message_id, v.user_id::text, v.key_id, v.nonce, v.ciphertext FROM %I l '
         'LEFT JOIN LATERAL (SELECT x.user_id, x.key_id, x.nonce, x.ciphertext FROM vault x '
-        '                   WHERE x.message_id = l.message_id LIMIT 1) v ON true '
+        '                   WHERE x.message_id = l.message_id AND x.create_date = l.create_date LIMIT 1) v ON true '
         'WHERE l.id > $1 AND (l.masked_ip NOT LIKE $2 OR l.masked_device_id NOT LIKE $2) '
         'ORDER BY l.id LIMIT $3', w.partition)
         USING p_after, pat, p_limit;
@@ -233,7 +244,9 @@ GRANT EXECUTE ON FUNCTION pii_vault_rewrite_logins_chunk(bigint, bigint, text, b
 CREATE OR REPLACE FUNCTION pii_vault_rewrite_logins_write(p_record bigint, p_job bigint, p_partition text,
                                                           p_ids bigint[], p_ips text[], p_devs text[], p_nets text[],
                                                           p_keep bigint[]) RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql SECURITY DEFINER
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET search_path FROM CURRENT AS $$
 DECLARE
     w rotation_rewrites := pii_vault_rewrite_check(p_record, p_job, p_partition, ARRAY['filling'], 'user_logins');
     j rotation_jobs := (SELECT r FROM rotation_jobs r WHERE r.id = p_job);
