@@ -121,6 +121,17 @@ impl From<sqlx::Error> for StoreError {
             E::Database(db) if db.code().as_deref() == Some("53100") => {
                 StoreError::Unavailable(PG_DISK_FULL.into())
             }
+            // A deadlock (40P01) or a serialization failure (40001): the
+            // server is there and rolled the transaction back whole, which
+            // is not "connection lost".
+            E::Database(db) if db.code().as_deref().is_some_and(|c| c.starts_with("40")) => {
+                StoreError::Unavailable(format!(
+                    "the transaction lost a conflict with another one (SQLSTATE {}: a deadlock or a \
+                     serialization failure) and was rolled back whole: nothing of it was written \
+                     (a worker retries by itself; run any other command again)",
+                    db.code().unwrap_or_default()
+                ))
+            }
             // SQLite's SQLITE_FULL, as sqlx reports it (the extended code).
             E::Database(db) if db.code().as_deref() == Some("13") => {
                 StoreError::Permanent(DISK_FULL.into())
@@ -128,9 +139,9 @@ impl From<sqlx::Error> for StoreError {
             E::Database(db) => {
                 let code = db.code().map(|c| c.to_string()).unwrap_or_default();
                 // SQLSTATE class 08 (connection), 53 (resources), 57 (operator
-                // intervention: shutdown, restart), 40 (serialization) are worth a
-                // retry; SQLite BUSY/LOCKED (5, 6) too.
-                let transient = ["08", "53", "57", "40"].iter().any(|c| code.starts_with(c))
+                // intervention: shutdown, restart) are worth a retry (40, the
+                // transaction conflicts, above); SQLite BUSY/LOCKED (5, 6) too.
+                let transient = ["08", "53", "57"].iter().any(|c| code.starts_with(c))
                     || code == "5"
                     || code == "6"
                     || code == "517";
@@ -330,5 +341,68 @@ pub(super) fn rule_error(code: &str, msg: String) -> StoreError {
         "PV007" => StoreError::Busy(msg),
         "PV018" => StoreError::OverLimit(msg),
         _ => StoreError::Refused(format!("{msg} (SQLSTATE {code})")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::StoreError;
+
+    /// A database error with only a SQLSTATE, as the server would send it.
+    #[derive(Debug)]
+    struct Coded(&'static str);
+
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "error {} with the value 203.0.113.9 in it", self.0)
+        }
+    }
+
+    impl std::error::Error for Coded {}
+
+    impl sqlx::error::DatabaseError for Coded {
+        fn message(&self) -> &str {
+            "error with the value 203.0.113.9 in it"
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn mapped(code: &'static str) -> StoreError {
+        sqlx::Error::Database(Box::new(Coded(code))).into()
+    }
+
+    #[test]
+    fn a_lost_conflict_is_retried_and_said_as_what_it_is_without_the_servers_text() {
+        for code in ["40P01", "40001"] {
+            let e = mapped(code);
+            assert!(e.is_transient(), "{code}");
+            let said = e.to_string();
+            assert!(
+                said.contains(code) && said.contains("rolled back whole"),
+                "{said}"
+            );
+            assert!(!said.contains("connection lost"), "{said}");
+            assert!(!said.contains("203.0.113.9"), "{said}");
+        }
+        let lost = mapped("57P01");
+        assert!(lost.is_transient());
+        assert!(lost.to_string().contains("connection lost"));
+        assert!(!mapped("23505").is_transient());
     }
 }
