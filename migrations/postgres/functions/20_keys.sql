@@ -259,6 +259,7 @@ CREATE OR REPLACE TRIGGER quarantine_fence_update AFTER UPDATE ON quarantine
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION pii_vault_fence_data_keys();
 
 -- The same for tokens: every token a statement writes into user_logins
+-- (IP, device id and, since migration 0015, network; NULLs aside)
 -- carries its key version (t<version>_…), which must be an active token
 -- key. FOR SHARE holds the key until commit, so `rotate token-key`, which
 -- retires the old version before re-tokenising, waits for this batch and
@@ -274,7 +275,8 @@ DECLARE
 BEGIN
     FOR p IN
         SELECT DISTINCT left(t, strpos(t, '_'))
-        FROM (SELECT masked_ip AS t FROM new_rows UNION ALL SELECT masked_device_id FROM new_rows) s
+        FROM (SELECT masked_ip AS t FROM new_rows UNION ALL SELECT masked_device_id FROM new_rows
+              UNION ALL SELECT masked_ip_net FROM new_rows) s
         WHERE t IS NOT NULL
     LOOP
         v := substring(p FROM '^t([0-9]{1,18})_$')::bigint;

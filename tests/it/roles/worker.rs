@@ -200,6 +200,7 @@ async fn the_database_refuses_rows_under_retired_or_unknown_keys() {
     let mut fresh = login("alice", "dek-1");
     fresh.0.masked_ip = token(2);
     fresh.0.masked_device_id = token(2);
+    fresh.0.masked_ip_net = Some(token(2));
     assert_eq!(
         app.owner()
             .write_batch(&Batch {
@@ -223,6 +224,21 @@ async fn the_database_refuses_rows_under_retired_or_unknown_keys() {
         pool,
         "INSERT INTO user_logins (message_id, user_id, masked_ip, masked_device_id) VALUES ('m2', 'u', 't7_x', 't7_y')",
         "PV010",
+    )
+    .await;
+    // The network token is fenced like the other two.
+    refused(
+        pool,
+        "INSERT INTO user_logins (message_id, user_id, masked_ip, masked_device_id, masked_ip_net) \
+         VALUES ('m4', 'u', 't2_x', 't2_y', 't7_z')",
+        "PV010",
+    )
+    .await;
+    refused(
+        pool,
+        "INSERT INTO user_logins (message_id, user_id, masked_ip, masked_device_id, masked_ip_net) \
+         VALUES ('m5', 'u', 't2_x', 't2_y', 'plain')",
+        "PV003",
     )
     .await;
     raw.set_key_state("dek-1", KeyState::Retired).await;
