@@ -203,23 +203,7 @@ async fn months_get_partitions_ahead_and_a_file_loaded_again_later_is_stored_onc
                 .await
         })
     };
-    crate::common::wait_until(
-        std::time::Duration::from_secs(30),
-        "the second session waits",
-        || {
-            let app = &app;
-            async move {
-                let waiting = app
-                    .scalar(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                         AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
-                    )
-                    .await;
-                (waiting == 1).then_some(())
-            }
-        },
-    )
-    .await;
+    one_session_waits_on_an_advisory_lock(&app, "the second session waits").await;
     first.commit().await.unwrap();
     second.await.unwrap().unwrap();
     let made = partitions(&app, "vault").await;
@@ -258,6 +242,21 @@ async fn months_get_partitions_ahead_and_a_file_loaded_again_later_is_stored_onc
     );
     analyst.close().await;
     app.finish().await;
+}
+
+/// Returns once exactly one session of the test's database waits for an
+/// advisory lock (`what` names it if that never happens).
+async fn one_session_waits_on_an_advisory_lock(app: &TestApp, what: &str) {
+    crate::common::wait_until(std::time::Duration::from_secs(30), what, || async move {
+        let waiting = app
+            .scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+            )
+            .await;
+        (waiting == 1).then_some(())
+    })
+    .await;
 }
 
 /// The ranges `pii_vault_line_days` answers for lines `lines` of `source`
@@ -302,20 +301,7 @@ async fn first_load_days_race_and_roll_back(app: &TestApp, pool: &sqlx::PgPool, 
         let pool = pool.clone();
         tokio::spawn(async move { line_days(&pool, "race.jsonl", 5..=15, later).await })
     };
-    crate::common::wait_until(
-        std::time::Duration::from_secs(30),
-        "the second load of the input waits",
-        || async move {
-            let waiting = app
-                .scalar(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                     AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
-                )
-                .await;
-            (waiting == 1).then_some(())
-        },
-    )
-    .await;
+    one_session_waits_on_an_advisory_lock(app, "the second load of the input waits").await;
     first.commit().await.unwrap();
     assert_eq!(
         second.await.unwrap().unwrap(),

@@ -24,6 +24,9 @@ impl LineDays {
 /// (no range) a line's day by its message id, from before ranges existed.
 type LineDaysRow = (Option<i64>, Option<i64>, NaiveDate, Option<String>);
 
+/// An input (its source id) and the day its lines were read.
+type InputDay<'a> = (&'a str, NaiveDate);
+
 /// Asks, for the file lines of a batch, the day each was first loaded
 /// (`pii_vault_line_days`, once per input and day read, normally once a
 /// batch): lines never loaded get the day they are read now, recorded as
@@ -47,15 +50,18 @@ pub(super) async fn line_days(
 ) -> Result<LineDays, sqlx::Error> {
     // By input and day read, in a fixed order: two batches of two inputs
     // take the inputs' locks in the same order.
-    let mut groups: Vec<((&str, NaiveDate), Vec<&LoginRow>)> = Vec::new();
+    let mut groups: Vec<(InputDay, Vec<(&LoginRow, i64)>)> = Vec::new();
     for (l, _) in logins {
         let (Some(line), Some(day)) = (&l.line, l.create_date) else {
             continue;
         };
+        let Ok(n) = i64::try_from(line.line) else {
+            continue;
+        };
         let key = (&*line.source, day);
         match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, g)) => g.push(l),
-            None => groups.push((key, vec![l])),
+            Some((_, g)) => g.push((l, n)),
+            None => groups.push((key, vec![(l, n)])),
         }
     }
     groups.sort_by(|a, b| a.0.cmp(&b.0));
@@ -68,14 +74,8 @@ pub(super) async fn line_days(
         .execute(&mut *tx)
         .await?;
     for ((source, day), lines) in groups {
-        let numbers: Vec<i64> = lines
-            .iter()
-            .filter_map(|l| l.line.as_ref().and_then(|p| i64::try_from(p.line).ok()))
-            .collect();
-        if numbers.is_empty() {
-            continue;
-        }
-        let ids: Vec<&str> = lines.iter().map(|l| l.message_id.as_str()).collect();
+        let numbers: Vec<i64> = lines.iter().map(|(_, n)| *n).collect();
+        let ids: Vec<&str> = lines.iter().map(|(l, _)| l.message_id.as_str()).collect();
         let found: Vec<LineDaysRow> = sqlx::query_as(
             "SELECT range_first, range_last, first_day, legacy_id \
              FROM pii_vault_line_days($1, $2, $3, $4)",
@@ -98,10 +98,7 @@ pub(super) async fn line_days(
             }
         }
         ranges.sort_unstable();
-        for l in lines {
-            let Some(n) = l.line.as_ref().and_then(|p| i64::try_from(p.line).ok()) else {
-                continue;
-            };
+        for (l, n) in lines {
             // The range that starts at or before n; it covers n if it ends at or after it.
             let at = ranges.partition_point(|(first, _, _)| *first <= n);
             let ranged = at
