@@ -214,6 +214,21 @@ done < <(psql "$PG_URL" -qXtA -F ' ' -c "SELECT t, sum(pg_table_size(relid)), su
     FROM unnest(ARRAY['user_logins', 'vault']) t, pg_partition_tree(t::regclass) GROUP BY t ORDER BY t")
 
 # ------------------------------------------------------------------ parts
+# The start of the parts' fixtures that need a year of rows (30-rotation,
+# 40-retention), run in the same psql session as the rest of each: the
+# year's monthly partitions, as the workers would have made them, and a
+# temp table `dated` (message_id, day) that spreads the loaded logins over
+# the past 365 days in load order.
+year_of_days_sql="$(cat <<'SQL'
+SELECT count(*) FROM pii_vault_partitions_ensure(
+    ARRAY(SELECT (current_date - 28 * g)::date FROM generate_series(0, 14) g), current_date + 92);
+SET session_replication_role = replica; -- the owner's fixture, not a worker's write: no fences
+CREATE TEMP TABLE dated AS
+SELECT message_id,
+       current_date - 365 + (365 * (row_number() OVER (ORDER BY id) - 1) / count(*) OVER ())::int AS day
+FROM user_logins;
+SQL
+)"
 for part in "$REPO"/scripts/bench-scale.d/*.sh; do
     [ -e "$part" ] || continue
     if [ -n "${PII_VAULT_BENCH_PARTS:-}" ] && [[ " $PII_VAULT_BENCH_PARTS " != *" $(basename "$part" .sh) "* ]]; then

@@ -21,7 +21,7 @@
 # of each rotation's ratio to its ceiling in the same round is the figure.
 #
 # J is PII_VAULT_BENCH_JOBS [2]. Leaves PG_URL's rows readable (rotated).
-# Uses from the driver: REPO BIN work PG_URL PII_VAULT_TEST_PG
+# Uses from the driver: REPO BIN work PG_URL PII_VAULT_TEST_PG year_of_days_sql
 # now rate ratio per_sec run_measured new_raw_copy_db
 # report section.
 
@@ -44,14 +44,9 @@ rot_settle() {
 # partition. Untimed. Most rows are then in closed months, which the
 # rotations rewrite; this month's are rotated in place.
 echo "== (rotation) dating the logins over the past 365 days (untimed)" >&2
-psql "$PG_URL" -qX -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
-SELECT count(*) FROM pii_vault_partitions_ensure(
-    ARRAY(SELECT (current_date - 28 * g)::date FROM generate_series(0, 14) g), current_date + 92);
-SET session_replication_role = replica; -- the owner's fixture, not a worker's write: no fences
-CREATE TEMP TABLE dated AS
-SELECT message_id,
-       current_date - 365 + (365 * (row_number() OVER (ORDER BY id) - 1) / count(*) OVER ())::int AS day
-FROM user_logins;
+{
+    printf '%s\n' "$year_of_days_sql"
+    cat <<'SQL'
 CREATE TEMP TABLE logins_again AS SELECT * FROM user_logins;
 UPDATE logins_again l SET create_date = d.day FROM dated d WHERE d.message_id = l.message_id;
 CREATE TEMP TABLE vault_again AS SELECT * FROM vault;
@@ -60,6 +55,7 @@ TRUNCATE user_logins, vault;
 INSERT INTO user_logins SELECT * FROM logins_again ORDER BY create_date, id;
 INSERT INTO vault SELECT * FROM vault_again ORDER BY create_date, message_id;
 SQL
+} | psql "$PG_URL" -qX -v ON_ERROR_STOP=1 >/dev/null
 psql "$PG_URL" -qX -v ON_ERROR_STOP=1 -c "VACUUM ANALYZE user_logins" -c "VACUUM ANALYZE vault" >/dev/null
 
 # The scratch copy of the rows: same tables and indexes as PG_URL.

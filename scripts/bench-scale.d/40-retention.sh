@@ -16,15 +16,9 @@
 # The cut-off is 30 days ago: about 92% of the rows go.
 
 echo "== retention: dating the vault over the past 365 days (untimed)" >&2
-psql "$PG_URL" -qX -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
--- The year's monthly partitions, as the workers would have made them.
-SELECT count(*) FROM pii_vault_partitions_ensure(
-    ARRAY(SELECT (current_date - 28 * g)::date FROM generate_series(0, 14) g), current_date + 92);
-SET session_replication_role = replica; -- the owner's fixture, not a worker's write: no fences
-CREATE TEMP TABLE dated AS
-SELECT message_id,
-       current_date - 365 + (365 * (row_number() OVER (ORDER BY id) - 1) / count(*) OVER ())::int AS day
-FROM user_logins;
+{
+    printf '%s\n' "$year_of_days_sql"
+    cat <<'SQL'
 -- Written again in date order (cheaper than an UPDATE that moves every row
 -- to another partition, and already in the physical order of a year).
 CREATE TEMP TABLE redated AS
@@ -34,6 +28,7 @@ TRUNCATE vault;
 INSERT INTO vault (message_id, user_id, key_id, nonce, ciphertext, create_date)
 SELECT * FROM redated ORDER BY create_date, message_id;
 SQL
+} | psql "$PG_URL" -qX -v ON_ERROR_STOP=1 >/dev/null
 # VACUUM, as autovacuum would have left closed months (all-visible, so
 # their user ids read from the index).
 psql "$PG_URL" -qX -v ON_ERROR_STOP=1 -c "VACUUM ANALYZE vault" >/dev/null
