@@ -8,9 +8,11 @@
 //! takes, so a message is not handed to a second worker while the first
 //! still holds it. Every request has a time limit, so a connection that goes
 //! silent costs a retry, not the worker. A drain (`--until-empty`) ends when
-//! no message is visible, in flight or delayed.
+//! no message is visible, in flight or delayed, and no receive has failed in
+//! the last few seconds (a receive given up on may still reach SQS).
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -61,6 +63,15 @@ const WAIT_SECS: i32 = 20;
 /// means the queue is drained, unless messages are still in flight (see
 /// [`SqsSource::pending_elsewhere`]).
 const DRAIN_WAIT_SECS: i32 = 1;
+/// How long a drain distrusts an empty queue after a receive failed. A
+/// receive the worker gave up on (timed out, connection lost) may still
+/// reach SQS afterwards and take messages into flight for nobody; until it
+/// has arrived, SQS counts those messages as visible to no one and in
+/// flight for no one, and the drain would end with them still in the
+/// queue. After this long, a late receive has either arrived (its messages
+/// count as in flight, and the drain waits for them to come back) or is
+/// taken as lost.
+const DRAIN_GRACE_AFTER_FAILURE: Duration = REQUEST_TIMEOUT;
 
 pub struct SqsSource {
     client: Client,
@@ -70,6 +81,8 @@ pub struct SqsSource {
     visibility_timeout: i32,
     /// Whether a drain has said it waits for messages in flight.
     told_waiting: AtomicBool,
+    /// When a receive last failed (see [`DRAIN_GRACE_AFTER_FAILURE`]).
+    last_failed_receive: Mutex<Option<Instant>>,
 }
 
 impl SqsSource {
@@ -125,6 +138,7 @@ impl SqsSource {
             until_empty,
             visibility_timeout,
             told_waiting: AtomicBool::new(false),
+            last_failed_receive: Mutex::new(None),
         })
     }
 
@@ -213,12 +227,18 @@ impl MessageSource for SqsSource {
             ))
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|e| {
+                *self.last_failed_receive.lock().expect("not poisoned") = Some(Instant::now());
+                classify(e)
+            })?;
         let msgs = resp.messages.unwrap_or_default();
         if msgs.is_empty() && self.until_empty {
             let pending = self.pending_elsewhere().await?;
-            if pending == 0 {
+            if pending == 0 && !self.recently_failed() {
                 return Ok(None);
+            }
+            if pending == 0 {
+                return Ok(Some(Vec::new()));
             }
             if !self.told_waiting.swap(true, Ordering::Relaxed) {
                 tracing::info!(
@@ -279,6 +299,14 @@ impl MessageSource for SqsSource {
 }
 
 impl SqsSource {
+    /// Whether a receive failed within [`DRAIN_GRACE_AFTER_FAILURE`].
+    fn recently_failed(&self) -> bool {
+        self.last_failed_receive
+            .lock()
+            .expect("not poisoned")
+            .is_some_and(|at| at.elapsed() < DRAIN_GRACE_AFTER_FAILURE)
+    }
+
     /// Messages of the queue that no receive can see right now: in flight
     /// (received, by this worker or another, and neither deleted nor back
     /// yet) or delayed. A drain (`--until-empty`) that found nothing visible
