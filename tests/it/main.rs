@@ -22,6 +22,7 @@ mod first_hour_cli;
 mod first_hour_ops;
 mod first_hour_state;
 mod kms_faults;
+mod month_ledgers;
 mod network_tokens;
 mod operations;
 mod partitions;

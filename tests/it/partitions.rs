@@ -15,17 +15,17 @@ use sqlx::migrate::{Migration, MigrationSource, Migrator};
 use crate::common::app::{Bin, TestApp, ANALYST, REVEALER, ROTATOR, WORKER};
 use crate::common::{self, pg::with_database};
 
-fn month_start(d: NaiveDate) -> NaiveDate {
+pub(crate) fn month_start(d: NaiveDate) -> NaiveDate {
     d.with_day(1).unwrap()
 }
 
-fn partition(table: &str, d: NaiveDate) -> String {
+pub(crate) fn partition(table: &str, d: NaiveDate) -> String {
     format!("{table}_y{}m{:02}", d.year(), d.month())
 }
 
 /// `n` events whose user ids are `<tag>-<i>`, and the first line's user
 /// replaced by `span` when given (a user that appears in several loads).
-fn events(tag: &str, n: usize, seed: u64, span: Option<&str>) -> String {
+pub(crate) fn events(tag: &str, n: usize, seed: u64, span: Option<&str>) -> String {
     let base = common::gen_events(&["-n", &n.to_string(), "--seed", &seed.to_string()]);
     let mut text = String::new();
     for (i, line) in base.lines().enumerate() {
@@ -43,7 +43,7 @@ fn events(tag: &str, n: usize, seed: u64, span: Option<&str>) -> String {
 
 /// Loads `file` as the worker `bin` on `day` (the worker's clock set to it);
 /// returns (stored, duplicates, rejected).
-fn load_on(bin: &Bin, file: &str, day: NaiveDate) -> (u64, u64, u64) {
+pub(crate) fn load_on(bin: &Bin, file: &str, day: NaiveDate) -> (u64, u64, u64) {
     let stderr = bin.env("PII_VAULT_CLOCK", &day.to_string()).ok(&[
         "run",
         "--from-file",

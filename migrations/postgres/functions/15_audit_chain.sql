@@ -418,7 +418,9 @@ BEGIN
     DELETE FROM reveal_request_rows WHERE request_id <= p_through;
     DELETE FROM reveal_requests WHERE id <= p_through;
     GET DIAGNOSTICS nr = ROW_COUNT;
-    DELETE FROM erasure_subjects WHERE record <= p_through;
+    DELETE FROM erasure_subject_rows WHERE record <= p_through;
+    DELETE FROM vault_month_users WHERE ledger IN (SELECT id FROM vault_month_ledgers WHERE erased_by <= p_through);
+    DELETE FROM vault_month_ledgers WHERE erased_by <= p_through;
     DELETE FROM rotation_ranges WHERE job_id IN (SELECT id FROM rotation_jobs WHERE greatest(started_by, held_by) <= p_through);
     DELETE FROM rotation_jobs WHERE greatest(started_by, held_by) <= p_through;
     DELETE FROM audit_log WHERE id <= p_through;

@@ -18,6 +18,8 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 #variable_conflict use_column
 DECLARE
     rid bigint;
+    days date[];
+    m record;
 BEGIN
     PERFORM pii_vault_fresh_call();
     IF p_reason IS NULL OR btrim(p_reason) = '' THEN
@@ -26,15 +28,24 @@ BEGIN
     IF p_user_id IS NULL OR length(p_user_id) > 128 THEN
         RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'a user id is at most 128 characters';
     END IF;
-    DELETE FROM vault WHERE user_id = p_user_id;
-    GET DIAGNOSTICS vault_rows = ROW_COUNT;
+    WITH d AS (DELETE FROM vault WHERE user_id = p_user_id RETURNING create_date)
+    SELECT coalesce(array_agg(create_date), '{}') INTO days FROM d;
+    vault_rows := cardinality(days);
+    -- Off the counts of the settled months they were in.
+    FOR m IN
+        SELECT l.lo, count(*) AS n FROM unnest(days) x(day)
+        JOIN vault_month_ledgers l ON l.erased_by IS NULL AND x.day >= l.lo AND x.day < l.hi
+        GROUP BY l.lo
+    LOOP
+        PERFORM pii_vault_month_ledger_take(m.lo, ARRAY[p_user_id], ARRAY[m.n]);
+    END LOOP;
     DELETE FROM quarantine WHERE user_id = p_user_id;
     GET DIAGNOSTICS quarantined = ROW_COUNT;
     SELECT count(*) INTO logins_kept FROM user_logins WHERE user_id = p_user_id;
     INSERT INTO audit_log (action, target, reason, claimed_actor, row_count)
     VALUES ('forget', 'user_id=' || p_user_id, p_reason, left(p_claimed_actor, 256), vault_rows + quarantined)
     RETURNING id INTO rid;
-    INSERT INTO erasure_subjects (record, user_id, rows) VALUES (rid, p_user_id, vault_rows + quarantined);
+    INSERT INTO erasure_subject_rows (record, user_id, rows) VALUES (rid, p_user_id, vault_rows + quarantined);
     RETURN NEXT;
 END
 $$;
@@ -47,12 +58,14 @@ GRANT EXECUTE ON FUNCTION pii_vault_forget(text, text, text) TO pii_vault_rotato
 -- and the users it touched in erasure_subjects.
 --
 -- Whole months go by partition (migration 0017): each vault partition that
--- ends on or before `p_before` is counted by user (one read, for the
--- subject ledger), then detached and dropped, which leaves no dead tuples
--- and takes no time per row; only the partition the day cuts, and the
--- default partition, are deleted from. Each partition to drop is locked
--- against writes first (SHARE: a late redelivery into that month waits),
--- so what is counted is what is dropped. DETACH takes ACCESS EXCLUSIVE on
+-- ends on or before `p_before` is detached and dropped, which leaves no
+-- dead tuples and takes no time per row; only the partition the day cuts,
+-- and the default partition, are deleted from. Each partition to drop is
+-- locked against writes first (SHARE: a late redelivery into that month
+-- waits), so what its ledger counts is what is dropped. The subject ledger
+-- of a dropped month is its month ledger (0020), counted when the month
+-- settled and handed to this erasure's record; a month not settled yet is
+-- settled (counted) here first. DETACH takes ACCESS EXCLUSIVE on
 -- `vault` for the moment of the metadata change at the end; `lock_timeout`
 -- keeps it from queueing behind a long transaction (the call then fails,
 -- having changed nothing, and can be run again). Not DETACH … CONCURRENTLY:
@@ -69,7 +82,7 @@ DECLARE
     counts bigint[] := '{}';
     part_users text[];
     part_counts bigint[];
-    n bigint;
+    ledgers bigint[] := '{}';
     cut bigint;
     q_users text[];
     q_counts bigint[];
@@ -87,29 +100,32 @@ BEGIN
     -- The per-user counts below hash every erased row's user id once: in
     -- memory, not spilled in batches to disk.
     PERFORM set_config('work_mem', '64MB', true);
-    -- Whole partitions: locked against late writes, then which users lost
-    -- what (user ids only), read once over all of them; dropped at the end.
+    -- Whole partitions: locked against late writes, their ledgers taken
+    -- (a month not settled yet is counted now); dropped at the end.
     SELECT coalesce(array_agg(p.name ORDER BY p.hi), '{}') INTO partitions_dropped
     FROM pii_vault_partitions('vault') p WHERE p.hi <= p_before;
     IF cardinality(partitions_dropped) > 0 THEN
         EXECUTE format('LOCK TABLE %s IN SHARE MODE',
                        (SELECT string_agg(quote_ident(x), ', ') FROM unnest(partitions_dropped) x));
-        EXECUTE format('SELECT coalesce(sum(n), 0), coalesce(array_agg(user_id), ''{}''), coalesce(array_agg(n), ''{}'') '
-                       'FROM (SELECT user_id, count(*) AS n FROM (%s) r GROUP BY user_id) g',
-                       (SELECT string_agg(format('SELECT user_id FROM %I', x), ' UNION ALL ')
-                        FROM unnest(partitions_dropped) x))
-            INTO n, users, counts;
-        vault_rows := n;
+        FOR part IN SELECT p.name, coalesce(p.lo, '-infinity') AS lo, p.hi
+                    FROM pii_vault_partitions('vault') p WHERE p.name = ANY (partitions_dropped) ORDER BY p.hi LOOP
+            ledgers := ledgers || pii_vault_month_settle(part.name, part.lo, part.hi);
+        END LOOP;
+        SELECT coalesce(sum(l.rows), 0) INTO vault_rows FROM vault_month_ledgers l WHERE l.id = ANY (ledgers);
     END IF;
     -- The partition the day cuts, and dated rows waiting in the default one.
     FOR part IN
-        SELECT p.name FROM pii_vault_partitions('vault') p WHERE p.hi > p_before AND coalesce(p.lo, '-infinity') < p_before
-        UNION ALL SELECT 'vault_undated'
+        SELECT p.name, coalesce(p.lo, '-infinity') AS lo
+        FROM pii_vault_partitions('vault') p WHERE p.hi > p_before AND coalesce(p.lo, '-infinity') < p_before
+        UNION ALL SELECT 'vault_undated', NULL
     LOOP
         EXECUTE format('WITH d AS (DELETE FROM %I WHERE create_date < %L RETURNING user_id) '
                        'SELECT coalesce(sum(n), 0), coalesce(array_agg(user_id), ''{}''), coalesce(array_agg(n), ''{}'') '
                        'FROM (SELECT user_id, count(*) AS n FROM d GROUP BY user_id) g', part.name, p_before)
             INTO cut, part_users, part_counts;
+        IF part.lo IS NOT NULL AND cut > 0 THEN
+            PERFORM pii_vault_month_ledger_take(part.lo, part_users, part_counts);
+        END IF;
         vault_rows := vault_rows + cut;
         users := users || part_users;
         counts := counts || part_counts;
@@ -138,7 +154,8 @@ BEGIN
                                  THEN format(' partitions_dropped=%s', cardinality(partitions_dropped)) ELSE '' END,
             p_reason, left(p_claimed_actor, 256), vault_rows + quarantined)
     RETURNING id INTO rid;
-    INSERT INTO erasure_subjects (record, user_id, rows)
+    UPDATE vault_month_ledgers SET erased_by = rid WHERE id = ANY (ledgers);
+    INSERT INTO erasure_subject_rows (record, user_id, rows)
     SELECT rid, u, sum(n) FROM (SELECT * FROM unnest(users, counts) UNION ALL SELECT * FROM unnest(q_users, q_counts)) x(u, n)
     WHERE u IS NOT NULL
     GROUP BY u;

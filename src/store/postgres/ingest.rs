@@ -248,7 +248,8 @@ impl PgStore {
     /// old month; every other batch looks its few months up in memory. A
     /// failure costs nothing but a warning: a row whose month has no
     /// partition is stored in the default one, and moved out when the
-    /// partition is made.
+    /// partition is made. Months due to be settled are settled then too, in the
+    /// background.
     async fn partitions_ahead(&self, logins: &[&(LoginRow, VaultRow)]) {
         let today = crate::clock::today();
         let days: Vec<NaiveDate> = logins.iter().filter_map(|(l, _)| l.create_date).collect();
@@ -274,7 +275,10 @@ impl PgStore {
                 .await;
         let mut known = self.partitions.lock().expect("never poisoned");
         match made {
-            Ok(ranges) => known.ranges = ranges,
+            Ok(ranges) => {
+                known.ranges = ranges;
+                super::months::settle_due_months(self.pool.clone());
+            }
             Err(e) => tracing::warn!(
                 error = %StoreError::from(e),
                 "could not create the monthly partitions a batch needs; rows of a month without one are kept in the default partition"

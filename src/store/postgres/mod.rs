@@ -11,6 +11,7 @@ mod ingest;
 mod jobs;
 mod keys;
 mod line_days;
+mod months;
 mod prepare;
 mod quarantine;
 mod reveal;

@@ -165,6 +165,11 @@ const OWNER_ONLY: &[&str] = &[
     // pii_vault_line_days; the per-line table of 0017 is read-only.
     "line_ranges",
     "line_dates",
+    // The subject ledger's tables behind the erasure_subjects view, and
+    // the closed months' counts (0020): only through functions.
+    "erasure_subject_rows",
+    "vault_month_ledgers",
+    "vault_month_users",
 ];
 
 /// Columns holding ciphertext or wrapped keys, and who may read them
@@ -276,6 +281,13 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
     ),
     ("pii_vault_rewrite_index(bigint,bigint,text)", &[ROTATOR]),
     ("pii_vault_rewrite_swap(bigint,bigint,text)", &[ROTATOR]),
+    // Closed months' counts for the subject ledger (48_month_ledgers.sql).
+    ("pii_vault_month_settle_next()", &[WORKER]),
+    ("pii_vault_month_settle(text,date,date)", &[]),
+    ("pii_vault_month_settle_grace()", &[]),
+    ("pii_vault_month_ledger_count()", &[]),
+    ("pii_vault_month_ledger_take(date,text[],bigint[])", &[]),
+    ("pii_vault_month_ledger_rearm(text,date)", &[]),
     ("pii_vault_forget(text,text,text)", &[ROTATOR]),
     ("pii_vault_retention(date,text,text)", &[ROTATOR]),
     ("pii_vault_retention_preview(date)", &[ROTATOR]),
@@ -551,6 +563,9 @@ async fn each_role_holds_exactly_its_privileges_and_none_may_alter_the_audit_tra
         "audit_chain",
         "audit_checkpoints",
         "erasure_subjects",
+        "erasure_subject_rows",
+        "vault_month_ledgers",
+        "vault_month_users",
         "quarantine_reveals",
         "quarantine_replays",
         "quarantine_replay_rows",
