@@ -38,8 +38,12 @@ CREATE TABLE vault_month_ledgers (
 CREATE UNIQUE INDEX vault_month_ledgers_open ON vault_month_ledgers (lo) WHERE erased_by IS NULL;
 CREATE INDEX vault_month_ledgers_erased_by ON vault_month_ledgers (erased_by) WHERE erased_by IS NOT NULL;
 
+-- No foreign key to the ledger: settling inserts a month's users in one
+-- statement, and a key check per row cost a third of it; only the
+-- functions write here, the ledger first, and the audit archive removes
+-- the users before their ledger.
 CREATE TABLE vault_month_users (
-    ledger   bigint NOT NULL REFERENCES vault_month_ledgers (id),
+    ledger   bigint NOT NULL,
     user_id  text NOT NULL,
     rows     bigint NOT NULL CHECK (rows > 0),
     PRIMARY KEY (ledger, user_id)

@@ -4,11 +4,14 @@
 //! counts of the months it drops to its record; and a worker reaches the
 //! ledgers only through the one function that settles the next month.
 
+use std::time::Duration;
+
 use chrono::{Months, NaiveDate, Utc};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
 use crate::common::app::{TestApp, ROTATOR, WORKER};
+use crate::common::wait_until;
 use crate::partitions::{events, load_on, month_start, partition};
 use crate::roles::denied;
 
@@ -59,6 +62,25 @@ async fn counted_partitions(app: &TestApp) -> Vec<String> {
     .await
 }
 
+/// Waits until no session of `login` is left: a worker that exits leaves
+/// a settling it started to finish on the server (and commit), and while
+/// one runs, another session's `settle_next` answers "nothing".
+async fn sessions_ended(app: &TestApp, login: &str) {
+    wait_until(
+        Duration::from_secs(30),
+        "the loads' sessions to end",
+        || async {
+            let n = app
+                .scalar(&format!(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = '{login}'"
+                ))
+                .await;
+            (n == 0).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Three past months of 100 logins each ("span" in every one), loaded on
 /// their 10th; the workers' background settling may or may not have run.
 async fn three_months(app: &TestApp, worker: &crate::common::app::Bin) -> Vec<NaiveDate> {
@@ -87,6 +109,7 @@ async fn settled_months_stay_exact_and_retention_hands_their_counts_to_its_recor
     let worker = app.as_login(&worker_login);
     let rotator = app.as_login(&app.login_as(ROTATOR).await);
     let months = three_months(&app, &worker).await;
+    sessions_ended(&app, &worker_login.name).await;
     let pool = pool_of(&worker_login.url).await;
     settle_all(&pool).await;
     // Every month that ended 15 days ago or more is settled: the three.
@@ -198,6 +221,7 @@ async fn a_worker_settles_months_only_through_its_function() {
     let login = app.login_as(WORKER).await;
     let months = three_months(&app, &app.as_login(&login)).await;
     // Whatever the loads' background settling did, start from none.
+    sessions_ended(&app, &login.name).await;
     app.exec("DELETE FROM vault_month_users").await;
     app.exec("DELETE FROM vault_month_ledgers").await;
     for p in counted_partitions(&app).await {

@@ -46,12 +46,13 @@ BEGIN
     IF FOUND THEN
         RETURN l;
     END IF;
-    -- Every user id of the month hashed once, in memory.
+    -- Every user id of the month hashed once, in memory; the users then
+    -- inserted in key order, so both indexes grow at their right edge.
     PERFORM set_config('work_mem', '64MB', true);
     INSERT INTO vault_month_ledgers (lo, hi, rows, settled_at) VALUES (p_lo, p_hi, 0, clock_timestamp())
     RETURNING id INTO l;
     EXECUTE format('WITH g AS (SELECT user_id, count(*) AS n FROM %I GROUP BY user_id), '
-                   'i AS (INSERT INTO vault_month_users (ledger, user_id, rows) SELECT $1, user_id, n FROM g) '
+                   'i AS (INSERT INTO vault_month_users (ledger, user_id, rows) SELECT $1, user_id, n FROM g ORDER BY user_id) '
                    'SELECT coalesce(sum(n), 0) FROM g', p_name)
         INTO n USING l;
     UPDATE vault_month_ledgers SET rows = n WHERE id = l;
