@@ -39,7 +39,8 @@ CREATE UNIQUE INDEX vault_month_ledgers_open ON vault_month_ledgers (lo) WHERE e
 CREATE INDEX vault_month_ledgers_erased_by ON vault_month_ledgers (erased_by) WHERE erased_by IS NOT NULL;
 
 -- No foreign key to the ledger: settling inserts a month's users in one
--- statement, and a key check per row cost a third of it; only the
+-- statement, and with a key check per row (and the users in hash order)
+-- settling a year of 1 M rows took 5.9 s instead of 2.5 s. Only the
 -- functions write here, the ledger first, and the audit archive removes
 -- the users before their ledger.
 CREATE TABLE vault_month_users (
