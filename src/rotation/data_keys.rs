@@ -249,38 +249,45 @@ struct VaultRewrite {
 
 #[async_trait::async_trait]
 impl Fill for VaultRewrite {
+    /// The next chunk is read while this one is re-sealed and written, on
+    /// another connection: otherwise the connections wait while the client
+    /// re-seals, and the client while they read.
     async fn fill(&mut self, run: &Run, partition: &str) -> anyhow::Result<(u64, Skipped)> {
         let mut reader = run.reader();
         let mut skipped = Skipped::default();
         let (job, limit) = (&run.job, run.opts.chunk_rows);
-        let mut cursor = String::new();
+        let read = |after: String| async move {
+            anyhow::Ok(
+                run.store
+                    .rewrite_vault_chunk(job, partition, &after, limit)
+                    .await?,
+            )
+        };
+        let mut rows = read(String::new()).await?;
         let mut done = 0;
-        loop {
-            let rows = run
-                .store
-                .rewrite_vault_chunk(job, partition, &cursor, limit)
-                .await?;
-            let Some(last) = rows.last() else { break };
-            cursor = last.message_id.clone();
-            let mut sealed = Vec::with_capacity(rows.len());
-            let mut keep = Vec::new();
-            for r in rows {
-                let id = r.message_id.clone();
-                match self
-                    .keys
-                    .reseal_vault(run, &mut reader, r, &mut skipped)
-                    .await?
-                {
-                    Some(resealed) => sealed.push(resealed),
-                    None => keep.push(id),
+        while let Some(after) = rows.last().map(|r| r.message_id.clone()) {
+            let (keys, reader, skipped) = (&mut self.keys, &mut reader, &mut skipped);
+            let this = std::mem::take(&mut rows);
+            let write = async move {
+                let mut sealed = Vec::with_capacity(this.len());
+                let mut keep = Vec::new();
+                for r in this {
+                    let id = r.message_id.clone();
+                    match keys.reseal_vault(run, reader, r, skipped).await? {
+                        Some(resealed) => sealed.push(resealed),
+                        None => keep.push(id),
+                    }
                 }
-            }
-            run.store
-                .rewrite_vault_write(job, partition, &sealed, &keep)
-                .await?;
-            done += sealed.len() as u64;
-            self.keys.retire_full(run).await?;
-            run.chunk_committed(sealed.len() as u64)?;
+                run.store
+                    .rewrite_vault_write(job, partition, &sealed, &keep)
+                    .await?;
+                keys.retire_full(run).await?;
+                anyhow::Ok(sealed.len() as u64)
+            };
+            let (next, written) = tokio::try_join!(read(after), write)?;
+            done += written;
+            run.chunk_committed(written)?;
+            rows = next;
         }
         Ok((done, skipped))
     }

@@ -207,40 +207,49 @@ struct LoginsRewrite {
 
 #[async_trait::async_trait]
 impl Fill for LoginsRewrite {
+    /// The next chunk is read while this one is re-tokenised and written,
+    /// as in the data-key rewrite.
     async fn fill(&mut self, run: &Run, partition: &str) -> anyhow::Result<(u64, Skipped)> {
         let mut reader = run.reader();
         let mut skipped = Skipped::default();
-        let mut after = i64::MIN;
+        let read = |after: i64| async move {
+            anyhow::Ok(
+                run.store
+                    .rewrite_logins_chunk(&run.job, partition, after, run.opts.chunk_rows)
+                    .await?,
+            )
+        };
+        let mut rows = read(i64::MIN).await?;
         let mut done = 0;
-        loop {
-            let rows = run
-                .store
-                .rewrite_logins_chunk(&run.job, partition, after, run.opts.chunk_rows)
-                .await?;
-            let Some((last, _, _)) = rows.last() else {
-                break;
-            };
-            after = *last;
-            let mut tokens = Vec::with_capacity(rows.len());
-            let mut keep = Vec::new();
-            for (id, message_id, vault) in &rows {
-                let Some(vault) = vault else {
-                    keep.push(*id);
-                    continue;
-                };
-                match tokens_of(&self.key, self.network, *id, reader.open(vault).await) {
-                    Ok(t) => tokens.push(t),
-                    Err(e) => {
-                        skipped.add(message_id, &e);
+        while let Some(after) = rows.last().map(|(id, _, _)| *id) {
+            let (key, network) = (&self.key, self.network);
+            let (reader, skipped) = (&mut reader, &mut skipped);
+            let this = std::mem::take(&mut rows);
+            let write = async move {
+                let mut tokens = Vec::with_capacity(this.len());
+                let mut keep = Vec::new();
+                for (id, message_id, vault) in &this {
+                    let Some(vault) = vault else {
                         keep.push(*id);
+                        continue;
+                    };
+                    match tokens_of(key, network, *id, reader.open(vault).await) {
+                        Ok(t) => tokens.push(t),
+                        Err(e) => {
+                            skipped.add(message_id, &e);
+                            keep.push(*id);
+                        }
                     }
                 }
-            }
-            run.store
-                .rewrite_logins_write(&run.job, partition, &tokens, &keep)
-                .await?;
-            done += tokens.len() as u64;
-            run.chunk_committed(tokens.len() as u64)?;
+                run.store
+                    .rewrite_logins_write(&run.job, partition, &tokens, &keep)
+                    .await?;
+                anyhow::Ok(tokens.len() as u64)
+            };
+            let (next, written) = tokio::try_join!(read(after), write)?;
+            done += written;
+            run.chunk_committed(written)?;
+            rows = next;
         }
         Ok((done, skipped))
     }
