@@ -335,8 +335,10 @@ GRANT EXECUTE ON FUNCTION pii_vault_rewrite_index(bigint, bigint, text) TO pii_v
 --   tries again): DETACH the partition, ATTACH the new table with the same
 --   bounds (its CHECK spares the scan; a default partition is still
 --   checked, as for any new partition), DROP the old one, give the new
---   table and its indexes the old names, and make sure no role holds
---   anything on it.
+--   table and its indexes the old names, make sure no role holds
+--   anything on it, and, for a settled month of the vault, give it the
+--   trigger that counts late rows (migration 0020; the old one went with
+--   the old table).
 -- Returns the rows copied under the lock; 0 for a partition already
 -- swapped (a retry after a lost answer). A partition that retention
 -- dropped meanwhile has its new table dropped and is marked `gone`.

@@ -64,8 +64,8 @@ GRANT EXECUTE ON FUNCTION pii_vault_forget(text, text, text) TO pii_vault_rotato
 -- locked against writes first (SHARE: a late redelivery into that month
 -- waits), so what its ledger counts is what is dropped. The subject ledger
 -- of a dropped month is its month ledger (0020), counted when the month
--- settled and handed to this erasure's record; a month not settled yet is
--- settled (counted) here first. DETACH takes ACCESS EXCLUSIVE on
+-- was settled and handed to this erasure's record; a month not settled yet
+-- is settled (counted) here first. DETACH takes ACCESS EXCLUSIVE on
 -- `vault` for the moment of the metadata change at the end; `lock_timeout`
 -- keeps it from queueing behind a long transaction (the call then fails,
 -- having changed nothing, and can be run again). Not DETACH … CONCURRENTLY:
