@@ -260,6 +260,19 @@ async fn a_worker_settles_months_only_through_its_function() {
         .await
         .unwrap();
     assert_eq!(m, Some(months[0]));
+    // What the session sees before it rolls back: its own transaction's
+    // statistics give the month's number of users (the rows settling
+    // inserted), nothing the worker did not write itself.
+    let seen: i64 = sqlx::query_scalar(
+        "SELECT n_tup_ins FROM pg_stat_xact_user_tables WHERE relname = 'vault_month_users'",
+    )
+    .fetch_one(&mut *a)
+    .await
+    .unwrap();
+    let users = app
+        .scalar(&format!("SELECT count(DISTINCT user_id) FROM {first}"))
+        .await;
+    assert_eq!(seen, users);
     sqlx::query("ROLLBACK").execute(&mut *a).await.unwrap();
     assert_eq!(app.count("vault_month_ledgers").await, 0);
     assert!(counted_partitions(&app).await.is_empty());
