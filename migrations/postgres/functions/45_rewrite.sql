@@ -429,7 +429,7 @@ BEGIN
         EXECUTE format('ALTER INDEX %I RENAME TO %I', names.now, names.was);
     END LOOP;
     IF w.parent = 'vault' THEN
-        PERFORM pii_vault_month_ledger_rearm(p_partition, w.lo);
+        PERFORM pii_vault_month_ledger_arm(p_partition, w.lo);
     END IF;
     EXECUTE format('REVOKE ALL ON %I FROM PUBLIC, pii_vault_worker, pii_vault_analyst, pii_vault_revealer, '
                    'pii_vault_rotator, pii_vault_auditor, pii_vault_searcher', p_partition);

@@ -56,8 +56,7 @@ BEGIN
                    'SELECT coalesce(sum(n), 0) FROM g', p_name)
         INTO n USING l;
     UPDATE vault_month_ledgers SET rows = n WHERE id = l;
-    EXECUTE format('CREATE TRIGGER vault_month_ledger AFTER INSERT ON %I FOR EACH ROW '
-                   'EXECUTE FUNCTION pii_vault_month_ledger_count(%L)', p_name, l);
+    PERFORM pii_vault_month_ledger_arm(p_name, p_lo);
     RETURN l;
 END
 $$;
@@ -114,10 +113,12 @@ END
 $$;
 REVOKE ALL ON FUNCTION pii_vault_month_ledger_take(date, text[], bigint[]) FROM PUBLIC;
 
--- A settled month's partition replaced by a rotation's rewrite: the new
--- table gets the trigger that counts late rows (the old one's went with
+-- Puts the trigger that counts late rows on `p_partition`, the month from
+-- `p_lo` (NULL or -infinity: from MINVALUE), if that month has an open
+-- ledger: when the month is settled, and on the new table a rotation's
+-- rewrite swaps in for a settled month (the old one's trigger went with
 -- it).
-CREATE OR REPLACE FUNCTION pii_vault_month_ledger_rearm(p_partition text, p_lo date) RETURNS void
+CREATE OR REPLACE FUNCTION pii_vault_month_ledger_arm(p_partition text, p_lo date) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     l bigint;
@@ -129,4 +130,4 @@ BEGIN
     END IF;
 END
 $$;
-REVOKE ALL ON FUNCTION pii_vault_month_ledger_rearm(text, date) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pii_vault_month_ledger_arm(text, date) FROM PUBLIC;

@@ -281,13 +281,13 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
     ),
     ("pii_vault_rewrite_index(bigint,bigint,text)", &[ROTATOR]),
     ("pii_vault_rewrite_swap(bigint,bigint,text)", &[ROTATOR]),
-    // Closed months' counts for the subject ledger (48_month_ledgers.sql).
+    // Settled months' counts for the subject ledger (48_month_ledgers.sql).
     ("pii_vault_month_settle_next()", &[WORKER]),
     ("pii_vault_month_settle(text,date,date)", &[]),
     ("pii_vault_month_settle_grace()", &[]),
     ("pii_vault_month_ledger_count()", &[]),
     ("pii_vault_month_ledger_take(date,text[],bigint[])", &[]),
-    ("pii_vault_month_ledger_rearm(text,date)", &[]),
+    ("pii_vault_month_ledger_arm(text,date)", &[]),
     ("pii_vault_forget(text,text,text)", &[ROTATOR]),
     ("pii_vault_retention(date,text,text)", &[ROTATOR]),
     ("pii_vault_retention_preview(date)", &[ROTATOR]),
