@@ -10,7 +10,7 @@ use chrono::{Months, NaiveDate, Utc};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
-use crate::common::app::{TestApp, ROTATOR, WORKER};
+use crate::common::app::{Login, TestApp, ROTATOR, WORKER};
 use crate::common::wait_until;
 use crate::partitions::{events, load_on, month_start, partition};
 use crate::roles::denied;
@@ -32,15 +32,18 @@ async fn ledger_errors(app: &TestApp) -> i64 {
     .await
 }
 
+/// One `pii_vault_month_settle_next()` call on `conn`: the month settled.
+async fn settle_next<'e>(conn: impl sqlx::PgExecutor<'e>) -> Option<NaiveDate> {
+    sqlx::query_scalar("SELECT pii_vault_month_settle_next()")
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
 /// Settles every month that is due, as `pool`'s login; returns the months.
 async fn settle_all(pool: &PgPool) -> Vec<NaiveDate> {
     let mut months = Vec::new();
-    while let Some(m) =
-        sqlx::query_scalar::<_, Option<NaiveDate>>("SELECT pii_vault_month_settle_next()")
-            .fetch_one(pool)
-            .await
-            .unwrap()
-    {
+    while let Some(m) = settle_next(pool).await {
         months.push(m);
     }
     months
@@ -81,9 +84,20 @@ async fn sessions_ended(app: &TestApp, login: &str) {
     .await;
 }
 
-/// Three past months of 100 logins each ("span" in every one), loaded on
-/// their 10th; the workers' background settling may or may not have run.
-async fn three_months(app: &TestApp, worker: &crate::common::app::Bin) -> Vec<NaiveDate> {
+/// A migrated database and a worker's login that loaded three past months
+/// of 100 logins each ("span" in every one) on their 10th, once the loads'
+/// background settling is over (whatever it did).
+struct Loaded {
+    app: TestApp,
+    worker: Login,
+    months: Vec<NaiveDate>,
+}
+
+async fn loaded() -> Option<Loaded> {
+    let app = TestApp::postgres().await?;
+    app.ok(&["migrate"]);
+    let worker = app.login_as(WORKER).await;
+    let bin = app.as_login(&worker);
     let this_month = month_start(Utc::now().date_naive());
     let months: Vec<NaiveDate> = (2..=4).rev().map(|k| this_month - Months::new(k)).collect();
     for (i, m) in months.iter().enumerate() {
@@ -91,26 +105,29 @@ async fn three_months(app: &TestApp, worker: &crate::common::app::Bin) -> Vec<Na
             &format!("m{i}.jsonl"),
             &events(&format!("m{i}"), 100, 90 + i as u64, Some("span")),
         );
-        assert_eq!(
-            load_on(worker, &file, *m + chrono::Days::new(9)),
-            (100, 0, 0)
-        );
+        assert_eq!(load_on(&bin, &file, *m + chrono::Days::new(9)), (100, 0, 0));
     }
-    months
+    sessions_ended(&app, &worker.name).await;
+    Some(Loaded {
+        app,
+        worker,
+        months,
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settled_months_stay_exact_and_retention_hands_their_counts_to_its_record() {
-    let Some(app) = TestApp::postgres().await else {
+    let Some(Loaded {
+        app,
+        worker: login,
+        months,
+    }) = loaded().await
+    else {
         return;
     };
-    app.ok(&["migrate"]);
-    let worker_login = app.login_as(WORKER).await;
-    let worker = app.as_login(&worker_login);
+    let worker = app.as_login(&login);
     let rotator = app.as_login(&app.login_as(ROTATOR).await);
-    let months = three_months(&app, &worker).await;
-    sessions_ended(&app, &worker_login.name).await;
-    let pool = pool_of(&worker_login.url).await;
+    let pool = pool_of(&login.url).await;
     settle_all(&pool).await;
     // Every month that ended 15 days ago or more is settled: the three.
     assert_eq!(
@@ -214,14 +231,15 @@ async fn settled_months_stay_exact_and_retention_hands_their_counts_to_its_recor
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_settles_months_only_through_its_function() {
-    let Some(app) = TestApp::postgres().await else {
+    let Some(Loaded {
+        app,
+        worker: login,
+        months,
+    }) = loaded().await
+    else {
         return;
     };
-    app.ok(&["migrate"]);
-    let login = app.login_as(WORKER).await;
-    let months = three_months(&app, &app.as_login(&login)).await;
     // Whatever the loads' background settling did, start from none.
-    sessions_ended(&app, &login.name).await;
     app.exec("DELETE FROM vault_month_users").await;
     app.exec("DELETE FROM vault_month_ledgers").await;
     for p in counted_partitions(&app).await {
@@ -245,7 +263,7 @@ async fn a_worker_settles_months_only_through_its_function() {
             months[0]
         ),
         format!(
-            "SELECT pii_vault_month_ledger_rearm('{first}', '{}')",
+            "SELECT pii_vault_month_ledger_arm('{first}', '{}')",
             months[0]
         ),
     ] {
@@ -255,11 +273,7 @@ async fn a_worker_settles_months_only_through_its_function() {
     // Rolled back: nothing of it stays, no ledger and no trigger.
     let mut a = pool.acquire().await.unwrap();
     sqlx::query("BEGIN").execute(&mut *a).await.unwrap();
-    let m: Option<NaiveDate> = sqlx::query_scalar("SELECT pii_vault_month_settle_next()")
-        .fetch_one(&mut *a)
-        .await
-        .unwrap();
-    assert_eq!(m, Some(months[0]));
+    assert_eq!(settle_next(&mut *a).await, Some(months[0]));
     // What the session sees before it rolls back: its own transaction's
     // statistics give the month's number of users (the rows settling
     // inserted), nothing the worker did not write itself.
@@ -280,23 +294,11 @@ async fn a_worker_settles_months_only_through_its_function() {
     // Two sessions of the login: while one settles, the other is told
     // "nothing" at once (it does not wait), and settles the next after.
     sqlx::query("BEGIN").execute(&mut *a).await.unwrap();
-    let m: Option<NaiveDate> = sqlx::query_scalar("SELECT pii_vault_month_settle_next()")
-        .fetch_one(&mut *a)
-        .await
-        .unwrap();
-    assert_eq!(m, Some(months[0]));
+    assert_eq!(settle_next(&mut *a).await, Some(months[0]));
     let mut b = pool.acquire().await.unwrap();
-    let other: Option<NaiveDate> = sqlx::query_scalar("SELECT pii_vault_month_settle_next()")
-        .fetch_one(&mut *b)
-        .await
-        .unwrap();
-    assert_eq!(other, None);
+    assert_eq!(settle_next(&mut *b).await, None);
     sqlx::query("COMMIT").execute(&mut *a).await.unwrap();
-    let next: Option<NaiveDate> = sqlx::query_scalar("SELECT pii_vault_month_settle_next()")
-        .fetch_one(&mut *b)
-        .await
-        .unwrap();
-    assert_eq!(next, Some(months[1]));
+    assert_eq!(settle_next(&mut *b).await, Some(months[1]));
     drop((a, b));
     assert_eq!(settle_all(&pool).await, vec![months[2]]);
     assert_eq!(ledger_errors(&app).await, 0);

@@ -214,33 +214,29 @@ async fn the_database_refuses_rows_under_retired_or_unknown_keys() {
     );
     // Plain SQL, as the owner: a token without a version, one of an unknown
     // version, a vault row under a retired key, a key brought back.
-    refused(
-        pool,
-        "INSERT INTO user_logins (message_id, user_id, masked_ip, masked_device_id) VALUES ('m1', 'u', 'plain', 't2_x')",
-        "PV003",
-    )
-    .await;
-    refused(
-        pool,
-        "INSERT INTO user_logins (message_id, user_id, masked_ip, masked_device_id) VALUES ('m2', 'u', 't7_x', 't7_y')",
-        "PV010",
-    )
-    .await;
-    // The network token is fenced like the other two.
-    refused(
-        pool,
-        "INSERT INTO user_logins (message_id, user_id, masked_ip, masked_device_id, masked_ip_net) \
-         VALUES ('m4', 'u', 't2_x', 't2_y', 't7_z')",
-        "PV010",
-    )
-    .await;
-    refused(
-        pool,
-        "INSERT INTO user_logins (message_id, user_id, masked_ip, masked_device_id, masked_ip_net) \
-         VALUES ('m5', 'u', 't2_x', 't2_y', 'plain')",
-        "PV003",
-    )
-    .await;
+    for (sql, code) in [
+        (
+            "INSERT INTO user_logins (message_id, user_id, masked_ip, masked_device_id) VALUES ('m1', 'u', 'plain', 't2_x')",
+            "PV003",
+        ),
+        (
+            "INSERT INTO user_logins (message_id, user_id, masked_ip, masked_device_id) VALUES ('m2', 'u', 't7_x', 't7_y')",
+            "PV010",
+        ),
+        // The network token is fenced like the other two.
+        (
+            "INSERT INTO user_logins (message_id, user_id, masked_ip, masked_device_id, masked_ip_net) \
+             VALUES ('m4', 'u', 't2_x', 't2_y', 't7_z')",
+            "PV010",
+        ),
+        (
+            "INSERT INTO user_logins (message_id, user_id, masked_ip, masked_device_id, masked_ip_net) \
+             VALUES ('m5', 'u', 't2_x', 't2_y', 'plain')",
+            "PV003",
+        ),
+    ] {
+        refused(pool, sql, code).await;
+    }
     raw.set_key_state("dek-1", KeyState::Retired).await;
     refused(
         pool,
