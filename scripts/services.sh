@@ -32,6 +32,8 @@
 #     PII_VAULT_PG_BIN        directory of the PostgreSQL server binaries [found]
 #     PII_VAULT_PG_FSYNC      fsync of the test cluster [off]; the benchmark sets on
 #     PII_VAULT_PG_SHARED_BUFFERS  shared_buffers of the test cluster [256MB]
+#     PII_VAULT_PG_MAX_WAL_SIZE    max_wal_size of the test cluster [1GB, Postgres's
+#                                  default]; the benchmark sets 8GB
 #
 # The PostgreSQL server binaries (initdb and pg_ctl) are the first found of:
 # PII_VAULT_PG_BIN; `pg_config --bindir`; the directory of `initdb` on PATH;
@@ -303,6 +305,7 @@ port = $port
 unix_socket_directories = '$dir'
 max_connections = 300
 shared_buffers = ${PII_VAULT_PG_SHARED_BUFFERS:-256MB}
+max_wal_size = ${PII_VAULT_PG_MAX_WAL_SIZE:-1GB}
 fsync = ${PII_VAULT_PG_FSYNC:-off}
 synchronous_commit = ${PII_VAULT_PG_FSYNC:-off}
 full_page_writes = ${PII_VAULT_PG_FSYNC:-off}
