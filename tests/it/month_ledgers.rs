@@ -89,15 +89,15 @@ async fn sessions_ended(app: &TestApp, login: &str) {
 /// background settling is over (whatever it did).
 struct Loaded {
     app: TestApp,
-    worker: Login,
+    login: Login,
     months: Vec<NaiveDate>,
 }
 
 async fn loaded() -> Option<Loaded> {
     let app = TestApp::postgres().await?;
     app.ok(&["migrate"]);
-    let worker = app.login_as(WORKER).await;
-    let bin = app.as_login(&worker);
+    let login = app.login_as(WORKER).await;
+    let bin = app.as_login(&login);
     let this_month = month_start(Utc::now().date_naive());
     let months: Vec<NaiveDate> = (2..=4).rev().map(|k| this_month - Months::new(k)).collect();
     for (i, m) in months.iter().enumerate() {
@@ -107,22 +107,13 @@ async fn loaded() -> Option<Loaded> {
         );
         assert_eq!(load_on(&bin, &file, *m + chrono::Days::new(9)), (100, 0, 0));
     }
-    sessions_ended(&app, &worker.name).await;
-    Some(Loaded {
-        app,
-        worker,
-        months,
-    })
+    sessions_ended(&app, &login.name).await;
+    Some(Loaded { app, login, months })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settled_months_stay_exact_and_retention_hands_their_counts_to_its_record() {
-    let Some(Loaded {
-        app,
-        worker: login,
-        months,
-    }) = loaded().await
-    else {
+    let Some(Loaded { app, login, months }) = loaded().await else {
         return;
     };
     let worker = app.as_login(&login);
@@ -231,12 +222,7 @@ async fn settled_months_stay_exact_and_retention_hands_their_counts_to_its_recor
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_settles_months_only_through_its_function() {
-    let Some(Loaded {
-        app,
-        worker: login,
-        months,
-    }) = loaded().await
-    else {
+    let Some(Loaded { app, login, months }) = loaded().await else {
         return;
     };
     // Whatever the loads' background settling did, start from none.
