@@ -25,6 +25,13 @@ impl CopyRows {
         CopyRows { buf }
     }
 
+    /// The bytes a row of `fields` fields takes, `data` of them the fields'
+    /// own: a buffer sized from its rows is filled without growing (each
+    /// growth copies the whole batch so far).
+    pub fn row_size(fields: usize, data: usize) -> usize {
+        2 + 4 * fields + data
+    }
+
     pub fn row(&mut self, fields: i16) -> &mut Self {
         self.buf.extend_from_slice(&fields.to_be_bytes());
         self
@@ -94,5 +101,22 @@ mod tests {
         want.extend_from_slice(&[0xff, 0xff]);
         assert_eq!(out, want);
         assert_eq!(HEADER.len(), 19);
+    }
+
+    /// A buffer sized by `row_size` holds its rows without growing.
+    #[test]
+    fn row_size_is_what_a_row_takes() {
+        let size = CopyRows::row_size(3, 2 + 4) + CopyRows::row_size(1, 3);
+        let mut c = CopyRows::new(size);
+        let capacity = c.buf.capacity();
+        c.row(3)
+            .text("ab")
+            .opt_text(None)
+            .date(NaiveDate::from_ymd_opt(2000, 1, 2));
+        c.row(1).bytes(b"xyz");
+        assert_eq!(c.buf.len(), HEADER.len() + size);
+        let out = c.finish();
+        assert_eq!(out.len(), HEADER.len() + size + 2);
+        assert_eq!(out.capacity(), capacity);
     }
 }

@@ -39,12 +39,11 @@ const CHUNK: usize = 1000;
 /// overlapping batches take their unique-index locks in the same order,
 /// which keeps them from deadlocking.
 fn first_of_each(logins: &[(LoginRow, VaultRow)]) -> Vec<&(LoginRow, VaultRow)> {
-    let mut seen = HashSet::new();
-    let mut out: Vec<_> = logins
-        .iter()
-        .filter(|(l, _)| seen.insert(l.message_id.as_str()))
-        .collect();
+    let mut out: Vec<_> = logins.iter().collect();
+    // Stable, so each id's first copy stays ahead of its later ones, which
+    // `dedup_by` then drops (a sort the batch needs anyway, not a hash set).
     out.sort_by(|a, b| a.0.message_id.cmp(&b.0.message_id));
+    out.dedup_by(|later, kept| later.0.message_id == kept.0.message_id);
     out
 }
 
@@ -57,7 +56,25 @@ async fn copy_logins(
     logins: &[&(LoginRow, VaultRow)],
     days: &LineDays,
 ) -> Result<(), sqlx::Error> {
-    let mut rows = copy::CopyRows::new(logins.len() * 200);
+    let size = logins
+        .iter()
+        .map(|(l, _)| {
+            let opt = |v: &Option<String>| v.as_deref().map_or(0, str::len);
+            copy::CopyRows::row_size(
+                9,
+                l.message_id.len()
+                    + l.user_id.len()
+                    + l.device_type.len()
+                    + l.masked_ip.len()
+                    + l.masked_device_id.len()
+                    + opt(&l.masked_ip_net)
+                    + opt(&l.locale)
+                    + l.app_version.len()
+                    + 4,
+            )
+        })
+        .sum();
+    let mut rows = copy::CopyRows::new(size);
     for (l, _) in logins {
         rows.row(9)
             .text(&l.message_id)
@@ -79,7 +96,21 @@ async fn copy_logins(
     copy.send(rows.finish()).await?;
     copy.finish().await?;
 
-    let mut rows = copy::CopyRows::new(logins.len() * 160);
+    let size = logins
+        .iter()
+        .map(|(_, v)| {
+            copy::CopyRows::row_size(
+                6,
+                v.message_id.len()
+                    + v.user_id.len()
+                    + v.key_id.len()
+                    + v.nonce.len()
+                    + v.ciphertext.len()
+                    + 4,
+            )
+        })
+        .sum();
+    let mut rows = copy::CopyRows::new(size);
     for (l, v) in logins {
         rows.row(6)
             .text(&v.message_id)
@@ -403,5 +434,46 @@ impl Ingest for PgStore {
                 body,
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn login(message_id: &str, user_id: &str) -> (LoginRow, VaultRow) {
+        let l = LoginRow {
+            message_id: message_id.into(),
+            user_id: user_id.into(),
+            device_type: "ios".into(),
+            masked_ip: "t1_ip".into(),
+            masked_device_id: "t1_dev".into(),
+            masked_ip_net: None,
+            locale: None,
+            app_version: "1.0".into(),
+            create_date: None,
+            line: None,
+        };
+        let v = VaultRow::of(&l, "k".into(), vec![0; 12], vec![1; 32]);
+        (l, v)
+    }
+
+    /// A redelivery within a batch keeps the first copy, whatever the
+    /// order of ids around it, and the rest come out in id order.
+    #[test]
+    fn first_of_each_keeps_each_ids_first_copy_in_id_order() {
+        let batch = [
+            login("m3", "first"),
+            login("m1", "first"),
+            login("m3", "second"),
+            login("m2", "first"),
+            login("m1", "second"),
+            login("m3", "third"),
+        ];
+        let kept: Vec<_> = first_of_each(&batch)
+            .iter()
+            .map(|(l, _)| (l.message_id.as_str(), l.user_id.as_str()))
+            .collect();
+        assert_eq!(kept, [("m1", "first"), ("m2", "first"), ("m3", "first")]);
     }
 }
