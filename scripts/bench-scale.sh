@@ -22,7 +22,9 @@
 #
 # Environment: PII_VAULT_BENCH_STEP_TIMEOUT bounds each timed step [3600 s];
 # PII_VAULT_BENCH_SQLITE_ROWS, PII_VAULT_BENCH_JOBS and PII_VAULT_BENCH_ROUNDS
-# are read by the parts that use them; PII_VAULT_BENCH_PARTS names the parts to run (file names
+# are read by the parts that use them, and so is PII_VAULT_BENCH_RETENTION_CACHE
+# (warm or cold: whether the vault is in memory when retention and its
+# ceiling start); PII_VAULT_BENCH_PARTS names the parts to run (file names
 # without .sh, space-separated, e.g. "30-rotation") [all]. Starts and stops its own PostgreSQL through
 # scripts/services.sh (PII_VAULT_PG_SHARED_BUFFERS sizes its buffer cache
 # [256MB], PII_VAULT_PG_MAX_WAL_SIZE the WAL between checkpoints [8GB]; the
