@@ -42,6 +42,20 @@ if ! [[ "$ROWS" =~ ^[0-9]+$ && "$ROWS" -gt 0 ]]; then
     exit 2
 fi
 STEP_TIMEOUT="${PII_VAULT_BENCH_STEP_TIMEOUT:-3600}"
+# Checked here, not when the retention part starts, after the load.
+case "${PII_VAULT_BENCH_RETENTION_CACHE:-warm}" in
+warm) ;;
+cold)
+    if ! [ -w /proc/sys/vm/drop_caches ]; then
+        echo "bench-scale: PII_VAULT_BENCH_RETENTION_CACHE=cold drops the kernel's page cache: run as root" >&2
+        exit 2
+    fi
+    ;;
+*)
+    echo "bench-scale: PII_VAULT_BENCH_RETENTION_CACHE is warm or cold, not ${PII_VAULT_BENCH_RETENTION_CACHE}" >&2
+    exit 2
+    ;;
+esac
 
 echo "== building (release)" >&2
 cargo build --release --bin pii-vault >&2
