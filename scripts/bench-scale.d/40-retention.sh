@@ -35,8 +35,10 @@ retention_where="in memory"
 retention_start() {
     psql "$PII_VAULT_TEST_PG" -qX -c CHECKPOINT >/dev/null
     [ "$retention_cache" = cold ] || return 0
-    # shellcheck disable=SC2086 # a command line, as services.sh exports it
-    $PII_VAULT_TEST_PG_CTL restart -m fast >/dev/null
+    # pg_ctl runs as the server's user, who may not enter the work
+    # directory; the variable is a command line, split on purpose.
+    # shellcheck disable=SC2086
+    (cd / && $PII_VAULT_TEST_PG_CTL restart -m fast >/dev/null)
     sync
     echo 3 >/proc/sys/vm/drop_caches
     psql "$PG_URL" -qXtA -c 'SELECT 1' >/dev/null # a first connection, untimed
