@@ -11,6 +11,9 @@ use chrono::NaiveDate;
 /// `PGCOPY\n\377\r\n\0`, no flags, no header extension.
 const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 
+/// The bytes of a `date` value (without its length), for sizing a buffer.
+pub(super) const DATE_BYTES: usize = 4;
+
 /// Days from 1970-01-01 to 2000-01-01, the epoch of binary `date`.
 const PG_EPOCH_DAYS: i32 = 10_957;
 
@@ -25,10 +28,16 @@ impl CopyRows {
         CopyRows { buf }
     }
 
-    /// The bytes a row of `fields` fields takes, `data` of them the fields'
-    /// own: a buffer sized from its rows is filled without growing (each
-    /// growth copies the whole batch so far).
-    pub fn row_size(fields: usize, data: usize) -> usize {
+    /// A buffer for rows of `fields` fields each, sized from each row's
+    /// own bytes (`data`: the fields' values, without their lengths), so
+    /// that it is filled without growing: each growth copies the whole
+    /// batch so far.
+    pub fn for_rows(fields: usize, data: impl Iterator<Item = usize>) -> Self {
+        Self::new(data.map(|d| Self::row_size(fields, d)).sum())
+    }
+
+    /// The bytes a row of `fields` fields takes, `data` of them the fields'.
+    fn row_size(fields: usize, data: usize) -> usize {
         2 + 4 * fields + data
     }
 
@@ -62,7 +71,8 @@ impl CopyRows {
                 let days = (d - NaiveDate::from_ymd_opt(1970, 1, 1).expect("a valid date"))
                     .num_days() as i32
                     - PG_EPOCH_DAYS;
-                self.buf.extend_from_slice(&4i32.to_be_bytes());
+                self.buf
+                    .extend_from_slice(&(DATE_BYTES as i32).to_be_bytes());
                 self.buf.extend_from_slice(&days.to_be_bytes());
                 self
             }
@@ -103,17 +113,19 @@ mod tests {
         assert_eq!(HEADER.len(), 19);
     }
 
-    /// A buffer sized by `row_size` holds its rows without growing.
+    /// A buffer sized by `for_rows` holds its rows without growing.
     #[test]
-    fn row_size_is_what_a_row_takes() {
-        let size = CopyRows::row_size(3, 2 + 4) + CopyRows::row_size(1, 3);
-        let mut c = CopyRows::new(size);
+    fn for_rows_sizes_what_the_rows_take() {
+        // Each row: its field count (2), three lengths (12), the values.
+        let size = (2 + 12 + 2 + DATE_BYTES) + (2 + 12 + 3 + DATE_BYTES);
+        let mut c = CopyRows::for_rows(3, [2 + DATE_BYTES, 3 + DATE_BYTES].into_iter());
         let capacity = c.buf.capacity();
-        c.row(3)
-            .text("ab")
-            .opt_text(None)
-            .date(NaiveDate::from_ymd_opt(2000, 1, 2));
-        c.row(1).bytes(b"xyz");
+        for v in ["ab", "xyz"] {
+            c.row(3)
+                .text(v)
+                .opt_text(None)
+                .date(NaiveDate::from_ymd_opt(2000, 1, 2));
+        }
         assert_eq!(c.buf.len(), HEADER.len() + size);
         let out = c.finish();
         assert_eq!(out.len(), HEADER.len() + size + 2);

@@ -56,25 +56,21 @@ async fn copy_logins(
     logins: &[&(LoginRow, VaultRow)],
     days: &LineDays,
 ) -> Result<(), sqlx::Error> {
-    let size = logins
-        .iter()
-        .map(|(l, _)| {
-            let opt = |v: &Option<String>| v.as_deref().map_or(0, str::len);
-            copy::CopyRows::row_size(
-                9,
-                l.message_id.len()
-                    + l.user_id.len()
-                    + l.device_type.len()
-                    + l.masked_ip.len()
-                    + l.masked_device_id.len()
-                    + opt(&l.masked_ip_net)
-                    + opt(&l.locale)
-                    + l.app_version.len()
-                    + 4,
-            )
-        })
-        .sum();
-    let mut rows = copy::CopyRows::new(size);
+    let opt = |v: &Option<String>| v.as_deref().map_or(0, str::len);
+    let mut rows = copy::CopyRows::for_rows(
+        9,
+        logins.iter().map(|(l, _)| {
+            l.message_id.len()
+                + l.user_id.len()
+                + l.device_type.len()
+                + l.masked_ip.len()
+                + l.masked_device_id.len()
+                + opt(&l.masked_ip_net)
+                + opt(&l.locale)
+                + l.app_version.len()
+                + copy::DATE_BYTES
+        }),
+    );
     for (l, _) in logins {
         rows.row(9)
             .text(&l.message_id)
@@ -96,21 +92,17 @@ async fn copy_logins(
     copy.send(rows.finish()).await?;
     copy.finish().await?;
 
-    let size = logins
-        .iter()
-        .map(|(_, v)| {
-            copy::CopyRows::row_size(
-                6,
-                v.message_id.len()
-                    + v.user_id.len()
-                    + v.key_id.len()
-                    + v.nonce.len()
-                    + v.ciphertext.len()
-                    + 4,
-            )
-        })
-        .sum();
-    let mut rows = copy::CopyRows::new(size);
+    let mut rows = copy::CopyRows::for_rows(
+        6,
+        logins.iter().map(|(_, v)| {
+            v.message_id.len()
+                + v.user_id.len()
+                + v.key_id.len()
+                + v.nonce.len()
+                + v.ciphertext.len()
+                + copy::DATE_BYTES
+        }),
+    );
     for (l, v) in logins {
         rows.row(6)
             .text(&v.message_id)
