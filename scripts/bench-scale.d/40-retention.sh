@@ -6,15 +6,23 @@
 # logins would lie (each month in its partition), the vault written again in
 # date order, as a table filled over a year is. Only the
 # vault's dates are changed (retention reads no other); this is the last
-# part, so nothing after it sees the difference. Untimed. Then:
-#   * the ceiling: a copy of the vault in one table with the same indexes (no
+# part, so nothing after it sees the difference. Untimed. Then two
+# cut-offs, each timed beside its own ceiling:
+#   * whole months: the first day of the month that began 30 or more days
+#     ago (on 7 December, 1 November: eleven months of the year go, about
+#     90% of the rows). `forget --before` drops their partitions whole.
+#     Ceiling: a copy of the vault in one table with the same indexes (no
 #     triggers), `DELETE ... WHERE create_date < cut-off`, one statement;
-#   * `pii-vault forget --before cut-off --reason ...` as a whole process
-#     (function call, the settled months' ledgers handed to its record,
-#     partitions wholly before the cut-off dropped, the one it cuts deleted
-#     from, audit row, destroying keys left with nothing).
-# The cut-off is 30 days ago: about 92% of the rows go.
-# Before it, the months that ended 15 days ago or more are settled (their
+#   * then the days of the month the cut-off "30 days ago" falls in (on 7
+#     December, 1 to 6 November): `forget --before` deletes them from that
+#     month's partition, as a daily retention job does. Ceiling: the same
+#     DELETE from one table holding what the first step left. Skipped on
+#     a day when both cut-offs are the same day.
+# Each `forget --before` is timed as a whole process (function call, the
+# settled months' ledgers handed to its record, partitions dropped, rows
+# deleted with their users counted for the record, audit row, destroying
+# keys left with nothing).
+# Before them, the months that ended 15 days ago or more are settled (their
 # rows counted by user for the subject ledger), as the workers do once a
 # month; timed apart and reported beside retention, since that is where
 # the per-row cost of the ledger went.
@@ -61,13 +69,19 @@ SQL
 # VACUUM, as autovacuum would have left closed months (all-visible, so
 # their user ids read from the index).
 psql "$PG_URL" -qX -v ON_ERROR_STOP=1 -c "VACUUM ANALYZE vault" >/dev/null
-cut="$(date -u -d '30 days ago' +%F)"
-psql "$PG_URL" -qX -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
+day_cut="$(date -u -d '30 days ago' +%F)"
+month_cut="${day_cut%-*}-01"
+psql "$PG_URL" -qX -v ON_ERROR_STOP=1 >/dev/null <<SQL
 CREATE TABLE bench_vault_raw (LIKE vault INCLUDING ALL);
 INSERT INTO bench_vault_raw SELECT * FROM vault ORDER BY create_date, message_id;
 VACUUM ANALYZE bench_vault_raw;
+CREATE TABLE bench_vault_raw_rest (LIKE vault INCLUDING ALL);
+INSERT INTO bench_vault_raw_rest SELECT * FROM vault WHERE create_date >= '$month_cut' ORDER BY create_date, message_id;
+VACUUM ANALYZE bench_vault_raw_rest;
 SQL
-would="$(psql "$PG_URL" -qXtA -c "SELECT count(*) FROM vault WHERE create_date < '$cut'")"
+count_before() { psql "$PG_URL" -qXtA -c "SELECT count(*) FROM vault WHERE create_date < '$1'"; }
+would_months="$(count_before "$month_cut")"
+would_days=$(($(count_before "$day_cut") - would_months))
 
 echo "== retention: settling the months that ended 15 days ago or more" >&2
 t_settle0="$(now)"
@@ -78,26 +92,50 @@ done
 t_settle1="$(now)"
 settled_rows="$(psql "$PG_URL" -qXtA -c "SELECT coalesce(sum(rows), 0) FROM vault_month_ledgers")"
 
-echo "== retention: raw DELETE of $would rows ($retention_cache)" >&2
-retention_start
-t0="$(now)"
-raw_deleted="$(psql "$PG_URL" -qXtA -v ON_ERROR_STOP=1 \
-    -c "WITH d AS (DELETE FROM bench_vault_raw WHERE create_date < '$cut' RETURNING 1) SELECT count(*) FROM d")"
-t1="$(now)"
+# raw_delete TABLE CUT-OFF: times a DELETE of the rows before CUT-OFF;
+# sets RAW_DELETED, RAW_T0, RAW_T1.
+raw_delete() {
+    echo "== retention: raw DELETE from $1 before $2 ($retention_cache)" >&2
+    retention_start
+    RAW_T0="$(now)"
+    RAW_DELETED="$(psql "$PG_URL" -qXtA -v ON_ERROR_STOP=1 \
+        -c "WITH d AS (DELETE FROM $1 WHERE create_date < '$2' RETURNING 1) SELECT count(*) FROM d")"
+    RAW_T1="$(now)"
+}
+# forget_before NAME CUT-OFF EXPECTED: times `forget --before CUT-OFF` and
+# checks it erased EXPECTED rows and left none before CUT-OFF; sets ERASED,
+# AUDITED, DROPPED, T0, T1.
+forget_before() {
+    echo "== retention: pii-vault forget --before $2 ($retention_cache)" >&2
+    retention_start
+    T0="$(now)"
+    run_measured "$1" "$BIN" --database-url "$PG_URL" forget --before "$2" --reason "retention: 30 days (benchmark)"
+    T1="$(now)"
+    ERASED="$(sed -n 's/.*erased \([0-9]*\) vault row.*/\1/p' "$work/$1.err" | head -n 1)"
+    DROPPED="$(sed -n 's/.* \([0-9]*\) monthly vault partition(s) dropped.*/\1/p' "$work/$1.err" | head -n 1)"
+    local left
+    left="$(count_before "$2")"
+    [ "$ERASED" = "$3" ] && [ "$left" = 0 ] || echo "!! retention erased ${ERASED:-?} of $3 rows; $left left" >&2
+    AUDITED="$(psql "$PG_URL" -qXtA -c "SELECT row_count FROM audit_log WHERE action = 'retention' ORDER BY id DESC LIMIT 1")"
+}
+
+raw_delete bench_vault_raw "$month_cut"
 psql "$PG_URL" -qX -c "DROP TABLE bench_vault_raw" >/dev/null
-
-echo "== retention: pii-vault forget --before $cut ($retention_cache)" >&2
-retention_start
-t2="$(now)"
-run_measured retention "$BIN" --database-url "$PG_URL" forget --before "$cut" --reason "retention: 30 days (benchmark)"
-t3="$(now)"
-erased="$(sed -n 's/.*erased \([0-9]*\) vault row.*/\1/p' "$work/retention.err" | head -n 1)"
-left="$(psql "$PG_URL" -qXtA -c "SELECT count(*) FROM vault WHERE create_date < '$cut'")"
-[ "$erased" = "$would" ] && [ "$left" = 0 ] || echo "!! retention erased ${erased:-?} of $would rows; $left left" >&2
-audited="$(psql "$PG_URL" -qXtA -c "SELECT row_count FROM audit_log WHERE action = 'retention' ORDER BY id DESC LIMIT 1")"
-
-section "retention: forget --before (cut-off 30 days ago, a year of $ROWS logins, $retention_cache: the vault $retention_where)"
-report "raw DELETE of the same rows ($raw_deleted):" "$(rate "$raw_deleted" "$t0" "$t1")"
-report "pii-vault forget --before ($erased, audited $audited):" "$(rate "${erased:-0}" "$t2" "$t3"), peak RSS $((PEAK_RSS_KB / 1024)) MiB"
+forget_before retention-months "$month_cut" "$would_months"
+section "retention: forget --before, a year of $ROWS logins, $retention_cache (the vault $retention_where)"
+report "whole months: before $month_cut" ""
+report "  raw DELETE of the same rows ($RAW_DELETED):" "$(rate "$RAW_DELETED" "$RAW_T0" "$RAW_T1")"
+report "  pii-vault ($ERASED, audited $AUDITED, ${DROPPED:-0} months dropped):" "$(rate "${ERASED:-0}" "$T0" "$T1"), peak RSS $((PEAK_RSS_KB / 1024)) MiB"
+report "  pii-vault / raw DELETE:" "$(ratio "$(per_sec "${ERASED:-0}" "$T0" "$T1")" "$(per_sec "$RAW_DELETED" "$RAW_T0" "$RAW_T1")")"
+if [ "$day_cut" != "$month_cut" ]; then
+    raw_delete bench_vault_raw_rest "$day_cut"
+    forget_before retention-days "$day_cut" "$would_days"
+    report "then the month the cut-off 30 days ago falls in: before $day_cut" ""
+    report "  raw DELETE of the same rows ($RAW_DELETED):" "$(rate "$RAW_DELETED" "$RAW_T0" "$RAW_T1")"
+    report "  pii-vault ($ERASED, audited $AUDITED):" "$(rate "${ERASED:-0}" "$T0" "$T1"), peak RSS $((PEAK_RSS_KB / 1024)) MiB"
+    report "  pii-vault / raw DELETE:" "$(ratio "$(per_sec "${ERASED:-0}" "$T0" "$T1")" "$(per_sec "$RAW_DELETED" "$RAW_T0" "$RAW_T1")")"
+else
+    report "then the month the cut-off 30 days ago falls in:" "none today (30 days ago is the first of a month)"
+fi
+psql "$PG_URL" -qX -c "DROP TABLE bench_vault_raw_rest" >/dev/null
 report "settling $settled months first ($settled_rows rows):" "$(rate "$settled_rows" "$t_settle0" "$t_settle1"), once a month by the workers"
-report "pii-vault / raw DELETE:" "$(ratio "$(per_sec "${erased:-0}" "$t2" "$t3")" "$(per_sec "$raw_deleted" "$t0" "$t1")")"
