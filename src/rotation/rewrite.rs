@@ -122,8 +122,7 @@ async fn swap(run: &Run, partition: &str) -> anyhow::Result<u64> {
     }
 }
 
-/// A lock timeout (SQLSTATE 55P03), a deadlock or a lost connection: worth
-/// another attempt.
+/// A lock timeout, a deadlock or a lost connection: worth another attempt.
 fn lock_refused(e: &StoreError) -> bool {
-    e.is_transient() || e.to_string().contains("55P03")
+    e.is_transient() || matches!(e, StoreError::LockTimeout(_))
 }

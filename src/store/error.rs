@@ -37,6 +37,13 @@ pub enum StoreError {
     /// Another job of the same kind holds its lock.
     #[error("{0}")]
     Busy(String),
+    /// A lock the statement waited for stayed held past `lock_timeout`
+    /// (SQLSTATE 55P03): the transaction was rolled back whole. Not
+    /// transient for the retry loops, since the holder may be a long
+    /// transaction of anyone's; a caller that knows its lock is short-lived
+    /// (a rotation's swap) waits and tries again.
+    #[error("{0}")]
+    LockTimeout(String),
     /// The database refused the request by its own rules (an audit record
     /// not committed yet, a request of another login, an expired one, a
     /// fixed key field): the message says which, never a value.
@@ -58,6 +65,12 @@ pub(super) const DISK_FULL: &str =
     "the disk holding the SQLite database is full (SQLite error 13): \
      the batch being written was not stored; free space, then run the same command again \
      (what was stored is not stored twice)";
+
+/// A lock stayed held past `lock_timeout`; said without the statement.
+const PG_LOCK_TIMEOUT: &str =
+    "a lock this command needs stayed held by another session past lock_timeout (SQLSTATE 55P03): \
+     nothing of this transaction was written; run the same command again (a long open transaction \
+     on the tables, an analyst's say, is the usual holder: pg_stat_activity shows it)";
 
 /// The Postgres server's disk is full: writes fail until it has space again,
 /// so a worker holds its messages and retries.
@@ -120,6 +133,9 @@ impl From<sqlx::Error> for StoreError {
             }
             E::Database(db) if db.code().as_deref() == Some("53100") => {
                 StoreError::Unavailable(PG_DISK_FULL.into())
+            }
+            E::Database(db) if db.code().as_deref() == Some("55P03") => {
+                StoreError::LockTimeout(PG_LOCK_TIMEOUT.into())
             }
             // A deadlock (40P01) or a serialization failure (40001): the
             // server is there and rolled the transaction back whole, which

@@ -535,7 +535,15 @@ async fn a_reveal_whose_audit_row_cannot_commit_shows_nothing() {
         "reveal under lock_timeout",
     )
     .await;
-    assert_refused(&timed_out, "a reveal past lock_timeout", &["55P03"]);
+    assert_refused(
+        &timed_out,
+        "a reveal past lock_timeout",
+        &[
+            "55P03",
+            "stayed held by another session past lock_timeout",
+            "run the same command again",
+        ],
+    );
 
     // 2. The connection is terminated while the insert waits.
     let revealer = app.login_as(REVEALER).await;

@@ -805,3 +805,71 @@ async fn rows_waiting_in_the_default_partition_move_into_their_month_when_it_is_
     assert!(v["ip"].as_str().is_some(), "{v}");
     app.finish().await;
 }
+
+/// Retention waits for the lock its DETACH needs no longer than 10 s: with
+/// a long transaction reading the vault, it gives up, says so without a
+/// value, and changes nothing (the month, its rows, its keys and the audit
+/// trail as they were); once that transaction ends, the same command runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_past_lock_timeout_changes_nothing_and_says_so() {
+    let Some(app) = TestApp::postgres().await else {
+        return;
+    };
+    app.ok(&["migrate"]);
+    let worker = app.as_login(&app.login_as(WORKER).await);
+    let rotator = app.as_login(&app.login_as(ROTATOR).await);
+    let month = month_start(Utc::now().date_naive()) - Months::new(2);
+    let file = app.write("old.jsonl", &events("old", 50, 91, None));
+    assert_eq!(
+        load_on(&worker, &file, month + chrono::Days::new(3)),
+        (50, 0, 0)
+    );
+    let keys_before = app
+        .strings("SELECT id || ':' || state FROM vault_keys ORDER BY id")
+        .await;
+
+    // A long transaction that has read the vault (ACCESS SHARE on it).
+    use sqlx::Connection;
+    let mut holder = sqlx::PgConnection::connect(app.url()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT count(*) FROM vault")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+
+    let before = (month + Months::new(1)).to_string();
+    let args = ["forget", "--before", &before, "--reason", "retention"];
+    let out = rotator.tokio_command(&args).output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for said in [
+        "SQLSTATE 55P03",
+        "stayed held by another session past lock_timeout",
+        "nothing of this transaction was written",
+    ] {
+        assert!(
+            err.contains(said),
+            "the error does not say {said:?}:\n{err}"
+        );
+    }
+    assert!(!err.contains("old-"), "a user id in the error:\n{err}");
+    // Rolled back whole.
+    assert!(partitions(&app, "vault")
+        .await
+        .contains(&partition("vault", month)));
+    assert_eq!(app.count("vault").await, 50);
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM audit_log WHERE action = 'retention'")
+            .await,
+        0
+    );
+    assert_eq!(
+        app.strings("SELECT id || ':' || state FROM vault_keys ORDER BY id")
+            .await,
+        keys_before
+    );
+
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    let out = rotator.ok(&args);
+    assert!(out.contains("erased 50 vault row(s)"), "{out}");
+}
