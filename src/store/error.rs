@@ -69,8 +69,8 @@ pub(super) const DISK_FULL: &str =
 /// A lock stayed held past `lock_timeout`; said without the statement.
 const PG_LOCK_TIMEOUT: &str =
     "a lock this command needs stayed held by another session past lock_timeout (SQLSTATE 55P03): \
-     nothing of this transaction was written; run the same command again (a long open transaction \
-     on the tables, an analyst's say, is the usual holder: pg_stat_activity shows it)";
+     nothing of this transaction was written; run the same command again (the usual holder is a \
+     long open transaction on the tables: pg_stat_activity shows it)";
 
 /// The Postgres server's disk is full: writes fail until it has space again,
 /// so a worker holds its messages and retries.

@@ -870,6 +870,8 @@ async fn retention_past_lock_timeout_changes_nothing_and_says_so() {
     );
 
     sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    holder.close().await.unwrap();
     let out = rotator.ok(&args);
     assert!(out.contains("erased 50 vault row(s)"), "{out}");
+    app.finish().await;
 }

@@ -156,9 +156,9 @@ BEGIN
     RETURNING id INTO rid;
     UPDATE vault_month_ledgers SET erased_by = rid WHERE id = ANY (ledgers);
     -- In user order: the key (record, user_id) grows at its right edge and
-    -- the user index is walked in order, not at random. The
-    -- users of a cut month are many (151,470 for six days of 10 M rows a
-    -- year: 0.61-0.72 s so, 0.89 s in hash order).
+    -- the user index is walked in order, not at random. The users of a cut
+    -- month are many (151,470 for six days of 10 M rows a year: 0.61-0.72 s
+    -- so, 0.89 s in hash order).
     INSERT INTO erasure_subject_rows (record, user_id, rows)
     SELECT rid, u, sum(n) FROM (SELECT * FROM unnest(users, counts) UNION ALL SELECT * FROM unnest(q_users, q_counts)) x(u, n)
     WHERE u IS NOT NULL
