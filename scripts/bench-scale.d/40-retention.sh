@@ -119,21 +119,23 @@ forget_before() {
     AUDITED="$(psql "$PG_URL" -qXtA -c "SELECT row_count FROM audit_log WHERE action = 'retention' ORDER BY id DESC LIMIT 1")"
 }
 
+# report_step HEADING: the last raw_delete and forget_before side by side.
+report_step() {
+    report "$1" ""
+    report "  raw DELETE of the same rows ($RAW_DELETED):" "$(rate "$RAW_DELETED" "$RAW_T0" "$RAW_T1")"
+    report "  pii-vault ($ERASED, audited $AUDITED, ${DROPPED:-0} months dropped):" "$(rate "${ERASED:-0}" "$T0" "$T1"), peak RSS $((PEAK_RSS_KB / 1024)) MiB"
+    report "  pii-vault / raw DELETE:" "$(ratio "$(per_sec "${ERASED:-0}" "$T0" "$T1")" "$(per_sec "$RAW_DELETED" "$RAW_T0" "$RAW_T1")")"
+}
+
 raw_delete bench_vault_raw "$month_cut"
 psql "$PG_URL" -qX -c "DROP TABLE bench_vault_raw" >/dev/null
 forget_before retention-months "$month_cut" "$would_months"
 section "retention: forget --before, a year of $ROWS logins, $retention_cache (the vault $retention_where)"
-report "whole months: before $month_cut" ""
-report "  raw DELETE of the same rows ($RAW_DELETED):" "$(rate "$RAW_DELETED" "$RAW_T0" "$RAW_T1")"
-report "  pii-vault ($ERASED, audited $AUDITED, ${DROPPED:-0} months dropped):" "$(rate "${ERASED:-0}" "$T0" "$T1"), peak RSS $((PEAK_RSS_KB / 1024)) MiB"
-report "  pii-vault / raw DELETE:" "$(ratio "$(per_sec "${ERASED:-0}" "$T0" "$T1")" "$(per_sec "$RAW_DELETED" "$RAW_T0" "$RAW_T1")")"
+report_step "whole months: before $month_cut"
 if [ "$day_cut" != "$month_cut" ]; then
     raw_delete bench_vault_raw_rest "$day_cut"
     forget_before retention-days "$day_cut" "$would_days"
-    report "then the month the cut-off 30 days ago falls in: before $day_cut" ""
-    report "  raw DELETE of the same rows ($RAW_DELETED):" "$(rate "$RAW_DELETED" "$RAW_T0" "$RAW_T1")"
-    report "  pii-vault ($ERASED, audited $AUDITED):" "$(rate "${ERASED:-0}" "$T0" "$T1"), peak RSS $((PEAK_RSS_KB / 1024)) MiB"
-    report "  pii-vault / raw DELETE:" "$(ratio "$(per_sec "${ERASED:-0}" "$T0" "$T1")" "$(per_sec "$RAW_DELETED" "$RAW_T0" "$RAW_T1")")"
+    report_step "then the month the cut-off 30 days ago falls in: before $day_cut"
 else
     report "then the month the cut-off 30 days ago falls in:" "none today (30 days ago is the first of a month)"
 fi

@@ -515,12 +515,9 @@ async fn a_reveal_whose_audit_row_cannot_commit_shows_nothing() {
     let before = trail(app).await;
 
     // The chain's head, held by another session.
-    let mut holder = sqlx::PgConnection::connect(app.url()).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-    sqlx::query("SELECT 1 FROM audit_chain WHERE chain = 'trail' FOR UPDATE")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    let mut holder = app
+        .hold_open("SELECT 1 FROM audit_chain WHERE chain = 'trail' FOR UPDATE")
+        .await;
 
     // 1. lock_timeout: the insert gives up.
     let impatient = app.login_as(REVEALER).await;

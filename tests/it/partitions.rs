@@ -824,18 +824,11 @@ async fn retention_past_lock_timeout_changes_nothing_and_says_so() {
         load_on(&worker, &file, month + chrono::Days::new(3)),
         (50, 0, 0)
     );
-    let keys_before = app
-        .strings("SELECT id || ':' || state FROM vault_keys ORDER BY id")
-        .await;
+    let key_states = "SELECT id || ':' || state FROM vault_keys ORDER BY id";
+    let keys_before = app.strings(key_states).await;
 
     // A long transaction that has read the vault (ACCESS SHARE on it).
-    use sqlx::Connection;
-    let mut holder = sqlx::PgConnection::connect(app.url()).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-    sqlx::query("SELECT count(*) FROM vault")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    let mut holder = app.hold_open("SELECT count(*) FROM vault").await;
 
     let before = (month + Months::new(1)).to_string();
     let args = ["forget", "--before", &before, "--reason", "retention"];
@@ -863,14 +856,10 @@ async fn retention_past_lock_timeout_changes_nothing_and_says_so() {
             .await,
         0
     );
-    assert_eq!(
-        app.strings("SELECT id || ':' || state FROM vault_keys ORDER BY id")
-            .await,
-        keys_before
-    );
+    assert_eq!(app.strings(key_states).await, keys_before);
 
     sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
-    holder.close().await.unwrap();
+    sqlx::Connection::close(holder).await.unwrap();
     let out = rotator.ok(&args);
     assert!(out.contains("erased 50 vault row(s)"), "{out}");
     app.finish().await;

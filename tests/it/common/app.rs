@@ -274,6 +274,19 @@ impl TestApp {
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
+    /// A session of the owner's of its own, inside a transaction left open
+    /// after `sql` (the locks that took held until it rolls back): another
+    /// transaction that a command under test has to wait for.
+    pub async fn hold_open(&self, sql: &str) -> PgConnection {
+        let mut c = PgConnection::connect(self.url()).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut c).await.unwrap();
+        sqlx::query(sql)
+            .execute(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        c
+    }
+
     /// The embedded database's URL (the file the binary makes by default).
     pub fn sqlite_url(&self) -> String {
         format!("sqlite:{}", self.path("pii-vault.db").display())
