@@ -222,10 +222,11 @@ fn required_string(v: Option<Value>, field: Field, max: usize) -> Result<String,
     match v {
         None | Some(Value::Null) => Err(Rejection::Missing(field)),
         Some(Value::String(s)) => {
-            // Zeroize a rejected PII string on the way out.
-            let s = zeroize::Zeroizing::new(s);
+            // Zeroize a rejected PII string on the way out; an accepted
+            // one is moved out (no copy left behind to zeroize).
+            let mut s = zeroize::Zeroizing::new(s);
             check_text(&s, field, max)?;
-            Ok(s.to_string())
+            Ok(std::mem::take(&mut *s))
         }
         Some(_) => Err(Rejection::WrongType(
             field,

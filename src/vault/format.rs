@@ -27,10 +27,27 @@ impl Drop for VaultPlaintext {
     }
 }
 
+/// The same record borrowed, so that the worker seals an event's
+/// originals without copying them first (field names and order are the
+/// stored encoding's, as in [`VaultPlaintext`]).
+#[derive(Serialize)]
+struct VaultPlaintextRef<'a> {
+    ip: &'a str,
+    device_id: &'a str,
+}
+
 impl VaultPlaintext {
     /// The bytes that are sealed (JSON), zeroed when dropped.
     pub fn encode(&self) -> Zeroizing<Vec<u8>> {
-        Zeroizing::new(serde_json::to_vec(self).expect("two strings always serialize"))
+        Self::encode_parts(&self.ip, &self.device_id)
+    }
+
+    /// [`Self::encode`] of an IP and a device id held elsewhere.
+    pub fn encode_parts(ip: &str, device_id: &str) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(
+            serde_json::to_vec(&VaultPlaintextRef { ip, device_id })
+                .expect("two strings always serialize"),
+        )
     }
 
     /// `None` when the bytes are not a vault record.

@@ -9,13 +9,18 @@ use chrono::NaiveDate;
 
 use crate::store::{LoginRow, VaultRow};
 
-/// The day each file line of a batch was first loaded, by message id.
+/// The day each file line of a batch was first loaded, by message id,
+/// where that is not the login's own day: on a first load (nearly every
+/// line) the map stays empty and a row's day costs no lookup.
 #[derive(Default)]
 pub(super) struct LineDays(HashMap<String, NaiveDate>);
 
 impl LineDays {
     /// The day a login is stored with: its line's first load, or its own.
     pub(super) fn day(&self, l: &LoginRow) -> Option<NaiveDate> {
+        if self.0.is_empty() {
+            return l.create_date;
+        }
         self.0.get(&l.message_id).copied().or(l.create_date)
     }
 }
@@ -106,8 +111,11 @@ pub(super) async fn line_days(
                 .map(|i| ranges[i])
                 .filter(|(_, last, _)| *last >= n)
                 .map(|(_, _, d)| d);
-            if let Some(d) = legacy.get(&l.message_id).copied().or(ranged) {
-                days.0.insert(l.message_id.clone(), d);
+            match legacy.get(&l.message_id).copied().or(ranged) {
+                Some(d) if Some(d) != l.create_date => {
+                    days.0.insert(l.message_id.clone(), d);
+                }
+                _ => {}
             }
         }
     }
