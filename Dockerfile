@@ -24,7 +24,7 @@ RUN mkdir -p src benches \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
     && echo 'fn main() {}' > benches/protect.rs \
-    && cargo build --release --locked --bin pii-vault \
+    && cargo build --profile production --locked --bin pii-vault \
     && rm -rf src benches
 
 # Then the crate itself. Migrations are compiled into the binary
@@ -42,7 +42,7 @@ COPY src src
 # Without it, "unknown".
 ARG PII_VAULT_COMMIT
 RUN touch src/main.rs src/lib.rs \
-    && cargo build --release --locked --bin pii-vault
+    && cargo build --profile production --locked --bin pii-vault
 
 FROM debian:12.12-slim
 RUN apt-get update \
@@ -50,7 +50,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --user-group --create-home --home-dir /var/lib/pii-vault \
         --shell /usr/sbin/nologin pii-vault
-COPY --from=builder /src/target/release/pii-vault /usr/local/bin/pii-vault
+COPY --from=builder /src/target/production/pii-vault /usr/local/bin/pii-vault
 # Numeric, so that orchestrators can verify "runs as non-root".
 USER 10001:10001
 WORKDIR /var/lib/pii-vault

@@ -28,7 +28,8 @@
 # without .sh, space-separated, e.g. "30-rotation") [all]. Starts and stops its own PostgreSQL through
 # scripts/services.sh (PII_VAULT_PG_SHARED_BUFFERS sizes its buffer cache
 # [256MB], PII_VAULT_PG_MAX_WAL_SIZE the WAL between checkpoints [8GB]; the
-# report names both); builds with `cargo build --release`. A benchmark, not a
+# report names both); builds with `cargo build --profile production`, the
+# deployed build (Cargo.toml). A benchmark, not a
 # test: the machine's load shows in the absolute figures, the ratios are what
 # compare.
 set -euo pipefail
@@ -57,9 +58,9 @@ cold)
     ;;
 esac
 
-echo "== building (release)" >&2
-cargo build --release --bin pii-vault >&2
-BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/pii-vault"
+echo "== building (the production profile: release with link-time optimisation)" >&2
+cargo build --profile production --bin pii-vault >&2
+BIN="${CARGO_TARGET_DIR:-$REPO/target}/production/pii-vault"
 
 export PII_VAULT_PG_FSYNC=on # durable commits, as in production
 # A server that takes a bulk load is given room between checkpoints, as in

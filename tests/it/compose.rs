@@ -312,6 +312,31 @@ fn the_image_exposes_the_workers_metrics_port_from_pinned_bases() {
         .position(|l| l.starts_with("COPY Cargo.toml Cargo.lock"))
         .unwrap();
     assert!(manifest < deps && deps < src, "no cached dependency layer");
+
+    // Both builds use the deployed profile of Cargo.toml, and the image
+    // takes the binary from that profile's directory (no engine here to
+    // build it: a mismatch would only show when the image is built).
+    let builds: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.split("cargo build ").nth(1))
+        .collect();
+    assert_eq!(builds.len(), 2, "{builds:?}");
+    for b in &builds {
+        assert!(
+            b.starts_with("--profile production "),
+            "not the deployed profile: {b}"
+        );
+    }
+    assert!(
+        repo_file("Cargo.toml").contains("[profile.production]"),
+        "Cargo.toml has no production profile"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("COPY --from=builder /src/target/production/pii-vault ")),
+        "the image does not copy the production build"
+    );
 }
 
 #[test]
