@@ -27,9 +27,10 @@
 # ceiling start); PII_VAULT_BENCH_PARTS names the parts to run (file names
 # without .sh, space-separated, e.g. "30-rotation") [all]. Starts and stops its own PostgreSQL through
 # scripts/services.sh (PII_VAULT_PG_SHARED_BUFFERS sizes its buffer cache
-# [256MB], PII_VAULT_PG_MAX_WAL_SIZE the WAL between checkpoints [8GB]; the
-# report names both); builds with `cargo build --profile production`, the
-# deployed build (Cargo.toml). A benchmark, not a
+# [256MB], PII_VAULT_PG_MAX_WAL_SIZE the WAL between checkpoints [8GB],
+# PII_VAULT_PG_CHECKPOINT_TIMEOUT the time between them [5min]; the report
+# names all three, and the WAL and checkpoints of each load); builds with
+# `cargo build --profile production`, the deployed build (Cargo.toml). A benchmark, not a
 # test: the machine's load shows in the absolute figures, the ratios are what
 # compare.
 set -euo pipefail
@@ -91,6 +92,20 @@ per_sec() { awk -v n="$1" -v a="$2" -v b="$3" 'BEGIN { printf "%.0f", n / (b - a
 new_pg_db() {
     psql "$PII_VAULT_TEST_PG" -qX -v ON_ERROR_STOP=1 -c "CREATE DATABASE $1" >/dev/null
     echo "${PII_VAULT_TEST_PG%/*}/$1"
+}
+
+# wal_mark: the server's WAL position and its checkpoints so far, for
+# wal_since.
+wal_mark() {
+    psql "$PII_VAULT_TEST_PG" -qXtA -F ' ' -c \
+        "SELECT pg_current_wal_lsn(), checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
+}
+# wal_since MARK: "N GB of WAL, M checkpoints" written since MARK.
+wal_since() {
+    local lsn="${1% *}" cps="${1#* }"
+    psql "$PII_VAULT_TEST_PG" -qXtA -c \
+        "SELECT round(pg_wal_lsn_diff(pg_current_wal_lsn(), '$lsn') / 1e9, 2) || ' GB of WAL, '
+                || (checkpoints_timed + checkpoints_req - $cps) || ' checkpoints' FROM pg_stat_bgwriter"
 }
 
 index_count() {
@@ -167,9 +182,11 @@ PG_URL="$(new_pg_db scale)"
     exit 1
 }
 echo "== (load) pii-vault run --from-file, $ROWS events" >&2
+wal0="$(wal_mark)"
 t0="$(now)"
 run_measured load "$BIN" --database-url "$PG_URL" run --from-file "$work/events.jsonl" --no-progress
 t1="$(now)"
+load_wal="$(wal_since "$wal0")"
 load_rss_kb="$PEAK_RSS_KB"
 stored="$(psql "$PG_URL" -qXtA -c 'SELECT count(*) FROM user_logins')"
 [ "$stored" = "$ROWS" ] || echo "!! $stored of $ROWS events stored" >&2
@@ -182,6 +199,7 @@ ul_cols="$(psql "$PG_URL" -qXtA -c "SELECT string_agg(quote_ident(attname), ', '
 psql "$PG_URL" -qX -v ON_ERROR_STOP=1 \
     -c "\\copy (SELECT $ul_cols FROM user_logins ORDER BY id) TO '$work/user_logins.bin' WITH (FORMAT binary)" \
     -c "\\copy (SELECT * FROM vault) TO '$work/vault.bin' WITH (FORMAT binary)" >/dev/null
+wal2="$(wal_mark)"
 t2="$(now)"
 timeout "$STEP_TIMEOUT" psql "$RAW_URL" -qX -v ON_ERROR_STOP=1 >/dev/null <<EOF
 BEGIN;
@@ -190,6 +208,7 @@ BEGIN;
 COMMIT;
 EOF
 t3="$(now)"
+raw_wal="$(wal_since "$wal2")"
 copied="$(psql "$RAW_URL" -qXtA -c 'SELECT count(*) FROM user_logins')"
 psql "$PII_VAULT_TEST_PG" -qX -c "DROP DATABASE scale_raw_copy" >/dev/null
 rm -f "$work/user_logins.bin" "$work/vault.bin"
@@ -205,6 +224,7 @@ for half in 0 1; do
         -c "\\copy (SELECT * FROM vault WHERE abs(hashtext(message_id)) % 2 = $half) TO '$work/vault.$half.bin' WITH (FORMAT binary)" >/dev/null
 done
 copies=()
+wal2b="$(wal_mark)"
 t2b="$(now)"
 for half in 0 1; do
     printf '%s\n' "BEGIN;" \
@@ -216,15 +236,16 @@ for half in 0 1; do
 done
 wait "${copies[@]}"
 t3b="$(now)"
+raw2_wal="$(wal_since "$wal2b")"
 copied2="$(psql "$RAW2_URL" -qXtA -c 'SELECT count(*) FROM user_logins')"
 psql "$PII_VAULT_TEST_PG" -qX -c "DROP DATABASE scale_raw_copy2" >/dev/null
 rm -f "$work"/user_logins.?.bin "$work"/vault.?.bin
 
-section "load: file -> Postgres ($ROWS events, fsync on, shared_buffers $(psql "$PII_VAULT_TEST_PG" -qXtA -c 'SHOW shared_buffers'), max_wal_size $(psql "$PII_VAULT_TEST_PG" -qXtA -c 'SHOW max_wal_size'), local key)"
-report "pii-vault run --from-file:" "$(rate "$ROWS" "$t0" "$t1"), peak RSS $((load_rss_kb / 1024)) MiB"
-report "raw COPY of the same rows, both tables ($copied):" "$(rate "$copied" "$t2" "$t3")"
+section "load: file -> Postgres ($ROWS events, fsync on, shared_buffers $(psql "$PII_VAULT_TEST_PG" -qXtA -c 'SHOW shared_buffers'), max_wal_size $(psql "$PII_VAULT_TEST_PG" -qXtA -c 'SHOW max_wal_size'), checkpoint_timeout $(psql "$PII_VAULT_TEST_PG" -qXtA -c 'SHOW checkpoint_timeout'), local key)"
+report "pii-vault run --from-file:" "$(rate "$ROWS" "$t0" "$t1"), peak RSS $((load_rss_kb / 1024)) MiB; $load_wal"
+report "raw COPY of the same rows, both tables ($copied):" "$(rate "$copied" "$t2" "$t3"); $raw_wal"
 report "pii-vault / COPY:" "$(ratio "$(per_sec "$ROWS" "$t0" "$t1")" "$(per_sec "$copied" "$t2" "$t3")")"
-report "raw COPY, both tables, 2 connections ($copied2):" "$(rate "$copied2" "$t2b" "$t3b")"
+report "raw COPY, both tables, 2 connections ($copied2):" "$(rate "$copied2" "$t2b" "$t3b"); $raw2_wal"
 report "pii-vault / COPY on 2 connections:" "$(ratio "$(per_sec "$ROWS" "$t0" "$t1")" "$(per_sec "$copied2" "$t2b" "$t3b")")"
 report "worker's summary:" "$(grep ' stored, ' "$work/load.err" || true)"
 

@@ -34,6 +34,8 @@
 #     PII_VAULT_PG_SHARED_BUFFERS  shared_buffers of the test cluster [256MB]
 #     PII_VAULT_PG_MAX_WAL_SIZE    max_wal_size of the test cluster [1GB, Postgres's
 #                                  default]; the benchmark sets 8GB
+#     PII_VAULT_PG_CHECKPOINT_TIMEOUT  checkpoint_timeout of the test cluster
+#                                  [5min, Postgres's default]
 #
 # The PostgreSQL server binaries (initdb and pg_ctl) are the first found of:
 # PII_VAULT_PG_BIN; `pg_config --bindir`; the directory of `initdb` on PATH;
@@ -306,6 +308,7 @@ unix_socket_directories = '$dir'
 max_connections = 300
 shared_buffers = ${PII_VAULT_PG_SHARED_BUFFERS:-256MB}
 max_wal_size = ${PII_VAULT_PG_MAX_WAL_SIZE:-1GB}
+checkpoint_timeout = ${PII_VAULT_PG_CHECKPOINT_TIMEOUT:-5min}
 fsync = ${PII_VAULT_PG_FSYNC:-off}
 synchronous_commit = ${PII_VAULT_PG_FSYNC:-off}
 full_page_writes = ${PII_VAULT_PG_FSYNC:-off}
