@@ -48,8 +48,43 @@ impl Backoff {
 pub async fn retry<T, E, F, Fut>(
     backoff: Backoff,
     cancel: &CancellationToken,
+    on_retry: impl FnMut(&E, u32),
+    op: F,
+) -> Result<T, E>
+where
+    E: Transient,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    retry_inner(backoff, cancel, on_retry, op, false).await
+}
+
+/// [`retry`] for work already in hand, which a shutdown should finish: when
+/// `cancel` fires while waiting, `op` is tried once more at once and that
+/// try's result is returned. A batch being retried when the worker is told
+/// to stop (the database just back, say) is then committed and
+/// acknowledged, as the batches of the other writers are, instead of
+/// ending the run with the error of the try before.
+pub async fn retry_finishing<T, E, F, Fut>(
+    backoff: Backoff,
+    cancel: &CancellationToken,
+    on_retry: impl FnMut(&E, u32),
+    op: F,
+) -> Result<T, E>
+where
+    E: Transient,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    retry_inner(backoff, cancel, on_retry, op, true).await
+}
+
+async fn retry_inner<T, E, F, Fut>(
+    backoff: Backoff,
+    cancel: &CancellationToken,
     mut on_retry: impl FnMut(&E, u32),
     mut op: F,
+    last_try_on_cancel: bool,
 ) -> Result<T, E>
 where
     E: Transient,
@@ -65,7 +100,9 @@ where
                 on_retry(&e, attempt);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.delay(attempt)) => {}
-                    _ = cancel.cancelled() => return Err(e),
+                    _ = cancel.cancelled() => {
+                        return if last_try_on_cancel { op().await } else { Err(e) };
+                    }
                 }
             }
             Err(e) => return Err(e),
@@ -149,5 +186,44 @@ mod tests {
         .await;
         assert!(r.is_err());
         assert_eq!(calls, 1);
+    }
+
+    /// Cancelled while waiting to try again: `retry` gives up with the
+    /// last error, `retry_finishing` tries once more and returns that.
+    #[tokio::test]
+    async fn a_cancel_while_waiting_ends_retry_and_gives_retry_finishing_one_last_try() {
+        let slow = Backoff {
+            base: Duration::from_secs(60),
+            cap: Duration::from_secs(60),
+        };
+        // Fails once, then succeeds: the second call is the last try.
+        let op = |calls: &std::cell::Cell<u32>| {
+            calls.set(calls.get() + 1);
+            let n = calls.get();
+            async move {
+                if n == 1 {
+                    Err(StoreError::Transient("down".into()))
+                } else {
+                    Ok(n)
+                }
+            }
+        };
+        for finishing in [false, true] {
+            let cancel = CancellationToken::new();
+            let calls = std::cell::Cell::new(0);
+            let on_retry = |_: &StoreError, _| cancel.cancel();
+            let r: Result<u32, StoreError> = if finishing {
+                retry_finishing(slow, &cancel, on_retry, || op(&calls)).await
+            } else {
+                retry(slow, &cancel, on_retry, || op(&calls)).await
+            };
+            if finishing {
+                assert_eq!(r.unwrap(), 2, "the last try's result");
+                assert_eq!(calls.get(), 2);
+            } else {
+                assert!(r.is_err(), "gave up with the last error");
+                assert_eq!(calls.get(), 1);
+            }
+        }
     }
 }

@@ -32,7 +32,7 @@ use tracing::Instrument as _;
 
 use crate::crypto::{KeyWrapper, TokenKey};
 use crate::domain::{Ack, Message};
-use crate::retry::{retry, Backoff};
+use crate::retry::{retry, retry_finishing, Backoff};
 use crate::source::MessageSource;
 use crate::store::{Batch, BatchOutcome, Store, StoreError};
 use keys::{DataKeyLease, DekPolicy};
@@ -289,7 +289,8 @@ impl Pipeline {
             lease.record_use(need);
             batch.key_usage.push((key_id.clone(), need as i64));
             let stats = &self.stats;
-            let written = retry(
+            // On shutdown the batch in hand gets its last try at once.
+            let written = retry_finishing(
                 self.opts.backoff,
                 cancel,
                 |e: &StoreError, n| {
