@@ -94,18 +94,23 @@ new_pg_db() {
     echo "${PII_VAULT_TEST_PG%/*}/$1"
 }
 
+# The server's checkpoints so far (PostgreSQL 17 moved them to their own view).
+if [ "$(psql "$PII_VAULT_TEST_PG" -qXtA -c 'SHOW server_version_num')" -ge 170000 ]; then
+    CHECKPOINTS="(SELECT num_timed + num_requested FROM pg_stat_checkpointer)"
+else
+    CHECKPOINTS="(SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter)"
+fi
 # wal_mark: the server's WAL position and its checkpoints so far, for
 # wal_since.
 wal_mark() {
-    psql "$PII_VAULT_TEST_PG" -qXtA -F ' ' -c \
-        "SELECT pg_current_wal_lsn(), checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
+    psql "$PII_VAULT_TEST_PG" -qXtA -F ' ' -c "SELECT pg_current_wal_lsn(), $CHECKPOINTS"
 }
 # wal_since MARK: "N GB of WAL, M checkpoints" written since MARK.
 wal_since() {
     local lsn="${1% *}" cps="${1#* }"
     psql "$PII_VAULT_TEST_PG" -qXtA -c \
         "SELECT round(pg_wal_lsn_diff(pg_current_wal_lsn(), '$lsn') / 1e9, 2) || ' GB of WAL, '
-                || (checkpoints_timed + checkpoints_req - $cps) || ' checkpoints' FROM pg_stat_bgwriter"
+                || ($CHECKPOINTS - $cps) || ' checkpoints'"
 }
 
 index_count() {
