@@ -3,9 +3,10 @@
 //! Every call to [`seal`] takes a fresh 96-bit nonce from the operating
 //! system's CSPRNG, drawn a few kilobytes at a time (one `getrandom` call a
 //! few hundred nonces instead of one a row: the system call was about a
-//! twentieth of the worker's CPU), each taken once. Random nonces are safe for up to about 2^32 encryptions
-//! under one key (NIST SP 800-38D); workers cap each data key far below that
-//! (see `pipeline::keys`), so a nonce is never reused in practice.
+//! twentieth of the worker's CPU), each taken once. Random nonces are safe
+//! for up to about 2^32 encryptions under one key (NIST SP 800-38D); workers
+//! cap each data key far below that (see `pipeline::keys`), so a nonce is
+//! never reused in practice.
 //!
 //! The associated data is not secret but must match on open: it names what
 //! the ciphertext is (vault row, quarantined body, wrapped key), the row's
