@@ -42,49 +42,29 @@ impl Backoff {
     }
 }
 
+/// What a retry does when `cancel` fires while it waits to try again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnCancel {
+    /// Return the last error (a receive loop: a last receive would only
+    /// take messages that then wait out their visibility timeout).
+    GiveUp,
+    /// Try once more at once and return that try's result: work already
+    /// in hand, which a shutdown should finish. A batch being retried when
+    /// the worker is told to stop (the database just back, say) is then
+    /// committed and acknowledged, as the other writers' batches are,
+    /// instead of ending the run with the error of the try before.
+    TryOnceMore,
+}
+
 /// Runs `op` until it succeeds, fails permanently, or `cancel` fires while
-/// waiting (then the last error is returned). `on_retry` sees each transient
-/// error (for logs and metrics).
+/// waiting (then as `on_cancel` says). `on_retry` sees each transient error
+/// (for logs and metrics).
 pub async fn retry<T, E, F, Fut>(
     backoff: Backoff,
     cancel: &CancellationToken,
-    on_retry: impl FnMut(&E, u32),
-    op: F,
-) -> Result<T, E>
-where
-    E: Transient,
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, E>>,
-{
-    retry_inner(backoff, cancel, on_retry, op, false).await
-}
-
-/// [`retry`] for work already in hand, which a shutdown should finish: when
-/// `cancel` fires while waiting, `op` is tried once more at once and that
-/// try's result is returned. A batch being retried when the worker is told
-/// to stop (the database just back, say) is then committed and
-/// acknowledged, as the batches of the other writers are, instead of
-/// ending the run with the error of the try before.
-pub async fn retry_finishing<T, E, F, Fut>(
-    backoff: Backoff,
-    cancel: &CancellationToken,
-    on_retry: impl FnMut(&E, u32),
-    op: F,
-) -> Result<T, E>
-where
-    E: Transient,
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, E>>,
-{
-    retry_inner(backoff, cancel, on_retry, op, true).await
-}
-
-async fn retry_inner<T, E, F, Fut>(
-    backoff: Backoff,
-    cancel: &CancellationToken,
+    on_cancel: OnCancel,
     mut on_retry: impl FnMut(&E, u32),
     mut op: F,
-    last_try_on_cancel: bool,
 ) -> Result<T, E>
 where
     E: Transient,
@@ -101,7 +81,10 @@ where
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.delay(attempt)) => {}
                     _ = cancel.cancelled() => {
-                        return if last_try_on_cancel { op().await } else { Err(e) };
+                        return match on_cancel {
+                            OnCancel::GiveUp => Err(e),
+                            OnCancel::TryOnceMore => op().await,
+                        };
                     }
                 }
             }
@@ -157,6 +140,7 @@ mod tests {
         let r: Result<u32, StoreError> = retry(
             b,
             &cancel,
+            OnCancel::GiveUp,
             |_, _| {},
             || {
                 calls += 1;
@@ -177,6 +161,7 @@ mod tests {
         let r: Result<u32, StoreError> = retry(
             b,
             &cancel,
+            OnCancel::GiveUp,
             |_, _| {},
             || {
                 calls += 1;
@@ -188,10 +173,10 @@ mod tests {
         assert_eq!(calls, 1);
     }
 
-    /// Cancelled while waiting to try again: `retry` gives up with the
-    /// last error, `retry_finishing` tries once more and returns that.
+    /// Cancelled while waiting to try again: `GiveUp` returns the last
+    /// error, `TryOnceMore` tries once more and returns that.
     #[tokio::test]
-    async fn a_cancel_while_waiting_ends_retry_and_gives_retry_finishing_one_last_try() {
+    async fn a_cancel_while_waiting_gives_up_or_tries_once_more_as_asked() {
         let slow = Backoff {
             base: Duration::from_secs(60),
             cap: Duration::from_secs(60),
@@ -208,16 +193,13 @@ mod tests {
                 }
             }
         };
-        for finishing in [false, true] {
+        for on_cancel in [OnCancel::GiveUp, OnCancel::TryOnceMore] {
             let cancel = CancellationToken::new();
             let calls = std::cell::Cell::new(0);
             let on_retry = |_: &StoreError, _| cancel.cancel();
-            let r: Result<u32, StoreError> = if finishing {
-                retry_finishing(slow, &cancel, on_retry, || op(&calls)).await
-            } else {
-                retry(slow, &cancel, on_retry, || op(&calls)).await
-            };
-            if finishing {
+            let r: Result<u32, StoreError> =
+                retry(slow, &cancel, on_cancel, on_retry, || op(&calls)).await;
+            if on_cancel == OnCancel::TryOnceMore {
                 assert_eq!(r.unwrap(), 2, "the last try's result");
                 assert_eq!(calls.get(), 2);
             } else {

@@ -32,7 +32,7 @@ use tracing::Instrument as _;
 
 use crate::crypto::{KeyWrapper, TokenKey};
 use crate::domain::{Ack, Message};
-use crate::retry::{retry, retry_finishing, Backoff};
+use crate::retry::{retry, Backoff, OnCancel};
 use crate::source::MessageSource;
 use crate::store::{Batch, BatchOutcome, Store, StoreError};
 use keys::{DataKeyLease, DekPolicy};
@@ -290,9 +290,10 @@ impl Pipeline {
             batch.key_usage.push((key_id.clone(), need as i64));
             let stats = &self.stats;
             // On shutdown the batch in hand gets its last try at once.
-            let written = retry_finishing(
+            let written = retry(
                 self.opts.backoff,
                 cancel,
+                OnCancel::TryOnceMore,
                 |e: &StoreError, n| {
                     stats.retry("database");
                     stats.write_failed();
@@ -480,7 +481,7 @@ async fn receive_loop(
     let max = source.preferred_batch();
     loop {
         let got = tokio::select! {
-            r = retry(backoff, &cancel, |e: &crate::source::SourceError, n| {
+            r = retry(backoff, &cancel, OnCancel::GiveUp, |e: &crate::source::SourceError, n| {
                 stats.retry("source");
                 tracing::warn!(error = %e, attempt = n, "receive failed, retrying");
             }, || source.receive(max)) => r?,
