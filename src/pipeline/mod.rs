@@ -289,7 +289,6 @@ impl Pipeline {
             lease.record_use(need);
             batch.key_usage.push((key_id.clone(), need as i64));
             let stats = &self.stats;
-            // On shutdown the batch in hand gets its last try at once.
             let written = retry(
                 self.opts.backoff,
                 cancel,
