@@ -62,6 +62,12 @@ pub async fn forget(cli: &Cli, args: &ForgetArgs) -> anyhow::Result<()> {
                     e.partitions_dropped.join(", ")
                 );
             }
+            if e.earlier_drops_finished > 0 {
+                eprintln!(
+                    "pii-vault: also dropped {} month(s) that an earlier retention detached and was stopped before dropping",
+                    e.earlier_drops_finished
+                );
+            }
             if e.undated_kept > 0 {
                 eprintln!(
                     "pii-vault: {} vault row(s) have no date (legacy rows without a login) and are never erased by date; \

@@ -27,6 +27,9 @@ pub struct Retained {
     /// Monthly vault partitions wholly before the day, dropped instead of
     /// deleted from (Postgres; SQLite has none).
     pub partitions_dropped: Vec<String>,
+    /// Months an earlier retention detached and, stopped before its drops,
+    /// left to this one to drop.
+    pub earlier_drops_finished: u64,
 }
 
 /// Erasing originals, each with its audit row in the same transaction.

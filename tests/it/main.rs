@@ -28,6 +28,7 @@ mod operations;
 mod partitions;
 mod production;
 mod quarantine;
+mod retention_drops;
 mod roles;
 mod roles_e2e;
 mod rotation;

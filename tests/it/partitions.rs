@@ -54,7 +54,7 @@ pub(crate) fn load_on(bin: &Bin, file: &str, day: NaiveDate) -> (u64, u64, u64) 
 }
 
 /// Rows per partition of `table`.
-async fn by_partition(app: &TestApp, table: &str) -> BTreeMap<String, i64> {
+pub(crate) async fn by_partition(app: &TestApp, table: &str) -> BTreeMap<String, i64> {
     sqlx::query_as(&format!(
         "SELECT tableoid::regclass::text, count(*) FROM {table} GROUP BY 1"
     ))
@@ -65,7 +65,7 @@ async fn by_partition(app: &TestApp, table: &str) -> BTreeMap<String, i64> {
     .collect()
 }
 
-async fn partitions(app: &TestApp, table: &str) -> Vec<String> {
+pub(crate) async fn partitions(app: &TestApp, table: &str) -> Vec<String> {
     app.strings(&format!(
         "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = '{table}'::regclass ORDER BY 1"
     ))
@@ -398,6 +398,12 @@ async fn retention_drops_whole_months_cuts_one_and_reveal_and_forget_reach_every
     );
     let left = partitions(&app, "vault").await;
     assert!(!left.contains(&partition("vault", months[0])), "{left:?}");
+    // Dropped, not only detached: no table of the months is left.
+    assert!(app
+        .strings("SELECT relname::text FROM pg_class WHERE relname LIKE 'vault\\_y%\\_erased\\_%'")
+        .await
+        .is_empty());
+    assert_eq!(app.count("retention_drops").await, 0);
     assert!(!left.contains(&partition("vault", months[1])), "{left:?}");
     let parts = by_partition(&app, "vault").await;
     assert_eq!(

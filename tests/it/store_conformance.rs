@@ -1539,6 +1539,7 @@ async fn retention_erases_originals_before_a_day_and_keeps_logins(h: &Harness) {
             undated_kept: 0,
             keys_destroyed: vec!["k-old".into()],
             partitions_dropped: vec![],
+            earlier_drops_finished: 0,
         }
     );
     assert_eq!(h.count("vault").await, 1);

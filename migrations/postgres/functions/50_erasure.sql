@@ -58,9 +58,12 @@ GRANT EXECUTE ON FUNCTION pii_vault_forget(text, text, text) TO pii_vault_rotato
 -- and the users it touched in erasure_subjects.
 --
 -- Whole months go by partition (migration 0017): each vault partition that
--- ends on or before `p_before` is detached and dropped, which leaves no
--- dead tuples and takes no time per row; only the partition the day cuts,
--- and the default partition, are deleted from. Each partition to drop is
+-- ends on or before `p_before` is detached here and dropped right after,
+-- which leaves no dead tuples and takes no time per row; only the
+-- partition the day cuts, and the default partition, are deleted from.
+-- The drops are the caller's next calls (pii_vault_retention_drop_next,
+-- below), on several connections at once: what they cost is the kernel
+-- freeing the files at COMMIT, which one transaction does file by file. Each partition to drop is
 -- locked against writes first (SHARE: a late redelivery into that month
 -- waits), so what its ledger counts is what is dropped. The subject ledger
 -- of a dropped month is its month ledger (0020), counted when the month
@@ -143,7 +146,6 @@ BEGIN
         PERFORM set_config('lock_timeout', '10s', true);
         FOR part IN SELECT unnest(partitions_dropped) AS name LOOP
             EXECUTE format('ALTER TABLE vault DETACH PARTITION %I', part.name);
-            EXECUTE format('DROP TABLE %I', part.name);
         END LOOP;
     END IF;
     SELECT count(*) INTO undated_kept FROM vault_undated WHERE create_date IS NULL;
@@ -155,6 +157,13 @@ BEGIN
             p_reason, left(p_claimed_actor, 256), vault_rows + quarantined)
     RETURNING id INTO rid;
     UPDATE vault_month_ledgers SET erased_by = rid WHERE id = ANY (ledgers);
+    -- The detached months are dropped by pii_vault_retention_drop_next(),
+    -- each in a transaction of its own (0021): renamed first, so that a
+    -- late row of the month finds its partition's name free.
+    FOR part IN SELECT unnest(partitions_dropped) AS name LOOP
+        EXECUTE format('ALTER TABLE %I RENAME TO %I', part.name, part.name || '_erased_' || rid);
+        INSERT INTO retention_drops (name, record) VALUES (part.name || '_erased_' || rid, rid);
+    END LOOP;
     -- In user order: the key (record, user_id) grows at its right edge and
     -- the user index is walked in order, not at random. The users of a cut
     -- month are many (151,470 for six days of 10 M rows a year: 0.61-0.72 s
@@ -168,6 +177,35 @@ END
 $$;
 REVOKE ALL ON FUNCTION pii_vault_retention(date, text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pii_vault_retention(date, text, text) TO pii_vault_rotator;
+
+-- Drops one month that retention detached (0021), in the caller's
+-- transaction, and returns its name; NULL when none is left to drop. Run
+-- from several connections at once: each takes a month the others have
+-- not (SKIP LOCKED). A month detached by a run that was killed before its
+-- drops is dropped by the next retention's calls. Only tables retention
+-- put in retention_drops, and never one that is a partition again.
+CREATE OR REPLACE FUNCTION pii_vault_retention_drop_next() RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    n text;
+BEGIN
+    PERFORM pii_vault_fresh_call();
+    SELECT d.name INTO n FROM retention_drops d ORDER BY d.name LIMIT 1 FOR UPDATE SKIP LOCKED;
+    IF n IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(quote_ident(n))) THEN
+        RAISE EXCEPTION USING ERRCODE = 'PV013',
+            MESSAGE = format('%s is a partition again: not dropped', n);
+    END IF;
+    PERFORM set_config('lock_timeout', '10s', true);
+    EXECUTE format('DROP TABLE IF EXISTS %I', n);
+    DELETE FROM retention_drops WHERE name = n;
+    RETURN n;
+END
+$$;
+REVOKE ALL ON FUNCTION pii_vault_retention_drop_next() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pii_vault_retention_drop_next() TO pii_vault_rotator;
 
 -- What retention would erase now (`forget --before … --dry-run`).
 CREATE OR REPLACE FUNCTION pii_vault_retention_preview(p_before date)

@@ -111,6 +111,7 @@ impl Erasure for SqliteStore {
             undated_kept: undated_kept as u64,
             keys_destroyed,
             partitions_dropped: Vec::new(),
+            earlier_drops_finished: 0,
         })
     }
 

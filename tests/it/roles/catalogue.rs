@@ -170,6 +170,8 @@ const OWNER_ONLY: &[&str] = &[
     "erasure_subject_rows",
     "vault_month_ledgers",
     "vault_month_users",
+    // Months retention detached, waiting for their drops (0021).
+    "retention_drops",
 ];
 
 /// Columns holding ciphertext or wrapped keys, and who may read them
@@ -291,6 +293,8 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
     ("pii_vault_forget(text,text,text)", &[ROTATOR]),
     ("pii_vault_retention(date,text,text)", &[ROTATOR]),
     ("pii_vault_retention_preview(date)", &[ROTATOR]),
+    // Drops only what retention detached (0021).
+    ("pii_vault_retention_drop_next()", &[ROTATOR]),
     ("pii_vault_checkpoint_store(bigint,timestamp with time zone,text)", &[AUDITOR]),
     ("pii_vault_subject_ledger(text,text,text)", &[AUDITOR]),
     // The archive: the owner only.
@@ -573,6 +577,7 @@ async fn each_role_holds_exactly_its_privileges_and_none_may_alter_the_audit_tra
         "searches",
         "line_dates",
         "line_ranges",
+        "retention_drops",
         "_sqlx_migrations",
         "vault_settings",
     ] {

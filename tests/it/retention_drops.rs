@@ -1,0 +1,190 @@
+//! Retention's months dropped after its transaction (migration 0021):
+//! `pii_vault_retention` detaches the months wholly before its day, renames
+//! them and queues them; `pii_vault_retention_drop_next` drops one a call,
+//! on as many connections as the caller likes. Shown here as the rotator's
+//! own login with plain SQL: what the queued months are to every role
+//! before their drop, what a rolled-back drop leaves, what two sessions of
+//! one login racing for the drops get, that a late row of a queued month
+//! is stored, and that `forget --before` finishes what a stopped run left.
+
+use chrono::{Months, NaiveDate, Utc};
+use sqlx::{Connection, PgConnection};
+
+use crate::common::app::{TestApp, ROLES, ROTATOR, WORKER};
+use crate::partitions::{events, load_on, month_start, partition, partitions};
+use crate::roles::denied;
+
+/// The detached months waiting for their drop, by name.
+async fn queued(app: &TestApp) -> Vec<String> {
+    app.strings("SELECT name FROM retention_drops ORDER BY name")
+        .await
+}
+
+/// Tables named as retention renames a detached month, queued or not.
+async fn erased_tables(app: &TestApp) -> Vec<String> {
+    app.strings("SELECT relname::text FROM pg_class WHERE relname LIKE 'vault\\_y%\\_erased\\_%' ORDER BY 1")
+        .await
+}
+
+async fn drop_next(conn: &mut PgConnection) -> Option<String> {
+    sqlx::query_scalar("SELECT pii_vault_retention_drop_next()")
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_queues_its_months_for_drops_that_race_roll_back_and_resume() {
+    let Some(app) = TestApp::postgres().await else {
+        return;
+    };
+    app.ok(&["migrate"]);
+    let worker = app.as_login(&app.login_as(WORKER).await);
+    let rotator_login = app.login_as(ROTATOR).await;
+    let rotator = app.as_login(&rotator_login);
+    let this_month = month_start(Utc::now().date_naive());
+    let months: Vec<NaiveDate> = (2..=4).rev().map(|k| this_month - Months::new(k)).collect();
+    for (i, m) in months.iter().enumerate() {
+        let file = app.write(
+            &format!("q{i}.jsonl"),
+            &events(&format!("q{i}"), 20, 140 + i as u64, None),
+        );
+        assert_eq!(
+            load_on(&worker, &file, *m + chrono::Days::new(4)),
+            (20, 0, 0)
+        );
+    }
+    let keys_of = |table: String| format!("SELECT DISTINCT key_id FROM {table} ORDER BY 1");
+    let sealed_by: Vec<Vec<String>> = {
+        let mut v = Vec::new();
+        for m in &months {
+            v.push(app.strings(&keys_of(partition("vault", *m))).await);
+        }
+        v
+    };
+
+    // Retention as the rotator's login types it, without the drops that
+    // `forget --before` runs after it (a run stopped between the two).
+    let mut a = PgConnection::connect(&rotator_login.url).await.unwrap();
+    let (rows, dropped): (i64, Vec<String>) = sqlx::query_as(
+        "SELECT vault_rows, partitions_dropped FROM pii_vault_retention($1, 'retention', 'dpo')",
+    )
+    .bind(months[2])
+    .fetch_one(&mut a)
+    .await
+    .unwrap();
+    assert_eq!(rows, 40);
+    assert_eq!(
+        dropped,
+        [partition("vault", months[0]), partition("vault", months[1])]
+    );
+    let record = app
+        .scalar("SELECT max(id) FROM audit_log WHERE action = 'retention'")
+        .await;
+    let names: Vec<String> = dropped
+        .iter()
+        .map(|p| format!("{p}_erased_{record}"))
+        .collect();
+    assert_eq!(queued(&app).await, names);
+    assert_eq!(erased_tables(&app).await, names);
+    let left = partitions(&app, "vault").await;
+    assert!(
+        names.iter().chain(&dropped).all(|n| !left.contains(n)),
+        "{left:?}"
+    );
+    assert_eq!(
+        app.scalar(&format!(
+            "SELECT count(*) FROM vault WHERE create_date < '{}'",
+            months[2]
+        ))
+        .await,
+        0
+    );
+    // Before its drop a queued month is no role's to read or drop, and the
+    // data keys that sealed only it are destroyed already.
+    for role in ROLES {
+        let store = app.store_as(role).await;
+        for sql in [
+            format!("SELECT count(*) FROM {}", names[0]),
+            format!("DROP TABLE {}", names[1]),
+            "SELECT * FROM retention_drops".to_string(),
+            "DELETE FROM retention_drops".to_string(),
+        ] {
+            denied(store.pool(), &sql).await;
+        }
+    }
+    for (i, keys) in sealed_by.iter().take(2).enumerate() {
+        for k in keys {
+            let state = app
+                .strings(&format!("SELECT state FROM vault_keys WHERE id = '{k}'"))
+                .await;
+            assert_eq!(state, ["destroyed"], "a key of month {i}");
+        }
+    }
+    assert_eq!(app.strings(&keys_of(names[0].clone())).await, sealed_by[0]);
+
+    // A late row of a queued month: the month's partition is made again
+    // under its own name (the queued one was renamed) and the row stored.
+    let late = app.write("late.jsonl", &events("late", 3, 150, None));
+    assert_eq!(
+        load_on(&worker, &late, months[0] + chrono::Days::new(9)),
+        (3, 0, 0)
+    );
+    assert!(partitions(&app, "vault").await.contains(&dropped[0]));
+
+    // Two sessions of the rotator's login racing for the drops: each takes
+    // a month the other has not, without waiting; the second finds none
+    // left while the first holds its own. Rolled back, a drop leaves its
+    // month queued and whole.
+    let mut b = PgConnection::connect(&rotator_login.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut a).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut b).await.unwrap();
+    sqlx::query("SET LOCAL lock_timeout = '2s'")
+        .execute(&mut b)
+        .await
+        .unwrap();
+    let first = drop_next(&mut a).await.unwrap();
+    let second = drop_next(&mut b).await.unwrap();
+    assert_ne!(first, second);
+    assert_eq!(
+        drop_next(&mut b).await,
+        None,
+        "the first session's month is skipped"
+    );
+    sqlx::query("ROLLBACK").execute(&mut b).await.unwrap();
+    sqlx::query("COMMIT").execute(&mut a).await.unwrap();
+    assert_eq!(queued(&app).await, vec![second.clone()]);
+    assert_eq!(erased_tables(&app).await, vec![second.clone()]);
+    assert_eq!(app.count(&second).await, 20, "rolled back: still whole");
+    b.close().await.unwrap();
+    a.close().await.unwrap();
+
+    // The next `forget --before` drops what was left, and its own months.
+    let out = rotator.ok(&[
+        "forget",
+        "--before",
+        &months[2].to_string(),
+        "--reason",
+        "retention",
+    ]);
+    assert!(
+        out.contains("also dropped 1 month(s) that an earlier retention detached"),
+        "{out}"
+    );
+    assert!(
+        out.contains("1 monthly vault partition(s) dropped whole"),
+        "the late month again: {out}"
+    );
+    assert!(queued(&app).await.is_empty());
+    assert!(erased_tables(&app).await.is_empty());
+    assert_eq!(
+        app.scalar(&format!(
+            "SELECT count(*) FROM vault WHERE create_date < '{}'",
+            months[2]
+        ))
+        .await,
+        0
+    );
+    assert_eq!(app.count(&partition("vault", months[2])).await, 20);
+    app.finish().await;
+}
