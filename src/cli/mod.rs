@@ -390,9 +390,11 @@ pub struct ForgetArgs {
     /// Retention: erase the originals of every login before this day (UTC,
     /// YYYY-MM-DD) and every body quarantined before it, in bulk; then
     /// destroy the retired data keys left with nothing to open. On Postgres
-    /// the months wholly before the day are dropped whole, and only the
-    /// month the day falls in is deleted from row by row: the first day of
-    /// a month erases by dropping alone, the fastest.
+    /// the months wholly before the day are dropped whole (detached in the
+    /// erasure's transaction, dropped right after on four connections),
+    /// and only the month the day falls in is deleted from row by row: the
+    /// first day of a month erases by dropping alone, the fastest. Months a
+    /// stopped run left detached are dropped by the next run.
     #[arg(long, value_name = "DATE", value_parser = parse_day)]
     pub before: Option<chrono::NaiveDate>,
 

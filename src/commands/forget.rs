@@ -62,6 +62,14 @@ pub async fn forget(cli: &Cli, args: &ForgetArgs) -> anyhow::Result<()> {
                     e.partitions_dropped.join(", ")
                 );
             }
+            if e.drops_left > 0 {
+                eprintln!(
+                    "pii-vault: {} detached month(s) are still to be dropped: another session holds them \
+                     (a retention running beside this one, or a transaction left open); readable by no role, \
+                     the next `forget --before` drops them",
+                    e.drops_left
+                );
+            }
             if e.earlier_drops_finished > 0 {
                 eprintln!(
                     "pii-vault: also dropped {} month(s) that an earlier retention detached and was stopped before dropping",

@@ -30,6 +30,9 @@ pub struct Retained {
     /// Months an earlier retention detached and, stopped before its drops,
     /// left to this one to drop.
     pub earlier_drops_finished: u64,
+    /// Detached months still to be dropped after this run's drops: held by
+    /// another session meanwhile, dropped by the next run.
+    pub drops_left: u64,
 }
 
 /// Erasing originals, each with its audit row in the same transaction.

@@ -1540,6 +1540,7 @@ async fn retention_erases_originals_before_a_day_and_keeps_logins(h: &Harness) {
             keys_destroyed: vec!["k-old".into()],
             partitions_dropped: vec![],
             earlier_drops_finished: 0,
+            drops_left: 0,
         }
     );
     assert_eq!(h.count("vault").await, 1);

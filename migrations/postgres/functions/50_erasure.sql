@@ -207,6 +207,16 @@ $$;
 REVOKE ALL ON FUNCTION pii_vault_retention_drop_next() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pii_vault_retention_drop_next() TO pii_vault_rotator;
 
+-- How many detached months are still to be dropped: after its drops,
+-- retention says so if another session holds one of them (a concurrent
+-- retention dropping it, or a transaction left open on its call).
+CREATE OR REPLACE FUNCTION pii_vault_retention_drops_left() RETURNS bigint
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT count(*) FROM retention_drops
+$$;
+REVOKE ALL ON FUNCTION pii_vault_retention_drops_left() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pii_vault_retention_drops_left() TO pii_vault_rotator;
+
 -- What retention would erase now (`forget --before … --dry-run`).
 CREATE OR REPLACE FUNCTION pii_vault_retention_preview(p_before date)
 RETURNS TABLE (vault_rows bigint, quarantined bigint)

@@ -17,9 +17,10 @@ use crate::store::{Erasure, Forgotten, Requester, Retained, StoreError};
 const DROP_CONNECTIONS: usize = 4;
 
 impl PgStore {
-    /// Drops every month retention detached (this run's, and any an
-    /// earlier run left when it was stopped), one a transaction, on
-    /// [`DROP_CONNECTIONS`] connections; returns the tables dropped.
+    /// Drops every month retention has detached and not yet dropped, one a
+    /// transaction, on [`DROP_CONNECTIONS`] connections; returns the tables
+    /// dropped. Called before retention's own transaction (what a stopped
+    /// run left) and after it (its own months).
     async fn drop_detached_months(&self) -> Result<Vec<String>, StoreError> {
         let one_connection = || async {
             let mut dropped = Vec::new();
@@ -59,6 +60,11 @@ impl Erasure for PgStore {
     }
 
     async fn retention(&self, before: NaiveDate, who: &Requester) -> Result<Retained, StoreError> {
+        let earlier = self.drop_detached_months().await.map_err(|e| {
+            StoreError::Permanent(format!(
+                "dropping the months an earlier retention detached failed, and nothing was erased: {e}"
+            ))
+        })?;
         let (vault_rows, quarantined, undated_kept, keys_destroyed, partitions_dropped): (
             i64,
             i64,
@@ -74,26 +80,24 @@ impl Erasure for PgStore {
         .bind(&who.claimed_actor)
         .fetch_one(self.pool())
         .await?;
-        let dropped = self.drop_detached_months().await.map_err(|e| {
+        self.drop_detached_months().await.map_err(|e| {
             StoreError::Permanent(format!(
                 "the erasure is done and on the audit record, but dropping the months it detached \
                  stopped: {e}. Those months are readable by no role; `pii-vault forget --before` \
                  run again drops them"
             ))
         })?;
-        let ours = |name: &str| {
-            partitions_dropped
-                .iter()
-                .any(|month| name.starts_with(&format!("{month}_erased_")))
-        };
-        let earlier_drops_finished = dropped.iter().filter(|n| !ours(n)).count() as u64;
+        let drops_left: i64 = sqlx::query_scalar("SELECT pii_vault_retention_drops_left()")
+            .fetch_one(self.pool())
+            .await?;
         Ok(Retained {
             vault_rows: vault_rows as u64,
             quarantined: quarantined as u64,
             undated_kept: undated_kept as u64,
             keys_destroyed,
             partitions_dropped,
-            earlier_drops_finished,
+            earlier_drops_finished: earlier.len() as u64,
+            drops_left: drops_left as u64,
         })
     }
 

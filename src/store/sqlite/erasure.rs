@@ -112,6 +112,7 @@ impl Erasure for SqliteStore {
             keys_destroyed,
             partitions_dropped: Vec::new(),
             earlier_drops_finished: 0,
+            drops_left: 0,
         })
     }
 

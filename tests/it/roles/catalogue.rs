@@ -295,6 +295,7 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
     ("pii_vault_retention_preview(date)", &[ROTATOR]),
     // Drops only what retention detached (0021).
     ("pii_vault_retention_drop_next()", &[ROTATOR]),
+    ("pii_vault_retention_drops_left()", &[ROTATOR]),
     ("pii_vault_checkpoint_store(bigint,timestamp with time zone,text)", &[AUDITOR]),
     ("pii_vault_subject_ledger(text,text,text)", &[AUDITOR]),
     // The archive: the owner only.
