@@ -4,9 +4,9 @@
 //! on as many connections as the caller likes. Shown here as the rotator's
 //! own login with plain SQL: what the queued months are to every role
 //! before their drop, what a rolled-back drop leaves, what two sessions of
-//! one login racing for the drops get, that a late row of a queued month
-//! is stored, and that `forget --before` finishes what a stopped run left
-//! and says what another session still holds.
+//! one login racing for the retention and for the drops get, that a late
+//! row of a queued month is stored, and that `forget --before` finishes
+//! what a stopped run left and says what another session still holds.
 
 use chrono::{Months, NaiveDate, Utc};
 use sqlx::{Connection, PgConnection};
@@ -65,22 +65,51 @@ async fn retention_queues_its_months_for_drops_that_race_roll_back_and_resume() 
     };
 
     // Retention as the rotator's login types it, without the drops that
-    // `forget --before` runs after it (a run stopped between the two).
+    // `forget --before` runs after it (a run stopped between the two), and
+    // a second session of the same login calling it meanwhile: the second
+    // waits for the first to end, then finds nothing left to erase.
     let mut a = PgConnection::connect(&rotator_login.url).await.unwrap();
-    let (rows, dropped): (i64, Vec<String>) = sqlx::query_as(
-        "SELECT vault_rows, partitions_dropped FROM pii_vault_retention($1, 'retention', 'dpo')",
-    )
-    .bind(months[2])
-    .fetch_one(&mut a)
-    .await
-    .unwrap();
+    let retention =
+        "SELECT vault_rows, partitions_dropped FROM pii_vault_retention($1, 'retention', 'dpo')";
+    sqlx::query("BEGIN").execute(&mut a).await.unwrap();
+    let (rows, dropped): (i64, Vec<String>) = sqlx::query_as(retention)
+        .bind(months[2])
+        .fetch_one(&mut a)
+        .await
+        .unwrap();
+    let racer = {
+        let url = rotator_login.url.clone();
+        let day = months[2];
+        tokio::spawn(async move {
+            let mut b = PgConnection::connect(&url).await.unwrap();
+            let got: (i64, Vec<String>) = sqlx::query_as(retention)
+                .bind(day)
+                .fetch_one(&mut b)
+                .await
+                .unwrap();
+            b.close().await.unwrap();
+            got
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        !racer.is_finished(),
+        "the second retention waits for the first"
+    );
+    sqlx::query("COMMIT").execute(&mut a).await.unwrap();
+    assert_eq!(racer.await.unwrap(), (0, vec![]));
+    assert_eq!(
+        app.strings("SELECT row_count::text FROM audit_log WHERE action = 'retention' ORDER BY id")
+            .await,
+        ["40", "0"]
+    );
     assert_eq!(rows, 40);
     assert_eq!(
         dropped,
         [partition("vault", months[0]), partition("vault", months[1])]
     );
     let record = app
-        .scalar("SELECT max(id) FROM audit_log WHERE action = 'retention'")
+        .scalar("SELECT min(id) FROM audit_log WHERE action = 'retention'")
         .await;
     let names: Vec<String> = dropped
         .iter()

@@ -99,6 +99,13 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'PV013',
             MESSAGE = 'retention erases what is older than a day that has begun: the date is in the future';
     END IF;
+    -- One retention at a time: a second waits for the first to end, then
+    -- erases what is left (without, it failed on the months the first had
+    -- detached, and two starting together could lock the same months SHARE
+    -- and deadlock on their DETACH). Waits for a lock end after 10 s, the
+    -- call then changing nothing.
+    PERFORM set_config('lock_timeout', '10s', true);
+    PERFORM pg_advisory_xact_lock(hashtext('pii_vault_retention'));
     vault_rows := 0;
     -- The per-user counts below hash every erased row's user id once: in
     -- memory, not spilled in batches to disk.
@@ -143,7 +150,6 @@ BEGIN
     DELETE FROM line_ranges WHERE create_date < p_before;
     DELETE FROM line_dates WHERE create_date < p_before;
     IF cardinality(partitions_dropped) > 0 THEN
-        PERFORM set_config('lock_timeout', '10s', true);
         FOR part IN SELECT unnest(partitions_dropped) AS name LOOP
             EXECUTE format('ALTER TABLE vault DETACH PARTITION %I', part.name);
         END LOOP;
