@@ -6,8 +6,8 @@
 -- is the kernel's freeing of the dropped files at COMMIT (per byte, not
 -- per row: about 1 s of the 1.03 s that erasing eleven months of 10 M
 -- rows took with the vault in memory). One backend does that for every
--- file of a transaction in turn; several, each dropping its own months in its
--- own transaction, overlap it (measured on 6 GB of tables in the page
+-- file of a transaction in turn; several, each dropping its own months in
+-- its own transaction, overlap it (measured on 6 GB of tables in the page
 -- cache, on two cores: 2.6-2.7 s in one transaction, 1.8-1.9 s in two at
 -- once, 1.0-1.5 s in four).
 --

@@ -63,9 +63,10 @@ GRANT EXECUTE ON FUNCTION pii_vault_forget(text, text, text) TO pii_vault_rotato
 -- partition the day cuts, and the default partition, are deleted from.
 -- The drops are the caller's next calls (pii_vault_retention_drop_next,
 -- below), on several connections at once: what they cost is the kernel
--- freeing the files at COMMIT, which one transaction does file by file. Each partition to drop is
--- locked against writes first (SHARE: a late redelivery into that month
--- waits), so what its ledger counts is what is dropped. The subject ledger
+-- freeing the files at COMMIT, which one transaction does file by file.
+-- Each partition to drop is locked against writes first (SHARE: a late
+-- redelivery into that month waits), so what its ledger counts is what is
+-- dropped. The subject ledger
 -- of a dropped month is its month ledger (0020), counted when the month
 -- was settled and handed to this erasure's record; a month not settled yet
 -- is settled (counted) here first. DETACH takes ACCESS EXCLUSIVE on

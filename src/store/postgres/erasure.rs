@@ -60,11 +60,16 @@ impl Erasure for PgStore {
     }
 
     async fn retention(&self, before: NaiveDate, who: &Requester) -> Result<Retained, StoreError> {
-        let earlier = self.drop_detached_months().await.map_err(|e| {
-            StoreError::Permanent(format!(
-                "dropping the months an earlier retention detached failed, and nothing was erased: {e}"
-            ))
-        })?;
+        // What a stopped run left is dropped first, so that what is dropped
+        // after the erasure is its own; a failure here must not hold up the
+        // erasure, and the drops after it try again and report.
+        let earlier = match self.drop_detached_months().await {
+            Ok(dropped) => dropped.len() as u64,
+            Err(e) => {
+                tracing::warn!(error = %e, "months an earlier retention detached could not be dropped yet; erasing first");
+                0
+            }
+        };
         let (vault_rows, quarantined, undated_kept, keys_destroyed, partitions_dropped): (
             i64,
             i64,
@@ -80,23 +85,27 @@ impl Erasure for PgStore {
         .bind(&who.claimed_actor)
         .fetch_one(self.pool())
         .await?;
-        self.drop_detached_months().await.map_err(|e| {
+        let drops_left = async {
+            self.drop_detached_months().await?;
+            sqlx::query_scalar::<_, i64>("SELECT pii_vault_retention_drops_left()")
+                .fetch_one(self.pool())
+                .await
+                .map_err(StoreError::from)
+        };
+        let drops_left = drops_left.await.map_err(|e| {
             StoreError::Permanent(format!(
                 "the erasure is done and on the audit record, but dropping the months it detached \
                  stopped: {e}. Those months are readable by no role; `pii-vault forget --before` \
                  run again drops them"
             ))
         })?;
-        let drops_left: i64 = sqlx::query_scalar("SELECT pii_vault_retention_drops_left()")
-            .fetch_one(self.pool())
-            .await?;
         Ok(Retained {
             vault_rows: vault_rows as u64,
             quarantined: quarantined as u64,
             undated_kept: undated_kept as u64,
             keys_destroyed,
             partitions_dropped,
-            earlier_drops_finished: earlier.len() as u64,
+            earlier_drops_finished: earlier,
             drops_left: drops_left as u64,
         })
     }
