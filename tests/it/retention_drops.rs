@@ -218,3 +218,62 @@ async fn retention_queues_its_months_for_drops_that_race_roll_back_and_resume() 
     assert_eq!(app.count(&partition("vault", months[2])).await, 20);
     app.finish().await;
 }
+
+/// A queued month that the owner made a partition again is not dropped by
+/// the rotator's call (PV013, its rows kept); detached again, it is dropped
+/// by the next `forget --before`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_month_attached_again_is_not_dropped() {
+    let Some(app) = TestApp::postgres().await else {
+        return;
+    };
+    app.ok(&["migrate"]);
+    let worker = app.as_login(&app.login_as(WORKER).await);
+    let rotator_login = app.login_as(ROTATOR).await;
+    let rotator = app.as_login(&rotator_login);
+    let month = month_start(Utc::now().date_naive()) - Months::new(3);
+    let next = month + Months::new(1);
+    for (i, m) in [month, next].into_iter().enumerate() {
+        let file = app.write(
+            &format!("a{i}.jsonl"),
+            &events(&format!("a{i}"), 10, 160 + i as u64, None),
+        );
+        assert_eq!(
+            load_on(&worker, &file, m + chrono::Days::new(2)),
+            (10, 0, 0)
+        );
+    }
+
+    let mut conn = PgConnection::connect(&rotator_login.url).await.unwrap();
+    sqlx::query("SELECT * FROM pii_vault_retention($1, 'retention', 'dpo')")
+        .bind(next)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let name = queued(&app).await.pop().unwrap();
+    let bounds = format!("FOR VALUES FROM ('{month}') TO ('{next}')");
+    app.exec(&format!(
+        "ALTER TABLE vault ATTACH PARTITION {name} {bounds}"
+    ))
+    .await;
+    match sqlx::query("SELECT pii_vault_retention_drop_next()")
+        .execute(&mut conn)
+        .await
+    {
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("PV013") => {}
+        other => panic!("expected PV013, got {other:?}"),
+    }
+    assert_eq!(app.count(&name).await, 10, "a partition again: kept");
+    assert_eq!(queued(&app).await, vec![name.clone()]);
+    conn.close().await.unwrap();
+
+    app.exec(&format!("ALTER TABLE vault DETACH PARTITION {name}"))
+        .await;
+    let before = (next + Months::new(1)).to_string();
+    let out = rotator.ok(&["forget", "--before", &before, "--reason", "retention"]);
+    assert!(out.contains("erased 10 vault row(s)"), "{out}");
+    assert!(out.contains("also dropped 1 month(s)"), "{out}");
+    assert!(queued(&app).await.is_empty());
+    assert!(erased_tables(&app).await.is_empty());
+    app.finish().await;
+}
