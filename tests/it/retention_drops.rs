@@ -11,7 +11,7 @@
 use chrono::{Months, NaiveDate, Utc};
 use sqlx::{Connection, PgConnection};
 
-use crate::common::app::{TestApp, ROLES, ROTATOR, WORKER};
+use crate::common::app::{Bin, TestApp, ROLES, ROTATOR, WORKER};
 use crate::partitions::{events, load_on, month_start, partition, partitions};
 use crate::roles::denied;
 
@@ -27,11 +27,40 @@ async fn erased_tables(app: &TestApp) -> Vec<String> {
         .await
 }
 
-async fn drop_next(conn: &mut PgConnection) -> Option<String> {
+/// One call of the rotator's drop, as its login types it.
+async fn drop_next(conn: &mut PgConnection) -> Result<Option<String>, sqlx::Error> {
     sqlx::query_scalar("SELECT pii_vault_retention_drop_next()")
         .fetch_one(conn)
         .await
-        .unwrap()
+}
+
+/// Loads `rows` events into each of `months` as the worker, on the month's
+/// `day`th day, each month's users `<tag><i>-…`.
+fn load_months(
+    app: &TestApp,
+    worker: &Bin,
+    tag: &str,
+    rows: usize,
+    seed: u64,
+    months: &[NaiveDate],
+    day: u64,
+) {
+    for (i, m) in months.iter().enumerate() {
+        let file = app.write(
+            &format!("{tag}{i}.jsonl"),
+            &events(&format!("{tag}{i}"), rows, seed + i as u64, None),
+        );
+        let stored = load_on(worker, &file, *m + chrono::Days::new(day - 1));
+        assert_eq!(stored, (rows as u64, 0, 0));
+    }
+}
+
+/// Vault rows dated before `day`.
+async fn vault_rows_before(app: &TestApp, day: NaiveDate) -> i64 {
+    app.scalar(&format!(
+        "SELECT count(*) FROM vault WHERE create_date < '{day}'"
+    ))
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,16 +74,7 @@ async fn retention_queues_its_months_for_drops_that_race_roll_back_and_resume() 
     let rotator = app.as_login(&rotator_login);
     let this_month = month_start(Utc::now().date_naive());
     let months: Vec<NaiveDate> = (2..=4).rev().map(|k| this_month - Months::new(k)).collect();
-    for (i, m) in months.iter().enumerate() {
-        let file = app.write(
-            &format!("q{i}.jsonl"),
-            &events(&format!("q{i}"), 20, 140 + i as u64, None),
-        );
-        assert_eq!(
-            load_on(&worker, &file, *m + chrono::Days::new(4)),
-            (20, 0, 0)
-        );
-    }
+    load_months(&app, &worker, "q", 20, 140, &months, 5);
     let keys_of = |table: String| format!("SELECT DISTINCT key_id FROM {table} ORDER BY 1");
     let sealed_by: Vec<Vec<String>> = {
         let mut v = Vec::new();
@@ -122,14 +142,7 @@ async fn retention_queues_its_months_for_drops_that_race_roll_back_and_resume() 
         names.iter().chain(&dropped).all(|n| !left.contains(n)),
         "{left:?}"
     );
-    assert_eq!(
-        app.scalar(&format!(
-            "SELECT count(*) FROM vault WHERE create_date < '{}'",
-            months[2]
-        ))
-        .await,
-        0
-    );
+    assert_eq!(vault_rows_before(&app, months[2]).await, 0);
     // Before its drop a queued month is no role's to read or drop, and the
     // data keys that sealed only it are destroyed already.
     for role in ROLES {
@@ -173,11 +186,11 @@ async fn retention_queues_its_months_for_drops_that_race_roll_back_and_resume() 
         .execute(&mut b)
         .await
         .unwrap();
-    let first = drop_next(&mut a).await.unwrap();
-    let second = drop_next(&mut b).await.unwrap();
+    let first = drop_next(&mut a).await.unwrap().unwrap();
+    let second = drop_next(&mut b).await.unwrap().unwrap();
     assert_ne!(first, second);
     assert_eq!(
-        drop_next(&mut b).await,
+        drop_next(&mut b).await.unwrap(),
         None,
         "the first session's month is skipped"
     );
@@ -207,14 +220,7 @@ async fn retention_queues_its_months_for_drops_that_race_roll_back_and_resume() 
     a.close().await.unwrap();
     assert!(queued(&app).await.is_empty());
     assert!(erased_tables(&app).await.is_empty());
-    assert_eq!(
-        app.scalar(&format!(
-            "SELECT count(*) FROM vault WHERE create_date < '{}'",
-            months[2]
-        ))
-        .await,
-        0
-    );
+    assert_eq!(vault_rows_before(&app, months[2]).await, 0);
     assert_eq!(app.count(&partition("vault", months[2])).await, 20);
     app.finish().await;
 }
@@ -233,16 +239,7 @@ async fn a_queued_month_attached_again_is_not_dropped() {
     let rotator = app.as_login(&rotator_login);
     let month = month_start(Utc::now().date_naive()) - Months::new(3);
     let next = month + Months::new(1);
-    for (i, m) in [month, next].into_iter().enumerate() {
-        let file = app.write(
-            &format!("a{i}.jsonl"),
-            &events(&format!("a{i}"), 10, 160 + i as u64, None),
-        );
-        assert_eq!(
-            load_on(&worker, &file, m + chrono::Days::new(2)),
-            (10, 0, 0)
-        );
-    }
+    load_months(&app, &worker, "a", 10, 160, &[month, next], 3);
 
     let mut conn = PgConnection::connect(&rotator_login.url).await.unwrap();
     sqlx::query("SELECT * FROM pii_vault_retention($1, 'retention', 'dpo')")
@@ -256,10 +253,7 @@ async fn a_queued_month_attached_again_is_not_dropped() {
         "ALTER TABLE vault ATTACH PARTITION {name} {bounds}"
     ))
     .await;
-    match sqlx::query("SELECT pii_vault_retention_drop_next()")
-        .execute(&mut conn)
-        .await
-    {
+    match drop_next(&mut conn).await {
         Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("PV013") => {}
         other => panic!("expected PV013, got {other:?}"),
     }

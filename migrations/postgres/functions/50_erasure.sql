@@ -167,9 +167,9 @@ BEGIN
     -- The detached months are dropped by pii_vault_retention_drop_next(),
     -- each in a transaction of its own (0021): renamed first, so that a
     -- late row of the month finds its partition's name free.
-    FOR part IN SELECT unnest(partitions_dropped) AS name LOOP
-        EXECUTE format('ALTER TABLE %I RENAME TO %I', part.name, part.name || '_erased_' || rid);
-        INSERT INTO retention_drops (name, record) VALUES (part.name || '_erased_' || rid, rid);
+    FOR part IN SELECT x AS name, x || '_erased_' || rid AS erased FROM unnest(partitions_dropped) x LOOP
+        EXECUTE format('ALTER TABLE %I RENAME TO %I', part.name, part.erased);
+        INSERT INTO retention_drops (name, record) VALUES (part.erased, rid);
     END LOOP;
     -- In user order: the key (record, user_id) grows at its right edge and
     -- the user index is walked in order, not at random. The users of a cut
